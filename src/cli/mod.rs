@@ -1,0 +1,419 @@
+//! The command line: parses arguments (clap), loads the configuration and calls
+//! the engine. Nothing here decides what a stage does.
+
+mod graph;
+
+use crate::config::{self, display_path, LoadedConfig};
+use crate::engine::{self, maintenance, BuildOptions, OpRegistry, PipelineDef, Plan, Workspace};
+use crate::{exit_code_for, KvtError};
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::collections::BTreeSet;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// The pipeline shipped inside the binary, used when the project has none.
+pub const EMBEDDED_PIPELINE: &str = include_str!("../../pipelines/default.yaml");
+
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
+#[derive(Parser, Debug)]
+#[command(name = "kvt", version, about = "KV Transition: measure what KV-cache compression does across context lengths")]
+pub struct Cli {
+    /// More log output (-v info, -vv debug); KVT_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConfigArgs {
+    /// Experiment config file, merged over config/default.yaml.
+    #[arg(short = 'c', long = "config")]
+    config: PathBuf,
+    /// Override a config value: `--set kv.budgets=[1.0,0.5]` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BuildArgs {
+    /// Stages or nodes to build (with everything they need); default: all.
+    targets: Vec<String>,
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Print what would run and why, run nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Rerun a stage or node even if fresh (repeatable); downstream reruns only if its output changes.
+    #[arg(long, value_name = "NODE")]
+    force: Vec<String>,
+    /// After a failure, still run everything that does not depend on it.
+    #[arg(long)]
+    keep_going: bool,
+    /// Nodes to run at once (default: number of cores).
+    #[arg(short = 'j', long)]
+    jobs: Option<usize>,
+    /// Fail instead of waiting when another kvt process holds the cache lock.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GraphFormat {
+    Text,
+    Dot,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Build targets: run stale nodes, reuse fresh ones.
+    Build(BuildArgs),
+    /// Show every node, whether it is fresh or stale, and why.
+    Graph {
+        targets: Vec<String>,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        #[arg(long, value_enum, default_value = "text")]
+        format: GraphFormat,
+    },
+    /// Check a config file against the schema.
+    Validate {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+    /// Show the resolved paths (and with --print-config the merged config, secrets redacted).
+    Resolve {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        #[arg(long)]
+        print_config: bool,
+    },
+    /// Inspect and maintain the content-addressed cache.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct CacheDirArgs {
+    /// Cache directory (default: KVT_CACHE_DIR, else `cache/` in the project root).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum CacheCommand {
+    /// Size of the cache by op and by age.
+    Du {
+        #[command(flatten)]
+        dir: CacheDirArgs,
+    },
+    /// Re-hash every object; report (and quarantine) corrupt ones; exit 1 if any.
+    Verify {
+        #[command(flatten)]
+        dir: CacheDirArgs,
+    },
+    /// Remove what the configs in config/experiments/ no longer need.
+    Gc {
+        #[command(flatten)]
+        dir: CacheDirArgs,
+        /// Remove unneeded entries, oldest first, until the cache is at most this size (e.g. 10G).
+        #[arg(long)]
+        max_size: Option<String>,
+        /// Remove unneeded entries older than this (e.g. 30d, 12h).
+        #[arg(long)]
+        max_age: Option<String>,
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+/// Runs the CLI with the given op registration; returns the exit code.
+pub fn main_with(register: fn(&mut OpRegistry)) -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    init_logging(cli.verbose, cli.quiet);
+    let _ = ctrlc::set_handler(|| {
+        if CANCEL.swap(true, Ordering::SeqCst) {
+            eprintln!("kvt: interrupted twice, exiting now");
+            std::process::exit(130);
+        }
+    });
+    let mut registry = OpRegistry::new();
+    register(&mut registry);
+    match run(cli, &registry) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            exit_code_for(&e)
+        }
+    }
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KVT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
+fn run(cli: Cli, registry: &OpRegistry) -> Result<()> {
+    match cli.command {
+        Command::Build(args) => cmd_build(&args, registry, cli.quiet),
+        Command::Graph { targets, cfg, format } => {
+            let loaded = config::load(&cfg.config, &cfg.set)?;
+            let (plan, ws) = plan_for(&loaded, registry, &targets)?;
+            let reports = engine::explain(&ws, &plan, &|_| false)?;
+            let color = format == GraphFormat::Text && std::io::stdout().is_terminal();
+            print!("{}", graph::render(&plan, &reports, format, color));
+            Ok(())
+        }
+        Command::Validate { cfg } => {
+            let loaded = config::load(&cfg.config, &cfg.set)?;
+            let _ = load_pipeline(&loaded, registry)?;
+            println!("ok: `{}` is valid", display_path(&cfg.config));
+            Ok(())
+        }
+        Command::Resolve { cfg, print_config } => {
+            let loaded = config::load(&cfg.config, &cfg.set)?;
+            println!("config: {}", display_path(&cfg.config));
+            println!("root: {}", display_path(&loaded.root));
+            println!("exp_group_id: {}", loaded.exp_group_id());
+            println!("run_dir: {}", loaded.run_dir().display());
+            println!("sqlite: {}", loaded.sqlite_path().display());
+            println!("dataset_id: {}", loaded.dataset_id());
+            println!("cache: {}", display_path(&loaded.cache_dir()));
+            if print_config {
+                let yaml = serde_saphyr::to_string(&loaded.redacted()).context("printing the config")?;
+                println!("---\n{yaml}");
+            }
+            Ok(())
+        }
+        Command::Cache { command } => cmd_cache(command, registry, cli.quiet),
+    }
+}
+
+/// Loads the pipeline the config names: `pipelines/<name>.yaml` under the root,
+/// or the built-in one for `default` when the project has no such file.
+fn load_pipeline(loaded: &LoadedConfig, registry: &OpRegistry) -> Result<(PipelineDef, String)> {
+    let name = &loaded.config.pipeline;
+    let rel = if name.ends_with(".yaml") || name.contains('/') {
+        PathBuf::from(name)
+    } else {
+        PathBuf::from("pipelines").join(format!("{name}.yaml"))
+    };
+    let path = loaded.root.join(&rel);
+    let (text, source) = match std::fs::read_to_string(&path) {
+        Ok(t) => (t, rel.display().to_string()),
+        Err(_) if name == "default" => (EMBEDDED_PIPELINE.to_string(), "built-in default pipeline".to_string()),
+        Err(e) => {
+            return Err(KvtError::usage(format!(
+                "`{}`: key `pipeline` names `{name}`, but `{}` cannot be read ({e})",
+                display_path(&loaded.config_path),
+                display_path(&path)
+            ))
+            .into())
+        }
+    };
+    let def = PipelineDef::parse(&text, &source)?;
+    // Validate the whole pipeline once, whatever the targets.
+    Plan::new(&def, &source, &loaded.value, registry, &[])?;
+    Ok((def, source))
+}
+
+fn plan_for(loaded: &LoadedConfig, registry: &OpRegistry, targets: &[String]) -> Result<(Plan, Workspace)> {
+    let (def, source) = load_pipeline(loaded, registry)?;
+    let plan = Plan::new(&def, &source, &loaded.value, registry, targets)?;
+    let ws = Workspace::new(&loaded.root, &loaded.cache_dir(), loaded.exp_group_id());
+    Ok((plan, ws))
+}
+
+fn cmd_build(args: &BuildArgs, registry: &OpRegistry, quiet: bool) -> Result<()> {
+    let t0 = Instant::now();
+    let loaded = config::load(&args.cfg.config, &args.cfg.set)?;
+    let (plan, ws) = plan_for(&loaded, registry, &args.targets)?;
+    for f in &args.force {
+        let known = plan.graph.node_weights().any(|n| &n.id == f || &n.stage == f);
+        if !known {
+            return Err(KvtError::usage(format!("`--force {f}`: no such stage or node in this build")).into());
+        }
+    }
+    if args.dry_run {
+        let force = args.force.clone();
+        let reports = engine::explain(&ws, &plan, &|n| force.iter().any(|f| *f == n.id || *f == n.stage))?;
+        let mut would = 0;
+        for r in &reports {
+            let spec = &plan.graph[r.index];
+            match &r.state {
+                engine::NodeState::Fresh(_) => {}
+                engine::NodeState::Stale(reasons) => {
+                    would += 1;
+                    let why: Vec<String> = reasons.iter().map(ToString::to_string).collect();
+                    println!("would run {}: {}", spec.id, why.join("; "));
+                }
+                engine::NodeState::Pending(ups) => {
+                    println!("may run {}: waits for {} (runs only if their outputs change)", spec.id, ups.join(", "));
+                }
+            }
+        }
+        if would == 0 {
+            println!("nothing to do: all {} node(s) fresh", reports.len());
+        }
+        return Ok(());
+    }
+    let _lock = engine::lock::acquire(&ws.cache_root, "build", args.no_wait)?;
+    ws.store.clean_tmp();
+    let opts = BuildOptions {
+        jobs: args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+        keep_going: args.keep_going,
+        force: args.force.clone(),
+        quiet,
+        progress: std::io::stderr().is_terminal(),
+    };
+    let summary = engine::build(&ws, &plan, &opts, &CANCEL)?;
+    if !quiet {
+        eprintln!(
+            "kvt: {} built, {} fresh, {} failed, {} not run in {:.0} ms",
+            summary.built.len(),
+            summary.fresh.len(),
+            summary.failed.len(),
+            summary.skipped.len(),
+            t0.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+    engine::build::outcome(&summary)
+}
+
+fn cache_root_for(dir: &CacheDirArgs) -> Result<(PathBuf, Option<PathBuf>)> {
+    let cwd = std::env::current_dir()?;
+    let root = config::find_root(&cwd);
+    if let Some(d) = &dir.cache_dir {
+        return Ok((d.clone(), root));
+    }
+    if let Ok(d) = std::env::var("KVT_CACHE_DIR") {
+        let base = root.clone().unwrap_or(cwd);
+        return Ok((base.join(d), root));
+    }
+    match root {
+        Some(r) => Ok((r.join("cache"), Some(r))),
+        None => Err(KvtError::usage(
+            "no kvt project here (no `config/default.yaml` in this directory or above); pass `--cache-dir`",
+        )
+        .into()),
+    }
+}
+
+/// Action keys that the experiment configs under `<root>/config/experiments/` still need.
+fn live_keys(root: &Path, cache_root: &Path, registry: &OpRegistry) -> Result<(BTreeSet<engine::Digest>, usize)> {
+    let dir = root.join("config/experiments");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml")).collect())
+        .unwrap_or_default();
+    files.sort();
+    let mut live = BTreeSet::new();
+    for f in &files {
+        let loaded = config::load(f, &[]).with_context(|| {
+            format!("`{}` cannot be read, so gc cannot tell what it needs; fix it or move it out of config/experiments/", display_path(f))
+        })?;
+        let (def, source) = load_pipeline(&loaded, registry)?;
+        let plan = Plan::new(&def, &source, &loaded.value, registry, &[])?;
+        let ws = Workspace::new(&loaded.root, cache_root, loaded.exp_group_id());
+        for r in engine::explain(&ws, &plan, &|_| false)? {
+            if let engine::NodeState::Fresh(rec) = r.state {
+                live.insert(rec.key);
+            }
+        }
+    }
+    Ok((live, files.len()))
+}
+
+fn cmd_cache(command: CacheCommand, registry: &OpRegistry, quiet: bool) -> Result<()> {
+    match command {
+        CacheCommand::Du { dir } => {
+            let (cache, _) = cache_root_for(&dir)?;
+            let r = maintenance::du(&cache)?;
+            println!("cache `{}`: {} in {} objects and {} action records", display_path(&cache), maintenance::human_bytes(r.total_bytes), r.objects, r.actions);
+            println!("\nby op:");
+            for row in &r.by_op {
+                println!("  {:<24} {:>6} {:>12}", row.op, row.objects, maintenance::human_bytes(row.bytes));
+            }
+            println!("\nobjects by age:");
+            for (label, n, b) in &r.by_age {
+                println!("  {:<24} {:>6} {:>12}", label, n, maintenance::human_bytes(*b));
+            }
+            Ok(())
+        }
+        CacheCommand::Verify { dir } => {
+            let (cache, _) = cache_root_for(&dir)?;
+            let _lock = engine::lock::acquire(&cache, "cache verify", false)?;
+            let r = maintenance::verify(&cache)?;
+            for d in &r.corrupt {
+                println!("corrupt: object {d} (moved to quarantine/; the nodes that made it will rebuild)");
+            }
+            for (node, art) in &r.missing {
+                println!("missing: output `{art}` of `{node}` (it will rebuild)");
+            }
+            if r.corrupt.is_empty() {
+                println!("ok: {} objects verified", r.checked);
+                Ok(())
+            } else {
+                Err(KvtError::failed(format!("{} of {} objects corrupt", r.corrupt.len(), r.checked)).into())
+            }
+        }
+        CacheCommand::Gc { dir, max_size, max_age, no_wait } => {
+            let (cache, root) = cache_root_for(&dir)?;
+            let max_size = max_size
+                .map(|s| maintenance::parse_size(&s).ok_or_else(|| KvtError::usage(format!("`--max-size {s}`: expected a size like `10G` or `500M`"))))
+                .transpose()?;
+            let max_age = max_age
+                .map(|s| maintenance::parse_age(&s).ok_or_else(|| KvtError::usage(format!("`--max-age {s}`: expected an age like `30d` or `12h`"))))
+                .transpose()?;
+            let _lock = engine::lock::acquire(&cache, "cache gc", no_wait)?;
+            let (live, n_configs) = match root {
+                Some(r) => live_keys(&r, &cache, registry)?,
+                None => (BTreeSet::new(), 0),
+            };
+            let r = maintenance::gc(&cache, &live, max_size, max_age)?;
+            if !quiet {
+                println!(
+                    "freed {} ({} action records, {} objects); kept {} results needed by {} config(s) in config/experiments/; cache now {}",
+                    maintenance::human_bytes(r.freed_bytes),
+                    r.removed_actions,
+                    r.removed_objects,
+                    r.kept_live,
+                    n_configs,
+                    maintenance::human_bytes(r.remaining_bytes)
+                );
+            }
+            Ok(())
+        }
+    }
+}

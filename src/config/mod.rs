@@ -1,0 +1,529 @@
+//! Configuration: `config/default.yaml` merged with an experiment file, then
+//! `--set` overrides, then `${VAR}` / `${VAR:-default}` from the environment and a
+//! `.env` beside the experiment file; validated against `schema::Config`. Every
+//! error names the file (and line when it can be found), the dotted key and what
+//! was expected, and exits 2.
+
+pub mod schema;
+
+use crate::KvtError;
+use anyhow::{Context, Result};
+use schema::Config;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The defaults shipped inside the binary, used when the project has no
+/// `config/default.yaml` of its own.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/default.yaml");
+
+/// Keys whose values are secrets and are never printed.
+const SECRET_KEYS: &[&str] = &["api_key", "secret", "password", "auth_token", "bearer_token"];
+
+/// Where a configuration value came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    File(PathBuf),
+    Embedded,
+    Set(String),
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::File(p) => write!(f, "`{}`", display_path(p)),
+            Origin::Embedded => write!(f, "the built-in defaults"),
+            Origin::Set(arg) => write!(f, "`--set {arg}`"),
+        }
+    }
+}
+
+/// A loaded, validated configuration and the facts derived from it.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    pub config: Config,
+    /// The typed config serialized back: one encoding per value, used for keys.
+    pub value: Value,
+    /// Project root: the directory holding `config/default.yaml` (or the cwd).
+    pub root: PathBuf,
+    /// The experiment file as given on the command line.
+    pub config_path: PathBuf,
+}
+
+impl LoadedConfig {
+    pub fn exp_group_id(&self) -> &str {
+        &self.config.output.exp_group_id
+    }
+    pub fn run_dir(&self) -> PathBuf {
+        PathBuf::from("runs").join(self.exp_group_id())
+    }
+    pub fn sqlite_path(&self) -> PathBuf {
+        if self.config.db.path == "auto" {
+            self.run_dir().join("kv_transition.sqlite")
+        } else {
+            PathBuf::from(&self.config.db.path)
+        }
+    }
+    pub fn dataset_id(&self) -> String {
+        format!("{}__{}", self.config.dataset.name, self.config.dataset.task)
+    }
+    /// The cache root: `KVT_CACHE_DIR` wins over `cache.dir`; relative to the root.
+    pub fn cache_dir(&self) -> PathBuf {
+        let dir = std::env::var("KVT_CACHE_DIR").unwrap_or_else(|_| self.config.cache.dir.clone());
+        self.root.join(dir)
+    }
+    /// The merged configuration with secret values replaced by `***`.
+    pub fn redacted(&self) -> Value {
+        let mut v = self.value.clone();
+        redact(&mut v);
+        v
+    }
+}
+
+fn redact(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            for (k, val) in m.iter_mut() {
+                let lower = k.to_ascii_lowercase();
+                if SECRET_KEYS.iter().any(|s| lower.ends_with(s)) && !val.is_null() {
+                    *val = Value::String("***".into());
+                } else {
+                    redact(val);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(redact),
+        _ => {}
+    }
+}
+
+/// Paths are shown relative to the working directory when they are below it.
+pub fn display_path(p: &Path) -> String {
+    if let Ok(cwd) = std::env::current_dir() {
+        if let Ok(rel) = p.strip_prefix(&cwd) {
+            return rel.display().to_string();
+        }
+    }
+    p.display().to_string()
+}
+
+fn usage(msg: String) -> anyhow::Error {
+    KvtError::usage(msg).into()
+}
+
+/// Finds the project root: the nearest ancestor of `start` with `config/default.yaml`.
+pub fn find_root(start: &Path) -> Option<PathBuf> {
+    let start = std::fs::canonicalize(start).ok()?;
+    start.ancestors().find(|d| d.join("config/default.yaml").is_file()).map(Path::to_path_buf)
+}
+
+/// One layer of YAML with the origin of every leaf, for error messages.
+struct Layers {
+    value: Value,
+    origins: BTreeMap<String, Origin>,
+    texts: BTreeMap<PathBuf, String>,
+}
+
+impl Layers {
+    fn origin_of(&self, path: &str) -> Option<&Origin> {
+        let mut p = path;
+        loop {
+            if let Some(o) = self.origins.get(p) {
+                return Some(o);
+            }
+            match p.rfind('.') {
+                Some(i) => p = &p[..i],
+                None => return None,
+            }
+        }
+    }
+
+    /// `file:line` for a key when the file and line can be found.
+    fn locate(&self, path: &str, fallback: &Origin) -> String {
+        let origin = self.origin_of(path).unwrap_or(fallback);
+        if let Origin::File(f) = origin {
+            if let Some(text) = self.texts.get(f) {
+                if let Some(line) = find_key_line(text, path) {
+                    return format!("`{}:{}`", display_path(f), line);
+                }
+            }
+        }
+        origin.to_string()
+    }
+}
+
+fn parse_yaml(text: &str, what: &str) -> Result<Value> {
+    let opts = serde_saphyr::options! { strict_booleans: true };
+    let v: Value = serde_saphyr::from_str_with_options(text, opts)
+        .map_err(|e| usage(format!("{what} is not valid YAML:\n{e}")))?;
+    Ok(if v.is_null() { Value::Object(Map::new()) } else { v })
+}
+
+fn record_origins(v: &Value, prefix: &str, origin: &Origin, out: &mut BTreeMap<String, Origin>) {
+    if let Value::Object(m) = v {
+        if !prefix.is_empty() {
+            out.insert(prefix.to_string(), origin.clone());
+        }
+        for (k, val) in m {
+            let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            record_origins(val, &p, origin, out);
+        }
+    } else {
+        out.insert(prefix.to_string(), origin.clone());
+    }
+}
+
+fn merge(base: &mut Value, over: Value) {
+    match (base, over) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) if slot.is_object() && v.is_object() => merge(slot, v),
+                    _ => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+/// Parses one `--set a.b=value` into a path and a typed value.
+pub fn parse_set(arg: &str) -> Result<(String, Value)> {
+    let (path, raw) = arg
+        .split_once('=')
+        .ok_or_else(|| usage(format!("`--set {arg}`: expected `key.path=value`")))?;
+    let path = path.trim();
+    if path.is_empty() || path.split('.').any(str::is_empty) {
+        return Err(usage(format!("`--set {arg}`: `{path}` is not a dotted key path")));
+    }
+    Ok((path.to_string(), parse_scalar(raw)))
+}
+
+/// A command-line or environment value typed as YAML would type it
+/// (`3` → number, `true` → bool, `[1, 2]` → list); anything else is a string.
+fn parse_scalar(raw: &str) -> Value {
+    let opts = serde_saphyr::options! { strict_booleans: true };
+    match serde_saphyr::from_str_with_options::<Value>(raw, opts) {
+        Ok(v) if !raw.trim().is_empty() => v,
+        _ => Value::String(raw.to_string()),
+    }
+}
+
+fn set_path(root: &mut Value, path: &str, v: Value) {
+    let mut cur = root;
+    let parts: Vec<&str> = path.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        if !cur.is_object() {
+            *cur = Value::Object(Map::new());
+        }
+        let m = cur.as_object_mut().expect("object");
+        if i + 1 == parts.len() {
+            m.insert(part.to_string(), v);
+            return;
+        }
+        cur = m.entry(part.to_string()).or_insert_with(|| Value::Object(Map::new()));
+    }
+}
+
+/// Looks a dotted path up in a JSON value.
+pub fn get_path<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(v, |cur, k| cur.as_object()?.get(k))
+}
+
+/// Reads `KEY=VALUE` lines of a `.env` file (comments and blank lines skipped).
+fn read_dotenv(path: &Path) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(out) };
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let (k, v) = line.split_once('=').ok_or_else(|| {
+            usage(format!("`{}:{}`: expected `NAME=value`", display_path(path), i + 1))
+        })?;
+        let v = v.trim();
+        let v = v
+            .strip_prefix('"')
+            .and_then(|s| s.strip_suffix('"'))
+            .or_else(|| v.strip_prefix('\'').and_then(|s| s.strip_suffix('\'')))
+            .unwrap_or(v);
+        out.insert(k.trim().to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+/// Replaces `${VAR}` and `${VAR:-default}` in every string value.
+fn substitute_env(
+    v: &mut Value,
+    path: &str,
+    layers: &Layers,
+    dotenv: &BTreeMap<String, String>,
+) -> Result<()> {
+    match v {
+        Value::Object(m) => {
+            for (k, val) in m.iter_mut() {
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                substitute_env(val, &p, layers, dotenv)?;
+            }
+        }
+        Value::Array(a) => {
+            for (i, val) in a.iter_mut().enumerate() {
+                substitute_env(val, &format!("{path}[{i}]"), layers, dotenv)?;
+            }
+        }
+        Value::String(s) if s.contains("${") => {
+            let lookup = |name: &str| std::env::var(name).ok().or_else(|| dotenv.get(name).cloned());
+            let whole = s.starts_with("${") && s.ends_with('}') && s.matches("${").count() == 1;
+            let mut out = String::new();
+            let mut rest = s.as_str();
+            while let Some(start) = rest.find("${") {
+                out.push_str(&rest[..start]);
+                let after = &rest[start + 2..];
+                let end = after.find('}').ok_or_else(|| {
+                    usage(format!(
+                        "{}: key `{path}`: unclosed `${{` in `{s}`",
+                        layers.locate(path, &Origin::Embedded)
+                    ))
+                })?;
+                let expr = &after[..end];
+                let (name, default) = match expr.split_once(":-") {
+                    Some((n, d)) => (n, Some(d)),
+                    None => (expr, None),
+                };
+                let value = match (lookup(name), default) {
+                    (Some(val), Some(d)) if val.is_empty() => d.to_string(),
+                    (Some(val), _) => val,
+                    (None, Some(d)) => d.to_string(),
+                    (None, None) => {
+                        return Err(usage(format!(
+                            "{}: key `{path}` needs environment variable `{name}`, which is not set; \
+                             export it, add it to a `.env` file beside the config, or write `${{{name}:-default}}`",
+                            layers.locate(path, &Origin::Embedded)
+                        )))
+                    }
+                };
+                out.push_str(&value);
+                rest = &after[end + 1..];
+            }
+            out.push_str(rest);
+            *v = if whole { parse_scalar(&out) } else { Value::String(out) };
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Loads, merges and validates the configuration for `config_path`.
+pub fn load(config_path: &Path, sets: &[String]) -> Result<LoadedConfig> {
+    let text = std::fs::read_to_string(config_path).map_err(|e| {
+        usage(format!(
+            "cannot read config file `{}`: {e}; pass an experiment file with `-c`, e.g. `-c config/experiments/demo.yaml`",
+            config_path.display()
+        ))
+    })?;
+    let abs_config = std::fs::canonicalize(config_path)
+        .with_context(|| format!("resolving `{}`", config_path.display()))?;
+    let config_dir = abs_config.parent().map(Path::to_path_buf).unwrap_or_default();
+    let root = find_root(&config_dir)
+        .or_else(|| std::env::current_dir().ok().and_then(|d| find_root(&d)))
+        .unwrap_or_else(|| std::env::current_dir().unwrap_or_default());
+
+    let mut layers = Layers { value: Value::Object(Map::new()), origins: BTreeMap::new(), texts: BTreeMap::new() };
+    let default_path = root.join("config/default.yaml");
+    let (default_text, default_origin) = match std::fs::read_to_string(&default_path) {
+        Ok(t) => (t, Origin::File(default_path.clone())),
+        Err(_) => (EMBEDDED_DEFAULT.to_string(), Origin::Embedded),
+    };
+    let exp_origin = Origin::File(abs_config.clone());
+    for (t, origin) in [(default_text, default_origin), (text, exp_origin.clone())] {
+        if origin == Origin::File(default_path.clone()) && abs_config == default_path {
+            continue;
+        }
+        let what = origin.to_string();
+        let v = parse_yaml(&t, &what)?;
+        if !v.is_object() {
+            return Err(usage(format!("{what}: the top level must be a mapping of keys")));
+        }
+        record_origins(&v, "", &origin, &mut layers.origins);
+        merge(&mut layers.value, v);
+        if let Origin::File(p) = origin {
+            layers.texts.insert(p, t);
+        }
+    }
+    for arg in sets {
+        let (path, v) = parse_set(arg)?;
+        let origin = Origin::Set(arg.clone());
+        layers.origins.insert(path.clone(), origin);
+        set_path(&mut layers.value, &path, v);
+    }
+    let mut dotenv = read_dotenv(&config_dir.join(".env"))?;
+    for (k, v) in read_dotenv(&root.join(".env"))? {
+        dotenv.entry(k).or_insert(v);
+    }
+    let mut merged = layers.value.clone();
+    substitute_env(&mut merged, "", &layers, &dotenv)?;
+
+    let config: Config = serde_path_to_error::deserialize(merged.clone())
+        .map_err(|e| usage(describe_schema_error(&e, &layers, &exp_origin)))?;
+    check_values(&config, &layers, &exp_origin)?;
+    let value = serde_json::to_value(&config).context("serializing the configuration")?;
+    Ok(LoadedConfig { config, value, root, config_path: config_path.to_path_buf() })
+}
+
+fn describe_schema_error(
+    e: &serde_path_to_error::Error<serde_json::Error>,
+    layers: &Layers,
+    exp_origin: &Origin,
+) -> String {
+    let path = e.path().to_string();
+    let path = if path == "." { String::new() } else { path };
+    let inner = e.inner().to_string();
+    let join = |p: &str, k: &str| if p.is_empty() { k.to_string() } else { format!("{p}.{k}") };
+    if let Some(rest) = inner.strip_prefix("unknown field `") {
+        let field = rest.split('`').next().unwrap_or("");
+        // serde_path_to_error reports the path of the unknown key itself.
+        let parent = if path.ends_with(field) {
+            path[..path.len() - field.len()].trim_end_matches('.').to_string()
+        } else {
+            path.clone()
+        };
+        let full = join(&parent, field);
+        let valid: Vec<String> = inner
+            .split_once("expected")
+            .map(|(_, list)| list.split('`').skip(1).step_by(2).map(str::to_string).collect())
+            .unwrap_or_default();
+        let mut msg = format!("{}: unknown key `{full}`", layers.locate(&full, exp_origin));
+        if let Some(best) = closest(field, &valid) {
+            msg.push_str(&format!("; did you mean `{}`?", join(&parent, best)));
+        }
+        if !valid.is_empty() {
+            msg.push_str(&format!(" (valid keys here: {})", valid.join(", ")));
+        }
+        return msg;
+    }
+    if let Some(rest) = inner.strip_prefix("missing field `") {
+        let field = rest.split('`').next().unwrap_or("");
+        let full = join(&path, field);
+        return format!(
+            "{exp_origin}: missing required key `{full}`; set it in the experiment file or with `--set {full}=...`"
+        );
+    }
+    let found = get_path(&layers.value, &path).map(|v| v.to_string()).unwrap_or_default();
+    let detail = inner.replace("invalid type: ", "wrong type: found ");
+    format!("{}: key `{path}`: {detail} (value: {found})", layers.locate(&path, exp_origin))
+}
+
+/// Checks that the schema's types cannot express.
+fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> {
+    let bad = |path: &str, msg: String| usage(format!("{}: key `{path}`: {msg}", layers.locate(path, exp_origin)));
+    let id = &c.output.exp_group_id;
+    let safe = !id.is_empty()
+        && id != "."
+        && id != ".."
+        && id.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'));
+    if !safe {
+        return Err(bad(
+            "output.exp_group_id",
+            format!("`{id}` is not a safe single path component; use letters, digits, `-`, `_` and `.` only (no `/`, no `..`)"),
+        ));
+    }
+    if c.kv.budgets.is_empty() {
+        return Err(bad("kv.budgets", "needs at least one budget".into()));
+    }
+    if let Some(b) = c.kv.budgets.iter().find(|b| !(b.is_finite() && **b > 0.0)) {
+        return Err(bad("kv.budgets", format!("budget {b} must be > 0 (a fraction ≤ 1, or a token count > 1)")));
+    }
+    if c.binning.n_bins == 0 {
+        return Err(bad("binning.n_bins", "must be at least 1".into()));
+    }
+    Ok(())
+}
+
+/// The candidate closest to `word` by edit distance, if it is close enough to be a typo.
+pub fn closest<'a>(word: &str, candidates: &'a [String]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (edit_distance(word, c), c))
+        .filter(|(d, c)| *d <= (c.len().max(word.len()) / 3).max(1))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c.as_str())
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// The 1-based line of a dotted key in block-style YAML, best effort.
+pub fn find_key_line(text: &str, path: &str) -> Option<usize> {
+    let parts: Vec<&str> = path.split('.').collect();
+    let mut stack: Vec<(usize, String)> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let trimmed = line.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with('-') {
+            continue;
+        }
+        let indent = line.len() - trimmed.len();
+        let Some((key, _)) = trimmed.split_once(':') else { continue };
+        let key = key.trim().trim_matches(|c| c == '"' || c == '\'');
+        while stack.last().is_some_and(|(i, _)| *i >= indent) {
+            stack.pop();
+        }
+        stack.push((indent, key.to_string()));
+        if stack.len() == parts.len() && stack.iter().zip(&parts).all(|((_, k), p)| k == p) {
+            return Some(n + 1);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_lines_of_nested_keys() {
+        let text = "a:\n  b: 1\n  c:\n    d: 2\ne: 3\n";
+        assert_eq!(find_key_line(text, "a.c.d"), Some(4));
+        assert_eq!(find_key_line(text, "e"), Some(5));
+        assert_eq!(find_key_line(text, "a.d"), None);
+    }
+
+    #[test]
+    fn suggests_close_keys_only() {
+        let keys = vec!["bootstrap".to_string(), "transition".to_string()];
+        assert_eq!(closest("bootstrp", &keys), Some("bootstrap"));
+        assert_eq!(closest("zzz", &keys), None);
+    }
+
+    #[test]
+    fn set_values_are_typed() {
+        assert_eq!(parse_set("a.b=3").unwrap().1, serde_json::json!(3));
+        assert_eq!(parse_set("a.b=true").unwrap().1, serde_json::json!(true));
+        assert_eq!(parse_set("a.b=[1.0, 0.5]").unwrap().1, serde_json::json!([1.0, 0.5]));
+        assert_eq!(parse_set("a.b=hello").unwrap().1, serde_json::json!("hello"));
+        assert_eq!(parse_set("a.b=no").unwrap().1, serde_json::json!("no"));
+        assert!(parse_set("a..b=1").is_err());
+    }
+
+    #[test]
+    fn redacts_secret_keys_but_not_env_names() {
+        let mut v = serde_json::json!({"engine": {"api_key": "sk-1", "api_key_env": "OPENAI_API_KEY"}});
+        redact(&mut v);
+        assert_eq!(v["engine"]["api_key"], "***");
+        assert_eq!(v["engine"]["api_key_env"], "OPENAI_API_KEY");
+    }
+}

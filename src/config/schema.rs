@@ -1,0 +1,160 @@
+//! The typed configuration schema: one struct per YAML section, every section
+//! `deny_unknown_fields`, so a misspelt key is an error and not a silent default.
+//! The values themselves live in `config/default.yaml`; this file says only what
+//! shape and type each key has.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Pipeline name: `pipelines/<name>.yaml` under the project root.
+    pub pipeline: String,
+    pub dataset: Dataset,
+    pub tokenizer: Tokenizer,
+    pub binning: Binning,
+    pub sampling: Sampling,
+    pub model: Model,
+    pub engine: Engine,
+    pub kv: Kv,
+    pub decoding: Decoding,
+    pub analysis: Analysis,
+    pub output: Output,
+    pub db: Db,
+    pub cache: Cache,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dataset {
+    pub name: String,
+    pub task: String,
+    /// Where examples come from: `synthetic` (built in) or a local file.
+    pub source: String,
+    pub path: Option<String>,
+    pub seed: u64,
+    /// Target prompt lengths (tokens) for synthetic tasks.
+    pub lengths: Vec<u64>,
+    /// Examples generated per target length for synthetic tasks.
+    pub per_length: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tokenizer {
+    pub kind: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Binning {
+    pub n_bins: u32,
+    pub edges: Option<Vec<u64>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sampling {
+    pub strategy: String,
+    pub n_per_bin: u32,
+    pub seed: u64,
+    pub pinned: Vec<String>,
+    pub focus_bins: Vec<u32>,
+    pub focus_n_per_bin: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Model {
+    pub name: String,
+    pub kv_geometry: KvGeometry,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvGeometry {
+    pub layers: u32,
+    pub kv_heads: u32,
+    pub head_dim: u32,
+    pub bytes_per_elem: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Engine {
+    /// `reference` (in process), `serve` (kvt serve spawned for the run) or `openai`.
+    pub kind: String,
+    pub base_url: Option<String>,
+    /// Name of the environment variable holding the API key (never the key itself).
+    pub api_key_env: Option<String>,
+    pub concurrency: u32,
+    pub timeout_s: f64,
+    pub max_retries: u32,
+    /// Optional user label that enters request identity.
+    pub label: Option<String>,
+    /// Extra JSON fields sent with every request.
+    pub extra_body: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kv {
+    pub policy: String,
+    pub budgets: Vec<f64>,
+    pub sink_tokens: u32,
+    pub window: u32,
+    pub pool_kernel: u32,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Decoding {
+    pub temperature: f64,
+    pub top_p: f64,
+    pub max_new_tokens: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Analysis {
+    pub bootstrap: Bootstrap,
+    pub transition: Transition,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bootstrap {
+    pub iters: u32,
+    pub seed: u64,
+    pub ci: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Transition {
+    pub delta: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Output {
+    /// Names `runs/<exp_group_id>/`; must be one safe path component.
+    pub exp_group_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Db {
+    /// `auto` → `runs/<exp_group_id>/kv_transition.sqlite`, or a path.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cache {
+    /// Cache root, relative to the project root unless absolute.
+    pub dir: String,
+}

@@ -1,0 +1,314 @@
+//! The scheduler: runs stale nodes in dependency order, independent ones in
+//! parallel (`jobs`), re-keying each node once its inputs are known so that an
+//! upstream rebuilt to identical bytes leaves it fresh (early cutoff). A failed
+//! node stops its dependents; every finished node stays cached.
+
+use super::action::{ActionRecord, Export};
+use super::op::{KeyContext, OpContext};
+use super::pipeline::Plan;
+use super::state::{decide, key_node, upstream_of, NodeState, StaleReason, Workspace};
+use super::store::write_atomic;
+use crate::KvtError;
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use petgraph::graph::NodeIndex;
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    pub jobs: usize,
+    pub keep_going: bool,
+    /// Stage names or node ids to rerun even if fresh.
+    pub force: Vec<String>,
+    pub quiet: bool,
+    /// Draw a progress bar (only when stderr is a terminal).
+    pub progress: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct BuildSummary {
+    pub built: Vec<String>,
+    pub fresh: Vec<String>,
+    pub failed: Vec<(String, String)>,
+    pub skipped: Vec<String>,
+    pub interrupted: bool,
+}
+
+fn now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Keeps exported files (sinks outside the cache) equal to their artifacts.
+pub fn materialize(ws: &Workspace, rec: &ActionRecord) -> Result<()> {
+    for Export { artifact, path } in &rec.exports {
+        let out = rec
+            .output(artifact)
+            .with_context(|| format!("`{}` exports unknown artifact `{artifact}`", rec.node))?;
+        let dest = ws.root.join(path);
+        let current = std::fs::read(&dest).ok();
+        if current.as_deref().map(super::digest::Digest::of) != Some(out.digest) {
+            let bytes = ws.store.get(&out.digest)?;
+            write_atomic(&ws.store.tmp_dir(), &dest, &bytes).with_context(|| format!("writing `{path}`"))?;
+        }
+    }
+    Ok(())
+}
+
+fn is_forced(force: &[String], id: &str, stage: &str) -> bool {
+    force.iter().any(|f| f == id || f == stage)
+}
+
+/// Runs one node's op and records its result.
+fn run_node(
+    ws: &Workspace,
+    plan: &Plan,
+    ix: NodeIndex,
+    ups: Vec<super::op::Upstream>,
+    keyed: super::state::KeyedNode,
+    cancel: &AtomicBool,
+) -> Result<ActionRecord> {
+    let spec = &plan.graph[ix];
+    let started_at = now();
+    let t0 = Instant::now();
+    let scratch = super::store::temp_path(&ws.store.tmp_dir()).with_extension("scratch");
+    let mut ctx = OpContext {
+        key: KeyContext { node: &spec.id, config: &spec.config, bindings: &spec.bindings, root: &ws.root },
+        upstream: &ups,
+        store: &ws.store,
+        cache_root: &ws.cache_root,
+        cancel,
+        outputs: Vec::new(),
+        exports: Vec::new(),
+        scratch,
+    };
+    let result = spec.op.run(&mut ctx);
+    let _ = std::fs::remove_dir_all(&ctx.scratch);
+    result?;
+    let mut outputs = ctx.outputs;
+    outputs.sort_by(|a, b| a.name.cmp(&b.name));
+    let rec = ActionRecord {
+        key: keyed.key,
+        op: spec.op.name().to_string(),
+        op_version: spec.op.version(),
+        node: spec.id.clone(),
+        config: keyed.slice,
+        fingerprint: keyed.fingerprint,
+        inputs: keyed.inputs,
+        outputs,
+        exports: ctx.exports,
+        started_at,
+        finished_at: now(),
+        duration_ms: t0.elapsed().as_secs_f64() * 1000.0,
+        kvt_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    // The action record is written last: until it exists, nothing is taken for a result.
+    ws.actions.put(&rec)?;
+    ws.actions.set_last(&ws.scope, &rec)?;
+    materialize(ws, &rec)?;
+    Ok(rec)
+}
+
+fn error_chain(e: &anyhow::Error) -> String {
+    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+}
+
+/// Builds the plan: fresh nodes are reused, stale ones run. Fails (exit 1) when
+/// any node failed, after every node that could run has finished.
+pub fn build(ws: &Workspace, plan: &Plan, opts: &BuildOptions, cancel: &AtomicBool) -> Result<BuildSummary> {
+    let n = plan.graph.node_count();
+    let jobs = opts.jobs.max(1);
+    let mut records: Vec<Option<ActionRecord>> = vec![None; n];
+    let mut waiting: Vec<usize> = vec![0; n];
+    for &ix in &plan.order {
+        waiting[ix.index()] = plan.deps(ix).len();
+    }
+    let rank: Vec<usize> = {
+        let mut r = vec![0; n];
+        for (i, ix) in plan.order.iter().enumerate() {
+            r[ix.index()] = i;
+        }
+        r
+    };
+    let mut ready: VecDeque<NodeIndex> = plan.order.iter().copied().filter(|ix| waiting[ix.index()] == 0).collect();
+    let mut summary = BuildSummary::default();
+    let mut blocked: BTreeSet<NodeIndex> = BTreeSet::new();
+    let mut stop = false;
+
+    let bar = if opts.progress && !opts.quiet {
+        let pb = ProgressBar::new(n as u64);
+        pb.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        pb.enable_steady_tick(Duration::from_millis(120));
+        Some(pb)
+    } else {
+        None
+    };
+    let say = |msg: String| {
+        if opts.quiet {
+            return;
+        }
+        match &bar {
+            Some(pb) => pb.println(msg),
+            None => eprintln!("{msg}"),
+        }
+    };
+
+    std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = mpsc::channel::<(NodeIndex, Result<ActionRecord>, Duration)>();
+        let mut running = 0usize;
+        loop {
+            if cancel.load(Ordering::Relaxed) && !summary.interrupted {
+                summary.interrupted = true;
+                stop = true;
+                say("kvt: interrupted; waiting for running nodes to stop (press Ctrl-C again to quit now)".into());
+            }
+            while running < jobs && !stop {
+                let Some(ix) = ready.pop_front() else { break };
+                let spec = &plan.graph[ix];
+                let ups = upstream_of(plan, ix, &records).expect("ready nodes have all inputs");
+                let keyed = match key_node(ws, spec, &ups) {
+                    Ok(k) => k,
+                    Err(e) => {
+                        summary.failed.push((spec.id.clone(), error_chain(&e)));
+                        blocked.extend(descendants(plan, ix));
+                        stop = !opts.keep_going;
+                        continue;
+                    }
+                };
+                match decide(ws, spec, &keyed, is_forced(&opts.force, &spec.id, &spec.stage)) {
+                    NodeState::Fresh(rec) => {
+                        if let Err(e) = materialize(ws, &rec) {
+                            summary.failed.push((spec.id.clone(), error_chain(&e)));
+                            blocked.extend(descendants(plan, ix));
+                            stop = !opts.keep_going;
+                            continue;
+                        }
+                        summary.fresh.push(spec.id.clone());
+                        if let Some(pb) = &bar {
+                            pb.inc(1);
+                        }
+                        records[ix.index()] = Some(*rec);
+                        release(plan, ix, &mut waiting, &mut ready, &blocked, &rank);
+                    }
+                    NodeState::Stale(reasons) => {
+                        for r in &reasons {
+                            if let StaleReason::OutputCorrupt { artifact } = r {
+                                tracing::warn!("`{}`: output `{artifact}` is corrupt; quarantined and rebuilding", spec.id);
+                                if let Some(d) = ws.actions.get(&keyed.key).and_then(|rec| rec.output(artifact).map(|o| o.digest)) {
+                                    let _ = ws.store.quarantine(&d);
+                                }
+                            }
+                        }
+                        let why: Vec<String> = reasons.iter().map(ToString::to_string).collect();
+                        tracing::info!("running `{}`: {}", spec.id, why.join("; "));
+                        if let Some(pb) = &bar {
+                            pb.set_message(spec.id.clone());
+                        }
+                        let tx = tx.clone();
+                        running += 1;
+                        scope.spawn(move || {
+                            let t0 = Instant::now();
+                            let res = run_node(ws, plan, ix, ups, keyed, cancel);
+                            let _ = tx.send((ix, res, t0.elapsed()));
+                        });
+                    }
+                    NodeState::Pending(_) => unreachable!("a ready node has all its inputs"),
+                }
+            }
+            if running == 0 {
+                break;
+            }
+            let Ok((ix, res, took)) = rx.recv_timeout(Duration::from_millis(200)) else { continue };
+            running -= 1;
+            let id = plan.graph[ix].id.clone();
+            if let Some(pb) = &bar {
+                pb.inc(1);
+            }
+            match res {
+                Ok(rec) => {
+                    say(format!("   built {id} ({:.0} ms)", took.as_secs_f64() * 1000.0));
+                    summary.built.push(id);
+                    records[ix.index()] = Some(rec);
+                    release(plan, ix, &mut waiting, &mut ready, &blocked, &rank);
+                }
+                Err(e) => {
+                    say(format!("  FAILED {id}: {}", error_chain(&e)));
+                    summary.failed.push((id, error_chain(&e)));
+                    blocked.extend(descendants(plan, ix));
+                    if !opts.keep_going {
+                        stop = true;
+                    }
+                }
+            }
+        }
+        Ok(())
+    })?;
+    if let Some(pb) = bar {
+        pb.finish_and_clear();
+    }
+    for &ix in &plan.order {
+        if records[ix.index()].is_none() && !summary.failed.iter().any(|(id, _)| *id == plan.graph[ix].id) {
+            summary.skipped.push(plan.graph[ix].id.clone());
+        }
+    }
+    Ok(summary)
+}
+
+/// Marks `ix` done and queues dependents whose inputs are now all known.
+fn release(
+    plan: &Plan,
+    ix: NodeIndex,
+    waiting: &mut [usize],
+    ready: &mut VecDeque<NodeIndex>,
+    blocked: &BTreeSet<NodeIndex>,
+    rank: &[usize],
+) {
+    for d in plan.dependents(ix) {
+        waiting[d.index()] -= 1;
+        if waiting[d.index()] == 0 && !blocked.contains(&d) {
+            let pos = ready.iter().position(|r| rank[r.index()] > rank[d.index()]).unwrap_or(ready.len());
+            ready.insert(pos, d);
+        }
+    }
+}
+
+fn descendants(plan: &Plan, ix: NodeIndex) -> Vec<NodeIndex> {
+    let mut out = Vec::new();
+    let mut stack = plan.dependents(ix);
+    while let Some(d) = stack.pop() {
+        if !out.contains(&d) {
+            out.push(d);
+            stack.extend(plan.dependents(d));
+        }
+    }
+    out
+}
+
+/// The error a build with failed nodes ends with (exit 1), or the interrupt (130).
+pub fn outcome(summary: &BuildSummary) -> Result<()> {
+    if summary.interrupted {
+        return Err(KvtError::interrupted(format!(
+            "interrupted: {} node(s) built and cached, {} not run; run the same command again to continue",
+            summary.built.len(),
+            summary.skipped.len()
+        ))
+        .into());
+    }
+    if !summary.failed.is_empty() {
+        let mut msg = format!("{} node(s) failed:", summary.failed.len());
+        for (id, err) in &summary.failed {
+            msg.push_str(&format!("\n  stage `{id}`: {err}"));
+        }
+        if !summary.skipped.is_empty() {
+            msg.push_str(&format!("\n  not run (upstream failed): {}", summary.skipped.join(", ")));
+        }
+        msg.push_str("\nfinished nodes are cached; fix the cause and run the same command again");
+        return Err(KvtError::failed(msg).into());
+    }
+    Ok(())
+}
