@@ -101,7 +101,8 @@ fn redact(v: &mut Value) {
 pub fn display_path(p: &Path) -> String {
     if let Ok(cwd) = std::env::current_dir() {
         if let Ok(rel) = p.strip_prefix(&cwd) {
-            return rel.display().to_string();
+            let shown = rel.display().to_string();
+            return if shown.is_empty() { ".".into() } else { shown };
         }
     }
     p.display().to_string()
@@ -448,7 +449,7 @@ pub fn closest<'a>(word: &str, candidates: &'a [String]) -> Option<&'a str> {
     candidates
         .iter()
         .map(|c| (edit_distance(word, c), c))
-        .filter(|(d, c)| *d <= (c.len().max(word.len()) / 3).max(1))
+        .filter(|(d, c)| *d <= (c.len().max(word.len()) / 3).max(2))
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c.as_str())
 }

@@ -1,0 +1,81 @@
+//! `kvt graph` in text, dot and JSON, snapshotted (insta) for every stale reason.
+
+mod common;
+use common::*;
+
+fn graph(p: &Project, format: &str, extra: &[&str], env: &[(&str, &str)]) -> String {
+    let mut c = p.testops();
+    c.args(["graph", "-c", "config/experiments/t.yaml", "--format", format]).args(extra);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    normalize(&stdout_of(&out))
+}
+
+/// Node keys are content hashes: stable, but noise in a snapshot.
+fn normalize(s: &str) -> String {
+    let mut out = String::new();
+    let mut run = String::new();
+    for ch in s.chars() {
+        if ch.is_ascii_hexdigit() && !ch.is_ascii_uppercase() {
+            run.push(ch);
+            continue;
+        }
+        out.push_str(if run.len() == 64 { "[key]" } else { &run });
+        run.clear();
+        out.push(ch);
+    }
+    out.push_str(if run.len() == 64 { "[key]" } else { &run });
+    out
+}
+
+#[test]
+fn never_built() {
+    let p = Project::new();
+    insta::assert_snapshot!("never_built_text", graph(&p, "text", &[], &[]));
+    insta::assert_snapshot!("never_built_dot", graph(&p, "dot", &[], &[]));
+    insta::assert_snapshot!("never_built_json", graph(&p, "json", &[], &[]));
+}
+
+#[test]
+fn config_op_version_and_input_changed() {
+    let p = Project::new();
+    p.build(&[]);
+    // Rebuild only `scale` with another policy: `count` now sees changed inputs.
+    p.testops()
+        .args(["build", "scale", "-c", "config/experiments/t.yaml", "--set", "kv.policy=upper"])
+        .assert()
+        .success();
+    let args = ["--set", "kv.policy=upper", "--set", "analysis.bootstrap.iters=2000"];
+    let env = [("KVT_TESTOPS_COUNT_VERSION", "2")];
+    insta::assert_snapshot!("changed_text", graph(&p, "text", &args, &env));
+    insta::assert_snapshot!("changed_dot", graph(&p, "dot", &args, &env));
+    insta::assert_snapshot!("changed_json", graph(&p, "json", &args, &env));
+}
+
+#[test]
+fn output_missing_and_corrupt() {
+    let p = Project::new();
+    p.build(&[]);
+    let find = |pred: &dyn Fn(&str) -> bool| {
+        p.objects().into_iter().find(|o| std::fs::read_to_string(o).is_ok_and(|s| pred(&s))).unwrap()
+    };
+    let report = find(&|s| s.starts_with("counts:"));
+    let mut bytes = std::fs::read(&report).unwrap();
+    bytes[0] ^= 0x20;
+    std::fs::write(&report, bytes).unwrap();
+    insta::assert_snapshot!("corrupt_text", graph(&p, "text", &[], &[]));
+    std::fs::remove_file(find(&|s| s.starts_with("the quick brown fox"))).unwrap();
+    insta::assert_snapshot!("missing_text", graph(&p, "text", &[], &[]));
+}
+
+#[test]
+fn external_input_changed_and_fresh() {
+    let p = Project::new();
+    p.build(&[]);
+    insta::assert_snapshot!("fresh_text", graph(&p, "text", &[], &[]));
+    p.write("input.txt", "another text\n");
+    insta::assert_snapshot!("external_text", graph(&p, "text", &[], &[]));
+}
