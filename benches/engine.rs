@@ -16,13 +16,19 @@ fn project(n: usize) -> tempfile::TempDir {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     std::fs::create_dir_all(root.join("config/experiments")).unwrap();
     std::fs::create_dir_all(root.join("pipelines")).unwrap();
-    std::fs::copy(repo.join("config/default.yaml"), root.join("config/default.yaml")).unwrap();
+    std::fs::copy(
+        repo.join("config/default.yaml"),
+        root.join("config/default.yaml"),
+    )
+    .unwrap();
     std::fs::write(
         root.join("pipelines/bench.yaml"),
         "stages:\n  read: {op: t_read, uses: [dataset.path]}\n  scale: {op: t_scale, needs: [read], uses: [kv.policy], foreach: {budget: kv.budgets}}\n  count: {op: t_count, needs: [scale], uses: [analysis.bootstrap.iters]}\n",
     )
     .unwrap();
-    let budgets: Vec<String> = (1..=n - 2).map(|i| format!("{:.4}", i as f64 / (n - 2) as f64)).collect();
+    let budgets: Vec<String> = (1..=n - 2)
+        .map(|i| format!("{:.4}", i as f64 / (n - 2) as f64))
+        .collect();
     std::fs::write(
         root.join("config/experiments/bench.yaml"),
         format!(
@@ -31,7 +37,11 @@ fn project(n: usize) -> tempfile::TempDir {
         ),
     )
     .unwrap();
-    std::fs::write(root.join("input.txt"), "lorem ipsum dolor sit amet ".repeat(1000)).unwrap();
+    std::fs::write(
+        root.join("input.txt"),
+        "lorem ipsum dolor sit amet ".repeat(1000),
+    )
+    .unwrap();
     let status = build(root);
     assert!(status.success());
     dir
@@ -56,10 +66,14 @@ fn node_key(bencher: divan::Bencher) {
     use kvt::engine::digest::Digest;
     use std::collections::BTreeMap;
     let mut slice = BTreeMap::new();
-    slice.insert("analysis.bootstrap".to_string(), serde_json::json!({"iters": 1000, "seed": 0, "ci": 0.95}));
+    slice.insert(
+        "analysis.bootstrap".to_string(),
+        serde_json::json!({"iters": 1000, "seed": 0, "ci": 0.95}),
+    );
     slice.insert("foreach.budget".to_string(), serde_json::json!(0.5));
-    let inputs: BTreeMap<String, Digest> =
-        (0..8).map(|i| (format!("score[budget={i}]/scores"), Digest::of(&[i as u8]))).collect();
+    let inputs: BTreeMap<String, Digest> = (0..8)
+        .map(|i| (format!("score[budget={i}]/scores"), Digest::of(&[i as u8])))
+        .collect();
     bencher.bench(|| kvt::engine::state::node_key("analyze", 1, &slice, None, &inputs));
 }
 

@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod data;
 pub mod engine;
 pub mod stages;
 
@@ -30,13 +31,22 @@ pub struct KvtError {
 
 impl KvtError {
     pub fn usage(message: impl Into<String>) -> Self {
-        Self { kind: ExitKind::Usage, message: message.into() }
+        Self {
+            kind: ExitKind::Usage,
+            message: message.into(),
+        }
     }
     pub fn failed(message: impl Into<String>) -> Self {
-        Self { kind: ExitKind::Failed, message: message.into() }
+        Self {
+            kind: ExitKind::Failed,
+            message: message.into(),
+        }
     }
     pub fn interrupted(message: impl Into<String>) -> Self {
-        Self { kind: ExitKind::Interrupted, message: message.into() }
+        Self {
+            kind: ExitKind::Interrupted,
+            message: message.into(),
+        }
     }
 }
 

@@ -5,7 +5,11 @@ mod common;
 use common::*;
 
 fn validate(p: &Project, file: &str, extra: &[&str]) -> std::process::Output {
-    p.testops().args(["validate", "-c", file]).args(extra).output().unwrap()
+    p.testops()
+        .args(["validate", "-c", file])
+        .args(extra)
+        .output()
+        .unwrap()
 }
 
 fn expect_usage_error(out: &std::process::Output, needles: &[&str]) {
@@ -27,17 +31,38 @@ fn a_valid_config_validates() {
 #[test]
 fn unknown_key_names_file_line_path_and_suggests() {
     let p = Project::new();
-    p.write("config/experiments/bad.yaml", "pipeline: test\nanalysis:\n  bootstrp:\n    iters: 5\noutput:\n  exp_group_id: x\n");
+    p.write(
+        "config/experiments/bad.yaml",
+        "pipeline: test\nanalysis:\n  bootstrp:\n    iters: 5\noutput:\n  exp_group_id: x\n",
+    );
     let out = validate(&p, "config/experiments/bad.yaml", &[]);
-    expect_usage_error(&out, &["config/experiments/bad.yaml:3", "`analysis.bootstrp`", "did you mean `analysis.bootstrap`"]);
+    expect_usage_error(
+        &out,
+        &[
+            "config/experiments/bad.yaml:3",
+            "`analysis.bootstrp`",
+            "did you mean `analysis.bootstrap`",
+        ],
+    );
 }
 
 #[test]
 fn wrong_type_names_key_and_expected_type() {
     let p = Project::new();
-    p.write("config/experiments/bad.yaml", "pipeline: test\nanalysis:\n  bootstrap:\n    iters: lots\noutput:\n  exp_group_id: x\n");
+    p.write(
+        "config/experiments/bad.yaml",
+        "pipeline: test\nanalysis:\n  bootstrap:\n    iters: lots\noutput:\n  exp_group_id: x\n",
+    );
     let out = validate(&p, "config/experiments/bad.yaml", &[]);
-    expect_usage_error(&out, &["config/experiments/bad.yaml:4", "`analysis.bootstrap.iters`", "expected u32", "\"lots\""]);
+    expect_usage_error(
+        &out,
+        &[
+            "config/experiments/bad.yaml:4",
+            "`analysis.bootstrap.iters`",
+            "expected u32",
+            "\"lots\"",
+        ],
+    );
 }
 
 #[test]
@@ -45,16 +70,32 @@ fn missing_required_value_names_file_and_key() {
     let p = Project::new();
     p.write("config/experiments/bad.yaml", "pipeline: test\n");
     let out = validate(&p, "config/experiments/bad.yaml", &[]);
-    expect_usage_error(&out, &["config/experiments/bad.yaml", "missing required key `output.exp_group_id`"]);
+    expect_usage_error(
+        &out,
+        &[
+            "config/experiments/bad.yaml",
+            "missing required key `output.exp_group_id`",
+        ],
+    );
 }
 
 #[test]
 fn unsafe_exp_group_ids_are_rejected() {
     let p = Project::new();
     for bad in ["../x", "a/b", "''", ".."] {
-        p.write("config/experiments/bad.yaml", &format!("pipeline: test\noutput:\n  exp_group_id: {bad}\n"));
+        p.write(
+            "config/experiments/bad.yaml",
+            &format!("pipeline: test\noutput:\n  exp_group_id: {bad}\n"),
+        );
         let out = validate(&p, "config/experiments/bad.yaml", &[]);
-        expect_usage_error(&out, &["config/experiments/bad.yaml", "`output.exp_group_id`", "safe single path component"]);
+        expect_usage_error(
+            &out,
+            &[
+                "config/experiments/bad.yaml",
+                "`output.exp_group_id`",
+                "safe single path component",
+            ],
+        );
     }
 }
 
@@ -69,7 +110,10 @@ fn yaml_syntax_errors_name_the_file() {
 #[test]
 fn duplicate_keys_are_rejected() {
     let p = Project::new();
-    p.write("config/experiments/bad.yaml", "pipeline: test\noutput:\n  exp_group_id: a\n  exp_group_id: b\n");
+    p.write(
+        "config/experiments/bad.yaml",
+        "pipeline: test\noutput:\n  exp_group_id: a\n  exp_group_id: b\n",
+    );
     let out = validate(&p, "config/experiments/bad.yaml", &[]);
     expect_usage_error(&out, &["config/experiments/bad.yaml"]);
 }
@@ -78,7 +122,10 @@ fn duplicate_keys_are_rejected() {
 fn missing_config_file_is_a_usage_error() {
     let p = Project::new();
     let out = validate(&p, "config/experiments/nope.yaml", &[]);
-    expect_usage_error(&out, &["cannot read config file `config/experiments/nope.yaml`"]);
+    expect_usage_error(
+        &out,
+        &["cannot read config file `config/experiments/nope.yaml`"],
+    );
 }
 
 #[test]
@@ -86,16 +133,45 @@ fn set_overrides_are_typed_and_checked() {
     let p = Project::new();
     let out = p
         .testops()
-        .args(["resolve", "-c", "config/experiments/t.yaml", "--print-config", "--set", "kv.budgets=[1.0, 0.25]", "--set", "engine.concurrency=3"])
+        .args([
+            "resolve",
+            "-c",
+            "config/experiments/t.yaml",
+            "--print-config",
+            "--set",
+            "kv.budgets=[1.0, 0.25]",
+            "--set",
+            "engine.concurrency=3",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr_of(&out));
     let s = stdout_of(&out);
     assert!(s.contains("- 0.25") && s.contains("concurrency: 3"), "{s}");
-    expect_usage_error(&validate(&p, "config/experiments/t.yaml", &["--set", "kv.budgetz=1"]), &["`--set kv.budgetz=1`", "did you mean `kv.budgets`"]);
-    expect_usage_error(&validate(&p, "config/experiments/t.yaml", &["--set", "engine.concurrency=many"]), &["`--set engine.concurrency=many`", "`engine.concurrency`"]);
-    expect_usage_error(&validate(&p, "config/experiments/t.yaml", &["--set", "nodots"]), &["`--set nodots`", "key.path=value"]);
-    expect_usage_error(&validate(&p, "config/experiments/t.yaml", &["--set", "kv.budgets=[0.5, 0]"]), &["`kv.budgets`", "must be > 0"]);
+    expect_usage_error(
+        &validate(&p, "config/experiments/t.yaml", &["--set", "kv.budgetz=1"]),
+        &["`--set kv.budgetz=1`", "did you mean `kv.budgets`"],
+    );
+    expect_usage_error(
+        &validate(
+            &p,
+            "config/experiments/t.yaml",
+            &["--set", "engine.concurrency=many"],
+        ),
+        &["`--set engine.concurrency=many`", "`engine.concurrency`"],
+    );
+    expect_usage_error(
+        &validate(&p, "config/experiments/t.yaml", &["--set", "nodots"]),
+        &["`--set nodots`", "key.path=value"],
+    );
+    expect_usage_error(
+        &validate(
+            &p,
+            "config/experiments/t.yaml",
+            &["--set", "kv.budgets=[0.5, 0]"],
+        ),
+        &["`kv.budgets`", "must be > 0"],
+    );
 }
 
 #[test]
@@ -107,23 +183,55 @@ fn environment_variables_and_dotenv_are_resolved() {
     );
     // Unset and no default: a usage error naming the file, line, key and variable.
     let out = validate(&p, "config/experiments/env.yaml", &[]);
-    expect_usage_error(&out, &["config/experiments/env.yaml:3", "`engine.base_url`", "`KVT_TEST_URL`"]);
+    expect_usage_error(
+        &out,
+        &[
+            "config/experiments/env.yaml:3",
+            "`engine.base_url`",
+            "`KVT_TEST_URL`",
+        ],
+    );
     // From a .env beside the config; defaults typed as YAML (5 is a number).
-    p.write("config/experiments/.env", "# local settings\nKVT_TEST_URL=http://127.0.0.1:9/v1\n");
-    let out = p.testops().args(["resolve", "-c", "config/experiments/env.yaml", "--print-config"]).output().unwrap();
+    p.write(
+        "config/experiments/.env",
+        "# local settings\nKVT_TEST_URL=http://127.0.0.1:9/v1\n",
+    );
+    let out = p
+        .testops()
+        .args([
+            "resolve",
+            "-c",
+            "config/experiments/env.yaml",
+            "--print-config",
+        ])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", stderr_of(&out));
     let s = stdout_of(&out);
-    assert!(s.contains("base_url: http://127.0.0.1:9/v1") && s.contains("concurrency: 5") && s.contains("label: run-plain"), "{s}");
+    assert!(
+        s.contains("base_url: http://127.0.0.1:9/v1")
+            && s.contains("concurrency: 5")
+            && s.contains("label: run-plain"),
+        "{s}"
+    );
     // The process environment wins over .env.
     let out = p
         .testops()
         .env("KVT_TEST_URL", "http://127.0.0.1:10/v1")
         .env("KVT_TEST_CONC", "7")
-        .args(["resolve", "-c", "config/experiments/env.yaml", "--print-config"])
+        .args([
+            "resolve",
+            "-c",
+            "config/experiments/env.yaml",
+            "--print-config",
+        ])
         .output()
         .unwrap();
     let s = stdout_of(&out);
-    assert!(s.contains("base_url: http://127.0.0.1:10/v1") && s.contains("concurrency: 7"), "{s}");
+    assert!(
+        s.contains("base_url: http://127.0.0.1:10/v1") && s.contains("concurrency: 7"),
+        "{s}"
+    );
 }
 
 #[test]
@@ -131,7 +239,14 @@ fn resolve_prints_paths_and_redacts_secrets() {
     let p = Project::new();
     let out = p
         .testops()
-        .args(["resolve", "-c", "config/experiments/t.yaml", "--print-config", "--set", "engine.extra_body.api_key=sk-SENTINEL"])
+        .args([
+            "resolve",
+            "-c",
+            "config/experiments/t.yaml",
+            "--print-config",
+            "--set",
+            "engine.extra_body.api_key=sk-SENTINEL",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr_of(&out));
@@ -139,33 +254,72 @@ fn resolve_prints_paths_and_redacts_secrets() {
     assert!(s.contains("run_dir: runs/t1"));
     assert!(s.contains("sqlite: runs/t1/kv_transition.sqlite"));
     assert!(s.contains("dataset_id: synthetic__needle"));
-    assert!(s.contains("api_key: '***'") || s.contains("api_key: \"***\"") || s.contains("api_key: ***"), "{s}");
+    assert!(
+        s.contains("api_key: '***'")
+            || s.contains("api_key: \"***\"")
+            || s.contains("api_key: ***"),
+        "{s}"
+    );
     assert!(!s.contains("sk-SENTINEL"));
 }
 
 fn pipeline_error(p: &Project, pipeline: &str, needles: &[&str]) {
     p.write("pipelines/test.yaml", pipeline);
-    let out = p.testops().args(["build", "-c", "config/experiments/t.yaml"]).output().unwrap();
+    let out = p
+        .testops()
+        .args(["build", "-c", "config/experiments/t.yaml"])
+        .output()
+        .unwrap();
     expect_usage_error(&out, needles);
 }
 
 #[test]
 fn pipeline_errors_are_usage_errors() {
     let p = Project::new();
-    pipeline_error(&p, "stages:\n  a: {op: nope}\n", &["pipelines/test.yaml", "unknown op `nope`"]);
+    pipeline_error(
+        &p,
+        "stages:\n  a: {op: nope}\n",
+        &["pipelines/test.yaml", "unknown op `nope`"],
+    );
     pipeline_error(&p, "stages:\n  a: {op: t_read, uses: [dataset.path], needs: [raed]}\n  read: {op: t_read, uses: [dataset.path]}\n", &["needs unknown stage `raed`", "did you mean `read`"]);
     pipeline_error(
         &p,
         "stages:\n  a: {op: t_read, needs: [b], uses: [dataset.path]}\n  b: {op: t_read, needs: [a], uses: [dataset.path]}\n",
         &["cycle", "a → b → a"],
     );
-    pipeline_error(&p, "stages:\n  a: {op: t_read, uses: [dataset.pathh]}\n", &["`dataset.pathh`", "not in the config schema"]);
-    pipeline_error(&p, "stages:\n  a: {op: t_read, uses: [dataset.path], foreach: {x: kv.policy}}\n", &["needs a list at `kv.policy`"]);
-    pipeline_error(&p, "stages:\n  a: {op: t_read, usess: [dataset.path]}\n", &["pipelines/test.yaml", "usess"]);
+    pipeline_error(
+        &p,
+        "stages:\n  a: {op: t_read, uses: [dataset.pathh]}\n",
+        &["`dataset.pathh`", "not in the config schema"],
+    );
+    pipeline_error(
+        &p,
+        "stages:\n  a: {op: t_read, uses: [dataset.path], foreach: {x: kv.policy}}\n",
+        &["needs a list at `kv.policy`"],
+    );
+    pipeline_error(
+        &p,
+        "stages:\n  a: {op: t_read, usess: [dataset.path]}\n",
+        &["pipelines/test.yaml", "usess"],
+    );
     p.write("pipelines/test.yaml", TEST_PIPELINE);
-    let out = p.testops().args(["build", "nope", "-c", "config/experiments/t.yaml"]).output().unwrap();
+    let out = p
+        .testops()
+        .args(["build", "nope", "-c", "config/experiments/t.yaml"])
+        .output()
+        .unwrap();
     expect_usage_error(&out, &["unknown target `nope`"]);
-    let out = p.testops().args(["build", "-c", "config/experiments/t.yaml", "--force", "nope"]).output().unwrap();
+    let out = p
+        .testops()
+        .args([
+            "build",
+            "-c",
+            "config/experiments/t.yaml",
+            "--force",
+            "nope",
+        ])
+        .output()
+        .unwrap();
     expect_usage_error(&out, &["`--force nope`"]);
 }
 

@@ -6,13 +6,23 @@ use common::*;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-const ALL: &[&str] = &["count", "read", "report", "scale[budget=0.2]", "scale[budget=0.5]", "scale[budget=1.0]"];
+const ALL: &[&str] = &[
+    "count",
+    "read",
+    "report",
+    "scale[budget=0.2]",
+    "scale[budget=0.5]",
+    "scale[budget=1.0]",
+];
 
 #[test]
 fn first_build_runs_everything_second_runs_nothing() {
     let p = Project::new();
     assert_eq!(p.build(&[]), strs(ALL));
-    assert_eq!(p.read("runs/t1/out.txt"), "counts:\nscale[budget=0.2] 3000\nscale[budget=0.5] 6000\nscale[budget=1.0] 12000");
+    assert_eq!(
+        p.read("runs/t1/out.txt"),
+        "counts:\nscale[budget=0.2] 3000\nscale[budget=0.5] 6000\nscale[budget=1.0] 12000"
+    );
     assert!(p.build(&[]).is_empty());
 }
 
@@ -20,11 +30,16 @@ fn first_build_runs_everything_second_runs_nothing() {
 fn changing_a_used_value_reruns_that_node_and_what_its_output_changes() {
     let p = Project::new();
     p.build(&[]);
-    assert_eq!(p.build(&["--set", "analysis.bootstrap.iters=2"]), strs(&["count", "report"]));
+    assert_eq!(
+        p.build(&["--set", "analysis.bootstrap.iters=2"]),
+        strs(&["count", "report"])
+    );
     assert!(p.read("runs/t1/out.txt").contains("scale[budget=1.0] 24"));
     // Back to the old value: its result is still cached, nothing runs.
     assert!(p.build(&[]).is_empty());
-    assert!(p.read("runs/t1/out.txt").contains("scale[budget=1.0] 12000"));
+    assert!(p
+        .read("runs/t1/out.txt")
+        .contains("scale[budget=1.0] 12000"));
 }
 
 #[test]
@@ -33,9 +48,19 @@ fn upstream_rebuilt_to_identical_bytes_leaves_downstream_fresh() {
     p.build(&[]);
     // The input is already lower case: `identity` gives the same words as `lower`.
     let ran = p.build(&["--set", "kv.policy=identity"]);
-    assert_eq!(ran, strs(&["scale[budget=0.2]", "scale[budget=0.5]", "scale[budget=1.0]"]));
+    assert_eq!(
+        ran,
+        strs(&[
+            "scale[budget=0.2]",
+            "scale[budget=0.5]",
+            "scale[budget=1.0]"
+        ])
+    );
     // --force reruns the node; identical output keeps everything downstream fresh.
-    assert_eq!(p.build(&["--set", "kv.policy=identity", "--force", "read"]), strs(&["read"]));
+    assert_eq!(
+        p.build(&["--set", "kv.policy=identity", "--force", "read"]),
+        strs(&["read"])
+    );
 }
 
 #[test]
@@ -58,16 +83,32 @@ fn editing_an_external_input_reruns_from_the_source() {
 fn a_target_builds_only_its_ancestors() {
     let p = Project::new();
     let _ = std::fs::remove_file(p.path("oplog.txt"));
-    p.testops().args(["build", "scale[budget=0.5]", "-c", "config/experiments/t.yaml"]).assert().success();
+    p.testops()
+        .args([
+            "build",
+            "scale[budget=0.5]",
+            "-c",
+            "config/experiments/t.yaml",
+        ])
+        .assert()
+        .success();
     assert_eq!(p.ran(), strs(&["read", "scale[budget=0.5]"]));
 }
 
 #[test]
 fn dry_run_runs_nothing_and_says_why() {
     let p = Project::new();
-    let out = p.testops().args(["build", "-c", "config/experiments/t.yaml", "--dry-run"]).output().unwrap();
+    let out = p
+        .testops()
+        .args(["build", "-c", "config/experiments/t.yaml", "--dry-run"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
-    assert!(stdout_of(&out).contains("would run read: never built"), "{}", stdout_of(&out));
+    assert!(
+        stdout_of(&out).contains("would run read: never built"),
+        "{}",
+        stdout_of(&out)
+    );
     assert!(stdout_of(&out).contains("may run count: waits for"));
     assert!(p.ran().is_empty());
     assert!(!p.path("cache/v1/actions").exists());
@@ -87,18 +128,36 @@ fn a_failing_node_stops_its_dependents_not_its_siblings() {
     p.write("pipelines/test.yaml", FAIL_PIPELINE);
     let out = p
         .testops()
-        .args(["build", "-c", "config/experiments/t.yaml", "--set", "engine.label=fail", "--keep-going", "-j", "1"])
+        .args([
+            "build",
+            "-c",
+            "config/experiments/t.yaml",
+            "--set",
+            "engine.label=fail",
+            "--keep-going",
+            "-j",
+            "1",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = stderr_of(&out);
-    assert!(err.contains("stage `flaky`") && err.contains("planted failure"), "{err}");
+    assert!(
+        err.contains("stage `flaky`") && err.contains("planted failure"),
+        "{err}"
+    );
     assert!(err.contains("not run (upstream failed): after"), "{err}");
     let ran = p.ran();
-    assert!(ran.contains(&"sibling[budget=0.2]".to_string()) && !ran.contains(&"after".to_string()), "{ran:?}");
+    assert!(
+        ran.contains(&"sibling[budget=0.2]".to_string()) && !ran.contains(&"after".to_string()),
+        "{ran:?}"
+    );
     // Fixing the cause reruns only what failed or never ran.
     let _ = std::fs::remove_file(p.path("oplog.txt"));
-    p.testops().args(["build", "-c", "config/experiments/t.yaml"]).assert().success();
+    p.testops()
+        .args(["build", "-c", "config/experiments/t.yaml"])
+        .assert()
+        .success();
     assert_eq!(p.ran(), strs(&["after", "flaky"]));
 }
 
@@ -111,14 +170,23 @@ fn sigkill_mid_node_leaves_a_cache_that_verifies_and_a_rebuild_that_finishes() {
     );
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvt-testops"))
         .current_dir(p.root())
-        .args(["build", "-c", "config/experiments/t.yaml", "--set", "engine.timeout_s=30"])
+        .args([
+            "build",
+            "-c",
+            "config/experiments/t.yaml",
+            "--set",
+            "engine.timeout_s=30",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let t0 = Instant::now();
     while !p.path("slow.started").exists() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "slow node never started");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "slow node never started"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     child.kill().unwrap(); // SIGKILL
@@ -126,7 +194,16 @@ fn sigkill_mid_node_leaves_a_cache_that_verifies_and_a_rebuild_that_finishes() {
     p.testops().args(["cache", "verify"]).assert().success();
     let _ = std::fs::remove_file(p.path("oplog.txt"));
     // `read` finished before the kill and stays cached; `slow` reruns and completes.
-    p.testops().args(["build", "-c", "config/experiments/t.yaml", "--set", "engine.timeout_s=0.05"]).assert().success();
+    p.testops()
+        .args([
+            "build",
+            "-c",
+            "config/experiments/t.yaml",
+            "--set",
+            "engine.timeout_s=0.05",
+        ])
+        .assert()
+        .success();
     assert_eq!(p.ran(), strs(&["slow"]));
     p.testops().args(["cache", "verify"]).assert().success();
 }
@@ -157,7 +234,11 @@ fn a_flipped_byte_is_detected_reported_and_rebuilt() {
     std::fs::write(&words_obj, &bytes).unwrap();
     let out = p.testops().args(["cache", "verify"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(stdout_of(&out).contains("corrupt: object"), "{}", stdout_of(&out));
+    assert!(
+        stdout_of(&out).contains("corrupt: object"),
+        "{}",
+        stdout_of(&out)
+    );
     assert_eq!(p.build(&[]), strs(&["scale[budget=0.2]"]));
     p.testops().args(["cache", "verify"]).assert().success();
 }
@@ -192,7 +273,13 @@ fn no_wait_fails_clearly_while_the_cache_is_locked() {
     );
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvt-testops"))
         .current_dir(p.root())
-        .args(["build", "-c", "config/experiments/t.yaml", "--set", "engine.timeout_s=30"])
+        .args([
+            "build",
+            "-c",
+            "config/experiments/t.yaml",
+            "--set",
+            "engine.timeout_s=30",
+        ])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -201,11 +288,19 @@ fn no_wait_fails_clearly_while_the_cache_is_locked() {
         assert!(t0.elapsed() < Duration::from_secs(30));
         std::thread::sleep(Duration::from_millis(10));
     }
-    let out = p.testops().args(["build", "-c", "config/experiments/t.yaml", "--no-wait"]).output().unwrap();
+    let out = p
+        .testops()
+        .args(["build", "-c", "config/experiments/t.yaml", "--no-wait"])
+        .output()
+        .unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr_of(&out).contains("is locked by pid"), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("is locked by pid"),
+        "{}",
+        stderr_of(&out)
+    );
 }
 
 #[test]
@@ -213,15 +308,30 @@ fn gc_with_a_size_limit_keeps_what_live_configs_need() {
     let p = Project::new();
     p.build(&[]);
     // Results of a config that no longer exists: dead once we go back.
-    p.build(&["--set", "kv.policy=upper", "--set", "analysis.bootstrap.iters=7"]);
+    p.build(&[
+        "--set",
+        "kv.policy=upper",
+        "--set",
+        "analysis.bootstrap.iters=7",
+    ]);
     let before = p.objects().len();
-    p.testops().args(["cache", "gc", "--max-size", "0"]).assert().success();
+    p.testops()
+        .args(["cache", "gc", "--max-size", "0"])
+        .assert()
+        .success();
     assert!(p.objects().len() < before);
     // Everything config/experiments/t.yaml needs survived: nothing reruns.
     assert!(p.build(&[]).is_empty());
     p.testops().args(["cache", "verify"]).assert().success();
     // The dead results are gone: building them again runs them.
-    assert!(!p.build(&["--set", "kv.policy=upper", "--set", "analysis.bootstrap.iters=7"]).is_empty());
+    assert!(!p
+        .build(&[
+            "--set",
+            "kv.policy=upper",
+            "--set",
+            "analysis.bootstrap.iters=7"
+        ])
+        .is_empty());
 }
 
 #[test]
@@ -237,7 +347,18 @@ fn moving_the_project_keeps_everything_fresh() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    assert!(!dest.join("oplog.txt").exists() || std::fs::read_to_string(dest.join("oplog.txt")).unwrap().lines().count() == 6);
-    assert!(stderr_of(&out).contains("0 built, 6 fresh"), "{}", stderr_of(&out));
+    assert!(
+        !dest.join("oplog.txt").exists()
+            || std::fs::read_to_string(dest.join("oplog.txt"))
+                .unwrap()
+                .lines()
+                .count()
+                == 6
+    );
+    assert!(
+        stderr_of(&out).contains("0 built, 6 fresh"),
+        "{}",
+        stderr_of(&out)
+    );
     std::fs::rename(&dest, p.root()).unwrap();
 }

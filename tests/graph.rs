@@ -5,7 +5,14 @@ use common::*;
 
 fn graph(p: &Project, format: &str, extra: &[&str], env: &[(&str, &str)]) -> String {
     let mut c = p.testops();
-    c.args(["graph", "-c", "config/experiments/t.yaml", "--format", format]).args(extra);
+    c.args([
+        "graph",
+        "-c",
+        "config/experiments/t.yaml",
+        "--format",
+        format,
+    ])
+    .args(extra);
     for (k, v) in env {
         c.env(k, v);
     }
@@ -45,10 +52,22 @@ fn config_op_version_and_input_changed() {
     p.build(&[]);
     // Rebuild only `scale` with another policy: `count` now sees changed inputs.
     p.testops()
-        .args(["build", "scale", "-c", "config/experiments/t.yaml", "--set", "kv.policy=upper"])
+        .args([
+            "build",
+            "scale",
+            "-c",
+            "config/experiments/t.yaml",
+            "--set",
+            "kv.policy=upper",
+        ])
         .assert()
         .success();
-    let args = ["--set", "kv.policy=upper", "--set", "analysis.bootstrap.iters=2000"];
+    let args = [
+        "--set",
+        "kv.policy=upper",
+        "--set",
+        "analysis.bootstrap.iters=2000",
+    ];
     let env = [("KVT_TESTOPS_COUNT_VERSION", "2")];
     insta::assert_snapshot!("changed_text", graph(&p, "text", &args, &env));
     insta::assert_snapshot!("changed_dot", graph(&p, "dot", &args, &env));
@@ -60,7 +79,10 @@ fn output_missing_and_corrupt() {
     let p = Project::new();
     p.build(&[]);
     let find = |pred: &dyn Fn(&str) -> bool| {
-        p.objects().into_iter().find(|o| std::fs::read_to_string(o).is_ok_and(|s| pred(&s))).unwrap()
+        p.objects()
+            .into_iter()
+            .find(|o| std::fs::read_to_string(o).is_ok_and(|s| pred(&s)))
+            .unwrap()
     };
     let report = find(&|s| s.starts_with("counts:"));
     let mut bytes = std::fs::read(&report).unwrap();

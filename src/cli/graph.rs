@@ -16,7 +16,10 @@ fn describe(state: &NodeState) -> String {
         }
         NodeState::Pending(ups) => {
             let u: Vec<String> = ups.iter().map(|u| format!("`{u}`")).collect();
-            format!("pending: waits for {} (reruns only if its inputs change)", u.join(", "))
+            format!(
+                "pending: waits for {} (reruns only if its inputs change)",
+                u.join(", ")
+            )
         }
     }
 }
@@ -52,12 +55,21 @@ fn text(plan: &Plan, by_ix: &BTreeMap<NodeIndex, &NodeReport>, color: bool) -> S
             NodeState::Pending(_) => pending += 1,
         }
     }
-    let sinks: Vec<NodeIndex> = plan.order.iter().copied().filter(|&ix| plan.dependents(ix).is_empty()).collect();
+    let sinks: Vec<NodeIndex> = plan
+        .order
+        .iter()
+        .copied()
+        .filter(|&ix| plan.dependents(ix).is_empty())
+        .collect();
     let mut shown = BTreeSet::new();
     for s in sinks {
         walk(plan, by_ix, s, "", "", &mut shown, &mut out, color);
     }
-    let _ = writeln!(out, "\n{} nodes: {fresh} fresh, {stale} stale, {pending} pending", by_ix.len());
+    let _ = writeln!(
+        out,
+        "\n{} nodes: {fresh} fresh, {stale} stale, {pending} pending",
+        by_ix.len()
+    );
     out
 }
 
@@ -79,16 +91,35 @@ fn walk(
         let _ = writeln!(out, "{lead}{} (*)", spec.id);
         return;
     }
-    let _ = writeln!(out, "{lead}{}  {}", spec.id, paint(state, &describe(state), color));
+    let _ = writeln!(
+        out,
+        "{lead}{}  {}",
+        spec.id,
+        paint(state, &describe(state), color)
+    );
     for (i, d) in deps.iter().enumerate() {
         let last = i + 1 == deps.len();
-        let (l, c) = if last { ("└── ", "    ") } else { ("├── ", "│   ") };
-        walk(plan, by_ix, *d, &format!("{child_lead}{l}"), &format!("{child_lead}{c}"), shown, out, color);
+        let (l, c) = if last {
+            ("└── ", "    ")
+        } else {
+            ("├── ", "│   ")
+        };
+        walk(
+            plan,
+            by_ix,
+            *d,
+            &format!("{child_lead}{l}"),
+            &format!("{child_lead}{c}"),
+            shown,
+            out,
+            color,
+        );
     }
 }
 
 fn dot(plan: &Plan, reports: &[NodeReport]) -> String {
-    let mut out = String::from("digraph kvt {\n  rankdir=LR;\n  node [shape=box, style=rounded];\n");
+    let mut out =
+        String::from("digraph kvt {\n  rankdir=LR;\n  node [shape=box, style=rounded];\n");
     for r in reports {
         let spec = &plan.graph[r.index];
         let colour = match r.state {
@@ -97,11 +128,19 @@ fn dot(plan: &Plan, reports: &[NodeReport]) -> String {
             NodeState::Pending(_) => "steelblue",
         };
         let label = format!("{}\\n{}", spec.id, describe(&r.state)).replace('"', "\\\"");
-        let _ = writeln!(out, "  \"{}\" [label=\"{label}\", color={colour}];", spec.id);
+        let _ = writeln!(
+            out,
+            "  \"{}\" [label=\"{label}\", color={colour}];",
+            spec.id
+        );
     }
     for &ix in &plan.order {
         for d in plan.deps(ix) {
-            let _ = writeln!(out, "  \"{}\" -> \"{}\";", plan.graph[d].id, plan.graph[ix].id);
+            let _ = writeln!(
+                out,
+                "  \"{}\" -> \"{}\";",
+                plan.graph[d].id, plan.graph[ix].id
+            );
         }
     }
     out.push_str("}\n");
@@ -131,7 +170,8 @@ fn json(plan: &Plan, reports: &[NodeReport]) -> String {
             })
         })
         .collect();
-    let mut s = serde_json::to_string_pretty(&serde_json::json!({ "nodes": nodes })).unwrap_or_default();
+    let mut s =
+        serde_json::to_string_pretty(&serde_json::json!({ "nodes": nodes })).unwrap_or_default();
     s.push('\n');
     s
 }

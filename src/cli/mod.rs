@@ -20,7 +20,11 @@ pub const EMBEDDED_PIPELINE: &str = include_str!("../../pipelines/default.yaml")
 static CANCEL: AtomicBool = AtomicBool::new(false);
 
 #[derive(Parser, Debug)]
-#[command(name = "kvt", version, about = "KV Transition: measure what KV-cache compression does across context lengths")]
+#[command(
+    name = "kvt",
+    version,
+    about = "KV Transition: measure what KV-cache compression does across context lengths"
+)]
 pub struct Cli {
     /// More log output (-v info, -vv debug); KVT_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -188,7 +192,11 @@ fn init_logging(verbose: u8, quiet: bool) {
 fn run(cli: Cli, registry: &OpRegistry) -> Result<()> {
     match cli.command {
         Command::Build(args) => cmd_build(&args, registry, cli.quiet),
-        Command::Graph { targets, cfg, format } => {
+        Command::Graph {
+            targets,
+            cfg,
+            format,
+        } => {
             let loaded = config::load(&cfg.config, &cfg.set)?;
             let (plan, ws) = plan_for(&loaded, registry, &targets)?;
             let reports = engine::explain(&ws, &plan, &|_| false)?;
@@ -212,7 +220,8 @@ fn run(cli: Cli, registry: &OpRegistry) -> Result<()> {
             println!("dataset_id: {}", loaded.dataset_id());
             println!("cache: {}", display_path(&loaded.cache_dir()));
             if print_config {
-                let yaml = serde_saphyr::to_string(&loaded.redacted()).context("printing the config")?;
+                let yaml =
+                    serde_saphyr::to_string(&loaded.redacted()).context("printing the config")?;
                 println!("---\n{yaml}");
             }
             Ok(())
@@ -233,7 +242,10 @@ fn load_pipeline(loaded: &LoadedConfig, registry: &OpRegistry) -> Result<(Pipeli
     let path = loaded.root.join(&rel);
     let (text, source) = match std::fs::read_to_string(&path) {
         Ok(t) => (t, rel.display().to_string()),
-        Err(_) if name == "default" => (EMBEDDED_PIPELINE.to_string(), "built-in default pipeline".to_string()),
+        Err(_) if name == "default" => (
+            EMBEDDED_PIPELINE.to_string(),
+            "built-in default pipeline".to_string(),
+        ),
         Err(e) => {
             return Err(KvtError::usage(format!(
                 "`{}`: key `pipeline` names `{name}`, but `{}` cannot be read ({e})",
@@ -249,7 +261,11 @@ fn load_pipeline(loaded: &LoadedConfig, registry: &OpRegistry) -> Result<(Pipeli
     Ok((def, source))
 }
 
-fn plan_for(loaded: &LoadedConfig, registry: &OpRegistry, targets: &[String]) -> Result<(Plan, Workspace)> {
+fn plan_for(
+    loaded: &LoadedConfig,
+    registry: &OpRegistry,
+    targets: &[String],
+) -> Result<(Plan, Workspace)> {
     let (def, source) = load_pipeline(loaded, registry)?;
     let plan = Plan::new(&def, &source, &loaded.value, registry, targets)?;
     let ws = Workspace::new(&loaded.root, &loaded.cache_dir(), loaded.exp_group_id());
@@ -261,14 +277,22 @@ fn cmd_build(args: &BuildArgs, registry: &OpRegistry, quiet: bool) -> Result<()>
     let loaded = config::load(&args.cfg.config, &args.cfg.set)?;
     let (plan, ws) = plan_for(&loaded, registry, &args.targets)?;
     for f in &args.force {
-        let known = plan.graph.node_weights().any(|n| &n.id == f || &n.stage == f);
+        let known = plan
+            .graph
+            .node_weights()
+            .any(|n| &n.id == f || &n.stage == f);
         if !known {
-            return Err(KvtError::usage(format!("`--force {f}`: no such stage or node in this build")).into());
+            return Err(KvtError::usage(format!(
+                "`--force {f}`: no such stage or node in this build"
+            ))
+            .into());
         }
     }
     if args.dry_run {
         let force = args.force.clone();
-        let reports = engine::explain(&ws, &plan, &|n| force.iter().any(|f| *f == n.id || *f == n.stage))?;
+        let reports = engine::explain(&ws, &plan, &|n| {
+            force.iter().any(|f| *f == n.id || *f == n.stage)
+        })?;
         let mut would = 0;
         for r in &reports {
             let spec = &plan.graph[r.index];
@@ -280,7 +304,11 @@ fn cmd_build(args: &BuildArgs, registry: &OpRegistry, quiet: bool) -> Result<()>
                     println!("would run {}: {}", spec.id, why.join("; "));
                 }
                 engine::NodeState::Pending(ups) => {
-                    println!("may run {}: waits for {} (runs only if their outputs change)", spec.id, ups.join(", "));
+                    println!(
+                        "may run {}: waits for {} (runs only if their outputs change)",
+                        spec.id,
+                        ups.join(", ")
+                    );
                 }
             }
         }
@@ -292,7 +320,11 @@ fn cmd_build(args: &BuildArgs, registry: &OpRegistry, quiet: bool) -> Result<()>
     let _lock = engine::lock::acquire(&ws.cache_root, "build", args.no_wait)?;
     ws.store.clean_tmp();
     let opts = BuildOptions {
-        jobs: args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+        jobs: args.jobs.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }),
         keep_going: args.keep_going,
         force: args.force.clone(),
         quiet,
@@ -332,10 +364,19 @@ fn cache_root_for(dir: &CacheDirArgs) -> Result<(PathBuf, Option<PathBuf>)> {
 }
 
 /// Action keys that the experiment configs under `<root>/config/experiments/` still need.
-fn live_keys(root: &Path, cache_root: &Path, registry: &OpRegistry) -> Result<(BTreeSet<engine::Digest>, usize)> {
+fn live_keys(
+    root: &Path,
+    cache_root: &Path,
+    registry: &OpRegistry,
+) -> Result<(BTreeSet<engine::Digest>, usize)> {
     let dir = root.join("config/experiments");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml")).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                .collect()
+        })
         .unwrap_or_default();
     files.sort();
     let mut live = BTreeSet::new();
@@ -360,14 +401,30 @@ fn cmd_cache(command: CacheCommand, registry: &OpRegistry, quiet: bool) -> Resul
         CacheCommand::Du { dir } => {
             let (cache, _) = cache_root_for(&dir)?;
             let r = maintenance::du(&cache)?;
-            println!("cache `{}`: {} in {} objects and {} action records", display_path(&cache), maintenance::human_bytes(r.total_bytes), r.objects, r.actions);
+            println!(
+                "cache `{}`: {} in {} objects and {} action records",
+                display_path(&cache),
+                maintenance::human_bytes(r.total_bytes),
+                r.objects,
+                r.actions
+            );
             println!("\nby op:");
             for row in &r.by_op {
-                println!("  {:<24} {:>6} {:>12}", row.op, row.objects, maintenance::human_bytes(row.bytes));
+                println!(
+                    "  {:<24} {:>6} {:>12}",
+                    row.op,
+                    row.objects,
+                    maintenance::human_bytes(row.bytes)
+                );
             }
             println!("\nobjects by age:");
             for (label, n, b) in &r.by_age {
-                println!("  {:<24} {:>6} {:>12}", label, n, maintenance::human_bytes(*b));
+                println!(
+                    "  {:<24} {:>6} {:>12}",
+                    label,
+                    n,
+                    maintenance::human_bytes(*b)
+                );
             }
             Ok(())
         }
@@ -385,16 +442,38 @@ fn cmd_cache(command: CacheCommand, registry: &OpRegistry, quiet: bool) -> Resul
                 println!("ok: {} objects verified", r.checked);
                 Ok(())
             } else {
-                Err(KvtError::failed(format!("{} of {} objects corrupt", r.corrupt.len(), r.checked)).into())
+                Err(KvtError::failed(format!(
+                    "{} of {} objects corrupt",
+                    r.corrupt.len(),
+                    r.checked
+                ))
+                .into())
             }
         }
-        CacheCommand::Gc { dir, max_size, max_age, no_wait } => {
+        CacheCommand::Gc {
+            dir,
+            max_size,
+            max_age,
+            no_wait,
+        } => {
             let (cache, root) = cache_root_for(&dir)?;
             let max_size = max_size
-                .map(|s| maintenance::parse_size(&s).ok_or_else(|| KvtError::usage(format!("`--max-size {s}`: expected a size like `10G` or `500M`"))))
+                .map(|s| {
+                    maintenance::parse_size(&s).ok_or_else(|| {
+                        KvtError::usage(format!(
+                            "`--max-size {s}`: expected a size like `10G` or `500M`"
+                        ))
+                    })
+                })
                 .transpose()?;
             let max_age = max_age
-                .map(|s| maintenance::parse_age(&s).ok_or_else(|| KvtError::usage(format!("`--max-age {s}`: expected an age like `30d` or `12h`"))))
+                .map(|s| {
+                    maintenance::parse_age(&s).ok_or_else(|| {
+                        KvtError::usage(format!(
+                            "`--max-age {s}`: expected an age like `30d` or `12h`"
+                        ))
+                    })
+                })
                 .transpose()?;
             let _lock = engine::lock::acquire(&cache, "cache gc", no_wait)?;
             let (live, n_configs) = match root {

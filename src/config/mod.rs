@@ -18,7 +18,13 @@ use std::path::{Path, PathBuf};
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/default.yaml");
 
 /// Keys whose values are secrets and are never printed.
-const SECRET_KEYS: &[&str] = &["api_key", "secret", "password", "auth_token", "bearer_token"];
+const SECRET_KEYS: &[&str] = &[
+    "api_key",
+    "secret",
+    "password",
+    "auth_token",
+    "bearer_token",
+];
 
 /// Where a configuration value came from, for error messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,7 +121,10 @@ fn usage(msg: String) -> anyhow::Error {
 /// Finds the project root: the nearest ancestor of `start` with `config/default.yaml`.
 pub fn find_root(start: &Path) -> Option<PathBuf> {
     let start = std::fs::canonicalize(start).ok()?;
-    start.ancestors().find(|d| d.join("config/default.yaml").is_file()).map(Path::to_path_buf)
+    start
+        .ancestors()
+        .find(|d| d.join("config/default.yaml").is_file())
+        .map(Path::to_path_buf)
 }
 
 /// One layer of YAML with the origin of every leaf, for error messages.
@@ -157,7 +166,11 @@ fn parse_yaml(text: &str, what: &str) -> Result<Value> {
     let opts = serde_saphyr::options! { strict_booleans: true };
     let v: Value = serde_saphyr::from_str_with_options(text, opts)
         .map_err(|e| usage(format!("{what} is not valid YAML:\n{e}")))?;
-    Ok(if v.is_null() { Value::Object(Map::new()) } else { v })
+    Ok(if v.is_null() {
+        Value::Object(Map::new())
+    } else {
+        v
+    })
 }
 
 fn record_origins(v: &Value, prefix: &str, origin: &Origin, out: &mut BTreeMap<String, Origin>) {
@@ -166,7 +179,11 @@ fn record_origins(v: &Value, prefix: &str, origin: &Origin, out: &mut BTreeMap<S
             out.insert(prefix.to_string(), origin.clone());
         }
         for (k, val) in m {
-            let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            let p = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
             record_origins(val, &p, origin, out);
         }
     } else {
@@ -197,7 +214,9 @@ pub fn parse_set(arg: &str) -> Result<(String, Value)> {
         .ok_or_else(|| usage(format!("`--set {arg}`: expected `key.path=value`")))?;
     let path = path.trim();
     if path.is_empty() || path.split('.').any(str::is_empty) {
-        return Err(usage(format!("`--set {arg}`: `{path}` is not a dotted key path")));
+        return Err(usage(format!(
+            "`--set {arg}`: `{path}` is not a dotted key path"
+        )));
     }
     Ok((path.to_string(), parse_scalar(raw)))
 }
@@ -224,19 +243,24 @@ fn set_path(root: &mut Value, path: &str, v: Value) {
             m.insert(part.to_string(), v);
             return;
         }
-        cur = m.entry(part.to_string()).or_insert_with(|| Value::Object(Map::new()));
+        cur = m
+            .entry(part.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
     }
 }
 
 /// Looks a dotted path up in a JSON value.
 pub fn get_path<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
-    path.split('.').try_fold(v, |cur, k| cur.as_object()?.get(k))
+    path.split('.')
+        .try_fold(v, |cur, k| cur.as_object()?.get(k))
 }
 
 /// Reads `KEY=VALUE` lines of a `.env` file (comments and blank lines skipped).
 fn read_dotenv(path: &Path) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(out) };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(out);
+    };
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -244,7 +268,11 @@ fn read_dotenv(path: &Path) -> Result<BTreeMap<String, String>> {
         }
         let line = line.strip_prefix("export ").unwrap_or(line);
         let (k, v) = line.split_once('=').ok_or_else(|| {
-            usage(format!("`{}:{}`: expected `NAME=value`", display_path(path), i + 1))
+            usage(format!(
+                "`{}:{}`: expected `NAME=value`",
+                display_path(path),
+                i + 1
+            ))
         })?;
         let v = v.trim();
         let v = v
@@ -267,7 +295,11 @@ fn substitute_env(
     match v {
         Value::Object(m) => {
             for (k, val) in m.iter_mut() {
-                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
                 substitute_env(val, &p, layers, dotenv)?;
             }
         }
@@ -277,7 +309,11 @@ fn substitute_env(
             }
         }
         Value::String(s) if s.contains("${") => {
-            let lookup = |name: &str| std::env::var(name).ok().or_else(|| dotenv.get(name).cloned());
+            let lookup = |name: &str| {
+                std::env::var(name)
+                    .ok()
+                    .or_else(|| dotenv.get(name).cloned())
+            };
             let whole = s.starts_with("${") && s.ends_with('}') && s.matches("${").count() == 1;
             let mut out = String::new();
             let mut rest = s.as_str();
@@ -311,7 +347,11 @@ fn substitute_env(
                 rest = &after[end + 1..];
             }
             out.push_str(rest);
-            *v = if whole { parse_scalar(&out) } else { Value::String(out) };
+            *v = if whole {
+                parse_scalar(&out)
+            } else {
+                Value::String(out)
+            };
         }
         _ => {}
     }
@@ -328,12 +368,19 @@ pub fn load(config_path: &Path, sets: &[String]) -> Result<LoadedConfig> {
     })?;
     let abs_config = std::fs::canonicalize(config_path)
         .with_context(|| format!("resolving `{}`", config_path.display()))?;
-    let config_dir = abs_config.parent().map(Path::to_path_buf).unwrap_or_default();
+    let config_dir = abs_config
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
     let root = find_root(&config_dir)
         .or_else(|| std::env::current_dir().ok().and_then(|d| find_root(&d)))
         .unwrap_or_else(|| std::env::current_dir().unwrap_or_default());
 
-    let mut layers = Layers { value: Value::Object(Map::new()), origins: BTreeMap::new(), texts: BTreeMap::new() };
+    let mut layers = Layers {
+        value: Value::Object(Map::new()),
+        origins: BTreeMap::new(),
+        texts: BTreeMap::new(),
+    };
     let default_path = root.join("config/default.yaml");
     let (default_text, default_origin) = match std::fs::read_to_string(&default_path) {
         Ok(t) => (t, Origin::File(default_path.clone())),
@@ -347,7 +394,9 @@ pub fn load(config_path: &Path, sets: &[String]) -> Result<LoadedConfig> {
         let what = origin.to_string();
         let v = parse_yaml(&t, &what)?;
         if !v.is_object() {
-            return Err(usage(format!("{what}: the top level must be a mapping of keys")));
+            return Err(usage(format!(
+                "{what}: the top level must be a mapping of keys"
+            )));
         }
         record_origins(&v, "", &origin, &mut layers.origins);
         merge(&mut layers.value, v);
@@ -372,7 +421,12 @@ pub fn load(config_path: &Path, sets: &[String]) -> Result<LoadedConfig> {
         .map_err(|e| usage(describe_schema_error(&e, &layers, &exp_origin)))?;
     check_values(&config, &layers, &exp_origin)?;
     let value = serde_json::to_value(&config).context("serializing the configuration")?;
-    Ok(LoadedConfig { config, value, root, config_path: config_path.to_path_buf() })
+    Ok(LoadedConfig {
+        config,
+        value,
+        root,
+        config_path: config_path.to_path_buf(),
+    })
 }
 
 fn describe_schema_error(
@@ -383,19 +437,33 @@ fn describe_schema_error(
     let path = e.path().to_string();
     let path = if path == "." { String::new() } else { path };
     let inner = e.inner().to_string();
-    let join = |p: &str, k: &str| if p.is_empty() { k.to_string() } else { format!("{p}.{k}") };
+    let join = |p: &str, k: &str| {
+        if p.is_empty() {
+            k.to_string()
+        } else {
+            format!("{p}.{k}")
+        }
+    };
     if let Some(rest) = inner.strip_prefix("unknown field `") {
         let field = rest.split('`').next().unwrap_or("");
         // serde_path_to_error reports the path of the unknown key itself.
         let parent = if path.ends_with(field) {
-            path[..path.len() - field.len()].trim_end_matches('.').to_string()
+            path[..path.len() - field.len()]
+                .trim_end_matches('.')
+                .to_string()
         } else {
             path.clone()
         };
         let full = join(&parent, field);
         let valid: Vec<String> = inner
             .split_once("expected")
-            .map(|(_, list)| list.split('`').skip(1).step_by(2).map(str::to_string).collect())
+            .map(|(_, list)| {
+                list.split('`')
+                    .skip(1)
+                    .step_by(2)
+                    .map(str::to_string)
+                    .collect()
+            })
             .unwrap_or_default();
         let mut msg = format!("{}: unknown key `{full}`", layers.locate(&full, exp_origin));
         if let Some(best) = closest(field, &valid) {
@@ -413,19 +481,31 @@ fn describe_schema_error(
             "{exp_origin}: missing required key `{full}`; set it in the experiment file or with `--set {full}=...`"
         );
     }
-    let found = get_path(&layers.value, &path).map(|v| v.to_string()).unwrap_or_default();
+    let found = get_path(&layers.value, &path)
+        .map(|v| v.to_string())
+        .unwrap_or_default();
     let detail = inner.replace("invalid type: ", "wrong type: found ");
-    format!("{}: key `{path}`: {detail} (value: {found})", layers.locate(&path, exp_origin))
+    format!(
+        "{}: key `{path}`: {detail} (value: {found})",
+        layers.locate(&path, exp_origin)
+    )
 }
 
 /// Checks that the schema's types cannot express.
 fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> {
-    let bad = |path: &str, msg: String| usage(format!("{}: key `{path}`: {msg}", layers.locate(path, exp_origin)));
+    let bad = |path: &str, msg: String| {
+        usage(format!(
+            "{}: key `{path}`: {msg}",
+            layers.locate(path, exp_origin)
+        ))
+    };
     let id = &c.output.exp_group_id;
     let safe = !id.is_empty()
         && id != "."
         && id != ".."
-        && id.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'));
+        && id
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'));
     if !safe {
         return Err(bad(
             "output.exp_group_id",
@@ -436,7 +516,10 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
         return Err(bad("kv.budgets", "needs at least one budget".into()));
     }
     if let Some(b) = c.kv.budgets.iter().find(|b| !(b.is_finite() && **b > 0.0)) {
-        return Err(bad("kv.budgets", format!("budget {b} must be > 0 (a fraction ≤ 1, or a token count > 1)")));
+        return Err(bad(
+            "kv.budgets",
+            format!("budget {b} must be > 0 (a fraction ≤ 1, or a token count > 1)"),
+        ));
     }
     if c.binning.n_bins == 0 {
         return Err(bad("binning.n_bins", "must be at least 1".into()));
@@ -478,7 +561,9 @@ pub fn find_key_line(text: &str, path: &str) -> Option<usize> {
             continue;
         }
         let indent = line.len() - trimmed.len();
-        let Some((key, _)) = trimmed.split_once(':') else { continue };
+        let Some((key, _)) = trimmed.split_once(':') else {
+            continue;
+        };
         let key = key.trim().trim_matches(|c| c == '"' || c == '\'');
         while stack.last().is_some_and(|(i, _)| *i >= indent) {
             stack.pop();
@@ -514,15 +599,22 @@ mod tests {
     fn set_values_are_typed() {
         assert_eq!(parse_set("a.b=3").unwrap().1, serde_json::json!(3));
         assert_eq!(parse_set("a.b=true").unwrap().1, serde_json::json!(true));
-        assert_eq!(parse_set("a.b=[1.0, 0.5]").unwrap().1, serde_json::json!([1.0, 0.5]));
-        assert_eq!(parse_set("a.b=hello").unwrap().1, serde_json::json!("hello"));
+        assert_eq!(
+            parse_set("a.b=[1.0, 0.5]").unwrap().1,
+            serde_json::json!([1.0, 0.5])
+        );
+        assert_eq!(
+            parse_set("a.b=hello").unwrap().1,
+            serde_json::json!("hello")
+        );
         assert_eq!(parse_set("a.b=no").unwrap().1, serde_json::json!("no"));
         assert!(parse_set("a..b=1").is_err());
     }
 
     #[test]
     fn redacts_secret_keys_but_not_env_names() {
-        let mut v = serde_json::json!({"engine": {"api_key": "sk-1", "api_key_env": "OPENAI_API_KEY"}});
+        let mut v =
+            serde_json::json!({"engine": {"api_key": "sk-1", "api_key_env": "OPENAI_API_KEY"}});
         redact(&mut v);
         assert_eq!(v["engine"]["api_key"], "***");
         assert_eq!(v["engine"]["api_key_env"], "OPENAI_API_KEY");

@@ -58,7 +58,9 @@ pub struct ActionCache {
 
 impl ActionCache {
     pub fn new(cache_root: &Path) -> Self {
-        Self { root: cache_root.join(STORE_FORMAT) }
+        Self {
+            root: cache_root.join(STORE_FORMAT),
+        }
     }
 
     pub fn actions_dir(&self) -> PathBuf {
@@ -67,7 +69,9 @@ impl ActionCache {
 
     fn path_of(&self, key: &Digest) -> PathBuf {
         let hex = key.hex();
-        self.actions_dir().join(&hex[..2]).join(format!("{}.json", &hex[2..]))
+        self.actions_dir()
+            .join(&hex[..2])
+            .join(format!("{}.json", &hex[2..]))
     }
 
     /// The record for a key; an unreadable record counts as absent (and is rebuilt).
@@ -94,25 +98,42 @@ impl ActionCache {
     /// Every readable record, with its file path and size on disk.
     pub fn list(&self) -> Vec<(ActionRecord, PathBuf, u64)> {
         let mut out = Vec::new();
-        let Ok(dirs) = fs::read_dir(self.actions_dir()) else { return out };
+        let Ok(dirs) = fs::read_dir(self.actions_dir()) else {
+            return out;
+        };
         for dir in dirs.flatten() {
-            let Ok(files) = fs::read_dir(dir.path()) else { continue };
+            let Ok(files) = fs::read_dir(dir.path()) else {
+                continue;
+            };
             for f in files.flatten() {
-                let Ok(bytes) = fs::read(f.path()) else { continue };
+                let Ok(bytes) = fs::read(f.path()) else {
+                    continue;
+                };
                 if let Ok(rec) = serde_json::from_slice::<ActionRecord>(&bytes) {
                     out.push((rec, f.path(), bytes.len() as u64));
                 }
             }
         }
-        out.sort_by(|a, b| a.0.key.cmp(&b.0.key));
+        out.sort_by_key(|a| a.0.key);
         out
     }
 
     fn last_path(&self, scope: &str, node: &str) -> PathBuf {
-        let safe: String =
-            node.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.=".contains(c) { c } else { '_' }).collect();
+        let safe: String = node
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.=".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
         let tag = Digest::of(node.as_bytes()).short();
-        self.root.join("last").join(scope).join(format!("{safe}-{}.json", &tag[..8]))
+        self.root
+            .join("last")
+            .join(scope)
+            .join(format!("{safe}-{}.json", &tag[..8]))
     }
 
     /// The record of the last successful build of `node` in `scope`.
@@ -123,17 +144,28 @@ impl ActionCache {
 
     pub fn set_last(&self, scope: &str, rec: &ActionRecord) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(rec)?;
-        write_atomic(&self.root.join("tmp"), &self.last_path(scope, &rec.node), &bytes)
+        write_atomic(
+            &self.root.join("tmp"),
+            &self.last_path(scope, &rec.node),
+            &bytes,
+        )
     }
 
     /// Every last-build record of every scope.
     pub fn list_last(&self) -> Vec<ActionRecord> {
         let mut out = Vec::new();
-        let Ok(scopes) = fs::read_dir(self.root.join("last")) else { return out };
+        let Ok(scopes) = fs::read_dir(self.root.join("last")) else {
+            return out;
+        };
         for s in scopes.flatten() {
-            let Ok(files) = fs::read_dir(s.path()) else { continue };
+            let Ok(files) = fs::read_dir(s.path()) else {
+                continue;
+            };
             for f in files.flatten() {
-                if let Some(rec) = fs::read(f.path()).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+                if let Some(rec) = fs::read(f.path())
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                {
                     out.push(rec);
                 }
             }

@@ -38,7 +38,10 @@ pub struct BuildSummary {
 }
 
 fn now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// Keeps exported files (sinks outside the cache) equal to their artifacts.
@@ -51,7 +54,8 @@ pub fn materialize(ws: &Workspace, rec: &ActionRecord) -> Result<()> {
         let current = std::fs::read(&dest).ok();
         if current.as_deref().map(super::digest::Digest::of) != Some(out.digest) {
             let bytes = ws.store.get(&out.digest)?;
-            write_atomic(&ws.store.tmp_dir(), &dest, &bytes).with_context(|| format!("writing `{path}`"))?;
+            write_atomic(&ws.store.tmp_dir(), &dest, &bytes)
+                .with_context(|| format!("writing `{path}`"))?;
         }
     }
     Ok(())
@@ -75,7 +79,12 @@ fn run_node(
     let t0 = Instant::now();
     let scratch = super::store::temp_path(&ws.store.tmp_dir()).with_extension("scratch");
     let mut ctx = OpContext {
-        key: KeyContext { node: &spec.id, config: &spec.config, bindings: &spec.bindings, root: &ws.root },
+        key: KeyContext {
+            node: &spec.id,
+            config: &spec.config,
+            bindings: &spec.bindings,
+            root: &ws.root,
+        },
         upstream: &ups,
         store: &ws.store,
         cache_root: &ws.cache_root,
@@ -112,12 +121,20 @@ fn run_node(
 }
 
 fn error_chain(e: &anyhow::Error) -> String {
-    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// Builds the plan: fresh nodes are reused, stale ones run. Fails (exit 1) when
 /// any node failed, after every node that could run has finished.
-pub fn build(ws: &Workspace, plan: &Plan, opts: &BuildOptions, cancel: &AtomicBool) -> Result<BuildSummary> {
+pub fn build(
+    ws: &Workspace,
+    plan: &Plan,
+    opts: &BuildOptions,
+    cancel: &AtomicBool,
+) -> Result<BuildSummary> {
     let n = plan.graph.node_count();
     let jobs = opts.jobs.max(1);
     let mut records: Vec<Option<ActionRecord>> = vec![None; n];
@@ -132,7 +149,12 @@ pub fn build(ws: &Workspace, plan: &Plan, opts: &BuildOptions, cancel: &AtomicBo
         }
         r
     };
-    let mut ready: VecDeque<NodeIndex> = plan.order.iter().copied().filter(|ix| waiting[ix.index()] == 0).collect();
+    let mut ready: VecDeque<NodeIndex> = plan
+        .order
+        .iter()
+        .copied()
+        .filter(|ix| waiting[ix.index()] == 0)
+        .collect();
     let mut summary = BuildSummary::default();
     let mut blocked: BTreeSet<NodeIndex> = BTreeSet::new();
     let mut stop = false;
@@ -140,8 +162,10 @@ pub fn build(ws: &Workspace, plan: &Plan, opts: &BuildOptions, cancel: &AtomicBo
     let bar = if opts.progress && !opts.quiet {
         let pb = ProgressBar::new(n as u64);
         pb.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         pb.enable_steady_tick(Duration::from_millis(120));
         Some(pb)
@@ -180,7 +204,12 @@ pub fn build(ws: &Workspace, plan: &Plan, opts: &BuildOptions, cancel: &AtomicBo
                         continue;
                     }
                 };
-                match decide(ws, spec, &keyed, is_forced(&opts.force, &spec.id, &spec.stage)) {
+                match decide(
+                    ws,
+                    spec,
+                    &keyed,
+                    is_forced(&opts.force, &spec.id, &spec.stage),
+                ) {
                     NodeState::Fresh(rec) => {
                         if let Err(e) = materialize(ws, &rec) {
                             summary.failed.push((spec.id.clone(), error_chain(&e)));
@@ -199,7 +228,11 @@ pub fn build(ws: &Workspace, plan: &Plan, opts: &BuildOptions, cancel: &AtomicBo
                         for r in &reasons {
                             if let StaleReason::OutputCorrupt { artifact } = r {
                                 tracing::warn!("`{}`: output `{artifact}` is corrupt; quarantined and rebuilding", spec.id);
-                                if let Some(d) = ws.actions.get(&keyed.key).and_then(|rec| rec.output(artifact).map(|o| o.digest)) {
+                                if let Some(d) = ws
+                                    .actions
+                                    .get(&keyed.key)
+                                    .and_then(|rec| rec.output(artifact).map(|o| o.digest))
+                                {
                                     let _ = ws.store.quarantine(&d);
                                 }
                             }
@@ -223,7 +256,9 @@ pub fn build(ws: &Workspace, plan: &Plan, opts: &BuildOptions, cancel: &AtomicBo
             if running == 0 {
                 break;
             }
-            let Ok((ix, res, took)) = rx.recv_timeout(Duration::from_millis(200)) else { continue };
+            let Ok((ix, res, took)) = rx.recv_timeout(Duration::from_millis(200)) else {
+                continue;
+            };
             running -= 1;
             let id = plan.graph[ix].id.clone();
             if let Some(pb) = &bar {
@@ -231,7 +266,10 @@ pub fn build(ws: &Workspace, plan: &Plan, opts: &BuildOptions, cancel: &AtomicBo
             }
             match res {
                 Ok(rec) => {
-                    say(format!("   built {id} ({:.0} ms)", took.as_secs_f64() * 1000.0));
+                    say(format!(
+                        "   built {id} ({:.0} ms)",
+                        took.as_secs_f64() * 1000.0
+                    ));
                     summary.built.push(id);
                     records[ix.index()] = Some(rec);
                     release(plan, ix, &mut waiting, &mut ready, &blocked, &rank);
@@ -252,7 +290,12 @@ pub fn build(ws: &Workspace, plan: &Plan, opts: &BuildOptions, cancel: &AtomicBo
         pb.finish_and_clear();
     }
     for &ix in &plan.order {
-        if records[ix.index()].is_none() && !summary.failed.iter().any(|(id, _)| *id == plan.graph[ix].id) {
+        if records[ix.index()].is_none()
+            && !summary
+                .failed
+                .iter()
+                .any(|(id, _)| *id == plan.graph[ix].id)
+        {
             summary.skipped.push(plan.graph[ix].id.clone());
         }
     }
@@ -271,7 +314,10 @@ fn release(
     for d in plan.dependents(ix) {
         waiting[d.index()] -= 1;
         if waiting[d.index()] == 0 && !blocked.contains(&d) {
-            let pos = ready.iter().position(|r| rank[r.index()] > rank[d.index()]).unwrap_or(ready.len());
+            let pos = ready
+                .iter()
+                .position(|r| rank[r.index()] > rank[d.index()])
+                .unwrap_or(ready.len());
             ready.insert(pos, d);
         }
     }
@@ -305,7 +351,10 @@ pub fn outcome(summary: &BuildSummary) -> Result<()> {
             msg.push_str(&format!("\n  stage `{id}`: {err}"));
         }
         if !summary.skipped.is_empty() {
-            msg.push_str(&format!("\n  not run (upstream failed): {}", summary.skipped.join(", ")));
+            msg.push_str(&format!(
+                "\n  not run (upstream failed): {}",
+                summary.skipped.join(", ")
+            ));
         }
         msg.push_str("\nfinished nodes are cached; fix the cause and run the same command again");
         return Err(KvtError::failed(msg).into());

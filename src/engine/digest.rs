@@ -19,7 +19,9 @@ impl Digest {
         self.hex()[..12].to_string()
     }
     pub fn from_hex(s: &str) -> Option<Self> {
-        blake3::Hash::from_hex(s).ok().map(|h| Digest(*h.as_bytes()))
+        blake3::Hash::from_hex(s)
+            .ok()
+            .map(|h| Digest(*h.as_bytes()))
     }
 }
 
@@ -44,7 +46,8 @@ impl Serialize for Digest {
 impl<'de> Deserialize<'de> for Digest {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        Digest::from_hex(&s).ok_or_else(|| serde::de::Error::custom(format!("`{s}` is not a blake3 hex digest")))
+        Digest::from_hex(&s)
+            .ok_or_else(|| serde::de::Error::custom(format!("`{s}` is not a blake3 hex digest")))
     }
 }
 

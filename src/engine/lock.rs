@@ -16,7 +16,8 @@ pub struct CacheLock {
 /// Takes the cache lock; waits (saying so) unless `no_wait`, then fails clearly.
 pub fn acquire(cache_root: &Path, what: &str, no_wait: bool) -> Result<CacheLock> {
     let dir = cache_root.join(STORE_FORMAT);
-    fs::create_dir_all(&dir).with_context(|| format!("creating the cache at `{}`", dir.display()))?;
+    fs::create_dir_all(&dir)
+        .with_context(|| format!("creating the cache at `{}`", dir.display()))?;
     let path = dir.join("LOCK");
     let mut file = OpenOptions::new()
         .read(true)
@@ -31,7 +32,11 @@ pub fn acquire(cache_root: &Path, what: &str, no_wait: bool) -> Result<CacheLock
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
             let holder = holder.trim();
-            let holder = if holder.is_empty() { "another kvt process".to_string() } else { holder.to_string() };
+            let holder = if holder.is_empty() {
+                "another kvt process".to_string()
+            } else {
+                holder.to_string()
+            };
             if no_wait {
                 return Err(KvtError::failed(format!(
                     "the cache `{}` is locked by {holder}; wait for it to finish, or run again without `--no-wait` to wait",

@@ -21,7 +21,10 @@ fn age_days(path: &Path, now: f64) -> f64 {
 }
 
 fn now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// Human-readable bytes (KiB, MiB, GiB).
@@ -43,7 +46,9 @@ pub fn human_bytes(n: u64) -> String {
 /// Parses `10G`, `500M`, `1.5GiB`, `2048` (bytes).
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let num: f64 = num.parse().ok()?;
     let mult = match unit.trim().to_ascii_lowercase().as_str() {
@@ -98,28 +103,53 @@ pub fn du(cache_root: &Path) -> Result<DuReport> {
         }
     }
     let now = now();
-    let buckets = [("< 1 day", 1.0), ("1–7 days", 7.0), ("7–30 days", 30.0), ("> 30 days", f64::MAX)];
-    let mut by_age: Vec<(String, usize, u64)> = buckets.iter().map(|(l, _)| (l.to_string(), 0, 0)).collect();
+    let buckets = [
+        ("< 1 day", 1.0),
+        ("1–7 days", 7.0),
+        ("7–30 days", 30.0),
+        ("> 30 days", f64::MAX),
+    ];
+    let mut by_age: Vec<(String, usize, u64)> =
+        buckets.iter().map(|(l, _)| (l.to_string(), 0, 0)).collect();
     let mut by_op: BTreeMap<String, (usize, u64)> = BTreeMap::new();
     let mut total = 0;
     let objects = store.list()?;
     for (d, path) in &objects {
         let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
         total += size;
-        let op = owner.get(d).cloned().unwrap_or_else(|| "(unreferenced)".into());
+        let op = owner
+            .get(d)
+            .cloned()
+            .unwrap_or_else(|| "(unreferenced)".into());
         let e = by_op.entry(op).or_default();
         e.0 += 1;
         e.1 += size;
         let age = age_days(path, now);
-        let b = buckets.iter().position(|(_, lim)| age < *lim).unwrap_or(buckets.len() - 1);
+        let b = buckets
+            .iter()
+            .position(|(_, lim)| age < *lim)
+            .unwrap_or(buckets.len() - 1);
         by_age[b].1 += 1;
         by_age[b].2 += size;
     }
     let action_bytes: u64 = recs.iter().map(|(_, _, s)| *s).sum();
     total += action_bytes;
-    let mut by_op: Vec<DuRow> = by_op.into_iter().map(|(op, (objects, bytes))| DuRow { op, objects, bytes }).collect();
-    by_op.push(DuRow { op: "(action records)".into(), objects: recs.len(), bytes: action_bytes });
-    Ok(DuReport { by_op, by_age, total_bytes: total, objects: objects.len(), actions: recs.len() })
+    let mut by_op: Vec<DuRow> = by_op
+        .into_iter()
+        .map(|(op, (objects, bytes))| DuRow { op, objects, bytes })
+        .collect();
+    by_op.push(DuRow {
+        op: "(action records)".into(),
+        objects: recs.len(),
+        bytes: action_bytes,
+    });
+    Ok(DuReport {
+        by_op,
+        by_age,
+        total_bytes: total,
+        objects: objects.len(),
+        actions: recs.len(),
+    })
 }
 
 pub struct VerifyReport {
@@ -149,7 +179,11 @@ pub fn verify(cache_root: &Path) -> Result<VerifyReport> {
             }
         }
     }
-    Ok(VerifyReport { checked: objects.len(), corrupt, missing })
+    Ok(VerifyReport {
+        checked: objects.len(),
+        corrupt,
+        missing,
+    })
 }
 
 pub struct GcReport {
@@ -163,7 +197,12 @@ pub struct GcReport {
 /// Removes cache entries no live config needs: unreferenced objects always;
 /// dead action records (and the objects only they referenced) when older than
 /// `max_age_days` or, oldest first, while the cache is larger than `max_size`.
-pub fn gc(cache_root: &Path, live: &BTreeSet<Digest>, max_size: Option<u64>, max_age_days: Option<f64>) -> Result<GcReport> {
+pub fn gc(
+    cache_root: &Path,
+    live: &BTreeSet<Digest>,
+    max_size: Option<u64>,
+    max_age_days: Option<f64>,
+) -> Result<GcReport> {
     let store = ContentStore::new(cache_root);
     let actions = ActionCache::new(cache_root);
     let now = now();
@@ -177,17 +216,31 @@ pub fn gc(cache_root: &Path, live: &BTreeSet<Digest>, max_size: Option<u64>, max
             (d, (p, size))
         })
         .collect();
-    let mut total: u64 = objects.values().map(|(_, s)| *s).sum::<u64>() + recs.iter().map(|(_, _, s)| s).sum::<u64>();
-    let live_objects: BTreeSet<Digest> =
-        recs.iter().filter(|(r, _, _)| live.contains(&r.key)).flat_map(|(r, _, _)| r.outputs.iter().map(|o| o.digest)).collect();
+    let mut total: u64 = objects.values().map(|(_, s)| *s).sum::<u64>()
+        + recs.iter().map(|(_, _, s)| s).sum::<u64>();
+    let live_objects: BTreeSet<Digest> = recs
+        .iter()
+        .filter(|(r, _, _)| live.contains(&r.key))
+        .flat_map(|(r, _, _)| r.outputs.iter().map(|o| o.digest))
+        .collect();
 
     // Dead actions, oldest first.
-    let mut dead: Vec<_> = recs.iter().filter(|(r, _, _)| !live.contains(&r.key)).collect();
+    let mut dead: Vec<_> = recs
+        .iter()
+        .filter(|(r, _, _)| !live.contains(&r.key))
+        .collect();
     dead.sort_by(|a, b| a.0.finished_at.total_cmp(&b.0.finished_at));
     let mut removed_keys: BTreeSet<Digest> = BTreeSet::new();
-    let mut report = GcReport { removed_actions: 0, removed_objects: 0, freed_bytes: 0, kept_live: live.len(), remaining_bytes: 0 };
+    let mut report = GcReport {
+        removed_actions: 0,
+        removed_objects: 0,
+        freed_bytes: 0,
+        kept_live: live.len(),
+        remaining_bytes: 0,
+    };
     let still_referenced = |removed: &BTreeSet<Digest>, d: &Digest| {
-        recs.iter().any(|(r, _, _)| !removed.contains(&r.key) && r.outputs.iter().any(|o| o.digest == *d))
+        recs.iter()
+            .any(|(r, _, _)| !removed.contains(&r.key) && r.outputs.iter().any(|o| o.digest == *d))
     };
     for (rec, _, rec_size) in dead {
         let too_old = max_age_days.is_some_and(|a| (now - rec.finished_at) / 86_400.0 > a);

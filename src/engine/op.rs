@@ -57,14 +57,18 @@ pub struct KeyContext<'a> {
 }
 
 fn typed<T: DeserializeOwned>(v: &Value, what: &str) -> Result<T> {
-    serde_json::from_value(v.clone()).with_context(|| format!("{what} has an unexpected type ({v})"))
+    serde_json::from_value(v.clone())
+        .with_context(|| format!("{what} has an unexpected type ({v})"))
 }
 
 impl KeyContext<'_> {
     /// A config value at a dotted path listed in the stage's `uses`.
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         let v = self.config.get(path).ok_or_else(|| {
-            anyhow!("node `{}` read config `{path}`, which its stage does not list in `uses`", self.node)
+            anyhow!(
+                "node `{}` read config `{path}`, which its stage does not list in `uses`",
+                self.node
+            )
         })?;
         typed(v, &format!("config `{path}`"))
     }
@@ -127,8 +131,15 @@ impl<'a> OpContext<'a> {
         let ups = self.upstream(stage);
         match ups.as_slice() {
             [one] => self.read(one, artifact),
-            [] => bail!("node `{}` does not depend on stage `{stage}`; add it to `needs`", self.node()),
-            _ => bail!("node `{}` depends on {} instances of `{stage}`; read them with `upstream()`", self.node(), ups.len()),
+            [] => bail!(
+                "node `{}` does not depend on stage `{stage}`; add it to `needs`",
+                self.node()
+            ),
+            _ => bail!(
+                "node `{}` depends on {} instances of `{stage}`; read them with `upstream()`",
+                self.node(),
+                ups.len()
+            ),
         }
     }
 
@@ -138,7 +149,9 @@ impl<'a> OpContext<'a> {
             .outputs
             .get(artifact)
             .ok_or_else(|| anyhow!("upstream `{}` has no artifact `{artifact}`", up.node))?;
-        self.store.get(d).with_context(|| format!("reading artifact `{artifact}` of `{}`", up.node))
+        self.store
+            .get(d)
+            .with_context(|| format!("reading artifact `{artifact}` of `{}`", up.node))
     }
 
     /// Stores an output artifact.
@@ -147,14 +160,21 @@ impl<'a> OpContext<'a> {
             bail!("node `{}` wrote artifact `{name}` twice", self.node());
         }
         let digest = self.store.put(bytes)?;
-        self.outputs.push(OutputRef { name: name.to_string(), digest, size: bytes.len() as u64 });
+        self.outputs.push(OutputRef {
+            name: name.to_string(),
+            digest,
+            size: bytes.len() as u64,
+        });
         Ok(digest)
     }
 
     /// Asks the engine to keep `path` (relative to the project root) equal to
     /// the artifact `name`, now and on every later build.
     pub fn export(&mut self, artifact: &str, path: impl Into<String>) {
-        self.exports.push(Export { artifact: artifact.to_string(), path: path.into() });
+        self.exports.push(Export {
+            artifact: artifact.to_string(),
+            path: path.into(),
+        });
     }
 
     /// A private directory for large intermediate files, removed after the node.

@@ -75,37 +75,59 @@ pub fn node_id(stage: &str, bindings: &BTreeMap<String, Value>) -> String {
     if bindings.is_empty() {
         return stage.to_string();
     }
-    let inner: Vec<String> = bindings.iter().map(|(k, v)| format!("{k}={}", format_binding(v))).collect();
+    let inner: Vec<String> = bindings
+        .iter()
+        .map(|(k, v)| format!("{k}={}", format_binding(v)))
+        .collect();
     format!("{stage}[{}]", inner.join(","))
 }
 
 fn get_path<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
-    path.split('.').try_fold(v, |cur, k| cur.as_object()?.get(k))
+    path.split('.')
+        .try_fold(v, |cur, k| cur.as_object()?.get(k))
 }
 
 impl Plan {
     /// Checks the pipeline against the registry and the config, then expands
     /// the stages needed for `targets` (stage names or node ids; empty = all).
-    pub fn new(def: &PipelineDef, source: &str, config: &Value, registry: &OpRegistry, targets: &[String]) -> Result<Plan> {
+    pub fn new(
+        def: &PipelineDef,
+        source: &str,
+        config: &Value,
+        registry: &OpRegistry,
+        targets: &[String],
+    ) -> Result<Plan> {
         let stages = &def.stages;
         if stages.is_empty() {
             return Err(pipeline_error(source, "declares no stages".into()));
         }
         // Stage-level checks.
         let mut sg: DiGraph<&str, ()> = DiGraph::new();
-        let idx: BTreeMap<&str, NodeIndex> = stages.keys().map(|s| (s.as_str(), sg.add_node(s.as_str()))).collect();
+        let idx: BTreeMap<&str, NodeIndex> = stages
+            .keys()
+            .map(|s| (s.as_str(), sg.add_node(s.as_str())))
+            .collect();
         for (name, st) in stages {
             if registry.get(&st.op).is_none() {
                 return Err(pipeline_error(
                     source,
-                    format!("stage `{name}` uses unknown op `{}`; known ops: {}", st.op, registry.names().join(", ")),
+                    format!(
+                        "stage `{name}` uses unknown op `{}`; known ops: {}",
+                        st.op,
+                        registry.names().join(", ")
+                    ),
                 ));
             }
             for need in &st.needs {
                 let Some(&from) = idx.get(need.as_str()) else {
                     let known: Vec<String> = stages.keys().cloned().collect();
-                    let hint = crate::config::closest(need, &known).map(|c| format!("; did you mean `{c}`?")).unwrap_or_default();
-                    return Err(pipeline_error(source, format!("stage `{name}` needs unknown stage `{need}`{hint}")));
+                    let hint = crate::config::closest(need, &known)
+                        .map(|c| format!("; did you mean `{c}`?"))
+                        .unwrap_or_default();
+                    return Err(pipeline_error(
+                        source,
+                        format!("stage `{name}` needs unknown stage `{need}`{hint}"),
+                    ));
                 };
                 sg.add_edge(from, idx[name.as_str()], ());
             }
@@ -145,7 +167,10 @@ impl Plan {
                 let mut names: Vec<&str> = cycle.iter().map(|i| sg[*i]).collect();
                 names.sort();
                 names.push(names[0]);
-                return Err(pipeline_error(source, format!("stages form a cycle: {}", names.join(" → "))));
+                return Err(pipeline_error(
+                    source,
+                    format!("stages form a cycle: {}", names.join(" → ")),
+                ));
             }
         };
 
@@ -160,7 +185,9 @@ impl Plan {
             let stage = t.split('[').next().unwrap_or(t);
             if !stages.contains_key(stage) {
                 let known: Vec<String> = stages.keys().cloned().collect();
-                let hint = crate::config::closest(stage, &known).map(|c| format!("did you mean `{c}`? ")).unwrap_or_default();
+                let hint = crate::config::closest(stage, &known)
+                    .map(|c| format!("did you mean `{c}`? "))
+                    .unwrap_or_default();
                 return Err(KvtError::usage(format!(
                     "unknown target `{t}`: {hint}stages in `{source}`: {}",
                     known.join(", ")
@@ -169,7 +196,10 @@ impl Plan {
             }
             wanted_stages.insert(stage.to_string());
             if t.contains('[') {
-                target_filter.entry(stage.to_string()).or_default().insert(t.clone());
+                target_filter
+                    .entry(stage.to_string())
+                    .or_default()
+                    .insert(t.clone());
             }
         }
 
@@ -181,7 +211,10 @@ impl Plan {
             let st = &stages[name];
             let mut combos: Vec<BTreeMap<String, Value>> = vec![BTreeMap::new()];
             for (var, path) in &st.foreach {
-                let items = get_path(config, path).and_then(Value::as_array).cloned().unwrap_or_default();
+                let items = get_path(config, path)
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
                 let mut seen = BTreeSet::new();
                 let mut next = Vec::new();
                 for c in &combos {
@@ -205,13 +238,25 @@ impl Plan {
                 let id = node_id(name, &bindings);
                 let mut cfg = BTreeMap::new();
                 for p in &st.uses {
-                    cfg.insert(p.clone(), get_path(config, p).cloned().unwrap_or(Value::Null));
+                    cfg.insert(
+                        p.clone(),
+                        get_path(config, p).cloned().unwrap_or(Value::Null),
+                    );
                 }
-                let ix = graph.add_node(NodeSpec { id, stage: name.to_string(), op: op.clone(), bindings: bindings.clone(), config: cfg });
+                let ix = graph.add_node(NodeSpec {
+                    id,
+                    stage: name.to_string(),
+                    op: op.clone(),
+                    bindings: bindings.clone(),
+                    config: cfg,
+                });
                 for need in &st.needs {
                     for &up in instances.get(need).map(Vec::as_slice).unwrap_or(&[]) {
                         let ub = &graph[up].bindings;
-                        if ub.iter().all(|(k, v)| bindings.get(k).is_none_or(|b| b == v)) {
+                        if ub
+                            .iter()
+                            .all(|(k, v)| bindings.get(k).is_none_or(|b| b == v))
+                        {
                             graph.add_edge(up, ix, ());
                         }
                     }
@@ -226,7 +271,9 @@ impl Plan {
         let mut stack: Vec<NodeIndex> = Vec::new();
         for s in &wanted_stages {
             for &ix in &instances[s] {
-                let filtered = target_filter.get(s).is_some_and(|ids| !ids.contains(&graph[ix].id));
+                let filtered = target_filter
+                    .get(s)
+                    .is_some_and(|ids| !ids.contains(&graph[ix].id));
                 if !filtered {
                     stack.push(ix);
                 }
@@ -235,8 +282,15 @@ impl Plan {
         for (s, ids) in &target_filter {
             for id in ids {
                 if !instances[s].iter().any(|&ix| &graph[ix].id == id) {
-                    let have: Vec<&str> = instances[s].iter().map(|&ix| graph[ix].id.as_str()).collect();
-                    return Err(KvtError::usage(format!("unknown target `{id}`; instances of `{s}`: {}", have.join(", "))).into());
+                    let have: Vec<&str> = instances[s]
+                        .iter()
+                        .map(|&ix| graph[ix].id.as_str())
+                        .collect();
+                    return Err(KvtError::usage(format!(
+                        "unknown target `{id}`; instances of `{s}`: {}",
+                        have.join(", ")
+                    ))
+                    .into());
                 }
             }
         }
@@ -256,17 +310,26 @@ impl Plan {
                 depth[ix.index()] = depth[ix.index()].max(depth[up.index()] + 1);
             }
         }
-        order.sort_by(|a, b| depth[a.index()].cmp(&depth[b.index()]).then_with(|| graph[*a].id.cmp(&graph[*b].id)));
+        order.sort_by(|a, b| {
+            depth[a.index()]
+                .cmp(&depth[b.index()])
+                .then_with(|| graph[*a].id.cmp(&graph[*b].id))
+        });
         Ok(Plan { graph, order })
     }
 
     pub fn find(&self, id: &str) -> Option<NodeIndex> {
-        self.graph.node_indices().find(|&ix| self.graph[ix].id == id)
+        self.graph
+            .node_indices()
+            .find(|&ix| self.graph[ix].id == id)
     }
 
     /// Upstream nodes of `ix`, sorted by id.
     pub fn deps(&self, ix: NodeIndex) -> Vec<NodeIndex> {
-        let mut d: Vec<NodeIndex> = self.graph.neighbors_directed(ix, petgraph::Direction::Incoming).collect();
+        let mut d: Vec<NodeIndex> = self
+            .graph
+            .neighbors_directed(ix, petgraph::Direction::Incoming)
+            .collect();
         d.sort_by(|a, b| self.graph[*a].id.cmp(&self.graph[*b].id));
         d.dedup();
         d
@@ -274,7 +337,10 @@ impl Plan {
 
     /// Downstream nodes of `ix`, sorted by id.
     pub fn dependents(&self, ix: NodeIndex) -> Vec<NodeIndex> {
-        let mut d: Vec<NodeIndex> = self.graph.neighbors_directed(ix, petgraph::Direction::Outgoing).collect();
+        let mut d: Vec<NodeIndex> = self
+            .graph
+            .neighbors_directed(ix, petgraph::Direction::Outgoing)
+            .collect();
         d.sort_by(|a, b| self.graph[*a].id.cmp(&self.graph[*b].id));
         d.dedup();
         d

@@ -46,12 +46,28 @@ impl Workspace {
 #[serde(tag = "reason", rename_all = "snake_case")]
 pub enum StaleReason {
     NeverBuilt,
-    ConfigChanged { path: String, old: Option<Value>, new: Option<Value> },
-    InputChanged { input: String },
-    OpVersionChanged { old: u32, new: u32 },
-    ExternalChanged { old: Option<String>, new: Option<String> },
-    OutputMissing { artifact: String },
-    OutputCorrupt { artifact: String },
+    ConfigChanged {
+        path: String,
+        old: Option<Value>,
+        new: Option<Value>,
+    },
+    InputChanged {
+        input: String,
+    },
+    OpVersionChanged {
+        old: u32,
+        new: u32,
+    },
+    ExternalChanged {
+        old: Option<String>,
+        new: Option<String>,
+    },
+    OutputMissing {
+        artifact: String,
+    },
+    OutputCorrupt {
+        artifact: String,
+    },
     Forced,
     /// The last build matches, but its result is no longer cached (removed by gc).
     ResultNotCached,
@@ -72,15 +88,21 @@ impl std::fmt::Display for StaleReason {
                 write!(f, "config `{path}` changed {} → {}", show(old), show(new))
             }
             StaleReason::InputChanged { input } => write!(f, "input `{input}` changed"),
-            StaleReason::OpVersionChanged { old, new } => write!(f, "op version changed {old} → {new}"),
+            StaleReason::OpVersionChanged { old, new } => {
+                write!(f, "op version changed {old} → {new}")
+            }
             StaleReason::ExternalChanged { old, new } => write!(
                 f,
                 "external input changed: {} → {}",
                 old.as_deref().unwrap_or("(none)"),
                 new.as_deref().unwrap_or("(none)")
             ),
-            StaleReason::OutputMissing { artifact } => write!(f, "output `{artifact}` missing from the cache"),
-            StaleReason::OutputCorrupt { artifact } => write!(f, "output `{artifact}` corrupt in the cache"),
+            StaleReason::OutputMissing { artifact } => {
+                write!(f, "output `{artifact}` missing from the cache")
+            }
+            StaleReason::OutputCorrupt { artifact } => {
+                write!(f, "output `{artifact}` corrupt in the cache")
+            }
             StaleReason::Forced => write!(f, "forced with --force"),
             StaleReason::ResultNotCached => write!(f, "result no longer cached (removed by gc?)"),
         }
@@ -107,7 +129,11 @@ impl NodeState {
 }
 
 /// The inputs of a node: upstream nodes with their output digests.
-pub fn upstream_of(plan: &Plan, ix: petgraph::graph::NodeIndex, records: &[Option<ActionRecord>]) -> Option<Vec<Upstream>> {
+pub fn upstream_of(
+    plan: &Plan,
+    ix: petgraph::graph::NodeIndex,
+    records: &[Option<ActionRecord>],
+) -> Option<Vec<Upstream>> {
     plan.deps(ix)
         .into_iter()
         .map(|up| {
@@ -117,7 +143,11 @@ pub fn upstream_of(plan: &Plan, ix: petgraph::graph::NodeIndex, records: &[Optio
                 node: spec.id.clone(),
                 stage: spec.stage.clone(),
                 bindings: spec.bindings.clone(),
-                outputs: rec.outputs.iter().map(|o| (o.name.clone(), o.digest)).collect(),
+                outputs: rec
+                    .outputs
+                    .iter()
+                    .map(|o| (o.name.clone(), o.digest))
+                    .collect(),
             })
         })
         .collect()
@@ -176,13 +206,31 @@ pub struct KeyedNode {
 }
 
 pub fn key_node(ws: &Workspace, spec: &NodeSpec, ups: &[Upstream]) -> Result<KeyedNode> {
-    let kctx = KeyContext { node: &spec.id, config: &spec.config, bindings: &spec.bindings, root: &ws.root };
-    let fingerprint =
-        spec.op.fingerprint(&kctx).with_context(|| format!("computing the key of `{}`", spec.id))?;
+    let kctx = KeyContext {
+        node: &spec.id,
+        config: &spec.config,
+        bindings: &spec.bindings,
+        root: &ws.root,
+    };
+    let fingerprint = spec
+        .op
+        .fingerprint(&kctx)
+        .with_context(|| format!("computing the key of `{}`", spec.id))?;
     let slice = key_slice(spec);
     let inputs = input_digests(ups);
-    let key = node_key(spec.op.name(), spec.op.version(), &slice, fingerprint.as_deref(), &inputs);
-    Ok(KeyedNode { key, slice, fingerprint, inputs })
+    let key = node_key(
+        spec.op.name(),
+        spec.op.version(),
+        &slice,
+        fingerprint.as_deref(),
+        &inputs,
+    );
+    Ok(KeyedNode {
+        key,
+        slice,
+        fingerprint,
+        inputs,
+    })
 }
 
 /// Checks one output object: cheap when its file is untouched since the
@@ -191,7 +239,9 @@ fn output_state(store: &ContentStore, rec: &ActionRecord) -> Option<StaleReason>
     for o in &rec.outputs {
         let path = store.path_of(&o.digest);
         let Ok(meta) = std::fs::metadata(&path) else {
-            return Some(StaleReason::OutputMissing { artifact: o.name.clone() });
+            return Some(StaleReason::OutputMissing {
+                artifact: o.name.clone(),
+            });
         };
         let modified = meta
             .modified()
@@ -199,8 +249,11 @@ fn output_state(store: &ContentStore, rec: &ActionRecord) -> Option<StaleReason>
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| d.as_secs_f64())
             .unwrap_or(f64::MAX);
-        if meta.len() != o.size || (modified > rec.finished_at && store.verify(&o.digest).is_err()) {
-            return Some(StaleReason::OutputCorrupt { artifact: o.name.clone() });
+        if meta.len() != o.size || (modified > rec.finished_at && store.verify(&o.digest).is_err())
+        {
+            return Some(StaleReason::OutputCorrupt {
+                artifact: o.name.clone(),
+            });
         }
     }
     None
@@ -222,29 +275,49 @@ pub fn decide(ws: &Workspace, spec: &NodeSpec, keyed: &KeyedNode, forced: bool) 
     };
     let mut reasons = Vec::new();
     if last.op_version != spec.op.version() || last.op != spec.op.name() {
-        reasons.push(StaleReason::OpVersionChanged { old: last.op_version, new: spec.op.version() });
+        reasons.push(StaleReason::OpVersionChanged {
+            old: last.op_version,
+            new: spec.op.version(),
+        });
     }
-    let paths: std::collections::BTreeSet<&String> = last.config.keys().chain(keyed.slice.keys()).collect();
+    let paths: std::collections::BTreeSet<&String> =
+        last.config.keys().chain(keyed.slice.keys()).collect();
     for p in paths {
         let (old, new) = (last.config.get(p), keyed.slice.get(p));
         if old != new {
-            reasons.push(StaleReason::ConfigChanged { path: p.clone(), old: old.cloned(), new: new.cloned() });
+            reasons.push(StaleReason::ConfigChanged {
+                path: p.clone(),
+                old: old.cloned(),
+                new: new.cloned(),
+            });
         }
     }
     if last.fingerprint != keyed.fingerprint {
-        reasons.push(StaleReason::ExternalChanged { old: last.fingerprint.clone(), new: keyed.fingerprint.clone() });
+        reasons.push(StaleReason::ExternalChanged {
+            old: last.fingerprint.clone(),
+            new: keyed.fingerprint.clone(),
+        });
     }
     let mut changed_inputs: Vec<String> = Vec::new();
-    let names: std::collections::BTreeSet<&String> = last.inputs.keys().chain(keyed.inputs.keys()).collect();
+    let names: std::collections::BTreeSet<&String> =
+        last.inputs.keys().chain(keyed.inputs.keys()).collect();
     for n in names {
         if last.inputs.get(n) != keyed.inputs.get(n) {
-            let node = n.rsplit_once('/').map(|(node, _)| node).unwrap_or(n).to_string();
+            let node = n
+                .rsplit_once('/')
+                .map(|(node, _)| node)
+                .unwrap_or(n)
+                .to_string();
             if !changed_inputs.contains(&node) {
                 changed_inputs.push(node);
             }
         }
     }
-    reasons.extend(changed_inputs.into_iter().map(|input| StaleReason::InputChanged { input }));
+    reasons.extend(
+        changed_inputs
+            .into_iter()
+            .map(|input| StaleReason::InputChanged { input }),
+    );
     if reasons.is_empty() {
         reasons.push(StaleReason::ResultNotCached);
     }
@@ -259,7 +332,11 @@ pub struct NodeReport {
 }
 
 /// States of every node in plan order, without running anything.
-pub fn explain(ws: &Workspace, plan: &Plan, forced: &dyn Fn(&NodeSpec) -> bool) -> Result<Vec<NodeReport>> {
+pub fn explain(
+    ws: &Workspace,
+    plan: &Plan,
+    forced: &dyn Fn(&NodeSpec) -> bool,
+) -> Result<Vec<NodeReport>> {
     let mut records: Vec<Option<ActionRecord>> = vec![None; plan.graph.node_count()];
     let mut out = Vec::new();
     for &ix in &plan.order {
@@ -283,7 +360,11 @@ pub fn explain(ws: &Workspace, plan: &Plan, forced: &dyn Fn(&NodeSpec) -> bool) 
                 (NodeState::Pending(waiting), None)
             }
         };
-        out.push(NodeReport { index: ix, state, key });
+        out.push(NodeReport {
+            index: ix,
+            state,
+            key,
+        });
     }
     Ok(out)
 }
@@ -299,7 +380,10 @@ mod tests {
         let mut inputs = BTreeMap::new();
         inputs.insert("up/x".to_string(), Digest::of(b"x"));
         let base = node_key("op", 1, &slice, None, &inputs);
-        assert_eq!(base, node_key("op", 1, &slice.clone(), None, &inputs.clone()));
+        assert_eq!(
+            base,
+            node_key("op", 1, &slice.clone(), None, &inputs.clone())
+        );
         assert_ne!(base, node_key("op2", 1, &slice, None, &inputs));
         assert_ne!(base, node_key("op", 2, &slice, None, &inputs));
         assert_ne!(base, node_key("op", 1, &slice, Some("f"), &inputs));

@@ -41,7 +41,8 @@ pub fn write_atomic(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> Result<()> {
     }
     let tmp = temp_path(tmp_dir);
     let result = (|| -> Result<()> {
-        let mut f = fs::File::create(&tmp).with_context(|| format!("creating `{}`", tmp.display()))?;
+        let mut f =
+            fs::File::create(&tmp).with_context(|| format!("creating `{}`", tmp.display()))?;
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, dest).with_context(|| format!("renaming into `{}`", dest.display()))?;
@@ -56,7 +57,9 @@ pub fn write_atomic(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> Result<()> {
 impl ContentStore {
     /// `cache_root` is the cache directory; objects live in `<cache_root>/v1/objects`.
     pub fn new(cache_root: &Path) -> Self {
-        Self { root: cache_root.join(STORE_FORMAT) }
+        Self {
+            root: cache_root.join(STORE_FORMAT),
+        }
     }
 
     pub fn objects_dir(&self) -> PathBuf {
@@ -85,12 +88,18 @@ impl ContentStore {
         let path = self.path_of(d);
         let bytes = match fs::read(&path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ObjectError::Missing(d.hex()).into()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ObjectError::Missing(d.hex()).into())
+            }
             Err(e) => return Err(e).with_context(|| format!("reading `{}`", path.display())),
         };
         let actual = Digest::of(&bytes);
         if actual != *d {
-            return Err(ObjectError::Corrupt { digest: d.hex(), actual: actual.hex() }.into());
+            return Err(ObjectError::Corrupt {
+                digest: d.hex(),
+                actual: actual.hex(),
+            }
+            .into());
         }
         Ok(bytes)
     }
@@ -103,7 +112,10 @@ impl ContentStore {
                 if actual == *d {
                     Ok(())
                 } else {
-                    Err(ObjectError::Corrupt { digest: d.hex(), actual: actual.hex() })
+                    Err(ObjectError::Corrupt {
+                        digest: d.hex(),
+                        actual: actual.hex(),
+                    })
                 }
             }
             Err(_) => Err(ObjectError::Missing(d.hex())),
@@ -124,7 +136,9 @@ impl ContentStore {
     /// Every object digest in the store, with its path.
     pub fn list(&self) -> Result<Vec<(Digest, PathBuf)>> {
         let mut out = Vec::new();
-        let Ok(dirs) = fs::read_dir(self.objects_dir()) else { return Ok(out) };
+        let Ok(dirs) = fs::read_dir(self.objects_dir()) else {
+            return Ok(out);
+        };
         for dir in dirs {
             let dir = dir?;
             let prefix = dir.file_name().to_string_lossy().to_string();
@@ -136,7 +150,10 @@ impl ContentStore {
                 let name = format!("{prefix}{}", f.file_name().to_string_lossy());
                 match Digest::from_hex(&name) {
                     Some(d) => out.push((d, f.path())),
-                    None => bail!("unexpected file `{}` in the object store", f.path().display()),
+                    None => bail!(
+                        "unexpected file `{}` in the object store",
+                        f.path().display()
+                    ),
                 }
             }
         }
@@ -166,7 +183,10 @@ mod tests {
         assert_eq!(store.get(&d).unwrap(), b"hello");
         fs::write(store.path_of(&d), b"hellp").unwrap();
         let err = store.get(&d).unwrap_err();
-        assert!(matches!(err.downcast_ref::<ObjectError>(), Some(ObjectError::Corrupt { .. })));
+        assert!(matches!(
+            err.downcast_ref::<ObjectError>(),
+            Some(ObjectError::Corrupt { .. })
+        ));
         store.quarantine(&d).unwrap();
         assert!(matches!(store.verify(&d), Err(ObjectError::Missing(_))));
     }

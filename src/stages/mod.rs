@@ -1,7 +1,11 @@
-//! kvt's ops: the stages of its pipelines (`prepare`, `infer`, `score`, ...).
-//! Each is a deterministic function of its config slice and input artifacts.
+//! kvt's ops: the stages of its pipelines. Each is a deterministic function of
+//! its config slice and input artifacts. Today: `prepare`.
+
+pub mod prepare;
 
 use crate::engine::OpRegistry;
 
 /// Registers every kvt op.
-pub fn register(_reg: &mut OpRegistry) {}
+pub fn register(reg: &mut OpRegistry) {
+    reg.register(prepare::Prepare);
+}

@@ -7,14 +7,20 @@ use kvt::engine::{KeyContext, Op, OpContext, OpRegistry};
 use std::io::Write;
 
 fn log_run(ctx: &OpContext) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(ctx.root().join("oplog.txt"))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(ctx.root().join("oplog.txt"))?;
     // One write per line: O_APPEND keeps concurrent lines whole.
     f.write_all(format!("{}\n", ctx.node()).as_bytes())?;
     Ok(())
 }
 
 fn version_from_env(var: &str) -> u32 {
-    std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(1)
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
 }
 
 /// Reads the text file at `dataset.path`; its content enters the key.
@@ -29,7 +35,10 @@ impl Op for Read {
     fn fingerprint(&self, ctx: &KeyContext) -> Result<Option<String>> {
         let path: String = ctx.get("dataset.path")?;
         let bytes = std::fs::read(ctx.root.join(&path))?;
-        Ok(Some(format!("{path} blake3={}", &blake3::hash(&bytes).to_hex()[..12])))
+        Ok(Some(format!(
+            "{path} blake3={}",
+            &blake3::hash(&bytes).to_hex()[..12]
+        )))
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         log_run(ctx)?;
@@ -82,7 +91,11 @@ impl Op for Count {
         let mut lines = Vec::new();
         for up in ctx.upstream("scale") {
             let words = String::from_utf8(ctx.read(up, "words")?)?;
-            lines.push(format!("{} {}", up.node, words.split_whitespace().count() as u64 * iters));
+            lines.push(format!(
+                "{} {}",
+                up.node,
+                words.split_whitespace().count() as u64 * iters
+            ));
         }
         lines.sort();
         ctx.put("counts", lines.join("\n").as_bytes())?;

@@ -22,13 +22,19 @@ impl Project {
         let dir = tempfile::tempdir().unwrap();
         let p = Project { dir };
         let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-        p.write("config/default.yaml", &std::fs::read_to_string(repo.join("config/default.yaml")).unwrap());
+        p.write(
+            "config/default.yaml",
+            &std::fs::read_to_string(repo.join("config/default.yaml")).unwrap(),
+        );
         p.write("pipelines/test.yaml", TEST_PIPELINE);
         p.write(
             "config/experiments/t.yaml",
             "pipeline: test\ndataset:\n  path: input.txt\nkv:\n  policy: lower\noutput:\n  exp_group_id: t1\n",
         );
-        p.write("input.txt", "the quick brown fox jumps over the lazy dog again and again\n");
+        p.write(
+            "input.txt",
+            "the quick brown fox jumps over the lazy dog again and again\n",
+        );
         p
     }
 
@@ -53,14 +59,18 @@ impl Project {
     /// The test-ops binary (kvt plus the `t_*` ops), run in the project root.
     pub fn testops(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_kvt-testops"));
-        c.current_dir(self.root()).env_remove("KVT_LOG").env_remove("KVT_CACHE_DIR");
+        c.current_dir(self.root())
+            .env_remove("KVT_LOG")
+            .env_remove("KVT_CACHE_DIR");
         c
     }
 
     /// The real `kvt` binary, run in the project root.
     pub fn kvt(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_kvt"));
-        c.current_dir(self.root()).env_remove("KVT_LOG").env_remove("KVT_CACHE_DIR");
+        c.current_dir(self.root())
+            .env_remove("KVT_LOG")
+            .env_remove("KVT_CACHE_DIR");
         c
     }
 
@@ -68,7 +78,8 @@ impl Project {
     pub fn build(&self, args: &[&str]) -> Vec<String> {
         let _ = std::fs::remove_file(self.path("oplog.txt"));
         let mut c = self.testops();
-        c.args(["build", "-c", "config/experiments/t.yaml"]).args(args);
+        c.args(["build", "-c", "config/experiments/t.yaml"])
+            .args(args);
         c.assert().success();
         self.ran()
     }
@@ -87,7 +98,9 @@ impl Project {
     /// Every object file in the cache.
     pub fn objects(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
-        let Ok(dirs) = std::fs::read_dir(self.path("cache/v1/objects")) else { return out };
+        let Ok(dirs) = std::fs::read_dir(self.path("cache/v1/objects")) else {
+            return out;
+        };
         for d in dirs.flatten() {
             for f in std::fs::read_dir(d.path()).unwrap().flatten() {
                 out.push(f.path());

@@ -1,0 +1,229 @@
+//! Built-in synthetic long-context tasks, generated deterministically from a
+//! seed at any target length: `needle` (one key → value fact at a chosen
+//! depth), `multikey` (several facts, one asked for, the others distractors)
+//! and `vartrack` (a chain of assignments to follow). The filler prose and the
+//! templates are kvt's own.
+
+use super::{Example, SplitMix64};
+use anyhow::{bail, Result};
+use serde_json::{json, Map, Value};
+use tiktoken_rs::CoreBPE;
+
+pub const TASKS: &[&str] = &["needle", "multikey", "vartrack"];
+
+/// Neutral filler prose written for kvt: long enough to bury a fact, dull
+/// enough never to answer a question.
+const FILLER: &[&str] = &[
+    "The harbour town woke slowly, with gulls circling above the fish market long before the stalls opened.",
+    "A retired surveyor kept a notebook of every bridge he had crossed, listing the river, the span and the weather.",
+    "In late autumn the orchard smelled of wet leaves and the last apples that nobody had bothered to pick.",
+    "The night train stopped at every village, and the guard knew most passengers by the parcels they carried.",
+    "Her workshop held three lathes, a cabinet of chisels and a radio that only received the shipping forecast.",
+    "Rain had softened the footpath, so the walkers kept to the stone wall where the ground stayed firm.",
+    "The library's reading room was quiet except for the ticking radiator and the occasional turning page.",
+    "Each spring the allotment society argued about the water butts and then agreed to share them as before.",
+    "A small ferry crossed the estuary twice an hour, carrying bicycles, tourists and crates of vegetables.",
+    "The old mill had been converted into flats, though the wheel still turned when the river ran high.",
+    "On the ridge the wind was steady enough to lean on, and the heather moved like a slow grey sea.",
+    "The bakery sold out of rye loaves by nine, after which the queue thinned to people buying buns.",
+    "His grandmother wrote letters in green ink and numbered every page in the top right corner.",
+    "The museum's clock collection ran a few minutes apart, so the hour arrived as a ripple of chimes.",
+    "Fog settled in the valley overnight and lifted by noon, leaving the fences beaded with water.",
+    "The committee minutes recorded a long debate about the colour of the new benches in the square.",
+    "A stray cat had adopted the signal box and slept on the warm shelf above the lever frame.",
+    "The allotment's scarecrow wore a borrowed raincoat that its owner had quietly given up on.",
+    "Beyond the quarry the road narrowed to a track lined with hawthorn and the odd abandoned cart.",
+    "The choir rehearsed on Thursdays in the school hall, stacking the chairs against the wall afterwards.",
+    "Tide tables were pinned inside the café window, curling at the corners in the afternoon sun.",
+    "The county archive kept parish maps in flat drawers that squeaked when pulled too quickly.",
+    "Snow rarely lasted on the coast, but inland the lanes could stay white for a week or more.",
+    "A pair of herons fished the shallow end of the reservoir, ignoring the sailing club entirely.",
+];
+
+const SYLLABLES: &[&str] = &[
+    "ka", "lo", "mi", "ren", "tas", "vo", "bel", "dun", "sor", "fen", "gal", "hix", "jor", "pel",
+    "qua", "zim",
+];
+
+fn word(rng: &mut SplitMix64) -> String {
+    let n = 2 + rng.below(2) as usize;
+    let mut w: String = (0..n)
+        .map(|_| SYLLABLES[rng.below(SYLLABLES.len() as u64) as usize])
+        .collect();
+    if let Some(first) = w.get_mut(0..1) {
+        first.make_ascii_uppercase();
+    }
+    w
+}
+
+fn number(rng: &mut SplitMix64) -> String {
+    format!("{}", 100_000 + rng.below(900_000))
+}
+
+/// Filler sentences totalling about `tokens` tokens (token counts per sentence
+/// are summed, which is within a few tokens of the joined text).
+fn filler(rng: &mut SplitMix64, tokens: usize, sentence_tokens: &[usize]) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut total = 0;
+    while total < tokens {
+        let i = rng.below(FILLER.len() as u64) as usize;
+        out.push(FILLER[i]);
+        total += sentence_tokens[i] + 1;
+    }
+    out
+}
+
+/// Puts `facts` into `sentences` at fractional depths (0 = start, 1 = end).
+fn insert_at_depths(sentences: &mut Vec<String>, facts: Vec<(f64, String)>) {
+    let mut facts = facts;
+    facts.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let n = sentences.len();
+    for (depth, fact) in facts {
+        let pos = ((n as f64) * depth.clamp(0.0, 1.0)).round() as usize;
+        sentences.insert(pos.min(sentences.len()), fact);
+    }
+}
+
+/// Generates `per_length` examples of `task` at each target token length.
+pub fn generate(
+    bpe: &CoreBPE,
+    task: &str,
+    seed: u64,
+    lengths: &[u64],
+    per_length: u64,
+) -> Result<Vec<Example>> {
+    if !TASKS.contains(&task) {
+        bail!(
+            "unknown synthetic task `{task}`; choose one of: {}",
+            TASKS.join(", ")
+        );
+    }
+    let sentence_tokens: Vec<usize> = FILLER
+        .iter()
+        .map(|s| super::tokenize::count_tokens(bpe, s))
+        .collect();
+    let mut out = Vec::new();
+    for &len in lengths {
+        for i in 0..per_length {
+            let mut rng = SplitMix64::for_cell(seed, &format!("{task}/{len}/{i}"));
+            // Depths spread evenly over the context, so every length covers them all.
+            let depth = (i as f64 + 0.5) / per_length as f64;
+            let mut meta = Map::new();
+            meta.insert("task".into(), json!(task));
+            meta.insert("target_tokens".into(), json!(len));
+            meta.insert("depth".into(), json!((depth * 1000.0).round() / 1000.0));
+            let (facts, question, answer) = match task {
+                "needle" => {
+                    let (key, value) = (word(&mut rng), number(&mut rng));
+                    let fact =
+                        format!("Archive note: the access code assigned to {key} is {value}.");
+                    (
+                        vec![(depth, fact)],
+                        format!("What is the access code assigned to {key}?"),
+                        value,
+                    )
+                }
+                "multikey" => {
+                    let n_keys = 4;
+                    let target = rng.below(n_keys) as usize;
+                    let mut facts = Vec::new();
+                    let (mut q, mut a) = (String::new(), String::new());
+                    for k in 0..n_keys as usize {
+                        let (key, value) = (word(&mut rng), number(&mut rng));
+                        let d = if k == target { depth } else { rng.unit() };
+                        facts.push((
+                            d,
+                            format!("Archive note: the access code assigned to {key} is {value}."),
+                        ));
+                        if k == target {
+                            q = format!("What is the access code assigned to {key}?");
+                            a = value;
+                        }
+                    }
+                    meta.insert("n_keys".into(), json!(n_keys));
+                    (facts, q, a)
+                }
+                _ => {
+                    let value = number(&mut rng);
+                    let names: Vec<String> =
+                        (0..4).map(|_| word(&mut rng).to_uppercase()).collect();
+                    let mut facts = vec![(
+                        depth * 0.5,
+                        format!("Let the register {} hold {value}.", names[0]),
+                    )];
+                    for k in 1..names.len() {
+                        let d = depth * 0.5 + (k as f64 / names.len() as f64) * 0.5;
+                        facts.push((
+                            d,
+                            format!("Copy register {} into register {}.", names[k - 1], names[k]),
+                        ));
+                    }
+                    let last = names.last().cloned().unwrap_or_default();
+                    meta.insert("chain".into(), Value::from(names));
+                    (
+                        facts,
+                        format!("Which number does register {last} hold?"),
+                        value,
+                    )
+                }
+            };
+            let fact_tokens: usize = facts
+                .iter()
+                .map(|(_, f)| super::tokenize::count_tokens(bpe, f))
+                .sum();
+            let mut sentences: Vec<String> = filler(
+                &mut rng,
+                (len as usize).saturating_sub(fact_tokens),
+                &sentence_tokens,
+            )
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+            insert_at_depths(&mut sentences, facts);
+            out.push(Example {
+                example_id: format!("{task}-{len}-{i:03}"),
+                question,
+                context: sentences.join(" "),
+                answers: vec![answer],
+                meta,
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_is_deterministic_and_hits_the_target_length() {
+        let bpe = crate::data::tokenize::encoding("cl100k_base").unwrap();
+        for task in TASKS {
+            let a = generate(bpe, task, 1, &[300, 1200], 3).unwrap();
+            let b = generate(bpe, task, 1, &[300, 1200], 3).unwrap();
+            assert_eq!(a, b);
+            assert_eq!(a.len(), 6);
+            for ex in &a {
+                assert!(
+                    ex.context.contains(&ex.answers[0]),
+                    "{task}: answer missing from context"
+                );
+                let target = ex.meta["target_tokens"].as_u64().unwrap() as usize;
+                let n = crate::data::tokenize::count_tokens(bpe, &ex.context);
+                assert!(
+                    n >= target * 9 / 10 && n <= target * 11 / 10 + 40,
+                    "{task}: {n} tokens for target {target}"
+                );
+            }
+            let c = generate(bpe, task, 2, &[300], 1).unwrap();
+            assert_ne!(c[0], a[0]);
+        }
+    }
+
+    #[test]
+    fn unknown_task_is_an_error() {
+        let bpe = crate::data::tokenize::encoding("cl100k_base").unwrap();
+        assert!(generate(bpe, "nope", 1, &[100], 1).is_err());
+    }
+}

@@ -1,0 +1,116 @@
+//! `prepare`: builds the evaluation set. Generates (or, later, loads) examples,
+//! counts tokens, assigns length bins, samples per bin, and writes the examples
+//! and the manifest; the manifest is exported to
+//! `data/processed/<dataset_id>/manifest.json` as the portable snapshot.
+
+use crate::config::schema::{Binning, Dataset, Sampling, Tokenizer};
+use crate::data::{binning, synthetic, tokenize, Example};
+use crate::engine::{Op, OpContext};
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+pub struct Prepare;
+
+impl Op for Prepare {
+    fn name(&self) -> &'static str {
+        "prepare"
+    }
+    /// Bump when generation, binning, sampling or the artifact layout changes.
+    fn version(&self) -> u32 {
+        1
+    }
+    fn run(&self, ctx: &mut OpContext) -> Result<()> {
+        let ds: Dataset = ctx.get("dataset")?;
+        let tok: Tokenizer = ctx.get("tokenizer")?;
+        let bins: Binning = ctx.get("binning")?;
+        let sampling: Sampling = ctx.get("sampling")?;
+        if tok.kind != "tiktoken" {
+            bail!(
+                "config `tokenizer.kind`: `{}` is not supported; use `tiktoken`",
+                tok.kind
+            );
+        }
+        let bpe = tokenize::encoding(&tok.name).context("config `tokenizer.name`")?;
+        let examples = match ds.source.as_str() {
+            "synthetic" => synthetic::generate(bpe, &ds.task, ds.seed, &ds.lengths, ds.per_length)
+                .context("config `dataset.task`")?,
+            other => bail!("config `dataset.source`: `{other}` is not supported; use `synthetic`"),
+        };
+        if examples.is_empty() {
+            bail!("the dataset has no examples: check `dataset.lengths` and `dataset.per_length`");
+        }
+        let texts: Vec<&str> = examples.iter().map(|e| e.context.as_str()).collect();
+        let lengths = tokenize::count_many(bpe, &texts);
+        let n_bins = bins.n_bins as usize;
+        let edges: Vec<usize> = match &bins.edges {
+            Some(e) => {
+                if e.len() != n_bins + 1 || e.windows(2).any(|w| w[0] >= w[1]) {
+                    bail!("config `binning.edges`: expected {} increasing edges for {n_bins} bins, got {e:?}", n_bins + 1);
+                }
+                e.iter().map(|&x| x as usize).collect()
+            }
+            None => binning::quantile_edges(&lengths, n_bins),
+        };
+        let items: Vec<(String, usize)> = examples
+            .iter()
+            .zip(&lengths)
+            .map(|(e, &l)| (e.example_id.clone(), binning::bin_of(l, &edges)))
+            .collect();
+        let per_bin = |b: usize| -> usize {
+            match sampling.strategy.as_str() {
+                "focus_transition" if sampling.focus_bins.contains(&(b as u32)) => {
+                    sampling.focus_n_per_bin as usize
+                }
+                _ => sampling.n_per_bin as usize,
+            }
+        };
+        if !matches!(sampling.strategy.as_str(), "uniform" | "focus_transition") {
+            bail!(
+                "config `sampling.strategy`: `{}` is unknown; use `uniform` or `focus_transition`",
+                sampling.strategy
+            );
+        }
+        let chosen = binning::sample(&items, n_bins, &per_bin, &sampling.pinned, sampling.seed)
+            .context("config `sampling.pinned`")?;
+
+        let by_id: std::collections::BTreeMap<&str, (&Example, usize)> = examples
+            .iter()
+            .zip(&lengths)
+            .map(|(e, &l)| (e.example_id.as_str(), (e, l)))
+            .collect();
+        let mut rows: Vec<(usize, &str, usize)> = chosen
+            .iter()
+            .map(|(id, b)| (by_id[id.as_str()].1, id.as_str(), *b))
+            .collect();
+        rows.sort();
+        let entries: Vec<_> = rows
+            .iter()
+            .map(|(len, id, b)| json!({"example_id": id, "bin_idx": b, "token_len": len}))
+            .collect();
+        let selected: Vec<&Example> = rows.iter().map(|(_, id, _)| by_id[id].0).collect();
+        let dataset_id = format!("{}__{}", ds.name, ds.task);
+        let manifest = json!({
+            "dataset": {"name": ds.name, "task": ds.task, "dataset_id": dataset_id, "source": ds.source},
+            "tokenizer": tok.name,
+            "n_bins": n_bins,
+            "n_per_bin": sampling.n_per_bin,
+            "bin_edges": edges,
+            "entries": entries,
+            "examples": selected,
+        });
+        let mut jsonl = Vec::new();
+        for e in &selected {
+            serde_json::to_writer(&mut jsonl, e)?;
+            jsonl.push(b'\n');
+        }
+        ctx.put("examples", &jsonl)?;
+        let mut bytes = serde_json::to_vec_pretty(&manifest)?;
+        bytes.push(b'\n');
+        ctx.put("manifest", &bytes)?;
+        ctx.export(
+            "manifest",
+            format!("data/processed/{dataset_id}/manifest.json"),
+        );
+        Ok(())
+    }
+}
