@@ -1,0 +1,85 @@
+//! The `prepare` stage through the real `kvt` binary on the embedded default.
+
+mod common;
+use common::*;
+
+fn demo_project() -> Project {
+    let p = Project::new();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    p.write(
+        "config/experiments/demo.yaml",
+        &std::fs::read_to_string(repo.join("config/experiments/demo.yaml")).unwrap(),
+    );
+    p
+}
+
+#[test]
+fn prepare_writes_a_binned_manifest_and_is_incremental() {
+    let p = demo_project();
+    let out = p
+        .kvt()
+        .args(["build", "prepare", "-c", "config/experiments/demo.yaml"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("1 built"));
+    let m: serde_json::Value =
+        serde_json::from_str(&p.read("data/processed/synthetic__needle/manifest.json")).unwrap();
+    let edges = m["bin_edges"].as_array().unwrap();
+    assert_eq!(edges.len(), 6);
+    let entries = m["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 20, "5 bins x 4 per bin");
+    for b in 0..5 {
+        assert_eq!(entries.iter().filter(|e| e["bin_idx"] == b).count(), 4);
+    }
+    assert_eq!(m["examples"].as_array().unwrap().len(), 20);
+    // Unchanged: nothing runs. Changed sampling: prepare reruns, deterministically.
+    let out = p
+        .kvt()
+        .args(["build", "prepare", "-c", "config/experiments/demo.yaml"])
+        .output()
+        .unwrap();
+    assert!(
+        stderr_of(&out).contains("0 built, 1 fresh"),
+        "{}",
+        stderr_of(&out)
+    );
+    let out = p
+        .kvt()
+        .args([
+            "build",
+            "prepare",
+            "-c",
+            "config/experiments/demo.yaml",
+            "--set",
+            "sampling.n_per_bin=2",
+        ])
+        .output()
+        .unwrap();
+    assert!(stderr_of(&out).contains("1 built"));
+    let m2: serde_json::Value =
+        serde_json::from_str(&p.read("data/processed/synthetic__needle/manifest.json")).unwrap();
+    assert_eq!(m2["entries"].as_array().unwrap().len(), 10);
+}
+
+#[test]
+fn prepare_errors_name_the_config_key_and_exit_1() {
+    let p = demo_project();
+    let out = p
+        .kvt()
+        .args([
+            "build",
+            "-c",
+            "config/experiments/demo.yaml",
+            "--set",
+            "dataset.task=nope",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("stage `prepare`") && err.contains("dataset.task") && err.contains("nope"),
+        "{err}"
+    );
+}
