@@ -333,7 +333,7 @@ fn command_line_misuse_exits_2() {
     let out = p.kvt().args(["--help"]).output().unwrap();
     assert!(out.status.success());
     let help = stdout_of(&out);
-    for cmd in ["build", "graph", "validate", "resolve", "cache"] {
+    for cmd in ["build", "prepare", "graph", "validate", "resolve", "cache"] {
         assert!(help.contains(cmd), "{help}");
     }
 }

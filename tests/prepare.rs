@@ -36,7 +36,7 @@ fn prepare_writes_a_binned_manifest_and_is_incremental() {
     // Unchanged: nothing runs. Changed sampling: prepare reruns, deterministically.
     let out = p
         .kvt()
-        .args(["build", "prepare", "-c", "config/experiments/demo.yaml"])
+        .args(["prepare", "-c", "config/experiments/demo.yaml"])
         .output()
         .unwrap();
     assert!(

@@ -80,6 +80,8 @@ pub enum GraphFormat {
 enum Command {
     /// Build targets: run stale nodes, reuse fresh ones.
     Build(BuildArgs),
+    /// Lifecycle step: build the `prepare` stage (examples, bins, manifest).
+    Prepare(BuildArgs),
     /// Show every node, whether it is fresh or stale, and why.
     Graph {
         targets: Vec<String>,
@@ -192,6 +194,16 @@ fn init_logging(verbose: u8, quiet: bool) {
 fn run(cli: Cli, registry: &OpRegistry) -> Result<()> {
     match cli.command {
         Command::Build(args) => cmd_build(&args, registry, cli.quiet),
+        Command::Prepare(mut args) => {
+            if !args.targets.is_empty() {
+                return Err(KvtError::usage(
+                    "`kvt prepare` takes no targets; use `kvt build TARGET...`",
+                )
+                .into());
+            }
+            args.targets = vec!["prepare".to_string()];
+            cmd_build(&args, registry, cli.quiet)
+        }
         Command::Graph {
             targets,
             cfg,
