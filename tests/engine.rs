@@ -161,14 +161,13 @@ fn a_failing_node_stops_its_dependents_not_its_siblings() {
     assert_eq!(p.ran(), strs(&["after", "flaky"]));
 }
 
-#[test]
-fn sigkill_mid_node_leaves_a_cache_that_verifies_and_a_rebuild_that_finishes() {
-    let p = Project::new();
+/// Starts a build whose `slow` node works for 30 s; returns once that node is running.
+fn start_slow_build(p: &Project) -> std::process::Child {
     p.write(
         "pipelines/test.yaml",
         "stages:\n  read: {op: t_read, uses: [dataset.path]}\n  slow: {op: t_slow, needs: [read], uses: [engine.timeout_s]}\n",
     );
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvt-testops"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_kvt-testops"))
         .current_dir(p.root())
         .args([
             "build",
@@ -189,6 +188,13 @@ fn sigkill_mid_node_leaves_a_cache_that_verifies_and_a_rebuild_that_finishes() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+    child
+}
+
+#[test]
+fn sigkill_mid_node_leaves_a_cache_that_verifies_and_a_rebuild_that_finishes() {
+    let p = Project::new();
+    let mut child = start_slow_build(&p);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     p.testops().args(["cache", "verify"]).assert().success();
@@ -267,27 +273,7 @@ fn two_concurrent_builds_leave_a_consistent_cache() {
 #[test]
 fn no_wait_fails_clearly_while_the_cache_is_locked() {
     let p = Project::new();
-    p.write(
-        "pipelines/test.yaml",
-        "stages:\n  read: {op: t_read, uses: [dataset.path]}\n  slow: {op: t_slow, needs: [read], uses: [engine.timeout_s]}\n",
-    );
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvt-testops"))
-        .current_dir(p.root())
-        .args([
-            "build",
-            "-c",
-            "config/experiments/t.yaml",
-            "--set",
-            "engine.timeout_s=30",
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while !p.path("slow.started").exists() {
-        assert!(t0.elapsed() < Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut child = start_slow_build(&p);
     let out = p
         .testops()
         .args(["build", "-c", "config/experiments/t.yaml", "--no-wait"])
