@@ -8,7 +8,12 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod engine;
+pub mod llm;
+pub mod metrics;
+pub mod render;
 pub mod stages;
+pub mod stats;
+pub mod table;
 
 /// How a failed command ends: the exit code is part of kvt's interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

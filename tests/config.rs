@@ -294,8 +294,8 @@ fn pipeline_errors_are_usage_errors() {
     );
     pipeline_error(
         &p,
-        "stages:\n  a: {op: t_read, uses: [dataset.path], foreach: {x: kv.policy}}\n",
-        &["needs a list at `kv.policy`"],
+        "stages:\n  a: {op: t_read, uses: [dataset.path], foreach: {x: model.name}}\n",
+        &["needs a list at `model.name`"],
     );
     pipeline_error(
         &p,

@@ -47,7 +47,7 @@ fn upstream_rebuilt_to_identical_bytes_leaves_downstream_fresh() {
     let p = Project::new();
     p.build(&[]);
     // The input is already lower case: `identity` gives the same words as `lower`.
-    let ran = p.build(&["--set", "kv.policy=identity"]);
+    let ran = p.build(&["--set", "model.name=identity"]);
     assert_eq!(
         ran,
         strs(&[
@@ -58,7 +58,7 @@ fn upstream_rebuilt_to_identical_bytes_leaves_downstream_fresh() {
     );
     // --force reruns the node; identical output keeps everything downstream fresh.
     assert_eq!(
-        p.build(&["--set", "kv.policy=identity", "--force", "read"]),
+        p.build(&["--set", "model.name=identity", "--force", "read"]),
         strs(&["read"])
     );
 }
@@ -119,7 +119,7 @@ stages:
   read: {op: t_read, uses: [dataset.path]}
   flaky: {op: t_maybe_fail, needs: [read], uses: [engine.label]}
   after: {op: t_maybe_fail, needs: [flaky], uses: [engine.label]}
-  sibling: {op: t_scale, needs: [read], uses: [kv.policy], foreach: {budget: kv.budgets}}
+  sibling: {op: t_scale, needs: [read], uses: [model.name], foreach: {budget: kv.budgets}}
 ";
 
 #[test]
@@ -296,7 +296,7 @@ fn gc_with_a_size_limit_keeps_what_live_configs_need() {
     // Results of a config that no longer exists: dead once we go back.
     p.build(&[
         "--set",
-        "kv.policy=upper",
+        "model.name=upper",
         "--set",
         "analysis.bootstrap.iters=7",
     ]);
@@ -313,7 +313,7 @@ fn gc_with_a_size_limit_keeps_what_live_configs_need() {
     assert!(!p
         .build(&[
             "--set",
-            "kv.policy=upper",
+            "model.name=upper",
             "--set",
             "analysis.bootstrap.iters=7"
         ])

@@ -58,13 +58,13 @@ fn config_op_version_and_input_changed() {
             "-c",
             "config/experiments/t.yaml",
             "--set",
-            "kv.policy=upper",
+            "model.name=upper",
         ])
         .assert()
         .success();
     let args = [
         "--set",
-        "kv.policy=upper",
+        "model.name=upper",
         "--set",
         "analysis.bootstrap.iters=2000",
     ];

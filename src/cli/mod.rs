@@ -69,6 +69,41 @@ pub struct BuildArgs {
     no_wait: bool,
 }
 
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port; 0 picks a free one (printed on the first line of stdout).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Model name reported by /v1/models.
+    #[arg(long, default_value = "kvt-reference")]
+    model: String,
+    /// Default KV policy when a request has no `kvt.policy`: full, streaming, snapkv, h2o, random.
+    #[arg(long, default_value = "full")]
+    policy: String,
+    /// Default budget: a fraction of the prompt (<= 1.0) or a token count.
+    #[arg(long, default_value_t = 1.0)]
+    budget: f64,
+    #[arg(long, default_value_t = 4)]
+    sink_tokens: u32,
+    #[arg(long, default_value_t = 32)]
+    window: u32,
+    #[arg(long, default_value_t = 7)]
+    pool_kernel: u32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Wait this long before each answer (simulates a slow server).
+    #[arg(long, env = "KVT_SERVE_DELAY_MS", default_value_t = 0)]
+    delay_ms: u64,
+    /// Append one JSON line per answered request to this file.
+    #[arg(long, env = "KVT_SERVE_REQUEST_LOG")]
+    request_log: Option<PathBuf>,
+    /// Exit when standard input closes (used when kvt starts its own server).
+    #[arg(long, hide = true)]
+    exit_on_stdin_eof: bool,
+}
+
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum GraphFormat {
     Text,
@@ -82,6 +117,18 @@ enum Command {
     Build(BuildArgs),
     /// Lifecycle step: build the `prepare` stage (examples, bins, manifest).
     Prepare(BuildArgs),
+    /// Lifecycle step: build `infer` (every request, once) and what it needs.
+    Run(BuildArgs),
+    /// Lifecycle step: build `score`.
+    Score(BuildArgs),
+    /// Lifecycle step: build `analyze` (bin statistics, transitions).
+    Analyze(BuildArgs),
+    /// Lifecycle step: build `report` (with plots and the SQLite file).
+    Report(BuildArgs),
+    /// Lifecycle step: build everything.
+    All(BuildArgs),
+    /// Serve the reference engine over an OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
     /// Show every node, whether it is fresh or stale, and why.
     Graph {
         targets: Vec<String>,
@@ -194,16 +241,29 @@ fn init_logging(verbose: u8, quiet: bool) {
 fn run(cli: Cli, registry: &OpRegistry) -> Result<()> {
     match cli.command {
         Command::Build(args) => cmd_build(&args, registry, cli.quiet),
-        Command::Prepare(mut args) => {
-            if !args.targets.is_empty() {
-                return Err(KvtError::usage(
-                    "`kvt prepare` takes no targets; use `kvt build TARGET...`",
-                )
-                .into());
-            }
-            args.targets = vec!["prepare".to_string()];
-            cmd_build(&args, registry, cli.quiet)
-        }
+        Command::Prepare(args) => lifecycle("prepare", args, &["prepare"], registry, cli.quiet),
+        Command::Run(args) => lifecycle("run", args, &["infer"], registry, cli.quiet),
+        Command::Score(args) => lifecycle("score", args, &["score"], registry, cli.quiet),
+        Command::Analyze(args) => lifecycle("analyze", args, &["analyze"], registry, cli.quiet),
+        Command::Report(args) => lifecycle("report", args, &["report"], registry, cli.quiet),
+        Command::All(args) => lifecycle("all", args, &[], registry, cli.quiet),
+        Command::Serve(a) => crate::llm::server::serve(crate::llm::server::ServeOptions {
+            host: a.host,
+            port: a.port,
+            model: a.model,
+            defaults: crate::llm::reference::KvParams {
+                policy: a.policy,
+                budget: a.budget,
+                sink_tokens: a.sink_tokens,
+                window: a.window,
+                pool_kernel: a.pool_kernel,
+                seed: a.seed,
+            },
+            delay_ms: a.delay_ms,
+            request_log: a.request_log,
+            exit_on_stdin_eof: a.exit_on_stdin_eof,
+        })
+        .map_err(|e| KvtError::usage(format!("kvt serve: {e:#}")).into()),
         Command::Graph {
             targets,
             cfg,
@@ -240,6 +300,24 @@ fn run(cli: Cli, registry: &OpRegistry) -> Result<()> {
         }
         Command::Cache { command } => cmd_cache(command, registry, cli.quiet),
     }
+}
+
+/// The blueprint's lifecycle commands are build targets.
+fn lifecycle(
+    cmd: &str,
+    mut args: BuildArgs,
+    targets: &[&str],
+    registry: &OpRegistry,
+    quiet: bool,
+) -> Result<()> {
+    if !args.targets.is_empty() {
+        return Err(KvtError::usage(format!(
+            "`kvt {cmd}` takes no targets; use `kvt build TARGET...`"
+        ))
+        .into());
+    }
+    args.targets = targets.iter().map(|t| t.to_string()).collect();
+    cmd_build(&args, registry, quiet)
 }
 
 /// Loads the pipeline the config names: `pipelines/<name>.yaml` under the root,

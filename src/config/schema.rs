@@ -19,6 +19,7 @@ pub struct Config {
     pub engine: Engine,
     pub kv: Kv,
     pub decoding: Decoding,
+    pub prompt: Prompt,
     pub analysis: Analysis,
     pub output: Output,
     pub db: Db,
@@ -38,6 +39,8 @@ pub struct Dataset {
     pub lengths: Vec<u64>,
     /// Examples generated per target length for synthetic tasks.
     pub per_length: u64,
+    /// Deterministic operations applied before binning (shuffle, take, skip, select).
+    pub ops: Vec<crate::data::ops::DatasetOp>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -94,14 +97,27 @@ pub struct Engine {
     pub max_retries: u32,
     /// Optional user label that enters request identity.
     pub label: Option<String>,
-    /// Extra JSON fields sent with every request.
+    /// Extra JSON fields sent with every request (they enter request identity).
     pub extra_body: BTreeMap<String, serde_json::Value>,
+    /// Stream responses (measures time to first token).
+    pub stream: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Prompt {
+    /// The system message.
+    pub system: String,
+    /// The user message; `{context}` and `{question}` are filled in. Keep the
+    /// question on a line starting with `Question:` for the reference engine.
+    pub template: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Kv {
-    pub policy: String,
+    /// Eviction policies to compare; each runs at every budget.
+    pub policies: Vec<String>,
     pub budgets: Vec<f64>,
     pub sink_tokens: u32,
     pub window: u32,

@@ -2,6 +2,7 @@
 //! tokenizers, length binning and deterministic sampling.
 
 pub mod binning;
+pub mod ops;
 pub mod synthetic;
 pub mod tokenize;
 

@@ -86,6 +86,8 @@ fn run_node(
             root: &ws.root,
         },
         upstream: &ups,
+        transport: &spec.transport,
+        node_key: keyed.key,
         store: &ws.store,
         cache_root: &ws.cache_root,
         cancel,

@@ -15,7 +15,7 @@ pub mod store;
 
 pub use action::{ActionCache, ActionRecord};
 pub use build::{build, BuildOptions, BuildSummary};
-pub use digest::Digest;
+pub use digest::{canonical_json, Digest};
 pub use op::{KeyContext, Op, OpContext, OpRegistry, Upstream};
 pub use pipeline::{PipelineDef, Plan};
 pub use state::{explain, NodeState, StaleReason, Workspace};

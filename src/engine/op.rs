@@ -85,6 +85,8 @@ impl KeyContext<'_> {
 /// One upstream node as seen by an op.
 #[derive(Debug, Clone)]
 pub struct Upstream {
+    /// The key of the build that produced these outputs (provenance only).
+    pub key: Digest,
     pub node: String,
     pub stage: String,
     pub bindings: BTreeMap<String, Value>,
@@ -95,6 +97,9 @@ pub struct Upstream {
 pub struct OpContext<'a> {
     pub key: KeyContext<'a>,
     pub upstream: &'a [Upstream],
+    pub transport: &'a BTreeMap<String, Value>,
+    /// This node's key (provenance only; it is not known to the key itself).
+    pub node_key: Digest,
     pub store: &'a ContentStore,
     pub cache_root: &'a Path,
     pub cancel: &'a AtomicBool,
@@ -115,6 +120,17 @@ impl<'a> OpContext<'a> {
     }
     pub fn item<T: DeserializeOwned>(&self, var: &str) -> Result<T> {
         self.key.item(var)
+    }
+    /// A config value at a path listed in the stage's `transport`: usable,
+    /// but not part of the node key (server address, concurrency, timeouts).
+    pub fn transport<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let v = self.transport.get(path).ok_or_else(|| {
+            anyhow!(
+                "node `{}` read config `{path}`, which its stage does not list in `transport`",
+                self.node()
+            )
+        })?;
+        typed(v, &format!("config `{path}`"))
     }
     /// True once the user pressed Ctrl-C: long ops should stop and return an error.
     pub fn is_cancelled(&self) -> bool {

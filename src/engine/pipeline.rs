@@ -26,6 +26,10 @@ pub struct StageDef {
     pub needs: Vec<String>,
     #[serde(default)]
     pub uses: Vec<String>,
+    /// Config paths the op may read that do NOT enter the key: transport
+    /// settings such as a server address, concurrency or timeouts.
+    #[serde(default)]
+    pub transport: Vec<String>,
     /// Variable name → config path of a list, e.g. `budget: kv.budgets`.
     #[serde(default)]
     pub foreach: BTreeMap<String, String>,
@@ -50,6 +54,8 @@ pub struct NodeSpec {
     pub bindings: BTreeMap<String, Value>,
     /// `uses` path → value, the part of the config that enters the key.
     pub config: BTreeMap<String, Value>,
+    /// `transport` path → value: readable by the op, never part of the key.
+    pub transport: BTreeMap<String, Value>,
 }
 
 /// The DAG for a set of targets: the targets and all their ancestors.
@@ -131,7 +137,7 @@ impl Plan {
                 };
                 sg.add_edge(from, idx[name.as_str()], ());
             }
-            for path in &st.uses {
+            for path in st.uses.iter().chain(&st.transport) {
                 if get_path(config, path).is_none() {
                     return Err(pipeline_error(
                         source,
@@ -243,12 +249,23 @@ impl Plan {
                         get_path(config, p).cloned().unwrap_or(Value::Null),
                     );
                 }
+                let transport = st
+                    .transport
+                    .iter()
+                    .map(|p| {
+                        (
+                            p.clone(),
+                            get_path(config, p).cloned().unwrap_or(Value::Null),
+                        )
+                    })
+                    .collect();
                 let ix = graph.add_node(NodeSpec {
                     id,
                     stage: name.to_string(),
                     op: op.clone(),
                     bindings: bindings.clone(),
                     config: cfg,
+                    transport,
                 });
                 for need in &st.needs {
                     for &up in instances.get(need).map(Vec::as_slice).unwrap_or(&[]) {

@@ -140,6 +140,7 @@ pub fn upstream_of(
             let rec = records[up.index()].as_ref()?;
             let spec = &plan.graph[up];
             Some(Upstream {
+                key: rec.key,
                 node: spec.id.clone(),
                 stage: spec.stage.clone(),
                 bindings: spec.bindings.clone(),

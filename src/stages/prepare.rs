@@ -7,9 +7,29 @@ use crate::config::schema::{Binning, Dataset, Sampling, Tokenizer};
 use crate::data::{binning, synthetic, tokenize, Example};
 use crate::engine::{Op, OpContext};
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 pub struct Prepare;
+
+/// One manifest entry: which bin an example fell into, and its token length.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub example_id: String,
+    pub bin_idx: i64,
+    pub token_len: i64,
+}
+
+/// One length bin: `[lo, hi)` in tokens (the last bin includes `hi`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Bin {
+    pub bin_idx: i64,
+    pub lo: i64,
+    pub hi: i64,
+    /// Examples of the dataset in this bin before sampling.
+    pub n_available: i64,
+    pub n_selected: i64,
+}
 
 impl Op for Prepare {
     fn name(&self) -> &'static str {
@@ -17,7 +37,7 @@ impl Op for Prepare {
     }
     /// Bump when generation, binning, sampling or the artifact layout changes.
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let ds: Dataset = ctx.get("dataset")?;
@@ -36,6 +56,8 @@ impl Op for Prepare {
                 .context("config `dataset.task`")?,
             other => bail!("config `dataset.source`: `{other}` is not supported; use `synthetic`"),
         };
+        let examples =
+            crate::data::ops::apply(examples, &ds.ops).context("config `dataset.ops`")?;
         if examples.is_empty() {
             bail!("the dataset has no examples: check `dataset.lengths` and `dataset.per_length`");
         }
@@ -83,9 +105,22 @@ impl Op for Prepare {
             .map(|(id, b)| (by_id[id.as_str()].1, id.as_str(), *b))
             .collect();
         rows.sort();
-        let entries: Vec<_> = rows
+        let entries: Vec<Entry> = rows
             .iter()
-            .map(|(len, id, b)| json!({"example_id": id, "bin_idx": b, "token_len": len}))
+            .map(|(len, id, b)| Entry {
+                example_id: id.to_string(),
+                bin_idx: *b as i64,
+                token_len: *len as i64,
+            })
+            .collect();
+        let bin_rows: Vec<Bin> = (0..n_bins)
+            .map(|b| Bin {
+                bin_idx: b as i64,
+                lo: edges[b] as i64,
+                hi: edges[b + 1] as i64,
+                n_available: items.iter().filter(|(_, x)| *x == b).count() as i64,
+                n_selected: entries.iter().filter(|e| e.bin_idx == b as i64).count() as i64,
+            })
             .collect();
         let selected: Vec<&Example> = rows.iter().map(|(_, id, _)| by_id[id].0).collect();
         let dataset_id = format!("{}__{}", ds.name, ds.task);
@@ -98,17 +133,14 @@ impl Op for Prepare {
             "entries": entries,
             "examples": selected,
         });
-        let mut jsonl = Vec::new();
-        for e in &selected {
-            serde_json::to_writer(&mut jsonl, e)?;
-            jsonl.push(b'\n');
-        }
-        ctx.put("examples", &jsonl)?;
+        ctx.put("examples", &crate::table::write(&selected)?)?;
+        ctx.put("manifest", &crate::table::write(&entries)?)?;
+        ctx.put("bins", &crate::table::write(&bin_rows)?)?;
         let mut bytes = serde_json::to_vec_pretty(&manifest)?;
         bytes.push(b'\n');
-        ctx.put("manifest", &bytes)?;
+        ctx.put("manifest_json", &bytes)?;
         ctx.export(
-            "manifest",
+            "manifest_json",
             format!("data/processed/{dataset_id}/manifest.json"),
         );
         Ok(())

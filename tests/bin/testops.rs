@@ -49,7 +49,7 @@ impl Op for Read {
     }
 }
 
-/// Keeps the first `budget` fraction of the words, cased by `kv.policy`.
+/// Keeps the first `budget` fraction of the words, cased by `model.name`.
 struct Scale;
 impl Op for Scale {
     fn name(&self) -> &'static str {
@@ -61,7 +61,7 @@ impl Op for Scale {
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         log_run(ctx)?;
         let budget: f64 = ctx.item("budget")?;
-        let policy: String = ctx.get("kv.policy")?;
+        let policy: String = ctx.get("model.name")?;
         let text = String::from_utf8(ctx.input("read", "text")?)?;
         let words: Vec<&str> = text.split_whitespace().collect();
         let keep = ((words.len() as f64) * budget).ceil() as usize;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 pub const TEST_PIPELINE: &str = "\
 stages:
   read: {op: t_read, uses: [dataset.path]}
-  scale: {op: t_scale, needs: [read], uses: [kv.policy], foreach: {budget: kv.budgets}}
+  scale: {op: t_scale, needs: [read], uses: [model.name], foreach: {budget: kv.budgets}}
   count: {op: t_count, needs: [scale], uses: [analysis.bootstrap.iters]}
   report: {op: t_report, needs: [count], uses: [output.exp_group_id]}
 ";
@@ -29,7 +29,7 @@ impl Project {
         p.write("pipelines/test.yaml", TEST_PIPELINE);
         p.write(
             "config/experiments/t.yaml",
-            "pipeline: test\ndataset:\n  path: input.txt\nkv:\n  policy: lower\noutput:\n  exp_group_id: t1\n",
+            "pipeline: test\ndataset:\n  path: input.txt\nmodel:\n  name: lower\noutput:\n  exp_group_id: t1\n",
         );
         p.write(
             "input.txt",

@@ -1,0 +1,315 @@
+//! OpenAI-compatible chat client: streaming (time to first token, usage chunk)
+//! or not, retries with exponential backoff and jitter for timeouts,
+//! connection errors, 429 and 5xx (honouring `Retry-After`), and a final,
+//! recorded outcome for everything else.
+
+use super::Outcome;
+use futures_util::StreamExt;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+/// Transport settings: never part of any key.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    pub base_url: String,
+    pub api_key: Option<String>,
+    pub timeout: Duration,
+    pub max_retries: u32,
+    pub stream: bool,
+    /// First backoff step; doubles per retry, plus up to 50 % jitter, capped at 8 s.
+    pub backoff: Duration,
+}
+
+pub struct Client {
+    http: reqwest::Client,
+    opts: ClientOptions,
+    url: String,
+}
+
+/// Why an attempt failed, and whether trying again may help.
+struct Failure {
+    kind: &'static str,
+    message: String,
+    status: Option<u16>,
+    transient: bool,
+    retry_after: Option<Duration>,
+}
+
+fn fail(kind: &'static str, message: String, status: Option<u16>, transient: bool) -> Failure {
+    Failure {
+        kind,
+        message,
+        status,
+        transient,
+        retry_after: None,
+    }
+}
+
+impl Client {
+    pub fn new(opts: ClientOptions) -> anyhow::Result<Client> {
+        let http = reqwest::Client::builder()
+            .timeout(opts.timeout)
+            .pool_max_idle_per_host(256)
+            .build()?;
+        let url = format!("{}/chat/completions", opts.base_url.trim_end_matches('/'));
+        Ok(Client { http, opts, url })
+    }
+
+    /// Sends one chat request (with retries) and returns its outcome.
+    pub async fn chat(&self, key: &str, body: &Value, seed: u64) -> Outcome {
+        let mut rng = crate::data::SplitMix64::for_cell(seed, key);
+        let mut retries = 0;
+        loop {
+            let t0 = Instant::now();
+            match self.attempt(key, body, t0).await {
+                Ok(mut o) => {
+                    o.retries = retries;
+                    o.is_final = true;
+                    return o;
+                }
+                Err(f) => {
+                    if !f.transient || retries >= self.opts.max_retries {
+                        return Outcome {
+                            latency_ms: t0.elapsed().as_secs_f64() * 1000.0,
+                            retries,
+                            error_kind: Some(f.kind.to_string()),
+                            error: Some(f.message),
+                            http_status: f.status,
+                            is_final: !f.transient,
+                            ..Default::default()
+                        };
+                    }
+                    let base = self.opts.backoff.as_secs_f64() * 2f64.powi(retries as i32);
+                    let jitter = 1.0 + 0.5 * rng.unit();
+                    let wait = f
+                        .retry_after
+                        .map(|d| d.as_secs_f64())
+                        .unwrap_or((base * jitter).min(8.0));
+                    tracing::debug!(key, kind = f.kind, wait, "retrying: {}", f.message);
+                    tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+                    retries += 1;
+                }
+            }
+        }
+    }
+
+    async fn attempt(&self, key: &str, body: &Value, t0: Instant) -> Result<Outcome, Failure> {
+        let mut req = self
+            .http
+            .post(&self.url)
+            .header("x-kvt-request-key", key)
+            .json(body);
+        if let Some(k) = &self.opts.api_key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.map_err(|e| transport_failure(&e))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let retry_after = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|s| s.trim().parse::<f64>().ok())
+                .map(|s| Duration::from_secs_f64(s.clamp(0.0, 60.0)));
+            let text = resp.text().await.unwrap_or_default();
+            let code = status.as_u16();
+            let msg = format!("HTTP {code}: {}", truncate(&text, 500));
+            let mut f = match code {
+                429 => fail("RATE_LIMITED", msg, Some(code), true),
+                408 => fail("TIMEOUT", msg, Some(code), true),
+                500..=599 => fail("ENGINE_ERROR", msg, Some(code), true),
+                _ => fail("ENGINE_ERROR", msg, Some(code), false),
+            };
+            f.retry_after = retry_after;
+            return Err(f);
+        }
+        let is_sse = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if is_sse {
+            read_stream(resp, t0).await
+        } else {
+            let bytes = resp.bytes().await.map_err(|e| transport_failure(&e))?;
+            let latency = t0.elapsed().as_secs_f64() * 1000.0;
+            let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
+                fail(
+                    "ENGINE_ERROR",
+                    format!("malformed JSON response: {e}"),
+                    Some(status.as_u16()),
+                    true,
+                )
+            })?;
+            let choice = v.pointer("/choices/0").ok_or_else(|| {
+                fail(
+                    "ENGINE_ERROR",
+                    "response has no choices".into(),
+                    Some(200),
+                    true,
+                )
+            })?;
+            let mut o = Outcome {
+                text: choice
+                    .pointer("/message/content")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+                finish_reason: choice
+                    .get("finish_reason")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                latency_ms: latency,
+                http_status: Some(status.as_u16()),
+                ..Default::default()
+            };
+            usage_into(&v, &mut o);
+            Ok(o)
+        }
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.len() <= n {
+        return s.to_string();
+    }
+    let mut end = n;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+fn transport_failure(e: &reqwest::Error) -> Failure {
+    if e.is_timeout() {
+        fail("TIMEOUT", format!("request timed out: {e}"), None, true)
+    } else {
+        // Connection refused or reset, a body cut off: the server may recover.
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(e);
+        while let Some(s) = src {
+            msg.push_str(&format!(": {s}"));
+            src = s.source();
+        }
+        fail(
+            "ENGINE_ERROR",
+            format!("connection error: {msg}"),
+            None,
+            true,
+        )
+    }
+}
+
+fn usage_into(v: &Value, o: &mut Outcome) {
+    if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+        o.prompt_tokens = u.get("prompt_tokens").and_then(Value::as_u64);
+        o.completion_tokens = u.get("completion_tokens").and_then(Value::as_u64);
+    }
+    if let Some(r) = v.pointer("/kvt/retained_tokens").and_then(Value::as_u64) {
+        o.retained_tokens = Some(r);
+    }
+}
+
+/// Reads a server-sent event stream of chat completion chunks.
+async fn read_stream(resp: reqwest::Response, t0: Instant) -> Result<Outcome, Failure> {
+    let status = resp.status().as_u16();
+    let mut o = Outcome {
+        http_status: Some(status),
+        ..Default::default()
+    };
+    let mut buf: Vec<u8> = Vec::new();
+    let mut done = false;
+    let mut saw_choice = false;
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| transport_failure(&e))?;
+        buf.extend_from_slice(&chunk);
+        while let Some(pos) = find_event_end(&buf) {
+            let event: Vec<u8> = buf.drain(..pos.0 + pos.1).collect();
+            let event = String::from_utf8_lossy(&event[..pos.0]).into_owned();
+            for line in event.lines() {
+                let Some(data) = line.strip_prefix("data:") else {
+                    continue;
+                };
+                let data = data.trim();
+                if data == "[DONE]" {
+                    done = true;
+                    continue;
+                }
+                let v: Value = serde_json::from_str(data).map_err(|e| {
+                    fail(
+                        "ENGINE_ERROR",
+                        format!("malformed stream chunk: {e}"),
+                        Some(status),
+                        true,
+                    )
+                })?;
+                if let Some(err) = v.get("error") {
+                    return Err(fail(
+                        "ENGINE_ERROR",
+                        format!("error in stream: {err}"),
+                        Some(status),
+                        true,
+                    ));
+                }
+                if let Some(c) = v.pointer("/choices/0") {
+                    saw_choice = true;
+                    if let Some(t) = c.pointer("/delta/content").and_then(Value::as_str) {
+                        if !t.is_empty() && o.ttft_ms.is_none() {
+                            o.ttft_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);
+                        }
+                        o.text.push_str(t);
+                    }
+                    if let Some(f) = c.get("finish_reason").and_then(Value::as_str) {
+                        o.finish_reason = Some(f.to_string());
+                    }
+                }
+                usage_into(&v, &mut o);
+            }
+        }
+    }
+    o.latency_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    if !done {
+        return Err(fail(
+            "ENGINE_ERROR",
+            "the stream ended before [DONE]".into(),
+            Some(status),
+            true,
+        ));
+    }
+    if !saw_choice {
+        return Err(fail(
+            "ENGINE_ERROR",
+            "the stream carried no choices".into(),
+            Some(status),
+            true,
+        ));
+    }
+    Ok(o)
+}
+
+/// End of the first event in `buf`: (position, separator length).
+fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|p| (p, 2));
+    let crlf = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| (p, 4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_split_on_blank_lines() {
+        assert_eq!(find_event_end(b"data: x\n\ndata: y"), Some((7, 2)));
+        assert_eq!(find_event_end(b"data: x\r\n\r\n"), Some((7, 4)));
+        assert_eq!(find_event_end(b"data: x\n"), None);
+        assert_eq!(truncate("héllo", 2), "h…");
+    }
+}

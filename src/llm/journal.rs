@@ -1,0 +1,155 @@
+//! The request journal: every response is recorded the moment it arrives, keyed
+//! by the request's identity, in SQLite (WAL mode) inside the cache. A build
+//! sends only requests without a final answer; a transient failure (timeout,
+//! 429, 5xx, connection error) is kept but retried on the next build, and a
+//! final answer is never overwritten.
+//!
+//! Durability: each record is its own transaction. WAL with `synchronous =
+//! NORMAL` survives a killed process (the case that matters here); a power cut
+//! may lose the last few records, which are then simply sent again.
+
+use super::Outcome;
+use anyhow::{Context, Result};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub struct Journal {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Journal {
+    /// One connection per journal file per process, shared by all nodes
+    /// (SQLite allows one writer at a time anyway).
+    pub fn shared(path: &Path) -> Result<std::sync::Arc<std::sync::Mutex<Journal>>> {
+        use std::sync::{Arc, Mutex, OnceLock};
+        type Map = Mutex<HashMap<PathBuf, Arc<Mutex<Journal>>>>;
+        static OPEN: OnceLock<Map> = OnceLock::new();
+        let mut map = OPEN
+            .get_or_init(Default::default)
+            .lock()
+            .expect("journal map");
+        if let Some(j) = map.get(path) {
+            return Ok(j.clone());
+        }
+        let j = Arc::new(Mutex::new(Journal::open(path)?));
+        map.insert(path.to_path_buf(), j.clone());
+        Ok(j)
+    }
+
+    pub fn open(path: &Path) -> Result<Journal> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let conn = Connection::open(path)
+            .with_context(|| format!("opening the request journal {}", path.display()))?;
+        conn.busy_timeout(Duration::from_secs(30))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS responses (
+                request_key TEXT PRIMARY KEY,
+                is_final    INTEGER NOT NULL,
+                attempts    INTEGER NOT NULL,
+                outcome     TEXT NOT NULL
+            );",
+        )
+        .with_context(|| {
+            format!(
+                "the request journal {} is unreadable; move it aside to start over (answers in it would be re-requested)",
+                path.display()
+            )
+        })?;
+        Ok(Journal {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Records an outcome; a final answer already in the journal is kept.
+    pub fn record(&self, key: &str, o: &Outcome) -> Result<()> {
+        let text = serde_json::to_string(o)?;
+        self.conn.execute(
+            "INSERT INTO responses (request_key, is_final, attempts, outcome) VALUES (?1, ?2, 1, ?3)
+             ON CONFLICT(request_key) DO UPDATE SET
+                is_final = excluded.is_final, outcome = excluded.outcome,
+                attempts = responses.attempts + 1
+             WHERE responses.is_final = 0",
+            params![key, o.is_final as i64, text],
+        )?;
+        Ok(())
+    }
+
+    pub fn get(&self, key: &str) -> Result<Option<Outcome>> {
+        let row: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT outcome FROM responses WHERE request_key = ?1",
+                [key],
+                |r| r.get(0),
+            )
+            .optional()?;
+        row.map(|t| serde_json::from_str(&t).context("a journal record is not valid JSON"))
+            .transpose()
+    }
+
+    /// Outcomes for many keys (missing keys are absent from the map).
+    pub fn get_many(&self, keys: &[String]) -> Result<HashMap<String, Outcome>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT outcome FROM responses WHERE request_key = ?1")?;
+        let mut out = HashMap::new();
+        for k in keys {
+            let row: Option<String> = stmt.query_row([k], |r| r.get(0)).optional()?;
+            if let Some(t) = row {
+                out.insert(
+                    k.clone(),
+                    serde_json::from_str(&t).context("a journal record is not valid JSON")?,
+                );
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn final_answers_are_never_overwritten_and_transient_ones_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.sqlite")).unwrap();
+        let transient = Outcome {
+            error_kind: Some("TIMEOUT".into()),
+            ..Default::default()
+        };
+        j.record("k", &transient).unwrap();
+        assert!(!j.get("k").unwrap().unwrap().is_final);
+        let ok = Outcome {
+            text: "42".into(),
+            is_final: true,
+            ..Default::default()
+        };
+        j.record("k", &ok).unwrap();
+        let later = Outcome {
+            text: "other".into(),
+            is_final: true,
+            ..Default::default()
+        };
+        j.record("k", &later).unwrap();
+        assert_eq!(j.get("k").unwrap().unwrap().text, "42");
+        drop(j);
+        // Reopened: still there.
+        let j = Journal::open(&dir.path().join("j.sqlite")).unwrap();
+        let m = j.get_many(&["k".into(), "missing".into()]).unwrap();
+        assert_eq!(m.len(), 1);
+        assert_eq!(m["k"].text, "42");
+    }
+}

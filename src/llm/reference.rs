@@ -1,0 +1,432 @@
+//! The reference engine: a deterministic simulator of KV-cache eviction with an
+//! extractive reader. No model weights, no network.
+//!
+//! Given the prompt's tokens, a policy decides which tokens keep their KV
+//! entries; the reader then answers from the surviving text only. Relevance
+//! ("attention") is simulated lexically: a query token attends to earlier
+//! tokens with the same id, weighted by rarity (1 / occurrences in the prompt),
+//! so rare tokens such as a key's name matter and common ones barely do.
+//!
+//! * `full` keeps everything.
+//! * `streaming` (StreamingLLM-style): the first `sink_tokens` plus the most
+//!   recent tokens up to the budget.
+//! * `snapkv` (SnapKV-style): the last `window` tokens are the observation
+//!   window and are kept; every earlier token is scored by the attention it
+//!   receives from the window, scores are max-pooled over `pool_kernel`
+//!   neighbours, and the top scores fill the rest of the budget.
+//! * `h2o` (H2O-style): heavy hitters by cumulative attention received from all
+//!   later tokens, plus a recent window of `window` tokens.
+//! * `random`: the recent window plus a seeded uniform sample.
+
+use crate::data::SplitMix64;
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use tiktoken_rs::CoreBPE;
+
+pub const POLICIES: &[&str] = &["full", "streaming", "snapkv", "h2o", "random"];
+
+/// What the reader says when the surviving text does not hold the answer.
+pub const NOT_FOUND: &str = "I cannot find the answer in the text I still have.";
+
+/// Policy parameters. `budget` ≤ 1.0 is a fraction of the prompt's tokens;
+/// above 1.0 it is an absolute number of tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KvParams {
+    pub policy: String,
+    pub budget: f64,
+    pub sink_tokens: u32,
+    pub window: u32,
+    pub pool_kernel: u32,
+    pub seed: u64,
+}
+
+impl KvParams {
+    pub fn check(&self) -> Result<()> {
+        if !POLICIES.contains(&self.policy.as_str()) {
+            bail!(
+                "unknown KV policy `{}`; choose one of: {}",
+                self.policy,
+                POLICIES.join(", ")
+            );
+        }
+        if !(self.budget > 0.0) || !self.budget.is_finite() {
+            bail!(
+                "KV budget {} is not positive: use a fraction in (0, 1] or a token count",
+                self.budget
+            );
+        }
+        Ok(())
+    }
+    /// True when the policy keeps every token (full cache or budget ≥ 100 %).
+    pub fn is_full(&self) -> bool {
+        self.policy == "full" || self.budget == 1.0
+    }
+    /// Tokens kept for a prompt of `n` tokens.
+    pub fn capacity(&self, n: usize) -> usize {
+        if self.is_full() {
+            return n;
+        }
+        let k = if self.budget <= 1.0 {
+            (self.budget * n as f64).ceil() as usize
+        } else {
+            self.budget as usize
+        };
+        k.min(n)
+    }
+}
+
+fn rarity(tokens: &[u32]) -> HashMap<u32, f64> {
+    let mut counts: HashMap<u32, usize> = HashMap::new();
+    for &t in tokens {
+        *counts.entry(t).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .map(|(t, c)| (t, 1.0 / c as f64))
+        .collect()
+}
+
+/// Keeps the `k` highest-scoring positions of `cand`, ties to the later position.
+fn top_k(cand: &[usize], score: &[f64], k: usize, keep: &mut [bool]) {
+    let mut c: Vec<usize> = cand.to_vec();
+    c.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(b.cmp(&a)));
+    for &i in c.iter().take(k) {
+        keep[i] = true;
+    }
+}
+
+/// Which prompt tokens keep their KV entries.
+pub fn keep_mask(tokens: &[u32], p: &KvParams) -> Vec<bool> {
+    let n = tokens.len();
+    let k = p.capacity(n);
+    if k >= n {
+        return vec![true; n];
+    }
+    let mut keep = vec![false; n];
+    let window = (p.window as usize).min(k);
+    match p.policy.as_str() {
+        "streaming" => {
+            let sink = (p.sink_tokens as usize).min(k);
+            keep[..sink].iter_mut().for_each(|x| *x = true);
+            keep[n - (k - sink)..].iter_mut().for_each(|x| *x = true);
+        }
+        "snapkv" => {
+            let obs = n - window;
+            keep[obs..].iter_mut().for_each(|x| *x = true);
+            let w = rarity(tokens);
+            let mut in_window: HashMap<u32, f64> = HashMap::new();
+            for &t in &tokens[obs..] {
+                *in_window.entry(t).or_default() += w[&t];
+            }
+            let raw: Vec<f64> = tokens[..obs]
+                .iter()
+                .map(|t| in_window.get(t).copied().unwrap_or(0.0))
+                .collect();
+            let r = (p.pool_kernel as usize) / 2;
+            let pooled: Vec<f64> = (0..obs)
+                .map(|i| {
+                    raw[i.saturating_sub(r)..(i + r + 1).min(obs)]
+                        .iter()
+                        .copied()
+                        .fold(0.0, f64::max)
+                })
+                .collect();
+            let cand: Vec<usize> = (0..obs).collect();
+            top_k(&cand, &pooled, k - window, &mut keep);
+        }
+        "h2o" => {
+            let recent = n - window;
+            keep[recent..].iter_mut().for_each(|x| *x = true);
+            // Attention received from all later tokens: later same-id tokens × rarity.
+            let w = rarity(tokens);
+            let mut later: HashMap<u32, usize> = HashMap::new();
+            let mut score = vec![0.0; n];
+            for i in (0..n).rev() {
+                let t = tokens[i];
+                score[i] = *later.get(&t).unwrap_or(&0) as f64 * w[&t];
+                *later.entry(t).or_default() += 1;
+            }
+            let cand: Vec<usize> = (0..recent).collect();
+            top_k(&cand, &score, k - window, &mut keep);
+        }
+        "random" => {
+            let recent = n - window;
+            keep[recent..].iter_mut().for_each(|x| *x = true);
+            let mut cand: Vec<usize> = (0..recent).collect();
+            let mut rng = SplitMix64::for_cell(p.seed, &format!("random/{n}"));
+            // Partial Fisher–Yates: the first k - window positions are the sample.
+            let m = k - window;
+            for i in 0..m.min(cand.len()) {
+                let j = i + rng.below((cand.len() - i) as u64) as usize;
+                cand.swap(i, j);
+            }
+            for &i in &cand[..m.min(cand.len())] {
+                keep[i] = true;
+            }
+        }
+        _ => keep.iter_mut().for_each(|x| *x = true),
+    }
+    keep
+}
+
+/// The surviving text: each contiguous run of kept tokens decoded on its own,
+/// runs separated by a gap marker so the reader never joins across a hole.
+pub fn surviving_text(bpe: &CoreBPE, tokens: &[u32], keep: &[bool]) -> Vec<String> {
+    let mut runs = Vec::new();
+    let mut cur: Vec<u32> = Vec::new();
+    for (t, &k) in tokens.iter().zip(keep) {
+        if k {
+            cur.push(*t);
+        } else if !cur.is_empty() {
+            runs.push(std::mem::take(&mut cur));
+        }
+    }
+    if !cur.is_empty() {
+        runs.push(cur);
+    }
+    runs.iter()
+        .map(|r| String::from_utf8_lossy(&bpe.decode_bytes(r).unwrap_or_default()).into_owned())
+        .collect()
+}
+
+fn between<'a>(s: &'a str, pre: &str, post: &str) -> Option<&'a str> {
+    let start = s.find(pre)? + pre.len();
+    let len = s[start..].find(post)?;
+    Some(&s[start..start + len])
+}
+
+fn digits_after(s: &str) -> Option<String> {
+    let d: String = s.chars().take_while(|c| c.is_ascii_digit()).collect();
+    (!d.is_empty()).then_some(d)
+}
+
+/// Finds `{pre}{value}` with `value` a run of digits in any surviving run.
+fn find_number(runs: &[String], pre: &str) -> Option<String> {
+    runs.iter().find_map(|r| {
+        r.match_indices(pre)
+            .find_map(|(i, _)| digits_after(&r[i + pre.len()..]))
+    })
+}
+
+/// Answers the question from the surviving runs, or says it cannot.
+pub fn read_answer(runs: &[String], question: &str) -> String {
+    if let Some(key) = between(question, "access code assigned to ", "?") {
+        if let Some(v) = find_number(runs, &format!("access code assigned to {key} is ")) {
+            return v;
+        }
+    } else if let Some(reg) = between(question, "does register ", " hold") {
+        // Follow the copies back to the register that was set directly.
+        let mut cur = reg.to_string();
+        for _ in 0..64 {
+            if let Some(v) = find_number(runs, &format!("Let the register {cur} hold ")) {
+                return v;
+            }
+            let src = runs.iter().find_map(|r| {
+                let pat = format!(" into register {cur}.");
+                let end = r.find(&pat)?;
+                let start = r[..end].rfind("Copy register ")? + "Copy register ".len();
+                Some(r[start..end].to_string())
+            });
+            match src {
+                Some(s) if !s.contains(' ') => cur = s,
+                _ => break,
+            }
+        }
+    }
+    NOT_FOUND.to_string()
+}
+
+/// One answer of the reference engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefAnswer {
+    pub text: String,
+    pub finish_reason: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub retained_tokens: usize,
+}
+
+/// Runs the whole engine on a rendered prompt whose last line(s) hold the question.
+pub fn answer(
+    bpe: &CoreBPE,
+    prompt: &str,
+    question: &str,
+    p: &KvParams,
+    max_new_tokens: usize,
+) -> Result<RefAnswer> {
+    p.check()?;
+    let tokens = bpe.encode_ordinary(prompt);
+    let keep = keep_mask(&tokens, p);
+    let retained = keep.iter().filter(|&&k| k).count();
+    let runs = surviving_text(bpe, &tokens, &keep);
+    let full = read_answer(&runs, question);
+    let out = bpe.encode_ordinary(&full);
+    let (text, finish) = if out.len() > max_new_tokens {
+        let cut = &out[..max_new_tokens];
+        (
+            String::from_utf8_lossy(&bpe.decode_bytes(cut).unwrap_or_default()).into_owned(),
+            "length",
+        )
+    } else {
+        (full, "stop")
+    };
+    Ok(RefAnswer {
+        completion_tokens: out.len().min(max_new_tokens),
+        text,
+        finish_reason: finish.to_string(),
+        prompt_tokens: tokens.len(),
+        retained_tokens: retained,
+    })
+}
+
+/// Analytic KV-cache memory: tokens × layers × kv-heads × head-dim × 2 (K and V) × bytes.
+pub fn kv_bytes(tokens: u64, g: &crate::config::schema::KvGeometry) -> u64 {
+    tokens * g.layers as u64 * g.kv_heads as u64 * g.head_dim as u64 * 2 * g.bytes_per_elem as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(policy: &str, budget: f64) -> KvParams {
+        KvParams {
+            policy: policy.into(),
+            budget,
+            sink_tokens: 2,
+            window: 3,
+            pool_kernel: 3,
+            seed: 7,
+        }
+    }
+
+    fn kept(mask: &[bool]) -> Vec<usize> {
+        mask.iter()
+            .enumerate()
+            .filter(|(_, &k)| k)
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    #[test]
+    fn capacity_is_fractional_or_absolute() {
+        assert_eq!(params("snapkv", 0.5).capacity(10), 5);
+        assert_eq!(params("snapkv", 0.25).capacity(10), 3);
+        assert_eq!(params("snapkv", 4.0).capacity(10), 4);
+        assert_eq!(params("snapkv", 40.0).capacity(10), 10);
+        assert_eq!(params("full", 0.1).capacity(10), 10);
+        assert!(params("nope", 0.5).check().is_err());
+        assert!(params("full", 0.0).check().is_err());
+    }
+
+    #[test]
+    fn streaming_keeps_sinks_and_the_recent_window() {
+        let toks: Vec<u32> = (0..12).collect();
+        let m = keep_mask(&toks, &params("streaming", 0.5));
+        assert_eq!(kept(&m), vec![0, 1, 8, 9, 10, 11]);
+    }
+
+    #[test]
+    fn snapkv_keeps_what_the_window_attends_to_and_its_neighbours() {
+        // Token 42 appears at position 3 and in the observation window (last 3).
+        let toks = vec![1, 1, 1, 42, 7, 1, 1, 1, 1, 1, 9, 42, 8];
+        let m = keep_mask(&toks, &params("snapkv", 6.0));
+        // Window 10..13; pooled (kernel 3) scores put 2, 3, 4 on top.
+        let k = kept(&m);
+        assert_eq!(k, vec![2, 3, 4, 10, 11, 12]);
+    }
+
+    #[test]
+    fn h2o_keeps_heavy_hitters_and_recent_tokens() {
+        // Token 5 recurs: its early occurrences receive the most attention.
+        let toks = vec![5, 2, 5, 3, 5, 4, 5, 7, 8, 9];
+        let m = keep_mask(&toks, &params("h2o", 6.0));
+        assert_eq!(kept(&m), vec![0, 2, 4, 7, 8, 9]);
+    }
+
+    #[test]
+    fn random_is_seeded_and_keeps_the_budget() {
+        let toks: Vec<u32> = (0..100).collect();
+        let a = keep_mask(&toks, &params("random", 0.3));
+        assert_eq!(a, keep_mask(&toks, &params("random", 0.3)));
+        assert_eq!(kept(&a).len(), 30);
+        assert!(kept(&a).ends_with(&[97, 98, 99]));
+        let mut other = params("random", 0.3);
+        other.seed = 8;
+        assert_ne!(a, keep_mask(&toks, &other));
+    }
+
+    #[test]
+    fn reader_finds_needles_and_chains_and_never_joins_gaps() {
+        let runs = vec!["x the access code assigned to Kalo is 123456. y".to_string()];
+        assert_eq!(
+            read_answer(&runs, "What is the access code assigned to Kalo?"),
+            "123456"
+        );
+        assert_eq!(
+            read_answer(&runs, "What is the access code assigned to Ka?"),
+            NOT_FOUND
+        );
+        let split = vec![
+            "the access code assigned to Kalo is".to_string(),
+            "123456.".to_string(),
+        ];
+        assert_eq!(
+            read_answer(&split, "What is the access code assigned to Kalo?"),
+            NOT_FOUND
+        );
+        let chain = vec![
+            "Let the register AB hold 42. blah Copy register AB into register CD.".to_string(),
+            "Copy register CD into register EF.".to_string(),
+        ];
+        assert_eq!(
+            read_answer(&chain, "Which number does register EF hold?"),
+            "42"
+        );
+        assert_eq!(
+            read_answer(&chain[1..], "Which number does register EF hold?"),
+            NOT_FOUND
+        );
+    }
+
+    #[test]
+    fn engine_answers_from_full_cache_and_loses_early_needles_under_streaming() {
+        let bpe = crate::data::tokenize::encoding("cl100k_base").unwrap();
+        let filler = "The ferry crossed the estuary twice an hour. ".repeat(60);
+        let prompt = format!(
+            "Archive note: the access code assigned to Velo is 918273. {filler}\nQuestion: What is the access code assigned to Velo?\nAnswer:"
+        );
+        let q = "What is the access code assigned to Velo?";
+        let mut p = params("full", 1.0);
+        p.window = 32;
+        p.pool_kernel = 7;
+        let full = answer(bpe, &prompt, q, &p, 32).unwrap();
+        assert_eq!(full.text, "918273");
+        assert_eq!(full.retained_tokens, full.prompt_tokens);
+        p.policy = "streaming".into();
+        p.budget = 0.3;
+        let s = answer(bpe, &prompt, q, &p, 32).unwrap();
+        assert_eq!(s.text, NOT_FOUND);
+        assert!(s.retained_tokens < s.prompt_tokens / 2);
+        p.policy = "snapkv".into();
+        assert_eq!(answer(bpe, &prompt, q, &p, 32).unwrap().text, "918273");
+        // Too few new tokens: cut and marked as truncated.
+        p.policy = "streaming".into();
+        let t = answer(bpe, &prompt, q, &p, 3).unwrap();
+        assert_eq!(
+            (t.finish_reason.as_str(), t.completion_tokens),
+            ("length", 3)
+        );
+    }
+
+    #[test]
+    fn kv_memory_is_analytic() {
+        let g = crate::config::schema::KvGeometry {
+            layers: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            bytes_per_elem: 2,
+        };
+        assert_eq!(kv_bytes(1000, &g), 1000 * 32 * 8 * 128 * 2 * 2);
+    }
+}

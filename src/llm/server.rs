@@ -1,0 +1,343 @@
+//! `kvt serve`: the reference engine behind an OpenAI-compatible HTTP API.
+//!
+//! * `POST /v1/chat/completions`, streaming (server-sent events, with a usage
+//!   chunk when `stream_options.include_usage` is set) and not;
+//! * `GET /v1/models`, `GET /health`.
+//!
+//! Policy and budget come from the request's `kvt` field
+//! (`{"policy": "snapkv", "budget": 0.5, ...}`) or from the server's flags. The
+//! question is read from the last line of the last user message that starts
+//! with `Question:`. Responses carry `kvt.retained_tokens`.
+
+use super::reference::{self, KvParams};
+use super::QUESTION_MARKER;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Server settings (the `kvt serve` flags).
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub host: String,
+    pub port: u16,
+    pub model: String,
+    pub defaults: KvParams,
+    /// Artificial delay before each answer (for tests and demos of slow servers).
+    pub delay_ms: u64,
+    /// Appends one JSON line per answered request (request key, status).
+    pub request_log: Option<std::path::PathBuf>,
+    /// Exit when standard input closes: a parent that dies takes the server with it.
+    pub exit_on_stdin_eof: bool,
+}
+
+struct AppState {
+    opts: ServeOptions,
+    served: AtomicU64,
+    log: Option<Mutex<std::fs::File>>,
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    let body = json!({"error": {"message": msg.into(), "type": "invalid_request_error"}});
+    (status, Json(body)).into_response()
+}
+
+fn text_of(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        // The content-parts form: [{"type": "text", "text": "..."}].
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(""),
+        _ => String::new(),
+    }
+}
+
+/// Renders messages into one prompt and finds the question.
+pub fn render(messages: &[Value]) -> Result<(String, String), String> {
+    if messages.is_empty() {
+        return Err("`messages` is empty".into());
+    }
+    let mut prompt = String::new();
+    let mut last_user = String::new();
+    for m in messages {
+        let content = text_of(m.get("content").unwrap_or(&Value::Null));
+        if m.get("role").and_then(Value::as_str) == Some("user") {
+            last_user = content.clone();
+        }
+        if !prompt.is_empty() {
+            prompt.push_str("\n\n");
+        }
+        prompt.push_str(&content);
+    }
+    let question = last_user
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix(QUESTION_MARKER))
+        .map(|q| q.trim().to_string())
+        .unwrap_or_else(|| last_user.lines().last().unwrap_or("").trim().to_string());
+    Ok((prompt, question))
+}
+
+fn params_for(body: &Value, defaults: &KvParams) -> Result<KvParams, String> {
+    let mut p = defaults.clone();
+    if let Some(k) = body.get("kvt") {
+        let mut merged = serde_json::to_value(&p).expect("params serialize");
+        let obj = k.as_object().ok_or("`kvt` must be an object")?;
+        for (key, v) in obj {
+            if merged.get(key).is_none() {
+                return Err(format!("unknown field `kvt.{key}`"));
+            }
+            merged[key] = v.clone();
+        }
+        p = serde_json::from_value(merged).map_err(|e| format!("`kvt`: {e}"))?;
+    }
+    p.check().map_err(|e| e.to_string())?;
+    Ok(p)
+}
+
+async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    let bytes = match axum::body::to_bytes(body, 64 << 20).await {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
+    };
+    let body: Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("body is not JSON: {e}")),
+    };
+    let Some(messages) = body.get("messages").and_then(Value::as_array) else {
+        return error(StatusCode::BAD_REQUEST, "missing `messages`");
+    };
+    let (prompt, question) = match render(messages) {
+        Ok(x) => x,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let params = match params_for(&body, &st.opts.defaults) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let max_new = body
+        .get("max_completion_tokens")
+        .or_else(|| body.get("max_tokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or(256) as usize;
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = body
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or(&st.opts.model)
+        .to_string();
+    if st.opts.delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(st.opts.delay_ms)).await;
+    }
+    let ans = tokio::task::spawn_blocking(move || {
+        let bpe = crate::data::tokenize::encoding("cl100k_base")?;
+        reference::answer(bpe, &prompt, &question, &params, max_new)
+    })
+    .await;
+    let ans = match ans {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let n = st.served.fetch_add(1, Ordering::Relaxed);
+    if let Some(log) = &st.log {
+        let key = headers
+            .get("x-kvt-request-key")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let line = json!({"request_key": key, "stream": stream}).to_string();
+        if let Ok(mut f) = log.lock() {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+    let id = format!("kvt-{n}");
+    let usage = json!({
+        "prompt_tokens": ans.prompt_tokens,
+        "completion_tokens": ans.completion_tokens,
+        "total_tokens": ans.prompt_tokens + ans.completion_tokens,
+    });
+    let kvt = json!({"retained_tokens": ans.retained_tokens, "policy": st_policy(&body, &st)});
+    if !stream {
+        return Json(json!({
+            "id": id, "object": "chat.completion", "created": 0, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": ans.text},
+                         "finish_reason": ans.finish_reason}],
+            "usage": usage,
+            "kvt": kvt,
+        }))
+        .into_response();
+    }
+    // Stream the answer word by word, then the finish chunk, then usage.
+    let chunk = |delta: Value, finish: Value| {
+        let c = json!({"id": id, "object": "chat.completion.chunk", "created": 0, "model": model,
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        format!("data: {c}\n\n")
+    };
+    let mut events = vec![chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    )];
+    let mut piece = String::new();
+    for ch in ans.text.chars() {
+        piece.push(ch);
+        if ch == ' ' {
+            events.push(chunk(json!({"content": piece}), Value::Null));
+            piece.clear();
+        }
+    }
+    if !piece.is_empty() {
+        events.push(chunk(json!({"content": piece}), Value::Null));
+    }
+    events.push(chunk(json!({}), json!(ans.finish_reason)));
+    if include_usage {
+        let c = json!({"id": id, "object": "chat.completion.chunk", "created": 0, "model": model,
+                       "choices": [], "usage": usage, "kvt": kvt});
+        events.push(format!("data: {c}\n\n"));
+    } else {
+        let c = json!({"id": id, "object": "chat.completion.chunk", "created": 0, "model": model,
+                       "choices": [], "kvt": kvt});
+        events.push(format!("data: {c}\n\n"));
+    }
+    events.push("data: [DONE]\n\n".to_string());
+    let stream = futures_util::stream::iter(events.into_iter().map(Ok::<_, std::io::Error>));
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(Body::from_stream(stream))
+        .expect("valid response")
+}
+
+fn st_policy(body: &Value, st: &AppState) -> String {
+    body.pointer("/kvt/policy")
+        .and_then(Value::as_str)
+        .unwrap_or(&st.opts.defaults.policy)
+        .to_string()
+}
+
+async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [
+        {"id": st.opts.model, "object": "model", "created": 0, "owned_by": "kvt"}
+    ]}))
+}
+
+async fn health(State(st): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({"status": "ok", "served": st.served.load(Ordering::Relaxed)}))
+}
+
+/// The HTTP app (also used in-process by tests).
+pub fn router(opts: ServeOptions) -> anyhow::Result<Router> {
+    let log = match &opts.request_log {
+        Some(p) => Some(Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| anyhow::anyhow!("opening request log {}: {e}", p.display()))?,
+        )),
+        None => None,
+    };
+    let st = Arc::new(AppState {
+        opts,
+        served: AtomicU64::new(0),
+        log,
+    });
+    Ok(Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .with_state(st))
+}
+
+/// Runs the server until Ctrl-C (or standard input closes, if asked).
+pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    opts.defaults.check()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let addr: SocketAddr = format!("{}:{}", opts.host, opts.port)
+            .parse()
+            .map_err(|e| anyhow::anyhow!("`--host {}`: {e}", opts.host))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        let local = listener.local_addr()?;
+        let exit_on_eof = opts.exit_on_stdin_eof;
+        let app = router(opts)?;
+        // The first line of stdout is the address: a parent reads it to find the port.
+        println!("kvt serve: listening on http://{local}");
+        std::io::stdout().flush()?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        if exit_on_eof {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                use std::io::Read;
+                while matches!(std::io::stdin().read(&mut buf), Ok(n) if n > 0) {}
+                let _ = tx.send(());
+            });
+        } else {
+            drop(tx);
+        }
+        let shutdown = async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                r = rx => if r.is_err() { std::future::pending::<()>().await },
+            }
+        };
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await?;
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn question_is_the_last_question_line_of_the_last_user_message() {
+        let msgs = vec![
+            json!({"role": "system", "content": "Be brief."}),
+            json!({"role": "user", "content": "Doc text\nQuestion: What is X?\nAnswer:"}),
+        ];
+        let (prompt, q) = render(&msgs).unwrap();
+        assert_eq!(q, "What is X?");
+        assert!(prompt.starts_with("Be brief.\n\nDoc text"));
+        assert!(render(&[]).is_err());
+    }
+
+    #[test]
+    fn request_fields_override_server_defaults() {
+        let d = KvParams {
+            policy: "full".into(),
+            budget: 1.0,
+            sink_tokens: 4,
+            window: 32,
+            pool_kernel: 7,
+            seed: 0,
+        };
+        let p = params_for(&json!({"kvt": {"policy": "snapkv", "budget": 0.2}}), &d).unwrap();
+        assert_eq!((p.policy.as_str(), p.budget, p.window), ("snapkv", 0.2, 32));
+        assert!(params_for(&json!({"kvt": {"polcy": "x"}}), &d)
+            .unwrap_err()
+            .contains("kvt.polcy"));
+        assert!(params_for(&json!({"kvt": {"policy": "lru"}}), &d).is_err());
+    }
+}

@@ -1,0 +1,3 @@
+//! Output rendering: plots (PNG and SVG with an embedded font).
+
+pub mod plots;

@@ -1,0 +1,294 @@
+//! `analyze`: per (policy, budget, length bin) — n, mean score with a seeded
+//! bootstrap CI, the paired delta to the same policy's full-cache budget with a
+//! paired-bootstrap CI, the failure rate with a Wilson interval, latency p50 /
+//! p95, time-to-first-token p50, mean retained tokens and analytic KV memory —
+//! and transition detection per (policy, budget). Writes `bin_stats` and
+//! `transition_summary` as Parquet tables.
+
+use crate::config::schema::{Analysis, KvGeometry};
+use crate::data::SplitMix64;
+use crate::engine::{Op, OpContext};
+use crate::llm::reference::kv_bytes;
+use crate::stages::prepare::Bin;
+use crate::stages::score::ScoreRow;
+use crate::stats::{self, BinDelta};
+use crate::table;
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub struct Analyze;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BinStat {
+    pub policy: String,
+    pub budget: f64,
+    pub bin_idx: i64,
+    pub bin_lo: i64,
+    pub bin_hi: i64,
+    pub n: i64,
+    pub metric: String,
+    pub mean: Option<f64>,
+    pub ci_lo: Option<f64>,
+    pub ci_hi: Option<f64>,
+    /// The budget the delta is taken against (the policy's full cache).
+    pub reference_budget: f64,
+    pub n_paired: i64,
+    pub delta: Option<f64>,
+    pub delta_lo: Option<f64>,
+    pub delta_hi: Option<f64>,
+    pub n_failed: i64,
+    pub fail_rate: Option<f64>,
+    pub fail_lo: Option<f64>,
+    pub fail_hi: Option<f64>,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p95_ms: Option<f64>,
+    pub ttft_p50_ms: Option<f64>,
+    pub prompt_tokens_mean: Option<f64>,
+    pub retained_tokens_mean: Option<f64>,
+    pub kv_bytes_mean: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransitionRow {
+    pub policy: String,
+    pub budget: f64,
+    pub reference_budget: f64,
+    pub delta_threshold: f64,
+    #[serde(flatten)]
+    pub t: stats::Transition,
+}
+
+fn opt(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
+}
+
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+/// The whole analysis as a pure function (also used by benchmarks).
+pub fn analyze(
+    bins: &[Bin],
+    scores: &[ScoreRow],
+    a: &Analysis,
+    geom: &KvGeometry,
+) -> Result<(Vec<BinStat>, Vec<TransitionRow>)> {
+    if !(a.bootstrap.ci > 0.0 && a.bootstrap.ci < 1.0) {
+        bail!(
+            "config `analysis.bootstrap.ci` must be in (0, 1), got {}",
+            a.bootstrap.ci
+        );
+    }
+    let iters = a.bootstrap.iters as usize;
+    // (policy, budget bits) → rows; budgets keyed by their bits for exact grouping.
+    let mut cells: BTreeMap<(String, u64), Vec<&ScoreRow>> = BTreeMap::new();
+    for r in scores {
+        cells
+            .entry((r.policy.clone(), r.budget.to_bits()))
+            .or_default()
+            .push(r);
+    }
+    let mut policies: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for (p, b) in cells.keys() {
+        policies
+            .entry(p.clone())
+            .or_default()
+            .push(f64::from_bits(*b));
+    }
+    let edges: Vec<i64> = bins
+        .iter()
+        .map(|b| b.lo)
+        .chain(bins.last().map(|b| b.hi))
+        .collect();
+
+    struct Job<'a> {
+        policy: String,
+        budget: f64,
+        reference: f64,
+        bin: &'a Bin,
+        rows: Vec<&'a ScoreRow>,
+        reference_rows: BTreeMap<&'a str, f64>,
+    }
+    let mut jobs: Vec<Job> = Vec::new();
+    for (policy, budgets) in &policies {
+        // The full-cache budget: 1.0 if present, else the largest one.
+        let reference = budgets.iter().copied().fold(f64::MIN, f64::max);
+        let reference = if budgets.contains(&1.0) {
+            1.0
+        } else {
+            reference
+        };
+        let ref_rows = &cells[&(policy.clone(), reference.to_bits())];
+        for &budget in budgets {
+            let rows = &cells[&(policy.clone(), budget.to_bits())];
+            for bin in bins {
+                jobs.push(Job {
+                    policy: policy.clone(),
+                    budget,
+                    reference,
+                    bin,
+                    rows: rows
+                        .iter()
+                        .copied()
+                        .filter(|r| r.bin_idx == bin.bin_idx)
+                        .collect(),
+                    reference_rows: ref_rows
+                        .iter()
+                        .filter(|r| r.bin_idx == bin.bin_idx)
+                        .map(|r| (r.example_id.as_str(), r.score))
+                        .collect(),
+                });
+            }
+        }
+    }
+    let run = |j: &Job| -> BinStat {
+        let label = format!("{}/{}/{}", j.policy, j.budget, j.bin.bin_idx);
+        let seed = a.bootstrap.seed;
+        let vals: Vec<f64> = j.rows.iter().map(|r| r.score).collect();
+        let n = vals.len();
+        let (lo, hi) = stats::bootstrap_ci(
+            &vals,
+            iters,
+            a.bootstrap.ci,
+            &mut SplitMix64::for_cell(seed, &format!("mean/{label}")),
+        );
+        // Pair by example: only examples answered at both budgets.
+        let (ra, rb): (Vec<f64>, Vec<f64>) = j
+            .rows
+            .iter()
+            .filter_map(|r| {
+                j.reference_rows
+                    .get(r.example_id.as_str())
+                    .map(|x| (*x, r.score))
+            })
+            .unzip();
+        let (d, dlo, dhi) = if ra.is_empty() {
+            (f64::NAN, f64::NAN, f64::NAN)
+        } else {
+            stats::paired_delta_ci(
+                &ra,
+                &rb,
+                iters,
+                a.bootstrap.ci,
+                &mut SplitMix64::for_cell(seed, &format!("delta/{label}")),
+            )
+        };
+        let failed = j.rows.iter().filter(|r| r.failure.is_some()).count();
+        let (flo, fhi) = stats::wilson(failed, n, a.bootstrap.ci);
+        let lat = sorted(j.rows.iter().map(|r| r.latency_ms).collect());
+        let ttft = sorted(j.rows.iter().filter_map(|r| r.ttft_ms).collect());
+        let mean_of = |v: Vec<f64>| opt(stats::mean(&v));
+        let retained: Vec<f64> = j
+            .rows
+            .iter()
+            .filter_map(|r| r.retained_tokens.map(|x| x as f64))
+            .collect();
+        let kv: Vec<f64> = j
+            .rows
+            .iter()
+            .filter_map(|r| r.retained_tokens.map(|x| kv_bytes(x, geom) as f64))
+            .collect();
+        BinStat {
+            policy: j.policy.clone(),
+            budget: j.budget,
+            bin_idx: j.bin.bin_idx,
+            bin_lo: j.bin.lo,
+            bin_hi: j.bin.hi,
+            n: n as i64,
+            metric: j.rows.first().map(|r| r.metric.clone()).unwrap_or_default(),
+            mean: opt(stats::mean(&vals)),
+            ci_lo: opt(lo),
+            ci_hi: opt(hi),
+            reference_budget: j.reference,
+            n_paired: ra.len() as i64,
+            delta: opt(d),
+            delta_lo: opt(dlo),
+            delta_hi: opt(dhi),
+            n_failed: failed as i64,
+            fail_rate: (n > 0).then(|| failed as f64 / n as f64),
+            fail_lo: opt(flo),
+            fail_hi: opt(fhi),
+            latency_p50_ms: opt(stats::percentile(&lat, 0.5)),
+            latency_p95_ms: opt(stats::percentile(&lat, 0.95)),
+            ttft_p50_ms: opt(stats::percentile(&ttft, 0.5)),
+            prompt_tokens_mean: mean_of(
+                j.rows
+                    .iter()
+                    .filter_map(|r| r.prompt_tokens.map(|x| x as f64))
+                    .collect(),
+            ),
+            retained_tokens_mean: mean_of(retained),
+            kv_bytes_mean: mean_of(kv),
+        }
+    };
+    // Cells are independent: spread them over the cores. Seeds come from the
+    // cell label, so the result does not depend on the split.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = jobs.len().div_ceil(threads).max(1);
+    let stats_rows: Vec<BinStat> = std::thread::scope(|s| {
+        let hs: Vec<_> = jobs
+            .chunks(chunk)
+            .map(|c| s.spawn(move || c.iter().map(run).collect::<Vec<_>>()))
+            .collect();
+        hs.into_iter()
+            .flat_map(|h| h.join().expect("analysis worker"))
+            .collect()
+    });
+
+    let mut transitions = Vec::new();
+    for (policy, budgets) in &policies {
+        for &budget in budgets {
+            let mine: Vec<&BinStat> = stats_rows
+                .iter()
+                .filter(|s| &s.policy == policy && s.budget == budget)
+                .collect();
+            let per_bin: Vec<Option<BinDelta>> = mine
+                .iter()
+                .map(|s| {
+                    Some(BinDelta {
+                        n: s.n_paired as usize,
+                        lo: s.delta_lo?,
+                        hi: s.delta_hi?,
+                    })
+                })
+                .collect();
+            let reference = mine.first().map_or(1.0, |s| s.reference_budget);
+            let mut t = stats::detect_transition(&per_bin, &edges, a.transition.delta);
+            if budget == reference {
+                t.status = "reference".into();
+            }
+            transitions.push(TransitionRow {
+                policy: policy.clone(),
+                budget,
+                reference_budget: reference,
+                delta_threshold: a.transition.delta,
+                t,
+            });
+        }
+    }
+    Ok((stats_rows, transitions))
+}
+
+impl Op for Analyze {
+    fn name(&self) -> &'static str {
+        "analyze"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn run(&self, ctx: &mut OpContext) -> Result<()> {
+        let a: Analysis = ctx.get("analysis")?;
+        let geom: KvGeometry = ctx.get("model.kv_geometry")?;
+        let bins: Vec<Bin> = table::read(&ctx.input("prepare", "bins")?)?;
+        let mut scores: Vec<ScoreRow> = Vec::new();
+        for up in ctx.upstream("score") {
+            scores.extend(table::read::<ScoreRow>(&ctx.read(up, "scores")?)?);
+        }
+        let (bin_stats, transitions) = analyze(&bins, &scores, &a, &geom)?;
+        ctx.put("bin_stats", &table::write(&bin_stats)?)?;
+        ctx.put("transition_summary", &table::write(&transitions)?)?;
+        Ok(())
+    }
+}

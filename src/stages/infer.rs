@@ -1,0 +1,521 @@
+//! `infer` (one node per policy × budget): sends every example of the manifest
+//! to the engine once. Each request has a key — blake3 of its identity (model,
+//! KV policy and parameters, budget, rendered messages, decoding, label, extra
+//! body fields), never the server address, API key, concurrency or timeouts —
+//! and its outcome goes into the request journal the moment it arrives. A
+//! rebuild sends only what has no final answer; the `responses` artifact is
+//! always rebuilt from the journal, so a fully answered node reproduces the
+//! same bytes and nothing downstream reruns.
+//!
+//! Engines (`engine.kind`, a transport setting): `reference` runs the reference
+//! engine in process; `serve` starts `kvt serve` on a free loopback port for
+//! the node and stops it afterwards; `openai` talks to `engine.base_url`.
+
+use crate::config::schema::{Decoding, Prompt};
+use crate::data::Example;
+use crate::engine::{canonical_json, Op, OpContext};
+use crate::llm::client::{Client, ClientOptions};
+use crate::llm::journal::Journal;
+use crate::llm::reference::{self, KvParams};
+use crate::llm::Outcome;
+use crate::stages::prepare::Entry;
+use crate::table;
+use anyhow::{anyhow, bail, Context, Result};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashSet};
+use std::io::BufRead;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub struct Infer;
+
+/// One row of the `responses` artifact.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResponseRow {
+    pub example_id: String,
+    pub request_key: String,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+/// One prepared request.
+pub struct Request {
+    pub example_id: String,
+    pub key: String,
+    pub question: String,
+    pub messages: Vec<Value>,
+    pub body: Value,
+}
+
+/// Request keys being sent by some node of this process right now: identical
+/// requests of two nodes (the full-cache budget of two policies) go out once.
+fn inflight() -> &'static Mutex<HashSet<String>> {
+    static SET: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    SET.get_or_init(Default::default)
+}
+
+/// Fills `{context}` and `{question}` in a template, in one pass (a context
+/// that itself contains `{question}` stays as it is).
+pub fn fill(template: &str, ex: &Example) -> String {
+    let mut out = String::with_capacity(template.len() + ex.context.len() + ex.question.len());
+    let mut rest = template;
+    while let Some(i) = rest.find('{') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        if let Some(t) = tail.strip_prefix("{context}") {
+            out.push_str(&ex.context);
+            rest = t;
+        } else if let Some(t) = tail.strip_prefix("{question}") {
+            out.push_str(&ex.question);
+            rest = t;
+        } else {
+            out.push('{');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+struct Settings {
+    kv: KvParams,
+    model: String,
+    decoding: Decoding,
+    prompt: Prompt,
+    label: Option<String>,
+    extra: BTreeMap<String, Value>,
+    kind: String,
+    stream: bool,
+}
+
+fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Result<Vec<Request>> {
+    let by_id: BTreeMap<&str, &Example> = examples
+        .iter()
+        .map(|e| (e.example_id.as_str(), e))
+        .collect();
+    let kv_identity = if s.kv.is_full() {
+        json!({"policy": "full"})
+    } else {
+        serde_json::to_value(&s.kv)?
+    };
+    entries
+        .iter()
+        .map(|en| {
+            let ex = by_id
+                .get(en.example_id.as_str())
+                .ok_or_else(|| anyhow!("manifest entry `{}` has no example", en.example_id))?;
+            let messages = vec![
+                json!({"role": "system", "content": s.prompt.system}),
+                json!({"role": "user", "content": fill(&s.prompt.template, ex)}),
+            ];
+            let identity = json!({
+                "model": s.model, "kv": kv_identity, "messages": messages,
+                "decoding": s.decoding, "label": s.label, "extra_body": s.extra,
+            });
+            let key = blake3::hash(&canonical_json(&identity))
+                .to_hex()
+                .to_string();
+            let mut body = json!({
+                "model": s.model, "messages": messages,
+                "temperature": s.decoding.temperature, "top_p": s.decoding.top_p,
+                "max_tokens": s.decoding.max_new_tokens, "stream": s.stream,
+            });
+            if s.stream {
+                body["stream_options"] = json!({"include_usage": true});
+            }
+            if s.kind != "openai" {
+                body["kvt"] = serde_json::to_value(&s.kv)?;
+            }
+            for (k, v) in &s.extra {
+                body[k] = v.clone();
+            }
+            Ok(Request {
+                example_id: en.example_id.clone(),
+                key,
+                question: ex.question.clone(),
+                messages,
+                body,
+            })
+        })
+        .collect()
+}
+
+/// `kvt serve` started for one node: a free loopback port, health-checked,
+/// stopped (and reaped) on drop. It also exits if this process dies, because
+/// it watches its standard input.
+struct SpawnedServer {
+    child: Child,
+    url: String,
+}
+
+impl SpawnedServer {
+    fn start(model: &str) -> Result<SpawnedServer> {
+        let exe = std::env::current_exe().context("locating the kvt binary")?;
+        let mut child = Command::new(exe)
+            .args([
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--model",
+                model,
+            ])
+            .arg("--exit-on-stdin-eof")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting `kvt serve`")?;
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let mut server = SpawnedServer {
+            child,
+            url: String::new(),
+        };
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| anyhow!("`kvt serve` did not report its address within 30 s"))?;
+        let addr = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .filter(|a| a.starts_with("http://"))
+            .ok_or_else(|| {
+                anyhow!(
+                    "`kvt serve` printed `{}` instead of its address",
+                    line.trim()
+                )
+            })?;
+        server.url = format!("{addr}/v1");
+        Ok(server)
+    }
+}
+
+impl Drop for SpawnedServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_healthy(base: &str) -> Result<()> {
+    let url = format!("{}/health", base.trim_end_matches("/v1"));
+    let http = reqwest::Client::new();
+    let t0 = Instant::now();
+    loop {
+        if let Ok(r) = http.get(&url).send().await {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!("the server at {url} did not become healthy within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Op for Infer {
+    fn name(&self) -> &'static str {
+        "infer"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn run(&self, ctx: &mut OpContext) -> Result<()> {
+        let kv = KvParams {
+            policy: ctx.item("policy")?,
+            budget: ctx.item("budget")?,
+            sink_tokens: ctx.get("kv.sink_tokens")?,
+            window: ctx.get("kv.window")?,
+            pool_kernel: ctx.get("kv.pool_kernel")?,
+            seed: ctx.get("kv.seed")?,
+        };
+        kv.check().context("config `kv.policies` / `kv.budgets`")?;
+        let s = Settings {
+            kv,
+            model: ctx.get("model.name")?,
+            decoding: ctx.get("decoding")?,
+            prompt: ctx.get("prompt")?,
+            label: ctx.get("engine.label")?,
+            extra: ctx.get("engine.extra_body")?,
+            kind: ctx.transport("engine.kind")?,
+            stream: ctx.transport("engine.stream")?,
+        };
+        if !matches!(s.kind.as_str(), "reference" | "serve" | "openai") {
+            bail!(
+                "config `engine.kind`: `{}` is unknown; use `reference`, `serve` or `openai`",
+                s.kind
+            );
+        }
+        if !s.prompt.template.contains("{context}") || !s.prompt.template.contains("{question}") {
+            bail!("config `prompt.template` must contain `{{context}}` and `{{question}}`");
+        }
+        let examples: Vec<Example> = table::read(&ctx.input("prepare", "examples")?)?;
+        let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
+        let requests = build_requests(&s, &examples, &entries)?;
+
+        let journal_path = ctx.cache_root.join("v1").join("journal.sqlite");
+        let journal = Journal::shared(&journal_path)?;
+        let journal: &Mutex<Journal> = &journal;
+        let keys: Vec<String> = requests.iter().map(|r| r.key.clone()).collect();
+        let known = journal.lock().expect("journal").get_many(&keys)?;
+        let pending: Vec<&Request> = requests
+            .iter()
+            .filter(|r| !known.get(&r.key).is_some_and(|o| o.is_final))
+            .collect();
+        let sent = AtomicUsize::new(0);
+        if !pending.is_empty() {
+            tracing::info!(
+                node = ctx.node(),
+                pending = pending.len(),
+                total = requests.len(),
+                "sending requests"
+            );
+            self.send_all(ctx, &s, &pending, &journal, &sent)?;
+        }
+        if ctx.is_cancelled() {
+            bail!("interrupted: answered requests are kept in the journal; run the build again to finish");
+        }
+
+        // The artifact: the journal's outcomes in manifest order.
+        let j = journal.lock().expect("journal");
+        let got = j.get_many(&keys)?;
+        let mut rows = Vec::with_capacity(requests.len());
+        let mut transient = 0;
+        for r in &requests {
+            let o = got.get(&r.key).cloned().unwrap_or_else(|| Outcome {
+                error_kind: Some("ENGINE_ERROR".into()),
+                error: Some("no response recorded".into()),
+                ..Default::default()
+            });
+            if !o.is_final {
+                transient += 1;
+            }
+            rows.push(ResponseRow {
+                example_id: r.example_id.clone(),
+                request_key: r.key.clone(),
+                outcome: o,
+            });
+        }
+        if transient > 0 {
+            let example = rows
+                .iter()
+                .find(|r| !r.outcome.is_final)
+                .and_then(|r| r.outcome.error.clone())
+                .unwrap_or_default();
+            bail!(
+                "{transient} of {} requests failed after retries (e.g. {example}); answered requests are kept in {} — run the build again to retry only the failed ones",
+                rows.len(),
+                j.path().display()
+            );
+        }
+        tracing::info!(
+            node = ctx.node(),
+            sent = sent.load(Ordering::Relaxed),
+            "all requests answered"
+        );
+        ctx.put("responses", &table::write(&rows)?)?;
+        Ok(())
+    }
+}
+
+impl Infer {
+    fn send_all(
+        &self,
+        ctx: &OpContext,
+        s: &Settings,
+        pending: &[&Request],
+        journal: &Mutex<Journal>,
+        sent: &AtomicUsize,
+    ) -> Result<()> {
+        // Claim keys; those another node is sending are waited for, not resent.
+        let (mine, theirs): (Vec<&Request>, Vec<&Request>) = {
+            let mut set = inflight().lock().expect("inflight");
+            pending.iter().partition(|r| set.insert(r.key.clone()))
+        };
+        let release = |rs: &[&Request]| {
+            let mut set = inflight().lock().expect("inflight");
+            for r in rs {
+                set.remove(&r.key);
+            }
+        };
+        let result = self.send_claimed(ctx, s, &mine, journal, sent);
+        release(&mine);
+        result?;
+        for r in theirs {
+            while inflight().lock().expect("inflight").contains(&r.key) {
+                if ctx.is_cancelled() {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let done = journal
+                .lock()
+                .expect("journal")
+                .get(&r.key)?
+                .is_some_and(|o| o.is_final);
+            if !done {
+                self.send_claimed(ctx, s, &[r], journal, sent)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn send_claimed(
+        &self,
+        ctx: &OpContext,
+        s: &Settings,
+        reqs: &[&Request],
+        journal: &Mutex<Journal>,
+        sent: &AtomicUsize,
+    ) -> Result<()> {
+        if reqs.is_empty() {
+            return Ok(());
+        }
+        let concurrency: u32 = ctx.transport("engine.concurrency")?;
+        let concurrency = concurrency.max(1) as usize;
+        let record = |key: &str, o: &Outcome| -> Result<()> {
+            journal.lock().expect("journal").record(key, o)?;
+            sent.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        };
+        if s.kind == "reference" {
+            let bpe = crate::data::tokenize::encoding("cl100k_base")?;
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let next = AtomicUsize::new(0);
+            return std::thread::scope(|sc| {
+                let hs: Vec<_> = (0..threads.min(concurrency))
+                    .map(|_| {
+                        sc.spawn(|| -> Result<()> {
+                            loop {
+                                let i = next.fetch_add(1, Ordering::Relaxed);
+                                if i >= reqs.len() || ctx.is_cancelled() {
+                                    return Ok(());
+                                }
+                                let r = reqs[i];
+                                let t0 = Instant::now();
+                                let prompt = crate::llm::server::render(&r.messages)
+                                    .map_err(|e| anyhow!(e))?
+                                    .0;
+                                let a = reference::answer(
+                                    bpe,
+                                    &prompt,
+                                    &r.question,
+                                    &s.kv,
+                                    s.decoding.max_new_tokens as usize,
+                                )?;
+                                let ms = t0.elapsed().as_secs_f64() * 1000.0;
+                                let o = Outcome {
+                                    text: a.text,
+                                    finish_reason: Some(a.finish_reason),
+                                    prompt_tokens: Some(a.prompt_tokens as u64),
+                                    completion_tokens: Some(a.completion_tokens as u64),
+                                    retained_tokens: Some(a.retained_tokens as u64),
+                                    latency_ms: ms,
+                                    ttft_ms: Some(ms),
+                                    is_final: true,
+                                    ..Default::default()
+                                };
+                                record(&r.key, &o)?;
+                            }
+                        })
+                    })
+                    .collect();
+                hs.into_iter()
+                    .try_for_each(|h| h.join().expect("reference worker"))
+            });
+        }
+        let _server;
+        let base_url = if s.kind == "serve" {
+            let srv = SpawnedServer::start(&s.model)?;
+            let u = srv.url.clone();
+            _server = srv;
+            u
+        } else {
+            let u: Option<String> = ctx.transport("engine.base_url")?;
+            u.ok_or_else(|| {
+                crate::KvtError::usage(
+                    "config `engine.base_url` is required when `engine.kind` is `openai` (e.g. http://127.0.0.1:8000/v1)",
+                )
+            })?
+        };
+        let api_key = match ctx.transport::<Option<String>>("engine.api_key_env")? {
+            Some(var) => Some(std::env::var(&var).map_err(|_| {
+                crate::KvtError::usage(format!(
+                    "config `engine.api_key_env` names `{var}`, which is not set in the environment"
+                ))
+            })?),
+            None => None,
+        };
+        let timeout_s: f64 = ctx.transport("engine.timeout_s")?;
+        let client = Client::new(ClientOptions {
+            base_url: base_url.clone(),
+            api_key,
+            timeout: Duration::from_secs_f64(timeout_s.max(0.001)),
+            max_retries: ctx.transport("engine.max_retries")?,
+            stream: s.stream,
+            backoff: Duration::from_millis(
+                std::env::var("KVT_BACKOFF_MS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(250),
+            ),
+        })?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            if s.kind == "serve" {
+                wait_healthy(&base_url).await?;
+            }
+            let mut results = futures_util::stream::iter(reqs.iter())
+                .map(|r| {
+                    let client = &client;
+                    async move {
+                        if ctx.is_cancelled() {
+                            return None;
+                        }
+                        Some((r, client.chat(&r.key, &r.body, s.kv.seed).await))
+                    }
+                })
+                .buffer_unordered(concurrency);
+            while let Some(res) = results.next().await {
+                if let Some((r, o)) = res {
+                    record(&r.key, &o)?;
+                }
+            }
+            Ok::<(), anyhow::Error>(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_fill_is_single_pass() {
+        let ex = Example {
+            example_id: "x".into(),
+            question: "Q{context}?".into(),
+            context: "C {question}".into(),
+            answers: vec![],
+            meta: Default::default(),
+        };
+        assert_eq!(
+            fill("[{context}] {question} {x}", &ex),
+            "[C {question}] Q{context}? {x}"
+        );
+    }
+}

@@ -1,0 +1,153 @@
+//! `plots`: `acc_by_bin` (one line per policy × budget, CI bands),
+//! `fail_by_bin`, `latency_p50_by_bin` and `delta_heatmap` (paired delta to the
+//! full cache), each as PNG and SVG, exported to `runs/<exp_group_id>/plots/`.
+
+use crate::engine::{Op, OpContext};
+use crate::render::plots::{self, Figure, HeatMap, LinePlot, Point, Series};
+use crate::stages::analyze::BinStat;
+use crate::table;
+use anyhow::Result;
+use std::collections::BTreeMap;
+
+pub struct Plots;
+
+pub const PLOTS: &[&str] = &[
+    "acc_by_bin",
+    "fail_by_bin",
+    "latency_p50_by_bin",
+    "delta_heatmap",
+];
+
+/// Bin labels such as `256–512`.
+pub fn bin_labels(stats: &[BinStat]) -> Vec<String> {
+    let mut bins: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+    for s in stats {
+        bins.insert(s.bin_idx, (s.bin_lo, s.bin_hi));
+    }
+    bins.values().map(|(lo, hi)| format!("{lo}–{hi}")).collect()
+}
+
+/// Setting label: `snapkv @ 0.5`.
+pub fn setting(policy: &str, budget: f64) -> String {
+    format!("{policy} @ {budget:?}")
+}
+
+fn by_setting(stats: &[BinStat]) -> Vec<(String, Vec<&BinStat>)> {
+    let mut m: BTreeMap<(String, i64), Vec<&BinStat>> = BTreeMap::new();
+    for s in stats {
+        // Larger budgets first within a policy.
+        m.entry((s.policy.clone(), -(s.budget * 1e6) as i64))
+            .or_default()
+            .push(s);
+    }
+    m.into_values()
+        .map(|mut v| {
+            v.sort_by_key(|s| s.bin_idx);
+            (setting(&v[0].policy, v[0].budget), v)
+        })
+        .collect()
+}
+
+pub fn figures(stats: &[BinStat], metric: &str) -> Vec<(&'static str, Figure)> {
+    let labels = bin_labels(stats);
+    let groups = by_setting(stats);
+    let lines = |f: &dyn Fn(&BinStat) -> Point| -> Vec<Series> {
+        groups
+            .iter()
+            .map(|(name, v)| Series {
+                name: name.clone(),
+                points: v.iter().map(|s| f(s)).collect(),
+            })
+            .collect()
+    };
+    let max_lat = stats
+        .iter()
+        .filter_map(|s| s.latency_p50_ms)
+        .fold(0.0, f64::max);
+    let full: Vec<&(String, Vec<&BinStat>)> = groups
+        .iter()
+        .filter(|(_, v)| v[0].budget != v[0].reference_budget)
+        .collect();
+    vec![
+        (
+            "acc_by_bin",
+            Figure::Lines(LinePlot {
+                title: format!("Score ({metric}) by prompt length, 95% CI"),
+                y_label: format!("mean {metric}"),
+                x_labels: labels.clone(),
+                y_range: (-0.02, 1.05),
+                series: lines(&|s| Point {
+                    y: s.mean,
+                    band: s.ci_lo.zip(s.ci_hi),
+                }),
+            }),
+        ),
+        (
+            "fail_by_bin",
+            Figure::Lines(LinePlot {
+                title: "Failure rate by prompt length (Wilson 95% CI)".into(),
+                y_label: "failure rate".into(),
+                x_labels: labels.clone(),
+                y_range: (-0.02, 1.05),
+                series: lines(&|s| Point {
+                    y: s.fail_rate,
+                    band: s.fail_lo.zip(s.fail_hi),
+                }),
+            }),
+        ),
+        (
+            "latency_p50_by_bin",
+            Figure::Lines(LinePlot {
+                title: "Median latency by prompt length".into(),
+                y_label: "latency p50 (ms)".into(),
+                x_labels: labels.clone(),
+                y_range: (0.0, (max_lat * 1.15).max(1.0)),
+                series: lines(&|s| Point {
+                    y: s.latency_p50_ms,
+                    band: None,
+                }),
+            }),
+        ),
+        (
+            "delta_heatmap",
+            Figure::Heat(HeatMap {
+                title: format!("Paired delta of {metric} vs full cache"),
+                row_labels: full.iter().map(|(n, _)| n.clone()).collect(),
+                col_labels: labels,
+                cells: full
+                    .iter()
+                    .map(|(_, v)| v.iter().map(|s| s.delta).collect())
+                    .collect(),
+                limit: 1.0,
+            }),
+        ),
+    ]
+}
+
+impl Op for Plots {
+    fn name(&self) -> &'static str {
+        "plots"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn run(&self, ctx: &mut OpContext) -> Result<()> {
+        let exp: String = ctx.get("output.exp_group_id")?;
+        let stats: Vec<BinStat> = table::read(&ctx.input("analyze", "bin_stats")?)?;
+        let metric = stats
+            .iter()
+            .map(|s| s.metric.clone())
+            .find(|m| !m.is_empty())
+            .unwrap_or_else(|| "score".into());
+        let scratch = ctx.scratch_dir()?.to_path_buf();
+        for (name, fig) in figures(&stats, &metric) {
+            let (png, svg) = plots::render(&fig, &scratch)?;
+            let (a, b) = (format!("{name}.png"), format!("{name}.svg"));
+            ctx.put(&a, &png)?;
+            ctx.put(&b, svg.as_bytes())?;
+            ctx.export(&a, format!("runs/{exp}/plots/{a}"));
+            ctx.export(&b, format!("runs/{exp}/plots/{b}"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,117 @@
+//! `score` (one node per policy × budget): scores every response against the
+//! gold answers and labels failures with the taxonomy. The primary score of the
+//! synthetic tasks is substring recall; EM and F1 are kept beside it.
+
+use crate::data::Example;
+use crate::engine::{Op, OpContext};
+use crate::metrics;
+use crate::stages::infer::ResponseRow;
+use crate::stages::prepare::Entry;
+use crate::table;
+use anyhow::{anyhow, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub struct Score;
+
+/// The metric named in reports for the built-in synthetic tasks.
+pub const SYNTHETIC_METRIC: &str = "substring_recall";
+
+/// One scored request (also carries the telemetry the analysis needs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreRow {
+    pub example_id: String,
+    pub bin_idx: i64,
+    pub token_len: i64,
+    pub policy: String,
+    pub budget: f64,
+    pub request_key: String,
+    pub metric: String,
+    /// The primary score in [0, 1] (failures score 0).
+    pub score: f64,
+    pub em: f64,
+    pub f1: f64,
+    pub recall: f64,
+    pub failure: Option<String>,
+    pub prediction: String,
+    pub error: Option<String>,
+    pub finish_reason: Option<String>,
+    pub latency_ms: f64,
+    pub ttft_ms: Option<f64>,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    pub retained_tokens: Option<u64>,
+    pub retries: u32,
+}
+
+impl Op for Score {
+    fn name(&self) -> &'static str {
+        "score"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn run(&self, ctx: &mut OpContext) -> Result<()> {
+        let policy: String = ctx.item("policy")?;
+        let budget: f64 = ctx.item("budget")?;
+        let examples: Vec<Example> = table::read(&ctx.input("prepare", "examples")?)?;
+        let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
+        let responses: Vec<ResponseRow> = table::read(&ctx.input("infer", "responses")?)?;
+        let ex: BTreeMap<&str, &Example> = examples
+            .iter()
+            .map(|e| (e.example_id.as_str(), e))
+            .collect();
+        let en: BTreeMap<&str, &Entry> =
+            entries.iter().map(|e| (e.example_id.as_str(), e)).collect();
+        let mut rows = Vec::with_capacity(responses.len());
+        for r in responses {
+            let id = r.example_id.as_str();
+            let (e, entry) = ex
+                .get(id)
+                .zip(en.get(id))
+                .ok_or_else(|| anyhow!("response for unknown example `{id}`"))?;
+            let o = &r.outcome;
+            let s = metrics::score(&o.text, &e.answers);
+            let expect_number = e
+                .answers
+                .iter()
+                .all(|a| !a.is_empty() && a.chars().all(|c| c.is_ascii_digit()));
+            let failure = metrics::classify(
+                o.error_kind.as_deref(),
+                &o.text,
+                o.finish_reason.as_deref(),
+                expect_number,
+            );
+            let primary = if failure.is_some_and(|f| f != "TRUNCATED") {
+                0.0
+            } else {
+                s.recall
+            };
+            rows.push(ScoreRow {
+                example_id: r.example_id.clone(),
+                bin_idx: entry.bin_idx,
+                token_len: entry.token_len,
+                policy: policy.clone(),
+                budget,
+                request_key: r.request_key.clone(),
+                metric: SYNTHETIC_METRIC.to_string(),
+                score: primary,
+                em: s.em,
+                f1: s.f1,
+                recall: s.recall,
+                failure: failure.map(str::to_string),
+                prediction: o.text.clone(),
+                error: o.error.clone(),
+                finish_reason: o.finish_reason.clone(),
+                latency_ms: o.latency_ms,
+                ttft_ms: o.ttft_ms,
+                prompt_tokens: o.prompt_tokens,
+                completion_tokens: o.completion_tokens,
+                retained_tokens: o.retained_tokens,
+                retries: o.retries,
+            });
+        }
+        ctx.put("scores", &table::write(&rows)?)?;
+        Ok(())
+    }
+}

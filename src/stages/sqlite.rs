@@ -1,0 +1,374 @@
+//! `sqlite`: the experiment as one SQLite file, `runs/<exp_group_id>/
+//! kv_transition.sqlite` (or `db.path`), with the blueprint's tables and
+//! foreign keys on. The database is built in a scratch file in one
+//! transaction, stored as an artifact and only then copied into place, so a
+//! failed sink never leaves a half-written database behind.
+
+use crate::data::Example;
+use crate::engine::{canonical_json, Op, OpContext};
+use crate::metrics::normalize;
+use crate::stages::analyze::{BinStat, TransitionRow};
+use crate::stages::prepare::{Bin, Entry};
+use crate::stages::score::ScoreRow;
+use crate::table;
+use anyhow::{Context, Result};
+use rusqlite::{params, Connection};
+use serde_json::{json, Value};
+
+pub struct Sqlite;
+
+pub const TABLES: &[&str] = &[
+    "experiments",
+    "datasets",
+    "examples",
+    "bins",
+    "manifest_entries",
+    "runs",
+    "requests",
+    "responses",
+    "telemetry",
+    "failures",
+    "scores",
+    "bin_stats",
+    "transition_summary",
+];
+
+const SCHEMA: &str = "
+PRAGMA foreign_keys = ON;
+CREATE TABLE experiments (
+  exp_group_id TEXT PRIMARY KEY,
+  config_digest TEXT NOT NULL,
+  config_json TEXT NOT NULL,
+  kvt_version TEXT NOT NULL,
+  model TEXT NOT NULL
+);
+CREATE TABLE datasets (
+  dataset_id TEXT PRIMARY KEY,
+  name TEXT NOT NULL, task TEXT NOT NULL, source TEXT NOT NULL,
+  tokenizer TEXT NOT NULL, n_bins INTEGER NOT NULL
+);
+CREATE TABLE examples (
+  example_id TEXT PRIMARY KEY,
+  dataset_id TEXT NOT NULL REFERENCES datasets(dataset_id),
+  question TEXT NOT NULL, context TEXT NOT NULL,
+  answers_json TEXT NOT NULL, meta_json TEXT NOT NULL
+);
+CREATE TABLE bins (
+  dataset_id TEXT NOT NULL REFERENCES datasets(dataset_id),
+  bin_idx INTEGER NOT NULL, lo INTEGER NOT NULL, hi INTEGER NOT NULL,
+  n_available INTEGER NOT NULL, n_selected INTEGER NOT NULL,
+  PRIMARY KEY (dataset_id, bin_idx)
+);
+CREATE TABLE manifest_entries (
+  dataset_id TEXT NOT NULL,
+  example_id TEXT NOT NULL REFERENCES examples(example_id),
+  bin_idx INTEGER NOT NULL, token_len INTEGER NOT NULL,
+  PRIMARY KEY (dataset_id, example_id),
+  FOREIGN KEY (dataset_id, bin_idx) REFERENCES bins(dataset_id, bin_idx)
+);
+CREATE TABLE runs (
+  run_id TEXT PRIMARY KEY,
+  exp_group_id TEXT NOT NULL REFERENCES experiments(exp_group_id),
+  dataset_id TEXT NOT NULL REFERENCES datasets(dataset_id),
+  policy TEXT NOT NULL, budget REAL NOT NULL, n_requests INTEGER NOT NULL
+);
+CREATE TABLE requests (
+  request_id TEXT PRIMARY KEY,
+  run_id TEXT NOT NULL REFERENCES runs(run_id),
+  example_id TEXT NOT NULL REFERENCES examples(example_id),
+  request_key TEXT NOT NULL
+);
+CREATE TABLE responses (
+  request_id TEXT PRIMARY KEY REFERENCES requests(request_id),
+  text TEXT NOT NULL, finish_reason TEXT, error TEXT
+);
+CREATE TABLE telemetry (
+  request_id TEXT PRIMARY KEY REFERENCES requests(request_id),
+  latency_ms REAL NOT NULL, ttft_ms REAL,
+  prompt_tokens INTEGER, completion_tokens INTEGER, retained_tokens INTEGER,
+  retries INTEGER NOT NULL
+);
+CREATE TABLE failures (
+  request_id TEXT PRIMARY KEY REFERENCES requests(request_id),
+  error_type TEXT NOT NULL, detail TEXT
+);
+CREATE TABLE scores (
+  request_id TEXT PRIMARY KEY REFERENCES requests(request_id),
+  metric TEXT NOT NULL, score REAL NOT NULL, em REAL NOT NULL, f1 REAL NOT NULL,
+  recall REAL NOT NULL, pred_norm TEXT NOT NULL, gold_norm TEXT NOT NULL
+);
+CREATE TABLE bin_stats (
+  run_id TEXT NOT NULL REFERENCES runs(run_id),
+  bin_idx INTEGER NOT NULL, bin_lo INTEGER NOT NULL, bin_hi INTEGER NOT NULL,
+  n INTEGER NOT NULL, metric TEXT NOT NULL, mean REAL, ci_lo REAL, ci_hi REAL,
+  reference_budget REAL NOT NULL, n_paired INTEGER NOT NULL,
+  delta REAL, delta_lo REAL, delta_hi REAL,
+  n_failed INTEGER NOT NULL, fail_rate REAL, fail_lo REAL, fail_hi REAL,
+  latency_p50_ms REAL, latency_p95_ms REAL, ttft_p50_ms REAL,
+  prompt_tokens_mean REAL, retained_tokens_mean REAL, kv_bytes_mean REAL,
+  PRIMARY KEY (run_id, bin_idx)
+);
+CREATE TABLE transition_summary (
+  run_id TEXT PRIMARY KEY REFERENCES runs(run_id),
+  reference_budget REAL NOT NULL, delta_threshold REAL NOT NULL,
+  status TEXT NOT NULL, first_failing_bin INTEGER, last_safe_bin INTEGER,
+  zone_lo_tokens INTEGER, zone_hi_tokens INTEGER, instability REAL,
+  bins_with_data INTEGER NOT NULL
+);
+";
+
+pub fn run_id(policy: &str, budget: f64) -> String {
+    format!("{policy}@{budget}")
+}
+
+/// Everything the sink writes, gathered from the artifacts.
+pub struct SinkInput<'a> {
+    pub exp_group_id: &'a str,
+    pub config: &'a Value,
+    pub manifest: &'a Value,
+    pub examples: &'a [Example],
+    pub entries: &'a [Entry],
+    pub bins: &'a [Bin],
+    pub scores: &'a [ScoreRow],
+    pub bin_stats: &'a [BinStat],
+    pub transitions: &'a [TransitionRow],
+}
+
+/// Writes the database at `path` (which must not exist) in one transaction.
+pub fn write_db(path: &std::path::Path, s: &SinkInput) -> Result<Value> {
+    let mut conn = Connection::open(path)?;
+    conn.execute_batch("PRAGMA journal_mode = DELETE; PRAGMA foreign_keys = ON;")?;
+    let tx = conn.transaction()?;
+    tx.execute_batch(SCHEMA)?;
+    let ds = &s.manifest["dataset"];
+    let dataset_id = ds["dataset_id"].as_str().unwrap_or_default();
+    let config_text = String::from_utf8(canonical_json(s.config))?;
+    tx.execute(
+        "INSERT INTO experiments VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            s.exp_group_id,
+            blake3::hash(config_text.as_bytes()).to_hex().to_string(),
+            config_text,
+            env!("CARGO_PKG_VERSION"),
+            s.config
+                .pointer("/model.name")
+                .and_then(Value::as_str)
+                .unwrap_or(""),
+        ],
+    )?;
+    tx.execute(
+        "INSERT INTO datasets VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            dataset_id,
+            ds["name"].as_str(),
+            ds["task"].as_str(),
+            ds["source"].as_str(),
+            s.manifest["tokenizer"].as_str(),
+            s.bins.len() as i64,
+        ],
+    )?;
+    {
+        let mut st = tx.prepare("INSERT INTO examples VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?;
+        for e in s.examples {
+            st.execute(params![
+                e.example_id,
+                dataset_id,
+                e.question,
+                e.context,
+                serde_json::to_string(&e.answers)?,
+                serde_json::to_string(&e.meta)?,
+            ])?;
+        }
+        let mut st = tx.prepare("INSERT INTO bins VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?;
+        for b in s.bins {
+            st.execute(params![
+                dataset_id,
+                b.bin_idx,
+                b.lo,
+                b.hi,
+                b.n_available,
+                b.n_selected
+            ])?;
+        }
+        let mut st = tx.prepare("INSERT INTO manifest_entries VALUES (?1, ?2, ?3, ?4)")?;
+        for e in s.entries {
+            st.execute(params![dataset_id, e.example_id, e.bin_idx, e.token_len])?;
+        }
+    }
+    let mut runs: std::collections::BTreeMap<String, (String, f64, i64)> = Default::default();
+    for r in s.scores {
+        runs.entry(run_id(&r.policy, r.budget))
+            .or_insert((r.policy.clone(), r.budget, 0))
+            .2 += 1;
+    }
+    {
+        let mut st = tx.prepare("INSERT INTO runs VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?;
+        for (id, (p, b, n)) in &runs {
+            st.execute(params![id, s.exp_group_id, dataset_id, p, b, n])?;
+        }
+        let golds: std::collections::HashMap<&str, String> = s
+            .examples
+            .iter()
+            .map(|e| {
+                (
+                    e.example_id.as_str(),
+                    e.answers
+                        .iter()
+                        .map(|a| normalize(a))
+                        .collect::<Vec<_>>()
+                        .join(" | "),
+                )
+            })
+            .collect();
+        let mut rq = tx.prepare("INSERT INTO requests VALUES (?1, ?2, ?3, ?4)")?;
+        let mut rs = tx.prepare("INSERT INTO responses VALUES (?1, ?2, ?3, ?4)")?;
+        let mut te = tx.prepare("INSERT INTO telemetry VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?;
+        let mut fa = tx.prepare("INSERT INTO failures VALUES (?1, ?2, ?3)")?;
+        let mut sc = tx.prepare("INSERT INTO scores VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")?;
+        for r in s.scores {
+            let run = run_id(&r.policy, r.budget);
+            let id = format!("{run}/{}", r.example_id);
+            rq.execute(params![id, run, r.example_id, r.request_key])?;
+            rs.execute(params![id, r.prediction, r.finish_reason, r.error])?;
+            te.execute(params![
+                id,
+                r.latency_ms,
+                r.ttft_ms,
+                r.prompt_tokens.map(|x| x as i64),
+                r.completion_tokens.map(|x| x as i64),
+                r.retained_tokens.map(|x| x as i64),
+                r.retries,
+            ])?;
+            if let Some(f) = &r.failure {
+                let detail = r.error.clone().or_else(|| Some(r.prediction.clone()));
+                fa.execute(params![id, f, detail])?;
+            }
+            sc.execute(params![
+                id,
+                r.metric,
+                r.score,
+                r.em,
+                r.f1,
+                r.recall,
+                normalize(&r.prediction),
+                golds
+                    .get(r.example_id.as_str())
+                    .cloned()
+                    .unwrap_or_default(),
+            ])?;
+        }
+        let mut bs = tx.prepare(
+            "INSERT INTO bin_stats VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13,
+             ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)",
+        )?;
+        for b in s.bin_stats {
+            bs.execute(params![
+                run_id(&b.policy, b.budget),
+                b.bin_idx,
+                b.bin_lo,
+                b.bin_hi,
+                b.n,
+                b.metric,
+                b.mean,
+                b.ci_lo,
+                b.ci_hi,
+                b.reference_budget,
+                b.n_paired,
+                b.delta,
+                b.delta_lo,
+                b.delta_hi,
+                b.n_failed,
+                b.fail_rate,
+                b.fail_lo,
+                b.fail_hi,
+                b.latency_p50_ms,
+                b.latency_p95_ms,
+                b.ttft_p50_ms,
+                b.prompt_tokens_mean,
+                b.retained_tokens_mean,
+                b.kv_bytes_mean,
+            ])?;
+        }
+        let mut ts = tx.prepare(
+            "INSERT INTO transition_summary VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )?;
+        for t in s.transitions {
+            ts.execute(params![
+                run_id(&t.policy, t.budget),
+                t.reference_budget,
+                t.delta_threshold,
+                t.t.status,
+                t.t.first_failing_bin,
+                t.t.last_safe_bin,
+                t.t.zone_lo_tokens,
+                t.t.zone_hi_tokens,
+                t.t.instability,
+                t.t.bins_with_data,
+            ])?;
+        }
+    }
+    let mut counts = serde_json::Map::new();
+    for t in TABLES {
+        let n: i64 = tx.query_row(&format!("SELECT COUNT(*) FROM {t}"), [], |r| r.get(0))?;
+        counts.insert(t.to_string(), json!(n));
+    }
+    // Foreign keys are checked per statement; this re-checks the whole file.
+    let broken: i64 = tx.query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |r| {
+        r.get(0)
+    })?;
+    anyhow::ensure!(broken == 0, "{broken} rows violate a foreign key");
+    tx.commit()?;
+    conn.close().map_err(|(_, e)| e)?;
+    Ok(Value::Object(counts))
+}
+
+impl Op for Sqlite {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn run(&self, ctx: &mut OpContext) -> Result<()> {
+        let exp: String = ctx.get("output.exp_group_id")?;
+        let db_path: String = ctx.get("db.path")?;
+        let config = Value::Object(ctx.key.config.clone().into_iter().collect());
+        let manifest: Value = serde_json::from_slice(&ctx.input("prepare", "manifest_json")?)?;
+        let examples: Vec<Example> = table::read(&ctx.input("prepare", "examples")?)?;
+        let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
+        let bins: Vec<Bin> = table::read(&ctx.input("prepare", "bins")?)?;
+        let mut scores: Vec<ScoreRow> = Vec::new();
+        for up in ctx.upstream("score") {
+            scores.extend(table::read::<ScoreRow>(&ctx.read(up, "scores")?)?);
+        }
+        let bin_stats: Vec<BinStat> = table::read(&ctx.input("analyze", "bin_stats")?)?;
+        let transitions: Vec<TransitionRow> =
+            table::read(&ctx.input("analyze", "transition_summary")?)?;
+        let file = ctx.scratch_dir()?.join("kv_transition.sqlite");
+        let counts = write_db(
+            &file,
+            &SinkInput {
+                exp_group_id: &exp,
+                config: &config,
+                manifest: &manifest,
+                examples: &examples,
+                entries: &entries,
+                bins: &bins,
+                scores: &scores,
+                bin_stats: &bin_stats,
+                transitions: &transitions,
+            },
+        )
+        .context("writing the SQLite sink")?;
+        let bytes = std::fs::read(&file)?;
+        ctx.put("db", &bytes)?;
+        ctx.put("summary", serde_json::to_string_pretty(&counts)?.as_bytes())?;
+        let target = if db_path == "auto" {
+            format!("runs/{exp}/kv_transition.sqlite")
+        } else {
+            db_path
+        };
+        ctx.export("db", target);
+        Ok(())
+    }
+}
