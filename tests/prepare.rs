@@ -28,11 +28,11 @@ fn prepare_writes_a_binned_manifest_and_is_incremental() {
     let edges = m["bin_edges"].as_array().unwrap();
     assert_eq!(edges.len(), 6);
     let entries = m["entries"].as_array().unwrap();
-    assert_eq!(entries.len(), 20, "5 bins x 4 per bin");
+    assert_eq!(entries.len(), 200, "5 bins x 40 per bin");
     for b in 0..5 {
-        assert_eq!(entries.iter().filter(|e| e["bin_idx"] == b).count(), 4);
+        assert_eq!(entries.iter().filter(|e| e["bin_idx"] == b).count(), 40);
     }
-    assert_eq!(m["examples"].as_array().unwrap().len(), 20);
+    assert_eq!(m["examples"].as_array().unwrap().len(), 200);
     // Unchanged: nothing runs. Changed sampling: prepare reruns, deterministically.
     let out = p
         .kvt()

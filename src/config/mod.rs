@@ -524,6 +524,60 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
     if c.binning.n_bins == 0 {
         return Err(bad("binning.n_bins", "must be at least 1".into()));
     }
+    if c.kv.policies.is_empty() {
+        return Err(bad("kv.policies", "needs at least one policy".into()));
+    }
+    let policies = crate::llm::reference::POLICIES;
+    if let Some(p) =
+        c.kv.policies
+            .iter()
+            .find(|p| !policies.contains(&p.as_str()))
+    {
+        let known: Vec<String> = policies.iter().map(|s| s.to_string()).collect();
+        let hint = closest(p, &known)
+            .map(|c| format!("did you mean `{c}`? "))
+            .unwrap_or_default();
+        return Err(bad(
+            "kv.policies",
+            format!("unknown policy `{p}`; {hint}known: {}", policies.join(", ")),
+        ));
+    }
+    match c.engine.kind.as_str() {
+        "reference" | "serve" => {}
+        "openai" => {
+            if c.engine.base_url.as_deref().unwrap_or("").is_empty() {
+                return Err(bad(
+                    "engine.base_url",
+                    "is required when `engine.kind` is `openai` (e.g. http://127.0.0.1:8000/v1)"
+                        .into(),
+                ));
+            }
+        }
+        other => {
+            return Err(bad(
+                "engine.kind",
+                format!("`{other}` is unknown; use `reference` (in process), `serve` (kvt serve started for the run) or `openai` (engine.base_url)"),
+            ))
+        }
+    }
+    if c.engine.concurrency == 0 {
+        return Err(bad("engine.concurrency", "must be at least 1".into()));
+    }
+    if !(c.engine.timeout_s.is_finite() && c.engine.timeout_s > 0.0) {
+        return Err(bad(
+            "engine.timeout_s",
+            "must be a positive number of seconds".into(),
+        ));
+    }
+    if !(c.analysis.bootstrap.ci > 0.0 && c.analysis.bootstrap.ci < 1.0) {
+        return Err(bad(
+            "analysis.bootstrap.ci",
+            "must be between 0 and 1 (e.g. 0.95)".into(),
+        ));
+    }
+    if c.analysis.bootstrap.iters == 0 {
+        return Err(bad("analysis.bootstrap.iters", "must be at least 1".into()));
+    }
     Ok(())
 }
 

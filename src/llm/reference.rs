@@ -50,7 +50,7 @@ impl KvParams {
                 POLICIES.join(", ")
             );
         }
-        if !(self.budget > 0.0) || !self.budget.is_finite() {
+        if self.budget.is_nan() || self.budget <= 0.0 || !self.budget.is_finite() {
             bail!(
                 "KV budget {} is not positive: use a fraction in (0, 1] or a token count",
                 self.budget

@@ -8,7 +8,7 @@ use plotters::prelude::*;
 use std::sync::OnceLock;
 
 const FONT: &str = "sans-serif";
-pub const SIZE: (u32, u32) = (1000, 620);
+pub const SIZE: (u32, u32) = (1200, 640);
 
 /// Registers the embedded font once per process.
 pub fn init_fonts() -> Result<()> {
@@ -50,7 +50,15 @@ pub struct Point {
 
 pub struct Series {
     pub name: String,
+    /// Index into the colour list: the same budget has the same colour in every panel.
+    pub color: usize,
     pub points: Vec<Point>,
+}
+
+/// One panel (one KV policy) of a line plot.
+pub struct Panel {
+    pub title: String,
+    pub series: Vec<Series>,
 }
 
 pub struct LinePlot {
@@ -58,7 +66,7 @@ pub struct LinePlot {
     pub y_label: String,
     pub x_labels: Vec<String>,
     pub y_range: (f64, f64),
-    pub series: Vec<Series>,
+    pub panels: Vec<Panel>,
 }
 
 pub struct HeatMap {
@@ -77,82 +85,92 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
 
 fn draw_lines<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, p: &LinePlot) -> Result<()> {
     root.fill(&WHITE).map_err(err)?;
+    let root = root.titled(&p.title, (FONT, 26)).map_err(err)?;
+    let panels = root.split_evenly((1, p.panels.len().max(1)));
     let n = p.x_labels.len().max(1);
-    let labels = p.x_labels.clone();
-    let mut chart = ChartBuilder::on(root)
-        .caption(&p.title, (FONT, 26))
-        .margin(16)
-        .x_label_area_size(64)
-        .y_label_area_size(72)
-        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), p.y_range.0..p.y_range.1)
-        .map_err(err)?;
-    chart
-        .configure_mesh()
-        .x_labels(n)
-        .x_label_formatter(&|x| {
-            let i = x.round();
-            if (x - i).abs() < 1e-6 && i >= 0.0 {
-                labels.get(i as usize).cloned().unwrap_or_default()
-            } else {
-                String::new()
-            }
-        })
-        .x_desc("prompt length bin (tokens)")
-        .y_desc(&p.y_label)
-        .label_style((FONT, 15))
-        .axis_desc_style((FONT, 17))
-        .light_line_style(RGBColor(235, 235, 235))
-        .draw()
-        .map_err(err)?;
-    for (i, s) in p.series.iter().enumerate() {
-        let c = color(i);
-        // CI band: a translucent polygon from the lower edge out and the upper edge back.
-        let band: Vec<(f64, (f64, f64))> = s
-            .points
-            .iter()
-            .enumerate()
-            .filter_map(|(x, pt)| pt.band.map(|b| (x as f64, b)))
-            .collect();
-        if band.len() >= 2 {
-            let mut poly: Vec<(f64, f64)> = band.iter().map(|(x, (lo, _))| (*x, *lo)).collect();
-            poly.extend(band.iter().rev().map(|(x, (_, hi))| (*x, *hi)));
-            chart
-                .draw_series(std::iter::once(Polygon::new(poly, c.mix(0.15).filled())))
-                .map_err(err)?;
-        }
-        for (x, pt) in s.points.iter().enumerate() {
-            if let (Some((lo, hi)), true) = (pt.band, band.len() < 2) {
+    let (y0, y1) = p.y_range;
+    // Room below the data for the legend, so it never hides a line or a band.
+    let legend_room = (y1 - y0) * 0.42;
+    for (area, panel) in panels.iter().zip(&p.panels) {
+        let labels = p.x_labels.clone();
+        let mut chart = ChartBuilder::on(area)
+            .caption(&panel.title, (FONT, 20))
+            .margin(14)
+            .x_label_area_size(56)
+            .y_label_area_size(64)
+            .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), (y0 - legend_room)..y1)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_labels(n)
+            .x_label_formatter(&|x| {
+                let i = x.round();
+                if (x - i).abs() < 1e-6 && i >= 0.0 {
+                    labels.get(i as usize).cloned().unwrap_or_default()
+                } else {
+                    String::new()
+                }
+            })
+            .y_label_formatter(&|y| {
+                let v = if y.abs() < 1e-9 { 0.0 } else { *y };
+                if v < y0 - 1e-9 {
+                    String::new()
+                } else if y1 - y0 > 20.0 {
+                    format!("{v:.0}")
+                } else {
+                    format!("{v:.1}")
+                }
+            })
+            .x_desc("prompt length bin (tokens)")
+            .y_desc(&p.y_label)
+            .label_style((FONT, 14))
+            .axis_desc_style((FONT, 16))
+            .light_line_style(TRANSPARENT)
+            .bold_line_style(RGBColor(225, 225, 225))
+            .draw()
+            .map_err(err)?;
+        for s in &panel.series {
+            let c = color(s.color);
+            // CI band: a translucent polygon from the lower edge out and the upper edge back.
+            let band: Vec<(f64, (f64, f64))> = s
+                .points
+                .iter()
+                .enumerate()
+                .filter_map(|(x, pt)| pt.band.map(|b| (x as f64, b)))
+                .collect();
+            if band.len() >= 2 {
+                let mut poly: Vec<(f64, f64)> = band.iter().map(|(x, (lo, _))| (*x, *lo)).collect();
+                poly.extend(band.iter().rev().map(|(x, (_, hi))| (*x, *hi)));
                 chart
-                    .draw_series(std::iter::once(PathElement::new(
-                        vec![(x as f64, lo), (x as f64, hi)],
-                        c.stroke_width(2),
-                    )))
+                    .draw_series(std::iter::once(Polygon::new(poly, c.mix(0.13).filled())))
                     .map_err(err)?;
             }
+            let pts: Vec<(f64, f64)> = s
+                .points
+                .iter()
+                .enumerate()
+                .filter_map(|(x, pt)| pt.y.map(|y| (x as f64, y)))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), c.stroke_width(3)))
+                .map_err(err)?
+                .label(&s.name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3))
+                });
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 5, c.filled())))
+                .map_err(err)?;
         }
-        let pts: Vec<(f64, f64)> = s
-            .points
-            .iter()
-            .enumerate()
-            .filter_map(|(x, pt)| pt.y.map(|y| (x as f64, y)))
-            .collect();
         chart
-            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(3)))
-            .map_err(err)?
-            .label(&s.name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3)));
-        chart
-            .draw_series(pts.iter().map(|&p| Circle::new(p, 5, c.filled())))
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerLeft)
+            .label_font((FONT, 14))
+            .background_style(WHITE.mix(0.9))
+            .border_style(RGBColor(190, 190, 190))
+            .draw()
             .map_err(err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerLeft)
-        .label_font((FONT, 15))
-        .background_style(WHITE.mix(0.85))
-        .border_style(RGBColor(180, 180, 180))
-        .draw()
-        .map_err(err)?;
     root.present().map_err(err)?;
     Ok(())
 }
@@ -296,18 +314,22 @@ mod tests {
             y_label: "y".into(),
             x_labels: vec!["a".into(), "b".into()],
             y_range: (0.0, 1.0),
-            series: vec![Series {
-                name: "s".into(),
-                points: vec![
-                    Point {
-                        y: Some(0.2),
-                        band: Some((0.1, 0.3)),
-                    },
-                    Point {
-                        y: Some(0.8),
-                        band: Some((0.7, 0.9)),
-                    },
-                ],
+            panels: vec![Panel {
+                title: "p".into(),
+                series: vec![Series {
+                    name: "s".into(),
+                    color: 0,
+                    points: vec![
+                        Point {
+                            y: Some(0.2),
+                            band: Some((0.1, 0.3)),
+                        },
+                        Point {
+                            y: Some(0.8),
+                            band: Some((0.7, 0.9)),
+                        },
+                    ],
+                }],
             }],
         });
         let (png, svg) = render(&fig, dir.path()).unwrap();

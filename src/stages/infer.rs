@@ -282,7 +282,7 @@ impl Op for Infer {
                 total = requests.len(),
                 "sending requests"
             );
-            self.send_all(ctx, &s, &pending, &journal, &sent)?;
+            self.send_all(ctx, &s, &pending, journal, &sent)?;
         }
         if ctx.is_cancelled() {
             bail!("interrupted: answered requests are kept in the journal; run the build again to finish");

@@ -3,7 +3,7 @@
 //! full cache), each as PNG and SVG, exported to `runs/<exp_group_id>/plots/`.
 
 use crate::engine::{Op, OpContext};
-use crate::render::plots::{self, Figure, HeatMap, LinePlot, Point, Series};
+use crate::render::plots::{self, Figure, HeatMap, LinePlot, Panel, Point, Series};
 use crate::stages::analyze::BinStat;
 use crate::table;
 use anyhow::Result;
@@ -27,9 +27,18 @@ pub fn bin_labels(stats: &[BinStat]) -> Vec<String> {
     bins.values().map(|(lo, hi)| format!("{lo}–{hi}")).collect()
 }
 
+/// A budget as people read it: `0.5` (a fraction) or `1024 tok` (absolute).
+pub fn budget_label(budget: f64) -> String {
+    if budget > 1.0 {
+        format!("{} tok", budget.round() as i64)
+    } else {
+        format!("{budget:?}")
+    }
+}
+
 /// Setting label: `snapkv @ 0.5`.
 pub fn setting(policy: &str, budget: f64) -> String {
-    format!("{policy} @ {budget:?}")
+    format!("{policy} @ {}", budget_label(budget))
 }
 
 fn by_setting(stats: &[BinStat]) -> Vec<(String, Vec<&BinStat>)> {
@@ -51,12 +60,27 @@ fn by_setting(stats: &[BinStat]) -> Vec<(String, Vec<&BinStat>)> {
 pub fn figures(stats: &[BinStat], metric: &str) -> Vec<(&'static str, Figure)> {
     let labels = bin_labels(stats);
     let groups = by_setting(stats);
-    let lines = |f: &dyn Fn(&BinStat) -> Point| -> Vec<Series> {
-        groups
+    // One panel per policy; one colour per budget, the same in every panel.
+    let mut budgets: Vec<f64> = stats.iter().map(|s| s.budget).collect();
+    budgets.sort_by(|a, b| b.total_cmp(a));
+    budgets.dedup();
+    let mut policies: Vec<&str> = stats.iter().map(|s| s.policy.as_str()).collect();
+    policies.sort();
+    policies.dedup();
+    let lines = |f: &dyn Fn(&BinStat) -> Point| -> Vec<Panel> {
+        policies
             .iter()
-            .map(|(name, v)| Series {
-                name: name.clone(),
-                points: v.iter().map(|s| f(s)).collect(),
+            .map(|p| Panel {
+                title: format!("policy: {p}"),
+                series: groups
+                    .iter()
+                    .filter(|(_, v)| v[0].policy == *p)
+                    .map(|(_, v)| Series {
+                        name: format!("budget {}", budget_label(v[0].budget)),
+                        color: budgets.iter().position(|b| *b == v[0].budget).unwrap_or(0),
+                        points: v.iter().map(|s| f(s)).collect(),
+                    })
+                    .collect(),
             })
             .collect()
     };
@@ -75,8 +99,8 @@ pub fn figures(stats: &[BinStat], metric: &str) -> Vec<(&'static str, Figure)> {
                 title: format!("Score ({metric}) by prompt length, 95% CI"),
                 y_label: format!("mean {metric}"),
                 x_labels: labels.clone(),
-                y_range: (-0.02, 1.05),
-                series: lines(&|s| Point {
+                y_range: (0.0, 1.05),
+                panels: lines(&|s| Point {
                     y: s.mean,
                     band: s.ci_lo.zip(s.ci_hi),
                 }),
@@ -88,8 +112,8 @@ pub fn figures(stats: &[BinStat], metric: &str) -> Vec<(&'static str, Figure)> {
                 title: "Failure rate by prompt length (Wilson 95% CI)".into(),
                 y_label: "failure rate".into(),
                 x_labels: labels.clone(),
-                y_range: (-0.02, 1.05),
-                series: lines(&|s| Point {
+                y_range: (0.0, 1.05),
+                panels: lines(&|s| Point {
                     y: s.fail_rate,
                     band: s.fail_lo.zip(s.fail_hi),
                 }),
@@ -102,7 +126,7 @@ pub fn figures(stats: &[BinStat], metric: &str) -> Vec<(&'static str, Figure)> {
                 y_label: "latency p50 (ms)".into(),
                 x_labels: labels.clone(),
                 y_range: (0.0, (max_lat * 1.15).max(1.0)),
-                series: lines(&|s| Point {
+                panels: lines(&|s| Point {
                     y: s.latency_p50_ms,
                     band: None,
                 }),

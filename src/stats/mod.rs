@@ -80,6 +80,7 @@ pub fn paired_delta_ci(
 }
 
 /// The standard normal quantile (Acklam's rational approximation, |error| < 1.2e-9).
+#[allow(clippy::excessive_precision)]
 pub fn normal_quantile(p: f64) -> f64 {
     const A: [f64; 6] = [
         -3.969683028665376e+01,

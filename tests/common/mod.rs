@@ -29,7 +29,7 @@ impl Project {
         p.write("pipelines/test.yaml", TEST_PIPELINE);
         p.write(
             "config/experiments/t.yaml",
-            "pipeline: test\ndataset:\n  path: input.txt\nmodel:\n  name: lower\noutput:\n  exp_group_id: t1\n",
+            "pipeline: test\ndataset:\n  path: input.txt\nmodel:\n  name: lower\nanalysis:\n  bootstrap:\n    iters: 1000\noutput:\n  exp_group_id: t1\n",
         );
         p.write(
             "input.txt",
@@ -121,4 +121,86 @@ pub fn stdout_of(out: &std::process::Output) -> String {
 
 pub fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// Nodes a `kvt build` reported as built, sorted (from its stderr).
+pub fn built_nodes(out: &std::process::Output) -> Vec<String> {
+    let mut v: Vec<String> = stderr_of(out)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("built "))
+        .map(|l| l.rsplit_once(" (").map_or(l, |(n, _)| n).to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A plain HTTP/1.1 exchange on loopback: returns (status, body).
+pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let host = addr.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status: u16 = text[9..12].parse().unwrap();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        // De-chunk.
+        let mut out = String::new();
+        let mut r = rest;
+        while let Some((len, tail)) = r.split_once("\r\n") {
+            let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(&tail[..n]);
+            r = &tail[n + 2..];
+        }
+        out
+    } else {
+        rest.to_string()
+    };
+    (status, body)
+}
+
+/// `kvt serve` on a free port, killed on drop.
+pub struct Served {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl Served {
+    pub fn start(args: &[&str]) -> Served {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvt"))
+            .args(["serve", "--port", "0"])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+        assert!(addr.starts_with("http://127.0.0.1:"), "{line}");
+        Served { child, addr }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -1,0 +1,340 @@
+//! The whole pipeline through the real `kvt` binary: `kvt serve` started for
+//! the run, a real HTTP round trip per request, real Parquet artifacts, a real
+//! SQLite file. The server logs every answered request, so the tests count
+//! requests where they arrive.
+
+mod common;
+use common::*;
+use std::collections::HashMap;
+
+const SMALL: &str = "\
+output:
+  exp_group_id: small
+dataset:
+  lengths: [256, 1024]
+  per_length: 6
+binning:
+  n_bins: 2
+  edges: [0, 600, 2000]
+sampling:
+  n_per_bin: 6
+engine:
+  kind: serve
+  concurrency: 2
+kv:
+  policies: [streaming, snapkv]
+  budgets: [1.0, 0.3]
+analysis:
+  bootstrap:
+    iters: 200
+";
+
+/// 12 examples × (one full-cache request shared by both policies + one per
+/// policy at 0.3).
+const UNIQUE_REQUESTS: usize = 36;
+
+fn small_project() -> Project {
+    let p = Project::new();
+    p.write("config/experiments/small.yaml", SMALL);
+    p
+}
+
+fn build(p: &Project, args: &[&str]) -> std::process::Output {
+    let out = p
+        .kvt()
+        .args(["build", "report", "-c", "config/experiments/small.yaml"])
+        .args(args)
+        .env("KVT_SERVE_REQUEST_LOG", p.path("requests.log"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    out
+}
+
+/// Request key → times the server answered it.
+fn served(p: &Project) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for l in std::fs::read_to_string(p.path("requests.log"))
+        .unwrap_or_default()
+        .lines()
+    {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        *m.entry(v["request_key"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    m
+}
+
+fn db(p: &Project) -> rusqlite::Connection {
+    rusqlite::Connection::open(p.path("runs/small/kv_transition.sqlite")).unwrap()
+}
+
+fn count(c: &rusqlite::Connection, sql: &str) -> i64 {
+    c.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+#[test]
+fn report_end_to_end_then_nothing_then_analysis_only() {
+    let p = small_project();
+    let out = build(&p, &[]);
+    assert_eq!(built_nodes(&out).len(), 13, "{}", stderr_of(&out));
+    let s = served(&p);
+    assert_eq!(s.len(), UNIQUE_REQUESTS);
+    assert!(s.values().all(|&n| n == 1), "a request was sent twice");
+
+    for f in [
+        "data/processed/synthetic__needle/manifest.json",
+        "runs/small/report.md",
+        "runs/small/kv_transition.sqlite",
+    ] {
+        assert!(p.path(f).exists(), "{f} missing");
+    }
+    for plot in [
+        "acc_by_bin",
+        "fail_by_bin",
+        "latency_p50_by_bin",
+        "delta_heatmap",
+    ] {
+        let png = std::fs::read(p.path(&format!("runs/small/plots/{plot}.png"))).unwrap();
+        assert_eq!(&png[1..4], b"PNG");
+        assert!(p
+            .read(&format!("runs/small/plots/{plot}.svg"))
+            .contains("<svg"));
+    }
+    let report = p.read("runs/small/report.md");
+    let row = |setting: &str| {
+        report
+            .lines()
+            .find(|l| l.starts_with(&format!("| {setting} |")))
+            .unwrap_or_else(|| panic!("no row for {setting} in\n{report}"))
+            .to_string()
+    };
+    // Streaming eviction at 30 % loses needles outside its window; SnapKV keeps them.
+    assert!(row("streaming | 0.3").contains("**fails**"), "{report}");
+    assert!(
+        row("snapkv | 0.3").contains("no transition detected"),
+        "{report}"
+    );
+    assert!(
+        row("snapkv @ 0.3 | 0–600").contains("1.00 [1.00, 1.00]"),
+        "{report}"
+    );
+    assert!(report.contains("## Provenance") && report.contains("FORMAT_ERROR"));
+
+    // Again: nothing runs, nothing is sent.
+    let out = build(&p, &[]);
+    assert!(built_nodes(&out).is_empty(), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("0 built, 13 fresh"));
+    assert_eq!(served(&p).values().sum::<usize>(), UNIQUE_REQUESTS);
+
+    // Analysis change: only the analysis and its sinks rerun; zero requests.
+    let out = build(&p, &["--set", "analysis.bootstrap.iters=300"]);
+    assert_eq!(
+        built_nodes(&out),
+        strs(&["analyze", "plots", "report", "sqlite"]),
+        "{}",
+        stderr_of(&out)
+    );
+    assert_eq!(served(&p).values().sum::<usize>(), UNIQUE_REQUESTS);
+
+    // Transport is not identity: the in-process engine instead of a server reruns nothing.
+    let out = build(
+        &p,
+        &[
+            "--set",
+            "analysis.bootstrap.iters=300",
+            "--set",
+            "engine.kind=reference",
+        ],
+    );
+    assert!(built_nodes(&out).is_empty(), "{}", stderr_of(&out));
+}
+
+#[test]
+fn sqlite_sink_schema_and_row_counts() {
+    let p = small_project();
+    build(&p, &[]);
+    let c = db(&p);
+    let mut tables: Vec<String> = c
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    tables.sort();
+    let mut want = strs(kvt::stages::sqlite::TABLES);
+    want.sort();
+    assert_eq!(tables, want);
+    for t in [
+        "examples",
+        "manifest_entries",
+        "runs",
+        "requests",
+        "responses",
+        "telemetry",
+        "failures",
+        "scores",
+        "bin_stats",
+        "transition_summary",
+    ] {
+        let fks = count(
+            &c,
+            &format!("SELECT COUNT(*) FROM pragma_foreign_key_list('{t}')"),
+        );
+        assert!(fks > 0, "{t} has no foreign key");
+    }
+    assert_eq!(
+        count(&c, "SELECT COUNT(*) FROM pragma_foreign_key_check"),
+        0
+    );
+
+    let manifest: serde_json::Value =
+        serde_json::from_str(&p.read("data/processed/synthetic__needle/manifest.json")).unwrap();
+    let n = manifest["entries"].as_array().unwrap().len() as i64;
+    assert_eq!(n, 12);
+    assert_eq!(count(&c, "SELECT COUNT(*) FROM examples"), n);
+    assert_eq!(count(&c, "SELECT COUNT(*) FROM manifest_entries"), n);
+    assert_eq!(count(&c, "SELECT COUNT(*) FROM bins"), 2);
+    assert_eq!(count(&c, "SELECT COUNT(*) FROM runs"), 4);
+    for t in ["requests", "responses", "telemetry", "scores"] {
+        assert_eq!(
+            count(&c, &format!("SELECT COUNT(*) FROM {t}")),
+            4 * n,
+            "{t}"
+        );
+    }
+    assert_eq!(count(&c, "SELECT COUNT(*) FROM bin_stats"), 4 * 2);
+    assert_eq!(count(&c, "SELECT COUNT(*) FROM transition_summary"), 4);
+    // Every answer without a number is a FORMAT_ERROR failure, and only those.
+    assert_eq!(
+        count(&c, "SELECT COUNT(*) FROM failures"),
+        count(
+            &c,
+            "SELECT COUNT(*) FROM responses WHERE text NOT GLOB '*[0-9]*'"
+        )
+    );
+    assert!(count(&c, "SELECT COUNT(*) FROM failures") > 0);
+    // bin_stats agree with the scores they summarise.
+    let mean: f64 = c
+        .query_row(
+            "SELECT mean FROM bin_stats WHERE run_id = 'streaming@0.3' AND bin_idx = 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let direct: f64 = c
+        .query_row(
+            "SELECT AVG(s.score) FROM scores s JOIN requests q USING (request_id)
+             JOIN manifest_entries m ON m.example_id = q.example_id
+             WHERE q.run_id = 'streaming@0.3' AND m.bin_idx = 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!((mean - direct).abs() < 1e-12);
+}
+
+#[test]
+fn in_process_and_served_engines_answer_alike() {
+    let a = small_project();
+    build(&a, &["--set", "engine.kind=reference"]);
+    assert!(served(&a).is_empty(), "the in-process engine used a server");
+    let b = small_project();
+    build(&b, &[]);
+    let q = "SELECT request_id, text FROM responses ORDER BY request_id";
+    let rows = |c: &rusqlite::Connection| -> Vec<(String, String)> {
+        c.prepare(q)
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let (ra, rb) = (rows(&db(&a)), rows(&db(&b)));
+    assert_eq!(ra.len(), 48);
+    assert_eq!(ra, rb);
+}
+
+#[test]
+fn killed_during_infer_resumes_with_nothing_lost() {
+    let p = small_project();
+    let log = p.path("requests.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvt"))
+        .args(["build", "report", "-c", "config/experiments/small.yaml"])
+        .current_dir(p.root())
+        .env("KVT_SERVE_REQUEST_LOG", &log)
+        .env("KVT_SERVE_DELAY_MS", "60")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while served(&p).len() < 8 {
+        assert!(t0.elapsed().as_secs() < 60, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap(); // SIGKILL: no cleanup runs in kvt.
+    child.wait().unwrap();
+    let before = served(&p);
+    assert!(
+        before.len() < UNIQUE_REQUESTS,
+        "killed too late to test anything"
+    );
+
+    let out = build(&p, &[]);
+    assert!(stderr_of(&out).contains("0 failed"));
+    let after = served(&p);
+    // Every request answered; only those in flight at the kill (at most the
+    // concurrency per running node) were answered twice.
+    assert_eq!(after.len(), UNIQUE_REQUESTS);
+    let twice = after.values().filter(|&&n| n > 1).count();
+    assert!(twice <= 4, "{twice} requests re-sent after the kill");
+    assert!(after.values().all(|&n| n <= 2));
+    // The journal holds one final answer per request; the sink one row per request.
+    let j = rusqlite::Connection::open(p.path("cache/v1/journal.sqlite")).unwrap();
+    assert_eq!(
+        count(&j, "SELECT COUNT(*) FROM responses WHERE is_final = 1"),
+        UNIQUE_REQUESTS as i64
+    );
+    assert_eq!(count(&db(&p), "SELECT COUNT(*) FROM responses"), 48);
+}
+
+#[test]
+fn unreachable_server_fails_the_stage_with_exit_1_and_keeps_nothing_half_done() {
+    let p = small_project();
+    let out = p
+        .kvt()
+        .args(["build", "report", "-c", "config/experiments/small.yaml"])
+        .args([
+            "--set",
+            "engine.kind=openai",
+            "--set",
+            "engine.base_url=http://127.0.0.1:9/v1",
+        ])
+        .args([
+            "--set",
+            "engine.max_retries=1",
+            "--set",
+            "engine.timeout_s=2",
+        ])
+        .env("KVT_BACKOFF_MS", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("stage `infer[") && err.contains("connection error"),
+        "{err}"
+    );
+    assert!(err.contains("run the build again"), "{err}");
+    assert!(!p.path("runs/small/report.md").exists());
+    // Missing base_url for an openai engine is a configuration error: exit 2.
+    let out = p
+        .kvt()
+        .args(["build", "report", "-c", "config/experiments/small.yaml"])
+        .args(["--set", "engine.kind=openai"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("engine.base_url"));
+}
