@@ -23,7 +23,7 @@ fn project(n: usize) -> tempfile::TempDir {
     .unwrap();
     std::fs::write(
         root.join("pipelines/bench.yaml"),
-        "stages:\n  read: {op: t_read, uses: [dataset.path]}\n  scale: {op: t_scale, needs: [read], uses: [kv.policy], foreach: {budget: kv.budgets}}\n  count: {op: t_count, needs: [scale], uses: [analysis.bootstrap.iters]}\n",
+        "stages:\n  read: {op: t_read, uses: [dataset.path]}\n  scale: {op: t_scale, needs: [read], uses: [model.name], foreach: {budget: kv.budgets}}\n  count: {op: t_count, needs: [scale], uses: [analysis.bootstrap.iters]}\n",
     )
     .unwrap();
     let budgets: Vec<String> = (1..=n - 2)

@@ -337,3 +337,36 @@ fn command_line_misuse_exits_2() {
         assert!(help.contains(cmd), "{help}");
     }
 }
+
+#[test]
+fn engine_and_policy_values_are_checked_before_anything_runs() {
+    let p = Project::new();
+    p.write(
+        "config/experiments/bad.yaml",
+        "pipeline: test\nkv:\n  policies: [snapkv, streamng]\noutput:\n  exp_group_id: x\n",
+    );
+    let out = validate(&p, "config/experiments/bad.yaml", &[]);
+    expect_usage_error(
+        &out,
+        &[
+            "bad.yaml:3",
+            "`kv.policies`",
+            "streamng",
+            "did you mean `streaming`",
+        ],
+    );
+    let t = "config/experiments/t.yaml";
+    for (set, needles) in [
+        ("engine.kind=vllm", &["`engine.kind`", "vllm"][..]),
+        (
+            "engine.kind=openai",
+            &["`engine.base_url`", "is required"][..],
+        ),
+        ("engine.concurrency=0", &["`engine.concurrency`"][..]),
+        ("analysis.bootstrap.ci=95", &["`analysis.bootstrap.ci`"][..]),
+        ("kv.policies=[]", &["`kv.policies`"][..]),
+    ] {
+        let out = validate(&p, t, &["--set", set]);
+        expect_usage_error(&out, needles);
+    }
+}

@@ -35,3 +35,24 @@ pub fn count_many(bpe: &CoreBPE, texts: &[&str]) -> Vec<usize> {
             .collect()
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_match_the_encodings() {
+        let cl = encoding("cl100k_base").unwrap();
+        // "hello world" is two tokens in both encodings; digits split in threes in cl100k.
+        assert_eq!(count_tokens(cl, "hello world"), 2);
+        assert_eq!(count_tokens(cl, "918273"), 2);
+        assert_eq!(count_tokens(cl, ""), 0);
+        let o2 = encoding("o200k_base").unwrap();
+        assert_eq!(count_tokens(o2, "hello world"), 2);
+        assert!(encoding("gpt2").is_err());
+        // Parallel counting keeps input order. Numbers take no leading space:
+        // "918273 918273" is 918 · 273 · " " · 918 · 273.
+        let texts = ["a", "hello world", "", "918273 918273"];
+        assert_eq!(count_many(cl, &texts), vec![1, 2, 0, 5]);
+    }
+}

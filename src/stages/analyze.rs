@@ -282,10 +282,7 @@ impl Op for Analyze {
         let a: Analysis = ctx.get("analysis")?;
         let geom: KvGeometry = ctx.get("model.kv_geometry")?;
         let bins: Vec<Bin> = table::read(&ctx.input("prepare", "bins")?)?;
-        let mut scores: Vec<ScoreRow> = Vec::new();
-        for up in ctx.upstream("score") {
-            scores.extend(table::read::<ScoreRow>(&ctx.read(up, "scores")?)?);
-        }
+        let scores = crate::stages::score::read_all(ctx)?;
         let (bin_stats, transitions) = analyze(&bins, &scores, &a, &geom)?;
         ctx.put("bin_stats", &table::write(&bin_stats)?)?;
         ctx.put("transition_summary", &table::write(&transitions)?)?;

@@ -224,10 +224,7 @@ impl Op for Report {
         let stats: Vec<BinStat> = table::read(&ctx.input("analyze", "bin_stats")?)?;
         let transitions: Vec<TransitionRow> =
             table::read(&ctx.input("analyze", "transition_summary")?)?;
-        let mut scores: Vec<ScoreRow> = Vec::new();
-        for up in ctx.upstream("score") {
-            scores.extend(table::read::<ScoreRow>(&ctx.read(up, "scores")?)?);
-        }
+        let scores = crate::stages::score::read_all(ctx)?;
         let db_rows: Value = serde_json::from_slice(&ctx.input("sqlite", "summary")?)?;
         let mut c = context(
             ctx.key.config,

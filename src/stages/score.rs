@@ -44,6 +44,15 @@ pub struct ScoreRow {
     pub retries: u32,
 }
 
+/// Every `score` node's rows, for the stages that summarise them.
+pub fn read_all(ctx: &OpContext) -> Result<Vec<ScoreRow>> {
+    let mut rows = Vec::new();
+    for up in ctx.upstream("score") {
+        rows.extend(table::read::<ScoreRow>(&ctx.read(up, "scores")?)?);
+    }
+    Ok(rows)
+}
+
 impl Op for Score {
     fn name(&self) -> &'static str {
         "score"

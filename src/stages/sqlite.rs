@@ -337,10 +337,7 @@ impl Op for Sqlite {
         let examples: Vec<Example> = table::read(&ctx.input("prepare", "examples")?)?;
         let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
         let bins: Vec<Bin> = table::read(&ctx.input("prepare", "bins")?)?;
-        let mut scores: Vec<ScoreRow> = Vec::new();
-        for up in ctx.upstream("score") {
-            scores.extend(table::read::<ScoreRow>(&ctx.read(up, "scores")?)?);
-        }
+        let scores = crate::stages::score::read_all(ctx)?;
         let bin_stats: Vec<BinStat> = table::read(&ctx.input("analyze", "bin_stats")?)?;
         let transitions: Vec<TransitionRow> =
             table::read(&ctx.input("analyze", "transition_summary")?)?;
