@@ -51,11 +51,39 @@ pub fn materialize(ws: &Workspace, rec: &ActionRecord) -> Result<()> {
             .output(artifact)
             .with_context(|| format!("`{}` exports unknown artifact `{artifact}`", rec.node))?;
         let dest = ws.root.join(path);
+        // A stamp remembers (digest, size, mtime) of the file as kvt last left
+        // it: an unchanged file is not read again on a no-op build.
+        let stamp_path = ws
+            .cache_root
+            .join(super::store::STORE_FORMAT)
+            .join("exports")
+            .join(super::digest::Digest::of(path.as_bytes()).to_string());
+        let stamp_of = |d: &super::digest::Digest| -> Option<String> {
+            let m = std::fs::metadata(&dest).ok()?;
+            let mtime = m
+                .modified()
+                .ok()?
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()?;
+            Some(format!("{d} {} {}", m.len(), mtime.as_nanos()))
+        };
+        if let (Some(now), Ok(then)) = (stamp_of(&out.digest), std::fs::read_to_string(&stamp_path))
+        {
+            if now == then {
+                continue;
+            }
+        }
         let current = std::fs::read(&dest).ok();
         if current.as_deref().map(super::digest::Digest::of) != Some(out.digest) {
             let bytes = ws.store.get(&out.digest)?;
             write_atomic(&ws.store.tmp_dir(), &dest, &bytes)
                 .with_context(|| format!("writing `{path}`"))?;
+        }
+        if let Some(stamp) = stamp_of(&out.digest) {
+            if let Some(dir) = stamp_path.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            let _ = std::fs::write(&stamp_path, stamp);
         }
     }
     Ok(())

@@ -6,7 +6,7 @@
 use crate::engine::{canonical_json, Op, OpContext};
 use crate::metrics::FAILURE_LABELS;
 use crate::stages::analyze::{BinStat, TransitionRow};
-use crate::stages::plots::setting;
+use crate::stages::plots::{budget_label, setting};
 use crate::stages::score::ScoreRow;
 use crate::table;
 use anyhow::{Context, Result};
@@ -88,7 +88,7 @@ pub fn context(
                 other => other.to_string(),
             };
             json!({
-                "policy": t.policy, "budget": t.budget, "outcome": outcome,
+                "policy": t.policy, "budget": budget_label(t.budget), "outcome": outcome,
                 "first_bin": t.t.first_failing_bin.map_or("–".into(), |b| format!("{b} ({})", bin_label(b))),
                 "zone": match (t.t.zone_lo_tokens, t.t.zone_hi_tokens) {
                     (Some(a), Some(b)) => format!("{a}–{b}"),
@@ -181,7 +181,7 @@ pub fn context(
         "n_bins": manifest["n_bins"],
         "model": get("model.name"),
         "policies": policies,
-        "budgets": budgets,
+        "budgets": budgets.iter().map(|b| budget_label(*b)).collect::<Vec<_>>(),
         "metric": metric,
         "delta": analysis["transition"]["delta"],
         "iters": analysis["bootstrap"]["iters"],

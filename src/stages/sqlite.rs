@@ -137,7 +137,11 @@ pub struct SinkInput<'a> {
 /// Writes the database at `path` (which must not exist) in one transaction.
 pub fn write_db(path: &std::path::Path, s: &SinkInput) -> Result<Value> {
     let mut conn = Connection::open(path)?;
-    conn.execute_batch("PRAGMA journal_mode = DELETE; PRAGMA foreign_keys = ON;")?;
+    // A scratch file used only if everything succeeds: no rollback journal, no
+    // fsync here (the content store makes the finished file durable).
+    conn.execute_batch(
+        "PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA foreign_keys = ON;",
+    )?;
     let tx = conn.transaction()?;
     tx.execute_batch(SCHEMA)?;
     let ds = &s.manifest["dataset"];

@@ -34,20 +34,25 @@ pub fn bootstrap_means(values: &[f64], iters: usize, rng: &mut SplitMix64) -> Ve
     }
     let nn = n as u64;
     let mut out = Vec::with_capacity(iters);
+    let idx = |r: u64| ((r * nn) >> 32) as usize;
     for _ in 0..iters {
-        let mut sum = 0.0;
+        // Two indices per 64-bit draw (Lemire's multiply-shift on 32-bit
+        // halves), four partial sums so the additions do not wait on each other.
+        let mut acc = [0.0f64; 4];
         let mut i = 0;
-        // Two indices per 64-bit draw (Lemire's multiply-shift on 32-bit halves).
-        while i + 1 < n {
-            let r = rng.next_u64();
-            sum += values[(((r & 0xFFFF_FFFF) * nn) >> 32) as usize];
-            sum += values[(((r >> 32) * nn) >> 32) as usize];
-            i += 2;
+        while i + 4 <= n {
+            let (r1, r2) = (rng.next_u64(), rng.next_u64());
+            acc[0] += values[idx(r1 & 0xFFFF_FFFF)];
+            acc[1] += values[idx(r1 >> 32)];
+            acc[2] += values[idx(r2 & 0xFFFF_FFFF)];
+            acc[3] += values[idx(r2 >> 32)];
+            i += 4;
         }
-        if i < n {
-            let r = rng.next_u64();
-            sum += values[(((r & 0xFFFF_FFFF) * nn) >> 32) as usize];
+        while i < n {
+            acc[0] += values[idx(rng.next_u64() & 0xFFFF_FFFF)];
+            i += 1;
         }
+        let sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
         out.push(sum / n as f64);
     }
     out
