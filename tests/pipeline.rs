@@ -330,6 +330,13 @@ fn unreachable_server_fails_the_stage_with_exit_1_and_keeps_nothing_half_done() 
     );
     assert!(err.contains("run the build again"), "{err}");
     assert!(!p.path("runs/small/report.md").exists());
+    // The server is back (kvt starts its own): the next build sends every
+    // request once and finishes.
+    build(&p, &[]);
+    let s = served(&p);
+    assert_eq!(s.len(), UNIQUE_REQUESTS);
+    assert!(s.values().all(|&n| n == 1));
+    assert!(p.path("runs/small/report.md").exists());
     // Missing base_url for an openai engine is a configuration error: exit 2.
     let out = p
         .kvt()
@@ -339,4 +346,66 @@ fn unreachable_server_fails_the_stage_with_exit_1_and_keeps_nothing_half_done() 
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
     assert!(stderr_of(&out).contains("engine.base_url"));
+}
+
+#[test]
+fn a_rejected_request_is_final_recorded_and_not_resent() {
+    let p = small_project();
+    // The server rejects this policy with HTTP 400: a deterministic failure.
+    let bad = ["--set", "engine.extra_body={kvt: {policy: lru}}"];
+    let out = build(&p, &bad);
+    assert!(stderr_of(&out).contains("0 failed"), "{}", stderr_of(&out));
+    let c = db(&p);
+    let n = count(
+        &c,
+        "SELECT COUNT(*) FROM failures WHERE error_type = 'ENGINE_ERROR'",
+    );
+    assert_eq!(n, 48, "every request should be an ENGINE_ERROR");
+    let detail: String = c
+        .query_row("SELECT detail FROM failures LIMIT 1", [], |r| r.get(0))
+        .unwrap();
+    assert!(
+        detail.contains("HTTP 400") && detail.contains("lru"),
+        "{detail}"
+    );
+    assert!(p.read("runs/small/report.md").contains("ENGINE_ERROR"));
+    // Final answers are not sent again.
+    let out = build(&p, &bad);
+    assert!(built_nodes(&out).is_empty());
+    assert!(
+        served(&p).is_empty(),
+        "rejected requests are not logged as answered"
+    );
+}
+
+#[test]
+fn lifecycle_commands_are_build_targets() {
+    let p = small_project();
+    let run = |cmd: &str| {
+        let out = p
+            .kvt()
+            .args([
+                cmd,
+                "-c",
+                "config/experiments/small.yaml",
+                "--set",
+                "engine.kind=reference",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cmd}: {}", stderr_of(&out));
+        built_nodes(&out)
+    };
+    assert_eq!(run("prepare"), strs(&["prepare"]));
+    assert_eq!(run("run").len(), 4, "four infer nodes");
+    assert_eq!(run("score").len(), 4);
+    assert_eq!(run("analyze"), strs(&["analyze"]));
+    assert_eq!(run("report"), strs(&["plots", "report", "sqlite"]));
+    assert!(run("all").is_empty());
+    let out = p
+        .kvt()
+        .args(["run", "infer", "-c", "config/experiments/small.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
 }
