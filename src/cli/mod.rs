@@ -1,6 +1,7 @@
 //! The command line: parses arguments (clap), loads the configuration and calls
 //! the engine. Nothing here decides what a stage does.
 
+mod eval_preds;
 mod graph;
 
 use crate::config::{self, display_path, LoadedConfig};
@@ -129,6 +130,23 @@ enum Command {
     All(BuildArgs),
     /// Serve the reference engine over an OpenAI-compatible HTTP API.
     Serve(ServeArgs),
+    /// Score predictions made elsewhere (LongBench `pred/` format) with LongBench's metrics.
+    EvalPreds {
+        /// A predictions file (`<task>.jsonl`, or any name with `--task`).
+        file: Option<PathBuf>,
+        /// The LongBench task (case-sensitive), e.g. `hotpotqa`; default: the file's stem.
+        #[arg(long)]
+        task: Option<String>,
+        /// Score every `<task>.jsonl` in a directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// LongBench-E buckets by the records' `length`: 0-4k, 4-8k, 8k+.
+        #[arg(long)]
+        by_length: bool,
+        /// Print JSON shaped like LongBench's result.json.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show every node, whether it is fresh or stale, and why.
     Graph {
         targets: Vec<String>,
@@ -247,6 +265,19 @@ fn run(cli: Cli, registry: &OpRegistry) -> Result<()> {
         Command::Analyze(args) => lifecycle("analyze", args, &["analyze"], registry, cli.quiet),
         Command::Report(args) => lifecycle("report", args, &["report"], registry, cli.quiet),
         Command::All(args) => lifecycle("all", args, &[], registry, cli.quiet),
+        Command::EvalPreds {
+            file,
+            task,
+            dir,
+            by_length,
+            json,
+        } => eval_preds::run(
+            task.as_deref(),
+            file.as_deref(),
+            dir.as_deref(),
+            by_length,
+            json,
+        ),
         Command::Serve(a) => crate::llm::server::serve(crate::llm::server::ServeOptions {
             host: a.host,
             port: a.port,

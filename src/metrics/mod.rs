@@ -2,6 +2,8 @@
 //! over several gold answers), substring recall for the synthetic tasks, and
 //! the failure taxonomy, defined once here.
 
+pub mod longbench;
+
 use serde::{Deserialize, Serialize};
 
 /// Lowercase, punctuation removed, whitespace trimmed and collapsed.
