@@ -560,6 +560,44 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
             ))
         }
     }
+    if !matches!(c.dataset.on_bad_record.as_str(), "fail" | "skip") {
+        return Err(bad(
+            "dataset.on_bad_record",
+            format!(
+                "`{}` is unknown; use `fail` or `skip`",
+                c.dataset.on_bad_record
+            ),
+        ));
+    }
+    if !matches!(
+        c.dataset.source.as_str(),
+        "synthetic" | "longbench" | "file"
+    ) {
+        return Err(bad(
+            "dataset.source",
+            format!(
+                "`{}` is unknown; use `synthetic`, `longbench` or `file`",
+                c.dataset.source
+            ),
+        ));
+    }
+    if let Err(e) = crate::stages::score::metric_for(
+        &c.dataset.source,
+        &c.dataset.task,
+        c.dataset.metric.as_deref(),
+    ) {
+        let key = if c.dataset.metric.is_some() {
+            "dataset.metric"
+        } else {
+            "dataset.task"
+        };
+        let msg = e.to_string();
+        let msg = msg
+            .split_once(": ")
+            .map_or(msg.as_str(), |(_, m)| m)
+            .to_string();
+        return Err(bad(key, msg));
+    }
     if c.engine.concurrency == 0 {
         return Err(bad("engine.concurrency", "must be at least 1".into()));
     }

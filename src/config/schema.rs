@@ -31,9 +31,20 @@ pub struct Config {
 pub struct Dataset {
     pub name: String,
     pub task: String,
-    /// Where examples come from: `synthetic` (built in) or a local file.
+    /// Where examples come from: `synthetic` (built in), `longbench` (a local
+    /// copy, found by `dataset.path` or the usual places) or `file` (any JSONL
+    /// or Parquet file at `dataset.path`, mapped by `dataset.fields`).
     pub source: String,
     pub path: Option<String>,
+    /// `jsonl` or `parquet` for `source: file`; null: from the file extension.
+    pub format: Option<String>,
+    /// Which record fields become the example's id, question, context, answers and meta.
+    pub fields: Fields,
+    /// `fail` (default) or `skip`: what a malformed record does.
+    pub on_bad_record: String,
+    /// The metric to score with; null: substring recall for synthetic tasks,
+    /// the task's own metric for LongBench, `qa_f1_score` for files.
+    pub metric: Option<String>,
     pub seed: u64,
     /// Target prompt lengths (tokens) for synthetic tasks.
     pub lengths: Vec<u64>,
@@ -41,6 +52,19 @@ pub struct Dataset {
     pub per_length: u64,
     /// Deterministic operations applied before binning (shuffle, take, skip, select).
     pub ops: Vec<crate::data::ops::DatasetOp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fields {
+    /// Null: records are numbered `<file stem>-<line>`.
+    pub id: Option<String>,
+    pub question: String,
+    pub context: String,
+    /// A list of strings or one string.
+    pub answers: String,
+    /// Extra fields copied into the example's `meta` when present.
+    pub meta: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -111,6 +135,19 @@ pub struct Prompt {
     /// The user message; `{context}` and `{question}` are filled in. Keep the
     /// question on a line starting with `Question:` for the reference engine.
     pub template: String,
+    /// Per-task templates and generation lengths (LongBench's tasks by default),
+    /// used when `dataset.task` names one.
+    pub tasks: BTreeMap<String, TaskPrompt>,
+    /// Prompts longer than this many tokens (by `tokenizer`) lose their middle,
+    /// keeping the first and last halves, as LongBench does; null: no limit.
+    pub max_tokens: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskPrompt {
+    pub template: String,
+    pub max_new_tokens: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -2,7 +2,9 @@
 //! tokenizers, length binning and deterministic sampling.
 
 pub mod binning;
+pub mod longbench;
 pub mod ops;
+pub mod records;
 pub mod synthetic;
 pub mod tokenize;
 

@@ -38,12 +38,17 @@ pub struct Infer;
 pub struct ResponseRow {
     pub example_id: String,
     pub request_key: String,
+    /// Prompt tokens before middle truncation (`prompt.max_tokens`), if cut.
+    #[serde(default)]
+    pub truncated_from: Option<u64>,
     #[serde(flatten)]
     pub outcome: Outcome,
 }
 
 /// One prepared request.
 pub struct Request {
+    /// Prompt tokens before middle truncation, when it applied.
+    pub truncated_from: Option<u64>,
     pub example_id: String,
     pub key: String,
     pub question: String,
@@ -84,7 +89,12 @@ pub fn fill(template: &str, ex: &Example) -> String {
 struct Settings {
     kv: KvParams,
     model: String,
+    /// With `max_new_tokens` already set for the task.
     decoding: Decoding,
+    /// The user-message template for the task.
+    template: String,
+    /// Middle truncation: (max prompt tokens, tokenizer).
+    truncate: Option<(usize, &'static tiktoken_rs::CoreBPE)>,
     prompt: Prompt,
     label: Option<String>,
     extra: BTreeMap<String, Value>,
@@ -108,9 +118,28 @@ fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Resu
             let ex = by_id
                 .get(en.example_id.as_str())
                 .ok_or_else(|| anyhow!("manifest entry `{}` has no example", en.example_id))?;
+            let mut user = fill(&s.template, ex);
+            let mut truncated_from = None;
+            if let Some((max, bpe)) = s.truncate {
+                let toks = bpe.encode_ordinary(&user);
+                if toks.len() > max {
+                    // LongBench's rule: keep the first and the last max/2 tokens.
+                    let half = max / 2;
+                    let decode = |t: &[u32]| {
+                        String::from_utf8_lossy(&bpe.decode_bytes(t).unwrap_or_default())
+                            .into_owned()
+                    };
+                    truncated_from = Some(toks.len() as u64);
+                    user = format!(
+                        "{}{}",
+                        decode(&toks[..half]),
+                        decode(&toks[toks.len() - half..])
+                    );
+                }
+            }
             let messages = vec![
                 json!({"role": "system", "content": s.prompt.system}),
-                json!({"role": "user", "content": fill(&s.prompt.template, ex)}),
+                json!({"role": "user", "content": user}),
             ];
             let identity = json!({
                 "model": s.model, "kv": kv_identity, "messages": messages,
@@ -134,6 +163,7 @@ fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Resu
                 body[k] = v.clone();
             }
             Ok(Request {
+                truncated_from,
                 example_id: en.example_id.clone(),
                 key,
                 question: ex.question.clone(),
@@ -242,11 +272,31 @@ impl Op for Infer {
             seed: ctx.get("kv.seed")?,
         };
         kv.check().context("config `kv.policies` / `kv.budgets`")?;
+        let prompt: Prompt = ctx.get("prompt")?;
+        let task: String = ctx.get("dataset.task")?;
+        let task_base = task.strip_suffix("_e").unwrap_or(&task).to_string();
+        let mut decoding: Decoding = ctx.get("decoding")?;
+        let template = match prompt.tasks.get(&task_base) {
+            Some(tp) => {
+                decoding.max_new_tokens = tp.max_new_tokens;
+                tp.template.clone()
+            }
+            None => prompt.template.clone(),
+        };
+        let truncate = match prompt.max_tokens {
+            Some(m) => {
+                let name: String = ctx.get("tokenizer.name")?;
+                Some((m as usize, crate::data::tokenize::encoding(&name)?))
+            }
+            None => None,
+        };
         let s = Settings {
             kv,
             model: ctx.get("model.name")?,
-            decoding: ctx.get("decoding")?,
-            prompt: ctx.get("prompt")?,
+            decoding,
+            template,
+            truncate,
+            prompt,
             label: ctx.get("engine.label")?,
             extra: ctx.get("engine.extra_body")?,
             kind: ctx.transport("engine.kind")?,
@@ -258,8 +308,8 @@ impl Op for Infer {
                 s.kind
             );
         }
-        if !s.prompt.template.contains("{context}") || !s.prompt.template.contains("{question}") {
-            bail!("config `prompt.template` must contain `{{context}}` and `{{question}}`");
+        if !s.template.contains("{context}") {
+            bail!("config `prompt.template` (or `prompt.tasks.{task_base}.template`) must contain `{{context}}`");
         }
         let examples: Vec<Example> = table::read(&ctx.input("prepare", "examples")?)?;
         let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
@@ -303,6 +353,7 @@ impl Op for Infer {
                 transient += 1;
             }
             rows.push(ResponseRow {
+                truncated_from: r.truncated_from,
                 example_id: r.example_id.clone(),
                 request_key: r.key.clone(),
                 outcome: o,

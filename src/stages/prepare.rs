@@ -4,11 +4,12 @@
 //! `data/processed/<dataset_id>/manifest.json` as the portable snapshot.
 
 use crate::config::schema::{Binning, Dataset, Sampling, Tokenizer};
-use crate::data::{binning, synthetic, tokenize, Example};
-use crate::engine::{Op, OpContext};
+use crate::data::{binning, longbench, records, synthetic, tokenize, Example};
+use crate::engine::{KeyContext, Op, OpContext};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use std::path::Path;
 
 pub struct Prepare;
 
@@ -31,9 +32,103 @@ pub struct Bin {
     pub n_selected: i64,
 }
 
+/// Where the records come from, for a file-backed source.
+pub fn locate(ds: &Dataset, root: &Path) -> Result<Option<longbench::Source>> {
+    let explicit = ds.path.as_ref().map(|p| root.join(p));
+    match ds.source.as_str() {
+        "synthetic" => Ok(None),
+        "longbench" => longbench::locate(&ds.task, explicit.as_deref(), root)
+            .map(Some)
+            .map_err(|e| crate::KvtError::usage(format!("config `dataset.task`: {e:#}")).into()),
+        "file" => {
+            let p = explicit.ok_or_else(|| {
+                crate::KvtError::usage(
+                    "config `dataset.path` is required for `dataset.source: file`",
+                )
+            })?;
+            if !p.is_file() {
+                return Err(crate::KvtError::usage(format!(
+                    "config `dataset.path`: `{}` is not a file",
+                    p.display()
+                ))
+                .into());
+            }
+            let fmt = match ds.format.as_deref() {
+                Some(f) => f.to_string(),
+                None => p
+                    .extension()
+                    .map(|x| x.to_string_lossy().to_string())
+                    .unwrap_or_default(),
+            };
+            match fmt.as_str() {
+                "jsonl" | "json" => Ok(Some(longbench::Source::Jsonl(p))),
+                "parquet" => Ok(Some(longbench::Source::Parquet(vec![p]))),
+                other => Err(crate::KvtError::usage(format!(
+                    "config `dataset.format`: `{other}` is not supported; use `jsonl` or `parquet`"
+                ))
+                .into()),
+            }
+        }
+        other => Err(crate::KvtError::usage(format!(
+            "config `dataset.source`: `{other}` is unknown; use `synthetic`, `longbench` or `file`"
+        ))
+        .into()),
+    }
+}
+
+/// The source's file name(s) as the manifest records them (no absolute paths).
+fn location_label(ds: &Dataset, root: &Path) -> Option<String> {
+    let src = locate(ds, root).ok()??;
+    let name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default()
+    };
+    Some(match &src {
+        longbench::Source::Jsonl(p) => name(p),
+        longbench::Source::Zip(z, e) => format!("{}!{e}", name(z)),
+        longbench::Source::Parquet(ps) => ps.iter().map(|p| name(p)).collect::<Vec<_>>().join(","),
+    })
+}
+
+fn load_examples(ds: &Dataset, root: &Path, bpe: &tiktoken_rs::CoreBPE) -> Result<records::Loaded> {
+    match locate(ds, root)? {
+        None => Ok(records::Loaded {
+            examples: synthetic::generate(bpe, &ds.task, ds.seed, &ds.lengths, ds.per_length)
+                .context("config `dataset.task`")?,
+            ..Default::default()
+        }),
+        Some(src) => {
+            let mut c = records::Collector::new(&ds.fields, &ds.on_bad_record)
+                .context("config `dataset.on_bad_record`")?;
+            let stem = ds.task.clone();
+            longbench::load(&src, &mut c, &stem)?;
+            Ok(c.out)
+        }
+    }
+}
+
 impl Op for Prepare {
     fn name(&self) -> &'static str {
         "prepare"
+    }
+    /// A file-backed dataset enters the key by the digest of its bytes.
+    fn fingerprint(&self, ctx: &KeyContext) -> Result<Option<String>> {
+        let ds: Dataset = ctx.get("dataset")?;
+        let Some(src) = locate(&ds, ctx.root)? else {
+            return Ok(None);
+        };
+        let mut h = blake3::Hasher::new();
+        for f in src.files() {
+            let mut file =
+                std::fs::File::open(&f).with_context(|| format!("reading `{}`", f.display()))?;
+            std::io::copy(&mut file, &mut h)?;
+        }
+        Ok(Some(format!(
+            "{} {}",
+            location_label(&ds, ctx.root).unwrap_or_default(),
+            h.finalize().to_hex()
+        )))
     }
     /// Bump when generation, binning, sampling or the artifact layout changes.
     fn version(&self) -> u32 {
@@ -51,16 +146,20 @@ impl Op for Prepare {
             );
         }
         let bpe = tokenize::encoding(&tok.name).context("config `tokenizer.name`")?;
-        let examples = match ds.source.as_str() {
-            "synthetic" => synthetic::generate(bpe, &ds.task, ds.seed, &ds.lengths, ds.per_length)
-                .context("config `dataset.task`")?,
-            other => bail!("config `dataset.source`: `{other}` is not supported; use `synthetic`"),
-        };
+        let loaded = load_examples(&ds, ctx.root(), bpe)?;
+        let (examples, skipped) = (loaded.examples, loaded.skipped);
+        if let Some(first) = &loaded.first_skip {
+            tracing::warn!("skipped {skipped} bad record(s); the first: {first}");
+        }
         let examples =
             crate::data::ops::apply(examples, &ds.ops).context("config `dataset.ops`")?;
         if examples.is_empty() {
-            bail!("the dataset has no examples: check `dataset.lengths` and `dataset.per_length`");
+            bail!(
+                "the dataset has no examples ({}): check `dataset.source`, `dataset.lengths` / `dataset.per_length`, `dataset.ops`, or the data file",
+                if skipped > 0 { format!("{skipped} bad records skipped") } else { "none loaded".into() }
+            );
         }
+        let n_loaded = examples.len();
         let texts: Vec<&str> = examples.iter().map(|e| e.context.as_str()).collect();
         let lengths = tokenize::count_many(bpe, &texts);
         let n_bins = bins.n_bins as usize;
@@ -125,7 +224,9 @@ impl Op for Prepare {
         let selected: Vec<&Example> = rows.iter().map(|(_, id, _)| by_id[id].0).collect();
         let dataset_id = format!("{}__{}", ds.name, ds.task);
         let manifest = json!({
-            "dataset": {"name": ds.name, "task": ds.task, "dataset_id": dataset_id, "source": ds.source},
+            "dataset": {"name": ds.name, "task": ds.task, "dataset_id": dataset_id, "source": ds.source,
+                        "location": location_label(&ds, ctx.root()), "n_loaded": n_loaded,
+                        "n_skipped_records": skipped},
             "tokenizer": tok.name,
             "n_bins": n_bins,
             "n_per_bin": sampling.n_per_bin,

@@ -5,10 +5,11 @@
 use crate::data::Example;
 use crate::engine::{Op, OpContext};
 use crate::metrics;
+use crate::metrics::longbench as lb;
 use crate::stages::infer::ResponseRow;
 use crate::stages::prepare::Entry;
 use crate::table;
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -16,6 +17,77 @@ pub struct Score;
 
 /// The metric named in reports for the built-in synthetic tasks.
 pub const SYNTHETIC_METRIC: &str = "substring_recall";
+
+/// kvt's own metrics beside LongBench's.
+pub const OWN_METRICS: &[&str] = &["substring_recall", "exact_match", "f1"];
+
+/// Every metric `dataset.metric` may name.
+pub fn known_metrics() -> Vec<&'static str> {
+    let mut v: Vec<&str> = OWN_METRICS.to_vec();
+    for (_, m) in lb::TASKS {
+        if !v.contains(m) {
+            v.push(m);
+        }
+    }
+    v
+}
+
+/// The metric a dataset is scored with.
+pub fn metric_for(source: &str, task: &str, explicit: Option<&str>) -> Result<String> {
+    if let Some(m) = explicit {
+        if !known_metrics().contains(&m) {
+            bail!(
+                "config `dataset.metric`: `{m}` is unknown; use one of {}",
+                known_metrics().join(", ")
+            );
+        }
+        return Ok(m.to_string());
+    }
+    Ok(match source {
+        "synthetic" => SYNTHETIC_METRIC.to_string(),
+        "longbench" => {
+            let base = task.strip_suffix("_e").unwrap_or(task);
+            lb::metric_of(base)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "config `dataset.task`: `{task}` is not a LongBench task; known: {}",
+                        lb::task_names().join(", ")
+                    )
+                })?
+                .to_string()
+        }
+        _ => "qa_f1_score".to_string(),
+    })
+}
+
+/// One prediction's value under `metric` (best over golds).
+pub fn value(metric: &str, task: &str, pred: &str, ex: &Example, s: &metrics::Scores) -> f64 {
+    match metric {
+        "substring_recall" => s.recall,
+        "exact_match" => s.em,
+        "f1" => s.f1,
+        m => {
+            let base = task.strip_suffix("_e").unwrap_or(task);
+            let pred = if lb::FIRST_LINE_TASKS.contains(&base) {
+                pred.trim_start_matches('\n')
+                    .split('\n')
+                    .next()
+                    .unwrap_or("")
+            } else {
+                pred
+            };
+            let classes: Vec<String> = ex
+                .meta
+                .get("all_classes")
+                .and_then(|v| serde_json::from_value(v.clone()).ok())
+                .unwrap_or_default();
+            ex.answers
+                .iter()
+                .map(|g| lb::metric(m, pred, g, &classes))
+                .fold(0.0, f64::max)
+        }
+    }
+}
 
 /// One scored request (also carries the telemetry the analysis needs).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,6 +135,10 @@ impl Op for Score {
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let policy: String = ctx.item("policy")?;
         let budget: f64 = ctx.item("budget")?;
+        let source: String = ctx.get("dataset.source")?;
+        let task: String = ctx.get("dataset.task")?;
+        let explicit: Option<String> = ctx.get("dataset.metric")?;
+        let metric = metric_for(&source, &task, explicit.as_deref())?;
         let examples: Vec<Example> = table::read(&ctx.input("prepare", "examples")?)?;
         let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
         let responses: Vec<ResponseRow> = table::read(&ctx.input("infer", "responses")?)?;
@@ -94,7 +170,7 @@ impl Op for Score {
             let primary = if failure.is_some_and(|f| f != "TRUNCATED") {
                 0.0
             } else {
-                s.recall
+                value(&metric, &task, &o.text, e, &s)
             };
             rows.push(ScoreRow {
                 example_id: r.example_id.clone(),
@@ -103,7 +179,7 @@ impl Op for Score {
                 policy: policy.clone(),
                 budget,
                 request_key: r.request_key.clone(),
-                metric: SYNTHETIC_METRIC.to_string(),
+                metric: metric.clone(),
                 score: primary,
                 em: s.em,
                 f1: s.f1,

@@ -45,7 +45,8 @@ CREATE TABLE experiments (
 CREATE TABLE datasets (
   dataset_id TEXT PRIMARY KEY,
   name TEXT NOT NULL, task TEXT NOT NULL, source TEXT NOT NULL,
-  tokenizer TEXT NOT NULL, n_bins INTEGER NOT NULL
+  tokenizer TEXT NOT NULL, n_bins INTEGER NOT NULL,
+  location TEXT, n_loaded INTEGER, n_skipped_records INTEGER NOT NULL
 );
 CREATE TABLE examples (
   example_id TEXT PRIMARY KEY,
@@ -161,7 +162,7 @@ pub fn write_db(path: &std::path::Path, s: &SinkInput) -> Result<Value> {
         ],
     )?;
     tx.execute(
-        "INSERT INTO datasets VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO datasets VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         params![
             dataset_id,
             ds["name"].as_str(),
@@ -169,6 +170,9 @@ pub fn write_db(path: &std::path::Path, s: &SinkInput) -> Result<Value> {
             ds["source"].as_str(),
             s.manifest["tokenizer"].as_str(),
             s.bins.len() as i64,
+            ds["location"].as_str(),
+            ds["n_loaded"].as_i64(),
+            ds["n_skipped_records"].as_i64().unwrap_or(0),
         ],
     )?;
     {

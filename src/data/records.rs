@@ -1,0 +1,347 @@
+//! Long-context records from files: JSON lines or Parquet, turned into the
+//! canonical [`Example`] through a field mapping (`dataset.fields`). Broken
+//! records fail with `file:line` and the field, or are skipped and counted
+//! (`dataset.on_bad_record: skip`).
+
+use super::Example;
+use crate::config::schema::Fields;
+use anyhow::{anyhow, bail, Result};
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef};
+use arrow_schema::DataType;
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+
+/// What loading produced: the examples, and how many records were skipped.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub examples: Vec<Example>,
+    pub skipped: usize,
+    /// The first skipped record's reason, for the log and the report.
+    pub first_skip: Option<String>,
+}
+
+fn text_of(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// One record → one example, or the reason it cannot be one.
+pub fn to_example(
+    rec: &Map<String, Value>,
+    f: &Fields,
+    fallback_id: &str,
+) -> Result<Example, String> {
+    let field = |name: &str, key: &str| -> Result<&Value, String> {
+        rec.get(name).ok_or_else(|| {
+            format!("record has no field `{name}` (mapped by `dataset.fields.{key}`)")
+        })
+    };
+    let question = text_of(field(&f.question, "question")?)
+        .ok_or_else(|| format!("field `{}` is not a string", f.question))?;
+    let context = text_of(field(&f.context, "context")?)
+        .ok_or_else(|| format!("field `{}` is not a string", f.context))?;
+    let answers = match field(&f.answers, "answers")? {
+        Value::Array(a) => a
+            .iter()
+            .map(|x| {
+                text_of(x).ok_or_else(|| format!("field `{}` holds a non-string answer", f.answers))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        v => vec![text_of(v)
+            .ok_or_else(|| format!("field `{}` is neither a string nor a list", f.answers))?],
+    };
+    if context.trim().is_empty() {
+        return Err(format!("field `{}` (the context) is empty", f.context));
+    }
+    let example_id = match &f.id {
+        Some(idf) => {
+            text_of(field(idf, "id")?).ok_or_else(|| format!("field `{idf}` is not a string"))?
+        }
+        None => fallback_id.to_string(),
+    };
+    let mut meta = Map::new();
+    for m in &f.meta {
+        if let Some(v) = rec.get(m) {
+            meta.insert(m.clone(), v.clone());
+        }
+    }
+    Ok(Example {
+        example_id,
+        question,
+        context,
+        answers,
+        meta,
+    })
+}
+
+/// Collects examples, enforcing unique ids and the bad-record policy.
+pub struct Collector<'a> {
+    fields: &'a Fields,
+    skip_bad: bool,
+    seen: HashMap<String, String>,
+    pub out: Loaded,
+}
+
+impl<'a> Collector<'a> {
+    pub fn new(fields: &'a Fields, on_bad_record: &str) -> Result<Self> {
+        let skip_bad = match on_bad_record {
+            "fail" => false,
+            "skip" => true,
+            other => bail!("`dataset.on_bad_record` is `{other}`; use `fail` or `skip`"),
+        };
+        Ok(Collector {
+            fields,
+            skip_bad,
+            seen: HashMap::new(),
+            out: Loaded::default(),
+        })
+    }
+
+    fn bad(&mut self, at: &str, why: String) -> Result<()> {
+        if self.skip_bad {
+            self.out.skipped += 1;
+            self.out.first_skip.get_or_insert(format!("{at}: {why}"));
+            Ok(())
+        } else {
+            Err(anyhow!(
+                "`{at}`: {why}; fix the record, or set `dataset.on_bad_record: skip` to skip and count bad records"
+            ))
+        }
+    }
+
+    /// A parsed record from `at` (`file:line`); `fallback_id` names it when no id field is mapped.
+    pub fn record(
+        &mut self,
+        at: &str,
+        rec: Result<Value, String>,
+        fallback_id: &str,
+    ) -> Result<()> {
+        let rec = match rec {
+            Ok(Value::Object(m)) => m,
+            Ok(_) => return self.bad(at, "the line is not a JSON object".into()),
+            Err(e) => return self.bad(at, format!("not valid JSON ({e})")),
+        };
+        match to_example(&rec, self.fields, fallback_id) {
+            Ok(ex) => {
+                if let Some(first) = self.seen.get(&ex.example_id) {
+                    bail!(
+                        "`{at}`: duplicate example id `{}` (first at `{first}`); ids must be unique — map another field with `dataset.fields.id`, or set it to null to number records",
+                        ex.example_id
+                    );
+                }
+                self.seen.insert(ex.example_id.clone(), at.to_string());
+                self.out.examples.push(ex);
+                Ok(())
+            }
+            Err(why) => self.bad(at, why),
+        }
+    }
+
+    /// Every line of a JSON-lines text; blank lines are ignored.
+    pub fn jsonl(&mut self, origin: &str, text: &str, stem: &str) -> Result<()> {
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let at = format!("{origin}:{}", i + 1);
+            let rec = serde_json::from_str::<Value>(line).map_err(|e| e.to_string());
+            self.record(&at, rec, &format!("{stem}-{}", i + 1))?;
+        }
+        Ok(())
+    }
+
+    /// Every row of a Parquet file (`origin:row N` in errors, counting from 1).
+    pub fn parquet(&mut self, origin: &str, bytes: &[u8], stem: &str) -> Result<()> {
+        for (i, rec) in parquet_rows(bytes)
+            .map_err(|e| anyhow!("`{origin}`: not a readable Parquet file ({e})"))?
+            .into_iter()
+            .enumerate()
+        {
+            let at = format!("{origin}:row {}", i + 1);
+            self.record(&at, Ok(Value::Object(rec)), &format!("{stem}-{}", i + 1))?;
+        }
+        Ok(())
+    }
+}
+
+/// Any Parquet file's rows as JSON objects (strings, numbers, booleans, lists).
+pub fn parquet_rows(bytes: &[u8]) -> Result<Vec<Map<String, Value>>> {
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        bytes::Bytes::copy_from_slice(bytes),
+    )?
+    .build()?;
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch?;
+        let schema = batch.schema();
+        let start = out.len();
+        out.extend((0..batch.num_rows()).map(|_| Map::new()));
+        for (c, field) in schema.fields().iter().enumerate() {
+            let col = batch.column(c);
+            for r in 0..batch.num_rows() {
+                out[start + r].insert(field.name().clone(), json_at(col, r)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn json_at(col: &ArrayRef, i: usize) -> Result<Value> {
+    if col.is_null(i) {
+        return Ok(Value::Null);
+    }
+    Ok(match col.data_type() {
+        DataType::Utf8 => Value::from(col.as_string::<i32>().value(i)),
+        DataType::LargeUtf8 => Value::from(col.as_string::<i64>().value(i)),
+        DataType::Utf8View => Value::from(col.as_string_view().value(i)),
+        DataType::Boolean => Value::from(col.as_boolean().value(i)),
+        DataType::Int8 => Value::from(col.as_primitive::<arrow_array::types::Int8Type>().value(i)),
+        DataType::Int16 => {
+            Value::from(col.as_primitive::<arrow_array::types::Int16Type>().value(i))
+        }
+        DataType::Int32 => {
+            Value::from(col.as_primitive::<arrow_array::types::Int32Type>().value(i))
+        }
+        DataType::Int64 => {
+            Value::from(col.as_primitive::<arrow_array::types::Int64Type>().value(i))
+        }
+        DataType::UInt32 => Value::from(
+            col.as_primitive::<arrow_array::types::UInt32Type>()
+                .value(i),
+        ),
+        DataType::UInt64 => Value::from(
+            col.as_primitive::<arrow_array::types::UInt64Type>()
+                .value(i),
+        ),
+        DataType::Float32 => Value::from(
+            col.as_primitive::<arrow_array::types::Float32Type>()
+                .value(i),
+        ),
+        DataType::Float64 => Value::from(
+            col.as_primitive::<arrow_array::types::Float64Type>()
+                .value(i),
+        ),
+        DataType::List(_) => {
+            let l = col.as_list::<i32>().value(i);
+            Value::Array(
+                (0..l.len())
+                    .map(|k| json_at(&l, k))
+                    .collect::<Result<_>>()?,
+            )
+        }
+        DataType::LargeList(_) => {
+            let l = col.as_list::<i64>().value(i);
+            Value::Array(
+                (0..l.len())
+                    .map(|k| json_at(&l, k))
+                    .collect::<Result<_>>()?,
+            )
+        }
+        other => bail!("unsupported Parquet column type {other}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields() -> Fields {
+        Fields {
+            id: Some("_id".into()),
+            question: "input".into(),
+            context: "context".into(),
+            answers: "answers".into(),
+            meta: vec!["length".into(), "all_classes".into()],
+        }
+    }
+
+    #[test]
+    fn records_map_to_examples() {
+        let f = fields();
+        let mut c = Collector::new(&f, "fail").unwrap();
+        c.jsonl(
+            "d.jsonl",
+            "{\"_id\": \"a\", \"input\": \"q?\", \"context\": \"ctx\", \"answers\": [\"x\", \"y\"], \"length\": 3, \"all_classes\": null}\n\n{\"_id\": \"b\", \"input\": \"q2\", \"context\": \"c2\", \"answers\": \"z\"}\n",
+            "d",
+        )
+        .unwrap();
+        let ex = &c.out.examples;
+        assert_eq!(ex.len(), 2);
+        assert_eq!(ex[0].answers, vec!["x", "y"]);
+        assert_eq!(ex[0].meta["length"], 3);
+        assert_eq!(
+            ex[1].answers,
+            vec!["z"],
+            "a string answer becomes a list of one"
+        );
+    }
+
+    #[test]
+    fn bad_records_fail_with_file_line_and_field_or_are_counted() {
+        let f = fields();
+        let text = "{\"_id\": \"a\", \"input\": \"q\", \"context\": \"c\", \"answers\": []}\n{broken\n{\"_id\": \"c\", \"context\": \"c\", \"answers\": []}\n{\"_id\": \"d\", \"input\": \"q\", \"context\": \"  \", \"answers\": []}\n";
+        let mut c = Collector::new(&f, "fail").unwrap();
+        let err = c.jsonl("d.jsonl", text, "d").unwrap_err().to_string();
+        assert!(
+            err.contains("d.jsonl:2") && err.contains("not valid JSON"),
+            "{err}"
+        );
+        let mut c = Collector::new(&f, "skip").unwrap();
+        c.jsonl("d.jsonl", text, "d").unwrap();
+        assert_eq!((c.out.examples.len(), c.out.skipped), (1, 3));
+        let mut c = Collector::new(&f, "fail").unwrap();
+        let err = c
+            .jsonl(
+                "d.jsonl",
+                "{\"_id\": \"c\", \"context\": \"c\", \"answers\": []}",
+                "d",
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("d.jsonl:1")
+                && err.contains("`input`")
+                && err.contains("dataset.fields.question"),
+            "{err}"
+        );
+        let mut c = Collector::new(&f, "fail").unwrap();
+        let err = c
+            .jsonl(
+                "d.jsonl",
+                "{\"_id\": \"d\", \"input\": \"q\", \"context\": \"\", \"answers\": []}",
+                "d",
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("context") && err.contains("empty"), "{err}");
+        assert!(Collector::new(&f, "ignore").is_err());
+    }
+
+    #[test]
+    fn duplicate_ids_are_an_error_even_when_skipping() {
+        let f = fields();
+        let line = "{\"_id\": \"a\", \"input\": \"q\", \"context\": \"c\", \"answers\": []}";
+        let mut c = Collector::new(&f, "skip").unwrap();
+        let err = c
+            .jsonl("d.jsonl", &format!("{line}\n{line}\n"), "d")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("d.jsonl:2")
+                && err.contains("duplicate example id `a`")
+                && err.contains("d.jsonl:1"),
+            "{err}"
+        );
+        // Without an id field, records are numbered by line.
+        let mut f2 = fields();
+        f2.id = None;
+        let mut c = Collector::new(&f2, "fail").unwrap();
+        c.jsonl("d.jsonl", &format!("{line}\n{line}\n"), "d")
+            .unwrap();
+        assert_eq!(c.out.examples[1].example_id, "d-2");
+    }
+}
