@@ -200,7 +200,7 @@ pub fn load(src: &Source, c: &mut super::records::Collector, stem: &str) -> Resu
 /// Every LongBench task file found in one place: (task, source).
 pub fn tasks_in(place: &Path) -> Vec<(String, Source)> {
     let mut out = Vec::new();
-    let mut add_jsonl_dir = |dir: &Path, out: &mut Vec<(String, Source)>| {
+    let add_jsonl_dir = |dir: &Path, out: &mut Vec<(String, Source)>| {
         if let Ok(rd) = std::fs::read_dir(dir) {
             for e in rd.flatten() {
                 let p = e.path();
