@@ -130,6 +130,12 @@ enum Command {
     All(BuildArgs),
     /// Serve the reference engine over an OpenAI-compatible HTTP API.
     Serve(ServeArgs),
+    /// List the LongBench tasks found in a local copy (nothing is downloaded).
+    Datasets {
+        /// Look only here (a directory, data.zip, .jsonl or .parquet); default: the usual places.
+        #[arg(long)]
+        path: Option<PathBuf>,
+    },
     /// Score predictions made elsewhere (LongBench `pred/` format) with LongBench's metrics.
     EvalPreds {
         /// A predictions file (`<task>.jsonl`, or any name with `--task`).
@@ -265,6 +271,31 @@ fn run(cli: Cli, registry: &OpRegistry) -> Result<()> {
         Command::Analyze(args) => lifecycle("analyze", args, &["analyze"], registry, cli.quiet),
         Command::Report(args) => lifecycle("report", args, &["report"], registry, cli.quiet),
         Command::All(args) => lifecycle("all", args, &[], registry, cli.quiet),
+        Command::Datasets { path } => {
+            let root = std::env::current_dir()?;
+            let root = config::find_root(&root).unwrap_or(root);
+            let places = match path {
+                Some(p) => vec![p],
+                None => crate::data::longbench::default_places(&root),
+            };
+            let mut any = false;
+            for place in &places {
+                let tasks = crate::data::longbench::tasks_in(place);
+                if tasks.is_empty() {
+                    println!("{}: no LongBench files", display_path(place));
+                    continue;
+                }
+                any = true;
+                println!("{}:", display_path(place));
+                for (t, src) in tasks {
+                    println!("  {t:<24} {}", src.describe());
+                }
+            }
+            if !any {
+                println!("no LongBench task found; unzip LongBench's data.zip into data/raw/longbench/ or pass --path");
+            }
+            Ok(())
+        }
         Command::EvalPreds {
             file,
             task,

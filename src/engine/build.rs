@@ -33,6 +33,8 @@ pub struct BuildSummary {
     pub built: Vec<String>,
     pub fresh: Vec<String>,
     pub failed: Vec<(String, String)>,
+    /// How many of the failures were configuration errors (exit code 2).
+    pub usage_failed: usize,
     pub skipped: Vec<String>,
     pub interrupted: bool,
 }
@@ -229,6 +231,9 @@ pub fn build(
                     Ok(k) => k,
                     Err(e) => {
                         summary.failed.push((spec.id.clone(), error_chain(&e)));
+                        if crate::exit_code_for(&e) == 2 {
+                            summary.usage_failed += 1;
+                        }
                         blocked.extend(descendants(plan, ix));
                         stop = !opts.keep_going;
                         continue;
@@ -243,6 +248,9 @@ pub fn build(
                     NodeState::Fresh(rec) => {
                         if let Err(e) = materialize(ws, &rec) {
                             summary.failed.push((spec.id.clone(), error_chain(&e)));
+                            if crate::exit_code_for(&e) == 2 {
+                                summary.usage_failed += 1;
+                            }
                             blocked.extend(descendants(plan, ix));
                             stop = !opts.keep_going;
                             continue;
@@ -307,6 +315,9 @@ pub fn build(
                 Err(e) => {
                     say(format!("  FAILED {id}: {}", error_chain(&e)));
                     summary.failed.push((id, error_chain(&e)));
+                    if crate::exit_code_for(&e) == 2 {
+                        summary.usage_failed += 1;
+                    }
                     blocked.extend(descendants(plan, ix));
                     if !opts.keep_going {
                         stop = true;
@@ -387,6 +398,10 @@ pub fn outcome(summary: &BuildSummary) -> Result<()> {
             ));
         }
         msg.push_str("\nfinished nodes are cached; fix the cause and run the same command again");
+        // Only configuration errors (a missing data file, say): exit 2, like any bad config.
+        if summary.usage_failed == summary.failed.len() {
+            return Err(KvtError::usage(msg).into());
+        }
         return Err(KvtError::failed(msg).into());
     }
     Ok(())
