@@ -70,8 +70,15 @@ pub struct Fields {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tokenizer {
+    /// `tiktoken` (an encoding), `hf` (a Hugging Face `tokenizer.json`) or
+    /// `server` (the serving engine's `/tokenize`, so bins are in the model's tokens).
     pub kind: String,
+    /// tiktoken: `cl100k_base` or `o200k_base`; hf: a path to `tokenizer.json`
+    /// or a model id found in the hub cache; server: the model's name (its identity).
     pub name: String,
+    /// server: the tokenizer's base URL (transport, not identity); null:
+    /// `engine.base_url` without `/v1`.
+    pub url: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,10 +1,21 @@
-//! Token counting with tiktoken encodings (`cl100k_base` default, `o200k_base`).
-//! Each encoding is loaded once per process and shared.
+//! Token counting. Three kinds of tokenizer (`tokenizer.kind`):
+//!
+//! * `tiktoken` — `cl100k_base` (default) or `o200k_base`, compiled in;
+//! * `hf` — a Hugging Face `tokenizer.json`, from a path or from the hub cache
+//!   by model id (`models--ORG--NAME/snapshots/*/tokenizer.json`), offline;
+//! * `server` — the serving engine's `/tokenize` endpoint (llama.cpp's
+//!   `{"content"}` and vLLM's `{"prompt"}` forms both), so bins are counted
+//!   in the model's own tokens.
+//!
+//! Counts of the slower kinds are cached per (tokenizer identity, text digest)
+//! in `cache/v1/token_counts.sqlite`.
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 use tiktoken_rs::CoreBPE;
 
-/// A loaded tokenizer by name.
+/// A loaded tiktoken encoding by name.
 pub fn encoding(name: &str) -> Result<&'static CoreBPE> {
     Ok(match name {
         "cl100k_base" => tiktoken_rs::cl100k_base_singleton(),
@@ -17,23 +28,263 @@ pub fn count_tokens(bpe: &CoreBPE, text: &str) -> usize {
     bpe.encode_ordinary(text).len()
 }
 
-/// Counts tokens of many texts on all cores, in input order.
-pub fn count_many(bpe: &CoreBPE, texts: &[&str]) -> Vec<usize> {
-    let threads = std::thread::available_parallelism()
+fn threads() -> usize {
+    std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
-        .max(1);
-    let chunk = texts.len().div_ceil(threads).max(1);
+        .max(1)
+}
+
+/// Applies `f` to every text on all cores, in input order.
+fn par_map<T: Send>(texts: &[&str], f: impl Fn(&str) -> T + Sync) -> Vec<T> {
+    let chunk = texts.len().div_ceil(threads()).max(1);
     std::thread::scope(|s| {
-        let handles: Vec<_> = texts
+        let hs: Vec<_> = texts
             .chunks(chunk)
-            .map(|c| s.spawn(move || c.iter().map(|t| count_tokens(bpe, t)).collect::<Vec<_>>()))
+            .map(|c| {
+                let f = &f;
+                s.spawn(move || c.iter().map(|t| f(t)).collect::<Vec<_>>())
+            })
             .collect();
-        handles
-            .into_iter()
+        hs.into_iter()
             .flat_map(|h| h.join().expect("tokenizer thread"))
             .collect()
     })
+}
+
+/// Counts tokens of many texts on all cores, in input order.
+pub fn count_many(bpe: &CoreBPE, texts: &[&str]) -> Vec<usize> {
+    par_map(texts, |t| count_tokens(bpe, t))
+}
+
+/// A tokenizer of any kind.
+#[derive(Clone)]
+pub enum Tok {
+    Tiktoken(&'static CoreBPE, String),
+    Hf(Arc<tokenizers::Tokenizer>, String),
+    Server { url: String, model: String },
+}
+
+/// The hub cache's `tokenizer.json` for a model id such as `org/name`.
+pub fn hub_tokenizer(model: &str) -> Option<PathBuf> {
+    let hub = std::env::var_os("HF_HUB_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HF_HOME")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface"))
+                })
+                .map(|h| h.join("hub"))
+        })?;
+    let snaps = hub
+        .join(format!("models--{}", model.replace('/', "--")))
+        .join("snapshots");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&snaps)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    dirs.sort();
+    dirs.into_iter()
+        .map(|d| d.join("tokenizer.json"))
+        .find(|p| p.is_file())
+}
+
+type Loaded = Vec<(PathBuf, Arc<tokenizers::Tokenizer>)>;
+
+fn load_hf(path: &Path) -> Result<Arc<tokenizers::Tokenizer>> {
+    static CACHE: OnceLock<Mutex<Loaded>> = OnceLock::new();
+    let mut c = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .expect("tokenizer cache");
+    if let Some((_, t)) = c.iter().find(|(p, _)| p == path) {
+        return Ok(t.clone());
+    }
+    let t = Arc::new(
+        tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| anyhow!("`{}` is not a usable tokenizer.json: {e}", path.display()))?,
+    );
+    c.push((path.to_path_buf(), t.clone()));
+    Ok(t)
+}
+
+impl Tok {
+    /// Loads the tokenizer a config names; `root` resolves relative paths,
+    /// `engine_url` is the fallback for a server tokenizer.
+    pub fn load(
+        cfg: &crate::config::schema::Tokenizer,
+        root: &Path,
+        engine_url: Option<&str>,
+    ) -> Result<Tok> {
+        match cfg.kind.as_str() {
+            "tiktoken" => Ok(Tok::Tiktoken(encoding(&cfg.name)?, cfg.name.clone())),
+            "hf" => {
+                let local = root.join(&cfg.name);
+                let path = if local.is_file() {
+                    local
+                } else if local.join("tokenizer.json").is_file() {
+                    local.join("tokenizer.json")
+                } else {
+                    hub_tokenizer(&cfg.name).ok_or_else(|| {
+                        anyhow!(
+                            "config `tokenizer.name`: `{}` is neither a tokenizer.json file nor a model in the Hugging Face hub cache (looked for {} and models--{}/snapshots/*/tokenizer.json); nothing is downloaded",
+                            cfg.name,
+                            local.display(),
+                            cfg.name.replace('/', "--")
+                        )
+                    })?
+                };
+                Ok(Tok::Hf(load_hf(&path)?, cfg.name.clone()))
+            }
+            "server" => {
+                let url = cfg
+                    .url
+                    .clone()
+                    .or_else(|| engine_url.map(|u| u.trim_end_matches('/').trim_end_matches("/v1").to_string()))
+                    .ok_or_else(|| anyhow!("config `tokenizer.url` (or `engine.base_url`) is required for `tokenizer.kind: server`"))?;
+                Ok(Tok::Server {
+                    url,
+                    model: cfg.name.clone(),
+                })
+            }
+            other => bail!(
+                "config `tokenizer.kind`: `{other}` is unknown; use `tiktoken`, `hf` or `server`"
+            ),
+        }
+    }
+
+    /// What identifies the tokenizer in cached counts.
+    pub fn identity(&self) -> String {
+        match self {
+            Tok::Tiktoken(_, n) => format!("tiktoken:{n}"),
+            Tok::Hf(_, n) => format!("hf:{n}"),
+            Tok::Server { model, .. } => format!("server:{model}"),
+        }
+    }
+
+    /// Token counts of many texts, in order; slow kinds go through the count cache.
+    pub fn count_many(&self, texts: &[&str], cache_root: Option<&Path>) -> Result<Vec<usize>> {
+        if let Tok::Tiktoken(bpe, _) = self {
+            return Ok(count_many(bpe, texts));
+        }
+        let cache = match cache_root {
+            Some(r) => Some(CountCache::open(&r.join("v1").join("token_counts.sqlite"))?),
+            None => None,
+        };
+        let id = self.identity();
+        let digests: Vec<String> = texts
+            .iter()
+            .map(|t| blake3::hash(t.as_bytes()).to_hex().to_string())
+            .collect();
+        let mut out: Vec<Option<usize>> = match &cache {
+            Some(c) => digests
+                .iter()
+                .map(|d| c.get(&id, d))
+                .collect::<Result<_>>()?,
+            None => vec![None; texts.len()],
+        };
+        let todo: Vec<usize> = (0..texts.len()).filter(|&i| out[i].is_none()).collect();
+        if !todo.is_empty() {
+            let todo_texts: Vec<&str> = todo.iter().map(|&i| texts[i]).collect();
+            let counted = match self {
+                Tok::Hf(t, _) => par_map(&todo_texts, |s| {
+                    t.encode(s, false)
+                        .map(|e| e.len())
+                        .map_err(|e| anyhow!("tokenizing: {e}"))
+                })
+                .into_iter()
+                .collect::<Result<Vec<_>>>()?,
+                Tok::Server { url, model } => server_counts(url, model, &todo_texts)?,
+                Tok::Tiktoken(..) => unreachable!(),
+            };
+            for (k, &i) in todo.iter().enumerate() {
+                out[i] = Some(counted[k]);
+            }
+            if let Some(c) = &cache {
+                c.put_many(
+                    &id,
+                    todo.iter()
+                        .map(|&i| (digests[i].as_str(), out[i].unwrap_or(0))),
+                )?;
+            }
+        }
+        Ok(out.into_iter().map(|x| x.unwrap_or(0)).collect())
+    }
+}
+
+/// Asks `/tokenize` for each text (8 at a time).
+fn server_counts(url: &str, model: &str, texts: &[&str]) -> Result<Vec<usize>> {
+    use futures_util::StreamExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(120))
+        .build()?;
+    let endpoint = format!("{}/tokenize", url.trim_end_matches('/'));
+    rt.block_on(async {
+        let results: Vec<Result<usize>> = futures_util::stream::iter(texts.iter())
+            .map(|t| {
+                let (http, endpoint) = (&http, &endpoint);
+                async move {
+                    let body = serde_json::json!({"content": t, "prompt": t, "model": model, "add_special": false, "add_special_tokens": false});
+                    let resp = http.post(endpoint).json(&body).send().await.with_context(|| {
+                        format!("asking {endpoint} for token counts (is the server up? `tokenizer.kind: server` needs it during prepare)")
+                    })?;
+                    let status = resp.status();
+                    let v: serde_json::Value = resp.json().await.with_context(|| format!("{endpoint} answered HTTP {status} without JSON"))?;
+                    v.get("count")
+                        .and_then(serde_json::Value::as_u64)
+                        .map(|c| c as usize)
+                        .or_else(|| v.get("tokens").and_then(serde_json::Value::as_array).map(Vec::len))
+                        .ok_or_else(|| anyhow!("{endpoint} answered HTTP {status} with neither `count` nor `tokens`: {v}"))
+                }
+            })
+            .buffered(8)
+            .collect()
+            .await;
+        results.into_iter().collect()
+    })
+}
+
+/// Cached token counts: (tokenizer identity, text digest) → count.
+struct CountCache(rusqlite::Connection);
+
+impl CountCache {
+    fn open(path: &Path) -> Result<CountCache> {
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        let c = rusqlite::Connection::open(path)?;
+        c.busy_timeout(std::time::Duration::from_secs(30))?;
+        c.execute_batch(
+            "CREATE TABLE IF NOT EXISTS counts (tokenizer TEXT NOT NULL, digest TEXT NOT NULL,
+             n INTEGER NOT NULL, PRIMARY KEY (tokenizer, digest));",
+        )?;
+        Ok(CountCache(c))
+    }
+    fn get(&self, tok: &str, digest: &str) -> Result<Option<usize>> {
+        use rusqlite::OptionalExtension;
+        Ok(self
+            .0
+            .prepare_cached("SELECT n FROM counts WHERE tokenizer = ?1 AND digest = ?2")?
+            .query_row([tok, digest], |r| r.get::<_, i64>(0))
+            .optional()?
+            .map(|n| n as usize))
+    }
+    fn put_many<'a>(&self, tok: &str, rows: impl Iterator<Item = (&'a str, usize)>) -> Result<()> {
+        let tx = self.0.unchecked_transaction()?;
+        {
+            let mut st = tx.prepare_cached("INSERT OR REPLACE INTO counts VALUES (?1, ?2, ?3)")?;
+            for (d, n) in rows {
+                st.execute(rusqlite::params![tok, d, n as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

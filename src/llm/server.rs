@@ -235,6 +235,36 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
     ]}))
 }
 
+/// `POST /tokenize` with `{"content": TEXT}` (llama.cpp) or `{"prompt": TEXT}`
+/// (vLLM): the reference engine's tokens (cl100k_base).
+async fn tokenize(body: Body) -> Response {
+    let bytes = match axum::body::to_bytes(body, 256 << 20).await {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
+    };
+    let v: Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("body is not JSON: {e}")),
+    };
+    let Some(text) = v
+        .get("content")
+        .or_else(|| v.get("prompt"))
+        .and_then(Value::as_str)
+        .map(str::to_string)
+    else {
+        return error(StatusCode::BAD_REQUEST, "missing `content` (or `prompt`)");
+    };
+    let toks = tokio::task::spawn_blocking(move || {
+        crate::data::tokenize::encoding("cl100k_base").map(|b| b.encode_ordinary(&text))
+    })
+    .await;
+    match toks {
+        Ok(Ok(t)) => Json(json!({"count": t.len(), "tokens": t})).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
 async fn health(State(st): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({"status": "ok", "served": st.served.load(Ordering::Relaxed)}))
 }
@@ -260,6 +290,7 @@ pub fn router(opts: ServeOptions) -> anyhow::Result<Router> {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .route("/tokenize", post(tokenize))
         .with_state(st))
 }
 

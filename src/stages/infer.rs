@@ -556,6 +556,71 @@ mod tests {
     use super::*;
 
     #[test]
+    fn task_prompts_and_middle_truncation() {
+        let bpe = crate::data::tokenize::encoding("cl100k_base").unwrap();
+        let ex = Example {
+            example_id: "e1".into(),
+            question: "Who?".into(),
+            context: "word ".repeat(500),
+            answers: vec!["x".into()],
+            meta: Default::default(),
+        };
+        let entry = Entry {
+            example_id: "e1".into(),
+            bin_idx: 0,
+            token_len: 500,
+        };
+        let settings = |max: Option<usize>| Settings {
+            kv: KvParams {
+                policy: "snapkv".into(),
+                budget: 0.5,
+                sink_tokens: 4,
+                window: 32,
+                pool_kernel: 7,
+                seed: 0,
+            },
+            model: "m".into(),
+            decoding: Decoding {
+                temperature: 0.0,
+                top_p: 1.0,
+                max_new_tokens: 32,
+            },
+            template: "START {context}\nQuestion: {question}\nAnswer:".into(),
+            truncate: max.map(|m| (m, bpe)),
+            prompt: Prompt {
+                system: "s".into(),
+                template: String::new(),
+                tasks: Default::default(),
+                max_tokens: None,
+            },
+            label: None,
+            extra: Default::default(),
+            kind: "serve".into(),
+            stream: true,
+        };
+        let full = build_requests(
+            &settings(None),
+            std::slice::from_ref(&ex),
+            std::slice::from_ref(&entry),
+        )
+        .unwrap();
+        assert_eq!(full[0].truncated_from, None);
+        assert_eq!(full[0].body["max_tokens"], 32);
+        let cut = build_requests(&settings(Some(60)), &[ex], &[entry]).unwrap();
+        let user = cut[0].messages[1]["content"].as_str().unwrap();
+        let n_before = cut[0].truncated_from.unwrap() as usize;
+        assert!(n_before > 500, "{n_before}");
+        // Both ends survive, the middle goes; about 60 tokens remain.
+        assert!(
+            user.starts_with("START word") && user.ends_with("Question: Who?\nAnswer:"),
+            "{user}"
+        );
+        let n_after = bpe.encode_ordinary(user).len();
+        assert!((55..=62).contains(&n_after), "{n_after}");
+        assert_ne!(cut[0].key, full[0].key, "truncation changes the request");
+    }
+
+    #[test]
     fn template_fill_is_single_pass() {
         let ex = Example {
             example_id: "x".into(),

@@ -136,16 +136,23 @@ impl Op for Prepare {
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let ds: Dataset = ctx.get("dataset")?;
-        let tok: Tokenizer = ctx.get("tokenizer")?;
+        let tok = Tokenizer {
+            kind: ctx.get("tokenizer.kind")?,
+            name: ctx.get("tokenizer.name")?,
+            url: None,
+        };
         let bins: Binning = ctx.get("binning")?;
         let sampling: Sampling = ctx.get("sampling")?;
-        if tok.kind != "tiktoken" {
-            bail!(
-                "config `tokenizer.kind`: `{}` is not supported; use `tiktoken`",
-                tok.kind
-            );
-        }
-        let bpe = tokenize::encoding(&tok.name).context("config `tokenizer.name`")?;
+        let engine_url: Option<String> = ctx.transport("engine.base_url")?;
+        let mut tok_cfg = tok.clone();
+        tok_cfg.url = ctx.transport("tokenizer.url")?;
+        let counter = tokenize::Tok::load(&tok_cfg, ctx.root(), engine_url.as_deref())?;
+        // Synthetic prompts are sized with a tiktoken encoding (the configured
+        // one, else cl100k_base); bins always use the configured tokenizer.
+        let bpe = match &counter {
+            tokenize::Tok::Tiktoken(b, _) => *b,
+            _ => tokenize::encoding("cl100k_base")?,
+        };
         let loaded = load_examples(&ds, ctx.root(), bpe)?;
         let (examples, skipped) = (loaded.examples, loaded.skipped);
         if let Some(first) = &loaded.first_skip {
@@ -161,7 +168,9 @@ impl Op for Prepare {
         }
         let n_loaded = examples.len();
         let texts: Vec<&str> = examples.iter().map(|e| e.context.as_str()).collect();
-        let lengths = tokenize::count_many(bpe, &texts);
+        let lengths = counter
+            .count_many(&texts, Some(ctx.cache_root))
+            .context("counting tokens")?;
         let n_bins = bins.n_bins as usize;
         let edges: Vec<usize> = match &bins.edges {
             Some(e) => {
