@@ -16,9 +16,35 @@ fn main() {
 }
 
 const WORDS: &[&str] = &[
-    "river", "mill", "bridge", "the", "of", "and", "council", "harbour", "lantern", "report",
-    "committee", "orchard", "1987", "was", "in", "a", "station", "signal", "archive", "north",
-    "ferry", "granite", "quarry", "village", "market", "Thursday", "evening", "library", "clock",
+    "river",
+    "mill",
+    "bridge",
+    "the",
+    "of",
+    "and",
+    "council",
+    "harbour",
+    "lantern",
+    "report",
+    "committee",
+    "orchard",
+    "1987",
+    "was",
+    "in",
+    "a",
+    "station",
+    "signal",
+    "archive",
+    "north",
+    "ferry",
+    "granite",
+    "quarry",
+    "village",
+    "market",
+    "Thursday",
+    "evening",
+    "library",
+    "clock",
 ];
 
 fn text(rng: &mut SplitMix64, words: usize) -> String {
@@ -90,13 +116,19 @@ fn count_bench(b: divan::Bencher, tok: kvt::data::tokenize::Tok) {
 #[divan::bench(sample_count = 10)]
 fn count_tokens_cl100k(b: divan::Bencher) {
     let t = kvt::data::tokenize::encoding("cl100k_base").unwrap();
-    count_bench(b, kvt::data::tokenize::Tok::Tiktoken(t, "cl100k_base".into()));
+    count_bench(
+        b,
+        kvt::data::tokenize::Tok::Tiktoken(t, "cl100k_base".into()),
+    );
 }
 
 #[divan::bench(sample_count = 10)]
 fn count_tokens_o200k(b: divan::Bencher) {
     let t = kvt::data::tokenize::encoding("o200k_base").unwrap();
-    count_bench(b, kvt::data::tokenize::Tok::Tiktoken(t, "o200k_base".into()));
+    count_bench(
+        b,
+        kvt::data::tokenize::Tok::Tiktoken(t, "o200k_base".into()),
+    );
 }
 
 #[divan::bench(sample_count = 10)]
@@ -118,7 +150,10 @@ fn count_tokens_hf_wordlevel(b: divan::Bencher) {
         name: path.display().to_string(),
         url: None,
     };
-    count_bench(b, kvt::data::tokenize::Tok::load(&cfg, dir.path(), None).unwrap());
+    count_bench(
+        b,
+        kvt::data::tokenize::Tok::load(&cfg, dir.path(), None).unwrap(),
+    );
 }
 
 fn project(files: &[(&str, String)], exp: &str) -> (tempfile::TempDir, PathBuf) {
@@ -126,7 +161,11 @@ fn project(files: &[(&str, String)], exp: &str) -> (tempfile::TempDir, PathBuf) 
     let root = dir.path().to_path_buf();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     std::fs::create_dir_all(root.join("config/experiments")).unwrap();
-    std::fs::copy(repo.join("config/default.yaml"), root.join("config/default.yaml")).unwrap();
+    std::fs::copy(
+        repo.join("config/default.yaml"),
+        root.join("config/default.yaml"),
+    )
+    .unwrap();
     std::fs::write(root.join("config/experiments/b.yaml"), exp).unwrap();
     for (rel, text) in files {
         let p = root.join(rel);
@@ -147,7 +186,15 @@ fn prepare_process_longbench_10mb(b: divan::Bencher) {
     b.counter(BytesCount::new(corpus().len())).bench(|| {
         let ok = Command::new(env!("CARGO_BIN_EXE_kvt"))
             .current_dir(&root)
-            .args(["build", "prepare", "-q", "-c", "config/experiments/b.yaml", "--force", "prepare"])
+            .args([
+                "build",
+                "prepare",
+                "-q",
+                "-c",
+                "config/experiments/b.yaml",
+                "--force",
+                "prepare",
+            ])
             .status()
             .unwrap()
             .success();

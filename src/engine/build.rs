@@ -110,6 +110,7 @@ fn run_node(
     let scratch = super::store::temp_path(&ws.store.tmp_dir()).with_extension("scratch");
     let mut ctx = OpContext {
         key: KeyContext {
+            cache_root: &ws.cache_root,
             node: &spec.id,
             config: &spec.config,
             bindings: &spec.bindings,

@@ -51,6 +51,8 @@ impl OpRegistry {
 /// What an op may read before it runs: its config slice and the project root.
 pub struct KeyContext<'a> {
     pub node: &'a str,
+    /// The cache directory (for ops that keep state beside the store).
+    pub cache_root: &'a Path,
     pub config: &'a BTreeMap<String, Value>,
     pub bindings: &'a BTreeMap<String, Value>,
     pub root: &'a Path,

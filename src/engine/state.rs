@@ -208,6 +208,7 @@ pub struct KeyedNode {
 
 pub fn key_node(ws: &Workspace, spec: &NodeSpec, ups: &[Upstream]) -> Result<KeyedNode> {
     let kctx = KeyContext {
+        cache_root: &ws.cache_root,
         node: &spec.id,
         config: &spec.config,
         bindings: &spec.bindings,

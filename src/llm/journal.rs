@@ -54,6 +54,10 @@ impl Journal {
                 is_final    INTEGER NOT NULL,
                 attempts    INTEGER NOT NULL,
                 outcome     TEXT NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS pending (
+                node_slice  TEXT PRIMARY KEY,
+                n           INTEGER NOT NULL
             );",
         )
         .with_context(|| {
@@ -82,6 +86,28 @@ impl Journal {
                 attempts = responses.attempts + 1
              WHERE responses.is_final = 0",
             params![key, o.is_final as i64, text],
+        )?;
+        Ok(())
+    }
+
+    /// How many requests of a node (by config slice) still lack a final answer.
+    pub fn pending(&self, slice: &str) -> Result<i64> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT n FROM pending WHERE node_slice = ?1",
+                [slice],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0))
+    }
+
+    pub fn set_pending(&self, slice: &str, n: i64) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO pending (node_slice, n) VALUES (?1, ?2)
+             ON CONFLICT(node_slice) DO UPDATE SET n = excluded.n",
+            params![slice, n],
         )?;
         Ok(())
     }

@@ -255,9 +255,31 @@ async fn wait_healthy(base: &str) -> Result<()> {
     }
 }
 
+/// The request journal inside a cache directory.
+pub fn journal_path(cache_root: &std::path::Path) -> std::path::PathBuf {
+    cache_root.join("v1").join("journal.sqlite")
+}
+
+/// Identifies a node's configuration (slice and bindings) in the journal.
+fn slice_id(k: &crate::engine::KeyContext) -> String {
+    let v = json!({"config": k.config, "bindings": k.bindings});
+    blake3::hash(&canonical_json(&v)).to_hex().to_string()
+}
+
 impl Op for Infer {
     fn name(&self) -> &'static str {
         "infer"
+    }
+    /// Requests that failed transiently last time make the node stale, so the
+    /// next build retries them (and only them).
+    fn fingerprint(&self, k: &crate::engine::KeyContext) -> Result<Option<String>> {
+        let path = journal_path(k.cache_root);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let j = Journal::shared(&path)?;
+        let n = j.lock().expect("journal").pending(&slice_id(k))?;
+        Ok((n > 0).then(|| format!("{n} requests to retry")))
     }
     fn version(&self) -> u32 {
         1
@@ -315,8 +337,7 @@ impl Op for Infer {
         let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
         let requests = build_requests(&s, &examples, &entries)?;
 
-        let journal_path = ctx.cache_root.join("v1").join("journal.sqlite");
-        let journal = Journal::shared(&journal_path)?;
+        let journal = Journal::shared(&journal_path(ctx.cache_root))?;
         let journal: &Mutex<Journal> = &journal;
         let keys: Vec<String> = requests.iter().map(|r| r.key.clone()).collect();
         let known = journal.lock().expect("journal").get_many(&keys)?;
@@ -359,16 +380,22 @@ impl Op for Infer {
                 outcome: o,
             });
         }
+        j.set_pending(&slice_id(&ctx.key), transient as i64)?;
         if transient > 0 {
             let example = rows
                 .iter()
                 .find(|r| !r.outcome.is_final)
                 .and_then(|r| r.outcome.error.clone())
                 .unwrap_or_default();
-            bail!(
-                "{transient} of {} requests failed after retries (e.g. {example}); answered requests are kept in {} — run the build again to retry only the failed ones",
-                rows.len(),
-                j.path().display()
+            if transient == rows.len() {
+                bail!(
+                    "all {transient} requests failed after retries (e.g. {example}); is the server up? Nothing was lost: run the build again to retry them"
+                );
+            }
+            tracing::warn!(
+                "{}: {transient} of {} requests failed after retries (e.g. {example}); they are scored as failures now and retried on the next build",
+                ctx.node(),
+                rows.len()
             );
         }
         tracing::info!(

@@ -1,0 +1,374 @@
+//! The OpenAI-compatible client against a fault-injection server (axum, in
+//! this test process): 429 with and without Retry-After, 500, 503, timeouts,
+//! dropped connections, malformed JSON, streams cut in the middle, empty
+//! choices. For each: the right number of attempts, the right failure label,
+//! a finished run, and no lost responses.
+
+mod common;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use common::*;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Fault {
+    RateLimited,
+    RateLimitedRetryAfter,
+    Status500,
+    Status503,
+    Timeout,
+    Dropped,
+    BadJson,
+    CutStream,
+    EmptyChoices,
+}
+
+struct Fs {
+    fault: Fault,
+    /// Failing attempts per key before a success (transient faults).
+    fail_times: usize,
+    /// While set, keys starting with 0–7 never succeed.
+    persistent: AtomicBool,
+    attempts: Mutex<HashMap<String, Vec<Instant>>>,
+    auth: Mutex<Vec<String>>,
+}
+
+fn ok_body(stream: bool) -> Response {
+    if stream {
+        let chunks = [
+            json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": "4"}, "finish_reason": null}]}),
+            json!({"choices": [{"index": 0, "delta": {"content": "2"}, "finish_reason": "stop"}]}),
+            json!({"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 2}}),
+        ];
+        let mut text: String = chunks.iter().map(|c| format!("data: {c}\n\n")).collect();
+        text.push_str("data: [DONE]\n\n");
+        return Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from(text))
+            .unwrap();
+    }
+    axum::Json(json!({
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "42"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 2}
+    }))
+    .into_response()
+}
+
+async fn chat(State(st): State<Arc<Fs>>, headers: HeaderMap, body: String) -> Response {
+    let key = headers
+        .get("x-kvt-request-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    if let Some(a) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
+        st.auth.lock().unwrap().push(a.to_string());
+    }
+    let stream = serde_json::from_str::<Value>(&body)
+        .ok()
+        .and_then(|v| v["stream"].as_bool())
+        .unwrap_or(false);
+    let n = {
+        let mut m = st.attempts.lock().unwrap();
+        let v = m.entry(key.clone()).or_default();
+        v.push(Instant::now());
+        v.len()
+    };
+    let doomed = st.persistent.load(Ordering::SeqCst)
+        && key
+            .as_bytes()
+            .first()
+            .is_some_and(|c| b"01234567".contains(c));
+    if n > st.fail_times && !doomed {
+        return ok_body(stream);
+    }
+    match st.fault {
+        Fault::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "slow down").into_response(),
+        Fault::RateLimitedRetryAfter => Response::builder()
+            .status(429)
+            .header("retry-after", "1")
+            .body(Body::from("slow down"))
+            .unwrap(),
+        Fault::Status500 => (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
+        Fault::Status503 => (StatusCode::SERVICE_UNAVAILABLE, "overloaded").into_response(),
+        Fault::Timeout => {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            ok_body(stream)
+        }
+        Fault::Dropped => {
+            // Headers go out, then the body fails: the connection is cut.
+            let s = futures_util::stream::iter(vec![
+                Ok::<_, std::io::Error>("{\"choices\": [".to_string()),
+                Err(std::io::Error::other("dropped")),
+            ]);
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(Body::from_stream(s))
+                .unwrap()
+        }
+        Fault::BadJson => Response::builder()
+            .header("content-type", "application/json")
+            .body(Body::from("{\"choices\": [oops"))
+            .unwrap(),
+        Fault::CutStream => Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from(
+                "data: {\"choices\": [{\"index\": 0, \"delta\": {\"content\": \"4\"}}]}\n\n",
+            ))
+            .unwrap(),
+        Fault::EmptyChoices => axum::Json(json!({"choices": []})).into_response(),
+    }
+}
+
+struct FaultServer {
+    addr: String,
+    st: Arc<Fs>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl FaultServer {
+    fn start(fault: Fault, fail_times: usize) -> FaultServer {
+        let st = Arc::new(Fs {
+            fault,
+            fail_times,
+            persistent: AtomicBool::new(false),
+            attempts: Mutex::new(HashMap::new()),
+            auth: Mutex::new(Vec::new()),
+        });
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new()
+            .route("/v1/chat/completions", axum::routing::post(chat))
+            .with_state(st.clone());
+        rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+        FaultServer { addr, st, _rt: rt }
+    }
+    fn attempts(&self) -> HashMap<String, Vec<Instant>> {
+        self.st.attempts.lock().unwrap().clone()
+    }
+}
+
+const EXP: &str = "\
+output: {exp_group_id: f}
+dataset: {lengths: [200, 300], per_length: 8}
+binning: {n_bins: 2}
+sampling: {n_per_bin: 8}
+engine: {kind: openai, concurrency: 8, max_retries: 2, timeout_s: 0.5}
+kv: {policies: [snapkv], budgets: [1.0]}
+analysis: {bootstrap: {iters: 50}}
+";
+const N: usize = 16;
+
+fn build(p: &Project, s: &FaultServer, stream: bool) -> std::process::Output {
+    p.kvt()
+        .args(["build", "report", "-c", "config/experiments/f.yaml"])
+        .args(["--set", &format!("engine.base_url={}/v1", s.addr)])
+        .args(["--set", &format!("engine.stream={stream}")])
+        .env("KVT_BACKOFF_MS", "5")
+        .output()
+        .unwrap()
+}
+
+fn failures(p: &Project) -> HashMap<String, i64> {
+    let c = rusqlite::Connection::open(p.path("runs/f/kv_transition.sqlite")).unwrap();
+    let mut st = c
+        .prepare("SELECT error_type, COUNT(*) FROM failures GROUP BY error_type")
+        .unwrap();
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+fn responses(p: &Project) -> i64 {
+    let c = rusqlite::Connection::open(p.path("runs/f/kv_transition.sqlite")).unwrap();
+    c.query_row("SELECT COUNT(*) FROM responses", [], |r| r.get(0))
+        .unwrap()
+}
+
+/// Transient: every request fails twice, then succeeds on its third attempt.
+/// Persistent: requests whose key starts with 0–7 fail every attempt; the run
+/// finishes with them labelled, and the next build (server healthy) retries
+/// only them.
+fn check(fault: Fault, label: &str, stream: bool) {
+    let p = Project::new();
+    p.write("config/experiments/f.yaml", EXP);
+    let s = FaultServer::start(fault, 2);
+    let out = build(&p, &s, stream);
+    assert!(out.status.success(), "{fault:?}: {}", stderr_of(&out));
+    let a = s.attempts();
+    assert_eq!(a.len(), N, "{fault:?}");
+    assert!(
+        a.values().all(|v| v.len() == 3),
+        "{fault:?}: attempts {:?}",
+        a.values().map(Vec::len).collect::<Vec<_>>()
+    );
+    assert!(failures(&p).is_empty(), "{fault:?}: {:?}", failures(&p));
+    assert_eq!(responses(&p), N as i64);
+    if fault == Fault::RateLimitedRetryAfter {
+        for v in a.values() {
+            assert!(
+                v[1] - v[0] >= Duration::from_millis(950),
+                "Retry-After not honoured"
+            );
+        }
+    }
+
+    let p = Project::new();
+    p.write("config/experiments/f.yaml", EXP);
+    let s = FaultServer::start(fault, 0);
+    s.st.persistent.store(true, Ordering::SeqCst);
+    let out = build(&p, &s, stream);
+    assert!(out.status.success(), "{fault:?}: {}", stderr_of(&out));
+    let a = s.attempts();
+    let doomed: Vec<&String> = a
+        .keys()
+        .filter(|k| b"01234567".contains(&k.as_bytes()[0]))
+        .collect();
+    assert!(
+        !doomed.is_empty() && doomed.len() < N,
+        "fixture: {} doomed",
+        doomed.len()
+    );
+    for k in &doomed {
+        assert_eq!(a[*k].len(), 3, "{fault:?}: 1 attempt + 2 retries");
+    }
+    let f = failures(&p);
+    assert_eq!(
+        f.get(label).copied(),
+        Some(doomed.len() as i64),
+        "{fault:?}: {f:?}"
+    );
+    assert!(
+        stderr_of(&out).contains("retried on the next build"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert!(p.read("runs/f/report.md").contains(label));
+    // The server recovers; the next build sends only the failed requests.
+    s.st.persistent.store(false, Ordering::SeqCst);
+    let out = build(&p, &s, stream);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let b = s.attempts();
+    for (k, v) in &b {
+        let expect = if doomed.contains(&k) { 4 } else { 1 };
+        assert_eq!(v.len(), expect, "{fault:?}: key {k}");
+    }
+    assert!(failures(&p).is_empty(), "{:?}", failures(&p));
+    assert_eq!(responses(&p), N as i64);
+    // And then nothing is left to do.
+    let out = build(&p, &s, stream);
+    assert!(out.status.success());
+    assert_eq!(
+        s.attempts().values().map(Vec::len).sum::<usize>(),
+        b.values().map(Vec::len).sum::<usize>()
+    );
+}
+
+#[test]
+fn rate_limited() {
+    check(Fault::RateLimited, "RATE_LIMITED", false);
+}
+
+#[test]
+fn rate_limited_with_retry_after() {
+    check(Fault::RateLimitedRetryAfter, "RATE_LIMITED", false);
+}
+
+#[test]
+fn server_errors() {
+    check(Fault::Status500, "ENGINE_ERROR", false);
+    check(Fault::Status503, "ENGINE_ERROR", true);
+}
+
+#[test]
+fn timeouts() {
+    check(Fault::Timeout, "TIMEOUT", false);
+}
+
+#[test]
+fn dropped_connections() {
+    check(Fault::Dropped, "ENGINE_ERROR", false);
+}
+
+#[test]
+fn malformed_json() {
+    check(Fault::BadJson, "ENGINE_ERROR", false);
+}
+
+#[test]
+fn streams_cut_in_the_middle() {
+    check(Fault::CutStream, "ENGINE_ERROR", true);
+}
+
+#[test]
+fn empty_choices() {
+    check(Fault::EmptyChoices, "ENGINE_ERROR", false);
+}
+
+#[test]
+fn the_api_key_reaches_the_server_and_nothing_else() {
+    const SENTINEL: &str = "sk-kvt-sentinel-7f3a9c1e5b";
+    let p = Project::new();
+    p.write("config/experiments/f.yaml", EXP);
+    let s = FaultServer::start(Fault::Status500, 1);
+    let out = p
+        .kvt()
+        .args(["build", "report", "-vv", "-c", "config/experiments/f.yaml"])
+        .args(["--set", &format!("engine.base_url={}/v1", s.addr)])
+        .args(["--set", "engine.api_key_env=KVT_TEST_KEY"])
+        .env("KVT_TEST_KEY", SENTINEL)
+        .env("KVT_BACKOFF_MS", "5")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let auth = s.st.auth.lock().unwrap().clone();
+    assert!(!auth.is_empty() && auth.iter().all(|a| a == &format!("Bearer {SENTINEL}")));
+    // Not in the logs, the cache (store, records, journal), the SQLite file or the report.
+    assert!(!stderr_of(&out).contains(SENTINEL) && !stdout_of(&out).contains(SENTINEL));
+    let resolved = p
+        .kvt()
+        .args([
+            "resolve",
+            "--print-config",
+            "-c",
+            "config/experiments/f.yaml",
+        ])
+        .env("KVT_TEST_KEY", SENTINEL)
+        .output()
+        .unwrap();
+    assert!(!stdout_of(&resolved).contains(SENTINEL));
+    let mut files = 0;
+    let mut stack = vec![p.root().to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files += 1;
+                let bytes = std::fs::read(&path).unwrap();
+                assert!(
+                    !bytes
+                        .windows(SENTINEL.len())
+                        .any(|w| w == SENTINEL.as_bytes()),
+                    "the key leaked into {}",
+                    path.display()
+                );
+            }
+        }
+    }
+    assert!(files > 20, "searched {files} files");
+}
