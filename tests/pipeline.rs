@@ -409,3 +409,57 @@ fn lifecycle_commands_are_build_targets() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn replicas_share_the_load_and_survive_losing_one() {
+    let p = small_project();
+    let (la, lb) = (p.path("a.log"), p.path("b.log"));
+    let a = Served::start(&["--delay-ms", "40", "--request-log", la.to_str().unwrap()]);
+    let b = Served::start(&["--delay-ms", "40", "--request-log", lb.to_str().unwrap()]);
+    let lines = |f: &std::path::Path| {
+        std::fs::read_to_string(f)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvt"))
+        .args(["build", "report", "-c", "config/experiments/small.yaml"])
+        .args([
+            "--set",
+            "engine.kind=openai",
+            "--set",
+            "engine.concurrency=4",
+        ])
+        .args(["--set", &format!("engine.base_url={}/v1", a.addr)])
+        .args(["--set", &format!("engine.replicas=[{}/v1]", b.addr)])
+        .current_dir(p.root())
+        .env("KVT_BACKOFF_MS", "20")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while lines(&la) < 4 {
+        assert!(t0.elapsed().as_secs() < 60, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    drop(a); // replica A dies mid-run
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let (na, nb) = (lines(&la), lines(&lb));
+    assert!(na >= 4 && nb > na, "load: a {na}, b {nb}");
+    assert!(na + nb >= UNIQUE_REQUESTS);
+    let j = rusqlite::Connection::open(p.path("cache/v1/journal.sqlite")).unwrap();
+    assert_eq!(
+        count(&j, "SELECT COUNT(*) FROM responses WHERE is_final = 1"),
+        UNIQUE_REQUESTS as i64
+    );
+    assert_eq!(
+        count(&db(&p), "SELECT COUNT(*) FROM failures"),
+        count(
+            &db(&p),
+            "SELECT COUNT(*) FROM responses WHERE text NOT GLOB '*[0-9]*'"
+        )
+    );
+    assert_eq!(count(&db(&p), "SELECT COUNT(*) FROM responses"), 48);
+    drop(b);
+}

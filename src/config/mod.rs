@@ -545,7 +545,7 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
     match c.engine.kind.as_str() {
         "reference" | "serve" => {}
         "openai" => {
-            if c.engine.base_url.as_deref().unwrap_or("").is_empty() {
+            if c.engine.base_url.as_deref().unwrap_or("").is_empty() && c.engine.replicas.is_empty() {
                 return Err(bad(
                     "engine.base_url",
                     "is required when `engine.kind` is `openai` (e.g. http://127.0.0.1:8000/v1)"

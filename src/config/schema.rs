@@ -121,6 +121,9 @@ pub struct Engine {
     /// `reference` (in process), `serve` (kvt serve spawned for the run) or `openai`.
     pub kind: String,
     pub base_url: Option<String>,
+    /// More replicas of the same model beside `base_url` (requests are
+    /// balanced by outstanding requests).
+    pub replicas: Vec<String>,
     /// Name of the environment variable holding the API key (never the key itself).
     pub api_key_env: Option<String>,
     pub concurrency: u32,

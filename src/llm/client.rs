@@ -6,12 +6,17 @@
 use super::Outcome;
 use futures_util::StreamExt;
 use serde_json::Value;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Transport settings: never part of any key.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    pub base_url: String,
+    /// One or more replicas of the same model; requests go to the one with
+    /// the fewest outstanding requests, and one that keeps failing is taken
+    /// out of rotation for a while.
+    pub base_urls: Vec<String>,
     pub api_key: Option<String>,
     pub timeout: Duration,
     pub max_retries: u32,
@@ -23,8 +28,24 @@ pub struct ClientOptions {
 pub struct Client {
     http: reqwest::Client,
     opts: ClientOptions,
-    url: String,
+    endpoints: Vec<Endpoint>,
 }
+
+/// One replica and its health.
+struct Endpoint {
+    base: String,
+    url: String,
+    outstanding: AtomicUsize,
+    consecutive_failures: AtomicU32,
+    /// Out of rotation until this many ms after `epoch` (0: in rotation).
+    down_until_ms: AtomicU64,
+    served: AtomicU64,
+}
+
+/// Consecutive transport failures that take an endpoint out of rotation.
+const TRIP_AFTER: u32 = 3;
+/// How long it stays out before it is tried again.
+const COOLDOWN_MS: u64 = 5_000;
 
 /// Why an attempt failed, and whether trying again may help.
 struct Failure {
@@ -51,8 +72,67 @@ impl Client {
             .timeout(opts.timeout)
             .pool_max_idle_per_host(256)
             .build()?;
-        let url = format!("{}/chat/completions", opts.base_url.trim_end_matches('/'));
-        Ok(Client { http, opts, url })
+        anyhow::ensure!(!opts.base_urls.is_empty(), "no endpoint configured");
+        let endpoints = opts
+            .base_urls
+            .iter()
+            .map(|b| Endpoint {
+                base: b.clone(),
+                url: format!("{}/chat/completions", b.trim_end_matches('/')),
+                outstanding: AtomicUsize::new(0),
+                consecutive_failures: AtomicU32::new(0),
+                down_until_ms: AtomicU64::new(0),
+                served: AtomicU64::new(0),
+            })
+            .collect();
+        Ok(Client {
+            http,
+            opts,
+            endpoints,
+        })
+    }
+
+    /// (endpoint, answered requests) so far.
+    pub fn served(&self) -> Vec<(String, u64)> {
+        self.endpoints
+            .iter()
+            .map(|e| (e.base.clone(), e.served.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// The endpoint in rotation with the fewest outstanding requests (all of
+    /// them when every one is out of rotation).
+    fn pick(&self) -> &Endpoint {
+        let now = now_ms();
+        let up = |e: &&Endpoint| e.down_until_ms.load(Ordering::Relaxed) <= now;
+        let pool: Vec<&Endpoint> = if self.endpoints.iter().any(|e| up(&e)) {
+            self.endpoints.iter().filter(up).collect()
+        } else {
+            self.endpoints.iter().collect()
+        };
+        pool.into_iter()
+            .min_by_key(|e| e.outstanding.load(Ordering::Relaxed))
+            .expect("at least one endpoint")
+    }
+
+    fn record_health(&self, ep: &Endpoint, transport_failed: bool) {
+        if !transport_failed {
+            ep.consecutive_failures.store(0, Ordering::Relaxed);
+            return;
+        }
+        let n = ep.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= TRIP_AFTER && self.endpoints.len() > 1 {
+            let was = ep
+                .down_until_ms
+                .swap(now_ms() + COOLDOWN_MS, Ordering::Relaxed);
+            if was <= now_ms() {
+                tracing::warn!(
+                    "endpoint {} failed {n} times in a row; out of rotation for {} s",
+                    ep.base,
+                    COOLDOWN_MS / 1000
+                );
+            }
+        }
     }
 
     /// Sends one chat request (with retries) and returns its outcome.
@@ -94,9 +174,34 @@ impl Client {
     }
 
     async fn attempt(&self, key: &str, body: &Value, t0: Instant) -> Result<Outcome, Failure> {
+        let ep = self.pick();
+        ep.outstanding.fetch_add(1, Ordering::Relaxed);
+        let r = self.attempt_on(ep, key, body, t0).await;
+        ep.outstanding.fetch_sub(1, Ordering::Relaxed);
+        let transport_failed = matches!(&r, Err(f) if f.transient && f.kind != "RATE_LIMITED");
+        self.record_health(ep, transport_failed);
+        match r {
+            Ok(mut o) => {
+                ep.served.fetch_add(1, Ordering::Relaxed);
+                if self.endpoints.len() > 1 {
+                    o.endpoint = Some(ep.base.clone());
+                }
+                Ok(o)
+            }
+            Err(f) => Err(f),
+        }
+    }
+
+    async fn attempt_on(
+        &self,
+        ep: &Endpoint,
+        key: &str,
+        body: &Value,
+        t0: Instant,
+    ) -> Result<Outcome, Failure> {
         let mut req = self
             .http
-            .post(&self.url)
+            .post(&ep.url)
             .header("x-kvt-request-key", key)
             .json(body);
         if let Some(k) = &self.opts.api_key {
@@ -167,6 +272,11 @@ impl Client {
             Ok(o)
         }
     }
+}
+
+fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 fn truncate(s: &str, n: usize) -> String {

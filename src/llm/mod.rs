@@ -28,6 +28,9 @@ pub struct Outcome {
     pub error_kind: Option<String>,
     pub error: Option<String>,
     pub http_status: Option<u16>,
+    /// The replica that answered, when there are several.
+    #[serde(default)]
+    pub endpoint: Option<String>,
     pub is_final: bool,
 }
 

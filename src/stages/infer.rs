@@ -515,19 +515,24 @@ impl Infer {
             });
         }
         let _server;
-        let base_url = if s.kind == "serve" {
+        let base_urls: Vec<String> = if s.kind == "serve" {
             let srv = SpawnedServer::start(&s.model)?;
             let u = srv.url.clone();
             _server = srv;
-            u
+            vec![u]
         } else {
             let u: Option<String> = ctx.transport("engine.base_url")?;
-            u.ok_or_else(|| {
-                crate::KvtError::usage(
+            let mut v: Vec<String> = u.into_iter().collect();
+            v.extend(ctx.transport::<Vec<String>>("engine.replicas")?);
+            if v.is_empty() {
+                return Err(crate::KvtError::usage(
                     "config `engine.base_url` is required when `engine.kind` is `openai` (e.g. http://127.0.0.1:8000/v1)",
                 )
-            })?
+                .into());
+            }
+            v
         };
+        let base_url = base_urls[0].clone();
         let api_key = match ctx.transport::<Option<String>>("engine.api_key_env")? {
             Some(var) => Some(std::env::var(&var).map_err(|_| {
                 crate::KvtError::usage(format!(
@@ -538,7 +543,7 @@ impl Infer {
         };
         let timeout_s: f64 = ctx.transport("engine.timeout_s")?;
         let client = Client::new(ClientOptions {
-            base_url: base_url.clone(),
+            base_urls: base_urls.clone(),
             api_key,
             timeout: Duration::from_secs_f64(timeout_s.max(0.001)),
             max_retries: ctx.transport("engine.max_retries")?,
@@ -572,6 +577,13 @@ impl Infer {
                 if let Some((r, o)) = res {
                     record(&r.key, &o)?;
                 }
+            }
+            if base_urls.len() > 1 {
+                tracing::info!(
+                    node = ctx.node(),
+                    "answered per endpoint: {:?}",
+                    client.served()
+                );
             }
             Ok::<(), anyhow::Error>(())
         })
