@@ -422,7 +422,7 @@ fn replicas_share_the_load_and_survive_losing_one() {
             .lines()
             .count()
     };
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvt"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_kvt"))
         .args(["build", "report", "-c", "config/experiments/small.yaml"])
         .args([
             "--set",
