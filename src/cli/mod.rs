@@ -227,6 +227,7 @@ pub fn main_with(register: fn(&mut OpRegistry)) -> i32 {
     let _ = ctrlc::set_handler(|| {
         if CANCEL.swap(true, Ordering::SeqCst) {
             eprintln!("kvt: interrupted twice, exiting now");
+            crate::llm::launcher::kill_all();
             std::process::exit(130);
         }
     });

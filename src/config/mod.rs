@@ -544,6 +544,14 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
     }
     match c.engine.kind.as_str() {
         "reference" | "serve" => {}
+        "launch" => {
+            if c.engine.launch.command.as_deref().unwrap_or("").is_empty() {
+                return Err(bad(
+                    "engine.launch.command",
+                    "is required when `engine.kind` is `launch` (a command template with `{port}`)".into(),
+                ));
+            }
+        }
         "openai" => {
             if c.engine.base_url.as_deref().unwrap_or("").is_empty() && c.engine.replicas.is_empty() {
                 return Err(bad(
@@ -556,7 +564,7 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
         other => {
             return Err(bad(
                 "engine.kind",
-                format!("`{other}` is unknown; use `reference` (in process), `serve` (kvt serve started for the run) or `openai` (engine.base_url)"),
+                format!("`{other}` is unknown; use `reference` (in process), `serve` (kvt serve started for the run), `launch` (engine.launch.command) or `openai` (engine.base_url)"),
             ))
         }
     }

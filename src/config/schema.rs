@@ -135,6 +135,22 @@ pub struct Engine {
     pub extra_body: BTreeMap<String, serde_json::Value>,
     /// Stream responses (measures time to first token).
     pub stream: bool,
+    /// For `kind: launch`: a server started per `infer` node.
+    pub launch: Launch,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Launch {
+    /// Run by `sh -c`; `{port}`, `{model}`, `{policy}`, `{budget}` and the
+    /// budget's `vars` are filled in.
+    pub command: Option<String>,
+    /// Per budget (as written in `kv.budgets`, e.g. "0.5"): extra template variables.
+    pub vars: BTreeMap<String, BTreeMap<String, String>>,
+    pub health_path: String,
+    /// Path of the OpenAI-compatible API under the server's root.
+    pub api_path: String,
+    pub startup_timeout_s: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod journal;
+pub mod launcher;
 pub mod reference;
 pub mod server;
 
@@ -31,6 +32,9 @@ pub struct Outcome {
     /// The replica that answered, when there are several.
     #[serde(default)]
     pub endpoint: Option<String>,
+    /// Resident memory of a server kvt launched, when this response arrived (KiB).
+    #[serde(default)]
+    pub server_rss_kib: Option<u64>,
     pub is_final: bool,
 }
 

@@ -47,6 +47,9 @@ pub struct BinStat {
     pub prompt_tokens_mean: Option<f64>,
     pub retained_tokens_mean: Option<f64>,
     pub kv_bytes_mean: Option<f64>,
+    /// Peak resident memory of a launched server while answering this cell (MiB).
+    #[serde(default)]
+    pub server_rss_peak_mib: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -221,6 +224,12 @@ pub fn analyze(
             ),
             retained_tokens_mean: mean_of(retained),
             kv_bytes_mean: mean_of(kv),
+            server_rss_peak_mib: j
+                .rows
+                .iter()
+                .filter_map(|r| r.server_rss_kib)
+                .max()
+                .map(|k| k as f64 / 1024.0),
         }
     };
     // Cells are independent: spread them over the cores. Seeds come from the

@@ -156,7 +156,7 @@ fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Resu
             if s.stream {
                 body["stream_options"] = json!({"include_usage": true});
             }
-            if s.kind != "openai" {
+            if matches!(s.kind.as_str(), "reference" | "serve") {
                 body["kvt"] = serde_json::to_value(&s.kv)?;
             }
             for (k, v) in &s.extra {
@@ -324,9 +324,9 @@ impl Op for Infer {
             kind: ctx.transport("engine.kind")?,
             stream: ctx.transport("engine.stream")?,
         };
-        if !matches!(s.kind.as_str(), "reference" | "serve" | "openai") {
+        if !matches!(s.kind.as_str(), "reference" | "serve" | "openai" | "launch") {
             bail!(
-                "config `engine.kind`: `{}` is unknown; use `reference`, `serve` or `openai`",
+                "config `engine.kind`: `{}` is unknown; use `reference`, `serve`, `launch` or `openai`",
                 s.kind
             );
         }
@@ -409,6 +409,43 @@ impl Op for Infer {
 }
 
 impl Infer {
+    /// Starts the configured server for this node and waits until it is healthy.
+    fn launch(&self, ctx: &OpContext, s: &Settings) -> Result<crate::llm::launcher::Launched> {
+        use crate::llm::launcher::{free_port, render, Launched};
+        let l: crate::config::schema::Launch = ctx.transport("engine.launch")?;
+        let template = l.command.clone().unwrap_or_default();
+        let port = free_port()?;
+        let budget_key = crate::engine::pipeline::format_binding(&json!(s.kv.budget));
+        let mut vars: BTreeMap<String, String> = BTreeMap::new();
+        vars.insert("port".into(), port.to_string());
+        vars.insert("model".into(), s.model.clone());
+        vars.insert("policy".into(), s.kv.policy.clone());
+        vars.insert("budget".into(), budget_key.clone());
+        if let Some(extra) = l.vars.get(&budget_key) {
+            vars.extend(extra.clone());
+        }
+        let command =
+            render(&template, &vars).map_err(|e| crate::KvtError::usage(e.to_string()))?;
+        let exp: String = ctx.transport("output.exp_group_id")?;
+        let log = ctx
+            .root()
+            .join("runs")
+            .join(&exp)
+            .join("logs")
+            .join(format!(
+                "{}.log",
+                ctx.node().replace(['[', ']', ',', '='], "_")
+            ));
+        tracing::info!(node = ctx.node(), "launching: {command}");
+        let mut launched = Launched::start(&command, port, &l.api_path, &log)?;
+        let health = format!("http://127.0.0.1:{port}{}", l.health_path);
+        launched.wait_healthy(
+            &health,
+            Duration::from_secs_f64(l.startup_timeout_s.max(1.0)),
+        )?;
+        Ok(launched)
+    }
+
     fn send_all(
         &self,
         ctx: &OpContext,
@@ -515,10 +552,16 @@ impl Infer {
             });
         }
         let _server;
+        let mut launched: Option<crate::llm::launcher::Launched> = None;
         let base_urls: Vec<String> = if s.kind == "serve" {
             let srv = SpawnedServer::start(&s.model)?;
             let u = srv.url.clone();
             _server = srv;
+            vec![u]
+        } else if s.kind == "launch" {
+            let l = self.launch(ctx, s)?;
+            let u = l.base_url.clone();
+            launched = Some(l);
             vec![u]
         } else {
             let u: Option<String> = ctx.transport("engine.base_url")?;
@@ -565,11 +608,15 @@ impl Infer {
             let mut results = futures_util::stream::iter(reqs.iter())
                 .map(|r| {
                     let client = &client;
+                    let launched = &launched;
                     async move {
                         if ctx.is_cancelled() {
                             return None;
                         }
-                        Some((r, client.chat(&r.key, &r.body, s.kv.seed).await))
+                        let mut o = client.chat(&r.key, &r.body, s.kv.seed).await;
+                        o.server_rss_kib =
+                            launched.as_ref().and_then(|l| l.memory_kib()).map(|m| m.1);
+                        Some((r, o))
                     }
                 })
                 .buffer_unordered(concurrency);

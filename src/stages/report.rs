@@ -122,6 +122,7 @@ pub fn context(
                 "ttft": f2(s.ttft_p50_ms),
                 "retained": s.retained_tokens_mean.map_or("–".into(), |r| format!("{r:.0} of {:.0}", s.prompt_tokens_mean.unwrap_or(f64::NAN))),
                 "kv": s.kv_bytes_mean.map_or("–".into(), human_bytes),
+                "rss": s.server_rss_peak_mib.map_or("–".into(), |m| format!("{m:.0} MiB")),
             })
         })
         .collect();

@@ -114,6 +114,9 @@ pub struct ScoreRow {
     pub completion_tokens: Option<u64>,
     pub retained_tokens: Option<u64>,
     pub retries: u32,
+    /// Resident memory of a launched server when the response arrived (KiB).
+    #[serde(default)]
+    pub server_rss_kib: Option<u64>,
 }
 
 /// Every `score` node's rows, for the stages that summarise them.
@@ -194,6 +197,7 @@ impl Op for Score {
                 completion_tokens: o.completion_tokens,
                 retained_tokens: o.retained_tokens,
                 retries: o.retries,
+                server_rss_kib: o.server_rss_kib,
             });
         }
         ctx.put("scores", &table::write(&rows)?)?;

@@ -1,0 +1,195 @@
+//! The launcher: a server per `infer` node from a command template (here
+//! `kvt serve` itself), health-checked, and stopped with its whole process
+//! group — after success, after a failure, and after Ctrl-C.
+
+mod common;
+use common::*;
+
+/// Processes whose command line contains `marker`.
+fn alive(marker: &str) -> Vec<String> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let pid = e.file_name().to_string_lossy().to_string();
+        if !pid.chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(marker) && !cmd.contains("cargo") {
+                v.push(format!("{pid}: {cmd}"));
+            }
+        }
+    }
+    v
+}
+
+fn none_alive(marker: &str) {
+    // Give the kernel a moment to reap.
+    for _ in 0..50 {
+        if alive(marker).is_empty() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("servers survived the build: {:?}", alive(marker));
+}
+
+fn project(marker: &str, serve_flags: &str) -> Project {
+    let p = Project::new();
+    let kvt = env!("CARGO_BIN_EXE_kvt");
+    let log = p.path("served.log");
+    p.write(
+        "config/experiments/l.yaml",
+        &format!(
+            "output: {{exp_group_id: l}}
+dataset: {{lengths: [256, 512], per_length: 4}}
+binning: {{n_bins: 2}}
+sampling: {{n_per_bin: 4}}
+kv: {{policies: [streaming], budgets: [1.0, 0.3]}}
+analysis: {{bootstrap: {{iters: 50}}}}
+engine:
+  kind: launch
+  concurrency: 2
+  launch:
+    command: \"{kvt} serve --port {{port}} --policy {{policy}} --budget {{budget}} --model {marker} --request-log {} {serve_flags}\"
+    startup_timeout_s: 30
+",
+            log.display()
+        ),
+    );
+    p
+}
+
+fn build(p: &Project, extra: &[&str]) -> std::process::Output {
+    p.kvt()
+        .args(["build", "report", "-c", "config/experiments/l.yaml"])
+        .args(extra)
+        .env("KVT_BACKOFF_MS", "5")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_server_per_budget_started_checked_and_stopped() {
+    let marker = "kvt-launch-ok-5d1e";
+    let p = project(marker, "");
+    let out = build(&p, &[]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    none_alive(marker);
+    // Two budgets, two servers, each with its own log; 8 requests each.
+    let logs: Vec<_> = std::fs::read_dir(p.path("runs/l/logs"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(logs.len(), 2);
+    assert_eq!(p.read("served.log").lines().count(), 16);
+    // The budget reached the server through its flags: retained tokens shrink.
+    let c = rusqlite::Connection::open(p.path("runs/l/kv_transition.sqlite")).unwrap();
+    let (kept, total, rss): (f64, f64, Option<f64>) = c
+        .query_row(
+            "SELECT AVG(t.retained_tokens), AVG(t.prompt_tokens), MAX(t.server_rss_kib) FROM telemetry t
+             JOIN requests q USING (request_id) WHERE q.run_id = 'streaming@0.3'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert!(kept < total * 0.4, "{kept} of {total}");
+    assert!(
+        rss.unwrap_or(0.0) > 1000.0,
+        "server memory measured: {rss:?}"
+    );
+    assert!(p.read("runs/l/report.md").contains("server RSS"));
+    // Nothing to do the second time: no server is started.
+    let out = build(&p, &[]);
+    assert!(built_nodes(&out).is_empty());
+    assert_eq!(std::fs::read_dir(p.path("runs/l/logs")).unwrap().count(), 2);
+}
+
+#[test]
+fn servers_are_stopped_when_the_build_fails() {
+    let marker = "kvt-launch-fail-8c2a";
+    let p = project(marker, "--delay-ms 3000");
+    let out = build(
+        &p,
+        &[
+            "--set",
+            "engine.timeout_s=0.2",
+            "--set",
+            "engine.max_retries=0",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    none_alive(marker);
+    // A command that dies at once: a clear error naming its log.
+    let q = project("kvt-launch-dies", "");
+    let out = build(
+        &q,
+        &[
+            "--set",
+            "engine.launch.command=sh -c 'echo cannot start; exit 3'",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("exited") && err.contains("runs/l/logs"),
+        "{err}"
+    );
+    // An unknown template variable is a configuration error.
+    let out = build(
+        &q,
+        &[
+            "--set",
+            "engine.launch.command=srv --port {port} --x {nope}",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("{nope}"));
+}
+
+#[test]
+fn servers_are_stopped_when_the_build_is_interrupted() {
+    let marker = "kvt-launch-int-3b7f";
+    let p = project(marker, "--delay-ms 400");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_kvt"))
+        .args(["build", "report", "-c", "config/experiments/l.yaml"])
+        .current_dir(p.root())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while alive(marker).is_empty() {
+        assert!(t0.elapsed().as_secs() < 30, "no server started");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let pid = child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("interrupted"),
+        "{}",
+        stderr_of(&out)
+    );
+    none_alive(marker);
+    // Killed outright (SIGKILL, no cleanup in kvt): the servers die with it.
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_kvt"))
+        .args(["build", "report", "-c", "config/experiments/l.yaml"])
+        .current_dir(p.root())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while alive(marker).is_empty() {
+        assert!(t0.elapsed().as_secs() < 30, "no server started");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let mut child = child;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    none_alive(marker);
+}
