@@ -75,7 +75,13 @@ pub struct Launched {
 impl Launched {
     /// Starts `command` (run by `sh -c`) in its own process group with its
     /// output appended to `log`.
-    pub fn start(command: &str, port: u16, api_path: &str, log: &Path) -> Result<Launched> {
+    pub fn start(
+        command: &str,
+        cwd: &Path,
+        port: u16,
+        api_path: &str,
+        log: &Path,
+    ) -> Result<Launched> {
         if let Some(d) = log.parent() {
             std::fs::create_dir_all(d)?;
         }
@@ -96,6 +102,7 @@ impl Launched {
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
             .arg(script)
+            .current_dir(cwd)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))

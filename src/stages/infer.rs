@@ -93,6 +93,8 @@ struct Settings {
     decoding: Decoding,
     /// The user-message template for the task.
     template: String,
+    /// For launched servers: this budget's template variables (identity).
+    launch_vars: BTreeMap<String, String>,
     /// Middle truncation: (max prompt tokens, tokenizer).
     truncate: Option<(usize, &'static tiktoken_rs::CoreBPE)>,
     prompt: Prompt,
@@ -107,7 +109,11 @@ fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Resu
         .iter()
         .map(|e| (e.example_id.as_str(), e))
         .collect();
-    let kv_identity = if s.kv.is_full() {
+    let kv_identity = if s.kind == "launch" {
+        // A launched server's KV setup comes from the budget's template
+        // variables (e.g. a cache type): they are the identity.
+        json!({"policy": s.kv.policy, "budget": s.kv.budget, "launch_vars": s.launch_vars})
+    } else if s.kv.is_full() {
         json!({"policy": "full"})
     } else {
         serde_json::to_value(&s.kv)?
@@ -312,7 +318,13 @@ impl Op for Infer {
             }
             None => None,
         };
+        let launch_vars: BTreeMap<String, String> = {
+            let all: BTreeMap<String, BTreeMap<String, String>> = ctx.get("engine.launch.vars")?;
+            let key = crate::engine::pipeline::format_binding(&json!(kv.budget));
+            all.get(&key).cloned().unwrap_or_default()
+        };
         let s = Settings {
+            launch_vars,
             kv,
             model: ctx.get("model.name")?,
             decoding,
@@ -437,7 +449,7 @@ impl Infer {
                 ctx.node().replace(['[', ']', ',', '='], "_")
             ));
         tracing::info!(node = ctx.node(), "launching: {command}");
-        let mut launched = Launched::start(&command, port, &l.api_path, &log)?;
+        let mut launched = Launched::start(&command, ctx.root(), port, &l.api_path, &log)?;
         let health = format!("http://127.0.0.1:{port}{}", l.health_path);
         launched.wait_healthy(
             &health,
@@ -672,6 +684,7 @@ mod tests {
                 max_new_tokens: 32,
             },
             template: "START {context}\nQuestion: {question}\nAnswer:".into(),
+            launch_vars: Default::default(),
             truncate: max.map(|m| (m, bpe)),
             prompt: Prompt {
                 system: "s".into(),
