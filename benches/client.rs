@@ -56,6 +56,10 @@ fn run(addr: &str, n: usize, journal: Option<&Journal>) -> (f64, f64) {
         max_retries: 2,
         stream: false,
         backoff: Duration::from_millis(10),
+        limits: kvt::llm::limits::Limits {
+            concurrency: 64,
+            ..Default::default()
+        },
     })
     .unwrap();
     let prompt = "The ferry crossed the estuary twice an hour. ".repeat(45); // ~2 KB

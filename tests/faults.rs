@@ -372,3 +372,27 @@ fn the_api_key_reaches_the_server_and_nothing_else() {
     }
     assert!(files > 20, "searched {files} files");
 }
+
+#[test]
+fn requests_per_minute_pace_the_run_and_429s_still_finish() {
+    let p = Project::new();
+    p.write("config/experiments/f.yaml", EXP);
+    let s = FaultServer::start(Fault::RateLimited, 1);
+    let out = p
+        .kvt()
+        .args(["build", "report", "-c", "config/experiments/f.yaml"])
+        .args(["--set", &format!("engine.base_url={}/v1", s.addr)])
+        .args(["--set", "engine.rpm=1200", "--set", "engine.max_retries=3"])
+        .env("KVT_BACKOFF_MS", "5")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let a = s.attempts();
+    let mut all: Vec<Instant> = a.values().flatten().copied().collect();
+    all.sort();
+    // 32 attempts (16 × 429 then success) at 20 per second: at least ~1.5 s.
+    assert_eq!(all.len(), 2 * N);
+    let span = *all.last().unwrap() - all[0];
+    assert!(span >= Duration::from_millis(1450), "{span:?}");
+    assert!(failures(&p).is_empty());
+}

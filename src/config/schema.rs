@@ -127,6 +127,10 @@ pub struct Engine {
     /// Name of the environment variable holding the API key (never the key itself).
     pub api_key_env: Option<String>,
     pub concurrency: u32,
+    /// Requests per minute at most (null: no limit).
+    pub rpm: Option<u32>,
+    /// Tokens per minute at most, estimated from the request (null: no limit).
+    pub tpm: Option<u64>,
     pub timeout_s: f64,
     pub max_retries: u32,
     /// Optional user label that enters request identity.

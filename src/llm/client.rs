@@ -23,11 +23,14 @@ pub struct ClientOptions {
     pub stream: bool,
     /// First backoff step; doubles per retry, plus up to 50 % jitter, capped at 8 s.
     pub backoff: Duration,
+    /// Concurrency (adaptive on 429), requests and tokens per minute.
+    pub limits: super::limits::Limits,
 }
 
 pub struct Client {
     http: reqwest::Client,
     opts: ClientOptions,
+    gate: super::limits::Gate,
     endpoints: Vec<Endpoint>,
 }
 
@@ -87,6 +90,7 @@ impl Client {
             .collect();
         Ok(Client {
             http,
+            gate: super::limits::Gate::new(&opts.limits),
             opts,
             endpoints,
         })
@@ -139,9 +143,20 @@ impl Client {
     pub async fn chat(&self, key: &str, body: &Value, seed: u64) -> Outcome {
         let mut rng = crate::data::SplitMix64::for_cell(seed, key);
         let mut retries = 0;
+        // Estimated tokens for `engine.tpm`: ~4 bytes per prompt token plus the output budget.
+        let tokens = (body.to_string().len() / 4) as u64
+            + body.get("max_tokens").and_then(Value::as_u64).unwrap_or(0);
         loop {
+            let permit = self.gate.acquire(tokens).await;
             let t0 = Instant::now();
-            match self.attempt(key, body, t0).await {
+            let r = self.attempt(key, body, t0).await;
+            drop(permit);
+            match &r {
+                Ok(_) => self.gate.succeeded(),
+                Err(f) if f.kind == "RATE_LIMITED" => self.gate.rate_limited(),
+                Err(_) => {}
+            }
+            match r {
                 Ok(mut o) => {
                     o.retries = retries;
                     o.is_final = true;

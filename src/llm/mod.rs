@@ -6,6 +6,7 @@
 pub mod client;
 pub mod journal;
 pub mod launcher;
+pub mod limits;
 pub mod reference;
 pub mod server;
 

@@ -609,6 +609,11 @@ impl Infer {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(250),
             ),
+            limits: crate::llm::limits::Limits {
+                concurrency,
+                rpm: ctx.transport("engine.rpm")?,
+                tpm: ctx.transport("engine.tpm")?,
+            },
         })?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
