@@ -93,6 +93,7 @@ fn rows(budgets: &[f64], bins: i64, per_bin: i64) -> (Vec<Bin>, Vec<ScoreRow>) {
                     retained_tokens: Some((1000.0 * budget) as u64),
                     retries: 0,
                     server_rss_kib: None,
+                    kv_cache_usage: None,
                 });
             }
         }

@@ -151,6 +151,12 @@ impl FaultServer {
         let addr = format!("http://{}", listener.local_addr().unwrap());
         let app = axum::Router::new()
             .route("/v1/chat/completions", axum::routing::post(chat))
+            .route(
+                "/metrics",
+                axum::routing::get(|| async {
+                    "# HELP x\nvllm:kv_cache_usage_perc{model_name=\"m\"} 0.42\n"
+                }),
+            )
             .with_state(st.clone());
         rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
         FaultServer { addr, st, _rt: rt }
@@ -395,4 +401,13 @@ fn requests_per_minute_pace_the_run_and_429s_still_finish() {
     let span = *all.last().unwrap() - all[0];
     assert!(span >= Duration::from_millis(1450), "{span:?}");
     assert!(failures(&p).is_empty());
+    // The stub's /metrics reports 42 % KV-cache usage: it reaches the telemetry and the report.
+    let c = rusqlite::Connection::open(p.path("runs/f/kv_transition.sqlite")).unwrap();
+    let u: f64 = c
+        .query_row("SELECT MAX(kv_cache_usage) FROM telemetry", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert!((u - 0.42).abs() < 1e-9, "{u}");
+    assert!(p.read("runs/f/report.md").contains("KV cache 42 % used"));
 }

@@ -98,7 +98,7 @@ fn a_server_per_budget_started_checked_and_stopped() {
         rss.unwrap_or(0.0) > 1000.0,
         "server memory measured: {rss:?}"
     );
-    assert!(p.read("runs/l/report.md").contains("server RSS"));
+    assert!(p.read("runs/l/report.md").contains("MiB"));
     // Nothing to do the second time: no server is started.
     let out = build(&p, &[]);
     assert!(built_nodes(&out).is_empty());

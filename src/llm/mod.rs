@@ -7,6 +7,7 @@ pub mod client;
 pub mod journal;
 pub mod launcher;
 pub mod limits;
+pub mod metrics_scrape;
 pub mod reference;
 pub mod server;
 
@@ -36,6 +37,9 @@ pub struct Outcome {
     /// Resident memory of a server kvt launched, when this response arrived (KiB).
     #[serde(default)]
     pub server_rss_kib: Option<u64>,
+    /// The server's KV-cache usage (0–1) from its `/metrics`, when this response arrived.
+    #[serde(default)]
+    pub kv_cache_usage: Option<f64>,
     pub is_final: bool,
 }
 

@@ -50,6 +50,9 @@ pub struct BinStat {
     /// Peak resident memory of a launched server while answering this cell (MiB).
     #[serde(default)]
     pub server_rss_peak_mib: Option<f64>,
+    /// Peak KV-cache usage (0–1) the server reported while answering this cell.
+    #[serde(default)]
+    pub kv_cache_usage_peak: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -230,6 +233,11 @@ pub fn analyze(
                 .filter_map(|r| r.server_rss_kib)
                 .max()
                 .map(|k| k as f64 / 1024.0),
+            kv_cache_usage_peak: j
+                .rows
+                .iter()
+                .filter_map(|r| r.kv_cache_usage)
+                .reduce(f64::max),
         }
     };
     // Cells are independent: spread them over the cores. Seeds come from the

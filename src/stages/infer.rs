@@ -622,10 +622,19 @@ impl Infer {
             if s.kind == "serve" {
                 wait_healthy(&base_url).await?;
             }
+            let sample = crate::llm::metrics_scrape::Sample::default();
+            let roots: Vec<String> = base_urls
+                .iter()
+                .map(|u| u.trim_end_matches('/').trim_end_matches("/v1").to_string())
+                .collect();
+            let scraper = futures_util::future::join_all(roots.into_iter().map(|r| {
+                crate::llm::metrics_scrape::scrape(r, &sample, Duration::from_millis(500))
+            }));
             let mut results = futures_util::stream::iter(reqs.iter())
                 .map(|r| {
                     let client = &client;
                     let launched = &launched;
+                    let sample = &sample;
                     async move {
                         if ctx.is_cancelled() {
                             return None;
@@ -633,15 +642,22 @@ impl Infer {
                         let mut o = client.chat(&r.key, &r.body, s.kv.seed).await;
                         o.server_rss_kib =
                             launched.as_ref().and_then(|l| l.memory_kib()).map(|m| m.1);
+                        o.kv_cache_usage = sample.get();
                         Some((r, o))
                     }
                 })
                 .buffer_unordered(concurrency);
-            while let Some(res) = results.next().await {
-                if let Some((r, o)) = res {
-                    record(&r.key, &o)?;
+            let work = async {
+                while let Some(res) = results.next().await {
+                    if let Some((r, o)) = res {
+                        record(&r.key, &o)?;
+                    }
                 }
-            }
+                sample.stop.store(true, Ordering::Relaxed);
+                Ok::<(), anyhow::Error>(())
+            };
+            let (done, _) = futures_util::future::join(work, scraper).await;
+            done?;
             if base_urls.len() > 1 {
                 tracing::info!(
                     node = ctx.node(),

@@ -122,7 +122,12 @@ pub fn context(
                 "ttft": f2(s.ttft_p50_ms),
                 "retained": s.retained_tokens_mean.map_or("–".into(), |r| format!("{r:.0} of {:.0}", s.prompt_tokens_mean.unwrap_or(f64::NAN))),
                 "kv": s.kv_bytes_mean.map_or("–".into(), human_bytes),
-                "rss": s.server_rss_peak_mib.map_or("–".into(), |m| format!("{m:.0} MiB")),
+                "rss": match (s.server_rss_peak_mib, s.kv_cache_usage_peak) {
+                    (Some(m), Some(u)) => format!("{m:.0} MiB; KV cache {:.0} % used", u * 100.0),
+                    (Some(m), None) => format!("{m:.0} MiB"),
+                    (None, Some(u)) => format!("KV cache {:.0} % used", u * 100.0),
+                    (None, None) => "–".into(),
+                },
             })
         })
         .collect();

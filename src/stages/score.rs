@@ -117,6 +117,9 @@ pub struct ScoreRow {
     /// Resident memory of a launched server when the response arrived (KiB).
     #[serde(default)]
     pub server_rss_kib: Option<u64>,
+    /// The server's KV-cache usage (0–1) when the response arrived, if it reports one.
+    #[serde(default)]
+    pub kv_cache_usage: Option<f64>,
 }
 
 /// Every `score` node's rows, for the stages that summarise them.
@@ -198,6 +201,7 @@ impl Op for Score {
                 retained_tokens: o.retained_tokens,
                 retries: o.retries,
                 server_rss_kib: o.server_rss_kib,
+                kv_cache_usage: o.kv_cache_usage,
             });
         }
         ctx.put("scores", &table::write(&rows)?)?;

@@ -87,7 +87,7 @@ CREATE TABLE telemetry (
   request_id TEXT PRIMARY KEY REFERENCES requests(request_id),
   latency_ms REAL NOT NULL, ttft_ms REAL,
   prompt_tokens INTEGER, completion_tokens INTEGER, retained_tokens INTEGER,
-  retries INTEGER NOT NULL, server_rss_kib INTEGER, endpoint TEXT
+  retries INTEGER NOT NULL, server_rss_kib INTEGER, endpoint TEXT, kv_cache_usage REAL
 );
 CREATE TABLE failures (
   request_id TEXT PRIMARY KEY REFERENCES requests(request_id),
@@ -107,7 +107,7 @@ CREATE TABLE bin_stats (
   n_failed INTEGER NOT NULL, fail_rate REAL, fail_lo REAL, fail_hi REAL,
   latency_p50_ms REAL, latency_p95_ms REAL, ttft_p50_ms REAL,
   prompt_tokens_mean REAL, retained_tokens_mean REAL, kv_bytes_mean REAL,
-  server_rss_peak_mib REAL,
+  server_rss_peak_mib REAL, kv_cache_usage_peak REAL,
   PRIMARY KEY (run_id, bin_idx)
 );
 CREATE TABLE transition_summary (
@@ -232,7 +232,7 @@ pub fn write_db(path: &std::path::Path, s: &SinkInput) -> Result<Value> {
         let mut rq = tx.prepare("INSERT INTO requests VALUES (?1, ?2, ?3, ?4)")?;
         let mut rs = tx.prepare("INSERT INTO responses VALUES (?1, ?2, ?3, ?4)")?;
         let mut te =
-            tx.prepare("INSERT INTO telemetry VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")?;
+            tx.prepare("INSERT INTO telemetry VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)")?;
         let mut fa = tx.prepare("INSERT INTO failures VALUES (?1, ?2, ?3)")?;
         let mut sc = tx.prepare("INSERT INTO scores VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")?;
         for r in s.scores {
@@ -250,6 +250,7 @@ pub fn write_db(path: &std::path::Path, s: &SinkInput) -> Result<Value> {
                 r.retries,
                 r.server_rss_kib.map(|x| x as i64),
                 Option::<String>::None,
+                r.kv_cache_usage,
             ])?;
             if let Some(f) = &r.failure {
                 let detail = r.error.clone().or_else(|| Some(r.prediction.clone()));
@@ -271,7 +272,7 @@ pub fn write_db(path: &std::path::Path, s: &SinkInput) -> Result<Value> {
         }
         let mut bs = tx.prepare(
             "INSERT INTO bin_stats VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13,
-             ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)",
+             ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)",
         )?;
         for b in s.bin_stats {
             bs.execute(params![
@@ -300,6 +301,7 @@ pub fn write_db(path: &std::path::Path, s: &SinkInput) -> Result<Value> {
                 b.retained_tokens_mean,
                 b.kv_bytes_mean,
                 b.server_rss_peak_mib,
+                b.kv_cache_usage_peak,
             ])?;
         }
         let mut ts = tx.prepare(
