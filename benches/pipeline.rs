@@ -94,6 +94,9 @@ fn rows(budgets: &[f64], bins: i64, per_bin: i64) -> (Vec<Bin>, Vec<ScoreRow>) {
                     retries: 0,
                     server_rss_kib: None,
                     kv_cache_usage: None,
+                    server_prompt_ms: None,
+                    server_predicted_ms: None,
+                    endpoint: None,
                 });
             }
         }

@@ -73,6 +73,15 @@ fn llamacpp_kv_quantisation_report() {
         )
         .unwrap();
     assert_eq!(transport, 0);
+    // llama.cpp's own timings are kept beside the client's.
+    let timed: i64 = c
+        .query_row(
+            "SELECT COUNT(*) FROM telemetry WHERE server_prompt_ms > 0",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(timed, 36);
     let report = p.read("runs/llamacpp-kvquant/report.md");
     assert!(
         report.contains("full @ 0.25") && report.contains("MiB"),

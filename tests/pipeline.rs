@@ -461,5 +461,13 @@ fn replicas_share_the_load_and_survive_losing_one() {
         )
     );
     assert_eq!(count(&db(&p), "SELECT COUNT(*) FROM responses"), 48);
+    // Telemetry names the replica that answered each request.
+    assert_eq!(
+        count(
+            &db(&p),
+            "SELECT COUNT(DISTINCT endpoint) FROM telemetry WHERE endpoint IS NOT NULL"
+        ),
+        2
+    );
     drop(b);
 }

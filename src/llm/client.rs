@@ -333,6 +333,10 @@ fn usage_into(v: &Value, o: &mut Outcome) {
     if let Some(r) = v.pointer("/kvt/retained_tokens").and_then(Value::as_u64) {
         o.retained_tokens = Some(r);
     }
+    if let Some(t) = v.get("timings").filter(|t| t.is_object()) {
+        o.server_prompt_ms = t.get("prompt_ms").and_then(Value::as_f64);
+        o.server_predicted_ms = t.get("predicted_ms").and_then(Value::as_f64);
+    }
 }
 
 /// Reads a server-sent event stream of chat completion chunks.

@@ -40,6 +40,11 @@ pub struct Outcome {
     /// The server's KV-cache usage (0–1) from its `/metrics`, when this response arrived.
     #[serde(default)]
     pub kv_cache_usage: Option<f64>,
+    /// Server-reported prompt-processing and generation times (llama.cpp's `timings`).
+    #[serde(default)]
+    pub server_prompt_ms: Option<f64>,
+    #[serde(default)]
+    pub server_predicted_ms: Option<f64>,
     pub is_final: bool,
 }
 

@@ -120,6 +120,14 @@ pub struct ScoreRow {
     /// The server's KV-cache usage (0–1) when the response arrived, if it reports one.
     #[serde(default)]
     pub kv_cache_usage: Option<f64>,
+    /// Server-reported prompt and generation times (ms), where the server gives them.
+    #[serde(default)]
+    pub server_prompt_ms: Option<f64>,
+    #[serde(default)]
+    pub server_predicted_ms: Option<f64>,
+    /// The replica that answered, when there were several.
+    #[serde(default)]
+    pub endpoint: Option<String>,
 }
 
 /// Every `score` node's rows, for the stages that summarise them.
@@ -202,6 +210,9 @@ impl Op for Score {
                 retries: o.retries,
                 server_rss_kib: o.server_rss_kib,
                 kv_cache_usage: o.kv_cache_usage,
+                server_prompt_ms: o.server_prompt_ms,
+                server_predicted_ms: o.server_predicted_ms,
+                endpoint: o.endpoint.clone(),
             });
         }
         ctx.put("scores", &table::write(&rows)?)?;

@@ -87,7 +87,8 @@ CREATE TABLE telemetry (
   request_id TEXT PRIMARY KEY REFERENCES requests(request_id),
   latency_ms REAL NOT NULL, ttft_ms REAL,
   prompt_tokens INTEGER, completion_tokens INTEGER, retained_tokens INTEGER,
-  retries INTEGER NOT NULL, server_rss_kib INTEGER, endpoint TEXT, kv_cache_usage REAL
+  retries INTEGER NOT NULL, server_rss_kib INTEGER, endpoint TEXT, kv_cache_usage REAL,
+  server_prompt_ms REAL, server_predicted_ms REAL
 );
 CREATE TABLE failures (
   request_id TEXT PRIMARY KEY REFERENCES requests(request_id),
@@ -231,8 +232,9 @@ pub fn write_db(path: &std::path::Path, s: &SinkInput) -> Result<Value> {
             .collect();
         let mut rq = tx.prepare("INSERT INTO requests VALUES (?1, ?2, ?3, ?4)")?;
         let mut rs = tx.prepare("INSERT INTO responses VALUES (?1, ?2, ?3, ?4)")?;
-        let mut te =
-            tx.prepare("INSERT INTO telemetry VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)")?;
+        let mut te = tx.prepare(
+            "INSERT INTO telemetry VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        )?;
         let mut fa = tx.prepare("INSERT INTO failures VALUES (?1, ?2, ?3)")?;
         let mut sc = tx.prepare("INSERT INTO scores VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")?;
         for r in s.scores {
@@ -249,8 +251,10 @@ pub fn write_db(path: &std::path::Path, s: &SinkInput) -> Result<Value> {
                 r.retained_tokens.map(|x| x as i64),
                 r.retries,
                 r.server_rss_kib.map(|x| x as i64),
-                Option::<String>::None,
+                r.endpoint,
                 r.kv_cache_usage,
+                r.server_prompt_ms,
+                r.server_predicted_ms,
             ])?;
             if let Some(f) = &r.failure {
                 let detail = r.error.clone().or_else(|| Some(r.prediction.clone()));
