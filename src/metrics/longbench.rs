@@ -379,15 +379,15 @@ pub fn metric(name: &str, pred: &str, gold: &str, all_classes: &[String]) -> f64
     }
 }
 
-/// A sample's score: the task's metric, best over the golds (never below 0),
-/// after the first-line rule where it applies.
-pub fn sample_score(
+/// A sample's score under `metric`: best over the golds (never below 0),
+/// after the first-line rule when `task` is one it applies to.
+pub fn best_over_golds(
+    metric_name: &str,
     task: &str,
     pred: &str,
     golds: &[String],
     all_classes: &[String],
-) -> Option<f64> {
-    let name = metric_of(task)?;
+) -> f64 {
     let pred = if FIRST_LINE_TASKS.contains(&task) {
         pred.trim_start_matches('\n')
             .split('\n')
@@ -396,12 +396,26 @@ pub fn sample_score(
     } else {
         pred
     };
-    Some(
-        golds
-            .iter()
-            .map(|g| metric(name, pred, g, all_classes))
-            .fold(0.0, f64::max),
-    )
+    golds
+        .iter()
+        .map(|g| metric(metric_name, pred, g, all_classes))
+        .fold(0.0, f64::max)
+}
+
+/// A sample's score with the task's own metric (`None` for an unknown task).
+pub fn sample_score(
+    task: &str,
+    pred: &str,
+    golds: &[String],
+    all_classes: &[String],
+) -> Option<f64> {
+    Some(best_over_golds(
+        metric_of(task)?,
+        task,
+        pred,
+        golds,
+        all_classes,
+    ))
 }
 
 /// Python's `round(x, 2)`: half-to-even on the exact binary value.

@@ -68,23 +68,12 @@ pub fn value(metric: &str, task: &str, pred: &str, ex: &Example, s: &metrics::Sc
         "f1" => s.f1,
         m => {
             let base = task.strip_suffix("_e").unwrap_or(task);
-            let pred = if lb::FIRST_LINE_TASKS.contains(&base) {
-                pred.trim_start_matches('\n')
-                    .split('\n')
-                    .next()
-                    .unwrap_or("")
-            } else {
-                pred
-            };
             let classes: Vec<String> = ex
                 .meta
                 .get("all_classes")
                 .and_then(|v| serde_json::from_value(v.clone()).ok())
                 .unwrap_or_default();
-            ex.answers
-                .iter()
-                .map(|g| lb::metric(m, pred, g, &classes))
-                .fold(0.0, f64::max)
+            lb::best_over_golds(m, base, pred, &ex.answers, &classes)
         }
     }
 }
