@@ -97,7 +97,7 @@ pub struct ServeArgs {
     /// Wait this long before each answer (simulates a slow server).
     #[arg(long, env = "KVT_SERVE_DELAY_MS", default_value_t = 0)]
     delay_ms: u64,
-    /// Append one JSON line per answered request to this file.
+    /// Append one JSON line per answered request to this file; answers already in it are replayed.
     #[arg(long, env = "KVT_SERVE_REQUEST_LOG")]
     request_log: Option<PathBuf>,
     /// Exit when standard input closes (used when kvt starts its own server).

@@ -8,6 +8,10 @@
 //! (`{"policy": "snapkv", "budget": 0.5, ...}`) or from the server's flags. The
 //! question is read from the last line of the last user message that starts
 //! with `Question:`. Responses carry `kvt.retained_tokens`.
+//!
+//! With `--request-log`, every answer is appended to the log with its request
+//! key (`x-kvt-request-key`), and a request whose key is already there — sent
+//! again after the client crashed — is replayed from it, not answered twice.
 
 use super::reference::{self, KvParams};
 use super::QUESTION_MARKER;
@@ -43,6 +47,10 @@ struct AppState {
     opts: ServeOptions,
     served: AtomicU64,
     log: Option<Mutex<std::fs::File>>,
+    /// Answers by request key (from `x-kvt-request-key`), loaded from the
+    /// request log at start: a request sent again after a crash is replayed,
+    /// not answered twice.
+    replay: Mutex<std::collections::HashMap<String, reference::RefAnswer>>,
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -144,25 +152,44 @@ async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -
     if st.opts.delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(st.opts.delay_ms)).await;
     }
-    let ans = tokio::task::spawn_blocking(move || {
-        let bpe = crate::data::tokenize::encoding("cl100k_base")?;
-        reference::answer(bpe, &prompt, &question, &params, max_new)
-    })
-    .await;
-    let ans = match ans {
-        Ok(Ok(a)) => a,
-        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, e.to_string()),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    let key = headers
+        .get("x-kvt-request-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let replayed = (!key.is_empty())
+        .then(|| st.replay.lock().ok()?.get(&key).cloned())
+        .flatten();
+    let is_replay = replayed.is_some();
+    let ans = match replayed {
+        Some(a) => a,
+        None => {
+            let computed = tokio::task::spawn_blocking(move || {
+                let bpe = crate::data::tokenize::encoding("cl100k_base")?;
+                reference::answer(bpe, &prompt, &question, &params, max_new)
+            })
+            .await;
+            match computed {
+                Ok(Ok(a)) => a,
+                Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        }
     };
     let n = st.served.fetch_add(1, Ordering::Relaxed);
     if let Some(log) = &st.log {
-        let key = headers
-            .get("x-kvt-request-key")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let line = json!({"request_key": key, "stream": stream}).to_string();
+        let line = if is_replay {
+            json!({"request_key": key, "stream": stream, "replay": true})
+        } else {
+            json!({"request_key": key, "stream": stream, "answer": ans})
+        };
         if let Ok(mut f) = log.lock() {
             let _ = writeln!(f, "{line}");
+        }
+        if !is_replay && !key.is_empty() {
+            if let Ok(mut r) = st.replay.lock() {
+                r.insert(key.clone(), ans.clone());
+            }
         }
     }
     let id = format!("kvt-{n}");
@@ -281,10 +308,25 @@ pub fn router(opts: ServeOptions) -> anyhow::Result<Router> {
         )),
         None => None,
     };
+    // Answers already in the log are replayed, not recomputed.
+    let mut replay = std::collections::HashMap::new();
+    if let Some(p) = &opts.request_log {
+        for line in std::fs::read_to_string(p).unwrap_or_default().lines() {
+            let Ok(v) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            if let (Some(k), Some(a)) = (v["request_key"].as_str(), v.get("answer")) {
+                if let Ok(a) = serde_json::from_value::<reference::RefAnswer>(a.clone()) {
+                    replay.insert(k.to_string(), a);
+                }
+            }
+        }
+    }
     let st = Arc::new(AppState {
         opts,
         served: AtomicU64::new(0),
         log,
+        replay: Mutex::new(replay),
     });
     Ok(Router::new()
         .route("/v1/chat/completions", post(chat))
