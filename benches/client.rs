@@ -60,6 +60,7 @@ fn run(addr: &str, n: usize, journal: Option<&Journal>) -> (f64, f64) {
             concurrency: 64,
             ..Default::default()
         },
+        api: "chat".into(),
     })
     .unwrap();
     let prompt = "The ferry crossed the estuary twice an hour. ".repeat(45); // ~2 KB

@@ -267,6 +267,20 @@ fn in_process_and_served_engines_answer_alike() {
     let (ra, rb) = (rows(&db(&a)), rows(&db(&b)));
     assert_eq!(ra.len(), 48);
     assert_eq!(ra, rb);
+    // The plain completions API, streamed and not, gives the same answers.
+    for stream in ["true", "false"] {
+        let c = small_project();
+        build(
+            &c,
+            &[
+                "--set",
+                "engine.api=completions",
+                "--set",
+                &format!("engine.stream={stream}"),
+            ],
+        );
+        assert_eq!(rows(&db(&c)), ra, "completions, stream={stream}");
+    }
 }
 
 #[test]

@@ -98,6 +98,30 @@ fn health_models_and_chat_completions() {
 }
 
 #[test]
+fn plain_completions() {
+    let s = Served::start(&[]);
+    let filler = "The ferry crossed the estuary twice an hour. ".repeat(40);
+    let body = json!({
+        "prompt": format!("Archive note: the access code assigned to Velo is 918273. {filler}\nQuestion: What is the access code assigned to Velo?\nAnswer:"),
+        "max_tokens": 16
+    })
+    .to_string();
+    let (st, out) = http(&s.addr, "POST", "/v1/completions", Some(&body));
+    assert_eq!(st, 200, "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["choices"][0]["text"], "918273");
+    let (st, out) = http(
+        &s.addr,
+        "POST",
+        "/v1/completions",
+        Some(r#"{"messages": []}"#),
+    );
+    assert_eq!(st, 400);
+    assert!(out.contains("prompt"));
+}
+
+#[test]
 fn bad_requests_get_400_with_a_reason() {
     let s = Served::start(&[]);
     let (st, body) = http(&s.addr, "POST", "/v1/chat/completions", Some("{not json"));

@@ -139,6 +139,9 @@ pub struct Engine {
     pub extra_body: BTreeMap<String, serde_json::Value>,
     /// Stream responses (measures time to first token).
     pub stream: bool,
+    /// `chat` (messages, the server applies its chat template) or
+    /// `completions` (one prompt string: system message, blank line, user message).
+    pub api: String,
     /// For `kind: launch`: a server started per `infer` node.
     pub launch: Launch,
 }

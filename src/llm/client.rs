@@ -25,6 +25,8 @@ pub struct ClientOptions {
     pub backoff: Duration,
     /// Concurrency (adaptive on 429), requests and tokens per minute.
     pub limits: super::limits::Limits,
+    /// `chat` (`/chat/completions`) or `completions` (`/completions`).
+    pub api: String,
 }
 
 pub struct Client {
@@ -81,7 +83,15 @@ impl Client {
             .iter()
             .map(|b| Endpoint {
                 base: b.clone(),
-                url: format!("{}/chat/completions", b.trim_end_matches('/')),
+                url: format!(
+                    "{}/{}",
+                    b.trim_end_matches('/'),
+                    if opts.api == "completions" {
+                        "completions"
+                    } else {
+                        "chat/completions"
+                    }
+                ),
                 outstanding: AtomicUsize::new(0),
                 consecutive_failures: AtomicU32::new(0),
                 down_until_ms: AtomicU64::new(0),
@@ -272,6 +282,7 @@ impl Client {
             let mut o = Outcome {
                 text: choice
                     .pointer("/message/content")
+                    .or_else(|| choice.get("text"))
                     .and_then(Value::as_str)
                     .unwrap_or("")
                     .to_string(),
@@ -383,7 +394,11 @@ async fn read_stream(resp: reqwest::Response, t0: Instant) -> Result<Outcome, Fa
                 }
                 if let Some(c) = v.pointer("/choices/0") {
                     saw_choice = true;
-                    if let Some(t) = c.pointer("/delta/content").and_then(Value::as_str) {
+                    if let Some(t) = c
+                        .pointer("/delta/content")
+                        .or_else(|| c.get("text"))
+                        .and_then(Value::as_str)
+                    {
                         if !t.is_empty() && o.ttft_ms.is_none() {
                             o.ttft_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);
                         }

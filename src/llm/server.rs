@@ -2,7 +2,8 @@
 //!
 //! * `POST /v1/chat/completions`, streaming (server-sent events, with a usage
 //!   chunk when `stream_options.include_usage` is set) and not;
-//! * `GET /v1/models`, `GET /health`.
+//! * `POST /v1/completions` (plain text completions, streaming and not);
+//! * `POST /tokenize`, `GET /v1/models`, `GET /health`.
 //!
 //! Policy and budget come from the request's `kvt` field
 //! (`{"policy": "snapkv", "budget": 0.5, ...}`) or from the server's flags. The
@@ -115,6 +116,15 @@ fn params_for(body: &Value, defaults: &KvParams) -> Result<KvParams, String> {
 }
 
 async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    answer_http(st, headers, body, false).await
+}
+
+async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    answer_http(st, headers, body, true).await
+}
+
+/// Both APIs: chat (`messages`) and plain completions (`prompt`).
+async fn answer_http(st: Arc<AppState>, headers: HeaderMap, body: Body, plain: bool) -> Response {
     let bytes = match axum::body::to_bytes(body, 64 << 20).await {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
@@ -123,8 +133,18 @@ async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -
         Ok(v) => v,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("body is not JSON: {e}")),
     };
-    let Some(messages) = body.get("messages").and_then(Value::as_array) else {
-        return error(StatusCode::BAD_REQUEST, "missing `messages`");
+    let from_prompt;
+    let messages = if plain {
+        let Some(p) = body.get("prompt").and_then(Value::as_str) else {
+            return error(StatusCode::BAD_REQUEST, "missing `prompt`");
+        };
+        from_prompt = vec![json!({"role": "user", "content": p})];
+        &from_prompt
+    } else {
+        let Some(m) = body.get("messages").and_then(Value::as_array) else {
+            return error(StatusCode::BAD_REQUEST, "missing `messages`");
+        };
+        m
     };
     let (prompt, question) = match render(messages) {
         Ok(x) => x,
@@ -200,19 +220,33 @@ async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -
     });
     let kvt = json!({"retained_tokens": ans.retained_tokens, "policy": st_policy(&body, &st)});
     if !stream {
+        let choice = if plain {
+            json!({"index": 0, "text": ans.text, "finish_reason": ans.finish_reason})
+        } else {
+            json!({"index": 0, "message": {"role": "assistant", "content": ans.text},
+                   "finish_reason": ans.finish_reason})
+        };
+        let object = if plain {
+            "text_completion"
+        } else {
+            "chat.completion"
+        };
         return Json(json!({
-            "id": id, "object": "chat.completion", "created": 0, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": ans.text},
-                         "finish_reason": ans.finish_reason}],
-            "usage": usage,
-            "kvt": kvt,
+            "id": id, "object": object, "created": 0, "model": model,
+            "choices": [choice], "usage": usage, "kvt": kvt,
         }))
         .into_response();
     }
     // Stream the answer word by word, then the finish chunk, then usage.
     let chunk = |delta: Value, finish: Value| {
-        let c = json!({"id": id, "object": "chat.completion.chunk", "created": 0, "model": model,
-                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        let c = if plain {
+            let text = delta.get("content").cloned().unwrap_or(json!(""));
+            json!({"id": id, "object": "text_completion", "created": 0, "model": model,
+                   "choices": [{"index": 0, "text": text, "finish_reason": finish}]})
+        } else {
+            json!({"id": id, "object": "chat.completion.chunk", "created": 0, "model": model,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        };
         format!("data: {c}\n\n")
     };
     let mut events = vec![chunk(
@@ -330,6 +364,7 @@ pub fn router(opts: ServeOptions) -> anyhow::Result<Router> {
     });
     Ok(Router::new()
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/tokenize", post(tokenize))

@@ -95,6 +95,8 @@ struct Settings {
     template: String,
     /// For launched servers: this budget's template variables (identity).
     launch_vars: BTreeMap<String, String>,
+    /// `chat` or `completions`.
+    api: String,
     /// Middle truncation: (max prompt tokens, tokenizer).
     truncate: Option<(usize, &'static tiktoken_rs::CoreBPE)>,
     prompt: Prompt,
@@ -148,17 +150,27 @@ fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Resu
                 json!({"role": "user", "content": user}),
             ];
             let identity = json!({
-                "model": s.model, "kv": kv_identity, "messages": messages,
+                "model": s.model, "kv": kv_identity, "messages": messages, "api": s.api,
                 "decoding": s.decoding, "label": s.label, "extra_body": s.extra,
             });
             let key = blake3::hash(&canonical_json(&identity))
                 .to_hex()
                 .to_string();
             let mut body = json!({
-                "model": s.model, "messages": messages,
+                "model": s.model,
                 "temperature": s.decoding.temperature, "top_p": s.decoding.top_p,
                 "max_tokens": s.decoding.max_new_tokens, "stream": s.stream,
             });
+            if s.api == "completions" {
+                let text = format!(
+                    "{}\n\n{}",
+                    s.prompt.system,
+                    messages[1]["content"].as_str().unwrap_or("")
+                );
+                body["prompt"] = json!(text);
+            } else {
+                body["messages"] = json!(messages);
+            }
             if s.stream {
                 body["stream_options"] = json!({"include_usage": true});
             }
@@ -323,7 +335,12 @@ impl Op for Infer {
             let key = crate::engine::pipeline::format_binding(&json!(kv.budget));
             all.get(&key).cloned().unwrap_or_default()
         };
+        let api: String = ctx.get("engine.api")?;
+        if !matches!(api.as_str(), "chat" | "completions") {
+            bail!("config `engine.api`: `{api}` is unknown; use `chat` or `completions`");
+        }
         let s = Settings {
+            api,
             launch_vars,
             kv,
             model: ctx.get("model.name")?,
@@ -609,6 +626,7 @@ impl Infer {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(250),
             ),
+            api: s.api.clone(),
             limits: crate::llm::limits::Limits {
                 concurrency,
                 rpm: ctx.transport("engine.rpm")?,
@@ -706,6 +724,7 @@ mod tests {
             },
             template: "START {context}\nQuestion: {question}\nAnswer:".into(),
             launch_vars: Default::default(),
+            api: "chat".into(),
             truncate: max.map(|m| (m, bpe)),
             prompt: Prompt {
                 system: "s".into(),
