@@ -203,8 +203,9 @@ async fn answer_http(st: Arc<AppState>, headers: HeaderMap, body: Body, plain: b
         } else {
             json!({"request_key": key, "stream": stream, "answer": ans})
         };
+        // One write per line: several servers may append to one log (O_APPEND).
         if let Ok(mut f) = log.lock() {
-            let _ = writeln!(f, "{line}");
+            let _ = f.write_all(format!("{line}\n").as_bytes());
         }
         if !is_replay && !key.is_empty() {
             if let Ok(mut r) = st.replay.lock() {
