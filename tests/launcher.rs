@@ -147,21 +147,30 @@ fn servers_are_stopped_when_the_build_fails() {
     assert!(stderr_of(&out).contains("{nope}"));
 }
 
-#[test]
-fn servers_are_stopped_when_the_build_is_interrupted() {
-    let marker = "kvt-launch-int-3b7f";
-    let p = project(marker, "--delay-ms 400");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_kvt"))
+fn spawn_build(p: &Project, stderr: std::process::Stdio) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_kvt"))
         .args(["build", "report", "-c", "config/experiments/l.yaml"])
         .current_dir(p.root())
-        .stderr(std::process::Stdio::piped())
+        .stderr(stderr)
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// Waits until a server with `marker` in its command line runs.
+fn wait_started(marker: &str) {
     let t0 = std::time::Instant::now();
     while alive(marker).is_empty() {
         assert!(t0.elapsed().as_secs() < 30, "no server started");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+}
+
+#[test]
+fn servers_are_stopped_when_the_build_is_interrupted() {
+    let marker = "kvt-launch-int-3b7f";
+    let p = project(marker, "--delay-ms 400");
+    let child = spawn_build(&p, std::process::Stdio::piped());
+    wait_started(marker);
     std::thread::sleep(std::time::Duration::from_millis(300));
     let pid = child.id().to_string();
     std::process::Command::new("kill")
@@ -177,17 +186,8 @@ fn servers_are_stopped_when_the_build_is_interrupted() {
     );
     none_alive(marker);
     // Killed outright (SIGKILL, no cleanup in kvt): the servers die with it.
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_kvt"))
-        .args(["build", "report", "-c", "config/experiments/l.yaml"])
-        .current_dir(p.root())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = std::time::Instant::now();
-    while alive(marker).is_empty() {
-        assert!(t0.elapsed().as_secs() < 30, "no server started");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    let child = spawn_build(&p, std::process::Stdio::null());
+    wait_started(marker);
     let mut child = child;
     child.kill().unwrap();
     child.wait().unwrap();

@@ -22,40 +22,37 @@ binning: {n_bins: 2}
 sampling: {n_per_bin: 3}
 ";
 
-fn entries(p: &Project) -> Vec<(String, i64)> {
+/// (example id, a field of it) from the manifest's `entries` or `examples`, sorted.
+fn manifest_pairs(p: &Project, list: &str, field: &str) -> Vec<(String, serde_json::Value)> {
     let m: serde_json::Value =
         serde_json::from_str(&p.read("data/processed/synthetic__needle/manifest.json")).unwrap();
-    let mut v: Vec<(String, i64)> = m["entries"]
+    let mut v: Vec<(String, serde_json::Value)> = m[list]
         .as_array()
         .unwrap()
         .iter()
         .map(|e| {
             (
                 e["example_id"].as_str().unwrap().to_string(),
-                e["token_len"].as_i64().unwrap(),
+                e[field].clone(),
             )
         })
         .collect();
-    v.sort();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
 
+fn entries(p: &Project) -> Vec<(String, i64)> {
+    manifest_pairs(p, "entries", "token_len")
+        .into_iter()
+        .map(|(id, v)| (id, v.as_i64().unwrap()))
+        .collect()
+}
+
 fn contexts(p: &Project) -> Vec<(String, String)> {
-    let m: serde_json::Value =
-        serde_json::from_str(&p.read("data/processed/synthetic__needle/manifest.json")).unwrap();
-    let mut v: Vec<(String, String)> = m["examples"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["example_id"].as_str().unwrap().to_string(),
-                e["context"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
+    manifest_pairs(p, "examples", "context")
+        .into_iter()
+        .map(|(id, v)| (id, v.as_str().unwrap().to_string()))
+        .collect()
 }
 
 fn prepare(p: &Project, args: &[&str]) -> std::process::Output {
