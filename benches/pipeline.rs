@@ -83,20 +83,16 @@ fn rows(budgets: &[f64], bins: i64, per_bin: i64) -> (Vec<Bin>, Vec<ScoreRow>) {
                     f1: score,
                     recall: score,
                     failure: None,
-                    prediction: String::new(),
-                    error: None,
-                    finish_reason: Some("stop".into()),
-                    latency_ms: r.unit() * 100.0,
-                    ttft_ms: Some(r.unit() * 10.0),
-                    prompt_tokens: Some(1000),
-                    completion_tokens: Some(3),
-                    retained_tokens: Some((1000.0 * budget) as u64),
-                    retries: 0,
-                    server_rss_kib: None,
-                    kv_cache_usage: None,
-                    server_prompt_ms: None,
-                    server_predicted_ms: None,
-                    endpoint: None,
+                    response: kvt::llm::Outcome {
+                        finish_reason: Some("stop".into()),
+                        latency_ms: r.unit() * 100.0,
+                        ttft_ms: Some(r.unit() * 10.0),
+                        prompt_tokens: Some(1000),
+                        completion_tokens: Some(3),
+                        retained_tokens: Some((1000.0 * budget) as u64),
+                        is_final: true,
+                        ..Default::default()
+                    },
                 });
             }
         }

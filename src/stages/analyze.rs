@@ -183,18 +183,18 @@ pub fn analyze(
         };
         let failed = j.rows.iter().filter(|r| r.failure.is_some()).count();
         let (flo, fhi) = stats::wilson(failed, n, a.bootstrap.ci);
-        let lat = sorted(j.rows.iter().map(|r| r.latency_ms).collect());
-        let ttft = sorted(j.rows.iter().filter_map(|r| r.ttft_ms).collect());
+        let lat = sorted(j.rows.iter().map(|r| r.response.latency_ms).collect());
+        let ttft = sorted(j.rows.iter().filter_map(|r| r.response.ttft_ms).collect());
         let mean_of = |v: Vec<f64>| opt(stats::mean(&v));
         let retained: Vec<f64> = j
             .rows
             .iter()
-            .filter_map(|r| r.retained_tokens.map(|x| x as f64))
+            .filter_map(|r| r.response.retained_tokens.map(|x| x as f64))
             .collect();
         let kv: Vec<f64> = j
             .rows
             .iter()
-            .filter_map(|r| r.retained_tokens.map(|x| kv_bytes(x, geom) as f64))
+            .filter_map(|r| r.response.retained_tokens.map(|x| kv_bytes(x, geom) as f64))
             .collect();
         BinStat {
             policy: j.policy.clone(),
@@ -222,7 +222,7 @@ pub fn analyze(
             prompt_tokens_mean: mean_of(
                 j.rows
                     .iter()
-                    .filter_map(|r| r.prompt_tokens.map(|x| x as f64))
+                    .filter_map(|r| r.response.prompt_tokens.map(|x| x as f64))
                     .collect(),
             ),
             retained_tokens_mean: mean_of(retained),
@@ -230,13 +230,13 @@ pub fn analyze(
             server_rss_peak_mib: j
                 .rows
                 .iter()
-                .filter_map(|r| r.server_rss_kib)
+                .filter_map(|r| r.response.server_rss_kib)
                 .max()
                 .map(|k| k as f64 / 1024.0),
             kv_cache_usage_peak: j
                 .rows
                 .iter()
-                .filter_map(|r| r.kv_cache_usage)
+                .filter_map(|r| r.response.kv_cache_usage)
                 .reduce(f64::max),
         }
     };

@@ -147,9 +147,10 @@ pub fn context(
                 .or_default() += 1;
             examples.entry(label).or_insert_with(|| {
                 let detail = r
+                    .response
                     .error
                     .clone()
-                    .unwrap_or_else(|| format!("answered “{}”", r.prediction));
+                    .unwrap_or_else(|| format!("answered “{}”", r.response.text));
                 json!({"label": label, "setting": setting(&r.policy, r.budget),
                        "example_id": r.example_id, "detail": cell(&detail)})
             });

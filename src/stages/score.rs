@@ -4,6 +4,7 @@
 
 use crate::data::Example;
 use crate::engine::{Op, OpContext};
+use crate::llm::Outcome;
 use crate::metrics;
 use crate::metrics::longbench as lb;
 use crate::stages::infer::ResponseRow;
@@ -94,29 +95,9 @@ pub struct ScoreRow {
     pub f1: f64,
     pub recall: f64,
     pub failure: Option<String>,
-    pub prediction: String,
-    pub error: Option<String>,
-    pub finish_reason: Option<String>,
-    pub latency_ms: f64,
-    pub ttft_ms: Option<f64>,
-    pub prompt_tokens: Option<u64>,
-    pub completion_tokens: Option<u64>,
-    pub retained_tokens: Option<u64>,
-    pub retries: u32,
-    /// Resident memory of a launched server when the response arrived (KiB).
-    #[serde(default)]
-    pub server_rss_kib: Option<u64>,
-    /// The server's KV-cache usage (0–1) when the response arrived, if it reports one.
-    #[serde(default)]
-    pub kv_cache_usage: Option<f64>,
-    /// Server-reported prompt and generation times (ms), where the server gives them.
-    #[serde(default)]
-    pub server_prompt_ms: Option<f64>,
-    #[serde(default)]
-    pub server_predicted_ms: Option<f64>,
-    /// The replica that answered, when there were several.
-    #[serde(default)]
-    pub endpoint: Option<String>,
+    /// The response and its telemetry, as the journal recorded it.
+    #[serde(flatten)]
+    pub response: Outcome,
 }
 
 /// Every `score` node's rows, for the stages that summarise them.
@@ -132,8 +113,9 @@ impl Op for Score {
     fn name(&self) -> &'static str {
         "score"
     }
+    /// 2: the response's fields are carried whole (`text`, not `prediction`).
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let policy: String = ctx.item("policy")?;
@@ -188,20 +170,7 @@ impl Op for Score {
                 f1: s.f1,
                 recall: s.recall,
                 failure: failure.map(str::to_string),
-                prediction: o.text.clone(),
-                error: o.error.clone(),
-                finish_reason: o.finish_reason.clone(),
-                latency_ms: o.latency_ms,
-                ttft_ms: o.ttft_ms,
-                prompt_tokens: o.prompt_tokens,
-                completion_tokens: o.completion_tokens,
-                retained_tokens: o.retained_tokens,
-                retries: o.retries,
-                server_rss_kib: o.server_rss_kib,
-                kv_cache_usage: o.kv_cache_usage,
-                server_prompt_ms: o.server_prompt_ms,
-                server_predicted_ms: o.server_predicted_ms,
-                endpoint: o.endpoint.clone(),
+                response: o.clone(),
             });
         }
         ctx.put("scores", &table::write(&rows)?)?;

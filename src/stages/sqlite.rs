@@ -241,23 +241,32 @@ pub fn write_db(path: &std::path::Path, s: &SinkInput) -> Result<Value> {
             let run = run_id(&r.policy, r.budget);
             let id = format!("{run}/{}", r.example_id);
             rq.execute(params![id, run, r.example_id, r.request_key])?;
-            rs.execute(params![id, r.prediction, r.finish_reason, r.error])?;
+            rs.execute(params![
+                id,
+                r.response.text,
+                r.response.finish_reason,
+                r.response.error
+            ])?;
             te.execute(params![
                 id,
-                r.latency_ms,
-                r.ttft_ms,
-                r.prompt_tokens.map(|x| x as i64),
-                r.completion_tokens.map(|x| x as i64),
-                r.retained_tokens.map(|x| x as i64),
-                r.retries,
-                r.server_rss_kib.map(|x| x as i64),
-                r.endpoint,
-                r.kv_cache_usage,
-                r.server_prompt_ms,
-                r.server_predicted_ms,
+                r.response.latency_ms,
+                r.response.ttft_ms,
+                r.response.prompt_tokens.map(|x| x as i64),
+                r.response.completion_tokens.map(|x| x as i64),
+                r.response.retained_tokens.map(|x| x as i64),
+                r.response.retries,
+                r.response.server_rss_kib.map(|x| x as i64),
+                r.response.endpoint,
+                r.response.kv_cache_usage,
+                r.response.server_prompt_ms,
+                r.response.server_predicted_ms,
             ])?;
             if let Some(f) = &r.failure {
-                let detail = r.error.clone().or_else(|| Some(r.prediction.clone()));
+                let detail = r
+                    .response
+                    .error
+                    .clone()
+                    .or_else(|| Some(r.response.text.clone()));
                 fa.execute(params![id, f, detail])?;
             }
             sc.execute(params![
@@ -267,7 +276,7 @@ pub fn write_db(path: &std::path::Path, s: &SinkInput) -> Result<Value> {
                 r.em,
                 r.f1,
                 r.recall,
-                normalize(&r.prediction),
+                normalize(&r.response.text),
                 golds
                     .get(r.example_id.as_str())
                     .cloned()
