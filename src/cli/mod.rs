@@ -103,6 +103,13 @@ pub struct ServeArgs {
     /// Exit when standard input closes (used when kvt starts its own server).
     #[arg(long, hide = true)]
     exit_on_stdin_eof: bool,
+    /// A GGUF model file: serve it with the native engine (real attention, real
+    /// eviction) instead of the reference simulator.
+    #[arg(long)]
+    model_file: Option<PathBuf>,
+    /// Native engine: memory for recent prefills shared between requests (MiB).
+    #[arg(long, default_value_t = 1024)]
+    prefill_cache_mib: usize,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -321,10 +328,14 @@ fn run(cli: Cli, registry: &OpRegistry) -> Result<()> {
                 window: a.window,
                 pool_kernel: a.pool_kernel,
                 seed: a.seed,
+                beta: None,
+                compress: None,
             },
             delay_ms: a.delay_ms,
             request_log: a.request_log,
             exit_on_stdin_eof: a.exit_on_stdin_eof,
+            model_file: a.model_file,
+            prefill_cache_mib: a.prefill_cache_mib,
         })
         .map_err(|e| KvtError::usage(format!("kvt serve: {e:#}")).into()),
         Command::Graph {

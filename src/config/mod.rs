@@ -527,23 +527,42 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
     if c.kv.policies.is_empty() {
         return Err(bad("kv.policies", "needs at least one policy".into()));
     }
-    let policies = crate::llm::reference::POLICIES;
-    if let Some(p) =
-        c.kv.policies
-            .iter()
-            .find(|p| !policies.contains(&p.as_str()))
-    {
-        let known: Vec<String> = policies.iter().map(|s| s.to_string()).collect();
-        let hint = closest(p, &known)
-            .map(|c| format!("did you mean `{c}`? "))
-            .unwrap_or_default();
+    let native_model = c.engine.kind == "native"
+        || (c.engine.kind == "serve" && c.engine.model_path.is_some());
+    for p in &c.kv.policies {
+        let spec = match crate::llm::PolicySpec::parse(p) {
+            Ok(s) => s,
+            Err(e) => {
+                let known: Vec<String> = crate::llm::native::policy::POLICY_NAMES
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+                let base = p.split('+').next().unwrap_or(p);
+                let hint = closest(base, &known)
+                    .filter(|k| *k != base)
+                    .map(|c| format!("did you mean `{c}`? "))
+                    .unwrap_or_default();
+                return Err(bad("kv.policies", format!("{e}; {hint}")));
+            }
+        };
+        if !native_model && !spec.reference_can_run() {
+            return Err(bad(
+                "kv.policies",
+                format!("`{p}` runs on the native engine only (`engine.kind: native`, or `serve` with `engine.model_path`); the reference simulator knows {}", crate::llm::reference::POLICIES.join(", ")),
+            ));
+        }
+    }
+    if !matches!(c.kv.compress.as_str(), "context" | "prompt") {
         return Err(bad(
-            "kv.policies",
-            format!("unknown policy `{p}`; {hint}known: {}", policies.join(", ")),
+            "kv.compress",
+            format!("`{}` is unknown; use `context` or `prompt`", c.kv.compress),
         ));
     }
+    if !(c.kv.beta.is_finite() && c.kv.beta > 0.0) {
+        return Err(bad("kv.beta", format!("{} must be > 0", c.kv.beta)));
+    }
     match c.engine.kind.as_str() {
-        "reference" | "serve" => {}
+        "reference" | "serve" | "native" => {}
         "launch" => {
             if c.engine.launch.command.as_deref().unwrap_or("").is_empty() {
                 return Err(bad(
@@ -564,7 +583,7 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
         other => {
             return Err(bad(
                 "engine.kind",
-                format!("`{other}` is unknown; use `reference` (in process), `serve` (kvt serve started for the run), `launch` (engine.launch.command) or `openai` (engine.base_url)"),
+                format!("`{other}` is unknown; use `reference` (the simulator, in process), `native` (a GGUF model in process), `serve` (kvt serve started for the run), `launch` (engine.launch.command) or `openai` (engine.base_url)"),
             ))
         }
     }

@@ -118,8 +118,17 @@ pub struct KvGeometry {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Engine {
-    /// `reference` (in process), `serve` (kvt serve spawned for the run) or `openai`.
+    /// `reference` (the simulator, in process), `native` (a GGUF model in
+    /// process), `serve` (kvt serve spawned for the run: the native engine when
+    /// `model_path` is set, else the simulator), `launch` or `openai`.
     pub kind: String,
+    /// The GGUF file for `native` and `serve` (null: `$KVT_MODEL`). Its digest
+    /// is the model's identity; the path is not.
+    pub model_path: Option<String>,
+    /// Native engine: keep the positions each layer and KV head kept, per response.
+    pub record_kept: bool,
+    /// Native engine: memory for recent prefills shared between cells (MiB).
+    pub prefill_cache_mib: u64,
     pub base_url: Option<String>,
     /// More replicas of the same model beside `base_url` (requests are
     /// balanced by outstanding requests).
@@ -193,6 +202,12 @@ pub struct Kv {
     pub window: u32,
     pub pool_kernel: u32,
     pub seed: u64,
+    /// PyramidKV's β (native engine).
+    pub beta: f64,
+    /// Native engine: `context` (compress the context, then prefill the question
+    /// on the compressed cache, as kvpress does) or `prompt` (compress the whole
+    /// prompt, question included, as the SnapKV paper does).
+    pub compress: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

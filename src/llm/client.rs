@@ -344,6 +344,11 @@ fn usage_into(v: &Value, o: &mut Outcome) {
     if let Some(r) = v.pointer("/kvt/retained_tokens").and_then(Value::as_u64) {
         o.retained_tokens = Some(r);
     }
+    if let Some(n) = v.pointer("/kvt/native") {
+        if let Ok(a) = serde_json::from_value::<crate::llm::native::NativeAnswer>(n.clone()) {
+            crate::llm::native::telemetry_into(&a, o);
+        }
+    }
     if let Some(t) = v.get("timings").filter(|t| t.is_object()) {
         o.server_prompt_ms = t.get("prompt_ms").and_then(Value::as_f64);
         o.server_predicted_ms = t.get("predicted_ms").and_then(Value::as_f64);

@@ -8,6 +8,7 @@ pub mod journal;
 pub mod launcher;
 pub mod limits;
 pub mod metrics_scrape;
+pub mod native;
 pub mod reference;
 pub mod server;
 
@@ -45,7 +46,71 @@ pub struct Outcome {
     pub server_prompt_ms: Option<f64>,
     #[serde(default)]
     pub server_predicted_ms: Option<f64>,
+    /// Native engine: KV entries kept per layer (summed over KV heads), before decoding.
+    #[serde(default)]
+    pub kv_kept_per_layer: Option<Vec<u64>>,
+    /// Native engine: KV entries kept over all layers and heads, and what the
+    /// full cache holds for the same span.
+    #[serde(default)]
+    pub kv_kept_total: Option<u64>,
+    #[serde(default)]
+    pub kv_full_total: Option<u64>,
+    /// Native engine: bytes of the kept keys and values in the cache's format.
+    #[serde(default)]
+    pub kv_bytes: Option<u64>,
+    /// Native engine: prefill and decode time (ms) and whether the prefill was shared.
+    #[serde(default)]
+    pub prefill_ms: Option<f64>,
+    #[serde(default)]
+    pub decode_ms: Option<f64>,
+    #[serde(default)]
+    pub prefill_reused: Option<bool>,
+    /// Native engine with `engine.record_kept`: kept positions `[layer][kv head][..]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_positions: Option<Vec<Vec<Vec<u32>>>>,
     pub is_final: bool,
+}
+
+/// A policy as written in `kv.policies`: an eviction policy, optionally with a
+/// KV quantisation (`snapkv+q8_0`, `full+q4_0`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PolicySpec {
+    pub policy: native::policy::Policy,
+    pub quant: native::quant::KvQuant,
+}
+
+impl PolicySpec {
+    pub fn parse(s: &str) -> Result<PolicySpec, String> {
+        let (base, q) = match s.split_once('+') {
+            Some((b, q)) => (b, Some(q)),
+            None => (s, None),
+        };
+        let policy = native::policy::Policy::parse(base).ok_or_else(|| {
+            format!(
+                "unknown policy `{base}`; known: {}",
+                native::policy::POLICY_NAMES.join(", ")
+            )
+        })?;
+        let quant = match q {
+            None => native::quant::KvQuant::F16,
+            Some(q) => native::quant::KvQuant::parse(q).ok_or_else(|| {
+                format!("unknown KV quantisation `{q}` in `{s}`; use q8_0 or q4_0")
+            })?,
+        };
+        Ok(PolicySpec { policy, quant })
+    }
+    /// True when the reference simulator implements it.
+    pub fn reference_can_run(&self) -> bool {
+        self.quant == native::quant::KvQuant::F16
+            && reference::POLICIES.contains(&self.policy_name())
+    }
+    pub fn policy_name(&self) -> &'static str {
+        native::policy::POLICY_NAMES
+            .iter()
+            .copied()
+            .find(|n| native::policy::Policy::parse(n) == Some(self.policy))
+            .expect("every policy has a name")
+    }
 }
 
 /// The question line the reference engine looks for in the last user message.

@@ -39,6 +39,11 @@ pub struct KvParams {
     pub window: u32,
     pub pool_kernel: u32,
     pub seed: u64,
+    /// Native engine only (absent from the simulator's request identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compress: Option<String>,
 }
 
 impl KvParams {
@@ -58,9 +63,31 @@ impl KvParams {
         }
         Ok(())
     }
-    /// True when the policy keeps every token (full cache or budget ≥ 100 %).
+    /// True when the policy keeps every token (full cache or budget ≥ 100 %)
+    /// and nothing is quantised.
     pub fn is_full(&self) -> bool {
-        self.policy == "full" || self.budget == 1.0
+        !self.policy.contains('+') && (self.policy == "full" || self.budget == 1.0)
+    }
+    /// The native engine's cell for these parameters (the full cache is one
+    /// cell whatever policy names it).
+    pub fn native_cell(&self) -> Result<crate::llm::native::Cell> {
+        use crate::llm::native::{policy::Policy, Cell, Compress};
+        let spec = crate::llm::PolicySpec::parse(&self.policy).map_err(anyhow::Error::msg)?;
+        let exact = spec.policy == Policy::Full || self.budget == 1.0;
+        Ok(Cell {
+            policy: if exact { Policy::Full } else { spec.policy },
+            budget: if exact { 1.0 } else { self.budget },
+            quant: spec.quant,
+            sinks: self.sink_tokens as usize,
+            window: self.window as usize,
+            kernel: self.pool_kernel as usize,
+            beta: self.beta.unwrap_or(20.0),
+            seed: self.seed,
+            compress: match self.compress.as_deref() {
+                Some("prompt") => Compress::Prompt,
+                _ => Compress::Context,
+            },
+        })
     }
     /// Tokens kept for a prompt of `n` tokens.
     pub fn capacity(&self, n: usize) -> usize {
@@ -245,6 +272,9 @@ pub struct RefAnswer {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub retained_tokens: usize,
+    /// Set when the native engine answered (`kvt serve --model-file`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub native: Option<crate::llm::native::NativeAnswer>,
 }
 
 /// Runs the whole engine on a rendered prompt whose last line(s) hold the question.
@@ -277,6 +307,7 @@ pub fn answer(
         finish_reason: finish.to_string(),
         prompt_tokens: tokens.len(),
         retained_tokens: retained,
+        native: None,
     })
 }
 
@@ -297,6 +328,8 @@ mod tests {
             window: 3,
             pool_kernel: 3,
             seed: 7,
+            beta: None,
+            compress: None,
         }
     }
 

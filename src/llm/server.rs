@@ -42,6 +42,9 @@ pub struct ServeOptions {
     pub request_log: Option<std::path::PathBuf>,
     /// Exit when standard input closes: a parent that dies takes the server with it.
     pub exit_on_stdin_eof: bool,
+    /// A GGUF file: answer with the native engine instead of the simulator.
+    pub model_file: Option<std::path::PathBuf>,
+    pub prefill_cache_mib: usize,
 }
 
 struct AppState {
@@ -52,6 +55,7 @@ struct AppState {
     /// request log at start: a request sent again after a crash is replayed,
     /// not answered twice.
     replay: Mutex<std::collections::HashMap<String, reference::RefAnswer>>,
+    native: Option<Arc<crate::llm::native::NativeEngine>>,
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -150,7 +154,11 @@ async fn answer_http(st: Arc<AppState>, headers: HeaderMap, body: Body, plain: b
         Ok(x) => x,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    let params = match params_for(&body, &st.opts.defaults) {
+    let params = match &st.native {
+        None => params_for(&body, &st.opts.defaults),
+        Some(_) => native_params_for(&body, &st.opts.defaults),
+    };
+    let params = match params {
         Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
@@ -184,9 +192,25 @@ async fn answer_http(st: Arc<AppState>, headers: HeaderMap, body: Body, plain: b
     let ans = match replayed {
         Some(a) => a,
         None => {
-            let computed = tokio::task::spawn_blocking(move || {
-                let bpe = crate::data::tokenize::encoding("cl100k_base")?;
-                reference::answer(bpe, &prompt, &question, &params, max_new)
+            let native = st.native.clone();
+            let cohort = body.get("kvt_cohort").cloned();
+            let record_kept = body
+                .get("kvt_record_kept")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let pairs: Vec<(String, String)> = messages
+                .iter()
+                .map(|m| {
+                    let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
+                    (role.to_string(), text_of(m.get("content").unwrap_or(&Value::Null)))
+                })
+                .collect();
+            let computed = tokio::task::spawn_blocking(move || match native {
+                Some(engine) => native_answer(&engine, pairs, &params, cohort, record_kept, max_new),
+                None => {
+                    let bpe = crate::data::tokenize::encoding("cl100k_base")?;
+                    reference::answer(bpe, &prompt, &question, &params, max_new)
+                }
             })
             .await;
             match computed {
@@ -219,7 +243,10 @@ async fn answer_http(st: Arc<AppState>, headers: HeaderMap, body: Body, plain: b
         "completion_tokens": ans.completion_tokens,
         "total_tokens": ans.prompt_tokens + ans.completion_tokens,
     });
-    let kvt = json!({"retained_tokens": ans.retained_tokens, "policy": st_policy(&body, &st)});
+    let mut kvt = json!({"retained_tokens": ans.retained_tokens, "policy": st_policy(&body, &st)});
+    if let Some(n) = &ans.native {
+        kvt["native"] = json!(n);
+    }
     if !stream {
         let choice = if plain {
             json!({"index": 0, "text": ans.text, "finish_reason": ans.finish_reason})
@@ -284,6 +311,53 @@ async fn answer_http(st: Arc<AppState>, headers: HeaderMap, body: Body, plain: b
         .expect("valid response")
 }
 
+/// The native engine's parameters: the simulator's, plus β and the compression mode.
+fn native_params_for(body: &Value, defaults: &KvParams) -> Result<KvParams, String> {
+    let mut p = defaults.clone();
+    if let Some(k) = body.get("kvt") {
+        p = serde_json::from_value(k.clone()).map_err(|e| format!("`kvt`: {e}"))?;
+    }
+    p.native_cell().map_err(|e| e.to_string())?;
+    if !(p.budget.is_finite() && p.budget > 0.0) {
+        return Err(format!("KV budget {} is not positive", p.budget));
+    }
+    Ok(p)
+}
+
+fn native_answer(
+    engine: &crate::llm::native::NativeEngine,
+    messages: Vec<(String, String)>,
+    params: &KvParams,
+    cohort: Option<Value>,
+    record_kept: bool,
+    max_new: usize,
+) -> anyhow::Result<reference::RefAnswer> {
+    let cohort: Vec<KvParams> = match cohort {
+        Some(c) => serde_json::from_value(c).map_err(|e| anyhow::anyhow!("`kvt_cohort`: {e}"))?,
+        None => Vec::new(),
+    };
+    let req = crate::llm::native::NativeRequest {
+        messages,
+        max_new_tokens: max_new,
+        cell: params.native_cell()?,
+        record_kept,
+        cohort: cohort
+            .iter()
+            .map(KvParams::native_cell)
+            .collect::<anyhow::Result<_>>()?,
+    };
+    let a = engine.answer(&req)?;
+    let o = crate::llm::native::outcome(&a);
+    Ok(reference::RefAnswer {
+        text: a.text.clone(),
+        finish_reason: a.finish_reason.clone(),
+        prompt_tokens: a.prompt_tokens as usize,
+        completion_tokens: a.completion_tokens as usize,
+        retained_tokens: o.retained_tokens.unwrap_or(0) as usize,
+        native: Some(a),
+    })
+}
+
 fn st_policy(body: &Value, st: &AppState) -> String {
     body.pointer("/kvt/policy")
         .and_then(Value::as_str)
@@ -298,8 +372,8 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
 }
 
 /// `POST /tokenize` with `{"content": TEXT}` (llama.cpp) or `{"prompt": TEXT}`
-/// (vLLM): the reference engine's tokens (cl100k_base).
-async fn tokenize(body: Body) -> Response {
+/// (vLLM): the model's tokens (cl100k_base for the simulator).
+async fn tokenize(State(st): State<Arc<AppState>>, body: Body) -> Response {
     let bytes = match axum::body::to_bytes(body, 256 << 20).await {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
@@ -316,8 +390,10 @@ async fn tokenize(body: Body) -> Response {
     else {
         return error(StatusCode::BAD_REQUEST, "missing `content` (or `prompt`)");
     };
-    let toks = tokio::task::spawn_blocking(move || {
-        crate::data::tokenize::encoding("cl100k_base").map(|b| b.encode_ordinary(&text))
+    let native = st.native.clone();
+    let toks = tokio::task::spawn_blocking(move || match native {
+        Some(e) => e.tokenize(&text),
+        None => crate::data::tokenize::encoding("cl100k_base").map(|b| b.encode_ordinary(&text)),
     })
     .await;
     match toks {
@@ -325,6 +401,32 @@ async fn tokenize(body: Body) -> Response {
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// Prometheus text: requests served and, for the native engine, prefills
+/// (computed and shared), tokens and the last answer's KV bytes.
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    let mut out = format!(
+        "# TYPE kvt_requests_served counter\nkvt_requests_served {}\n",
+        st.served.load(Ordering::Relaxed)
+    );
+    if let Some(e) = &st.native {
+        let c = &e.counters;
+        for (name, v) in [
+            ("kvt_native_prefills", c.prefills.load(Ordering::Relaxed)),
+            ("kvt_native_prefills_reused", c.prefills_reused.load(Ordering::Relaxed)),
+            ("kvt_native_prefill_tokens", c.prefill_tokens.load(Ordering::Relaxed)),
+            ("kvt_native_decode_tokens", c.decode_tokens.load(Ordering::Relaxed)),
+            ("kvt_native_answers", c.answers.load(Ordering::Relaxed)),
+        ] {
+            out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
+        }
+        out.push_str(&format!(
+            "# TYPE kvt_native_kv_bytes gauge\nkvt_native_kv_bytes {}\n",
+            c.kv_bytes_last.load(Ordering::Relaxed)
+        ));
+    }
+    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
 }
 
 async fn health(State(st): State<Arc<AppState>>) -> Json<Value> {
@@ -357,11 +459,16 @@ pub fn router(opts: ServeOptions) -> anyhow::Result<Router> {
             }
         }
     }
+    let native = match &opts.model_file {
+        Some(f) => Some(crate::llm::native::NativeEngine::shared(f, opts.prefill_cache_mib)?),
+        None => None,
+    };
     let st = Arc::new(AppState {
         opts,
         served: AtomicU64::new(0),
         log,
         replay: Mutex::new(replay),
+        native,
     });
     Ok(Router::new()
         .route("/v1/chat/completions", post(chat))
@@ -369,12 +476,15 @@ pub fn router(opts: ServeOptions) -> anyhow::Result<Router> {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/tokenize", post(tokenize))
+        .route("/metrics", get(metrics))
         .with_state(st))
 }
 
 /// Runs the server until Ctrl-C (or standard input closes, if asked).
 pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
-    opts.defaults.check()?;
+    if opts.model_file.is_none() {
+        opts.defaults.check()?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -441,6 +551,8 @@ mod tests {
             window: 32,
             pool_kernel: 7,
             seed: 0,
+            beta: None,
+            compress: None,
         };
         let p = params_for(&json!({"kvt": {"policy": "snapkv", "budget": 0.2}}), &d).unwrap();
         assert_eq!((p.policy.as_str(), p.budget, p.window), ("snapkv", 0.2, 32));

@@ -119,14 +119,25 @@ pub fn analyze(
     }
     let mut jobs: Vec<Job> = Vec::new();
     for (policy, budgets) in &policies {
-        // The full-cache budget: 1.0 if present, else the largest one.
+        // The full-cache budget: 1.0 if present, else the largest one. A
+        // quantised policy (`snapkv+q8_0`) is measured against the unquantised
+        // full cache, which every plain policy's 1.0 budget is.
         let reference = budgets.iter().copied().fold(f64::MIN, f64::max);
         let reference = if budgets.contains(&1.0) {
             1.0
         } else {
             reference
         };
-        let ref_rows = &cells[&(policy.clone(), reference.to_bits())];
+        let plain_full = policy.contains('+').then(|| {
+            let base = policy.split('+').next().unwrap_or(policy);
+            std::iter::once(base.to_string())
+                .chain(policies.keys().filter(|p| !p.contains('+')).cloned())
+                .find(|p| cells.contains_key(&(p.clone(), 1f64.to_bits())))
+        });
+        let ref_rows = match plain_full.flatten() {
+            Some(p) => &cells[&(p, 1f64.to_bits())],
+            None => &cells[&(policy.clone(), reference.to_bits())],
+        };
         for &budget in budgets {
             let rows = &cells[&(policy.clone(), budget.to_bits())];
             for bin in bins {
@@ -194,7 +205,13 @@ pub fn analyze(
         let kv: Vec<f64> = j
             .rows
             .iter()
-            .filter_map(|r| r.response.retained_tokens.map(|x| kv_bytes(x, geom) as f64))
+            .filter_map(|r| {
+                // Measured bytes where the engine reports them (native), else the estimate.
+                r.response
+                    .kv_bytes
+                    .map(|b| b as f64)
+                    .or_else(|| r.response.retained_tokens.map(|x| kv_bytes(x, geom) as f64))
+            })
             .collect();
         BinStat {
             policy: j.policy.clone(),
@@ -273,7 +290,7 @@ pub fn analyze(
                 .collect();
             let reference = mine.first().map_or(1.0, |s| s.reference_budget);
             let mut t = stats::detect_transition(&per_bin, &edges, a.transition.delta);
-            if budget == reference {
+            if budget == reference && !policy.contains('+') {
                 t.status = "reference".into();
             }
             transitions.push(TransitionRow {

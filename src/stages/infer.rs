@@ -104,6 +104,11 @@ struct Settings {
     extra: BTreeMap<String, Value>,
     kind: String,
     stream: bool,
+    /// The GGUF file (native engine, or `kvt serve` with a model file) and its digest.
+    model_file: Option<(std::path::PathBuf, String)>,
+    /// Native engine: every cell of the experiment, answered from one prefill.
+    cohort: Vec<KvParams>,
+    record_kept: bool,
 }
 
 fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Result<Vec<Request>> {
@@ -149,10 +154,17 @@ fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Resu
                 json!({"role": "system", "content": s.prompt.system}),
                 json!({"role": "user", "content": user}),
             ];
-            let identity = json!({
+            let mut identity = json!({
                 "model": s.model, "kv": kv_identity, "messages": messages, "api": s.api,
                 "decoding": s.decoding, "label": s.label, "extra_body": s.extra,
             });
+            if let Some((_, digest)) = &s.model_file {
+                // The model is the file's bytes, wherever it lies and whoever serves it.
+                identity["model_file"] = json!(digest);
+                if s.record_kept {
+                    identity["record_kept"] = json!(true);
+                }
+            }
             let key = blake3::hash(&canonical_json(&identity))
                 .to_hex()
                 .to_string();
@@ -174,8 +186,12 @@ fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Resu
             if s.stream {
                 body["stream_options"] = json!({"include_usage": true});
             }
-            if matches!(s.kind.as_str(), "reference" | "serve") {
+            if matches!(s.kind.as_str(), "reference" | "serve" | "native") {
                 body["kvt"] = serde_json::to_value(&s.kv)?;
+            }
+            if s.model_file.is_some() {
+                body["kvt_cohort"] = serde_json::to_value(&s.cohort)?;
+                body["kvt_record_kept"] = json!(s.record_kept);
             }
             for (k, v) in &s.extra {
                 body[k] = v.clone();
@@ -201,7 +217,7 @@ struct SpawnedServer {
 }
 
 impl SpawnedServer {
-    fn start(model: &str) -> Result<SpawnedServer> {
+    fn start(model: &str, model_file: Option<&std::path::Path>) -> Result<SpawnedServer> {
         let exe = std::env::current_exe().context("locating the kvt binary")?;
         let mut child = Command::new(exe)
             .args([
@@ -213,6 +229,11 @@ impl SpawnedServer {
                 "--model",
                 model,
             ])
+            .args(
+                model_file
+                    .map(|f| vec![std::ffi::OsString::from("--model-file"), f.into()])
+                    .unwrap_or_default(),
+            )
             .arg("--exit-on-stdin-eof")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -273,6 +294,38 @@ async fn wait_healthy(base: &str) -> Result<()> {
     }
 }
 
+/// Chat messages as (role, text) pairs.
+fn chat_pairs(messages: &[Value]) -> Vec<(String, String)> {
+    messages
+        .iter()
+        .map(|m| {
+            (
+                m["role"].as_str().unwrap_or("user").to_string(),
+                m["content"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// blake3 of a model file, remembered per (path, size, mtime) for this process.
+fn digest_cached(path: &std::path::Path) -> Result<String> {
+    static SEEN: OnceLock<Mutex<BTreeMap<String, String>>> = OnceLock::new();
+    let meta = std::fs::metadata(path).with_context(|| format!("reading `{}`", path.display()))?;
+    let stamp = format!(
+        "{}|{}|{:?}",
+        path.display(),
+        meta.len(),
+        meta.modified().ok()
+    );
+    let seen = SEEN.get_or_init(Default::default);
+    if let Some(d) = seen.lock().expect("digests").get(&stamp) {
+        return Ok(d.clone());
+    }
+    let d = crate::llm::native::model::file_digest(path)?;
+    seen.lock().expect("digests").insert(stamp, d.clone());
+    Ok(d)
+}
+
 /// The request journal inside a cache directory.
 pub fn journal_path(cache_root: &std::path::Path) -> std::path::PathBuf {
     cache_root.join("v1").join("journal.sqlite")
@@ -291,27 +344,74 @@ impl Op for Infer {
     /// Requests that failed transiently last time make the node stale, so the
     /// next build retries them (and only them).
     fn fingerprint(&self, k: &crate::engine::KeyContext) -> Result<Option<String>> {
+        // A model file replaced in place makes the node stale (its digest is in
+        // every request key; size and mtime stand for it here, cheaply).
+        let model: Option<String> = k.get("engine.model_path")?;
+        let model_path = model
+            .map(std::path::PathBuf::from)
+            .or_else(|| std::env::var_os("KVT_MODEL").map(Into::into));
+        let stamp = model_path.and_then(|p| {
+            let p = if p.is_absolute() { p } else { k.root.join(p) };
+            let m = std::fs::metadata(&p).ok()?;
+            Some(format!("model {} {:?}", m.len(), m.modified().ok()?))
+        });
         let path = journal_path(k.cache_root);
-        if !path.exists() {
-            return Ok(None);
-        }
-        let j = Journal::shared(&path)?;
-        let n = j.lock().expect("journal").pending(&slice_id(k))?;
-        Ok((n > 0).then(|| format!("{n} requests to retry")))
+        let pending = if path.exists() {
+            let j = Journal::shared(&path)?;
+            let n = j.lock().expect("journal").pending(&slice_id(k))?;
+            (n > 0).then(|| format!("{n} requests to retry"))
+        } else {
+            None
+        };
+        Ok(match (stamp, pending) {
+            (None, None) => None,
+            (a, b) => Some([a, b].into_iter().flatten().collect::<Vec<_>>().join("; ")),
+        })
     }
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
-        let kv = KvParams {
-            policy: ctx.item("policy")?,
-            budget: ctx.item("budget")?,
-            sink_tokens: ctx.get("kv.sink_tokens")?,
-            window: ctx.get("kv.window")?,
-            pool_kernel: ctx.get("kv.pool_kernel")?,
-            seed: ctx.get("kv.seed")?,
+        let kind: String = ctx.transport("engine.kind")?;
+        let model_path: Option<String> = ctx.get("engine.model_path")?;
+        let native = kind == "native" || (kind == "serve" && model_path.is_some());
+        let cell = |policy: String, budget: f64| -> Result<KvParams> {
+            Ok(KvParams {
+                policy,
+                budget,
+                sink_tokens: ctx.get("kv.sink_tokens")?,
+                window: ctx.get("kv.window")?,
+                pool_kernel: ctx.get("kv.pool_kernel")?,
+                seed: ctx.get("kv.seed")?,
+                beta: if native { Some(ctx.get("kv.beta")?) } else { None },
+                compress: if native { Some(ctx.get("kv.compress")?) } else { None },
+            })
         };
-        kv.check().context("config `kv.policies` / `kv.budgets`")?;
+        let kv = cell(ctx.item("policy")?, ctx.item("budget")?)?;
+        let model_file = if native {
+            let path =
+                crate::llm::native::resolve_model_path(model_path.as_deref(), ctx.root())
+                    .map_err(|e| crate::KvtError::usage(format!("config `engine.model_path`: {e}")))?;
+            let digest = digest_cached(&path)?;
+            kv.native_cell().context("config `kv.policies`")?;
+            Some((path, digest))
+        } else {
+            kv.check().context("config `kv.policies` / `kv.budgets`")?;
+            None
+        };
+        let mut cohort = Vec::new();
+        if native {
+            let policies: Vec<String> = ctx.transport("kv.policies")?;
+            let budgets: Vec<f64> = ctx.transport("kv.budgets")?;
+            for p in &policies {
+                for b in &budgets {
+                    let c = cell(p.clone(), *b)?;
+                    if !cohort.iter().any(|o: &KvParams| o.native_cell().ok() == c.native_cell().ok()) {
+                        cohort.push(c);
+                    }
+                }
+            }
+        }
         let prompt: Prompt = ctx.get("prompt")?;
         let task: String = ctx.get("dataset.task")?;
         let task_base = task.strip_suffix("_e").unwrap_or(&task).to_string();
@@ -350,10 +450,13 @@ impl Op for Infer {
             prompt,
             label: ctx.get("engine.label")?,
             extra: ctx.get("engine.extra_body")?,
-            kind: ctx.transport("engine.kind")?,
+            kind,
             stream: ctx.transport("engine.stream")?,
+            model_file,
+            cohort,
+            record_kept: ctx.get("engine.record_kept")?,
         };
-        if !matches!(s.kind.as_str(), "reference" | "serve" | "openai" | "launch") {
+        if !matches!(s.kind.as_str(), "reference" | "serve" | "openai" | "launch" | "native") {
             bail!(
                 "config `engine.kind`: `{}` is unknown; use `reference`, `serve`, `launch` or `openai`",
                 s.kind
@@ -580,10 +683,53 @@ impl Infer {
                     .try_for_each(|h| h.join().expect("reference worker"))
             });
         }
+        if s.kind == "native" {
+            let (path, _) = s.model_file.as_ref().expect("native engine has a model file");
+            let mib: u64 = ctx.transport("engine.prefill_cache_mib")?;
+            let engine = crate::llm::native::NativeEngine::shared(path, mib as usize)?;
+            let cohort: Vec<crate::llm::native::Cell> = s
+                .cohort
+                .iter()
+                .map(KvParams::native_cell)
+                .collect::<Result<_>>()?;
+            let cell = s.kv.native_cell()?;
+            for r in reqs {
+                if ctx.is_cancelled() {
+                    break;
+                }
+                let t0 = Instant::now();
+                let req = crate::llm::native::NativeRequest {
+                    messages: chat_pairs(&r.messages),
+                    max_new_tokens: s.decoding.max_new_tokens as usize,
+                    cell: cell.clone(),
+                    record_kept: s.record_kept,
+                    cohort: cohort.clone(),
+                };
+                let o = match engine.answer(&req) {
+                    Ok(a) => {
+                        let mut o = crate::llm::native::outcome(&a);
+                        o.latency_ms = t0.elapsed().as_secs_f64() * 1000.0;
+                        o
+                    }
+                    Err(e) => Outcome {
+                        error_kind: Some("ENGINE_ERROR".into()),
+                        error: Some(format!("{e:#}")),
+                        latency_ms: t0.elapsed().as_secs_f64() * 1000.0,
+                        is_final: true,
+                        ..Default::default()
+                    },
+                };
+                record(&r.key, &o)?;
+            }
+            return Ok(());
+        }
         let _server;
         let mut launched: Option<crate::llm::launcher::Launched> = None;
         let base_urls: Vec<String> = if s.kind == "serve" {
-            let srv = SpawnedServer::start(&s.model)?;
+            let srv = SpawnedServer::start(
+                &s.model,
+                s.model_file.as_ref().map(|(p, _)| p.as_path()),
+            )?;
             let u = srv.url.clone();
             _server = srv;
             vec![u]
@@ -715,6 +861,8 @@ mod tests {
                 window: 32,
                 pool_kernel: 7,
                 seed: 0,
+                beta: None,
+                compress: None,
             },
             model: "m".into(),
             decoding: Decoding {
@@ -736,6 +884,9 @@ mod tests {
             extra: Default::default(),
             kind: "serve".into(),
             stream: true,
+            model_file: None,
+            cohort: Vec::new(),
+            record_kept: false,
         };
         let full = build_requests(
             &settings(None),

