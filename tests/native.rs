@@ -32,7 +32,7 @@ fn ask(addr: &str, prompt: &str, kv: &Value, cohort: &[Value]) -> Value {
             {"role": "system", "content": "Answer with the exact value asked for."},
             {"role": "user", "content": prompt},
         ],
-        "max_tokens": 8,
+        "max_tokens": 16,
         "temperature": 0.0,
         "kvt": kv,
         "kvt_cohort": cohort,
@@ -76,19 +76,22 @@ fn one_prefill_serves_every_cell_and_compressed_cells_keep_fewer_entries() {
     assert_eq!(full["prefill_reused"], false);
     let full_layers: Vec<u64> = serde_json::from_value(full["kept_per_layer"].clone()).unwrap();
     assert_eq!(full_layers.len(), 30);
-    let context = full["compressed_tokens"].as_u64().unwrap();
-    assert!(context > 250, "{full}");
-    // Every KV head of every layer keeps its whole span at full cache (3 KV heads).
-    assert!(full_layers.iter().all(|&n| n == 3 * context), "{full_layers:?}");
+    let prompt_tokens = full["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens > 250, "{full}");
+    // Every KV head of every layer holds the whole prompt at full cache (3 KV heads).
+    assert!(full_layers.iter().all(|&n| n == 3 * prompt_tokens), "{full_layers:?}");
     for (c, a) in cells.iter().zip(&answers).skip(1) {
         let n = native(a);
         assert_eq!(n["prefill_reused"], true, "{c}");
         let layers: Vec<u64> = serde_json::from_value(n["kept_per_layer"].clone()).unwrap();
         let budget = c["budget"].as_f64().unwrap();
         let span = n["compressed_tokens"].as_u64().unwrap();
+        // The context is compressed; the question is prefilled after it.
+        assert!(span < prompt_tokens, "{n}");
         if budget < 1.0 {
-            // Per layer: floor(span × budget) positions per KV head, fewer than the full cell.
-            let want = 3 * ((span as f64 * budget).floor() as u64);
+            // Per layer: floor(span × budget) context positions per KV head, plus
+            // the question, fewer than the full cell.
+            let want = 3 * ((span as f64 * budget).floor() as u64 + prompt_tokens - span);
             for (l, (&k, &f)) in layers.iter().zip(&full_layers).enumerate() {
                 assert!(k < f, "{c}: layer {l} kept {k} of {f}");
                 assert_eq!(k, want, "{c}: layer {l}");

@@ -85,10 +85,11 @@ pub struct NativeAnswer {
     pub completion_tokens: u64,
     /// Tokens of the prompt the policy scored (the context, or the whole prompt).
     pub compressed_tokens: u64,
-    /// KV entries kept per layer, summed over KV heads (before decoding).
+    /// KV entries in the cache per layer, summed over KV heads, when decoding
+    /// starts (kept context plus the question prefilled after it).
     pub kept_per_layer: Vec<u64>,
     pub kept_total: u64,
-    /// Entries the full cache would hold for the same span.
+    /// Entries the full cache holds for the same prompt.
     pub full_total: u64,
     /// Bytes of the kept keys and values in the cache format (f16, q8_0, q4_0).
     pub kv_bytes: u64,
@@ -363,7 +364,9 @@ impl NativeEngine {
         let hp = &self.model.hp;
         let s = pf.tokens.len();
         let (g, d) = (hp.n_kv_head, hp.head_dim);
-        // An exact cell decodes on the prefill's own cache: the full-cache reference.
+        // An exact cell decodes on the prefill's own cache: the full-cache
+        // reference. A quantised cell without eviction runs the question on its
+        // quantised context, so quantisation reaches the first token too.
         let whole = cell.is_exact() || cell.compress == Compress::Prompt || pf.at_split.is_none();
         let (k_len, obs) = if whole {
             (s, &pf.at_end)
@@ -375,7 +378,6 @@ impl NativeEngine {
             layers: Vec::with_capacity(hp.n_layer),
             quant: cell.quant,
         };
-        let mut kept_per_layer = Vec::with_capacity(hp.n_layer);
         let mut positions = Vec::new();
         for (l, full) in pf.cache.layers.iter().enumerate() {
             let keys = full_rows(&full.k, g, s, k_len, d);
@@ -412,7 +414,6 @@ impl NativeEngine {
                     cell.quant.round_trip(row);
                 }
             }
-            kept_per_layer.push((n * g) as u64);
             if record_kept {
                 positions.push(
                     kept.iter()
@@ -422,8 +423,6 @@ impl NativeEngine {
             }
             cache.layers.push(layer);
         }
-        let kept_total: u64 = kept_per_layer.iter().sum();
-        let kv_bytes = kept_total * 2 * cell.quant.bytes(d) as u64;
         // The first token: from the prefill's own logits when the whole prompt is
         // cached; otherwise the question runs on the compressed context first.
         let mut logits = if whole {
@@ -432,6 +431,10 @@ impl NativeEngine {
             self.model
                 .forward(&pf.tokens[pf.split..], pf.split, &mut cache, &mut [])?
         };
+        // Entries in the cache when decoding starts (the question's included).
+        let kept_per_layer: Vec<u64> = cache.layers.iter().map(|l| (l.len * g) as u64).collect();
+        let kept_total: u64 = kept_per_layer.iter().sum();
+        let kv_bytes = kept_total * 2 * cell.quant.bytes(d) as u64;
         let mut out = Vec::new();
         let mut finish = "length";
         let mut pos = s;
@@ -459,7 +462,7 @@ impl NativeEngine {
             compressed_tokens: k_len as u64,
             kept_per_layer,
             kept_total,
-            full_total: (k_len * g * hp.n_layer) as u64,
+            full_total: (s * g * hp.n_layer) as u64,
             kv_bytes,
             prefill_ms: pf.ms,
             decode_ms,
@@ -506,13 +509,12 @@ pub fn outcome(a: &NativeAnswer) -> crate::llm::Outcome {
 
 /// Copies a native answer's proof of compression into an outcome.
 pub fn telemetry_into(a: &NativeAnswer, o: &mut crate::llm::Outcome) {
-    // Tokens whose entries survive (per layer and KV head on average), plus the
-    // uncompressed question when only the context was compressed.
+    // Prompt tokens whose entries survive, per layer and KV head on average.
     let retained = if a.full_total > 0 {
-        (a.kept_total as f64 / a.full_total as f64 * a.compressed_tokens as f64).round() as u64
+        (a.kept_total as f64 / a.full_total as f64 * a.prompt_tokens as f64).round() as u64
     } else {
         0
-    } + (a.prompt_tokens - a.compressed_tokens);
+    };
     o.retained_tokens = Some(retained);
     o.kv_kept_per_layer = Some(a.kept_per_layer.clone());
     o.kv_kept_total = Some(a.kept_total);
