@@ -178,6 +178,19 @@ impl Llama {
                 .map_err(|e| anyhow!("`{}`: tensor `{name}`: {e}", path.display()))
         };
         let deq = |q: QTensor| -> Result<Tensor> { Ok(q.dequantize(&Device::Cpu)?) };
+        // candle has SIMD kernels for q4_0, q8_0 and the k-quants but not for
+        // q4_1 / q5_0 / q5_1: those weights are requantised to q8_0 once at load
+        // (8-bit blocks hold a 4- or 5-bit block's values to within half a step).
+        let matmul = |q: QTensor| -> Result<QMatMul> {
+            use candle_core::quantized::GgmlDType as T;
+            let q = match q.dtype() {
+                T::Q4_1 | T::Q5_0 | T::Q5_1 => {
+                    QTensor::quantize(&q.dequantize(&Device::Cpu)?, T::Q8_0)?
+                }
+                _ => q,
+            };
+            Ok(QMatMul::from_qtensor(q)?)
+        };
         let embed = t("token_embd.weight")?;
         let output = match ct.tensor_infos.contains_key("output.weight") {
             true => t("output.weight")?,
@@ -189,14 +202,14 @@ impl Llama {
             let mut w = |n: &str| -> Result<QTensor> { t(&format!("blk.{i}.{n}.weight")) };
             layers.push(Layer {
                 attn_norm: deq(w("attn_norm")?)?,
-                wq: QMatMul::from_qtensor(w("attn_q")?)?,
-                wk: QMatMul::from_qtensor(w("attn_k")?)?,
-                wv: QMatMul::from_qtensor(w("attn_v")?)?,
-                wo: QMatMul::from_qtensor(w("attn_output")?)?,
+                wq: matmul(w("attn_q")?)?,
+                wk: matmul(w("attn_k")?)?,
+                wv: matmul(w("attn_v")?)?,
+                wo: matmul(w("attn_output")?)?,
                 ffn_norm: deq(w("ffn_norm")?)?,
-                gate: QMatMul::from_qtensor(w("ffn_gate")?)?,
-                up: QMatMul::from_qtensor(w("ffn_up")?)?,
-                down: QMatMul::from_qtensor(w("ffn_down")?)?,
+                gate: matmul(w("ffn_gate")?)?,
+                up: matmul(w("ffn_up")?)?,
+                down: matmul(w("ffn_down")?)?,
             });
         }
         let norm = deq(t("output_norm.weight")?)?;
@@ -221,7 +234,7 @@ impl Llama {
             embed,
             layers,
             norm,
-            output: QMatMul::from_qtensor(output)?,
+            output: matmul(output)?,
             cos,
             sin,
             dev,
