@@ -270,6 +270,22 @@ impl SpawnedServer {
     }
 }
 
+/// `kvt serve --model-file` started once per process and model file; it exits
+/// with this process (it watches its standard input).
+fn shared_model_server(model: &str, file: &std::path::Path) -> Result<String> {
+    static SERVERS: OnceLock<Mutex<BTreeMap<std::path::PathBuf, SpawnedServer>>> = OnceLock::new();
+    let mut m = SERVERS.get_or_init(Default::default).lock().expect("servers");
+    if let Some(srv) = m.get_mut(file) {
+        if matches!(srv.child.try_wait(), Ok(None)) {
+            return Ok(srv.url.clone());
+        }
+    }
+    let srv = SpawnedServer::start(model, Some(file))?;
+    let url = srv.url.clone();
+    m.insert(file.to_path_buf(), srv);
+    Ok(url)
+}
+
 impl Drop for SpawnedServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -726,13 +742,16 @@ impl Infer {
         let _server;
         let mut launched: Option<crate::llm::launcher::Launched> = None;
         let base_urls: Vec<String> = if s.kind == "serve" {
-            let srv = SpawnedServer::start(
-                &s.model,
-                s.model_file.as_ref().map(|(p, _)| p.as_path()),
-            )?;
-            let u = srv.url.clone();
-            _server = srv;
-            vec![u]
+            if let Some((file, _)) = &s.model_file {
+                // One model server for every node of this process: its prefills
+                // are shared between cells, and the model loads once.
+                vec![shared_model_server(&s.model, file)?]
+            } else {
+                let srv = SpawnedServer::start(&s.model, None)?;
+                let u = srv.url.clone();
+                _server = srv;
+                vec![u]
+            }
         } else if s.kind == "launch" {
             let l = self.launch(ctx, s)?;
             let u = l.base_url.clone();
