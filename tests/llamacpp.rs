@@ -98,7 +98,12 @@ fn llamacpp_kv_quantisation_report() {
 /// A prompt of roughly `words` words with one fact in it, varied by `i`.
 fn agreement_prompt(i: usize, words: usize) -> (String, String) {
     const NAMES: &[&str] = &["Velo", "Marn", "Tessa", "Quill", "Orsk", "Bramble", "Ithen"];
-    const THINGS: &[&str] = &["access code", "locker number", "room number", "ticket number"];
+    const THINGS: &[&str] = &[
+        "access code",
+        "locker number",
+        "room number",
+        "ticket number",
+    ];
     const FILLER: &[&str] = &[
         "The ferry crossed the estuary twice an hour, carrying bicycles and crates.",
         "A retired surveyor kept a notebook of every bridge he had crossed.",
@@ -128,10 +133,18 @@ fn agreement_prompt(i: usize, words: usize) -> (String, String) {
 }
 
 fn chat_text(addr: &str, body: &serde_json::Value) -> String {
-    let (st, text) = http(addr, "POST", "/v1/chat/completions", Some(&body.to_string()));
+    let (st, text) = http(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&body.to_string()),
+    );
     assert_eq!(st, 200, "{text}");
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 #[test]
@@ -147,7 +160,14 @@ fn native_full_cache_agrees_with_llamacpp() {
         .port();
     let mut llama = std::process::Command::new(&python)
         .arg(repo.join("scripts/xllamacpp_server.py"))
-        .args(["--port", &port.to_string(), "--cache-type", "f16", "--ctx", "2048"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--cache-type",
+            "f16",
+            "--ctx",
+            "2048",
+        ])
         .args(["--model", &model])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -170,8 +190,14 @@ fn native_full_cache_agrees_with_llamacpp() {
                 break;
             }
         }
-        assert!(llama.try_wait().unwrap().is_none(), "llama.cpp server exited");
-        assert!(t0.elapsed().as_secs() < 120, "llama.cpp server did not start");
+        assert!(
+            llama.try_wait().unwrap().is_none(),
+            "llama.cpp server exited"
+        );
+        assert!(
+            t0.elapsed().as_secs() < 120,
+            "llama.cpp server did not start"
+        );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     let _llama = Kill(llama);
@@ -208,13 +234,18 @@ fn native_full_cache_agrees_with_llamacpp() {
         rows.push(format!("{i}: kvt {ours:?} | llama.cpp {theirs:?}"));
     }
     let table = rows.join("\n");
-    eprintln!("{table}\nsame answer {same}/20, same first token {same_first}/20, needle found {found}/20");
+    eprintln!(
+        "{table}\nsame answer {same}/20, same first token {same_first}/20, needle found {found}/20"
+    );
     assert!(same >= 18, "{table}");
     assert_eq!(same_first, 20, "{table}");
     // The process this test started, by its id, is gone after the guard drops.
     drop(_llama);
-    assert!(!std::path::Path::new(&format!("/proc/{llama_pid}")).exists() || {
-        let stat = std::fs::read_to_string(format!("/proc/{llama_pid}/stat")).unwrap_or_default();
-        stat.contains(") Z")
-    });
+    assert!(
+        !std::path::Path::new(&format!("/proc/{llama_pid}")).exists() || {
+            let stat =
+                std::fs::read_to_string(format!("/proc/{llama_pid}/stat")).unwrap_or_default();
+            stat.contains(") Z")
+        }
+    );
 }

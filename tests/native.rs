@@ -7,7 +7,8 @@ use common::*;
 use serde_json::{json, Value};
 
 fn model() -> String {
-    std::env::var("KVT_MODEL").expect("set KVT_MODEL to SmolLM2-135M-Instruct.Q4_1.gguf (see .ci/run)")
+    std::env::var("KVT_MODEL")
+        .expect("set KVT_MODEL to SmolLM2-135M-Instruct.Q4_1.gguf (see .ci/run)")
 }
 
 fn needle_prompt(words: usize) -> String {
@@ -37,7 +38,12 @@ fn ask(addr: &str, prompt: &str, kv: &Value, cohort: &[Value]) -> Value {
         "kvt": kv,
         "kvt_cohort": cohort,
     });
-    let (st, text) = http(addr, "POST", "/v1/chat/completions", Some(&body.to_string()));
+    let (st, text) = http(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&body.to_string()),
+    );
     assert_eq!(st, 200, "{text}");
     serde_json::from_str(&text).unwrap()
 }
@@ -67,7 +73,10 @@ fn one_prefill_serves_every_cell_and_compressed_cells_keep_fewer_entries() {
         cell("tova", 0.25),
         cell("full+q8_0", 1.0),
     ];
-    let answers: Vec<Value> = cells.iter().map(|c| ask(&s.addr, &prompt, c, &cells)).collect();
+    let answers: Vec<Value> = cells
+        .iter()
+        .map(|c| ask(&s.addr, &prompt, c, &cells))
+        .collect();
     // One prefill for seven cells: the first request computed every cell.
     assert_eq!(metric(&s.addr, "kvt_native_prefills"), 1);
     assert_eq!(metric(&s.addr, "kvt_native_answers"), 7);
@@ -79,7 +88,10 @@ fn one_prefill_serves_every_cell_and_compressed_cells_keep_fewer_entries() {
     let prompt_tokens = full["prompt_tokens"].as_u64().unwrap();
     assert!(prompt_tokens > 250, "{full}");
     // Every KV head of every layer holds the whole prompt at full cache (3 KV heads).
-    assert!(full_layers.iter().all(|&n| n == 3 * prompt_tokens), "{full_layers:?}");
+    assert!(
+        full_layers.iter().all(|&n| n == 3 * prompt_tokens),
+        "{full_layers:?}"
+    );
     for (c, a) in cells.iter().zip(&answers).skip(1) {
         let n = native(a);
         assert_eq!(n["prefill_reused"], true, "{c}");
@@ -104,14 +116,26 @@ fn one_prefill_serves_every_cell_and_compressed_cells_keep_fewer_entries() {
         }
     }
     // The full cache finds the needle; the same request gives the same bytes again.
-    let text = answers[0]["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let text = answers[0]["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(text.contains("918273"), "{text}");
     let again = ask(&s.addr, &prompt, &cells[0], &[]);
     assert_eq!(again["choices"][0]["message"]["content"], json!(text));
-    assert_eq!(metric(&s.addr, "kvt_native_prefills"), 1, "the prefill cache served it");
+    assert_eq!(
+        metric(&s.addr, "kvt_native_prefills"),
+        1,
+        "the prefill cache served it"
+    );
     assert_eq!(metric(&s.addr, "kvt_native_prefills_reused"), 1);
     // /tokenize speaks the model's tokenizer.
-    let (st, t) = http(&s.addr, "POST", "/tokenize", Some(r#"{"content": "Hello world 123"}"#));
+    let (st, t) = http(
+        &s.addr,
+        "POST",
+        "/tokenize",
+        Some(r#"{"content": "Hello world 123"}"#),
+    );
     assert_eq!(st, 200);
     let toks: Value = serde_json::from_str(&t).unwrap();
     // SmolLM2 splits digits one by one: Hello, Ġworld, Ġ, 1, 2, 3.
@@ -187,9 +211,7 @@ fn native_in_process_and_kvt_serve_give_the_same_answers() {
     };
     assert_eq!(strip(&ra), strip(&rb));
     // Compressed cells kept fewer entries than the full cache of the same example.
-    let kept = |run: &str| -> Vec<i64> {
-        ra.iter().filter(|r| r.0 == run).map(|r| r.3).collect()
-    };
+    let kept = |run: &str| -> Vec<i64> { ra.iter().filter(|r| r.0 == run).map(|r| r.3).collect() };
     let full = kept("full@1.0");
     for run in ["snapkv@0.25", "streaming@0.25"] {
         for (k, f) in kept(run).iter().zip(&full) {

@@ -353,6 +353,9 @@ fn run(cli: Cli, registry: &OpRegistry) -> Result<()> {
         Command::Validate { cfg } => {
             let loaded = config::load(&cfg.config, &cfg.set)?;
             let _ = load_pipeline(&loaded, registry)?;
+            for w in loaded.warnings() {
+                eprintln!("warning: {w}");
+            }
             println!("ok: `{}` is valid", display_path(&cfg.config));
             Ok(())
         }
@@ -440,6 +443,9 @@ fn cmd_build(args: &BuildArgs, registry: &OpRegistry, quiet: bool) -> Result<()>
     let t0 = Instant::now();
     let loaded = config::load(&args.cfg.config, &args.cfg.set)?;
     let (plan, ws) = plan_for(&loaded, registry, &args.targets)?;
+    for w in loaded.warnings() {
+        eprintln!("warning: {w}");
+    }
     for f in &args.force {
         let known = plan
             .graph

@@ -57,6 +57,22 @@ pub struct LoadedConfig {
 }
 
 impl LoadedConfig {
+    /// Things that are allowed but probably not what the user wants: printed
+    /// by `kvt validate` and at the start of a build.
+    pub fn warnings(&self) -> Vec<String> {
+        let c = &self.config;
+        let mut w = Vec::new();
+        let simulator = c.engine.model_path.is_none()
+            && matches!(c.engine.kind.as_str(), "reference" | "serve");
+        if simulator && c.dataset.source != "synthetic" {
+            w.push(format!(
+                "`engine.kind: {}` runs kvt's reference simulator, whose reader only answers kvt's own synthetic tasks: on `dataset.source: {}` it scores 0 at every budget, and the scores measure the simulator, not a model. Use `engine.kind: native` (a GGUF model), `openai` or `launch`.",
+                c.engine.kind, c.dataset.source
+            ));
+        }
+        w
+    }
+
     pub fn exp_group_id(&self) -> &str {
         &self.config.output.exp_group_id
     }
@@ -527,8 +543,8 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
     if c.kv.policies.is_empty() {
         return Err(bad("kv.policies", "needs at least one policy".into()));
     }
-    let native_model = c.engine.kind == "native"
-        || (c.engine.kind == "serve" && c.engine.model_path.is_some());
+    let native_model =
+        c.engine.kind == "native" || (c.engine.kind == "serve" && c.engine.model_path.is_some());
     for p in &c.kv.policies {
         let spec = match crate::llm::PolicySpec::parse(p) {
             Ok(s) => s,

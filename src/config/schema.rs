@@ -236,7 +236,11 @@ pub struct Bootstrap {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Transition {
+    /// The largest loss against the full cache that still counts as safe.
     pub delta: f64,
+    /// A bin whose full cache scores below this mean is uninformative: the
+    /// model (or engine) cannot do the task there, so no budget can be judged.
+    pub floor: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

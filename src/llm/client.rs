@@ -344,6 +344,9 @@ fn usage_into(v: &Value, o: &mut Outcome) {
     if let Some(r) = v.pointer("/kvt/retained_tokens").and_then(Value::as_u64) {
         o.retained_tokens = Some(r);
     }
+    if let Some(e) = v.pointer("/kvt/engine").and_then(Value::as_str) {
+        o.engine = Some(e.to_string());
+    }
     if let Some(n) = v.pointer("/kvt/native") {
         if let Ok(a) = serde_json::from_value::<crate::llm::native::NativeAnswer>(n.clone()) {
             crate::llm::native::telemetry_into(&a, o);

@@ -65,6 +65,10 @@ pub struct Outcome {
     pub decode_ms: Option<f64>,
     #[serde(default)]
     pub prefill_reused: Option<bool>,
+    /// Which of kvt's own engines answered (`reference` — the simulator — or
+    /// `native`), when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
     /// Native engine with `engine.record_kept`: kept positions `[layer][kv head][..]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kept_positions: Option<Vec<Vec<Vec<u32>>>>,

@@ -202,11 +202,16 @@ async fn answer_http(st: Arc<AppState>, headers: HeaderMap, body: Body, plain: b
                 .iter()
                 .map(|m| {
                     let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
-                    (role.to_string(), text_of(m.get("content").unwrap_or(&Value::Null)))
+                    (
+                        role.to_string(),
+                        text_of(m.get("content").unwrap_or(&Value::Null)),
+                    )
                 })
                 .collect();
             let computed = tokio::task::spawn_blocking(move || match native {
-                Some(engine) => native_answer(&engine, pairs, &params, cohort, record_kept, max_new),
+                Some(engine) => {
+                    native_answer(&engine, pairs, &params, cohort, record_kept, max_new)
+                }
                 None => {
                     let bpe = crate::data::tokenize::encoding("cl100k_base")?;
                     reference::answer(bpe, &prompt, &question, &params, max_new)
@@ -243,7 +248,12 @@ async fn answer_http(st: Arc<AppState>, headers: HeaderMap, body: Body, plain: b
         "completion_tokens": ans.completion_tokens,
         "total_tokens": ans.prompt_tokens + ans.completion_tokens,
     });
-    let mut kvt = json!({"retained_tokens": ans.retained_tokens, "policy": st_policy(&body, &st)});
+    let engine = if st.native.is_some() {
+        "native"
+    } else {
+        "reference"
+    };
+    let mut kvt = json!({"retained_tokens": ans.retained_tokens, "policy": st_policy(&body, &st), "engine": engine});
     if let Some(n) = &ans.native {
         kvt["native"] = json!(n);
     }
@@ -414,9 +424,18 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         let c = &e.counters;
         for (name, v) in [
             ("kvt_native_prefills", c.prefills.load(Ordering::Relaxed)),
-            ("kvt_native_prefills_reused", c.prefills_reused.load(Ordering::Relaxed)),
-            ("kvt_native_prefill_tokens", c.prefill_tokens.load(Ordering::Relaxed)),
-            ("kvt_native_decode_tokens", c.decode_tokens.load(Ordering::Relaxed)),
+            (
+                "kvt_native_prefills_reused",
+                c.prefills_reused.load(Ordering::Relaxed),
+            ),
+            (
+                "kvt_native_prefill_tokens",
+                c.prefill_tokens.load(Ordering::Relaxed),
+            ),
+            (
+                "kvt_native_decode_tokens",
+                c.decode_tokens.load(Ordering::Relaxed),
+            ),
             ("kvt_native_answers", c.answers.load(Ordering::Relaxed)),
         ] {
             out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
@@ -460,7 +479,10 @@ pub fn router(opts: ServeOptions) -> anyhow::Result<Router> {
         }
     }
     let native = match &opts.model_file {
-        Some(f) => Some(crate::llm::native::NativeEngine::shared(f, opts.prefill_cache_mib)?),
+        Some(f) => Some(crate::llm::native::NativeEngine::shared(
+            f,
+            opts.prefill_cache_mib,
+        )?),
         None => None,
     };
     let st = Arc::new(AppState {

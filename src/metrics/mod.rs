@@ -96,6 +96,25 @@ pub const FAILURE_LABELS: &[&str] = &[
     "TIMEOUT",
     "ENGINE_ERROR",
     "RATE_LIMITED",
+    "ABSTAINED",
+];
+
+/// Phrases of a model saying the text does not hold the answer (lower case,
+/// anywhere in the answer). Not a format error: the model answered, with "I
+/// don't know" — typically because eviction removed what it needed.
+const ABSTENTIONS: &[&str] = &[
+    "cannot find the answer",
+    "can't find the answer",
+    "could not find",
+    "couldn't find",
+    "unable to find",
+    "does not mention",
+    "doesn't mention",
+    "not mentioned",
+    "no information",
+    "not provided in the",
+    "i don't know",
+    "i do not know",
 ];
 
 const REFUSALS: &[&str] = &[
@@ -111,7 +130,7 @@ const REFUSALS: &[&str] = &[
 
 /// Classifies one response, in priority order: transport errors first
 /// (RATE_LIMITED, TIMEOUT, ENGINE_ERROR), then EMPTY_OUTPUT, TRUNCATED,
-/// REFUSAL, and FORMAT_ERROR when `expect_number` and the answer has no digit
+/// REFUSAL, ABSTAINED (the model says the text does not hold the answer), and FORMAT_ERROR when `expect_number` and the answer has no digit
 /// (the synthetic tasks all ask for a number). `None` means a normal answer,
 /// right or wrong.
 pub fn classify(
@@ -136,6 +155,9 @@ pub fn classify(
     let lower = text.to_lowercase();
     if REFUSALS.iter().any(|r| lower.starts_with(r)) {
         return Some("REFUSAL");
+    }
+    if ABSTENTIONS.iter().any(|a| lower.contains(a)) {
+        return Some("ABSTAINED");
     }
     if expect_number && !text.chars().any(|c| c.is_ascii_digit()) {
         return Some("FORMAT_ERROR");
@@ -216,6 +238,20 @@ mod tests {
         );
         assert_eq!(classify(None, "no idea", Some("stop"), false), None);
         assert_eq!(classify(None, "41", Some("stop"), true), None);
+        // Saying the text does not hold the answer is an abstention, not a format error.
+        assert_eq!(
+            classify(None, crate::llm::reference::NOT_FOUND, Some("stop"), true),
+            Some("ABSTAINED")
+        );
+        assert_eq!(
+            classify(
+                None,
+                "The document does not mention Velo.",
+                Some("stop"),
+                false
+            ),
+            Some("ABSTAINED")
+        );
         for l in FAILURE_LABELS {
             assert_eq!(l.to_uppercase(), *l);
         }

@@ -11,7 +11,7 @@ use crate::engine::{Op, OpContext};
 use crate::llm::reference::kv_bytes;
 use crate::stages::prepare::Bin;
 use crate::stages::score::ScoreRow;
-use crate::stats::{self, BinDelta};
+use crate::stats::{self, BinEvidence};
 use crate::table;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -37,6 +37,18 @@ pub struct BinStat {
     pub delta: Option<f64>,
     pub delta_lo: Option<f64>,
     pub delta_hi: Option<f64>,
+    /// Mean loss against the full cache (per example `max(0, ref − cell)`) and
+    /// its one-sided upper bound: a bin is safe only when the bound is below δ.
+    #[serde(default)]
+    pub loss: Option<f64>,
+    #[serde(default)]
+    pub loss_ub: Option<f64>,
+    /// The full cache's mean on the paired examples.
+    #[serde(default)]
+    pub reference_mean: Option<f64>,
+    /// `reference`, `uninformative`, `fails`, `safe` or `insufficient`.
+    #[serde(default)]
+    pub verdict: String,
     pub n_failed: i64,
     pub fail_rate: Option<f64>,
     pub fail_lo: Option<f64>,
@@ -165,12 +177,23 @@ pub fn analyze(
         let seed = a.bootstrap.seed;
         let vals: Vec<f64> = j.rows.iter().map(|r| r.score).collect();
         let n = vals.len();
-        let (lo, hi) = stats::bootstrap_ci(
-            &vals,
-            iters,
-            a.bootstrap.ci,
-            &mut SplitMix64::for_cell(seed, &format!("mean/{label}")),
-        );
+        // Right/wrong scores get a Wilson interval (the percentile bootstrap
+        // collapses to a point at 0 % and 100 %); graded scores the bootstrap.
+        let binary = !vals.is_empty() && vals.iter().all(|&v| v == 0.0 || v == 1.0);
+        let (lo, hi) = if binary {
+            stats::wilson(
+                vals.iter().filter(|&&v| v == 1.0).count(),
+                n,
+                a.bootstrap.ci,
+            )
+        } else {
+            stats::bootstrap_ci(
+                &vals,
+                iters,
+                a.bootstrap.ci,
+                &mut SplitMix64::for_cell(seed, &format!("mean/{label}")),
+            )
+        };
         // Pair by example: only examples answered at both budgets.
         let (ra, rb): (Vec<f64>, Vec<f64>) = j
             .rows
@@ -181,16 +204,20 @@ pub fn analyze(
                     .map(|x| (*x, r.score))
             })
             .unzip();
-        let (d, dlo, dhi) = if ra.is_empty() {
-            (f64::NAN, f64::NAN, f64::NAN)
+        let ev = stats::bin_evidence(
+            &ra,
+            &rb,
+            iters,
+            a.bootstrap.ci,
+            &mut SplitMix64::for_cell(seed, &format!("delta/{label}")),
+        );
+        let d = stats::mean(&rb) - stats::mean(&ra);
+        let (dlo, dhi) = (ev.lo, ev.hi);
+        let is_reference = j.budget == j.reference && !j.policy.contains('+');
+        let verdict = if is_reference {
+            "reference"
         } else {
-            stats::paired_delta_ci(
-                &ra,
-                &rb,
-                iters,
-                a.bootstrap.ci,
-                &mut SplitMix64::for_cell(seed, &format!("delta/{label}")),
-            )
+            stats::verdict(&ev, a.transition.delta, a.transition.floor).name()
         };
         let failed = j.rows.iter().filter(|r| r.failure.is_some()).count();
         let (flo, fhi) = stats::wilson(failed, n, a.bootstrap.ci);
@@ -229,6 +256,10 @@ pub fn analyze(
             delta: opt(d),
             delta_lo: opt(dlo),
             delta_hi: opt(dhi),
+            loss: opt(ev.loss),
+            loss_ub: (ev.n > 0).then_some(ev.loss_ub),
+            reference_mean: opt(ev.reference_mean),
+            verdict: verdict.into(),
             n_failed: failed as i64,
             fail_rate: (n > 0).then(|| failed as f64 / n as f64),
             fail_lo: opt(flo),
@@ -278,18 +309,25 @@ pub fn analyze(
                 .iter()
                 .filter(|s| &s.policy == policy && s.budget == budget)
                 .collect();
-            let per_bin: Vec<Option<BinDelta>> = mine
+            let per_bin: Vec<BinEvidence> = mine
                 .iter()
-                .map(|s| {
-                    Some(BinDelta {
-                        n: s.n_paired as usize,
-                        lo: s.delta_lo?,
-                        hi: s.delta_hi?,
-                    })
+                .map(|s| BinEvidence {
+                    n: s.n_paired as usize,
+                    lo: s.delta_lo.unwrap_or(f64::NAN),
+                    hi: s.delta_hi.unwrap_or(f64::NAN),
+                    loss: s.loss.unwrap_or(f64::NAN),
+                    loss_ub: s.loss_ub.unwrap_or(1.0),
+                    reference_mean: s.reference_mean.unwrap_or(f64::NAN),
                 })
                 .collect();
             let reference = mine.first().map_or(1.0, |s| s.reference_budget);
-            let mut t = stats::detect_transition(&per_bin, &edges, a.transition.delta);
+            let mut t = stats::summarize(
+                &per_bin,
+                &edges,
+                a.transition.delta,
+                a.transition.floor,
+                a.bootstrap.ci,
+            );
             if budget == reference && !policy.contains('+') {
                 t.status = "reference".into();
             }
@@ -310,7 +348,7 @@ impl Op for Analyze {
         "analyze"
     }
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let a: Analysis = ctx.get("analysis")?;

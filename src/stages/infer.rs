@@ -274,7 +274,10 @@ impl SpawnedServer {
 /// with this process (it watches its standard input).
 fn shared_model_server(model: &str, file: &std::path::Path) -> Result<String> {
     static SERVERS: OnceLock<Mutex<BTreeMap<std::path::PathBuf, SpawnedServer>>> = OnceLock::new();
-    let mut m = SERVERS.get_or_init(Default::default).lock().expect("servers");
+    let mut m = SERVERS
+        .get_or_init(Default::default)
+        .lock()
+        .expect("servers");
     if let Some(srv) = m.get_mut(file) {
         if matches!(srv.child.try_wait(), Ok(None)) {
             return Ok(srv.url.clone());
@@ -399,15 +402,22 @@ impl Op for Infer {
                 window: ctx.get("kv.window")?,
                 pool_kernel: ctx.get("kv.pool_kernel")?,
                 seed: ctx.get("kv.seed")?,
-                beta: if native { Some(ctx.get("kv.beta")?) } else { None },
-                compress: if native { Some(ctx.get("kv.compress")?) } else { None },
+                beta: if native {
+                    Some(ctx.get("kv.beta")?)
+                } else {
+                    None
+                },
+                compress: if native {
+                    Some(ctx.get("kv.compress")?)
+                } else {
+                    None
+                },
             })
         };
         let kv = cell(ctx.item("policy")?, ctx.item("budget")?)?;
         let model_file = if native {
-            let path =
-                crate::llm::native::resolve_model_path(model_path.as_deref(), ctx.root())
-                    .map_err(|e| crate::KvtError::usage(format!("config `engine.model_path`: {e}")))?;
+            let path = crate::llm::native::resolve_model_path(model_path.as_deref(), ctx.root())
+                .map_err(|e| crate::KvtError::usage(format!("config `engine.model_path`: {e}")))?;
             let digest = digest_cached(&path)?;
             kv.native_cell().context("config `kv.policies`")?;
             Some((path, digest))
@@ -422,7 +432,10 @@ impl Op for Infer {
             for p in &policies {
                 for b in &budgets {
                     let c = cell(p.clone(), *b)?;
-                    if !cohort.iter().any(|o: &KvParams| o.native_cell().ok() == c.native_cell().ok()) {
+                    if !cohort
+                        .iter()
+                        .any(|o: &KvParams| o.native_cell().ok() == c.native_cell().ok())
+                    {
                         cohort.push(c);
                     }
                 }
@@ -472,7 +485,10 @@ impl Op for Infer {
             cohort,
             record_kept: ctx.get("engine.record_kept")?,
         };
-        if !matches!(s.kind.as_str(), "reference" | "serve" | "openai" | "launch" | "native") {
+        if !matches!(
+            s.kind.as_str(),
+            "reference" | "serve" | "openai" | "launch" | "native"
+        ) {
             bail!(
                 "config `engine.kind`: `{}` is unknown; use `reference`, `serve`, `launch` or `openai`",
                 s.kind
@@ -685,6 +701,7 @@ impl Infer {
                                     prompt_tokens: Some(a.prompt_tokens as u64),
                                     completion_tokens: Some(a.completion_tokens as u64),
                                     retained_tokens: Some(a.retained_tokens as u64),
+                                    engine: Some("reference".into()),
                                     latency_ms: ms,
                                     ttft_ms: Some(ms),
                                     is_final: true,
@@ -700,7 +717,10 @@ impl Infer {
             });
         }
         if s.kind == "native" {
-            let (path, _) = s.model_file.as_ref().expect("native engine has a model file");
+            let (path, _) = s
+                .model_file
+                .as_ref()
+                .expect("native engine has a model file");
             let mib: u64 = ctx.transport("engine.prefill_cache_mib")?;
             let engine = crate::llm::native::NativeEngine::shared(path, mib as usize)?;
             let cohort: Vec<crate::llm::native::Cell> = s

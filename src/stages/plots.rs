@@ -27,6 +27,26 @@ pub fn bin_labels(stats: &[BinStat]) -> Vec<String> {
     bins.values().map(|(lo, hi)| format!("{lo}–{hi}")).collect()
 }
 
+/// One order of budgets everywhere: the full cache, then fractions from the
+/// largest down, then absolute budgets from the smallest up.
+pub fn budget_order(budget: f64) -> (u8, f64) {
+    if budget == 1.0 {
+        (0, 0.0)
+    } else if budget < 1.0 {
+        (1, -budget)
+    } else {
+        (2, budget)
+    }
+}
+
+/// Sorts budgets into [`budget_order`].
+pub fn sort_budgets(b: &mut [f64]) {
+    b.sort_by(|x, y| {
+        let (a, c) = (budget_order(*x), budget_order(*y));
+        a.0.cmp(&c.0).then(a.1.total_cmp(&c.1))
+    });
+}
+
 /// A budget as people read it: `0.5` (a fraction) or `1024 tok` (absolute).
 pub fn budget_label(budget: f64) -> String {
     if budget > 1.0 {
@@ -62,7 +82,7 @@ pub fn figures(stats: &[BinStat], metric: &str) -> Vec<(&'static str, Figure)> {
     let groups = by_setting(stats);
     // One panel per policy; one colour per budget, the same in every panel.
     let mut budgets: Vec<f64> = stats.iter().map(|s| s.budget).collect();
-    budgets.sort_by(|a, b| b.total_cmp(a));
+    sort_budgets(&mut budgets);
     budgets.dedup();
     let mut policies: Vec<&str> = stats.iter().map(|s| s.policy.as_str()).collect();
     policies.sort();

@@ -6,7 +6,7 @@
 use crate::engine::{canonical_json, Op, OpContext};
 use crate::metrics::FAILURE_LABELS;
 use crate::stages::analyze::{BinStat, TransitionRow};
-use crate::stages::plots::{budget_label, setting};
+use crate::stages::plots::{budget_label, budget_order, setting, sort_budgets};
 use crate::stages::score::ScoreRow;
 use crate::table;
 use anyhow::{Context, Result};
@@ -73,25 +73,70 @@ pub fn context(
             .find(|s| s.bin_idx == i)
             .map_or(i.to_string(), |s| format!("{}–{}", s.bin_lo, s.bin_hi))
     };
-    let transitions_ctx: Vec<Value> = transitions
+    let delta = analysis["transition"]["delta"].as_f64().unwrap_or(0.1);
+    let floor = analysis["transition"]["floor"].as_f64().unwrap_or(0.1);
+    let order = |p: &str, b: f64| {
+        (
+            p.to_string(),
+            budget_order(b).0,
+            (budget_order(b).1 * 1e9) as i64,
+        )
+    };
+    // The full cache is the same cell for every plain policy: it is shown once.
+    let is_full =
+        |policy: &str, budget: f64, reference: f64| budget == reference && !policy.contains('+');
+    let full_policy = transitions
+        .iter()
+        .find(|t| is_full(&t.policy, t.budget, t.reference_budget))
+        .map(|t| t.policy.clone());
+    let shown = |policy: &str, budget: f64, reference: f64| {
+        !is_full(policy, budget, reference) || full_policy.as_deref() == Some(policy)
+    };
+    let label_of = |policy: &str, budget: f64, reference: f64| {
+        if is_full(policy, budget, reference) {
+            "full cache".to_string()
+        } else {
+            setting(policy, budget)
+        }
+    };
+    let mut ts: Vec<&TransitionRow> = transitions
+        .iter()
+        .filter(|t| shown(&t.policy, t.budget, t.reference_budget))
+        .collect();
+    ts.sort_by_key(|t| {
+        let full = is_full(&t.policy, t.budget, t.reference_budget);
+        (!full, order(&t.policy, t.budget))
+    });
+    let transitions_ctx: Vec<Value> = ts
         .iter()
         .map(|t| {
+            let first = t.t.first_failing_bin.map(bin_label).unwrap_or_default();
             let outcome = match t.t.status.as_str() {
-                "detected" => "**fails**".to_string(),
-                "not_detected" => "safe in every bin (no transition detected)".to_string(),
-                "insufficient_data" => format!(
-                    "insufficient data ({} bins with ≥ {} paired examples)",
-                    t.t.bins_with_data,
-                    crate::stats::MIN_N
-                ),
                 "reference" => "full cache (reference)".to_string(),
+                "uninformative" => format!(
+                    "**uninformative**: the full cache scores below {floor} in every bin"
+                ),
+                "safe" => format!("safe in every bin (loss < {delta} shown)"),
+                "insufficient_data" => match t.t.n_needed {
+                    Some(n) => format!(
+                        "insufficient data: about {n} paired examples per bin would settle it"
+                    ),
+                    None => "insufficient data".to_string(),
+                },
+                "fails_every_length" => "**fails at every length**".to_string(),
+                "fails_from_shortest" => "**fails from the shortest bin**".to_string(),
+                "transition" => format!("**fails** from {first} tokens"),
+                "fails_after_unclear" => {
+                    format!("**fails** from {first} tokens (no shorter bin shown safe)")
+                }
                 other => other.to_string(),
             };
             json!({
-                "policy": t.policy, "budget": budget_label(t.budget), "outcome": outcome,
+                "policy": if is_full(&t.policy, t.budget, t.reference_budget) { "all".to_string() } else { t.policy.clone() },
+                "budget": budget_label(t.budget), "outcome": outcome,
                 "first_bin": t.t.first_failing_bin.map_or("–".into(), |b| format!("{b} ({})", bin_label(b))),
                 "zone": match (t.t.zone_lo_tokens, t.t.zone_hi_tokens) {
-                    (Some(a), Some(b)) => format!("{a}–{b}"),
+                    (Some(a), Some(b)) if t.t.status == "transition" => format!("{a}–{b}"),
                     _ => "–".into(),
                 },
                 "instability": f2(t.t.instability),
@@ -99,21 +144,69 @@ pub fn context(
             })
         })
         .collect();
-    let mut sorted: Vec<&BinStat> = stats.iter().collect();
-    sorted.sort_by(|a, b| {
-        (a.policy.as_str(), -a.budget, a.bin_idx)
-            .partial_cmp(&(b.policy.as_str(), -b.budget, b.bin_idx))
-            .unwrap_or(std::cmp::Ordering::Equal)
+    let mut sorted: Vec<&BinStat> = stats
+        .iter()
+        .filter(|s| shown(&s.policy, s.budget, s.reference_budget))
+        .collect();
+    sorted.sort_by_key(|s| {
+        let full = is_full(&s.policy, s.budget, s.reference_budget);
+        (!full, order(&s.policy, s.budget), s.bin_idx)
     });
+    // The compact table: one row per cell, one column per bin.
+    let mut bins: Vec<(i64, String)> = stats
+        .iter()
+        .map(|s| (s.bin_idx, format!("{}–{}", s.bin_lo, s.bin_hi)))
+        .collect();
+    bins.sort();
+    bins.dedup();
+    let mut compact: Vec<Value> = Vec::new();
+    for s in &sorted {
+        let label = label_of(&s.policy, s.budget, s.reference_budget);
+        if compact.last().map(|r: &Value| r["setting"] == json!(label)) != Some(true) {
+            compact.push(json!({"setting": label, "cells": vec![Value::Null; bins.len()]}));
+        }
+        let col = bins.iter().position(|b| b.0 == s.bin_idx).unwrap_or(0);
+        let mark = match s.verdict.as_str() {
+            "fails" => " ✗",
+            "safe" => " ✓",
+            "insufficient" => " ?",
+            "uninformative" => " ∅",
+            _ => "",
+        };
+        let text = match (s.mean, s.verdict.as_str()) {
+            (None, _) => "–".to_string(),
+            (Some(m), "reference") => format!("{m:.2}"),
+            (Some(m), _) => match (s.delta, s.delta_lo, s.delta_hi) {
+                (Some(d), Some(lo), Some(hi)) => {
+                    format!("{m:.2} (Δ {d:+.2} [{lo:+.2}, {hi:+.2}]){mark}")
+                }
+                _ => format!("{m:.2}{mark}"),
+            },
+        };
+        let last = compact.last_mut().expect("a row");
+        last["cells"][col] = json!(text);
+    }
+    for r in &mut compact {
+        if let Some(cells) = r["cells"].as_array_mut() {
+            for c in cells.iter_mut().filter(|c| c.is_null()) {
+                *c = json!("–");
+            }
+        }
+    }
     let rows: Vec<Value> = sorted
         .iter()
         .map(|s| {
             json!({
-                "setting": setting(&s.policy, s.budget),
+                "setting": label_of(&s.policy, s.budget, s.reference_budget),
                 "bin": format!("{}–{}", s.bin_lo, s.bin_hi),
                 "n": s.n,
                 "mean": ci(s.mean, s.ci_lo, s.ci_hi, false),
-                "delta": if s.budget == s.reference_budget { "(reference)".into() } else { ci(s.delta, s.delta_lo, s.delta_hi, true) },
+                "delta": if s.verdict == "reference" { "(reference)".into() } else { ci(s.delta, s.delta_lo, s.delta_hi, true) },
+                "loss": match (s.loss, s.loss_ub) {
+                    (Some(l), Some(u)) if s.verdict != "reference" => format!("{l:.2} (≤ {u:.2})"),
+                    _ => "–".into(),
+                },
+                "verdict": s.verdict,
                 "fail": match (s.fail_rate, s.fail_lo, s.fail_hi) {
                     (Some(r), Some(lo), Some(hi)) => format!("{}/{} = {r:.2} [{lo:.2}, {hi:.2}]", s.n_failed, s.n),
                     _ => "–".into(),
@@ -131,6 +224,65 @@ pub fn context(
             })
         })
         .collect();
+    // Warnings that change how the whole report reads.
+    let mut warnings: Vec<String> = Vec::new();
+    let full_rows: Vec<&&BinStat> = sorted.iter().filter(|s| s.verdict == "reference").collect();
+    let at_floor: Vec<&&&BinStat> = full_rows
+        .iter()
+        .filter(|s| s.mean.is_some_and(|m| m < floor))
+        .collect();
+    if !full_rows.is_empty() && at_floor.len() == full_rows.len() {
+        warnings.push(format!(
+            "**No verdict is possible: the full cache scores below {floor} in every bin.** The model (or the engine) cannot do this task at full cache, so nothing here says anything about KV budgets. Check the prompt, the metric and the model before reading further."
+        ));
+    } else if !at_floor.is_empty() {
+        warnings.push(format!(
+            "The full cache scores below {floor} in {} of {} bins ({}): those bins are uninformative.",
+            at_floor.len(),
+            full_rows.len(),
+            at_floor.iter().map(|s| format!("{}–{}", s.bin_lo, s.bin_hi)).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    if let Some(first) = scores.first() {
+        if scores.len() > 1 && scores.iter().all(|r| r.score == first.score) {
+            warnings.push(format!(
+                "Every response of every cell scored {:.2}: the metric cannot tell the budgets apart.",
+                first.score
+            ));
+        }
+    }
+    let simulator = scores
+        .iter()
+        .any(|r| r.response.engine.as_deref() == Some("reference"));
+    if simulator && get("dataset")["source"] != json!("synthetic") {
+        warnings.push("**These scores measure kvt's reference simulator, not a model.** Its reader only answers kvt's own synthetic key–value questions; on other data it scores 0 at any budget. Use a real engine (`engine.kind: native`, `openai` or `launch`).".to_string());
+    }
+    let n_per_bin = get("sampling")["n_per_bin"].as_i64().unwrap_or(0);
+    let mut flags: Vec<String> = Vec::new();
+    let thin: Vec<String> = full_rows
+        .iter()
+        .filter(|s| s.n < n_per_bin)
+        .map(|s| format!("{}–{} ({} of {n_per_bin})", s.bin_lo, s.bin_hi, s.n))
+        .collect();
+    if !thin.is_empty() {
+        flags.push(format!(
+            "Bins with fewer examples than `sampling.n_per_bin`: {}.",
+            thin.join(", ")
+        ));
+    }
+    let skipped = manifest["dataset"]["n_skipped_records"]
+        .as_i64()
+        .unwrap_or(0);
+    if skipped > 0 {
+        flags.push(format!(
+            "{skipped} bad records were skipped (`dataset.on_bad_record: skip`)."
+        ));
+    }
+    flags.push(format!(
+        "Bin lengths count each example's context in `{}` tokens (not the question, the system message or the template){}.",
+        manifest["tokenizer"].as_str().unwrap_or("?"),
+        if get("prompt")["max_tokens"].is_null() { "" } else { ", before middle truncation by `prompt.max_tokens`" }
+    ));
     // Failures by type, per setting.
     let mut by: BTreeMap<(String, i64), BTreeMap<&str, usize>> = BTreeMap::new();
     let mut examples: BTreeMap<&str, Value> = BTreeMap::new();
@@ -172,7 +324,7 @@ pub fn context(
     policies.sort();
     policies.dedup();
     let mut budgets: Vec<f64> = stats.iter().map(|s| s.budget).collect();
-    budgets.sort_by(|a, b| b.total_cmp(a));
+    sort_budgets(&mut budgets);
     budgets.dedup();
     let geom = &get("model.kv_geometry");
     let config_digest = blake3::hash(&canonical_json(&json!(cfg)))
@@ -196,6 +348,11 @@ pub fn context(
         "ci_pct": format!("{}", (ci_level * 100.0).round()),
         "transitions": transitions_ctx,
         "rows": rows,
+        "warnings": warnings,
+        "flags": flags,
+        "bin_labels": bins.iter().map(|b| b.1.clone()).collect::<Vec<_>>(),
+        "compact": compact,
+        "floor": floor,
         "failure_labels": FAILURE_LABELS,
         "failures": failures,
         "examples_of_failures": examples.into_values().collect::<Vec<_>>(),
@@ -223,7 +380,7 @@ impl Op for Report {
         "report"
     }
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let exp: String = ctx.get("output.exp_group_id")?;

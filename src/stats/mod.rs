@@ -144,17 +144,176 @@ pub fn wilson(k: usize, n: usize, ci: f64) -> (f64, f64) {
     ((center - half).max(0.0), (center + half).min(1.0))
 }
 
-/// The paired delta of one bin, as transition detection sees it.
-#[derive(Debug, Clone, Copy)]
-pub struct BinDelta {
+/// One-sided upper confidence bound (level `conf`) for a binomial proportion
+/// with `k` successes in `n` trials (Clopper–Pearson: the `p` at which seeing
+/// `k` or fewer has probability `1 − conf`). For scores in [0, 1] the summed
+/// score, rounded up, stands in for `k`: the binomial is the most spread-out
+/// distribution on [0, 1] with a given mean, so the bound stays conservative.
+pub fn clopper_pearson_upper(k: f64, n: usize, conf: f64) -> f64 {
+    if n == 0 {
+        return 1.0;
+    }
+    let k = (k - 1e-9).ceil().max(0.0) as usize;
+    if k >= n {
+        return 1.0;
+    }
+    let alpha = 1.0 - conf;
+    // P(X ≤ k) falls as p grows: bisect for P(X ≤ k) = alpha.
+    let cdf = |p: f64| -> f64 {
+        let (lp, lq) = (p.ln(), (1.0 - p).ln());
+        let mut log_pmf = n as f64 * lq;
+        let mut acc = log_pmf;
+        for i in 0..k {
+            log_pmf += ((n - i) as f64 / (i + 1) as f64).ln() + lp - lq;
+            let (hi, lo) = if acc > log_pmf {
+                (acc, log_pmf)
+            } else {
+                (log_pmf, acc)
+            };
+            acc = hi + (lo - hi).exp().ln_1p();
+        }
+        acc.exp()
+    };
+    let (mut lo, mut hi) = (k as f64 / n as f64, 1.0);
+    for _ in 0..60 {
+        let mid = 0.5 * (lo + hi);
+        if cdf(mid) > alpha {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    hi
+}
+
+/// What a budget shows in one length bin, compared with the full cache on the
+/// same examples.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct BinEvidence {
+    /// Paired examples (answered by both cells).
     pub n: usize,
+    /// Paired-bootstrap CI of the delta (cell − reference).
     pub lo: f64,
     pub hi: f64,
+    /// One-sided upper bound on the mean loss: per example `max(0, ref − cell)`.
+    pub loss_ub: f64,
+    /// The observed mean loss.
+    pub loss: f64,
+    /// The full cache's mean in this bin.
+    pub reference_mean: f64,
+}
+
+/// The verdict for one bin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BinVerdict {
+    /// The full cache itself scores below the floor: nothing to lose.
+    Uninformative,
+    /// The delta's CI lies entirely below −δ.
+    Fails,
+    /// The loss's upper bound is below δ: evidence that at most δ is lost.
+    Safe,
+    /// Neither: more examples would settle it.
+    Insufficient,
+}
+
+impl BinVerdict {
+    pub fn name(self) -> &'static str {
+        match self {
+            BinVerdict::Uninformative => "uninformative",
+            BinVerdict::Fails => "fails",
+            BinVerdict::Safe => "safe",
+            BinVerdict::Insufficient => "insufficient",
+        }
+    }
+}
+
+/// Minimum paired examples in a bin for any verdict but `insufficient`.
+pub const MIN_N: usize = 3;
+
+/// Evidence for one bin from paired scores (`a` reference, `b` cell).
+pub fn bin_evidence(
+    a: &[f64],
+    b: &[f64],
+    iters: usize,
+    ci: f64,
+    rng: &mut SplitMix64,
+) -> BinEvidence {
+    let n = a.len();
+    if n == 0 {
+        return BinEvidence {
+            lo: f64::NAN,
+            hi: f64::NAN,
+            loss_ub: 1.0,
+            loss: f64::NAN,
+            reference_mean: f64::NAN,
+            ..Default::default()
+        };
+    }
+    let (_, lo, hi) = paired_delta_ci(a, b, iters, ci, rng);
+    let losses: f64 = a.iter().zip(b).map(|(x, y)| (x - y).max(0.0)).sum();
+    BinEvidence {
+        n,
+        lo,
+        hi,
+        loss_ub: clopper_pearson_upper(losses, n, 1.0 - (1.0 - ci) / 2.0),
+        loss: losses / n as f64,
+        reference_mean: mean(a),
+    }
+}
+
+/// Judges one bin: uninformative when the full cache scores below `floor`;
+/// fails when the delta's CI lies below −`delta`; safe only when the loss's
+/// upper bound lies below `delta`; otherwise insufficient.
+pub fn verdict(e: &BinEvidence, delta: f64, floor: f64) -> BinVerdict {
+    if e.n < MIN_N {
+        return BinVerdict::Insufficient;
+    }
+    if e.reference_mean < floor {
+        return BinVerdict::Uninformative;
+    }
+    if e.hi < -delta {
+        return BinVerdict::Fails;
+    }
+    if e.loss_ub < delta {
+        return BinVerdict::Safe;
+    }
+    BinVerdict::Insufficient
+}
+
+/// The paired examples per bin that would show a bin safe at this loss rate
+/// (the smallest n whose loss bound falls below `delta`), if any would.
+pub fn n_to_show_safe(loss: f64, delta: f64, ci: f64) -> Option<usize> {
+    if !(loss.is_finite() && loss < delta) {
+        return None;
+    }
+    let conf = 1.0 - (1.0 - ci) / 2.0;
+    let ok = |n: usize| clopper_pearson_upper(loss * n as f64, n, conf) < delta;
+    let mut hi = MIN_N;
+    while !ok(hi) {
+        hi *= 2;
+        if hi > 1 << 20 {
+            return None;
+        }
+    }
+    let mut lo = hi / 2;
+    while lo + 1 < hi {
+        let mid = (lo + hi) / 2;
+        if ok(mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Some(hi)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Transition {
-    /// `detected`, `not_detected` or `insufficient_data`.
+    /// `reference`, `uninformative`, `safe`, `insufficient_data`,
+    /// `fails_every_length`, `fails_from_shortest`, `transition` (a safe bin,
+    /// then a failing one) or `fails_after_unclear` (a failing bin with no bin
+    /// before it shown safe).
     pub status: String,
     pub first_failing_bin: Option<i64>,
     pub last_safe_bin: Option<i64>,
@@ -164,54 +323,95 @@ pub struct Transition {
     /// Mean width of the paired-delta CIs over bins with data: high = unstable.
     pub instability: Option<f64>,
     pub bins_with_data: i64,
+    #[serde(default)]
+    pub bins_uninformative: i64,
+    /// Paired examples per bin that would settle the unsettled bins, when known.
+    #[serde(default)]
+    pub n_needed: Option<i64>,
 }
 
-/// Minimum examples in a bin for its delta to count.
-pub const MIN_N: usize = 3;
-
-/// Finds the first bin whose paired-delta CI lies entirely below −`delta`.
-/// `bins[i]` is `None` when bin i has no paired data; `edges` has one more
-/// element than `bins`.
-pub fn detect_transition(bins: &[Option<BinDelta>], edges: &[i64], delta: f64) -> Transition {
-    let usable: Vec<(usize, BinDelta)> = bins
+/// Summarises a budget's bins (in length order) into one outcome; `edges` has
+/// one more element than `bins`.
+pub fn summarize(
+    bins: &[BinEvidence],
+    edges: &[i64],
+    delta: f64,
+    floor: f64,
+    ci: f64,
+) -> Transition {
+    let verdicts: Vec<BinVerdict> = bins.iter().map(|e| verdict(e, delta, floor)).collect();
+    let with_data: Vec<usize> = (0..bins.len()).filter(|&i| bins[i].n >= MIN_N).collect();
+    let widths: Vec<f64> = with_data
         .iter()
-        .enumerate()
-        .filter_map(|(i, b)| {
-            b.filter(|b| b.n >= MIN_N && b.lo.is_finite())
-                .map(|b| (i, b))
-        })
+        .filter(|&&i| bins[i].lo.is_finite())
+        .map(|&i| bins[i].hi - bins[i].lo)
         .collect();
-    let instability = (!usable.is_empty())
-        .then(|| usable.iter().map(|(_, b)| b.hi - b.lo).sum::<f64>() / usable.len() as f64);
+    let informative: Vec<usize> = with_data
+        .iter()
+        .copied()
+        .filter(|&i| verdicts[i] != BinVerdict::Uninformative)
+        .collect();
     let mut t = Transition {
         status: "insufficient_data".into(),
         first_failing_bin: None,
         last_safe_bin: None,
         zone_lo_tokens: None,
         zone_hi_tokens: None,
-        instability,
-        bins_with_data: usable.len() as i64,
+        instability: (!widths.is_empty()).then(|| mean(&widths)),
+        bins_with_data: with_data.len() as i64,
+        bins_uninformative: (with_data.len() - informative.len()) as i64,
+        n_needed: None,
     };
-    if usable.len() < 2 {
+    if !with_data.is_empty() && informative.is_empty() {
+        t.status = "uninformative".into();
         return t;
     }
-    let Some(&(f, _)) = usable.iter().find(|(_, b)| b.hi < -delta) else {
-        t.status = "not_detected".into();
+    let unsettled: Vec<usize> = informative
+        .iter()
+        .copied()
+        .filter(|&i| verdicts[i] == BinVerdict::Insufficient)
+        .collect();
+    t.n_needed = unsettled
+        .iter()
+        .map(|&i| n_to_show_safe(bins[i].loss, delta, ci))
+        .collect::<Option<Vec<usize>>>()
+        .and_then(|v| v.into_iter().max())
+        .map(|n| n as i64);
+    let Some(&f) = informative
+        .iter()
+        .find(|&&i| verdicts[i] == BinVerdict::Fails)
+    else {
+        if !informative.is_empty() && unsettled.is_empty() && with_data.len() == bins.len() {
+            t.status = "safe".into();
+        }
         return t;
     };
-    t.status = "detected".into();
     t.first_failing_bin = Some(f as i64);
-    let safe = usable
-        .iter()
-        .filter(|(i, b)| *i < f && b.lo > -delta)
-        .map(|(i, _)| *i)
-        .next_back();
-    t.last_safe_bin = safe.map(|s| s as i64);
-    t.zone_lo_tokens = Some(match safe {
-        Some(s) => edges[s + 1],
-        None => edges[0],
-    });
     t.zone_hi_tokens = Some(edges[f + 1]);
+    if informative
+        .iter()
+        .all(|&i| verdicts[i] == BinVerdict::Fails)
+    {
+        t.status = "fails_every_length".into();
+        return t;
+    }
+    if informative.first() == Some(&f) {
+        t.status = "fails_from_shortest".into();
+        return t;
+    }
+    let safe = informative
+        .iter()
+        .copied()
+        .filter(|&i| i < f && verdicts[i] == BinVerdict::Safe)
+        .next_back();
+    match safe {
+        Some(s) => {
+            t.status = "transition".into();
+            t.last_safe_bin = Some(s as i64);
+            t.zone_lo_tokens = Some(edges[s + 1]);
+        }
+        None => t.status = "fails_after_unclear".into(),
+    }
     t
 }
 
@@ -276,55 +476,98 @@ mod tests {
         assert!((d - 0.1).abs() < 1e-12 && (lo - 0.1).abs() < 1e-12 && (hi - 0.1).abs() < 1e-12);
     }
 
-    fn bd(lo: f64, hi: f64) -> Option<BinDelta> {
-        Some(BinDelta { n: 10, lo, hi })
+    fn ev(lo: f64, hi: f64, loss: f64, loss_ub: f64) -> BinEvidence {
+        BinEvidence {
+            n: 40,
+            lo,
+            hi,
+            loss,
+            loss_ub,
+            reference_mean: 0.9,
+        }
+    }
+
+    const SAFE: (f64, f64, f64, f64) = (-0.05, 0.02, 0.0, 0.05);
+    const FAIL: (f64, f64, f64, f64) = (-0.6, -0.3, 0.45, 0.6);
+    const UNSURE: (f64, f64, f64, f64) = (-0.2, 0.05, 0.05, 0.2);
+
+    fn evs(v: &[(f64, f64, f64, f64)]) -> Vec<BinEvidence> {
+        v.iter().map(|&(a, b, c, d)| ev(a, b, c, d)).collect()
     }
 
     #[test]
-    fn transition_found_in_the_right_bin() {
+    fn a_real_zone_runs_from_the_last_safe_bin_to_the_first_failing_one() {
         let edges = [0, 100, 200, 300, 400];
-        let bins = [
-            bd(-0.05, 0.02),
-            bd(-0.08, 0.0),
-            bd(-0.6, -0.3),
-            bd(-0.9, -0.5),
-        ];
-        let t = detect_transition(&bins, &edges, 0.1);
-        assert_eq!(t.status, "detected");
-        assert_eq!(t.first_failing_bin, Some(2));
-        assert_eq!(t.last_safe_bin, Some(1));
+        let t = summarize(&evs(&[SAFE, SAFE, FAIL, FAIL]), &edges, 0.1, 0.1, 0.95);
+        assert_eq!(t.status, "transition");
+        assert_eq!((t.last_safe_bin, t.first_failing_bin), (Some(1), Some(2)));
         assert_eq!((t.zone_lo_tokens, t.zone_hi_tokens), (Some(200), Some(300)));
-        let w = (0.07 + 0.08 + 0.3 + 0.4) / 4.0;
-        assert!((t.instability.unwrap() - w).abs() < 1e-12);
     }
 
     #[test]
-    fn no_drop_is_not_detected_and_little_data_is_insufficient() {
+    fn a_loss_in_every_bin_is_length_independent_not_a_transition() {
         let edges = [0, 100, 200, 300];
-        let t = detect_transition(
-            &[bd(-0.05, 0.0), bd(-0.15, 0.05), bd(-0.2, 0.0)],
-            &edges,
-            0.1,
+        let t = summarize(&evs(&[FAIL, FAIL, FAIL]), &edges, 0.1, 0.1, 0.95);
+        assert_eq!(t.status, "fails_every_length");
+        assert_eq!(t.zone_lo_tokens, None);
+    }
+
+    #[test]
+    fn failing_from_the_shortest_bin_has_no_zone() {
+        let edges = [0, 100, 200, 300];
+        let t = summarize(&evs(&[FAIL, UNSURE, FAIL]), &edges, 0.1, 0.1, 0.95);
+        assert_eq!(t.status, "fails_from_shortest");
+        assert_eq!((t.first_failing_bin, t.zone_lo_tokens), (Some(0), None));
+        // A failing bin after bins never shown safe: no zone start either.
+        let t = summarize(&evs(&[UNSURE, FAIL, FAIL]), &edges, 0.1, 0.1, 0.95);
+        assert_eq!(t.status, "fails_after_unclear");
+        assert_eq!(t.zone_lo_tokens, None);
+    }
+
+    #[test]
+    fn safe_needs_evidence_and_the_floor_makes_bins_uninformative() {
+        let edges = [0, 100, 200];
+        assert_eq!(
+            summarize(&evs(&[SAFE, SAFE]), &edges, 0.1, 0.1, 0.95).status,
+            "safe"
         );
-        assert_eq!(t.status, "not_detected");
-        assert_eq!(t.first_failing_bin, None);
-        let t = detect_transition(&[bd(-0.9, -0.5), None, None], &edges, 0.1);
+        let t = summarize(&evs(&[SAFE, UNSURE]), &edges, 0.1, 0.1, 0.95);
         assert_eq!(t.status, "insufficient_data");
-        let few = Some(BinDelta {
-            n: 2,
-            lo: -1.0,
-            hi: -0.9,
-        });
-        let t = detect_transition(&[few, few, few], &edges, 0.1);
+        assert!(t.n_needed.unwrap() > 40, "{t:?}");
+        let mut floor = evs(&[SAFE, SAFE]);
+        for e in &mut floor {
+            e.reference_mean = 0.0;
+        }
+        let t = summarize(&floor, &edges, 0.1, 0.1, 0.95);
         assert_eq!(
-            (t.status.as_str(), t.bins_with_data),
-            ("insufficient_data", 0)
+            (t.status.as_str(), t.bins_uninformative),
+            ("uninformative", 2)
         );
-        // A drop already in the first bin: no safe bin, zone starts at the first edge.
-        let t = detect_transition(&[bd(-0.9, -0.5), bd(-0.9, -0.5), None], &edges, 0.1);
-        assert_eq!(
-            (t.last_safe_bin, t.zone_lo_tokens, t.zone_hi_tokens),
-            (None, Some(0), Some(100))
-        );
+    }
+
+    #[test]
+    fn four_of_four_right_is_not_evidence_of_safety() {
+        // All right in both cells: the bootstrap CI is [0, 0], but a true loss of
+        // 0.3 gives 4 of 4 right a quarter of the time.
+        let a = [1.0; 4];
+        let e = bin_evidence(&a, &a, 1000, 0.95, &mut SplitMix64::new(1));
+        assert_eq!((e.lo, e.hi), (0.0, 0.0));
+        assert_eq!(verdict(&e, 0.1, 0.1), BinVerdict::Insufficient);
+        // Zero losses out of n: safe from n = 36 on (1 − 0.025^(1/n) < 0.1).
+        assert_eq!(n_to_show_safe(0.0, 0.1, 0.95), Some(36));
+        let a40 = [1.0; 40];
+        let e = bin_evidence(&a40, &a40, 1000, 0.95, &mut SplitMix64::new(1));
+        assert_eq!(verdict(&e, 0.1, 0.1), BinVerdict::Safe);
+    }
+
+    #[test]
+    fn clopper_pearson_by_hand() {
+        // 0 of n: 1 − (1 − conf)^(1/n).
+        let u = clopper_pearson_upper(0.0, 10, 0.975);
+        assert!((u - (1.0 - 0.025f64.powf(0.1))).abs() < 1e-9, "{u}");
+        // n of n: 1.
+        assert_eq!(clopper_pearson_upper(5.0, 5, 0.975), 1.0);
+        // 1 of 10 at 97.5 %: 0.4450 (tables).
+        assert!((clopper_pearson_upper(1.0, 10, 0.975) - 0.4450).abs() < 1e-3);
     }
 }

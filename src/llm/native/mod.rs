@@ -125,7 +125,12 @@ struct Prefill {
 
 impl Prefill {
     fn bytes(&self) -> usize {
-        let kv: usize = self.cache.layers.iter().map(|l| (l.k.len() + l.v.len()) * 4).sum();
+        let kv: usize = self
+            .cache
+            .layers
+            .iter()
+            .map(|l| (l.k.len() + l.v.len()) * 4)
+            .sum();
         kv + self.at_end.bytes() + self.at_split.as_ref().map_or(0, Observer::bytes)
     }
 }
@@ -184,8 +189,8 @@ pub fn resolve_model_path(configured: Option<&str>, root: &Path) -> Result<PathB
 impl NativeEngine {
     pub fn load(path: &Path, prefill_cache_mib: usize) -> Result<NativeEngine> {
         let (ct, mut f) = tokenizer::read_content(path)?;
-        let tok = GgufTokenizer::from_gguf(&ct)
-            .map_err(|e| anyhow!("`{}`: {e}", path.display()))?;
+        let tok =
+            GgufTokenizer::from_gguf(&ct).map_err(|e| anyhow!("`{}`: {e}", path.display()))?;
         let model = Llama::load(&ct, &mut f, path)?;
         Ok(NativeEngine {
             model,
@@ -226,7 +231,11 @@ impl NativeEngine {
         let text = self.tok.render_chat(messages);
         let enc = self.tok.encode_with_offsets(&text)?;
         let split = match question_offset(&text) {
-            Some(off) => enc.1.iter().position(|&(s, _)| s >= off).unwrap_or(enc.0.len()),
+            Some(off) => enc
+                .1
+                .iter()
+                .position(|&(s, _)| s >= off)
+                .unwrap_or(enc.0.len()),
             None => enc.0.len(),
         };
         Ok((enc.0, split))
@@ -248,7 +257,9 @@ impl NativeEngine {
             .clone();
         let _held = gate.lock().expect("prefill gate");
         if let Some(p) = self.cached(&key) {
-            self.counters.prefills_reused.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .prefills_reused
+                .fetch_add(1, Ordering::Relaxed);
             return Ok((p, true));
         }
         let t0 = Instant::now();
@@ -256,19 +267,24 @@ impl NativeEngine {
         let s = tokens.len();
         let mut cache = self.model.empty_cache(KvQuant::F16);
         let mut at_end = Observer::new(hp.n_layer, hp.n_head, s, window);
-        let mut at_split =
-            (split < s).then(|| Observer::new(hp.n_layer, hp.n_head, split, window));
+        let mut at_split = (split < s).then(|| Observer::new(hp.n_layer, hp.n_head, split, window));
         let mut logits = Vec::new();
         // Chunks never straddle the split, so the context's statistics close there.
         const CHUNK: usize = 256;
         let mut pos = 0;
         while pos < s {
-            let end = if pos < split { split.min(pos + CHUNK) } else { s.min(pos + CHUNK) };
+            let end = if pos < split {
+                split.min(pos + CHUNK)
+            } else {
+                s.min(pos + CHUNK)
+            };
             let mut obs: Vec<&mut Observer> = vec![&mut at_end];
             if let Some(o) = at_split.as_mut() {
                 obs.push(o);
             }
-            logits = self.model.forward(&tokens[pos..end], pos, &mut cache, &mut obs)?;
+            logits = self
+                .model
+                .forward(&tokens[pos..end], pos, &mut cache, &mut obs)?;
             pos = end;
         }
         let p = Arc::new(Prefill {
@@ -281,7 +297,9 @@ impl NativeEngine {
             ms: t0.elapsed().as_secs_f64() * 1000.0,
         });
         self.counters.prefills.fetch_add(1, Ordering::Relaxed);
-        self.counters.prefill_tokens.fetch_add(s as u64, Ordering::Relaxed);
+        self.counters
+            .prefill_tokens
+            .fetch_add(s as u64, Ordering::Relaxed);
         self.remember(key, p.clone());
         Ok((p, false))
     }
@@ -326,7 +344,12 @@ impl NativeEngine {
             h.update(&(window as u64).to_le_bytes());
             h.finalize()
         };
-        if let Some(a) = self.ready.lock().expect("ready").remove(&key_of(&req.cell, pf_key)) {
+        if let Some(a) = self
+            .ready
+            .lock()
+            .expect("ready")
+            .remove(&key_of(&req.cell, pf_key))
+        {
             self.counters.answers.fetch_add(1, Ordering::Relaxed);
             return Ok(a);
         }
@@ -452,8 +475,12 @@ impl NativeEngine {
             pos += 1;
         }
         let decode_ms = t0.elapsed().as_secs_f64() * 1000.0;
-        self.counters.decode_tokens.fetch_add(out.len() as u64, Ordering::Relaxed);
-        self.counters.kv_bytes_last.store(kv_bytes, Ordering::Relaxed);
+        self.counters
+            .decode_tokens
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        self.counters
+            .kv_bytes_last
+            .store(kv_bytes, Ordering::Relaxed);
         Ok(NativeAnswer {
             text: self.tok.decode(&out)?,
             finish_reason: finish.into(),
@@ -500,6 +527,7 @@ pub fn outcome(a: &NativeAnswer) -> crate::llm::Outcome {
         finish_reason: Some(a.finish_reason.clone()),
         prompt_tokens: Some(a.prompt_tokens),
         completion_tokens: Some(a.completion_tokens),
+        engine: Some("native".into()),
         is_final: true,
         ..Default::default()
     };

@@ -92,7 +92,15 @@ impl Observer {
     }
 
     /// Adds one chunk's attention `[G, group, T, S]` (queries at `pos0..`).
-    fn add(&mut self, layer: usize, p: &Tensor, pos0: usize, h: usize, t: usize, s: usize) -> Result<()> {
+    fn add(
+        &mut self,
+        layer: usize,
+        p: &Tensor,
+        pos0: usize,
+        h: usize,
+        t: usize,
+        s: usize,
+    ) -> Result<()> {
         if pos0 >= self.s_final {
             return Ok(());
         }
@@ -155,7 +163,8 @@ impl Llama {
                 path.display()
             );
         }
-        let u = |k: &str| -> Result<usize> { Ok(md(ct, &format!("llama.{k}"))?.to_u32()? as usize) };
+        let u =
+            |k: &str| -> Result<usize> { Ok(md(ct, &format!("llama.{k}"))?.to_u32()? as usize) };
         let hidden = u("embedding_length")?;
         let n_head = u("attention.head_count")?;
         let hp = Hparams {
@@ -279,9 +288,24 @@ impl Llama {
         for (li, layer) in self.layers.iter().enumerate() {
             let xn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, hp.eps)?;
             // [T, H·D] → [1, H, T, D], RoPE (interleaved pairs, as GGUF's llama stores Q and K).
-            let q = layer.wq.forward(&xn)?.reshape((1, t, h, d))?.transpose(1, 2)?.contiguous()?;
-            let k = layer.wk.forward(&xn)?.reshape((1, t, g, d))?.transpose(1, 2)?.contiguous()?;
-            let v = layer.wv.forward(&xn)?.reshape((1, t, g, d))?.transpose(1, 2)?.contiguous()?;
+            let q = layer
+                .wq
+                .forward(&xn)?
+                .reshape((1, t, h, d))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let k = layer
+                .wk
+                .forward(&xn)?
+                .reshape((1, t, g, d))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let v = layer
+                .wv
+                .forward(&xn)?
+                .reshape((1, t, g, d))?
+                .transpose(1, 2)?
+                .contiguous()?;
             let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
             // Append to the cache ([G][S][D] rows), quantised as the cache is.
@@ -340,7 +364,15 @@ fn interleave(old: &[f32], new: &[f32], g: usize, past: usize, t: usize, d: usiz
 fn causal_mask(t: usize, past: usize, dev: &Device) -> Result<Tensor> {
     let s = past + t;
     let m: Vec<f32> = (0..t)
-        .flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j <= past + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     Ok(Tensor::from_vec(m, (t, s), dev)?)
 }

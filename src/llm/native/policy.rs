@@ -110,7 +110,12 @@ pub fn pyramid_n_kept(k_len: usize, p: &PolicyParams, layer: usize, n_layers: us
 }
 
 /// Which positions each KV head keeps, sorted: `[n_kv_head][n_kept]`.
-pub fn select(obs: &LayerObservation, p: &PolicyParams, layer: usize, n_layers: usize) -> Vec<Vec<usize>> {
+pub fn select(
+    obs: &LayerObservation,
+    p: &PolicyParams,
+    layer: usize,
+    n_layers: usize,
+) -> Vec<Vec<usize>> {
     let k_len = obs.k_len;
     let keep = match p.policy {
         Policy::Pyramidkv => pyramid_n_kept(k_len, p, layer, n_layers),
@@ -120,10 +125,7 @@ pub fn select(obs: &LayerObservation, p: &PolicyParams, layer: usize, n_layers: 
         return vec![(0..k_len).collect(); obs.n_kv_head];
     }
     let scores = scores(obs, p, layer);
-    scores
-        .iter()
-        .map(|s| top_positions(s, keep))
-        .collect()
+    scores.iter().map(|s| top_positions(s, keep)).collect()
 }
 
 /// The `k` highest scores' positions, ties to the lower position, sorted.
@@ -159,7 +161,13 @@ pub fn scores(obs: &LayerObservation, p: &PolicyParams, layer: usize) -> Vec<Vec
             let sinks = p.sinks.min(keep);
             let pruned = n - keep;
             let row: Vec<f32> = (0..n)
-                .map(|j| if j >= sinks && j < sinks + pruned { 0.0 } else { 1.0 })
+                .map(|j| {
+                    if j >= sinks && j < sinks + pruned {
+                        0.0
+                    } else {
+                        1.0
+                    }
+                })
                 .collect();
             vec![row; kv]
         }

@@ -123,7 +123,9 @@ mod tests {
 
     #[test]
     fn blocks_are_independent_and_sizes_follow_the_format() {
-        let mut x: Vec<f32> = (0..64).map(|i| if i < 32 { 100.0 } else { 0.001 * i as f32 }).collect();
+        let mut x: Vec<f32> = (0..64)
+            .map(|i| if i < 32 { 100.0 } else { 0.001 * i as f32 })
+            .collect();
         KvQuant::Q8_0.round_trip(&mut x);
         // The second block's small values keep their own scale.
         assert!((x[40] - 0.040).abs() < 0.0005, "{}", x[40]);

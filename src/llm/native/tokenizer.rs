@@ -40,7 +40,11 @@ impl GgufTokenizer {
             .unwrap_or_default();
         let tokens = md(ct, "tokenizer.ggml.tokens")?.to_vec()?;
         let types: Vec<i32> = match ct.metadata.get("tokenizer.ggml.token_type") {
-            Some(v) => v.to_vec()?.iter().map(|t| t.to_i32().unwrap_or(1)).collect(),
+            Some(v) => v
+                .to_vec()?
+                .iter()
+                .map(|t| t.to_i32().unwrap_or(1))
+                .collect(),
             None => vec![1; tokens.len()],
         };
         let merges = md(ct, "tokenizer.ggml.merges")?.to_vec()?;
@@ -50,8 +54,10 @@ impl GgufTokenizer {
             let t = t.to_string()?.clone();
             // Type 3 is a control token (`<|im_start|>`, `<|endoftext|>`, …).
             if types.get(id) == Some(&3) {
-                added.push(json!({"id": id, "content": t, "single_word": false, "lstrip": false,
-                    "rstrip": false, "normalized": false, "special": true}));
+                added.push(
+                    json!({"id": id, "content": t, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": true}),
+                );
             }
             vocab.insert(t, json!(id));
         }
@@ -96,7 +102,9 @@ impl GgufTokenizer {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .unwrap_or_default();
-        let chat = if template.contains("<|im_start|>") || inner.token_to_id("<|im_start|>").is_some() {
+        let chat = if template.contains("<|im_start|>")
+            || inner.token_to_id("<|im_start|>").is_some()
+        {
             ChatTemplate::ChatMl
         } else {
             bail!("the GGUF file's chat template is not ChatML; the native engine renders ChatML only (use `engine.api: completions` for plain prompts)");
