@@ -570,4 +570,98 @@ mod tests {
         // 1 of 10 at 97.5 %: 0.4450 (tables).
         assert!((clopper_pearson_upper(1.0, 10, 0.975) - 0.4450).abs() < 1e-3);
     }
+
+    /// Exact coverage of the Wilson interval: the probability, over Binomial(n, p),
+    /// that the interval holds p.
+    fn wilson_coverage(n: usize, p: f64, ci: f64) -> f64 {
+        let mut log_pmf = n as f64 * (1.0 - p).ln();
+        let mut cov = 0.0;
+        for k in 0..=n {
+            if k > 0 {
+                log_pmf += ((n - k + 1) as f64 / k as f64).ln() + p.ln() - (1.0 - p).ln();
+            }
+            let (lo, hi) = wilson(k, n, ci);
+            if lo <= p && p <= hi {
+                cov += log_pmf.exp();
+            }
+        }
+        cov
+    }
+
+    /// Simulated paired bins: the reference is right with probability `p`; the
+    /// cell loses a right answer with probability `q` and, independently, keeps
+    /// or flips nothing else. Returns (P(fails), P(safe)) for one bin.
+    fn rule_rates(n: usize, p: f64, q: f64, runs: usize, seed: u64) -> (f64, f64) {
+        let mut rng = SplitMix64::new(seed);
+        let unit = |r: &mut SplitMix64| (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let (mut fails, mut safe) = (0, 0);
+        for _ in 0..runs {
+            let a: Vec<f64> = (0..n).map(|_| f64::from(unit(&mut rng) < p)).collect();
+            let b: Vec<f64> = a
+                .iter()
+                .map(|&x| if x == 1.0 && unit(&mut rng) < q { 0.0 } else { x })
+                .collect();
+            let e = bin_evidence(&a, &b, 400, 0.95, &mut rng);
+            match verdict(&e, 0.1, 0.1) {
+                BinVerdict::Fails => fails += 1,
+                BinVerdict::Safe => safe += 1,
+                _ => {}
+            }
+        }
+        (fails as f64 / runs as f64, safe as f64 / runs as f64)
+    }
+
+    /// The figures in docs/STATISTICS.md come from this test (`cargo test --lib
+    /// statistical_validity -- --nocapture` prints them).
+    #[test]
+    fn statistical_validity_measured() {
+        // Bin means of right/wrong scores: Wilson covers at its nominal level.
+        for n in [40, 200] {
+            for p in [0.5, 0.9, 0.99] {
+                let c = wilson_coverage(n, p, 0.95);
+                eprintln!("wilson coverage n={n} p={p}: {c:.3}");
+                assert!((0.92..=0.97).contains(&c), "n={n} p={p}: {c}");
+            }
+        }
+        // No effect (the cell answers exactly as the full cache): never fails,
+        // and with 50 examples the bin is shown safe.
+        let (f, s) = rule_rates(50, 0.9, 0.0, 300, 1);
+        eprintln!("no effect, n=50: P(fails)={f:.3} P(safe)={s:.3}");
+        assert_eq!(f, 0.0);
+        assert!(s > 0.95, "{s}");
+        // False positives over 5 bins of 40: the cell answers independently of
+        // the full cache with the same accuracy (no true loss, the noisiest
+        // pairing); the chance that any bin of the budget "fails" stays ≤ 5 %.
+        let mut rng = SplitMix64::new(2);
+        let unit = |r: &mut SplitMix64| (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let runs = 200;
+        let mut budgets_failing = 0;
+        for _ in 0..runs {
+            let mut any = false;
+            for _ in 0..5 {
+                let a: Vec<f64> = (0..40).map(|_| f64::from(unit(&mut rng) < 0.7)).collect();
+                let b: Vec<f64> = (0..40).map(|_| f64::from(unit(&mut rng) < 0.7)).collect();
+                let e = bin_evidence(&a, &b, 400, 0.95, &mut rng);
+                any |= verdict(&e, 0.1, 0.1) == BinVerdict::Fails;
+            }
+            budgets_failing += usize::from(any);
+        }
+        let fp_budget = budgets_failing as f64 / runs as f64;
+        eprintln!("false-positive rate per budget over 5 bins of 40 (independent, p=0.7): {fp_budget:.3}");
+        assert!(fp_budget <= 0.05, "{fp_budget}");
+        // A true drop of δ = 0.1 (p = 0.9, a tenth of right answers lost... q = 1/9)
+        // with 50 examples: the rule calls it failing rarely (its CI must clear −δ),
+        // and never calls it safe.
+        let (f, s) = rule_rates(50, 0.9, 0.1 / 0.9, 300, 3);
+        eprintln!("true drop 0.1, n=50: P(fails)={f:.3} P(safe)={s:.3}");
+        assert!(s < 0.05, "{s}");
+        // A drop of 0.2 is never called safe (the old rule's blind spot), and a
+        // drop of 0.3 is found most of the time.
+        let (_, s) = rule_rates(50, 0.9, 0.2 / 0.9, 300, 4);
+        eprintln!("true drop 0.2, n=50: P(safe)={s:.3}");
+        assert_eq!(s, 0.0);
+        let (f, _) = rule_rates(50, 0.9, 0.3 / 0.9, 300, 5);
+        eprintln!("true drop 0.3, n=50: P(fails)={f:.3}");
+        assert!(f > 0.8, "{f}");
+    }
 }
