@@ -101,3 +101,60 @@ fn external_input_changed_and_fresh() {
     p.write("input.txt", "another text\n");
     insta::assert_snapshot!("external_text", graph(&p, "text", &[], &[]));
 }
+
+/// A change deep in a section names its dotted key, with old → new values cut
+/// to a readable width; the JSON form keeps the whole values.
+#[test]
+fn stale_reasons_name_dotted_keys_with_short_values() {
+    let p = Project::new();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for f in ["pipelines/default.yaml", "config/experiments/sanity.yaml"] {
+        p.write(f, &std::fs::read_to_string(repo.join(f)).unwrap());
+    }
+    let out = p
+        .kvt()
+        .args([
+            "build",
+            "report",
+            "-q",
+            "-c",
+            "config/experiments/sanity.yaml",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let long = format!(
+        "system={}",
+        "You answer questions about a document. ".repeat(40)
+    );
+    let run = |format: &str| {
+        let out = p
+            .kvt()
+            .args([
+                "graph",
+                "infer",
+                "-c",
+                "config/experiments/sanity.yaml",
+                "--format",
+                format,
+            ])
+            .args(["--set", &format!("prompt.{long}")])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        normalize(&stdout_of(&out))
+    };
+    let text = run("text");
+    insta::assert_snapshot!("dotted_key_text", text);
+    assert!(text.lines().all(|l| l.chars().count() < 200), "{text}");
+    let json = run("json");
+    assert!(json.contains("\"prompt.system\""), "{json}");
+    assert!(
+        json.contains(
+            "You answer questions about a document. "
+                .repeat(40)
+                .trim_end()
+        ),
+        "the JSON keeps the whole value"
+    );
+}

@@ -73,11 +73,43 @@ pub enum StaleReason {
     ResultNotCached,
 }
 
+/// Values in stale reasons are cut to this many characters in text (the JSON
+/// form keeps them whole).
+const SHOW_WIDTH: usize = 60;
+
 fn show(v: &Option<Value>) -> String {
     match v {
-        Some(v) => v.to_string(),
+        Some(v) => {
+            let s = v.to_string();
+            if s.chars().count() > SHOW_WIDTH {
+                let cut: String = s.chars().take(SHOW_WIDTH - 1).collect();
+                format!("{cut}…")
+            } else {
+                s
+            }
+        }
         None => "(absent)".into(),
     }
+}
+
+/// One reason per changed leaf: objects are compared key by key, so a change
+/// deep in a section names its dotted key, not the whole section.
+fn diff_config(path: &str, old: Option<&Value>, new: Option<&Value>, out: &mut Vec<StaleReason>) {
+    if old == new {
+        return;
+    }
+    if let (Some(Value::Object(a)), Some(Value::Object(b))) = (old, new) {
+        let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        for k in keys {
+            diff_config(&format!("{path}.{k}"), a.get(k), b.get(k), out);
+        }
+        return;
+    }
+    out.push(StaleReason::ConfigChanged {
+        path: path.to_string(),
+        old: old.cloned(),
+        new: new.cloned(),
+    });
 }
 
 impl std::fmt::Display for StaleReason {
@@ -285,14 +317,7 @@ pub fn decide(ws: &Workspace, spec: &NodeSpec, keyed: &KeyedNode, forced: bool) 
     let paths: std::collections::BTreeSet<&String> =
         last.config.keys().chain(keyed.slice.keys()).collect();
     for p in paths {
-        let (old, new) = (last.config.get(p), keyed.slice.get(p));
-        if old != new {
-            reasons.push(StaleReason::ConfigChanged {
-                path: p.clone(),
-                old: old.cloned(),
-                new: new.cloned(),
-            });
-        }
+        diff_config(p, last.config.get(p), keyed.slice.get(p), &mut reasons);
     }
     if last.fingerprint != keyed.fingerprint {
         reasons.push(StaleReason::ExternalChanged {

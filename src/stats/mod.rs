@@ -599,7 +599,13 @@ mod tests {
             let a: Vec<f64> = (0..n).map(|_| f64::from(unit(&mut rng) < p)).collect();
             let b: Vec<f64> = a
                 .iter()
-                .map(|&x| if x == 1.0 && unit(&mut rng) < q { 0.0 } else { x })
+                .map(|&x| {
+                    if x == 1.0 && unit(&mut rng) < q {
+                        0.0
+                    } else {
+                        x
+                    }
+                })
                 .collect();
             let e = bin_evidence(&a, &b, 400, 0.95, &mut rng);
             match verdict(&e, 0.1, 0.1) {
@@ -647,7 +653,9 @@ mod tests {
             budgets_failing += usize::from(any);
         }
         let fp_budget = budgets_failing as f64 / runs as f64;
-        eprintln!("false-positive rate per budget over 5 bins of 40 (independent, p=0.7): {fp_budget:.3}");
+        eprintln!(
+            "false-positive rate per budget over 5 bins of 40 (independent, p=0.7): {fp_budget:.3}"
+        );
         assert!(fp_budget <= 0.05, "{fp_budget}");
         // A true drop of δ = 0.1 (p = 0.9, a tenth of right answers lost... q = 1/9)
         // with 50 examples: the rule calls it failing rarely (its CI must clear −δ),
