@@ -111,7 +111,10 @@ fn analyze_3_budgets_5_bins_200_examples_b2000(b: divan::Bencher) {
             seed: 0,
             ci: 0.95,
         },
-        transition: Transition { delta: 0.1 },
+        transition: Transition {
+            delta: 0.1,
+            floor: 0.1,
+        },
     };
     let g = KvGeometry {
         layers: 32,

@@ -26,7 +26,7 @@ pub fn init_fonts() -> Result<()> {
 
 /// Distinct, colour-blind-friendly colours (Okabe–Ito), then a fallback palette.
 pub fn color(i: usize) -> RGBColor {
-    const C: [RGBColor; 7] = [
+    const C: [RGBColor; 11] = [
         RGBColor(0, 114, 178),
         RGBColor(213, 94, 0),
         RGBColor(0, 158, 115),
@@ -34,6 +34,10 @@ pub fn color(i: usize) -> RGBColor {
         RGBColor(230, 159, 0),
         RGBColor(86, 180, 233),
         RGBColor(120, 120, 120),
+        RGBColor(40, 40, 40),
+        RGBColor(140, 80, 20),
+        RGBColor(110, 60, 160),
+        RGBColor(120, 120, 0),
     ];
     if i < C.len() {
         C[i]
@@ -46,12 +50,18 @@ pub fn color(i: usize) -> RGBColor {
 pub struct Point {
     pub y: Option<f64>,
     pub band: Option<(f64, f64)>,
+    /// Drawn with a red ring: the bin fails.
+    pub flagged: bool,
 }
 
 pub struct Series {
     pub name: String,
-    /// Index into the colour list: the same budget has the same colour in every panel.
+    /// Index into the colour list: the same budget has the same colour in
+    /// every panel and every experiment.
     pub color: usize,
+    /// Marker shape (0 circle, 1 triangle, 2 square, 3 diamond, …), so series
+    /// that coincide stay apart even where their colours are hidden.
+    pub marker: usize,
     pub points: Vec<Point>,
 }
 
@@ -75,8 +85,34 @@ pub struct HeatMap {
     pub col_labels: Vec<String>,
     /// `cells[row][col]`; `None` is drawn grey.
     pub cells: Vec<Vec<Option<f64>>>,
+    /// Cells whose CI excludes zero (marked with `*`).
+    pub excludes_zero: Vec<Vec<bool>>,
     /// Values map onto red (−limit) … white (0) … blue (+limit).
     pub limit: f64,
+}
+
+type Chart2d<'a, DB> = ChartContext<
+    'a,
+    DB,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+fn draw_marker<DB: DrawingBackend>(
+    chart: &mut Chart2d<'_, DB>,
+    at: (f64, f64),
+    marker: usize,
+    c: RGBColor,
+) -> Result<()> {
+    let style = c.filled();
+    let shape: DynElement<DB, (f64, f64)> = match marker % 4 {
+        0 => Circle::new(at, 6, style).into_dyn(),
+        1 => TriangleMarker::new(at, 8, style).into_dyn(),
+        2 => (EmptyElement::at(at) + Rectangle::new([(-5, -5), (5, 5)], style)).into_dyn(),
+        _ => (EmptyElement::at(at) + Polygon::new(vec![(0, -7), (7, 0), (0, 7), (-7, 0)], style))
+            .into_dyn(),
+    };
+    chart.plotting_area().draw(&shape).map_err(err)?;
+    Ok(())
 }
 
 fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
@@ -86,11 +122,12 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
 fn draw_lines<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, p: &LinePlot) -> Result<()> {
     root.fill(&WHITE).map_err(err)?;
     let root = root.titled(&p.title, (FONT, 26)).map_err(err)?;
-    let panels = root.split_evenly((1, p.panels.len().max(1)));
+    // The legend sits in its own strip under the panels, never over the data.
+    let (_, h) = root.dim_in_pixel();
+    let (plots, legend) = root.split_vertically(h.saturating_sub(46));
+    let panels = plots.split_evenly((1, p.panels.len().max(1)));
     let n = p.x_labels.len().max(1);
     let (y0, y1) = p.y_range;
-    // Room below the data for the legend, so it never hides a line or a band.
-    let legend_room = (y1 - y0) * 0.42;
     for (area, panel) in panels.iter().zip(&p.panels) {
         let labels = p.x_labels.clone();
         let mut chart = ChartBuilder::on(area)
@@ -98,7 +135,9 @@ fn draw_lines<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, p: &LinePlot) -
             .margin(14)
             .x_label_area_size(56)
             .y_label_area_size(64)
-            .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), (y0 - legend_room)..y1)
+            // A little headroom so points at the top stay clear of the caption;
+            // no tick is drawn above the range's top.
+            .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), y0..(y1 + (y1 - y0) * 0.03))
             .map_err(err)?;
         chart
             .configure_mesh()
@@ -113,7 +152,7 @@ fn draw_lines<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, p: &LinePlot) -
             })
             .y_label_formatter(&|y| {
                 let v = if y.abs() < 1e-9 { 0.0 } else { *y };
-                if v < y0 - 1e-9 {
+                if v > y1 + 1e-9 {
                     String::new()
                 } else if y1 - y0 > 20.0 {
                     format!("{v:.0}")
@@ -129,46 +168,104 @@ fn draw_lines<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, p: &LinePlot) -
             .bold_line_style(RGBColor(225, 225, 225))
             .draw()
             .map_err(err)?;
-        for s in &panel.series {
+        let m = panel.series.len().max(1) as f64;
+        for (k, s) in panel.series.iter().enumerate() {
             let c = color(s.color);
-            // CI band: a translucent polygon from the lower edge out and the upper edge back.
+            // A small sideways offset per series keeps coinciding lines apart.
+            let dx = (k as f64 - (m - 1.0) / 2.0) * (0.25 / m).min(0.06);
             let band: Vec<(f64, (f64, f64))> = s
                 .points
                 .iter()
                 .enumerate()
-                .filter_map(|(x, pt)| pt.band.map(|b| (x as f64, b)))
+                .filter_map(|(x, pt)| pt.band.map(|b| (x as f64 + dx, b)))
                 .collect();
             if band.len() >= 2 {
                 let mut poly: Vec<(f64, f64)> = band.iter().map(|(x, (lo, _))| (*x, *lo)).collect();
                 poly.extend(band.iter().rev().map(|(x, (_, hi))| (*x, *hi)));
                 chart
-                    .draw_series(std::iter::once(Polygon::new(poly, c.mix(0.13).filled())))
+                    .draw_series(std::iter::once(Polygon::new(poly, c.mix(0.10).filled())))
                     .map_err(err)?;
             }
-            let pts: Vec<(f64, f64)> = s
+            let pts: Vec<(f64, f64, bool)> = s
                 .points
                 .iter()
                 .enumerate()
-                .filter_map(|(x, pt)| pt.y.map(|y| (x as f64, y)))
+                .filter_map(|(x, pt)| pt.y.map(|y| (x as f64 + dx, y, pt.flagged)))
                 .collect();
             chart
-                .draw_series(LineSeries::new(pts.clone(), c.stroke_width(3)))
-                .map_err(err)?
-                .label(&s.name)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3))
-                });
-            chart
-                .draw_series(pts.iter().map(|&p| Circle::new(p, 5, c.filled())))
+                .draw_series(LineSeries::new(
+                    pts.iter().map(|p| (p.0, p.1)),
+                    c.stroke_width(3),
+                ))
                 .map_err(err)?;
+            for &(x, y, flagged) in &pts {
+                draw_marker(&mut chart, (x, y), s.marker, c)?;
+                if flagged {
+                    chart
+                        .plotting_area()
+                        .draw(&Circle::new(
+                            (x, y),
+                            11,
+                            RGBColor(200, 0, 0).stroke_width(2),
+                        ))
+                        .map_err(err)?;
+                }
+            }
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerLeft)
-            .label_font((FONT, 14))
-            .background_style(WHITE.mix(0.9))
-            .border_style(RGBColor(190, 190, 190))
-            .draw()
+    }
+    // One legend for the figure: every series name once, with its colour and marker.
+    let mut seen: Vec<(&str, usize, usize)> = Vec::new();
+    for s in p.panels.iter().flat_map(|p| &p.series) {
+        if !seen.iter().any(|e| e.0 == s.name) {
+            seen.push((&s.name, s.color, s.marker));
+        }
+    }
+    let any_flag = p
+        .panels
+        .iter()
+        .flat_map(|p| &p.series)
+        .any(|s| s.points.iter().any(|pt| pt.flagged));
+    let mut x = 20i32;
+    let y = 22i32;
+    let font = TextStyle::from((FONT, 15).into_font());
+    for (name, ci, marker) in seen {
+        let c = color(ci);
+        legend
+            .draw(&PathElement::new(
+                vec![(x, y), (x + 28, y)],
+                c.stroke_width(3),
+            ))
+            .map_err(err)?;
+        let shape: DynElement<DB, (i32, i32)> = match marker % 4 {
+            0 => Circle::new((x + 14, y), 6, c.filled()).into_dyn(),
+            1 => TriangleMarker::new((x + 14, y), 8, c.filled()).into_dyn(),
+            2 => Rectangle::new([(x + 9, y - 5), (x + 19, y + 5)], c.filled()).into_dyn(),
+            _ => Polygon::new(
+                vec![(x + 14, y - 7), (x + 21, y), (x + 14, y + 7), (x + 7, y)],
+                c.filled(),
+            )
+            .into_dyn(),
+        };
+        legend.draw(&shape).map_err(err)?;
+        legend
+            .draw(&Text::new(name.to_string(), (x + 34, y - 8), font.clone()))
+            .map_err(err)?;
+        x += 44 + 9 * name.chars().count() as i32;
+    }
+    if any_flag {
+        legend
+            .draw(&Circle::new(
+                (x + 14, y),
+                10,
+                RGBColor(200, 0, 0).stroke_width(2),
+            ))
+            .map_err(err)?;
+        legend
+            .draw(&Text::new(
+                "fails in this bin".to_string(),
+                (x + 32, y - 8),
+                font,
+            ))
             .map_err(err)?;
     }
     root.present().map_err(err)?;
@@ -191,11 +288,20 @@ fn draw_heat<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, h: &HeatMap) -> 
     let (rows, cols) = (h.row_labels.len().max(1), h.col_labels.len().max(1));
     let rl = h.row_labels.clone();
     let cl = h.col_labels.clone();
-    let mut chart = ChartBuilder::on(root)
+    // A colour scale on the right.
+    let (w, _) = root.dim_in_pixel();
+    let (main, scale) = root.split_horizontally(w.saturating_sub(110));
+    let longest = h
+        .row_labels
+        .iter()
+        .map(|l| l.chars().count())
+        .max()
+        .unwrap_or(4) as u32;
+    let mut chart = ChartBuilder::on(&main)
         .caption(&h.title, (FONT, 26))
         .margin(16)
         .x_label_area_size(64)
-        .y_label_area_size(150)
+        .y_label_area_size((longest * 9 + 24).max(120))
         .build_cartesian_2d(0f64..cols as f64, 0f64..rows as f64)
         .map_err(err)?;
     chart
@@ -246,8 +352,14 @@ fn draw_heat<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, h: &HeatMap) -> 
                     WHITE.stroke_width(2),
                 )))
                 .map_err(err)?;
+            let star = h
+                .excludes_zero
+                .get(r)
+                .and_then(|row| row.get(c))
+                .copied()
+                .unwrap_or(false);
             let text = match v {
-                Some(v) => format!("{v:+.2}"),
+                Some(v) => format!("{v:+.2}{}", if star { "*" } else { "" }),
                 None => "n/a".into(),
             };
             let dark = v.is_some_and(|v| (v / h.limit).abs() > 0.6);
@@ -262,6 +374,43 @@ fn draw_heat<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, h: &HeatMap) -> 
                 .map_err(err)?;
         }
     }
+    let (_, sh) = scale.dim_in_pixel();
+    let (top, bottom) = (70i32, sh as i32 - 90);
+    let steps = 40;
+    for i in 0..steps {
+        let v = h.limit - 2.0 * h.limit * i as f64 / (steps - 1) as f64;
+        let y0 = top + (bottom - top) * i / steps;
+        let y1 = top + (bottom - top) * (i + 1) / steps;
+        scale
+            .draw(&Rectangle::new(
+                [(20, y0), (50, y1)],
+                diverging(v, h.limit).filled(),
+            ))
+            .map_err(err)?;
+    }
+    scale
+        .draw(&Rectangle::new(
+            [(20, top), (50, bottom)],
+            BLACK.stroke_width(1),
+        ))
+        .map_err(err)?;
+    let font = TextStyle::from((FONT, 14).into_font());
+    for (v, y) in [
+        (h.limit, top),
+        (0.0, (top + bottom) / 2),
+        (-h.limit, bottom),
+    ] {
+        scale
+            .draw(&Text::new(format!("{v:+.1}"), (56, y - 7), font.clone()))
+            .map_err(err)?;
+    }
+    scale
+        .draw(&Text::new(
+            "* CI excludes 0".to_string(),
+            (4, bottom + 20),
+            font,
+        ))
+        .map_err(err)?;
     root.present().map_err(err)?;
     Ok(())
 }
@@ -319,14 +468,17 @@ mod tests {
                 series: vec![Series {
                     name: "s".into(),
                     color: 0,
+                    marker: 1,
                     points: vec![
                         Point {
                             y: Some(0.2),
                             band: Some((0.1, 0.3)),
+                            flagged: false,
                         },
                         Point {
                             y: Some(0.8),
                             band: Some((0.7, 0.9)),
+                            flagged: true,
                         },
                     ],
                 }],
@@ -346,11 +498,12 @@ mod tests {
             row_labels: vec!["r".into()],
             col_labels: vec!["c1".into(), "c2".into()],
             cells: vec![vec![Some(-0.5), None]],
+            excludes_zero: vec![vec![true, false]],
             limit: 1.0,
         });
         let (png, svg) = render(&heat, dir.path()).unwrap();
         assert_eq!(&png[1..4], b"PNG");
-        assert!(svg.contains("n/a") && svg.contains("-0.50"));
+        assert!(svg.contains("n/a") && svg.contains("-0.50*"));
         assert_eq!(diverging(0.0, 1.0), RGBColor(255, 255, 255));
     }
 }

@@ -62,10 +62,11 @@ pub fn setting(policy: &str, budget: f64) -> String {
 }
 
 fn by_setting(stats: &[BinStat]) -> Vec<(String, Vec<&BinStat>)> {
-    let mut m: BTreeMap<(String, i64), Vec<&BinStat>> = BTreeMap::new();
+    let mut m: BTreeMap<(String, u8, i64), Vec<&BinStat>> = BTreeMap::new();
     for s in stats {
-        // Larger budgets first within a policy.
-        m.entry((s.policy.clone(), -(s.budget * 1e6) as i64))
+        // Within a policy, budgets in the one order used everywhere.
+        let (group, v) = budget_order(s.budget);
+        m.entry((s.policy.clone(), group, (v * 1e6) as i64))
             .or_default()
             .push(s);
     }
@@ -77,7 +78,38 @@ fn by_setting(stats: &[BinStat]) -> Vec<(String, Vec<&BinStat>)> {
         .collect()
 }
 
-pub fn figures(stats: &[BinStat], metric: &str) -> Vec<(&'static str, Figure)> {
+/// Says when a policy's score lines cannot show a budget effect: every
+/// series at the floor, or all of them flat and equal.
+fn panel_note(stats: &[BinStat], policy: &str, floor: f64) -> &'static str {
+    let means: Vec<f64> = stats
+        .iter()
+        .filter(|s| s.policy == policy)
+        .filter_map(|s| s.mean)
+        .collect();
+    if means.is_empty() {
+        ""
+    } else if means.iter().all(|m| *m < floor) {
+        " (every budget at the floor)"
+    } else if means.iter().all(|m| (*m - means[0]).abs() < 1e-9) {
+        " (every budget flat and equal)"
+    } else {
+        ""
+    }
+}
+
+/// A budget's colour, the same in every plot of every experiment: common
+/// budgets have fixed places in the palette, others follow from their value.
+pub fn budget_color(budget: f64) -> usize {
+    const FIXED: [f64; 7] = [1.0, 0.5, 0.25, 0.2, 0.1, 0.75, 0.3];
+    match FIXED.iter().position(|b| *b == budget) {
+        Some(i) => i,
+        // Absolute budgets: four dark colours by the power of two nearest them.
+        None if budget > 1.0 => 7 + (budget.log2().round() as usize % 4),
+        None => 11 + (budget.to_bits() % 89) as usize,
+    }
+}
+
+pub fn figures(stats: &[BinStat], metric: &str, floor: f64) -> Vec<(&'static str, Figure)> {
     let labels = bin_labels(stats);
     let groups = by_setting(stats);
     // One panel per policy; one colour per budget, the same in every panel.
@@ -91,14 +123,18 @@ pub fn figures(stats: &[BinStat], metric: &str) -> Vec<(&'static str, Figure)> {
         policies
             .iter()
             .map(|p| Panel {
-                title: format!("policy: {p}"),
+                title: format!("policy: {p}{}", panel_note(stats, p, floor)),
                 series: groups
                     .iter()
                     .filter(|(_, v)| v[0].policy == *p)
-                    .map(|(_, v)| Series {
-                        name: format!("budget {}", budget_label(v[0].budget)),
-                        color: budgets.iter().position(|b| *b == v[0].budget).unwrap_or(0),
-                        points: v.iter().map(|s| f(s)).collect(),
+                    .map(|(_, v)| {
+                        let rank = budgets.iter().position(|b| *b == v[0].budget).unwrap_or(0);
+                        Series {
+                            name: format!("budget {}", budget_label(v[0].budget)),
+                            color: budget_color(v[0].budget),
+                            marker: rank,
+                            points: v.iter().map(|s| f(s)).collect(),
+                        }
                     })
                     .collect(),
             })
@@ -119,10 +155,11 @@ pub fn figures(stats: &[BinStat], metric: &str) -> Vec<(&'static str, Figure)> {
                 title: format!("Score ({metric}) by prompt length, 95% CI"),
                 y_label: format!("mean {metric}"),
                 x_labels: labels.clone(),
-                y_range: (0.0, 1.05),
+                y_range: (0.0, 1.0),
                 panels: lines(&|s| Point {
                     y: s.mean,
                     band: s.ci_lo.zip(s.ci_hi),
+                    flagged: s.verdict == "fails",
                 }),
             }),
         ),
@@ -132,10 +169,11 @@ pub fn figures(stats: &[BinStat], metric: &str) -> Vec<(&'static str, Figure)> {
                 title: "Failure rate by prompt length (Wilson 95% CI)".into(),
                 y_label: "failure rate".into(),
                 x_labels: labels.clone(),
-                y_range: (0.0, 1.05),
+                y_range: (0.0, 1.0),
                 panels: lines(&|s| Point {
                     y: s.fail_rate,
                     band: s.fail_lo.zip(s.fail_hi),
+                    flagged: false,
                 }),
             }),
         ),
@@ -149,6 +187,7 @@ pub fn figures(stats: &[BinStat], metric: &str) -> Vec<(&'static str, Figure)> {
                 panels: lines(&|s| Point {
                     y: s.latency_p50_ms,
                     band: None,
+                    flagged: false,
                 }),
             }),
         ),
@@ -162,6 +201,17 @@ pub fn figures(stats: &[BinStat], metric: &str) -> Vec<(&'static str, Figure)> {
                     .iter()
                     .map(|(_, v)| v.iter().map(|s| s.delta).collect())
                     .collect(),
+                excludes_zero: full
+                    .iter()
+                    .map(|(_, v)| {
+                        v.iter()
+                            .map(|s| match (s.delta_lo, s.delta_hi) {
+                                (Some(lo), Some(hi)) => lo > 0.0 || hi < 0.0,
+                                _ => false,
+                            })
+                            .collect()
+                    })
+                    .collect(),
                 limit: 1.0,
             }),
         ),
@@ -173,10 +223,11 @@ impl Op for Plots {
         "plots"
     }
     fn version(&self) -> u32 {
-        1
+        3
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let exp: String = ctx.get("output.exp_group_id")?;
+        let floor: f64 = ctx.get("analysis.transition.floor")?;
         let stats: Vec<BinStat> = table::read(&ctx.input("analyze", "bin_stats")?)?;
         let metric = stats
             .iter()
@@ -184,7 +235,7 @@ impl Op for Plots {
             .find(|m| !m.is_empty())
             .unwrap_or_else(|| "score".into());
         let scratch = ctx.scratch_dir()?.to_path_buf();
-        for (name, fig) in figures(&stats, &metric) {
+        for (name, fig) in figures(&stats, &metric, floor) {
             let (png, svg) = plots::render(&fig, &scratch)?;
             let (a, b) = (format!("{name}.png"), format!("{name}.svg"));
             ctx.put(&a, &png)?;
