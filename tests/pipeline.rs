@@ -96,6 +96,7 @@ fn report_end_to_end_then_nothing_then_analysis_only() {
     for f in [
         "data/processed/synthetic__needle/manifest.json",
         "runs/small/report.md",
+        "runs/small/report.html",
         "runs/small/kv_transition.sqlite",
     ] {
         assert!(p.path(f).exists(), "{f} missing");

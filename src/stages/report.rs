@@ -16,6 +16,85 @@ use std::collections::BTreeMap;
 pub struct Report;
 
 pub const TEMPLATE: &str = include_str!("../../templates/report.md.hbs");
+pub const HTML: &str = include_str!("../../templates/report.html");
+
+/// `report.html`: one self-contained file (no network, works from `file://`)
+/// with the report's summary and every example with each cell's answer.
+pub fn html(ctx: &Value, manifest: &Value, scores: &[ScoreRow]) -> String {
+    let mut by_example: BTreeMap<&str, Vec<&ScoreRow>> = BTreeMap::new();
+    for r in scores {
+        by_example.entry(r.example_id.as_str()).or_default().push(r);
+    }
+    let bins = ctx["bin_labels"].as_array().cloned().unwrap_or_default();
+    let excerpt = |e: &Value| -> String {
+        let c = e["context"].as_str().unwrap_or("");
+        let head: String = c.chars().take(300).collect();
+        let n = c.chars().count();
+        let tail: String = if n > 600 {
+            c.chars().skip(n - 300).collect()
+        } else {
+            String::new()
+        };
+        let body = if tail.is_empty() {
+            c.chars().take(600).collect()
+        } else {
+            format!("{head} … {tail}")
+        };
+        format!(
+            "{body}\n\nQuestion: {}",
+            e["question"].as_str().unwrap_or("")
+        )
+    };
+    let examples: Vec<Value> = manifest["examples"]
+        .as_array()
+        .map(|v| v.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| {
+            let id = e["example_id"].as_str()?;
+            let rows = by_example.get(id)?;
+            let first = rows.first()?;
+            let mut rows = rows.clone();
+            rows.sort_by(|a, b| {
+                (a.policy.as_str(), budget_order(a.budget).0, (budget_order(a.budget).1 * 1e9) as i64)
+                    .cmp(&(b.policy.as_str(), budget_order(b.budget).0, (budget_order(b.budget).1 * 1e9) as i64))
+            });
+            Some(json!({
+                "example_id": id,
+                "bin": bins.get(first.bin_idx as usize).cloned().unwrap_or(json!(first.bin_idx.to_string())),
+                "tokens": first.token_len,
+                "answers": e["answers"],
+                "excerpt": excerpt(e),
+                "cells": rows.iter().map(|r| json!({
+                    "setting": setting(&r.policy, r.budget),
+                    "policy": r.policy,
+                    "budget": budget_label(r.budget),
+                    "answer": r.response.text,
+                    "score": r.score,
+                    "failure": r.failure,
+                    "kept": match (r.response.kv_kept_total, r.response.kv_full_total) {
+                        (Some(k), Some(f)) if f > 0 => format!("{k} of {f} entries ({:.0} %)", 100.0 * k as f64 / f as f64),
+                        _ => String::new(),
+                    },
+                })).collect::<Vec<_>>(),
+            }))
+        })
+        .collect();
+    let data = json!({
+        "exp_group_id": ctx["exp_group_id"],
+        "meta": format!("{} / {} · model {} · metric {}",
+            ctx["dataset"]["name"].as_str().unwrap_or(""), ctx["dataset"]["task"].as_str().unwrap_or(""),
+            ctx["model"].as_str().unwrap_or(""), ctx["metric"].as_str().unwrap_or("")),
+        "warnings": ctx["warnings"],
+        "bin_labels": ctx["bin_labels"],
+        "compact": ctx["compact"],
+        "transitions": ctx["transitions"],
+        "examples": examples,
+    });
+    // `</` cannot appear inside the script element.
+    let json = data.to_string().replace("</", "<\\/");
+    HTML.replace("__KVT_DATA__", &json)
+}
 
 fn f2(x: Option<f64>) -> String {
     x.map_or("–".into(), |v| format!("{v:.2}"))
@@ -380,7 +459,7 @@ impl Op for Report {
         "report"
     }
     fn version(&self) -> u32 {
-        2
+        3
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let exp: String = ctx.get("output.exp_group_id")?;
@@ -409,6 +488,9 @@ impl Op for Report {
         let md = render(&c)?;
         ctx.put("report", md.as_bytes())?;
         ctx.export("report", format!("runs/{exp}/report.md"));
+        let page = html(&c, &manifest, &scores);
+        ctx.put("report_html", page.as_bytes())?;
+        ctx.export("report_html", format!("runs/{exp}/report.html"));
         Ok(())
     }
 }
