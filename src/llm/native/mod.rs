@@ -154,7 +154,7 @@ pub struct NativeEngine {
     pub digest: String,
     prefill_budget: usize,
     prefills: Mutex<VecDeque<(blake3::Hash, Arc<Prefill>)>>,
-    /// Per prefill key: one computation at a time.
+    /// Per prompt (prefill key): one computation at a time.
     busy: Mutex<HashMap<blake3::Hash, Arc<Mutex<()>>>>,
     /// Cohort answers waiting to be asked for: (prefill key, cell id, max new tokens, record).
     ready: Mutex<HashMap<(blake3::Hash, String, usize, bool), NativeAnswer>>,
@@ -248,14 +248,6 @@ impl NativeEngine {
         split: usize,
         window: usize,
     ) -> Result<(Arc<Prefill>, bool)> {
-        let gate = self
-            .busy
-            .lock()
-            .expect("busy")
-            .entry(key)
-            .or_default()
-            .clone();
-        let _held = gate.lock().expect("prefill gate");
         if let Some(p) = self.cached(&key) {
             self.counters
                 .prefills_reused
