@@ -436,6 +436,7 @@ pub fn load(config_path: &Path, sets: &[String]) -> Result<LoadedConfig> {
     let config: Config = serde_path_to_error::deserialize(merged.clone())
         .map_err(|e| usage(describe_schema_error(&e, &layers, &exp_origin)))?;
     check_values(&config, &layers, &exp_origin)?;
+    check_paths(&config, &root, &layers, &exp_origin)?;
     let value = serde_json::to_value(&config).context("serializing the configuration")?;
     Ok(LoadedConfig {
         config,
@@ -507,6 +508,34 @@ fn describe_schema_error(
     )
 }
 
+/// A name used as one path component: letters, digits, `-`, `_`, `.`; not `.`
+/// or `..`; at most 100 characters.
+fn is_safe_component(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 100
+        && id != "."
+        && id != ".."
+        && id
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
+}
+
+/// Checks on files the config names (relative to the project root).
+fn check_paths(c: &Config, root: &Path, layers: &Layers, exp_origin: &Origin) -> Result<()> {
+    if let Some(p) = &c.dataset.path {
+        let path = if Path::new(p).is_absolute() { PathBuf::from(p) } else { root.join(p) };
+        let globby = p.contains(['*', '?', '[']);
+        if !globby && !path.exists() {
+            return Err(usage(format!(
+                "{}: key `dataset.path`: `{p}` does not exist (relative paths start at the project root `{}`); fix the path or set it to null",
+                layers.locate("dataset.path", exp_origin),
+                root.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Checks that the schema's types cannot express.
 fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> {
     let bad = |path: &str, msg: String| {
@@ -516,17 +545,54 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
         ))
     };
     let id = &c.output.exp_group_id;
-    let safe = !id.is_empty()
-        && id != "."
-        && id != ".."
-        && id
-            .chars()
-            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'));
-    if !safe {
+    if !is_safe_component(id) {
+        let shown: String = id.chars().take(60).collect();
         return Err(bad(
             "output.exp_group_id",
-            format!("`{id}` is not a safe single path component; use letters, digits, `-`, `_` and `.` only (no `/`, no `..`)"),
+            format!("`{shown}` is not a safe single path component; use up to 100 letters, digits, `-`, `_` and `.` (no `/`, no `..`)"),
         ));
+    }
+    for (key, v) in [
+        ("pipeline", &c.pipeline),
+        ("dataset.name", &c.dataset.name),
+        ("dataset.task", &c.dataset.task),
+    ] {
+        if !is_safe_component(v) {
+            let shown: String = v.chars().take(60).collect();
+            return Err(bad(
+                key,
+                format!("`{shown}` names a file or folder and must be one safe path component: up to 100 letters, digits, `-`, `_` and `.` (no `/`, no `..`)"),
+            ));
+        }
+    }
+    if c.dataset.source == "synthetic" {
+        if c.dataset.lengths.is_empty() {
+            return Err(bad("dataset.lengths", "needs at least one target length (tokens), e.g. [512, 1024]".into()));
+        }
+        if let Some(l) = c.dataset.lengths.iter().find(|l| !(16..=1_000_000).contains(*l)) {
+            return Err(bad("dataset.lengths", format!("{l} is outside 16 ..= 1,000,000 tokens")));
+        }
+        if !(1..=100_000).contains(&c.dataset.per_length) {
+            return Err(bad("dataset.per_length", format!("{} is outside 1 ..= 100,000", c.dataset.per_length)));
+        }
+    }
+    if c.binning.n_bins > 1000 {
+        return Err(bad("binning.n_bins", format!("{} is more than 1,000 bins", c.binning.n_bins)));
+    }
+    if let Some(e) = &c.binning.edges {
+        if e.len() < 2 || e.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(bad("binning.edges", format!("{e:?} must hold at least two strictly increasing token counts")));
+        }
+    }
+    if c.sampling.n_per_bin == 0 {
+        return Err(bad("sampling.n_per_bin", "must be at least 1 (examples per bin)".into()));
+    }
+    if !c.prompt.template.contains("{context}") {
+        return Err(bad("prompt.template", "must contain `{context}`, where the document goes".into()));
+    }
+    if let Some((task, _)) = c.prompt.tasks.iter().find(|(_, t)| !t.template.contains("{context}")) {
+        let key = format!("prompt.tasks.{task}.template");
+        return Err(bad(&key, "must contain `{context}`, where the document goes".into()));
     }
     if c.kv.budgets.is_empty() {
         return Err(bad("kv.budgets", "needs at least one budget".into()));

@@ -336,6 +336,16 @@ impl NativeEngine {
             h.update(&(window as u64).to_le_bytes());
             h.finalize()
         };
+        // One computation per prompt at a time: a request that arrives while
+        // another computes its prompt's cohort waits, then finds its answer.
+        let gate = self
+            .busy
+            .lock()
+            .expect("busy")
+            .entry(pf_key)
+            .or_default()
+            .clone();
+        let _held = gate.lock().expect("prompt gate");
         if let Some(a) = self
             .ready
             .lock()
