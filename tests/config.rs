@@ -376,15 +376,51 @@ fn engine_and_policy_values_are_checked_before_anything_runs() {
 #[test]
 fn mutated_configs_exit_2_naming_file_line_and_key() {
     let cases: &[(&str, &str, &str)] = &[
-        ("lengths_overflow", "dataset:\n  lengths: [18446744073709551615]\n", "`dataset.lengths`"),
-        ("lengths_empty", "dataset:\n  lengths: []\n", "`dataset.lengths`"),
-        ("per_length_zero", "dataset:\n  per_length: 0\n", "`dataset.per_length`"),
-        ("n_bins_huge", "binning:\n  n_bins: 1000000\n", "`binning.n_bins`"),
-        ("n_per_bin_zero", "sampling:\n  n_per_bin: 0\n", "`sampling.n_per_bin`"),
-        ("edges_decreasing", "binning:\n  edges: [0, 500, 100]\n", "`binning.edges`"),
-        ("template_without_context", "prompt:\n  template: \"Question: {question}\"\n", "`prompt.template`"),
-        ("dataset_name_escapes", "dataset:\n  name: ../../../x\n", "`dataset.name`"),
-        ("dataset_path_missing", "dataset:\n  path: no/such/file.jsonl\n", "`dataset.path`"),
+        (
+            "lengths_overflow",
+            "dataset:\n  lengths: [18446744073709551615]\n",
+            "`dataset.lengths`",
+        ),
+        (
+            "lengths_empty",
+            "dataset:\n  lengths: []\n",
+            "`dataset.lengths`",
+        ),
+        (
+            "per_length_zero",
+            "dataset:\n  per_length: 0\n",
+            "`dataset.per_length`",
+        ),
+        (
+            "n_bins_huge",
+            "binning:\n  n_bins: 1000000\n",
+            "`binning.n_bins`",
+        ),
+        (
+            "n_per_bin_zero",
+            "sampling:\n  n_per_bin: 0\n",
+            "`sampling.n_per_bin`",
+        ),
+        (
+            "edges_decreasing",
+            "binning:\n  edges: [0, 500, 100]\n",
+            "`binning.edges`",
+        ),
+        (
+            "template_without_context",
+            "prompt:\n  template: \"Question: {question}\"\n",
+            "`prompt.template`",
+        ),
+        (
+            "dataset_name_escapes",
+            "dataset:\n  name: ../../../x\n",
+            "`dataset.name`",
+        ),
+        (
+            "dataset_path_missing",
+            "dataset:\n  path: no/such/file.jsonl\n",
+            "`dataset.path`",
+        ),
     ];
     let p = Project::new();
     for (name, body, key) in cases {
@@ -403,13 +439,22 @@ fn mutated_configs_exit_2_naming_file_line_and_key() {
         &format!("pipeline: test\noutput:\n  exp_group_id: {long}\n"),
     );
     let out = validate(&p, "config/experiments/long.yaml", &[]);
-    expect_usage_error(&out, &["config/experiments/long.yaml:3", "`output.exp_group_id`"]);
-    assert!(stderr_of(&out).len() < 1000, "the error does not echo 5,000 characters");
+    expect_usage_error(
+        &out,
+        &["config/experiments/long.yaml:3", "`output.exp_group_id`"],
+    );
+    assert!(
+        stderr_of(&out).len() < 1000,
+        "the error does not echo 5,000 characters"
+    );
     p.write(
         "config/experiments/escape.yaml",
         "pipeline: ../../etc/passwd\noutput:\n  exp_group_id: x\n",
     );
     let out = validate(&p, "config/experiments/escape.yaml", &[]);
     expect_usage_error(&out, &["config/experiments/escape.yaml:1", "`pipeline`"]);
-    assert!(!stderr_of(&out).contains("root:"), "no file contents in the error");
+    assert!(
+        !stderr_of(&out).contains("root:"),
+        "no file contents in the error"
+    );
 }

@@ -523,7 +523,11 @@ fn is_safe_component(id: &str) -> bool {
 /// Checks on files the config names (relative to the project root).
 fn check_paths(c: &Config, root: &Path, layers: &Layers, exp_origin: &Origin) -> Result<()> {
     if let Some(p) = &c.dataset.path {
-        let path = if Path::new(p).is_absolute() { PathBuf::from(p) } else { root.join(p) };
+        let path = if Path::new(p).is_absolute() {
+            PathBuf::from(p)
+        } else {
+            root.join(p)
+        };
         let globby = p.contains(['*', '?', '[']);
         if !globby && !path.exists() {
             return Err(usage(format!(
@@ -567,32 +571,66 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
     }
     if c.dataset.source == "synthetic" {
         if c.dataset.lengths.is_empty() {
-            return Err(bad("dataset.lengths", "needs at least one target length (tokens), e.g. [512, 1024]".into()));
+            return Err(bad(
+                "dataset.lengths",
+                "needs at least one target length (tokens), e.g. [512, 1024]".into(),
+            ));
         }
-        if let Some(l) = c.dataset.lengths.iter().find(|l| !(16..=1_000_000).contains(*l)) {
-            return Err(bad("dataset.lengths", format!("{l} is outside 16 ..= 1,000,000 tokens")));
+        if let Some(l) = c
+            .dataset
+            .lengths
+            .iter()
+            .find(|l| !(16..=1_000_000).contains(*l))
+        {
+            return Err(bad(
+                "dataset.lengths",
+                format!("{l} is outside 16 ..= 1,000,000 tokens"),
+            ));
         }
         if !(1..=100_000).contains(&c.dataset.per_length) {
-            return Err(bad("dataset.per_length", format!("{} is outside 1 ..= 100,000", c.dataset.per_length)));
+            return Err(bad(
+                "dataset.per_length",
+                format!("{} is outside 1 ..= 100,000", c.dataset.per_length),
+            ));
         }
     }
     if c.binning.n_bins > 1000 {
-        return Err(bad("binning.n_bins", format!("{} is more than 1,000 bins", c.binning.n_bins)));
+        return Err(bad(
+            "binning.n_bins",
+            format!("{} is more than 1,000 bins", c.binning.n_bins),
+        ));
     }
     if let Some(e) = &c.binning.edges {
         if e.len() < 2 || e.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(bad("binning.edges", format!("{e:?} must hold at least two strictly increasing token counts")));
+            return Err(bad(
+                "binning.edges",
+                format!("{e:?} must hold at least two strictly increasing token counts"),
+            ));
         }
     }
     if c.sampling.n_per_bin == 0 {
-        return Err(bad("sampling.n_per_bin", "must be at least 1 (examples per bin)".into()));
+        return Err(bad(
+            "sampling.n_per_bin",
+            "must be at least 1 (examples per bin)".into(),
+        ));
     }
     if !c.prompt.template.contains("{context}") {
-        return Err(bad("prompt.template", "must contain `{context}`, where the document goes".into()));
+        return Err(bad(
+            "prompt.template",
+            "must contain `{context}`, where the document goes".into(),
+        ));
     }
-    if let Some((task, _)) = c.prompt.tasks.iter().find(|(_, t)| !t.template.contains("{context}")) {
+    if let Some((task, _)) = c
+        .prompt
+        .tasks
+        .iter()
+        .find(|(_, t)| !t.template.contains("{context}"))
+    {
         let key = format!("prompt.tasks.{task}.template");
-        return Err(bad(&key, "must contain `{context}`, where the document goes".into()));
+        return Err(bad(
+            &key,
+            "must contain `{context}`, where the document goes".into(),
+        ));
     }
     if c.kv.budgets.is_empty() {
         return Err(bad("kv.budgets", "needs at least one budget".into()));

@@ -402,8 +402,7 @@ pub fn summarize(
     let safe = informative
         .iter()
         .copied()
-        .filter(|&i| i < f && verdicts[i] == BinVerdict::Safe)
-        .next_back();
+        .rfind(|&i| i < f && verdicts[i] == BinVerdict::Safe);
     match safe {
         Some(s) => {
             t.status = "transition".into();

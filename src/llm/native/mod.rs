@@ -462,8 +462,7 @@ impl NativeEngine {
         let kv_bytes = kept_total * 2 * cell.quant.bytes(d) as u64;
         let mut out = Vec::new();
         let mut finish = "length";
-        let mut pos = s;
-        for i in 0..max_new {
+        for (i, pos) in (0..max_new).zip(s..) {
             let next = argmax(&logits);
             if self.tok.stop.contains(&next) {
                 finish = "stop";
@@ -474,7 +473,6 @@ impl NativeEngine {
                 break;
             }
             logits = self.model.forward(&[next], pos, &mut cache, &mut [])?;
-            pos += 1;
         }
         let decode_ms = t0.elapsed().as_secs_f64() * 1000.0;
         self.counters

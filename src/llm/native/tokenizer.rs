@@ -156,9 +156,12 @@ pub fn read_content(path: &std::path::Path) -> Result<(gguf_file::Content, std::
     Ok((ct, f))
 }
 
+/// Token ids and each token's (start, end) byte offsets in the text.
+pub type Encoded = (Vec<u32>, Vec<(usize, usize)>);
+
 impl GgufTokenizer {
     /// Token ids and their byte offsets in `text`.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<Encoded> {
         let enc = self
             .inner
             .encode(text, false)
