@@ -116,7 +116,10 @@ fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Resu
         .iter()
         .map(|e| (e.example_id.as_str(), e))
         .collect();
-    let kv_identity = if s.kind == "launch" {
+    let kv_identity = if s.model_file.is_some() {
+        // The native engine: the cell as it runs, whatever it was called.
+        s.kv.native_cell()?.identity()
+    } else if s.kind == "launch" {
         // A launched server's KV setup comes from the budget's template
         // variables (e.g. a cache type): they are the identity.
         json!({"policy": s.kv.policy, "budget": s.kv.budget, "launch_vars": s.launch_vars})

@@ -74,6 +74,17 @@ impl Cell {
     fn id(&self) -> String {
         serde_json::to_string(self).expect("cell serializes")
     }
+    /// What the cell means for an answer (request identity): parameters a cell
+    /// does not use are left out, so every name for the same cell — `full` at
+    /// any budget, `snapkv` at 1.0, `full+q8_0` at 0.5 — is one request.
+    pub fn identity(&self) -> serde_json::Value {
+        let evicts = !(self.policy == Policy::Full || self.budget == 1.0);
+        if !evicts {
+            return serde_json::json!({"policy": "full", "quant": self.quant,
+                "compress": if self.quant == KvQuant::F16 { None } else { Some(self.compress) }});
+        }
+        serde_json::to_value(self).expect("cell serializes")
+    }
 }
 
 /// One answer with its proof of compression.
@@ -346,11 +357,13 @@ impl NativeEngine {
             .or_default()
             .clone();
         let _held = gate.lock().expect("prompt gate");
+        // Answers stay until the bound: several nodes may ask for one cell.
         if let Some(a) = self
             .ready
             .lock()
             .expect("ready")
-            .remove(&key_of(&req.cell, pf_key))
+            .get(&key_of(&req.cell, pf_key))
+            .cloned()
         {
             self.counters.answers.fetch_add(1, Ordering::Relaxed);
             return Ok(a);
