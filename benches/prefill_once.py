@@ -14,7 +14,7 @@ import re, sqlite3, sys
 
 db, log = sys.argv[1], sys.argv[2]
 text = open(log).read()
-m = re.search(r"Elapsed \(wall clock\) time[^:]*: (?:(\d+):)?(\d+):([\d.]+)", text)
+m = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", text)
 if m:  # /usr/bin/time -v
     wall = int(m.group(1) or 0) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
 else:  # /usr/bin/time -f %e: the last line

@@ -137,6 +137,10 @@ fn report_end_to_end_then_nothing_then_analysis_only() {
         row("snapkv @ 0.3 | 0–600").contains("1.00 [0.61, 1.00]"),
         "{report}"
     );
+    // The report's opening, as a reader sees it.
+    let glance = &report
+        [report.find("## At a glance").unwrap()..report.find("## Score by length bin").unwrap()];
+    insta::assert_snapshot!("report_at_a_glance", glance);
     // The full cache appears once, first.
     assert_eq!(
         report

@@ -425,6 +425,7 @@ pub fn context(
         "iters": analysis["bootstrap"]["iters"],
         "seed": analysis["bootstrap"]["seed"],
         "ci_pct": format!("{}", (ci_level * 100.0).round()),
+        "ci_one_sided_pct": format!("{}", (1.0 - (1.0 - ci_level) / 2.0) * 100.0),
         "transitions": transitions_ctx,
         "rows": rows,
         "warnings": warnings,
