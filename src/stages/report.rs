@@ -460,7 +460,7 @@ impl Op for Report {
         "report"
     }
     fn version(&self) -> u32 {
-        3
+        4
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let exp: String = ctx.get("output.exp_group_id")?;
