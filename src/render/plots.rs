@@ -9,6 +9,18 @@ use std::sync::OnceLock;
 
 const FONT: &str = "sans-serif";
 pub const SIZE: (u32, u32) = (1200, 640);
+const PANELS_PER_ROW: usize = 4;
+
+/// A figure's pixel size: line plots grow a row of panels at a time.
+fn size_of(fig: &Figure) -> (u32, u32) {
+    match fig {
+        Figure::Lines(p) => {
+            let rows = p.panels.len().div_ceil(PANELS_PER_ROW).max(1) as u32;
+            (SIZE.0, SIZE.1 + (rows - 1) * 520)
+        }
+        Figure::Heat(h) => (SIZE.0, SIZE.1.max(140 + 46 * h.row_labels.len() as u32)),
+    }
+}
 
 /// Registers the embedded font once per process.
 pub fn init_fonts() -> Result<()> {
@@ -125,7 +137,10 @@ fn draw_lines<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, p: &LinePlot) -
     // The legend sits in its own strip under the panels, never over the data.
     let (_, h) = root.dim_in_pixel();
     let (plots, legend) = root.split_vertically(h.saturating_sub(46));
-    let panels = plots.split_evenly((1, p.panels.len().max(1)));
+    // At most four panels a row, so eight policies stay readable.
+    let cols = p.panels.len().clamp(1, PANELS_PER_ROW);
+    let rows = p.panels.len().div_ceil(PANELS_PER_ROW).max(1);
+    let panels = plots.split_evenly((rows, cols));
     let n = p.x_labels.len().max(1);
     let (y0, y1) = p.y_range;
     for (area, panel) in panels.iter().zip(&p.panels) {
@@ -432,7 +447,7 @@ pub fn render(fig: &Figure, scratch: &std::path::Path) -> Result<(Vec<u8>, Strin
             .unwrap_or(0)
     ));
     {
-        let root = BitMapBackend::new(&png_path, SIZE).into_drawing_area();
+        let root = BitMapBackend::new(&png_path, size_of(fig)).into_drawing_area();
         match fig {
             Figure::Lines(p) => draw_lines(&root, p)?,
             Figure::Heat(h) => draw_heat(&root, h)?,
@@ -442,7 +457,7 @@ pub fn render(fig: &Figure, scratch: &std::path::Path) -> Result<(Vec<u8>, Strin
     let _ = std::fs::remove_file(&png_path);
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
+        let root = SVGBackend::with_string(&mut svg, size_of(fig)).into_drawing_area();
         match fig {
             Figure::Lines(p) => draw_lines(&root, p)?,
             Figure::Heat(h) => draw_heat(&root, h)?,

@@ -146,7 +146,8 @@ pub fn figures(stats: &[BinStat], metric: &str, floor: f64) -> Vec<(&'static str
         .fold(0.0, f64::max);
     let full: Vec<&(String, Vec<&BinStat>)> = groups
         .iter()
-        .filter(|(_, v)| v[0].budget != v[0].reference_budget)
+        // Every compressed or quantised cell (a quantised full cache included).
+        .filter(|(_, v)| v[0].budget != v[0].reference_budget || v[0].policy.contains('+'))
         .collect();
     vec![
         (
@@ -223,7 +224,7 @@ impl Op for Plots {
         "plots"
     }
     fn version(&self) -> u32 {
-        3
+        5
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let exp: String = ctx.get("output.exp_group_id")?;
