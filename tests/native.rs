@@ -221,7 +221,14 @@ fn native_in_process_and_kvt_serve_give_the_same_answers() {
     // Four examples, one prefill each: the other cells reused it.
     let fresh = ra.iter().filter(|r| r.4 == Some(0)).count();
     assert_eq!(fresh, 4, "{ra:?}");
-    // Kept positions were recorded per layer and KV head.
+    // Kept positions were recorded per layer and KV head, and report.html marks
+    // the prompt's kept and evicted spans for the compressed cells.
     let report = a.read("runs/n/report.md");
     assert!(report.contains("snapkv"), "{report}");
+    let html = a.read("runs/n/report.html");
+    assert!(html.contains("\"spans\":[["), "kept spans in the page");
+    assert!(
+        html.contains(",false]") && html.contains(",true]"),
+        "both kept and evicted spans"
+    );
 }

@@ -72,6 +72,10 @@ pub struct Outcome {
     /// Native engine with `engine.record_kept`: kept positions `[layer][kv head][..]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kept_positions: Option<Vec<Vec<Vec<u32>>>>,
+    /// Native engine with `engine.record_kept`: the compressed span's tokens
+    /// and the share of (layer, KV head) pairs that kept each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_share: Option<Vec<(String, f32)>>,
     pub is_final: bool,
 }
 

@@ -745,11 +745,7 @@ impl Infer {
                     cohort: cohort.clone(),
                 };
                 let o = match engine.answer(&req) {
-                    Ok(a) => {
-                        let mut o = crate::llm::native::outcome(&a);
-                        o.latency_ms = t0.elapsed().as_secs_f64() * 1000.0;
-                        o
-                    }
+                    Ok(a) => crate::llm::native::outcome(&a),
                     Err(e) => Outcome {
                         error_kind: Some("ENGINE_ERROR".into()),
                         error: Some(format!("{e:#}")),

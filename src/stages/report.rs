@@ -18,6 +18,20 @@ pub struct Report;
 pub const TEMPLATE: &str = include_str!("../../templates/report.md.hbs");
 pub const HTML: &str = include_str!("../../templates/report.html");
 
+/// Runs of tokens kept by most (layer, KV head) pairs or evicted by most:
+/// `[text, kept]` pairs, so a page can mark what survived.
+fn spans(share: &[(String, f32)]) -> Vec<(String, bool)> {
+    let mut out: Vec<(String, bool)> = Vec::new();
+    for (text, s) in share {
+        let kept = *s >= 0.5;
+        match out.last_mut() {
+            Some(last) if last.1 == kept => last.0.push_str(text),
+            _ => out.push((text.clone(), kept)),
+        }
+    }
+    out
+}
+
 /// `report.html`: one self-contained file (no network, works from `file://`)
 /// with the report's summary and every example with each cell's answer.
 pub fn html(ctx: &Value, manifest: &Value, scores: &[ScoreRow]) -> String {
@@ -72,6 +86,7 @@ pub fn html(ctx: &Value, manifest: &Value, scores: &[ScoreRow]) -> String {
                     "answer": r.response.text,
                     "score": r.score,
                     "failure": r.failure,
+                    "spans": r.response.kept_share.as_ref().map(|v| spans(v)),
                     "kept": match (r.response.kv_kept_total, r.response.kv_full_total) {
                         (Some(k), Some(f)) if f > 0 => format!("{k} of {f} entries ({:.0} %)", 100.0 * k as f64 / f as f64),
                         _ => String::new(),
@@ -460,7 +475,7 @@ impl Op for Report {
         "report"
     }
     fn version(&self) -> u32 {
-        4
+        5
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let exp: String = ctx.get("output.exp_group_id")?;

@@ -111,6 +111,10 @@ pub struct NativeAnswer {
     /// Kept positions `[layer][kv head][..]`, when asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kept_positions: Option<Vec<Vec<Vec<u32>>>>,
+    /// With kept positions: the compressed span's tokens as text, and for
+    /// each the share of (layer, KV head) pairs that kept it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_share: Option<Vec<(String, f32)>>,
 }
 
 /// A request: chat messages (role, content), greedy decoding.
@@ -507,8 +511,41 @@ impl NativeEngine {
             prefill_ms: pf.ms,
             decode_ms,
             prefill_reused: false,
+            kept_share: if record_kept {
+                Some(self.kept_share(&pf.tokens[..k_len], &positions)?)
+            } else {
+                None
+            },
             kept_positions: record_kept.then_some(positions),
         })
+    }
+}
+
+impl NativeEngine {
+    /// Each token of the compressed span as text, with the share of (layer,
+    /// KV head) pairs that kept it.
+    fn kept_share(
+        &self,
+        tokens: &[u32],
+        positions: &[Vec<Vec<u32>>],
+    ) -> Result<Vec<(String, f32)>> {
+        let mut count = vec![0u32; tokens.len()];
+        let mut pairs = 0u32;
+        for layer in positions {
+            for head in layer {
+                pairs += 1;
+                for &p in head {
+                    if let Some(c) = count.get_mut(p as usize) {
+                        *c += 1;
+                    }
+                }
+            }
+        }
+        tokens
+            .iter()
+            .zip(&count)
+            .map(|(t, c)| Ok((self.tok.decode(&[*t])?, *c as f32 / pairs.max(1) as f32)))
+            .collect()
     }
 }
 
@@ -561,8 +598,13 @@ pub fn telemetry_into(a: &NativeAnswer, o: &mut crate::llm::Outcome) {
     o.kv_kept_total = Some(a.kept_total);
     o.kv_full_total = Some(a.full_total);
     o.kv_bytes = Some(a.kv_bytes);
+    // A cell's latency is what it would cost alone — its prefill and its
+    // decode — not the wall time of the request that computed the whole cohort
+    // (or found its answer ready).
+    o.latency_ms = a.prefill_ms + a.decode_ms;
     o.prefill_ms = Some(a.prefill_ms);
     o.decode_ms = Some(a.decode_ms);
     o.prefill_reused = Some(a.prefill_reused);
     o.kept_positions = a.kept_positions.clone();
+    o.kept_share = a.kept_share.clone();
 }
