@@ -83,6 +83,7 @@ fn rows(budgets: &[f64], bins: i64, per_bin: i64) -> (Vec<Bin>, Vec<ScoreRow>) {
                     f1: score,
                     recall: score,
                     failure: None,
+                    truncated_from: None,
                     response: kvt::llm::Outcome {
                         finish_reason: Some("stop".into()),
                         latency_ms: r.unit() * 100.0,

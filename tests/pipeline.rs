@@ -575,6 +575,7 @@ binning: {n_bins: 2}
 sampling: {n_per_bin: 12}
 engine: {kind: reference}
 kv: {policies: [snapkv], budgets: [1.0, 0.5]}
+prompt: {max_tokens: 150}
 analysis: {bootstrap: {iters: 200}}
 ",
     );
@@ -607,4 +608,9 @@ analysis: {bootstrap: {iters: 200}}
         .unwrap_or_else(|| panic!("{report}"));
     assert!(row.contains("**uninformative**"), "{row}");
     assert!(!report.contains("safe in every bin"), "{report}");
+    // Thin or altered data is flagged: the long contexts lost their middle.
+    assert!(
+        report.contains("Prompts shortened by `prompt.max_tokens`"),
+        "{report}"
+    );
 }

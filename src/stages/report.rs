@@ -364,6 +364,23 @@ pub fn context(
             thin.join(", ")
         ));
     }
+    // Prompts cut by `prompt.max_tokens`, per bin (each example counted once).
+    let mut cut: BTreeMap<i64, usize> = BTreeMap::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for r in scores.iter().filter(|r| r.truncated_from.is_some()) {
+        if seen.insert(r.example_id.as_str()) {
+            *cut.entry(r.bin_idx).or_default() += 1;
+        }
+    }
+    if !cut.is_empty() {
+        flags.push(format!(
+            "Prompts shortened by `prompt.max_tokens` (middle truncation): {}.",
+            cut.iter()
+                .map(|(b, n)| format!("{n} in {}", bin_label(*b)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     let skipped = manifest["dataset"]["n_skipped_records"]
         .as_i64()
         .unwrap_or(0);

@@ -95,6 +95,9 @@ pub struct ScoreRow {
     pub f1: f64,
     pub recall: f64,
     pub failure: Option<String>,
+    /// Prompt tokens before middle truncation (`prompt.max_tokens`), if cut.
+    #[serde(default)]
+    pub truncated_from: Option<u64>,
     /// The response and its telemetry, as the journal recorded it.
     #[serde(flatten)]
     pub response: Outcome,
@@ -115,7 +118,7 @@ impl Op for Score {
     }
     /// 2: the response's fields are carried whole (`text`, not `prediction`).
     fn version(&self) -> u32 {
-        3
+        4
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let policy: String = ctx.item("policy")?;
@@ -170,6 +173,7 @@ impl Op for Score {
                 f1: s.f1,
                 recall: s.recall,
                 failure: failure.map(str::to_string),
+                truncated_from: r.truncated_from,
                 response: o.clone(),
             });
         }
