@@ -41,25 +41,26 @@ fn showing(dom: &str) -> (usize, usize) {
 #[test]
 #[ignore = "needs Chromium (see .ci/run)"]
 fn report_html_in_a_real_browser() {
+    // The README's main job: the demo, 200 examples, as a user runs it.
     let p = Project::new();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     p.write(
-        "config/experiments/h.yaml",
-        "output: {exp_group_id: h}
-dataset: {lengths: [256, 1024], per_length: 6}
-binning: {n_bins: 2, edges: [0, 600, 2000]}
-sampling: {n_per_bin: 6}
-engine: {kind: reference}
-kv: {policies: [streaming, snapkv], budgets: [1.0, 0.3]}
-analysis: {bootstrap: {iters: 200}}
-",
+        "config/experiments/demo.yaml",
+        &std::fs::read_to_string(repo.join("config/experiments/demo.yaml")).unwrap(),
     );
     let out = p
         .kvt()
-        .args(["build", "report", "-q", "-c", "config/experiments/h.yaml"])
+        .args([
+            "build",
+            "report",
+            "-q",
+            "-c",
+            "config/experiments/demo.yaml",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr_of(&out));
-    let page = p.path("runs/h/report.html");
+    let page = p.path("runs/demo/report.html");
     let html = std::fs::read_to_string(&page).unwrap();
     assert!(
         !html.contains("http://") && !html.contains("https://"),
@@ -68,12 +69,13 @@ analysis: {bootstrap: {iters: 200}}
     let profile = tempfile::tempdir().unwrap();
     let url = format!("file://{}", page.display());
 
-    // Everything: all 12 examples, the summary and the compact table.
+    // Everything: all 200 examples, the summary and the compact table.
     let dom = browse(profile.path(), &url, &["--dump-dom"]);
-    assert_eq!(showing(&dom), (12, 12), "{dom}");
-    assert!(dom.contains("KV transition report: h"));
-    assert!(dom.contains("fails at every length"), "{dom}");
-    assert_eq!(dom.matches("class=\"example\"").count(), 12);
+    assert_eq!(showing(&dom), (200, 200));
+    assert!(dom.contains("KV transition report: demo"));
+    assert!(dom.contains("fails at every length"));
+    assert!(dom.contains("fails from 1536–3072 tokens"));
+    assert_eq!(dom.matches("class=\"example\"").count(), 200);
 
     // A filter from the address: streaming's abstentions only.
     let dom = browse(
@@ -82,13 +84,13 @@ analysis: {bootstrap: {iters: 200}}
         &["--dump-dom"],
     );
     let (shown, total) = showing(&dom);
-    assert_eq!(total, 12);
-    assert!(shown > 0 && shown < 12, "{shown}");
+    assert_eq!(total, 200);
+    assert!(shown > 0 && shown < 200, "{shown}");
     assert!(dom.contains("ABSTAINED"));
     let examples = &dom[dom.find("id=\"examples\"").unwrap()..];
-    assert!(examples.contains("<td>streaming @ 0.3</td>"), "{examples}");
+    assert!(examples.contains("<td>streaming @ 0.5</td>"));
     assert!(
-        !examples.contains("<td>snapkv @ 0.3</td>"),
+        !examples.contains("<td>snapkv @ 0.5</td>"),
         "the policy filter applies"
     );
     // An example view: its id, gold answer and each cell's answer.
@@ -98,7 +100,7 @@ analysis: {bootstrap: {iters: 200}}
     assert!(dom.contains("gold: "));
 
     // A screenshot of the page as a reader sees it.
-    let shot = p.path("runs/h/report.png");
+    let shot = p.path("runs/demo/report.png");
     browse(
         profile.path(),
         &url,
