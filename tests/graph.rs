@@ -107,10 +107,7 @@ fn external_input_changed_and_fresh() {
 #[test]
 fn stale_reasons_name_dotted_keys_with_short_values() {
     let p = Project::new();
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    for f in ["pipelines/default.yaml", "config/experiments/sanity.yaml"] {
-        p.write(f, &std::fs::read_to_string(repo.join(f)).unwrap());
-    }
+    p.copy_from_repo(&["pipelines/default.yaml", "config/experiments/sanity.yaml"]);
     let out = p
         .kvt()
         .args([

