@@ -247,3 +247,20 @@ impl Op for Plots {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_budget_order_and_one_colour_per_budget() {
+        let mut b = vec![0.2, 1024.0, 1.0, 0.5, 256.0];
+        sort_budgets(&mut b);
+        // Full first, fractions from large to small, then absolute from small to large.
+        assert_eq!(b, vec![1.0, 0.5, 0.2, 256.0, 1024.0]);
+        // A budget's colour does not depend on which other budgets an experiment has.
+        assert_eq!(budget_color(0.5), 1);
+        assert_ne!(budget_color(0.5), budget_color(0.25));
+        assert_eq!(budget_color(1024.0), budget_color(1024.0));
+    }
+}
