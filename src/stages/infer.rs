@@ -497,9 +497,6 @@ impl Op for Infer {
                 s.kind
             );
         }
-        if !s.template.contains("{context}") {
-            bail!("config `prompt.template` (or `prompt.tasks.{task_base}.template`) must contain `{{context}}`");
-        }
         let examples: Vec<Example> = table::read(&ctx.input("prepare", "examples")?)?;
         let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
         let requests = build_requests(&s, &examples, &entries)?;
