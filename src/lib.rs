@@ -15,52 +15,14 @@ pub mod stages;
 pub mod stats;
 pub mod table;
 
-/// How a failed command ends: the exit code is part of kvt's interface.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExitKind {
-    /// A stage (node) failed, or a cache check found corruption.
-    Failed = 1,
-    /// Bad configuration, pipeline definition or command-line usage.
-    Usage = 2,
-    /// The user pressed Ctrl-C; finished work is kept.
-    Interrupted = 130,
-}
+pub use engine::error::{EngineError as KvtError, ErrorKind};
 
-/// An error that carries its exit code. Everything else exits 1.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct KvtError {
-    pub kind: ExitKind,
-    pub message: String,
-}
-
-impl KvtError {
-    pub fn usage(message: impl Into<String>) -> Self {
-        Self {
-            kind: ExitKind::Usage,
-            message: message.into(),
-        }
-    }
-    pub fn failed(message: impl Into<String>) -> Self {
-        Self {
-            kind: ExitKind::Failed,
-            message: message.into(),
-        }
-    }
-    pub fn interrupted(message: impl Into<String>) -> Self {
-        Self {
-            kind: ExitKind::Interrupted,
-            message: message.into(),
-        }
-    }
-}
-
-/// The exit code for an error chain: the first `KvtError` in it decides.
+/// The exit code for an error chain (part of kvt's interface): 2 for
+/// configuration and usage, 130 for an interrupt, 1 for everything else.
 pub fn exit_code_for(err: &anyhow::Error) -> i32 {
-    for cause in err.chain() {
-        if let Some(e) = cause.downcast_ref::<KvtError>() {
-            return e.kind as i32;
-        }
+    match engine::error::kind_of(err) {
+        ErrorKind::Failed => 1,
+        ErrorKind::Usage => 2,
+        ErrorKind::Interrupted => 130,
     }
-    ExitKind::Failed as i32
 }

@@ -3,6 +3,7 @@
 
 mod eval_preds;
 mod graph;
+mod progress;
 
 use crate::config::{self, display_path, LoadedConfig};
 use crate::engine::{self, maintenance, BuildOptions, OpRegistry, PipelineDef, Plan, Workspace};
@@ -487,7 +488,9 @@ fn cmd_build(args: &BuildArgs, registry: &OpRegistry, quiet: bool) -> Result<()>
         }
         return Ok(());
     }
-    let _lock = engine::lock::acquire(&ws.cache_root, "build", args.no_wait)?;
+    let reporter = progress::TermReporter::new(quiet, std::io::stderr().is_terminal());
+    let _lock = engine::lock::acquire(&ws.cache_root, "`kvt build`", args.no_wait, &reporter)
+        .map_err(no_wait_hint)?;
     ws.store.clean_tmp();
     let opts = BuildOptions {
         jobs: args.jobs.unwrap_or_else(|| {
@@ -497,10 +500,9 @@ fn cmd_build(args: &BuildArgs, registry: &OpRegistry, quiet: bool) -> Result<()>
         }),
         keep_going: args.keep_going,
         force: args.force.clone(),
-        quiet,
-        progress: std::io::stderr().is_terminal(),
+        producer_version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let summary = engine::build(&ws, &plan, &opts, &CANCEL)?;
+    let summary = engine::build(&ws, &plan, &opts, &CANCEL, &reporter)?;
     if !quiet {
         eprintln!(
             "kvt: {} built, {} fresh, {} failed, {} not run in {:.0} ms",
@@ -512,6 +514,16 @@ fn cmd_build(args: &BuildArgs, registry: &OpRegistry, quiet: bool) -> Result<()>
         );
     }
     engine::build::outcome(&summary)
+}
+
+/// Adds kvt's own words to the engine's "cache is locked" error.
+fn no_wait_hint(e: anyhow::Error) -> anyhow::Error {
+    if e.to_string().contains("is locked by") {
+        let kind = crate::engine::error::kind_of(&e);
+        let message = format!("{e} (`--no-wait` was given; drop it to wait for the lock)");
+        return crate::engine::EngineError { kind, message }.into();
+    }
+    e
 }
 
 fn cache_root_for(dir: &CacheDirArgs) -> Result<(PathBuf, Option<PathBuf>)> {
@@ -600,7 +612,12 @@ fn cmd_cache(command: CacheCommand, registry: &OpRegistry, quiet: bool) -> Resul
         }
         CacheCommand::Verify { dir } => {
             let (cache, _) = cache_root_for(&dir)?;
-            let _lock = engine::lock::acquire(&cache, "cache verify", false)?;
+            let _lock = engine::lock::acquire(
+                &cache,
+                "`kvt cache verify`",
+                false,
+                &progress::TermReporter::new(false, false),
+            )?;
             let r = maintenance::verify(&cache)?;
             for d in &r.corrupt {
                 println!("corrupt: object {d} (moved to quarantine/; the nodes that made it will rebuild)");
@@ -645,7 +662,13 @@ fn cmd_cache(command: CacheCommand, registry: &OpRegistry, quiet: bool) -> Resul
                     })
                 })
                 .transpose()?;
-            let _lock = engine::lock::acquire(&cache, "cache gc", no_wait)?;
+            let _lock = engine::lock::acquire(
+                &cache,
+                "`kvt cache gc`",
+                no_wait,
+                &progress::TermReporter::new(false, false),
+            )
+            .map_err(no_wait_hint)?;
             let (live, n_configs) = match root {
                 Some(r) => live_keys(&r, &cache, registry)?,
                 None => (BTreeSet::new(), 0),

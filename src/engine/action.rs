@@ -42,7 +42,9 @@ pub struct ActionRecord {
     pub started_at: f64,
     pub finished_at: f64,
     pub duration_ms: f64,
-    pub kvt_version: String,
+    /// The version of the program that produced the record (provenance only).
+    #[serde(rename = "kvt_version")]
+    pub producer_version: String,
 }
 
 impl ActionRecord {

@@ -8,9 +8,9 @@ use super::op::{KeyContext, OpContext};
 use super::pipeline::Plan;
 use super::state::{decide, key_node, upstream_of, NodeState, StaleReason, Workspace};
 use super::store::write_atomic;
-use crate::KvtError;
+use super::error::EngineError as KvtError;
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use super::error::Reporter;
 use petgraph::graph::NodeIndex;
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,9 +23,9 @@ pub struct BuildOptions {
     pub keep_going: bool,
     /// Stage names or node ids to rerun even if fresh.
     pub force: Vec<String>,
-    pub quiet: bool,
-    /// Draw a progress bar (only when stderr is a terminal).
-    pub progress: bool,
+    /// Recorded in every action record as the version of the program that
+    /// produced it (provenance only; it never enters a key).
+    pub producer_version: String,
 }
 
 #[derive(Debug, Default)]
@@ -103,6 +103,7 @@ fn run_node(
     ups: Vec<super::op::Upstream>,
     keyed: super::state::KeyedNode,
     cancel: &AtomicBool,
+    opts: &BuildOptions,
 ) -> Result<ActionRecord> {
     let spec = &plan.graph[ix];
     let started_at = now();
@@ -144,7 +145,7 @@ fn run_node(
         started_at,
         finished_at: now(),
         duration_ms: t0.elapsed().as_secs_f64() * 1000.0,
-        kvt_version: env!("CARGO_PKG_VERSION").to_string(),
+        producer_version: opts.producer_version.clone(),
     };
     // The action record is written last: until it exists, nothing is taken for a result.
     ws.actions.put(&rec)?;
@@ -167,6 +168,7 @@ pub fn build(
     plan: &Plan,
     opts: &BuildOptions,
     cancel: &AtomicBool,
+    reporter: &dyn Reporter,
 ) -> Result<BuildSummary> {
     let n = plan.graph.node_count();
     let jobs = opts.jobs.max(1);
@@ -192,28 +194,7 @@ pub fn build(
     let mut blocked: BTreeSet<NodeIndex> = BTreeSet::new();
     let mut stop = false;
 
-    let bar = if opts.progress && !opts.quiet {
-        let pb = ProgressBar::new(n as u64);
-        pb.set_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        pb.enable_steady_tick(Duration::from_millis(120));
-        Some(pb)
-    } else {
-        None
-    };
-    let say = |msg: String| {
-        if opts.quiet {
-            return;
-        }
-        match &bar {
-            Some(pb) => pb.println(msg),
-            None => eprintln!("{msg}"),
-        }
-    };
+    reporter.start(n);
 
     std::thread::scope(|scope| -> Result<()> {
         let (tx, rx) = mpsc::channel::<(NodeIndex, Result<ActionRecord>, Duration)>();
@@ -222,7 +203,7 @@ pub fn build(
             if cancel.load(Ordering::Relaxed) && !summary.interrupted {
                 summary.interrupted = true;
                 stop = true;
-                say("kvt: interrupted; waiting for running nodes to stop (press Ctrl-C again to quit now)".into());
+                reporter.note("interrupted; waiting for running nodes to stop (press Ctrl-C again to quit now)");
             }
             while running < jobs && !stop {
                 let Some(ix) = ready.pop_front() else { break };
@@ -232,7 +213,7 @@ pub fn build(
                     Ok(k) => k,
                     Err(e) => {
                         summary.failed.push((spec.id.clone(), error_chain(&e)));
-                        if crate::exit_code_for(&e) == 2 {
+                        if super::error::kind_of(&e) == super::error::ErrorKind::Usage {
                             summary.usage_failed += 1;
                         }
                         blocked.extend(descendants(plan, ix));
@@ -249,7 +230,7 @@ pub fn build(
                     NodeState::Fresh(rec) => {
                         if let Err(e) = materialize(ws, &rec) {
                             summary.failed.push((spec.id.clone(), error_chain(&e)));
-                            if crate::exit_code_for(&e) == 2 {
+                            if super::error::kind_of(&e) == super::error::ErrorKind::Usage {
                                 summary.usage_failed += 1;
                             }
                             blocked.extend(descendants(plan, ix));
@@ -257,9 +238,7 @@ pub fn build(
                             continue;
                         }
                         summary.fresh.push(spec.id.clone());
-                        if let Some(pb) = &bar {
-                            pb.inc(1);
-                        }
+                        reporter.fresh(&spec.id);
                         records[ix.index()] = Some(*rec);
                         release(plan, ix, &mut waiting, &mut ready, &blocked, &rank);
                     }
@@ -278,14 +257,12 @@ pub fn build(
                         }
                         let why: Vec<String> = reasons.iter().map(ToString::to_string).collect();
                         tracing::info!("running `{}`: {}", spec.id, why.join("; "));
-                        if let Some(pb) = &bar {
-                            pb.set_message(spec.id.clone());
-                        }
+                        reporter.running(&spec.id);
                         let tx = tx.clone();
                         running += 1;
                         scope.spawn(move || {
                             let t0 = Instant::now();
-                            let res = run_node(ws, plan, ix, ups, keyed, cancel);
+                            let res = run_node(ws, plan, ix, ups, keyed, cancel, opts);
                             let _ = tx.send((ix, res, t0.elapsed()));
                         });
                     }
@@ -300,23 +277,17 @@ pub fn build(
             };
             running -= 1;
             let id = plan.graph[ix].id.clone();
-            if let Some(pb) = &bar {
-                pb.inc(1);
-            }
             match res {
                 Ok(rec) => {
-                    say(format!(
-                        "   built {id} ({:.0} ms)",
-                        took.as_secs_f64() * 1000.0
-                    ));
+                    reporter.finished(&id, Ok(took.as_secs_f64() * 1000.0));
                     summary.built.push(id);
                     records[ix.index()] = Some(rec);
                     release(plan, ix, &mut waiting, &mut ready, &blocked, &rank);
                 }
                 Err(e) => {
-                    say(format!("  FAILED {id}: {}", error_chain(&e)));
+                    reporter.finished(&id, Err(&error_chain(&e)));
                     summary.failed.push((id, error_chain(&e)));
-                    if crate::exit_code_for(&e) == 2 {
+                    if super::error::kind_of(&e) == super::error::ErrorKind::Usage {
                         summary.usage_failed += 1;
                     }
                     blocked.extend(descendants(plan, ix));
@@ -328,9 +299,7 @@ pub fn build(
         }
         Ok(())
     })?;
-    if let Some(pb) = bar {
-        pb.finish_and_clear();
-    }
+    reporter.finish();
     for &ix in &plan.order {
         if records[ix.index()].is_none()
             && !summary

@@ -2,8 +2,9 @@
 //! build, gc or verify, so two processes never write the cache at once. The
 //! holder writes its pid and command into the file so a waiter can say who.
 
+use super::error::Reporter;
 use super::store::STORE_FORMAT;
-use crate::KvtError;
+use super::error::EngineError as KvtError;
 use anyhow::{Context, Result};
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
@@ -13,8 +14,15 @@ pub struct CacheLock {
     _file: File,
 }
 
-/// Takes the cache lock; waits (saying so) unless `no_wait`, then fails clearly.
-pub fn acquire(cache_root: &Path, what: &str, no_wait: bool) -> Result<CacheLock> {
+/// Takes the cache lock; waits (saying so through `reporter`) unless
+/// `no_wait`, in which case a held lock fails clearly. `holder` is what a
+/// waiter is told about this process (e.g. the command it runs).
+pub fn acquire(
+    cache_root: &Path,
+    holder: &str,
+    no_wait: bool,
+    reporter: &dyn Reporter,
+) -> Result<CacheLock> {
     let dir = cache_root.join(STORE_FORMAT);
     fs::create_dir_all(&dir)
         .with_context(|| format!("creating the cache at `{}`", dir.display()))?;
@@ -29,28 +37,28 @@ pub fn acquire(cache_root: &Path, what: &str, no_wait: bool) -> Result<CacheLock
     match file.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
-            let holder = if holder.is_empty() {
-                "another kvt process".to_string()
+            let mut other = String::new();
+            let _ = file.read_to_string(&mut other);
+            let other = other.trim();
+            let other = if other.is_empty() {
+                "another process".to_string()
             } else {
-                holder.to_string()
+                other.to_string()
             };
             if no_wait {
                 return Err(KvtError::failed(format!(
-                    "the cache `{}` is locked by {holder}; wait for it to finish, or run again without `--no-wait` to wait",
+                    "the cache `{}` is locked by {other}; wait for it to finish, or run again and let it wait",
                     cache_root.display()
                 ))
                 .into());
             }
-            eprintln!("kvt: waiting for the cache lock held by {holder} ...");
+            reporter.note(&format!("waiting for the cache lock held by {other} ..."));
             file.lock().context("waiting for the cache lock")?;
         }
         Err(TryLockError::Error(e)) => return Err(e).context("locking the cache"),
     }
     file.set_len(0)?;
     file.rewind()?;
-    let _ = write!(file, "pid {} (`kvt {what}`)", std::process::id());
+    let _ = write!(file, "pid {} ({holder})", std::process::id());
     Ok(CacheLock { _file: file })
 }

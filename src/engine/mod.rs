@@ -6,6 +6,7 @@
 pub mod action;
 pub mod build;
 pub mod digest;
+pub mod error;
 pub mod lock;
 pub mod maintenance;
 pub mod op;
@@ -16,6 +17,7 @@ pub mod store;
 pub use action::{ActionCache, ActionRecord};
 pub use build::{build, BuildOptions, BuildSummary};
 pub use digest::{canonical_json, Digest};
+pub use error::{EngineError, ErrorKind, Reporter};
 pub use op::{KeyContext, Op, OpContext, OpRegistry, Upstream};
 pub use pipeline::{PipelineDef, Plan};
 pub use state::{explain, NodeState, StaleReason, Workspace};

@@ -3,7 +3,7 @@
 //! `uses`, and optionally `foreach` variables that fan it out over config lists.
 
 use super::op::{Op, OpRegistry};
-use crate::KvtError;
+use super::error::EngineError as KvtError;
 use anyhow::Result;
 use petgraph::algo::{tarjan_scc, toposort};
 use petgraph::graph::{DiGraph, NodeIndex};
@@ -127,7 +127,7 @@ impl Plan {
             for need in &st.needs {
                 let Some(&from) = idx.get(need.as_str()) else {
                     let known: Vec<String> = stages.keys().cloned().collect();
-                    let hint = crate::config::closest(need, &known)
+                    let hint = super::error::closest(need, &known)
                         .map(|c| format!("; did you mean `{c}`?"))
                         .unwrap_or_default();
                     return Err(pipeline_error(
@@ -191,7 +191,7 @@ impl Plan {
             let stage = t.split('[').next().unwrap_or(t);
             if !stages.contains_key(stage) {
                 let known: Vec<String> = stages.keys().cloned().collect();
-                let hint = crate::config::closest(stage, &known)
+                let hint = super::error::closest(stage, &known)
                     .map(|c| format!("did you mean `{c}`? "))
                     .unwrap_or_default();
                 return Err(KvtError::usage(format!(

@@ -135,7 +135,7 @@ impl std::fmt::Display for StaleReason {
             StaleReason::OutputCorrupt { artifact } => {
                 write!(f, "output `{artifact}` corrupt in the cache")
             }
-            StaleReason::Forced => write!(f, "forced with --force"),
+            StaleReason::Forced => write!(f, "forced"),
             StaleReason::ResultNotCached => write!(f, "result no longer cached (removed by gc?)"),
         }
     }
