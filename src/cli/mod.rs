@@ -344,7 +344,7 @@ fn run(cli: Cli, registry: &OpRegistry) -> Result<()> {
             cfg,
             format,
         } => {
-            let loaded = config::load(&cfg.config, &cfg.set)?;
+            let loaded = load_config(&cfg.config, &cfg.set)?;
             let (plan, ws) = plan_for(&loaded, registry, &targets)?;
             let reports = engine::explain(&ws, &plan, &|_| false)?;
             let color = format == GraphFormat::Text && std::io::stdout().is_terminal();
@@ -352,7 +352,7 @@ fn run(cli: Cli, registry: &OpRegistry) -> Result<()> {
             Ok(())
         }
         Command::Validate { cfg } => {
-            let loaded = config::load(&cfg.config, &cfg.set)?;
+            let loaded = load_config(&cfg.config, &cfg.set)?;
             let _ = load_pipeline(&loaded, registry)?;
             for w in loaded.warnings() {
                 eprintln!("warning: {w}");
@@ -361,7 +361,7 @@ fn run(cli: Cli, registry: &OpRegistry) -> Result<()> {
             Ok(())
         }
         Command::Resolve { cfg, print_config } => {
-            let loaded = config::load(&cfg.config, &cfg.set)?;
+            let loaded = load_config(&cfg.config, &cfg.set)?;
             println!("config: {}", display_path(&cfg.config));
             println!("root: {}", display_path(&loaded.root));
             println!("exp_group_id: {}", loaded.exp_group_id());
@@ -442,7 +442,7 @@ fn plan_for(
 
 fn cmd_build(args: &BuildArgs, registry: &OpRegistry, quiet: bool) -> Result<()> {
     let t0 = Instant::now();
-    let loaded = config::load(&args.cfg.config, &args.cfg.set)?;
+    let loaded = load_config(&args.cfg.config, &args.cfg.set)?;
     let (plan, ws) = plan_for(&loaded, registry, &args.targets)?;
     for w in loaded.warnings() {
         eprintln!("warning: {w}");
@@ -516,6 +516,14 @@ fn cmd_build(args: &BuildArgs, registry: &OpRegistry, quiet: bool) -> Result<()>
     engine::build::outcome(&summary)
 }
 
+/// Loads a configuration and runs every check on it (schema, values, paths,
+/// and the domain checks in `stages::check_config`) before any stage runs.
+fn load_config(path: &Path, sets: &[String]) -> Result<config::LoadedConfig> {
+    let loaded = config::load(path, sets)?;
+    crate::stages::check_config(&loaded)?;
+    Ok(loaded)
+}
+
 /// Adds kvt's own words to the engine's "cache is locked" error.
 fn no_wait_hint(e: anyhow::Error) -> anyhow::Error {
     if e.to_string().contains("is locked by") {
@@ -563,7 +571,7 @@ fn live_keys(
     files.sort();
     let mut live = BTreeSet::new();
     for f in &files {
-        let loaded = config::load(f, &[]).with_context(|| {
+        let loaded = load_config(f, &[]).with_context(|| {
             format!("`{}` cannot be read, so gc cannot tell what it needs; fix it or move it out of config/experiments/", display_path(f))
         })?;
         let (def, source) = load_pipeline(&loaded, registry)?;

@@ -54,9 +54,21 @@ pub struct LoadedConfig {
     pub root: PathBuf,
     /// The experiment file as given on the command line.
     pub config_path: PathBuf,
+    /// Where each value came from, so later checks can name file:line and key.
+    layers: std::sync::Arc<Layers>,
+    exp_origin: Origin,
 }
 
 impl LoadedConfig {
+    /// A configuration error (exit 2) at `key`, naming the file and line the
+    /// value came from: for checks that need domain knowledge the schema lacks.
+    pub fn key_error(&self, key: &str, msg: &str) -> anyhow::Error {
+        usage(format!(
+            "{}: key `{key}`: {msg}",
+            self.layers.locate(key, &self.exp_origin)
+        ))
+    }
+
     /// Things that are allowed but probably not what the user wants: printed
     /// by `kvt validate` and at the start of a build.
     pub fn warnings(&self) -> Vec<String> {
@@ -144,6 +156,7 @@ pub fn find_root(start: &Path) -> Option<PathBuf> {
 }
 
 /// One layer of YAML with the origin of every leaf, for error messages.
+#[derive(Debug)]
 struct Layers {
     value: Value,
     origins: BTreeMap<String, Origin>,
@@ -443,6 +456,8 @@ pub fn load(config_path: &Path, sets: &[String]) -> Result<LoadedConfig> {
         value,
         root,
         config_path: config_path.to_path_buf(),
+        layers: std::sync::Arc::new(layers),
+        exp_origin,
     })
 }
 
@@ -647,31 +662,6 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
     if c.kv.policies.is_empty() {
         return Err(bad("kv.policies", "needs at least one policy".into()));
     }
-    let native_model =
-        c.engine.kind == "native" || (c.engine.kind == "serve" && c.engine.model_path.is_some());
-    for p in &c.kv.policies {
-        let spec = match crate::llm::PolicySpec::parse(p) {
-            Ok(s) => s,
-            Err(e) => {
-                let known: Vec<String> = crate::llm::native::policy::POLICY_NAMES
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect();
-                let base = p.split('+').next().unwrap_or(p);
-                let hint = closest(base, &known)
-                    .filter(|k| *k != base)
-                    .map(|c| format!("did you mean `{c}`? "))
-                    .unwrap_or_default();
-                return Err(bad("kv.policies", format!("{e}; {hint}")));
-            }
-        };
-        if !native_model && !spec.reference_can_run() {
-            return Err(bad(
-                "kv.policies",
-                format!("`{p}` runs on the native engine only (`engine.kind: native`, or `serve` with `engine.model_path`); the reference simulator knows {}", crate::llm::reference::POLICIES.join(", ")),
-            ));
-        }
-    }
     if !matches!(c.kv.compress.as_str(), "context" | "prompt") {
         return Err(bad(
             "kv.compress",
@@ -727,23 +717,6 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
                 c.dataset.source
             ),
         ));
-    }
-    if let Err(e) = crate::stages::score::metric_for(
-        &c.dataset.source,
-        &c.dataset.task,
-        c.dataset.metric.as_deref(),
-    ) {
-        let key = if c.dataset.metric.is_some() {
-            "dataset.metric"
-        } else {
-            "dataset.task"
-        };
-        let msg = e.to_string();
-        let msg = msg
-            .split_once(": ")
-            .map_or(msg.as_str(), |(_, m)| m)
-            .to_string();
-        return Err(bad(key, msg));
     }
     if c.engine.concurrency == 0 {
         return Err(bad("engine.concurrency", "must be at least 1".into()));

@@ -51,7 +51,17 @@ pub struct Dataset {
     /// Examples generated per target length for synthetic tasks.
     pub per_length: u64,
     /// Deterministic operations applied before binning (shuffle, take, skip, select).
-    pub ops: Vec<crate::data::ops::DatasetOp>,
+    pub ops: Vec<DatasetOp>,
+}
+
+/// One deterministic dataset operation (applied by `data::ops::apply`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum DatasetOp {
+    Shuffle(u64),
+    Take(usize),
+    Skip(usize),
+    Select(Vec<String>),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -5,16 +5,8 @@
 
 use super::{Example, SplitMix64};
 use anyhow::{bail, Result};
-use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum DatasetOp {
-    Shuffle(u64),
-    Take(usize),
-    Skip(usize),
-    Select(Vec<String>),
-}
+pub use crate::config::schema::DatasetOp;
 
 /// Applies `ops` in order.
 pub fn apply(mut examples: Vec<Example>, ops: &[DatasetOp]) -> Result<Vec<Example>> {

@@ -10,7 +10,57 @@ pub mod report;
 pub mod score;
 pub mod sqlite;
 
+use crate::config::{closest, LoadedConfig};
 use crate::engine::OpRegistry;
+use anyhow::Result;
+
+/// The configuration checks that need kvt's domain vocabulary (policy names,
+/// which engine runs which policy, which metric a task is scored with). Every
+/// command that loads a config runs them right after `config::load`, before
+/// any stage, so a problem here exits 2 naming file, line and key.
+pub fn check_config(loaded: &LoadedConfig) -> Result<()> {
+    let c = &loaded.config;
+    let native_model =
+        c.engine.kind == "native" || (c.engine.kind == "serve" && c.engine.model_path.is_some());
+    for p in &c.kv.policies {
+        let spec = match crate::llm::PolicySpec::parse(p) {
+            Ok(s) => s,
+            Err(e) => {
+                let known: Vec<String> = crate::llm::native::policy::POLICY_NAMES
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+                let base = p.split('+').next().unwrap_or(p);
+                let hint = closest(base, &known)
+                    .filter(|k| *k != base)
+                    .map(|c| format!("did you mean `{c}`? "))
+                    .unwrap_or_default();
+                return Err(loaded.key_error("kv.policies", &format!("{e}; {hint}")));
+            }
+        };
+        if !native_model && !spec.reference_can_run() {
+            return Err(loaded.key_error(
+                "kv.policies",
+                &format!("`{p}` runs on the native engine only (`engine.kind: native`, or `serve` with `engine.model_path`); the reference simulator knows {}", crate::llm::reference::POLICIES.join(", ")),
+            ));
+        }
+    }
+    if let Err(e) = score::metric_for(
+        &c.dataset.source,
+        &c.dataset.task,
+        c.dataset.metric.as_deref(),
+    ) {
+        let key = if c.dataset.metric.is_some() {
+            "dataset.metric"
+        } else {
+            "dataset.task"
+        };
+        let msg = e.to_string();
+        let msg = msg.split_once(": ").map_or(msg.as_str(), |(_, m)| m);
+        return Err(loaded.key_error(key, msg));
+    }
+    Ok(())
+}
 
 /// Registers every kvt op.
 pub fn register(reg: &mut OpRegistry) {
