@@ -127,7 +127,7 @@ fn prepare(p: &Project, args: &[&str], env: &[(&str, &std::path::Path)]) -> std:
 }
 
 fn manifest(p: &Project) -> serde_json::Value {
-    serde_json::from_str(&p.read("data/processed/longbench__hotpotqa/manifest.json")).unwrap()
+    serde_json::from_str(&p.manifest("longbench__hotpotqa")).unwrap()
 }
 
 #[test]
@@ -362,7 +362,7 @@ fn any_jsonl_or_parquet_with_a_field_mapping() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr_of(&out));
     let m: serde_json::Value =
-        serde_json::from_str(&p.read("data/processed/mine__set/manifest.json")).unwrap();
+        serde_json::from_str(&p.manifest("mine__set")).unwrap();
     assert_eq!(m["dataset"]["n_loaded"], 6);
     assert_eq!(
         m["examples"][0]["example_id"]

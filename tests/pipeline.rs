@@ -93,8 +93,8 @@ fn report_end_to_end_then_nothing_then_analysis_only() {
     assert_eq!(s.len(), UNIQUE_REQUESTS);
     assert!(s.values().all(|&n| n == 1), "a request was sent twice");
 
+    assert!(p.manifest("synthetic__needle").contains("bin_edges"));
     for f in [
-        "data/processed/synthetic__needle/manifest.json",
         "runs/small/report.md",
         "runs/small/report.html",
         "runs/small/kv_transition.sqlite",
@@ -238,7 +238,7 @@ fn sqlite_sink_schema_and_row_counts() {
     );
 
     let manifest: serde_json::Value =
-        serde_json::from_str(&p.read("data/processed/synthetic__needle/manifest.json")).unwrap();
+        serde_json::from_str(&p.manifest("synthetic__needle")).unwrap();
     let n = manifest["entries"].as_array().unwrap().len() as i64;
     assert_eq!(n, 12);
     assert_eq!(count(&c, "SELECT COUNT(*) FROM examples"), n);

@@ -24,7 +24,7 @@ fn prepare_writes_a_binned_manifest_and_is_incremental() {
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert!(stderr_of(&out).contains("1 built"));
     let m: serde_json::Value =
-        serde_json::from_str(&p.read("data/processed/synthetic__needle/manifest.json")).unwrap();
+        serde_json::from_str(&p.manifest("synthetic__needle")).unwrap();
     let edges = m["bin_edges"].as_array().unwrap();
     assert_eq!(edges.len(), 6);
     let entries = m["entries"].as_array().unwrap();
@@ -58,7 +58,7 @@ fn prepare_writes_a_binned_manifest_and_is_incremental() {
         .unwrap();
     assert!(stderr_of(&out).contains("1 built"));
     let m2: serde_json::Value =
-        serde_json::from_str(&p.read("data/processed/synthetic__needle/manifest.json")).unwrap();
+        serde_json::from_str(&p.manifest("synthetic__needle")).unwrap();
     assert_eq!(m2["entries"].as_array().unwrap().len(), 10);
 }
 

@@ -25,7 +25,7 @@ sampling: {n_per_bin: 3}
 /// (example id, a field of it) from the manifest's `entries` or `examples`, sorted.
 fn manifest_pairs(p: &Project, list: &str, field: &str) -> Vec<(String, serde_json::Value)> {
     let m: serde_json::Value =
-        serde_json::from_str(&p.read("data/processed/synthetic__needle/manifest.json")).unwrap();
+        serde_json::from_str(&p.manifest("synthetic__needle")).unwrap();
     let mut v: Vec<(String, serde_json::Value)> = m[list]
         .as_array()
         .unwrap()
@@ -228,4 +228,69 @@ fn the_server_tokenizer_matches_the_engine_and_counts_are_cached() {
     );
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr_of(&out).contains("/tokenize"), "{}", stderr_of(&out));
+}
+
+#[test]
+fn tokenizer_bytes_enter_the_prepare_key() {
+    let p = Project::new();
+    p.write("config/experiments/tok.yaml", SANITY);
+    p.write("tok/tokenizer.json", &tokenizer_json());
+    let hf = [
+        "--set",
+        "tokenizer.kind=hf",
+        "--set",
+        "tokenizer.name=tok/tokenizer.json",
+    ];
+    let out = prepare(&p, &hf);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(built_nodes(&out), vec!["prepare"]);
+    let out = prepare(&p, &hf);
+    assert!(built_nodes(&out).is_empty(), "{}", stderr_of(&out));
+    // Same name, other bytes: a different tokenizer, so prepare runs again.
+    assert!(tokenizer_json().contains("\"the\":1"));
+    p.write(
+        "tok/tokenizer.json",
+        &tokenizer_json().replace("\"the\":1", "\"the\":1,\"a\":2"),
+    );
+    let out = prepare(&p, &hf);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(built_nodes(&out), vec!["prepare"], "{}", stderr_of(&out));
+}
+
+#[test]
+fn prompt_max_tokens_cuts_in_the_configured_tokenizer() {
+    let p = Project::new();
+    p.write(
+        "config/experiments/tok.yaml",
+        &format!("{SANITY}kv: {{policies: [streaming], budgets: [1.0]}}\nprompt: {{max_tokens: 60}}\n"),
+    );
+    p.write("tok/tokenizer.json", &tokenizer_json());
+    let out = p
+        .kvt()
+        .args(["build", "report", "-c", "config/experiments/tok.yaml"])
+        .args([
+            "--set",
+            "tokenizer.kind=hf",
+            "--set",
+            "tokenizer.name=tok/tokenizer.json",
+        ])
+        .output()
+        .unwrap();
+    // Before: truncation always looked the name up as a tiktoken encoding and
+    // failed for a tokenizer.json.
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let report = p.read("runs/tok/report.md");
+    assert!(
+        report.contains("Prompts shortened by `prompt.max_tokens`"),
+        "{report}"
+    );
+    // A server tokenizer cannot cut: a configuration error before any stage.
+    let out = p
+        .kvt()
+        .args(["validate", "-c", "config/experiments/tok.yaml"])
+        .args(["--set", "tokenizer.kind=server"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("prompt.max_tokens"), "{}", stderr_of(&out));
 }

@@ -26,6 +26,33 @@ const SECRET_KEYS: &[&str] = &[
     "bearer_token",
 ];
 
+/// The config paths that define a prepared dataset: two experiments that agree
+/// on them prepare the same examples, bins and sample.
+pub const DATASET_IDENTITY_KEYS: &[&str] =
+    &["dataset", "tokenizer.kind", "tokenizer.name", "binning", "sampling"];
+
+/// `<name>__<task>-<8 hex>`: readable, and distinct for every distinct
+/// preparation, so experiments sharing a dataset name never overwrite each
+/// other's `data/processed/<dataset_id>/` (the hex is blake3 over the
+/// canonical JSON of `DATASET_IDENTITY_KEYS`; other keys in `slice` are ignored).
+pub fn dataset_id(slice: &BTreeMap<String, Value>) -> String {
+    let ident: BTreeMap<&String, &Value> = slice
+        .iter()
+        .filter(|(k, _)| DATASET_IDENTITY_KEYS.contains(&k.as_str()))
+        .collect();
+    let bytes = serde_json::to_vec(&ident).unwrap_or_default();
+    let hex = blake3::hash(&bytes).to_hex();
+    let field = |k: &str| {
+        slice
+            .get("dataset")
+            .and_then(|d| d.get(k))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    format!("{}__{}-{}", field("name"), field("task"), &hex[..8])
+}
+
 /// Where a configuration value came from, for error messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
@@ -99,7 +126,11 @@ impl LoadedConfig {
         }
     }
     pub fn dataset_id(&self) -> String {
-        format!("{}__{}", self.config.dataset.name, self.config.dataset.task)
+        let slice: BTreeMap<String, Value> = DATASET_IDENTITY_KEYS
+            .iter()
+            .filter_map(|k| get_path(&self.value, k).map(|v| (k.to_string(), v.clone())))
+            .collect();
+        dataset_id(&slice)
     }
     /// The cache root: `KVT_CACHE_DIR` wins over `cache.dir`; relative to the root.
     pub fn cache_dir(&self) -> PathBuf {

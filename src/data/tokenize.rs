@@ -91,6 +91,49 @@ pub fn hub_tokenizer(model: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The `tokenizer.json` a `tokenizer.kind: hf` config names: a file, a
+/// directory holding one, or a model id in the Hugging Face hub cache.
+pub fn resolve_hf(name: &str, root: &Path) -> Result<PathBuf> {
+    let local = root.join(name);
+    if local.is_file() {
+        return Ok(local);
+    }
+    if local.join("tokenizer.json").is_file() {
+        return Ok(local.join("tokenizer.json"));
+    }
+    hub_tokenizer(name).ok_or_else(|| {
+        anyhow!(
+            "config `tokenizer.name`: `{}` is neither a tokenizer.json file nor a model in the Hugging Face hub cache (looked for {} and models--{}/snapshots/*/tokenizer.json); nothing is downloaded",
+            name,
+            local.display(),
+            name.replace('/', "--")
+        )
+    })
+}
+
+/// blake3 of a file's bytes, as hex.
+pub fn file_digest(path: &Path) -> Result<String> {
+    let mut h = blake3::Hasher::new();
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("reading `{}`", path.display()))?;
+    std::io::copy(&mut f, &mut h).with_context(|| format!("reading `{}`", path.display()))?;
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// What identifies a configured tokenizer's files, for node keys: the bytes
+/// of an `hf` tokenizer.json (a changed file makes `prepare` stale); nothing
+/// for tiktoken (built into kvt) or a server (its model name is in the config).
+pub fn file_identity(
+    cfg: &crate::config::schema::Tokenizer,
+    root: &Path,
+) -> Result<Option<String>> {
+    if cfg.kind != "hf" {
+        return Ok(None);
+    }
+    let path = resolve_hf(&cfg.name, root)?;
+    Ok(Some(format!("tokenizer {}", file_digest(&path)?)))
+}
+
 type Loaded = Vec<(PathBuf, Arc<tokenizers::Tokenizer>)>;
 
 fn load_hf(path: &Path) -> Result<Arc<tokenizers::Tokenizer>> {
@@ -121,22 +164,13 @@ impl Tok {
         match cfg.kind.as_str() {
             "tiktoken" => Ok(Tok::Tiktoken(encoding(&cfg.name)?, cfg.name.clone())),
             "hf" => {
-                let local = root.join(&cfg.name);
-                let path = if local.is_file() {
-                    local
-                } else if local.join("tokenizer.json").is_file() {
-                    local.join("tokenizer.json")
-                } else {
-                    hub_tokenizer(&cfg.name).ok_or_else(|| {
-                        anyhow!(
-                            "config `tokenizer.name`: `{}` is neither a tokenizer.json file nor a model in the Hugging Face hub cache (looked for {} and models--{}/snapshots/*/tokenizer.json); nothing is downloaded",
-                            cfg.name,
-                            local.display(),
-                            cfg.name.replace('/', "--")
-                        )
-                    })?
-                };
-                Ok(Tok::Hf(load_hf(&path)?, cfg.name.clone()))
+                let path = resolve_hf(&cfg.name, root)?;
+                // The file's bytes are the identity (cached counts), not its name.
+                let digest = file_digest(&path)?;
+                Ok(Tok::Hf(
+                    load_hf(&path)?,
+                    format!("{}#{}", cfg.name, &digest[..16]),
+                ))
             }
             "server" => {
                 let url = cfg
@@ -155,6 +189,48 @@ impl Tok {
         }
     }
 
+    /// LongBench's middle truncation in this tokenizer's tokens: a text longer
+    /// than `max` tokens keeps its first and last `max / 2` tokens. Returns the
+    /// cut text and the original token count, or `None` when it fits.
+    pub fn truncate_middle(&self, text: &str, max: usize) -> Result<Option<(String, usize)>> {
+        let half = max / 2;
+        match self {
+            Tok::Tiktoken(bpe, _) => {
+                let toks = bpe.encode_ordinary(text);
+                if toks.len() <= max {
+                    return Ok(None);
+                }
+                let decode = |t: &[u32]| {
+                    String::from_utf8_lossy(&bpe.decode_bytes(t).unwrap_or_default()).into_owned()
+                };
+                Ok(Some((
+                    format!("{}{}", decode(&toks[..half]), decode(&toks[toks.len() - half..])),
+                    toks.len(),
+                )))
+            }
+            Tok::Hf(t, _) => {
+                let enc = t
+                    .encode(text, false)
+                    .map_err(|e| anyhow!("tokenizing for truncation: {e}"))?;
+                let ids = enc.get_ids();
+                if ids.len() <= max {
+                    return Ok(None);
+                }
+                let decode = |part: &[u32]| {
+                    t.decode(part, false)
+                        .map_err(|e| anyhow!("decoding for truncation: {e}"))
+                };
+                Ok(Some((
+                    format!("{}{}", decode(&ids[..half])?, decode(&ids[ids.len() - half..])?),
+                    ids.len(),
+                )))
+            }
+            Tok::Server { .. } => bail!(
+                "`prompt.max_tokens` needs a local tokenizer to cut prompts (`tokenizer.kind: tiktoken` or `hf`); a server tokenizer only counts"
+            ),
+        }
+    }
+
     /// What identifies the tokenizer in cached counts.
     pub fn identity(&self) -> String {
         match self {
@@ -169,10 +245,14 @@ impl Tok {
         if let Tok::Tiktoken(bpe, _) = self {
             return Ok(count_many(bpe, texts));
         }
-        let cache = match cache_root {
-            Some(r) => Some(CountCache::open(&r.join("v1").join("token_counts.sqlite"))?),
-            None => None,
-        };
+        // The count cache is only a cache: if it cannot be opened or read
+        // (damaged, say), counting goes on without it.
+        let cache = cache_root.and_then(|r| {
+            let path = r.join("v1").join("token_counts.sqlite");
+            CountCache::open(&path)
+                .map_err(|e| warn_count_cache(&path, &e))
+                .ok()
+        });
         let id = self.identity();
         let digests: Vec<String> = texts
             .iter()
@@ -181,8 +261,8 @@ impl Tok {
         let mut out: Vec<Option<usize>> = match &cache {
             Some(c) => digests
                 .iter()
-                .map(|d| c.get(&id, d))
-                .collect::<Result<_>>()?,
+                .map(|d| c.get(&id, d).unwrap_or(None))
+                .collect(),
             None => vec![None; texts.len()],
         };
         let todo: Vec<usize> = (0..texts.len()).filter(|&i| out[i].is_none()).collect();
@@ -203,11 +283,12 @@ impl Tok {
                 out[i] = Some(counted[k]);
             }
             if let Some(c) = &cache {
-                c.put_many(
-                    &id,
-                    todo.iter()
-                        .map(|&i| (digests[i].as_str(), out[i].unwrap_or(0))),
-                )?;
+                let rows = todo
+                    .iter()
+                    .map(|&i| (digests[i].as_str(), out[i].unwrap_or(0)));
+                if let Err(e) = c.put_many(&id, rows) {
+                    tracing::warn!("token-count cache: could not store counts ({e:#}); they will be counted again next time");
+                }
             }
         }
         Ok(out.into_iter().map(|x| x.unwrap_or(0)).collect())
@@ -249,6 +330,13 @@ fn server_counts(url: &str, model: &str, texts: &[&str]) -> Result<Vec<usize>> {
     })
 }
 
+fn warn_count_cache(path: &Path, e: &anyhow::Error) {
+    tracing::warn!(
+        "token-count cache `{}` is unusable ({e:#}); counting without it. `kvt cache verify` checks it; delete the file to start it afresh",
+        path.display()
+    );
+}
+
 /// Cached token counts: (tokenizer identity, text digest) → count.
 struct CountCache(rusqlite::Connection);
 
@@ -259,6 +347,8 @@ impl CountCache {
         }
         let c = rusqlite::Connection::open(path)?;
         c.busy_timeout(std::time::Duration::from_secs(30))?;
+        // Reading the schema is where a damaged file shows itself.
+        c.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0))?;
         c.execute_batch(
             "CREATE TABLE IF NOT EXISTS counts (tokenizer TEXT NOT NULL, digest TEXT NOT NULL,
              n INTEGER NOT NULL, PRIMARY KEY (tokenizer, digest));",

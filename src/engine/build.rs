@@ -7,7 +7,7 @@ use super::action::{ActionRecord, Export};
 use super::op::{KeyContext, OpContext};
 use super::pipeline::Plan;
 use super::state::{decide, key_node, upstream_of, NodeState, StaleReason, Workspace};
-use super::store::write_atomic;
+use super::store::write_atomic_named;
 use super::error::EngineError as KvtError;
 use anyhow::{Context, Result};
 use super::error::Reporter;
@@ -78,8 +78,10 @@ pub fn materialize(ws: &Workspace, rec: &ActionRecord) -> Result<()> {
         let current = std::fs::read(&dest).ok();
         if current.as_deref().map(super::digest::Digest::of) != Some(out.digest) {
             let bytes = ws.store.get(&out.digest)?;
-            write_atomic(&ws.store.tmp_dir(), &dest, &bytes)
-                .with_context(|| format!("writing `{path}`"))?;
+            // The temporary file sits beside its destination, so the rename
+            // never crosses filesystems (the cache may live on another disk).
+            let dir = dest.parent().unwrap_or(&ws.root);
+            write_atomic_named(dir, &dest, &bytes).with_context(|| format!("writing `{path}`"))?;
         }
         if let Some(stamp) = stamp_of(&out.digest) {
             if let Some(dir) = stamp_path.parent() {

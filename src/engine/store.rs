@@ -35,11 +35,26 @@ pub fn temp_path(dir: &Path) -> PathBuf {
 
 /// Writes `bytes` to `dest` atomically: temp file in `tmp_dir`, fsync, rename.
 pub fn write_atomic(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> Result<()> {
+    write_via(tmp_dir, temp_path(tmp_dir), dest, bytes)
+}
+
+/// Like [`write_atomic`], the temporary file in `dir` (the destination's own
+/// directory) named `.<file name>.<pid>-<n>.tmp`, hidden beside the file it becomes.
+pub fn write_atomic_named(dir: &Path, dest: &Path, bytes: &[u8]) -> Result<()> {
+    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let name = dest
+        .file_name()
+        .map(|f| f.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}-{n}.tmp", std::process::id()));
+    write_via(dir, tmp, dest, bytes)
+}
+
+fn write_via(tmp_dir: &Path, tmp: PathBuf, dest: &Path, bytes: &[u8]) -> Result<()> {
     fs::create_dir_all(tmp_dir).with_context(|| format!("creating `{}`", tmp_dir.display()))?;
     if let Some(parent) = dest.parent() {
         fs::create_dir_all(parent).with_context(|| format!("creating `{}`", parent.display()))?;
     }
-    let tmp = temp_path(tmp_dir);
     let result = (|| -> Result<()> {
         let mut f =
             fs::File::create(&tmp).with_context(|| format!("creating `{}`", tmp.display()))?;

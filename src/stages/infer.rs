@@ -98,7 +98,7 @@ struct Settings {
     /// `chat` or `completions`.
     api: String,
     /// Middle truncation: (max prompt tokens, tokenizer).
-    truncate: Option<(usize, &'static tiktoken_rs::CoreBPE)>,
+    truncate: Option<(usize, crate::data::tokenize::Tok)>,
     prompt: Prompt,
     label: Option<String>,
     extra: BTreeMap<String, Value>,
@@ -136,21 +136,11 @@ fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Resu
                 .ok_or_else(|| anyhow!("manifest entry `{}` has no example", en.example_id))?;
             let mut user = fill(&s.template, ex);
             let mut truncated_from = None;
-            if let Some((max, bpe)) = s.truncate {
-                let toks = bpe.encode_ordinary(&user);
-                if toks.len() > max {
-                    // LongBench's rule: keep the first and the last max/2 tokens.
-                    let half = max / 2;
-                    let decode = |t: &[u32]| {
-                        String::from_utf8_lossy(&bpe.decode_bytes(t).unwrap_or_default())
-                            .into_owned()
-                    };
-                    truncated_from = Some(toks.len() as u64);
-                    user = format!(
-                        "{}{}",
-                        decode(&toks[..half]),
-                        decode(&toks[toks.len() - half..])
-                    );
+            if let Some((max, tok)) = &s.truncate {
+                // LongBench's rule, in the configured tokenizer's tokens.
+                if let Some((cut, n)) = tok.truncate_middle(&user, *max)? {
+                    truncated_from = Some(n as u64);
+                    user = cut;
                 }
             }
             let messages = vec![
@@ -457,8 +447,13 @@ impl Op for Infer {
         };
         let truncate = match prompt.max_tokens {
             Some(m) => {
-                let name: String = ctx.get("tokenizer.name")?;
-                Some((m as usize, crate::data::tokenize::encoding(&name)?))
+                let cfg = crate::config::schema::Tokenizer {
+                    kind: ctx.get("tokenizer.kind")?,
+                    name: ctx.get("tokenizer.name")?,
+                    url: None,
+                };
+                let tok = crate::data::tokenize::Tok::load(&cfg, ctx.root(), None)?;
+                Some((m as usize, tok))
             }
             None => None,
         };
@@ -908,7 +903,7 @@ mod tests {
             template: "START {context}\nQuestion: {question}\nAnswer:".into(),
             launch_vars: Default::default(),
             api: "chat".into(),
-            truncate: max.map(|m| (m, bpe)),
+            truncate: max.map(|m| (m, crate::data::tokenize::Tok::Tiktoken(bpe, "cl100k_base".into()))),
             prompt: Prompt {
                 system: "s".into(),
                 template: String::new(),

@@ -45,6 +45,12 @@ pub fn check_config(loaded: &LoadedConfig) -> Result<()> {
             ));
         }
     }
+    if c.prompt.max_tokens.is_some() && c.tokenizer.kind == "server" {
+        return Err(loaded.key_error(
+            "prompt.max_tokens",
+            "cutting prompts needs a local tokenizer (`tokenizer.kind: tiktoken` or `hf`); a server tokenizer only counts. Use `null` here, or a local tokenizer",
+        ));
+    }
     if let Err(e) = score::metric_for(
         &c.dataset.source,
         &c.dataset.task,

@@ -115,8 +115,15 @@ impl Op for Prepare {
     /// A file-backed dataset enters the key by the digest of its bytes.
     fn fingerprint(&self, ctx: &KeyContext) -> Result<Option<String>> {
         let ds: Dataset = ctx.get("dataset")?;
+        let tok = Tokenizer {
+            kind: ctx.get("tokenizer.kind")?,
+            name: ctx.get("tokenizer.name")?,
+            url: None,
+        };
+        // A Hugging Face tokenizer.json counts by its bytes, not its name.
+        let tok_id = tokenize::file_identity(&tok, ctx.root)?;
         let Some(src) = locate(&ds, ctx.root)? else {
-            return Ok(None);
+            return Ok(tok_id);
         };
         let mut h = blake3::Hasher::new();
         for f in src.files() {
@@ -124,15 +131,19 @@ impl Op for Prepare {
                 std::fs::File::open(&f).with_context(|| format!("reading `{}`", f.display()))?;
             std::io::copy(&mut file, &mut h)?;
         }
-        Ok(Some(format!(
+        let data = format!(
             "{} {}",
             location_label(&ds, ctx.root).unwrap_or_default(),
             h.finalize().to_hex()
-        )))
+        );
+        Ok(Some(match tok_id {
+            Some(t) => format!("{data}; {t}"),
+            None => data,
+        }))
     }
     /// Bump when generation, binning, sampling or the artifact layout changes.
     fn version(&self) -> u32 {
-        2
+        3
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let ds: Dataset = ctx.get("dataset")?;
@@ -231,7 +242,7 @@ impl Op for Prepare {
             })
             .collect();
         let selected: Vec<&Example> = rows.iter().map(|(_, id, _)| by_id[id].0).collect();
-        let dataset_id = format!("{}__{}", ds.name, ds.task);
+        let dataset_id = crate::config::dataset_id(ctx.key.config);
         let manifest = json!({
             "dataset": {"name": ds.name, "task": ds.task, "dataset_id": dataset_id, "source": ds.source,
                         "location": location_label(&ds, ctx.root()), "n_loaded": n_loaded,

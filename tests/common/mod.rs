@@ -79,6 +79,32 @@ impl Project {
         std::fs::read_to_string(self.path(rel)).unwrap()
     }
 
+    /// The directories `data/processed/<name>__<task>-<8 hex>` (one per
+    /// distinct preparation of that dataset), newest first.
+    pub fn manifest_dirs(&self, name_task: &str) -> Vec<String> {
+        let dir = self.path("data/processed");
+        let mut found: Vec<(std::time::SystemTime, String)> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.unwrap())
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().to_string();
+                let hex = n.strip_prefix(name_task)?.strip_prefix('-')?;
+                (hex.len() == 8).then_some(())?;
+                let m = std::fs::metadata(e.path().join("manifest.json")).ok()?;
+                Some((m.modified().ok()?, n))
+            })
+            .collect();
+        found.sort();
+        found.into_iter().rev().map(|(_, n)| n).collect()
+    }
+
+    /// The most recently exported manifest of dataset `<name>__<task>`.
+    pub fn manifest(&self, name_task: &str) -> String {
+        let dirs = self.manifest_dirs(name_task);
+        assert!(!dirs.is_empty(), "no manifest for {name_task}");
+        self.read(&format!("data/processed/{}/manifest.json", dirs[0]))
+    }
+
     /// The test-ops binary (kvt plus the `t_*` ops), run in the project root.
     pub fn testops(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_kvt-testops"));
