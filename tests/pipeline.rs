@@ -614,3 +614,40 @@ analysis: {bootstrap: {iters: 200}}
         "{report}"
     );
 }
+
+/// Request identity is the model, not the transport: the simulator in process
+/// and behind `kvt serve` is one model (nothing re-runs), while an `openai`
+/// server with the same `model.name` is another (its answers never mix with
+/// the simulator's).
+#[test]
+fn request_identity_is_the_model_not_the_transport() {
+    let p = small_project();
+    build(&p, &[]);
+    let journal = || -> i64 {
+        let db = rusqlite::Connection::open(p.path("cache/v1/journal.sqlite")).unwrap();
+        db.query_row("SELECT COUNT(*) FROM responses", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(journal(), UNIQUE_REQUESTS as i64);
+    // Same simulator, in process: every node fresh, no request.
+    let out = build(&p, &["--set", "engine.kind=reference"]);
+    assert!(built_nodes(&out).is_empty(), "{}", stderr_of(&out));
+    assert_eq!(journal(), UNIQUE_REQUESTS as i64);
+    // A server kvt does not control, same model name: new requests, new answers.
+    let server = Served::start(&[]);
+    let out = build(
+        &p,
+        &[
+            "--set",
+            "engine.kind=openai",
+            "--set",
+            &format!("engine.base_url={}/v1", server.addr),
+        ],
+    );
+    let infer_built = built_nodes(&out)
+        .iter()
+        .filter(|n| n.starts_with("infer["))
+        .count();
+    assert_eq!(infer_built, 4, "{}", stderr_of(&out));
+    assert_eq!(journal(), 2 * UNIQUE_REQUESTS as i64);
+}

@@ -55,6 +55,9 @@ pub struct KeyContext<'a> {
     pub cache_root: &'a Path,
     pub config: &'a BTreeMap<String, Value>,
     pub bindings: &'a BTreeMap<String, Value>,
+    /// The stage's `transport` values: readable (a fingerprint may derive an
+    /// identity from them, e.g. which engine answers), never hashed as such.
+    pub transport: &'a BTreeMap<String, Value>,
     pub root: &'a Path,
 }
 
@@ -82,6 +85,17 @@ impl KeyContext<'_> {
             .ok_or_else(|| anyhow!("node `{}` has no `foreach` variable `{var}`", self.node))?;
         typed(v, &format!("`foreach` variable `{var}`"))
     }
+    /// A config value at a path listed in the stage's `transport`: usable,
+    /// but not part of the node key (server address, concurrency, timeouts).
+    pub fn transport<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let v = self.transport.get(path).ok_or_else(|| {
+            anyhow!(
+                "node `{}` read config `{path}`, which its stage does not list in `transport`",
+                self.node
+            )
+        })?;
+        typed(v, &format!("config `{path}`"))
+    }
 }
 
 /// One upstream node as seen by an op.
@@ -99,7 +113,6 @@ pub struct Upstream {
 pub struct OpContext<'a> {
     pub key: KeyContext<'a>,
     pub upstream: &'a [Upstream],
-    pub transport: &'a BTreeMap<String, Value>,
     /// This node's key (provenance only; it is not known to the key itself).
     pub node_key: Digest,
     pub store: &'a ContentStore,
@@ -123,16 +136,9 @@ impl<'a> OpContext<'a> {
     pub fn item<T: DeserializeOwned>(&self, var: &str) -> Result<T> {
         self.key.item(var)
     }
-    /// A config value at a path listed in the stage's `transport`: usable,
-    /// but not part of the node key (server address, concurrency, timeouts).
+    /// A config value at a path listed in the stage's `transport` (see [`KeyContext::transport`]).
     pub fn transport<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let v = self.transport.get(path).ok_or_else(|| {
-            anyhow!(
-                "node `{}` read config `{path}`, which its stage does not list in `transport`",
-                self.node()
-            )
-        })?;
-        typed(v, &format!("config `{path}`"))
+        self.key.transport(path)
     }
     /// True once the user pressed Ctrl-C: long ops should stop and return an error.
     pub fn is_cancelled(&self) -> bool {

@@ -244,6 +244,7 @@ pub fn key_node(ws: &Workspace, spec: &NodeSpec, ups: &[Upstream]) -> Result<Key
         node: &spec.id,
         config: &spec.config,
         bindings: &spec.bindings,
+        transport: &spec.transport,
         root: &ws.root,
     };
     let fingerprint = spec

@@ -109,6 +109,33 @@ struct Settings {
     /// Native engine: every cell of the experiment, answered from one prefill.
     cohort: Vec<KvParams>,
     record_kept: bool,
+    /// The reference simulator answers (its identity enters request keys).
+    simulator: bool,
+}
+
+/// The identity of kvt's reference simulator as a model (bump when its
+/// answers change).
+pub const SIMULATOR_ID: &str = "kvt-reference-simulator/1";
+
+/// Who answers a request, for identity: transport never enters it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answerer {
+    /// kvt's simulator, in process (`reference`) or behind `kvt serve`.
+    Simulator,
+    /// A GGUF file run by the native engine, in process or behind `kvt serve`.
+    ModelFile,
+    /// A server kvt does not control (`openai`, `launch`): `model.name`.
+    Named,
+}
+
+pub fn answerer(kind: &str, has_model_path: bool) -> Answerer {
+    match kind {
+        "reference" => Answerer::Simulator,
+        "native" => Answerer::ModelFile,
+        "serve" if has_model_path => Answerer::ModelFile,
+        "serve" => Answerer::Simulator,
+        _ => Answerer::Named,
+    }
 }
 
 fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Result<Vec<Request>> {
@@ -151,6 +178,9 @@ fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Resu
                 "model": s.model, "kv": kv_identity, "messages": messages, "api": s.api,
                 "decoding": s.decoding, "label": s.label, "extra_body": s.extra,
             });
+            if s.simulator {
+                identity["engine"] = json!(SIMULATOR_ID);
+            }
             if let Some((_, digest)) = &s.model_file {
                 // The model is the file's bytes, wherever it lies and whoever serves it.
                 identity["model_file"] = json!(digest);
@@ -356,17 +386,25 @@ impl Op for Infer {
     /// Requests that failed transiently last time make the node stale, so the
     /// next build retries them (and only them).
     fn fingerprint(&self, k: &crate::engine::KeyContext) -> Result<Option<String>> {
-        // A model file replaced in place makes the node stale (its digest is in
-        // every request key; size and mtime stand for it here, cheaply).
+        // Which model answers is identity; how it is reached is not. The
+        // simulator is one model whether in process or behind `kvt serve`; a
+        // model file is its bytes (size and mtime stand for the digest here,
+        // cheaply; the digest is in every request key); a remote server's
+        // model is `model.name`, already in the key.
+        let kind: String = k.transport("engine.kind")?;
         let model: Option<String> = k.get("engine.model_path")?;
-        let model_path = model
-            .map(std::path::PathBuf::from)
-            .or_else(|| std::env::var_os("KVT_MODEL").map(Into::into));
-        let stamp = model_path.and_then(|p| {
-            let p = if p.is_absolute() { p } else { k.root.join(p) };
-            let m = std::fs::metadata(&p).ok()?;
-            Some(format!("model {} {:?}", m.len(), m.modified().ok()?))
-        });
+        let stamp = match answerer(&kind, model.is_some()) {
+            Answerer::Simulator => Some(format!("model {SIMULATOR_ID}")),
+            Answerer::ModelFile => model
+                .map(std::path::PathBuf::from)
+                .or_else(|| std::env::var_os("KVT_MODEL").map(Into::into))
+                .and_then(|p| {
+                    let p = if p.is_absolute() { p } else { k.root.join(p) };
+                    let m = std::fs::metadata(&p).ok()?;
+                    Some(format!("model {} {:?}", m.len(), m.modified().ok()?))
+                }),
+            Answerer::Named => None,
+        };
         let path = journal_path(k.cache_root);
         let pending = if path.exists() {
             let j = Journal::shared(&path)?;
@@ -386,6 +424,7 @@ impl Op for Infer {
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let kind: String = ctx.transport("engine.kind")?;
         let model_path: Option<String> = ctx.get("engine.model_path")?;
+        let simulator = answerer(&kind, model_path.is_some()) == Answerer::Simulator;
         let native = kind == "native" || (kind == "serve" && model_path.is_some());
         let cell = |policy: String, budget: f64| -> Result<KvParams> {
             Ok(KvParams {
@@ -482,6 +521,7 @@ impl Op for Infer {
             model_file,
             cohort,
             record_kept: ctx.get("engine.record_kept")?,
+            simulator,
         };
         if !matches!(
             s.kind.as_str(),
@@ -917,6 +957,7 @@ mod tests {
             model_file: None,
             cohort: Vec::new(),
             record_kept: false,
+            simulator: true,
         };
         let full = build_requests(
             &settings(None),
