@@ -28,7 +28,12 @@ fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
     let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for f in files {
         let rel = f.strip_prefix(&src).unwrap();
-        let first = rel.components().next().unwrap().as_os_str().to_string_lossy();
+        let first = rel
+            .components()
+            .next()
+            .unwrap()
+            .as_os_str()
+            .to_string_lossy();
         let module = first.trim_end_matches(".rs").to_string();
         if !MODULES.contains(&module.as_str()) {
             continue;
@@ -65,7 +70,12 @@ fn engine_imports_no_other_kvt_module() {
     );
     for f in files {
         let text = std::fs::read_to_string(&f).unwrap();
-        for banned in ["crate::KvtError", "crate::exit_code_for", "eprintln!", "println!"] {
+        for banned in [
+            "crate::KvtError",
+            "crate::exit_code_for",
+            "eprintln!",
+            "println!",
+        ] {
             assert!(
                 !text.contains(banned),
                 "{} uses `{banned}`; the engine reports through its own types",
@@ -110,7 +120,9 @@ fn top_level_modules_have_no_import_cycle() {
         }
     }
     // The lower layers stay below the ops.
-    for low in ["config", "data", "llm", "metrics", "stats", "render", "table"] {
+    for low in [
+        "config", "data", "llm", "metrics", "stats", "render", "table",
+    ] {
         assert!(
             !g[low].contains("stages") && !g[low].contains("cli"),
             "`{low}` imports an upper layer: {:?}",

@@ -361,8 +361,7 @@ fn any_jsonl_or_parquet_with_a_field_mapping() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr_of(&out));
-    let m: serde_json::Value =
-        serde_json::from_str(&p.manifest("mine__set")).unwrap();
+    let m: serde_json::Value = serde_json::from_str(&p.manifest("mine__set")).unwrap();
     assert_eq!(m["dataset"]["n_loaded"], 6);
     assert_eq!(
         m["examples"][0]["example_id"]

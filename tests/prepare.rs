@@ -23,8 +23,7 @@ fn prepare_writes_a_binned_manifest_and_is_incremental() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert!(stderr_of(&out).contains("1 built"));
-    let m: serde_json::Value =
-        serde_json::from_str(&p.manifest("synthetic__needle")).unwrap();
+    let m: serde_json::Value = serde_json::from_str(&p.manifest("synthetic__needle")).unwrap();
     let edges = m["bin_edges"].as_array().unwrap();
     assert_eq!(edges.len(), 6);
     let entries = m["entries"].as_array().unwrap();
@@ -57,8 +56,7 @@ fn prepare_writes_a_binned_manifest_and_is_incremental() {
         .output()
         .unwrap();
     assert!(stderr_of(&out).contains("1 built"));
-    let m2: serde_json::Value =
-        serde_json::from_str(&p.manifest("synthetic__needle")).unwrap();
+    let m2: serde_json::Value = serde_json::from_str(&p.manifest("synthetic__needle")).unwrap();
     assert_eq!(m2["entries"].as_array().unwrap().len(), 10);
 }
 

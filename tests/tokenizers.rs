@@ -24,8 +24,7 @@ sampling: {n_per_bin: 3}
 
 /// (example id, a field of it) from the manifest's `entries` or `examples`, sorted.
 fn manifest_pairs(p: &Project, list: &str, field: &str) -> Vec<(String, serde_json::Value)> {
-    let m: serde_json::Value =
-        serde_json::from_str(&p.manifest("synthetic__needle")).unwrap();
+    let m: serde_json::Value = serde_json::from_str(&p.manifest("synthetic__needle")).unwrap();
     let mut v: Vec<(String, serde_json::Value)> = m[list]
         .as_array()
         .unwrap()
@@ -262,7 +261,9 @@ fn prompt_max_tokens_cuts_in_the_configured_tokenizer() {
     let p = Project::new();
     p.write(
         "config/experiments/tok.yaml",
-        &format!("{SANITY}kv: {{policies: [streaming], budgets: [1.0]}}\nprompt: {{max_tokens: 60}}\n"),
+        &format!(
+            "{SANITY}kv: {{policies: [streaming], budgets: [1.0]}}\nprompt: {{max_tokens: 60}}\n"
+        ),
     );
     p.write("tok/tokenizer.json", &tokenizer_json());
     let out = p
@@ -292,5 +293,9 @@ fn prompt_max_tokens_cuts_in_the_configured_tokenizer() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
-    assert!(stderr_of(&out).contains("prompt.max_tokens"), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("prompt.max_tokens"),
+        "{}",
+        stderr_of(&out)
+    );
 }

@@ -6,7 +6,9 @@ mod graph;
 mod progress;
 
 use crate::config::{self, display_path, LoadedConfig};
-use crate::engine::{self, maintenance, BuildOptions, OpRegistry, PipelineDef, Plan, Workspace};
+use crate::engine::{
+    self, maintenance, BuildOptions, OpRegistry, PipelineDef, Plan, Reporter, Workspace,
+};
 use crate::{exit_code_for, KvtError};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -190,7 +192,8 @@ enum Command {
 
 #[derive(Args, Debug, Clone)]
 struct CacheDirArgs {
-    /// Cache directory (default: KVT_CACHE_DIR, else `cache/` in the project root).
+    /// Cache directory (default: KVT_CACHE_DIR, else `cache.dir` from the
+    /// project's config/default.yaml, else `cache/` in the project root).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
 }
@@ -503,6 +506,15 @@ fn cmd_build(args: &BuildArgs, registry: &OpRegistry, quiet: bool) -> Result<()>
         producer_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     let summary = engine::build(&ws, &plan, &opts, &CANCEL, &reporter)?;
+    // Every answer into journal.sqlite itself, so the file alone is complete.
+    let journal = crate::stages::infer::journal_path(&ws.cache_root);
+    if journal.exists() {
+        if let Err(e) = crate::llm::journal::Journal::shared(&journal)
+            .and_then(|j| j.lock().expect("journal").checkpoint())
+        {
+            reporter.note(&format!("could not checkpoint the request journal: {e:#}"));
+        }
+    }
     if !quiet {
         eprintln!(
             "kvt: {} built, {} fresh, {} failed, {} not run in {:.0} ms",
@@ -522,6 +534,57 @@ fn load_config(path: &Path, sets: &[String]) -> Result<config::LoadedConfig> {
     let loaded = config::load(path, sets)?;
     crate::stages::check_config(&loaded)?;
     Ok(loaded)
+}
+
+/// A SQLite file kvt keeps in the cache beside the content store.
+struct SideDb {
+    label: &'static str,
+    path: PathBuf,
+    recovery: &'static str,
+}
+
+impl SideDb {
+    /// The file with its write-ahead log and shared-memory index.
+    fn bytes(&self) -> u64 {
+        ["", "-wal", "-shm"]
+            .iter()
+            .filter_map(|suffix| {
+                let mut p = self.path.clone().into_os_string();
+                p.push(suffix);
+                std::fs::metadata(PathBuf::from(p)).ok()
+            })
+            .map(|m| m.len())
+            .sum()
+    }
+    /// SQLite's own integrity check, read-only.
+    fn check(&self) -> Result<()> {
+        if !self.path.exists() {
+            return Ok(());
+        }
+        let conn = rusqlite::Connection::open_with_flags(
+            &self.path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )?;
+        let verdict: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+        anyhow::ensure!(verdict == "ok", "{verdict}");
+        Ok(())
+    }
+}
+
+/// The request journal (answers: paid-for work) and the token-count cache.
+fn side_databases(cache: &Path) -> Vec<SideDb> {
+    vec![
+        SideDb {
+            label: "request journal",
+            path: crate::stages::infer::journal_path(cache),
+            recovery: "it holds answers: copy it aside, try `sqlite3 <file> .recover`, or move it away to start over (infer outputs already cached are kept)",
+        },
+        SideDb {
+            label: "token-count cache",
+            path: cache.join("v1").join("token_counts.sqlite"),
+            recovery: "only a cache: delete it (builds already count without it)",
+        },
+    ]
 }
 
 /// Adds kvt's own words to the engine's "cache is locked" error.
@@ -545,7 +608,7 @@ fn cache_root_for(dir: &CacheDirArgs) -> Result<(PathBuf, Option<PathBuf>)> {
         return Ok((base.join(d), root));
     }
     match root {
-        Some(r) => Ok((r.join("cache"), Some(r))),
+        Some(r) => Ok((config::project_cache_dir(&r), Some(r))),
         None => Err(KvtError::usage(
             "no kvt project here (no `config/default.yaml` in this directory or above); pass `--cache-dir`",
         )
@@ -607,6 +670,16 @@ fn cmd_cache(command: CacheCommand, registry: &OpRegistry, quiet: bool) -> Resul
                     maintenance::human_bytes(row.bytes)
                 );
             }
+            for db in side_databases(&cache) {
+                if db.bytes() > 0 {
+                    println!(
+                        "{}: {} (`{}`)",
+                        db.label,
+                        maintenance::human_bytes(db.bytes()),
+                        display_path(&db.path)
+                    );
+                }
+            }
             println!("\nobjects by age:");
             for (label, n, b) in &r.by_age {
                 println!(
@@ -627,15 +700,29 @@ fn cmd_cache(command: CacheCommand, registry: &OpRegistry, quiet: bool) -> Resul
                 &progress::TermReporter::new(false, false),
             )?;
             let r = maintenance::verify(&cache)?;
+            let mut damaged = Vec::new();
+            for db in side_databases(&cache) {
+                if let Err(e) = db.check() {
+                    println!(
+                        "damaged: {} `{}`: {e}; {}",
+                        db.label,
+                        display_path(&db.path),
+                        db.recovery
+                    );
+                    damaged.push(db.label);
+                }
+            }
             for d in &r.corrupt {
                 println!("corrupt: object {d} (moved to quarantine/; the nodes that made it will rebuild)");
             }
             for (node, art) in &r.missing {
                 println!("missing: output `{art}` of `{node}` (it will rebuild)");
             }
-            if r.corrupt.is_empty() {
+            if r.corrupt.is_empty() && damaged.is_empty() {
                 println!("ok: {} objects verified", r.checked);
                 Ok(())
+            } else if r.corrupt.is_empty() {
+                Err(KvtError::failed(format!("damaged: {}", damaged.join(", "))).into())
             } else {
                 Err(KvtError::failed(format!(
                     "{} of {} objects corrupt",
@@ -682,12 +769,23 @@ fn cmd_cache(command: CacheCommand, registry: &OpRegistry, quiet: bool) -> Resul
                 None => (BTreeSet::new(), 0),
             };
             let r = maintenance::gc(&cache, &live, max_size, max_age)?;
+            let journal = crate::stages::infer::journal_path(&cache);
+            let mut forgotten = 0;
+            if let (Some(age), true) = (max_age, journal.exists()) {
+                let cutoff = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0)
+                    - age;
+                forgotten = crate::llm::journal::Journal::open(&journal)?.forget_before(cutoff)?;
+            }
             if !quiet {
                 println!(
-                    "freed {} ({} action records, {} objects); kept {} results needed by {} config(s) in config/experiments/; cache now {}",
+                    "freed {} ({} action records, {} objects, {} journal answers); kept {} results needed by {} config(s) in config/experiments/; cache now {}",
                     maintenance::human_bytes(r.freed_bytes),
                     r.removed_actions,
                     r.removed_objects,
+                    forgotten,
                     r.kept_live,
                     n_configs,
                     maintenance::human_bytes(r.remaining_bytes)

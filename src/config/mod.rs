@@ -28,8 +28,13 @@ const SECRET_KEYS: &[&str] = &[
 
 /// The config paths that define a prepared dataset: two experiments that agree
 /// on them prepare the same examples, bins and sample.
-pub const DATASET_IDENTITY_KEYS: &[&str] =
-    &["dataset", "tokenizer.kind", "tokenizer.name", "binning", "sampling"];
+pub const DATASET_IDENTITY_KEYS: &[&str] = &[
+    "dataset",
+    "tokenizer.kind",
+    "tokenizer.name",
+    "binning",
+    "sampling",
+];
 
 /// `<name>__<task>-<8 hex>`: readable, and distinct for every distinct
 /// preparation, so experiments sharing a dataset name never overwrite each
@@ -143,6 +148,26 @@ impl LoadedConfig {
         redact(&mut v);
         v
     }
+}
+
+/// The cache root for commands that take no experiment (`kvt cache ...`):
+/// `KVT_CACHE_DIR`, else `cache.dir` from the project's `config/default.yaml`
+/// (or the built-in defaults), relative to the project root.
+pub fn project_cache_dir(root: &Path) -> PathBuf {
+    if let Ok(d) = std::env::var("KVT_CACHE_DIR") {
+        return root.join(d);
+    }
+    let text = std::fs::read_to_string(root.join("config/default.yaml"))
+        .unwrap_or_else(|_| EMBEDDED_DEFAULT.to_string());
+    let dir = parse_yaml(&text, "config/default.yaml")
+        .ok()
+        .and_then(|v| {
+            get_path(&v, "cache.dir")
+                .and_then(Value::as_str)
+                .map(String::from)
+        })
+        .unwrap_or_else(|| "cache".to_string());
+    root.join(dir)
 }
 
 fn redact(v: &mut Value) {

@@ -4,13 +4,13 @@
 //! node stops its dependents; every finished node stays cached.
 
 use super::action::{ActionRecord, Export};
+use super::error::EngineError as KvtError;
+use super::error::Reporter;
 use super::op::{KeyContext, OpContext};
 use super::pipeline::Plan;
 use super::state::{decide, key_node, upstream_of, NodeState, StaleReason, Workspace};
 use super::store::write_atomic_named;
-use super::error::EngineError as KvtError;
 use anyhow::{Context, Result};
-use super::error::Reporter;
 use petgraph::graph::NodeIndex;
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};

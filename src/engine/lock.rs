@@ -2,9 +2,9 @@
 //! build, gc or verify, so two processes never write the cache at once. The
 //! holder writes its pid and command into the file so a waiter can say who.
 
+use super::error::EngineError as KvtError;
 use super::error::Reporter;
 use super::store::STORE_FORMAT;
-use super::error::EngineError as KvtError;
 use anyhow::{Context, Result};
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};

@@ -2,8 +2,8 @@
 //! nodes: each stage names an `op`, the stages it `needs`, the config paths it
 //! `uses`, and optionally `foreach` variables that fan it out over config lists.
 
-use super::op::{Op, OpRegistry};
 use super::error::EngineError as KvtError;
+use super::op::{Op, OpRegistry};
 use anyhow::Result;
 use petgraph::algo::{tarjan_scc, toposort};
 use petgraph::graph::{DiGraph, NodeIndex};

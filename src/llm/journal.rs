@@ -15,6 +15,25 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// A journal error, named: the file, and what to do. Never a silent re-payment:
+/// the build stops instead of asking the engine again.
+fn damaged(path: &Path, e: anyhow::Error) -> anyhow::Error {
+    e.context(format!(
+        "the request journal `{}` is damaged or unreadable. Its answers are paid-for work: \
+         copy it somewhere safe, then try `sqlite3 {} .recover`; to start over instead, \
+         move it aside (answers only it holds will be requested again)",
+        path.display(),
+        path.display()
+    ))
+}
+
 pub struct Journal {
     conn: Connection,
     path: PathBuf,
@@ -46,10 +65,11 @@ impl Journal {
         let conn = Connection::open(path)
             .with_context(|| format!("opening the request journal {}", path.display()))?;
         conn.busy_timeout(Duration::from_secs(30))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS responses (
+        let setup = |conn: &Connection| -> rusqlite::Result<()> {
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            conn.execute_batch(
+                "CREATE TABLE IF NOT EXISTS responses (
                 request_key TEXT PRIMARY KEY,
                 is_final    INTEGER NOT NULL,
                 attempts    INTEGER NOT NULL,
@@ -59,13 +79,19 @@ impl Journal {
                 node_slice  TEXT PRIMARY KEY,
                 n           INTEGER NOT NULL
             );",
-        )
-        .with_context(|| {
-            format!(
-                "the request journal {} is unreadable; move it aside to start over (answers in it would be re-requested)",
-                path.display()
-            )
-        })?;
+            )?;
+            // When each answer was recorded (unix seconds), for `kvt cache gc --max-age`.
+            let has_time: bool = conn
+                .prepare("SELECT 1 FROM pragma_table_info('responses') WHERE name = 'recorded_at'")?
+                .exists([])?;
+            if !has_time {
+                conn.execute_batch(
+                    "ALTER TABLE responses ADD COLUMN recorded_at REAL NOT NULL DEFAULT 0",
+                )?;
+            }
+            Ok(())
+        };
+        setup(&conn).map_err(|e| damaged(path, e.into()))?;
         Ok(Journal {
             conn,
             path: path.to_path_buf(),
@@ -76,17 +102,49 @@ impl Journal {
         &self.path
     }
 
+    /// Moves everything in the write-ahead log into the journal file itself,
+    /// so that `journal.sqlite` alone holds every answer (run at the end of a build).
+    pub fn checkpoint(&self) -> Result<()> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(|e| damaged(&self.path, e.into()))
+    }
+
+    /// Deletes answers recorded before `cutoff` (unix seconds) and compacts
+    /// the file; returns how many went. Answers already in cached `infer`
+    /// outputs stay there; a rebuilt `infer` would ask for them again.
+    pub fn forget_before(&self, cutoff: f64) -> Result<usize> {
+        let n = self
+            .conn
+            .execute("DELETE FROM responses WHERE recorded_at < ?1", [cutoff])
+            .map_err(|e| damaged(&self.path, e.into()))?;
+        self.conn
+            .execute_batch("VACUUM; PRAGMA wal_checkpoint(TRUNCATE);")
+            .map_err(|e| damaged(&self.path, e.into()))?;
+        Ok(n)
+    }
+
+    /// Answers in the journal.
+    pub fn len(&self) -> Result<i64> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM responses", [], |r| r.get(0))
+            .map_err(|e| damaged(&self.path, e.into()))
+    }
+
     /// Records an outcome; a final answer already in the journal is kept.
     pub fn record(&self, key: &str, o: &Outcome) -> Result<()> {
         let text = serde_json::to_string(o)?;
-        self.conn.execute(
-            "INSERT INTO responses (request_key, is_final, attempts, outcome) VALUES (?1, ?2, 1, ?3)
+        self.conn
+            .execute(
+                "INSERT INTO responses (request_key, is_final, attempts, outcome, recorded_at)
+             VALUES (?1, ?2, 1, ?3, ?4)
              ON CONFLICT(request_key) DO UPDATE SET
                 is_final = excluded.is_final, outcome = excluded.outcome,
-                attempts = responses.attempts + 1
+                attempts = responses.attempts + 1, recorded_at = excluded.recorded_at
              WHERE responses.is_final = 0",
-            params![key, o.is_final as i64, text],
-        )?;
+                params![key, o.is_final as i64, text, unix_now()],
+            )
+            .map_err(|e| damaged(&self.path, e.into()))?;
         Ok(())
     }
 
@@ -113,6 +171,10 @@ impl Journal {
     }
 
     pub fn get(&self, key: &str) -> Result<Option<Outcome>> {
+        self.get_inner(key).map_err(|e| damaged(&self.path, e))
+    }
+
+    fn get_inner(&self, key: &str) -> Result<Option<Outcome>> {
         let row: Option<String> = self
             .conn
             .query_row(
@@ -127,6 +189,11 @@ impl Journal {
 
     /// Outcomes for many keys (missing keys are absent from the map).
     pub fn get_many(&self, keys: &[String]) -> Result<HashMap<String, Outcome>> {
+        self.get_many_inner(keys)
+            .map_err(|e| damaged(&self.path, e))
+    }
+
+    fn get_many_inner(&self, keys: &[String]) -> Result<HashMap<String, Outcome>> {
         let mut stmt = self
             .conn
             .prepare_cached("SELECT outcome FROM responses WHERE request_key = ?1")?;

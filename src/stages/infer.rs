@@ -943,7 +943,12 @@ mod tests {
             template: "START {context}\nQuestion: {question}\nAnswer:".into(),
             launch_vars: Default::default(),
             api: "chat".into(),
-            truncate: max.map(|m| (m, crate::data::tokenize::Tok::Tiktoken(bpe, "cl100k_base".into()))),
+            truncate: max.map(|m| {
+                (
+                    m,
+                    crate::data::tokenize::Tok::Tiktoken(bpe, "cl100k_base".into()),
+                )
+            }),
             prompt: Prompt {
                 system: "s".into(),
                 template: String::new(),
