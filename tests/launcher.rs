@@ -5,36 +5,40 @@
 mod common;
 use common::*;
 
-/// Processes whose command line contains `marker`.
-fn alive(marker: &str) -> Vec<String> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let pid = e.file_name().to_string_lossy().to_string();
-        if !pid.chars().all(|c| c.is_ascii_digit()) {
-            continue;
-        }
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(marker) && !cmd.contains("cargo") {
-                v.push(format!("{pid}: {cmd}"));
-            }
-        }
-    }
-    v
+/// Processes of this project other than `except` (the build itself): the
+/// servers its builds launched, found by working directory, not by name.
+fn alive(p: &Project, except: Option<u32>) -> Vec<u32> {
+    p.processes_here()
+        .into_iter()
+        .filter(|&pid| Some(pid) != except)
+        .collect()
 }
 
-fn none_alive(marker: &str) {
-    // Give the kernel a moment to reap.
-    for _ in 0..50 {
-        if alive(marker).is_empty() {
+fn none_alive(p: &Project) {
+    // Give the kernel (and the launcher's watchdog) a moment.
+    for _ in 0..400 {
+        if alive(p, None).is_empty() {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    panic!("servers survived the build: {:?}", alive(marker));
+    let cmds: Vec<String> = alive(p, None)
+        .iter()
+        .map(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .unwrap_or_default()
+        })
+        .collect();
+    panic!("servers survived the build: {cmds:?}");
 }
 
 fn project(marker: &str, serve_flags: &str) -> Project {
+    project_with("", marker, serve_flags)
+}
+
+/// `prefix` goes before the server command (an environment assignment, `cd … &&`).
+fn project_with(prefix: &str, marker: &str, serve_flags: &str) -> Project {
     let p = Project::new();
     let kvt = env!("CARGO_BIN_EXE_kvt");
     let log = p.path("served.log");
@@ -51,7 +55,7 @@ engine:
   kind: launch
   concurrency: 2
   launch:
-    command: \"{kvt} serve --port {{port}} --policy {{policy}} --budget {{budget}} --model {marker} --request-log {} {serve_flags}\"
+    command: \"{prefix}{kvt} serve --port {{port}} --policy {{policy}} --budget {{budget}} --model {marker} --request-log {} {serve_flags}\"
     startup_timeout_s: 30
 ",
             log.display()
@@ -75,7 +79,7 @@ fn a_server_per_budget_started_checked_and_stopped() {
     let p = project(marker, "");
     let out = build(&p, &[]);
     assert!(out.status.success(), "{}", stderr_of(&out));
-    none_alive(marker);
+    none_alive(&p);
     // Two budgets, two servers, each with its own log; 8 requests each.
     let logs: Vec<_> = std::fs::read_dir(p.path("runs/l/logs"))
         .unwrap()
@@ -119,7 +123,7 @@ fn servers_are_stopped_when_the_build_fails() {
         ],
     );
     assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
-    none_alive(marker);
+    none_alive(&p);
     // A command that dies at once: a clear error naming its log.
     let q = project("kvt-launch-dies", "");
     let out = build(
@@ -156,10 +160,10 @@ fn spawn_build(p: &Project, stderr: std::process::Stdio) -> std::process::Child 
         .unwrap()
 }
 
-/// Waits until a server with `marker` in its command line runs.
-fn wait_started(marker: &str) {
+/// Waits until a server launched by the build `build` runs.
+fn wait_started(p: &Project, build: u32) {
     let t0 = std::time::Instant::now();
-    while alive(marker).is_empty() {
+    while alive(p, Some(build)).is_empty() {
         assert!(t0.elapsed().as_secs() < 30, "no server started");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
@@ -170,7 +174,7 @@ fn servers_are_stopped_when_the_build_is_interrupted() {
     let marker = "kvt-launch-int-3b7f";
     let p = project(marker, "--delay-ms 400");
     let child = spawn_build(&p, std::process::Stdio::piped());
-    wait_started(marker);
+    wait_started(&p, child.id());
     std::thread::sleep(std::time::Duration::from_millis(300));
     let pid = child.id().to_string();
     std::process::Command::new("kill")
@@ -184,12 +188,85 @@ fn servers_are_stopped_when_the_build_is_interrupted() {
         "{}",
         stderr_of(&out)
     );
-    none_alive(marker);
+    none_alive(&p);
     // Killed outright (SIGKILL, no cleanup in kvt): the servers die with it.
     let child = spawn_build(&p, std::process::Stdio::null());
-    wait_started(marker);
+    wait_started(&p, child.id());
     let mut child = child;
     child.kill().unwrap();
     child.wait().unwrap();
-    none_alive(marker);
+    none_alive(&p);
+}
+
+#[test]
+fn kill_9_of_a_build_with_a_compound_launch_command_leaves_no_server() {
+    // `cd sub && server`: the shell stays as the server's parent, so the
+    // parent-death signal alone would leave the server running.
+    let p = project_with("cd sub && ", "kvt-launch-compound", "--delay-ms 400");
+    p.write("sub/README", "the launched server runs here\n");
+    let mut child = spawn_build(&p, std::process::Stdio::null());
+    wait_started(&p, child.id());
+    let build = child.id();
+    // The server really runs in `sub` (a compound command, not `exec`).
+    let sub = p.path("sub").canonicalize().unwrap();
+    let t0 = std::time::Instant::now();
+    while !alive(&p, Some(build)).iter().any(|pid| {
+        std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|c| c == sub)
+    }) {
+        assert!(t0.elapsed().as_secs() < 30, "no server in sub/");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap(); // SIGKILL: kvt runs no cleanup at all
+    child.wait().unwrap();
+    none_alive(&p);
+}
+
+#[test]
+fn an_env_prefixed_launch_command_works_and_its_secret_is_in_no_file() {
+    const SECRET: &str = "hf-kvt-sentinel-51c0d2e9";
+    let p = project_with(
+        &format!("KVT_LAUNCH_TOKEN={SECRET} "),
+        "kvt-launch-env",
+        "",
+    );
+    let out = p
+        .kvt()
+        .args(["-v", "build", "report", "-c", "config/experiments/l.yaml"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(p.path("runs/l/report.md").is_file());
+    assert!(!stderr_of(&out).contains(SECRET), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("KVT_LAUNCH_TOKEN=***"),
+        "the launch is logged, redacted: {}",
+        stderr_of(&out)
+    );
+    // Not in the run's logs, the cache, the database, the report: nowhere
+    // but the experiment file the user wrote it in.
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(p.root(), &mut files);
+    assert!(files.iter().any(|f| f.to_string_lossy().contains("/logs/")));
+    for f in files {
+        if f.ends_with("config/experiments/l.yaml") {
+            continue;
+        }
+        let bytes = std::fs::read(&f).unwrap();
+        assert!(
+            !bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
+            "the secret is in {}",
+            f.display()
+        );
+    }
+    none_alive(&p);
 }

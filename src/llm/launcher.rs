@@ -64,9 +64,44 @@ pub fn render(template: &str, vars: &BTreeMap<String, String>) -> Result<String>
     Ok(out)
 }
 
+/// A launch command as it may be shown (logs, errors): the values of
+/// environment assignments (`HF_TOKEN=… vllm serve`, `export K=…;`) and any
+/// value of a secret-looking environment variable (`*TOKEN*`, `*KEY*`,
+/// `*SECRET*`, `*PASSWORD*`) — which `${VAR}` substitution may have put in the
+/// command — become `***`.
+pub fn redact_command(command: &str) -> String {
+    let mut out: Vec<String> = Vec::new();
+    for word in command.split(' ') {
+        match word.split_once('=') {
+            Some((name, value))
+                if !name.is_empty()
+                    && !value.is_empty()
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    && !name.starts_with('-') =>
+            {
+                out.push(format!("{name}=***"));
+            }
+            _ => out.push(word.to_string()),
+        }
+    }
+    let mut shown = out.join(" ");
+    for (name, value) in std::env::vars() {
+        let upper = name.to_ascii_uppercase();
+        let secret = ["TOKEN", "KEY", "SECRET", "PASSWORD"]
+            .iter()
+            .any(|s| upper.contains(s));
+        if secret && value.len() >= 6 && shown.contains(&value) {
+            shown = shown.replace(&value, "***");
+        }
+    }
+    shown
+}
+
 /// A running server; stopped (whole process group) on drop.
 pub struct Launched {
     child: Child,
+    watchdog: Child,
+    _watchdog_pipe: Option<std::process::ChildStdin>,
     pgid: i32,
     pub base_url: String,
     pub log: std::path::PathBuf,
@@ -91,17 +126,11 @@ impl Launched {
             .open(log)
             .with_context(|| format!("opening the server log {}", log.display()))?;
         let err = out.try_clone()?;
-        // A simple command replaces the shell (`exec`), so the parent-death
-        // signal reaches the server itself; compound ones keep the shell.
-        let simple = !command.contains(['&', ';', '|', '\n', '(', '`']);
-        let script = if simple {
-            format!("exec {command}")
-        } else {
-            command.to_string()
-        };
+        // The command runs as written (environment prefixes, `cd … &&`,
+        // `source venv/bin/activate && …` all work) in its own process group.
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
-            .arg(script)
+            .arg(command)
             .current_dir(cwd)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
@@ -117,11 +146,30 @@ impl Launched {
         }
         let child = cmd
             .spawn()
-            .with_context(|| format!("starting `{command}`"))?;
+            .with_context(|| format!("starting `{}`", redact_command(command)))?;
         let pgid = child.id() as i32;
         live().lock().expect("launcher registry").push(pgid);
+        // A watchdog outlives kvt: it waits on a pipe only this process holds
+        // open, and when that closes — kvt exited, or was killed with -9, which
+        // no signal handler sees — it stops the server's whole process group,
+        // however many processes a compound command started.
+        let mut watchdog = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "read _; kill -TERM -{pgid} 2>/dev/null; sleep 3; kill -KILL -{pgid} 2>/dev/null"
+            ))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .current_dir("/")
+            .process_group(0)
+            .spawn()
+            .context("starting the launcher's watchdog")?;
+        let watchdog_pipe = watchdog.stdin.take();
         Ok(Launched {
             child,
+            watchdog,
+            _watchdog_pipe: watchdog_pipe,
             pgid,
             base_url: format!("http://127.0.0.1:{port}{api_path}"),
             log: log.to_path_buf(),
@@ -196,6 +244,9 @@ impl Launched {
             libc::kill(-self.pgid, libc::SIGKILL);
         }
         let _ = self.child.wait();
+        // Its job is done; stop it before closing its pipe would wake it.
+        let _ = self.watchdog.kill();
+        let _ = self.watchdog.wait();
         if let Ok(mut l) = live().lock() {
             l.retain(|&p| p != self.pgid);
         }

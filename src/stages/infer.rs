@@ -635,7 +635,11 @@ impl Infer {
                 "{}.log",
                 ctx.node().replace(['[', ']', ',', '='], "_")
             ));
-        tracing::info!(node = ctx.node(), "launching: {command}");
+        tracing::info!(
+            node = ctx.node(),
+            "launching: {}",
+            crate::llm::launcher::redact_command(&command)
+        );
         let mut launched = Launched::start(&command, ctx.root(), port, &l.api_path, &log)?;
         let health = format!("http://127.0.0.1:{port}{}", l.health_path);
         launched.wait_healthy(

@@ -46,9 +46,10 @@ impl Project {
         }
     }
 
-    /// Processes running with this project as their working directory: the
-    /// servers a build here launched (the launcher starts them in the project
-    /// root), found by where they run, not by their name.
+    /// Processes running with this project, or a directory inside it, as
+    /// their working directory: the servers a build here launched (the
+    /// launcher starts them in the project root; a `cd sub && …` command moves
+    /// them below it), found by where they run, not by their name.
     pub fn processes_here(&self) -> Vec<u32> {
         let root = self.root().canonicalize().unwrap();
         std::fs::read_dir("/proc")
@@ -56,7 +57,7 @@ impl Project {
             .flatten()
             .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
             .filter(|pid| {
-                std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == root)
+                std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(&root))
             })
             .collect()
     }
