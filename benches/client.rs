@@ -61,6 +61,7 @@ fn run(addr: &str, n: usize, journal: Option<&Journal>) -> (f64, f64) {
             ..Default::default()
         },
         api: "chat".into(),
+        max_response_bytes: 64 << 20,
     })
     .unwrap();
     let prompt = "The ferry crossed the estuary twice an hour. ".repeat(45); // ~2 KB

@@ -27,6 +27,8 @@ enum Fault {
     BadJson,
     CutStream,
     EmptyChoices,
+    /// A 3 MiB body (above a 1 MiB `engine.max_response_mib`).
+    Huge,
 }
 
 struct Fs {
@@ -122,6 +124,16 @@ async fn chat(State(st): State<Arc<Fs>>, headers: HeaderMap, body: String) -> Re
             ))
             .unwrap(),
         Fault::EmptyChoices => axum::Json(json!({"choices": []})).into_response(),
+        Fault::Huge => {
+            let chunk = "x".repeat(64 * 1024);
+            let s = futures_util::stream::iter(
+                (0..48).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+            );
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(Body::from_stream(s))
+                .unwrap()
+        }
     }
 }
 
@@ -410,4 +422,23 @@ fn requests_per_minute_pace_the_run_and_429s_still_finish() {
         .unwrap();
     assert!((u - 0.42).abs() < 1e-9, "{u}");
     assert!(p.read("runs/f/report.md").contains("KV cache 42 % used"));
+}
+
+#[test]
+fn a_response_above_the_size_limit_is_an_engine_error() {
+    let p = Project::new();
+    p.write("config/experiments/f.yaml", EXP);
+    let s = FaultServer::start(Fault::Huge, usize::MAX);
+    let out = p
+        .kvt()
+        .args(["build", "report", "-c", "config/experiments/f.yaml"])
+        .args(["--set", &format!("engine.base_url={}/v1", s.addr)])
+        .args(["--set", "engine.max_response_mib=1"])
+        .env("KVT_BACKOFF_MS", "5")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    // Labelled, and not retried: a server that sends too much will again.
+    assert_eq!(failures(&p).get("ENGINE_ERROR").copied(), Some(N as i64));
+    assert!(s.attempts().values().all(|v| v.len() == 1));
 }

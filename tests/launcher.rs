@@ -210,9 +210,10 @@ fn kill_9_of_a_build_with_a_compound_launch_command_leaves_no_server() {
     // The server really runs in `sub` (a compound command, not `exec`).
     let sub = p.path("sub").canonicalize().unwrap();
     let t0 = std::time::Instant::now();
-    while !alive(&p, Some(build)).iter().any(|pid| {
-        std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|c| c == sub)
-    }) {
+    while !alive(&p, Some(build))
+        .iter()
+        .any(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|c| c == sub))
+    {
         assert!(t0.elapsed().as_secs() < 30, "no server in sub/");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
@@ -224,11 +225,7 @@ fn kill_9_of_a_build_with_a_compound_launch_command_leaves_no_server() {
 #[test]
 fn an_env_prefixed_launch_command_works_and_its_secret_is_in_no_file() {
     const SECRET: &str = "hf-kvt-sentinel-51c0d2e9";
-    let p = project_with(
-        &format!("KVT_LAUNCH_TOKEN={SECRET} "),
-        "kvt-launch-env",
-        "",
-    );
+    let p = project_with(&format!("KVT_LAUNCH_TOKEN={SECRET} "), "kvt-launch-env", "");
     let out = p
         .kvt()
         .args(["-v", "build", "report", "-c", "config/experiments/l.yaml"])

@@ -81,3 +81,59 @@ fn prepare_errors_name_the_config_key_and_exit_1() {
         "{err}"
     );
 }
+
+#[test]
+fn an_invalid_utf8_line_and_empty_answers_are_bad_records_with_their_line() {
+    let p = Project::new();
+    let good = |i: usize| {
+        format!(
+            "{{\"id\": \"e{i}\", \"question\": \"Which?\", \"context\": \"{}\", \"answers\": [\"yes\"]}}\n",
+            "word ".repeat(40 + i)
+        )
+    };
+    let mut bytes: Vec<u8> = Vec::new();
+    for i in 0..4 {
+        bytes.extend(good(i).as_bytes());
+    }
+    bytes.extend(b"{\"id\": \"bad\", \"question\": \"\xff\xfe\", \"context\": \"c\", \"answers\": [\"a\"]}\n");
+    bytes.extend(
+        b"{\"id\": \"none\", \"question\": \"q\", \"context\": \"c c\", \"answers\": []}\n",
+    );
+    for i in 4..8 {
+        bytes.extend(good(i).as_bytes());
+    }
+    std::fs::create_dir_all(p.path("data")).unwrap();
+    std::fs::write(p.path("data/set.jsonl"), bytes).unwrap();
+    p.write(
+        "config/experiments/file.yaml",
+        "output: {exp_group_id: file}
+dataset:
+  name: mine
+  task: set
+  source: file
+  path: data/set.jsonl
+  fields: {id: id, question: question, context: context, answers: answers, meta: []}
+binning: {n_bins: 2}
+sampling: {n_per_bin: 4}
+",
+    );
+    let run = |extra: &[&str]| {
+        p.kvt()
+            .args(["build", "prepare", "-c", "config/experiments/file.yaml"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("set.jsonl:5") && err.contains("UTF-8"),
+        "{err}"
+    );
+    let out = run(&["--set", "dataset.on_bad_record=skip"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let m: serde_json::Value = serde_json::from_str(&p.manifest("mine__set")).unwrap();
+    assert_eq!(m["dataset"]["n_loaded"], 8, "{}", m["dataset"]);
+    assert_eq!(m["dataset"]["n_skipped_records"], 2, "{}", m["dataset"]);
+}

@@ -152,6 +152,9 @@ pub struct Engine {
     pub tpm: Option<u64>,
     pub timeout_s: f64,
     pub max_retries: u32,
+    /// A response body larger than this (MiB) is an `ENGINE_ERROR`, so a
+    /// misbehaving server cannot exhaust memory.
+    pub max_response_mib: u64,
     /// Optional user label that enters request identity.
     pub label: Option<String>,
     /// Extra JSON fields sent with every request (they enter request identity).

@@ -172,17 +172,16 @@ pub fn locate(task: &str, explicit: Option<&Path>, root: &Path) -> Result<Source
 pub fn load(src: &Source, c: &mut super::records::Collector, stem: &str) -> Result<()> {
     match src {
         Source::Jsonl(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading `{}`", p.display()))?;
-            c.jsonl(&p.display().to_string(), &text, stem)
+            let bytes = std::fs::read(p).with_context(|| format!("reading `{}`", p.display()))?;
+            c.jsonl(&p.display().to_string(), &bytes, stem)
         }
         Source::Zip(z, entry) => {
             let f = std::fs::File::open(z).with_context(|| format!("opening `{}`", z.display()))?;
             let mut a = zip::ZipArchive::new(f)
                 .with_context(|| format!("`{}` is not a readable zip archive", z.display()))?;
-            let mut text = String::new();
+            let mut text = Vec::new();
             a.by_name(entry)?
-                .read_to_string(&mut text)
+                .read_to_end(&mut text)
                 .with_context(|| format!("reading `{}!{entry}`", z.display()))?;
             c.jsonl(&src.describe(), &text, stem)
         }

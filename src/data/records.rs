@@ -57,6 +57,12 @@ pub fn to_example(
     if context.trim().is_empty() {
         return Err(format!("field `{}` (the context) is empty", f.context));
     }
+    if answers.iter().all(|a| a.trim().is_empty()) {
+        return Err(format!(
+            "field `{}` has no answer (an example without a reference answer cannot be scored)",
+            f.answers
+        ));
+    }
     let example_id = match &f.id {
         Some(idf) => {
             text_of(field(idf, "id")?).ok_or_else(|| format!("field `{idf}` is not a string"))?
@@ -141,13 +147,27 @@ impl<'a> Collector<'a> {
         }
     }
 
-    /// Every line of a JSON-lines text; blank lines are ignored.
-    pub fn jsonl(&mut self, origin: &str, text: &str, stem: &str) -> Result<()> {
-        for (i, line) in text.lines().enumerate() {
+    /// Every line of a JSON-lines file; blank lines are ignored. A line that
+    /// is not valid UTF-8 is a bad record of its own (the rest still load).
+    pub fn jsonl(&mut self, origin: &str, bytes: impl AsRef<[u8]>, stem: &str) -> Result<()> {
+        for (i, raw) in bytes.as_ref().split(|&b| b == b'\n').enumerate() {
+            let at = format!("{origin}:{}", i + 1);
+            let line = match std::str::from_utf8(raw) {
+                Ok(l) => l,
+                Err(e) => {
+                    self.bad(
+                        &at,
+                        format!(
+                            "the line is not valid UTF-8 (at byte {} of the line)",
+                            e.valid_up_to() + 1
+                        ),
+                    )?;
+                    continue;
+                }
+            };
             if line.trim().is_empty() {
                 continue;
             }
-            let at = format!("{origin}:{}", i + 1);
             let rec = serde_json::from_str::<Value>(line).map_err(|e| e.to_string());
             self.record(&at, rec, &format!("{stem}-{}", i + 1))?;
         }
@@ -283,7 +303,7 @@ mod tests {
     #[test]
     fn bad_records_fail_with_file_line_and_field_or_are_counted() {
         let f = fields();
-        let text = "{\"_id\": \"a\", \"input\": \"q\", \"context\": \"c\", \"answers\": []}\n{broken\n{\"_id\": \"c\", \"context\": \"c\", \"answers\": []}\n{\"_id\": \"d\", \"input\": \"q\", \"context\": \"  \", \"answers\": []}\n";
+        let text = "{\"_id\": \"a\", \"input\": \"q\", \"context\": \"c\", \"answers\": [\"x\"]}\n{broken\n{\"_id\": \"c\", \"context\": \"c\", \"answers\": [\"x\"]}\n{\"_id\": \"d\", \"input\": \"q\", \"context\": \"  \", \"answers\": [\"x\"]}\n";
         let mut c = Collector::new(&f, "fail").unwrap();
         let err = c.jsonl("d.jsonl", text, "d").unwrap_err().to_string();
         assert!(
@@ -297,7 +317,7 @@ mod tests {
         let err = c
             .jsonl(
                 "d.jsonl",
-                "{\"_id\": \"c\", \"context\": \"c\", \"answers\": []}",
+                "{\"_id\": \"c\", \"context\": \"c\", \"answers\": [\"x\"]}",
                 "d",
             )
             .unwrap_err()
@@ -312,7 +332,7 @@ mod tests {
         let err = c
             .jsonl(
                 "d.jsonl",
-                "{\"_id\": \"d\", \"input\": \"q\", \"context\": \"\", \"answers\": []}",
+                "{\"_id\": \"d\", \"input\": \"q\", \"context\": \"\", \"answers\": [\"x\"]}",
                 "d",
             )
             .unwrap_err()
@@ -324,10 +344,10 @@ mod tests {
     #[test]
     fn duplicate_ids_are_an_error_even_when_skipping() {
         let f = fields();
-        let line = "{\"_id\": \"a\", \"input\": \"q\", \"context\": \"c\", \"answers\": []}";
+        let line = "{\"_id\": \"a\", \"input\": \"q\", \"context\": \"c\", \"answers\": [\"x\"]}";
         let mut c = Collector::new(&f, "skip").unwrap();
         let err = c
-            .jsonl("d.jsonl", &format!("{line}\n{line}\n"), "d")
+            .jsonl("d.jsonl", format!("{line}\n{line}\n"), "d")
             .unwrap_err()
             .to_string();
         assert!(
@@ -340,7 +360,7 @@ mod tests {
         let mut f2 = fields();
         f2.id = None;
         let mut c = Collector::new(&f2, "fail").unwrap();
-        c.jsonl("d.jsonl", &format!("{line}\n{line}\n"), "d")
+        c.jsonl("d.jsonl", format!("{line}\n{line}\n"), "d")
             .unwrap();
         assert_eq!(c.out.examples[1].example_id, "d-2");
     }

@@ -27,6 +27,8 @@ pub struct ClientOptions {
     pub limits: super::limits::Limits,
     /// `chat` (`/chat/completions`) or `completions` (`/completions`).
     pub api: String,
+    /// A response body larger than this is an `ENGINE_ERROR` (memory stays bounded).
+    pub max_response_bytes: u64,
 }
 
 pub struct Client {
@@ -59,6 +61,13 @@ struct Failure {
     status: Option<u16>,
     transient: bool,
     retry_after: Option<Duration>,
+}
+
+impl Failure {
+    fn with_status(mut self, status: u16) -> Failure {
+        self.status = Some(status);
+        self
+    }
 }
 
 fn fail(kind: &'static str, message: String, status: Option<u16>, transient: bool) -> Failure {
@@ -241,7 +250,10 @@ impl Client {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|s| s.trim().parse::<f64>().ok())
                 .map(|s| Duration::from_secs_f64(s.clamp(0.0, 60.0)));
-            let text = resp.text().await.unwrap_or_default();
+            let text = read_limited(resp, self.opts.max_response_bytes.min(1 << 20))
+                .await
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
             let code = status.as_u16();
             let msg = format!("HTTP {code}: {}", truncate(&text, 500));
             let mut f = match code {
@@ -259,9 +271,11 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
         if is_sse {
-            read_stream(resp, t0).await
+            read_stream(resp, t0, self.opts.max_response_bytes).await
         } else {
-            let bytes = resp.bytes().await.map_err(|e| transport_failure(&e))?;
+            let bytes = read_limited(resp, self.opts.max_response_bytes)
+                .await
+                .map_err(|f| f.with_status(status.as_u16()))?;
             let latency = t0.elapsed().as_secs_f64() * 1000.0;
             let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
                 fail(
@@ -358,8 +372,36 @@ fn usage_into(v: &Value, o: &mut Outcome) {
     }
 }
 
-/// Reads a server-sent event stream of chat completion chunks.
-async fn read_stream(resp: reqwest::Response, t0: Instant) -> Result<Outcome, Failure> {
+/// The whole body, or an `ENGINE_ERROR` as soon as it passes `limit` bytes.
+async fn read_limited(resp: reqwest::Response, limit: u64) -> Result<Vec<u8>, Failure> {
+    let mut out: Vec<u8> = Vec::new();
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| transport_failure(&e))?;
+        if (out.len() + chunk.len()) as u64 > limit {
+            return Err(too_large(limit));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+fn too_large(limit: u64) -> Failure {
+    fail(
+        "ENGINE_ERROR",
+        format!(
+            "the response is larger than {} MiB (`engine.max_response_mib`); kvt stopped reading it",
+            limit / (1 << 20)
+        ),
+        None,
+        false,
+    )
+}
+
+/// Reads a server-sent event stream of chat completion chunks. Each byte is
+/// scanned for an event end once (linear in the stream's length, even when a
+/// server never ends its events), and the stream is cut at `limit` bytes.
+async fn read_stream(resp: reqwest::Response, t0: Instant, limit: u64) -> Result<Outcome, Failure> {
     let status = resp.status().as_u16();
     let mut o = Outcome {
         http_status: Some(status),
@@ -369,10 +411,25 @@ async fn read_stream(resp: reqwest::Response, t0: Instant) -> Result<Outcome, Fa
     let mut done = false;
     let mut saw_choice = false;
     let mut body = resp.bytes_stream();
+    let mut total: u64 = 0;
+    // Bytes of `buf` already searched for an event end.
+    let mut scanned = 0usize;
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| transport_failure(&e))?;
+        total += chunk.len() as u64;
+        if total > limit {
+            return Err(too_large(limit));
+        }
         buf.extend_from_slice(&chunk);
-        while let Some(pos) = find_event_end(&buf) {
+        loop {
+            // A separator may straddle the old end: look back 3 bytes.
+            let from = scanned.saturating_sub(3);
+            let Some((p, len)) = find_event_end(&buf[from..]) else {
+                scanned = buf.len();
+                break;
+            };
+            let pos = (from + p, len);
+            scanned = 0;
             let event: Vec<u8> = buf.drain(..pos.0 + pos.1).collect();
             let event = String::from_utf8_lossy(&event[..pos.0]).into_owned();
             for line in event.lines() {

@@ -124,13 +124,6 @@ impl Journal {
         Ok(n)
     }
 
-    /// Answers in the journal.
-    pub fn len(&self) -> Result<i64> {
-        self.conn
-            .query_row("SELECT COUNT(*) FROM responses", [], |r| r.get(0))
-            .map_err(|e| damaged(&self.path, e.into()))
-    }
-
     /// Records an outcome; a final answer already in the journal is kept.
     pub fn record(&self, key: &str, o: &Outcome) -> Result<()> {
         let text = serde_json::to_string(o)?;

@@ -97,6 +97,25 @@ pub fn redact_command(command: &str) -> String {
     shown
 }
 
+/// What `sh -c` runs for a launch command: `exec` for a simple command
+/// (`exec env K=V cmd …` when it starts with assignments), the command as
+/// written otherwise.
+pub fn shell_script(command: &str) -> String {
+    let simple = !command.contains(['&', ';', '|', '\n', '(', '`', '<', '>']);
+    if !simple {
+        return command.to_string();
+    }
+    let first = command.split_whitespace().next().unwrap_or("");
+    let assigns = first.split_once('=').is_some_and(|(n, _)| {
+        !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    });
+    if assigns {
+        format!("exec env {command}")
+    } else {
+        format!("exec {command}")
+    }
+}
+
 /// A running server; stopped (whole process group) on drop.
 pub struct Launched {
     child: Child,
@@ -126,11 +145,14 @@ impl Launched {
             .open(log)
             .with_context(|| format!("opening the server log {}", log.display()))?;
         let err = out.try_clone()?;
-        // The command runs as written (environment prefixes, `cd … &&`,
-        // `source venv/bin/activate && …` all work) in its own process group.
+        // The command runs in its own process group. A simple command replaces
+        // the shell (`exec`, through `env` when it starts with environment
+        // assignments), so the parent-death signal reaches the server itself;
+        // a compound one (`cd … && …`, `source venv/bin/activate && …`) keeps
+        // the shell, and the watchdog below stops its whole group.
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
-            .arg(command)
+            .arg(shell_script(command))
             .current_dir(cwd)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
@@ -262,6 +284,20 @@ impl Drop for Launched {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn simple_commands_replace_the_shell_and_compound_ones_keep_it() {
+        assert_eq!(shell_script("vllm serve m"), "exec vllm serve m");
+        assert_eq!(
+            shell_script("HF_TOKEN=x vllm serve m"),
+            "exec env HF_TOKEN=x vllm serve m"
+        );
+        assert_eq!(shell_script("cd d && vllm serve"), "cd d && vllm serve");
+        assert_eq!(
+            redact_command("HF_TOKEN=abc vllm --x=1"),
+            "HF_TOKEN=*** vllm --x=1"
+        );
+    }
 
     #[test]
     fn templates_fill_known_variables_and_name_unknown_ones() {

@@ -847,6 +847,9 @@ impl Infer {
                     .unwrap_or(250),
             ),
             api: s.api.clone(),
+            max_response_bytes: ctx
+                .transport::<u64>("engine.max_response_mib")?
+                .saturating_mul(1 << 20),
             limits: crate::llm::limits::Limits {
                 concurrency,
                 rpm: ctx.transport("engine.rpm")?,
