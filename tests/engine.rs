@@ -348,3 +348,41 @@ fn moving_the_project_keeps_everything_fresh() {
     );
     std::fs::rename(&dest, p.root()).unwrap();
 }
+
+/// A byte flip that keeps the object's size and mtime passes the cheap
+/// freshness check; the node that reads it finds it. The same build then
+/// quarantines the object, reruns its producer and the reader, and succeeds.
+#[test]
+fn a_corrupt_object_met_during_a_build_is_quarantined_and_rebuilt_in_that_build() {
+    let p = Project::new();
+    p.build(&[]);
+    let words_obj = p
+        .objects()
+        .into_iter()
+        .find(|o| std::fs::read_to_string(o).is_ok_and(|s| s == "the quick brown"))
+        .unwrap();
+    let mtime = std::fs::metadata(&words_obj).unwrap().modified().unwrap();
+    let mut bytes = std::fs::read(&words_obj).unwrap();
+    bytes[0] ^= 0x01;
+    std::fs::write(&words_obj, &bytes).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&words_obj)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    // Only `count` (and what follows) is stale; it reads the damaged object.
+    let out = p
+        .testops()
+        .args(["build", "-c", "config/experiments/t.yaml"])
+        .args(["--set", "analysis.bootstrap.iters=2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let mut built = built_nodes(&out);
+    built.sort();
+    assert_eq!(built, strs(&["count", "report", "scale[budget=0.2]"]));
+    assert!(stderr_of(&out).contains("corrupt"), "{}", stderr_of(&out));
+    assert!(p.read("runs/t1/out.txt").contains("scale[budget=0.2] 6"));
+    p.testops().args(["cache", "verify"]).assert().success();
+}

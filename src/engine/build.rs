@@ -12,7 +12,7 @@ use super::state::{decide, key_node, upstream_of, NodeState, StaleReason, Worksp
 use super::store::write_atomic_named;
 use anyhow::{Context, Result};
 use petgraph::graph::NodeIndex;
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -194,6 +194,10 @@ pub fn build(
         .collect();
     let mut summary = BuildSummary::default();
     let mut blocked: BTreeSet<NodeIndex> = BTreeSet::new();
+    // Producers running again because a consumer found their output damaged:
+    // producer → the consumer that waits for it (each consumer heals once).
+    let mut reruns: BTreeMap<NodeIndex, NodeIndex> = BTreeMap::new();
+    let mut healed: BTreeMap<NodeIndex, NodeIndex> = BTreeMap::new();
     let mut stop = false;
 
     reporter.start(n);
@@ -223,14 +227,31 @@ pub fn build(
                         continue;
                     }
                 };
-                match decide(
+                let mut state = decide(
                     ws,
                     spec,
                     &keyed,
                     is_forced(&opts.force, &spec.id, &spec.stage),
-                ) {
+                );
+                let mut export_error = None;
+                if let NodeState::Fresh(rec) = &state {
+                    if let Err(e) = materialize(ws, rec) {
+                        // A fresh node whose output turns out damaged when it
+                        // is exported: quarantine it and run the node now.
+                        match damaged_output(&e, rec) {
+                            Some((d, artifact)) => {
+                                let _ = ws.store.quarantine(&d);
+                                reporter.note(&format!("`{}`: output `{artifact}` is corrupt; quarantined and rebuilding", spec.id));
+                                state =
+                                    NodeState::Stale(vec![StaleReason::OutputCorrupt { artifact }]);
+                            }
+                            None => export_error = Some(e),
+                        }
+                    }
+                }
+                match state {
                     NodeState::Fresh(rec) => {
-                        if let Err(e) = materialize(ws, &rec) {
+                        if let Some(e) = export_error {
                             summary.failed.push((spec.id.clone(), error_chain(&e)));
                             if super::error::kind_of(&e) == super::error::ErrorKind::Usage {
                                 summary.usage_failed += 1;
@@ -242,7 +263,15 @@ pub fn build(
                         summary.fresh.push(spec.id.clone());
                         reporter.fresh(&spec.id);
                         records[ix.index()] = Some(*rec);
-                        release(plan, ix, &mut waiting, &mut ready, &blocked, &rank);
+                        complete(
+                            plan,
+                            ix,
+                            &mut reruns,
+                            &mut waiting,
+                            &mut ready,
+                            &blocked,
+                            &rank,
+                        );
                     }
                     NodeState::Stale(reasons) => {
                         for r in &reasons {
@@ -284,7 +313,35 @@ pub fn build(
                     reporter.finished(&id, Ok(took.as_secs_f64() * 1000.0));
                     summary.built.push(id);
                     records[ix.index()] = Some(rec);
-                    release(plan, ix, &mut waiting, &mut ready, &blocked, &rank);
+                    complete(
+                        plan,
+                        ix,
+                        &mut reruns,
+                        &mut waiting,
+                        &mut ready,
+                        &blocked,
+                        &rank,
+                    );
+                }
+                Err(e) if !healed.contains_key(&ix) && damaged_object(&e).is_some() => {
+                    // An input object was damaged on disk: it is quarantined;
+                    // its producer runs again (same bytes), then this node.
+                    let Some(p) = heal_input(ws, plan, ix, &e, &mut records, &mut healed) else {
+                        reporter.finished(&id, Err(&error_chain(&e)));
+                        summary.failed.push((id, error_chain(&e)));
+                        blocked.extend(descendants(plan, ix));
+                        stop = !opts.keep_going;
+                        continue;
+                    };
+                    reporter.note(&format!(
+                        "`{id}`: an input from `{}` was corrupt in the cache; quarantined, rebuilding it, then `{id}`",
+                        plan.graph[p].id
+                    ));
+                    summary.fresh.retain(|f| *f != plan.graph[p].id);
+                    summary.built.retain(|f| *f != plan.graph[p].id);
+                    reruns.insert(p, ix);
+                    waiting[ix.index()] = 1;
+                    ready.push_front(p);
                 }
                 Err(e) => {
                     reporter.finished(&id, Err(&error_chain(&e)));
@@ -313,6 +370,75 @@ pub fn build(
         }
     }
     Ok(summary)
+}
+
+/// The object (hex digest) an error chain says is damaged, corrupt or missing.
+fn damaged_object(e: &anyhow::Error) -> Option<String> {
+    e.chain()
+        .find_map(|c| match c.downcast_ref::<super::store::ObjectError>()? {
+            super::store::ObjectError::Corrupt { digest, .. }
+            | super::store::ObjectError::Missing(digest) => Some(digest.clone()),
+        })
+}
+
+/// A damaged object that is one of `rec`'s own outputs: (digest, artifact).
+fn damaged_output(
+    e: &anyhow::Error,
+    rec: &ActionRecord,
+) -> Option<(super::digest::Digest, String)> {
+    let hex = damaged_object(e)?;
+    rec.outputs
+        .iter()
+        .find(|o| o.digest.hex() == hex)
+        .map(|o| (o.digest, o.name.clone()))
+}
+
+/// When node `ix` failed reading a damaged input object produced by one of
+/// its dependencies, and has not been healed before in this build:
+/// quarantines the object, forgets the producer's record so that it is
+/// decided again (and runs, its output being gone), and remembers the pair.
+fn heal_input(
+    ws: &Workspace,
+    plan: &Plan,
+    ix: NodeIndex,
+    e: &anyhow::Error,
+    records: &mut [Option<ActionRecord>],
+    healed: &mut BTreeMap<NodeIndex, NodeIndex>,
+) -> Option<NodeIndex> {
+    if healed.contains_key(&ix) {
+        return None;
+    }
+    let hex = damaged_object(e)?;
+    let (producer, d) = plan.deps(ix).into_iter().find_map(|p| {
+        let r = records[p.index()].as_ref()?;
+        let o = r.outputs.iter().find(|o| o.digest.hex() == hex)?;
+        Some((p, o.digest))
+    })?;
+    let _ = ws.store.quarantine(&d);
+    records[producer.index()] = None;
+    healed.insert(ix, producer);
+    Some(producer)
+}
+
+/// A node finished (fresh or built). Normally its dependents are released;
+/// a producer run again to heal a damaged object releases only the consumer
+/// that waits for it (its other dependents already ran).
+fn complete(
+    plan: &Plan,
+    ix: NodeIndex,
+    reruns: &mut BTreeMap<NodeIndex, NodeIndex>,
+    waiting: &mut [usize],
+    ready: &mut VecDeque<NodeIndex>,
+    blocked: &BTreeSet<NodeIndex>,
+    rank: &[usize],
+) {
+    match reruns.remove(&ix) {
+        Some(consumer) => {
+            waiting[consumer.index()] = 0;
+            ready.push_front(consumer);
+        }
+        None => release(plan, ix, waiting, ready, blocked, rank),
+    }
 }
 
 /// Marks `ix` done and queues dependents whose inputs are now all known.
