@@ -60,7 +60,7 @@ fn run(addr: &str, n: usize, journal: Option<&Journal>) -> (f64, f64) {
             concurrency: 64,
             ..Default::default()
         },
-        api: "chat".into(),
+        api: kvt::config::schema::Api::Chat,
         max_response_bytes: 64 << 20,
     })
     .unwrap();

@@ -146,7 +146,7 @@ fn count_tokens_hf_wordlevel(b: divan::Bencher) {
     )
     .unwrap();
     let cfg = kvt::config::schema::Tokenizer {
-        kind: "hf".into(),
+        kind: kvt::config::schema::TokenizerKind::Hf,
         name: path.display().to_string(),
         url: None,
     };

@@ -8,7 +8,7 @@ pub mod schema;
 
 use crate::KvtError;
 use anyhow::{Context, Result};
-use schema::Config;
+use schema::{Config, EngineKind, Source};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -107,8 +107,8 @@ impl LoadedConfig {
         let c = &self.config;
         let mut w = Vec::new();
         let simulator = c.engine.model_path.is_none()
-            && matches!(c.engine.kind.as_str(), "reference" | "serve");
-        if simulator && c.dataset.source != "synthetic" {
+            && matches!(c.engine.kind, EngineKind::Reference | EngineKind::Serve);
+        if simulator && c.dataset.source != Source::Synthetic {
             w.push(format!(
                 "`engine.kind: {}` runs kvt's reference simulator, whose reader only answers kvt's own synthetic tasks: on `dataset.source: {}` it scores 0 at every budget, and the scores measure the simulator, not a model. Use `engine.kind: native` (a GGUF model), `openai` or `launch`.",
                 c.engine.kind, c.dataset.source
@@ -640,7 +640,7 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
             ));
         }
     }
-    if c.dataset.source == "synthetic" {
+    if c.dataset.source == Source::Synthetic {
         if c.dataset.lengths.is_empty() {
             return Err(bad(
                 "dataset.lengths",
@@ -718,27 +718,23 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
     if c.kv.policies.is_empty() {
         return Err(bad("kv.policies", "needs at least one policy".into()));
     }
-    if !matches!(c.kv.compress.as_str(), "context" | "prompt") {
-        return Err(bad(
-            "kv.compress",
-            format!("`{}` is unknown; use `context` or `prompt`", c.kv.compress),
-        ));
-    }
     if !(c.kv.beta.is_finite() && c.kv.beta > 0.0) {
         return Err(bad("kv.beta", format!("{} must be > 0", c.kv.beta)));
     }
-    match c.engine.kind.as_str() {
-        "reference" | "serve" | "native" => {}
-        "launch" => {
+    match c.engine.kind {
+        EngineKind::Reference | EngineKind::Serve | EngineKind::Native => {}
+        EngineKind::Launch => {
             if c.engine.launch.command.as_deref().unwrap_or("").is_empty() {
                 return Err(bad(
                     "engine.launch.command",
-                    "is required when `engine.kind` is `launch` (a command template with `{port}`)".into(),
+                    "is required when `engine.kind` is `launch` (a command template with `{port}`)"
+                        .into(),
                 ));
             }
         }
-        "openai" => {
-            if c.engine.base_url.as_deref().unwrap_or("").is_empty() && c.engine.replicas.is_empty() {
+        EngineKind::Openai => {
+            if c.engine.base_url.as_deref().unwrap_or("").is_empty() && c.engine.replicas.is_empty()
+            {
                 return Err(bad(
                     "engine.base_url",
                     "is required when `engine.kind` is `openai` (e.g. http://127.0.0.1:8000/v1)"
@@ -746,33 +742,6 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
                 ));
             }
         }
-        other => {
-            return Err(bad(
-                "engine.kind",
-                format!("`{other}` is unknown; use `reference` (the simulator, in process), `native` (a GGUF model in process), `serve` (kvt serve started for the run), `launch` (engine.launch.command) or `openai` (engine.base_url)"),
-            ))
-        }
-    }
-    if !matches!(c.dataset.on_bad_record.as_str(), "fail" | "skip") {
-        return Err(bad(
-            "dataset.on_bad_record",
-            format!(
-                "`{}` is unknown; use `fail` or `skip`",
-                c.dataset.on_bad_record
-            ),
-        ));
-    }
-    if !matches!(
-        c.dataset.source.as_str(),
-        "synthetic" | "longbench" | "file"
-    ) {
-        return Err(bad(
-            "dataset.source",
-            format!(
-                "`{}` is unknown; use `synthetic`, `longbench` or `file`",
-                c.dataset.source
-            ),
-        ));
     }
     if c.engine.concurrency == 0 {
         return Err(bad("engine.concurrency", "must be at least 1".into()));

@@ -6,6 +6,73 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+/// A closed set of config values: a serde enum with snake_case names, so an
+/// unknown value is a schema error (exit 2, file:line, key, the valid values).
+macro_rules! closed_set {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $v:ident => $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($(#[$vm])* $v),+ }
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$v => $s),+ }
+            }
+        }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+closed_set!(
+    /// How requests are answered (`engine.kind`).
+    EngineKind {
+        /// kvt's reference simulator, in process.
+        Reference => "reference",
+        /// A GGUF model run by kvt's native engine, in process.
+        Native => "native",
+        /// `kvt serve` spawned for the run (native with `model_path`, else the simulator).
+        Serve => "serve",
+        /// A server started per node from `engine.launch.command`.
+        Launch => "launch",
+        /// Any OpenAI-compatible server at `engine.base_url`.
+        Openai => "openai",
+    }
+);
+
+closed_set!(
+    /// `engine.api`: chat messages or one completion prompt.
+    Api { Chat => "chat", Completions => "completions" }
+);
+
+closed_set!(
+    /// `tokenizer.kind`.
+    TokenizerKind { Tiktoken => "tiktoken", Hf => "hf", Server => "server" }
+);
+
+closed_set!(
+    /// `dataset.source`.
+    Source { Synthetic => "synthetic", Longbench => "longbench", File => "file" }
+);
+
+closed_set!(
+    /// `dataset.on_bad_record`.
+    OnBadRecord { Fail => "fail", Skip => "skip" }
+);
+
+closed_set!(
+    /// `sampling.strategy`.
+    Strategy { Uniform => "uniform", FocusTransition => "focus_transition" }
+);
+
+closed_set!(
+    /// `kv.compress` (native engine).
+    Compress { Context => "context", Prompt => "prompt" }
+);
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -34,14 +101,14 @@ pub struct Dataset {
     /// Where examples come from: `synthetic` (built in), `longbench` (a local
     /// copy, found by `dataset.path` or the usual places) or `file` (any JSONL
     /// or Parquet file at `dataset.path`, mapped by `dataset.fields`).
-    pub source: String,
+    pub source: Source,
     pub path: Option<String>,
     /// `jsonl` or `parquet` for `source: file`; null: from the file extension.
     pub format: Option<String>,
     /// Which record fields become the example's id, question, context, answers and meta.
     pub fields: Fields,
     /// `fail` (default) or `skip`: what a malformed record does.
-    pub on_bad_record: String,
+    pub on_bad_record: OnBadRecord,
     /// The metric to score with; null: substring recall for synthetic tasks,
     /// the task's own metric for LongBench, `qa_f1_score` for files.
     pub metric: Option<String>,
@@ -82,7 +149,7 @@ pub struct Fields {
 pub struct Tokenizer {
     /// `tiktoken` (an encoding), `hf` (a Hugging Face `tokenizer.json`) or
     /// `server` (the serving engine's `/tokenize`, so bins are in the model's tokens).
-    pub kind: String,
+    pub kind: TokenizerKind,
     /// tiktoken: `cl100k_base` or `o200k_base`; hf: a path to `tokenizer.json`
     /// or a model id found in the hub cache; server: the model's name (its identity).
     pub name: String,
@@ -101,7 +168,7 @@ pub struct Binning {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Sampling {
-    pub strategy: String,
+    pub strategy: Strategy,
     pub n_per_bin: u32,
     pub seed: u64,
     pub pinned: Vec<String>,
@@ -131,7 +198,7 @@ pub struct Engine {
     /// `reference` (the simulator, in process), `native` (a GGUF model in
     /// process), `serve` (kvt serve spawned for the run: the native engine when
     /// `model_path` is set, else the simulator), `launch` or `openai`.
-    pub kind: String,
+    pub kind: EngineKind,
     /// The GGUF file for `native` and `serve` (null: `$KVT_MODEL`). Its digest
     /// is the model's identity; the path is not.
     pub model_path: Option<String>,
@@ -163,7 +230,7 @@ pub struct Engine {
     pub stream: bool,
     /// `chat` (messages, the server applies its chat template) or
     /// `completions` (one prompt string: system message, blank line, user message).
-    pub api: String,
+    pub api: Api,
     /// For `kind: launch`: a server started per `infer` node.
     pub launch: Launch,
 }
@@ -220,7 +287,7 @@ pub struct Kv {
     /// Native engine: `context` (compress the context, then prefill the question
     /// on the compressed cache, as kvpress does) or `prompt` (compress the whole
     /// prompt, question included, as the SnapKV paper does).
-    pub compress: String,
+    pub compress: Compress,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -10,6 +10,7 @@
 //! Counts of the slower kinds are cached per (tokenizer identity, text digest)
 //! in `cache/v1/token_counts.sqlite`.
 
+use crate::config::schema::TokenizerKind;
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -127,7 +128,7 @@ pub fn file_identity(
     cfg: &crate::config::schema::Tokenizer,
     root: &Path,
 ) -> Result<Option<String>> {
-    if cfg.kind != "hf" {
+    if cfg.kind != TokenizerKind::Hf {
         return Ok(None);
     }
     let path = resolve_hf(&cfg.name, root)?;
@@ -161,9 +162,9 @@ impl Tok {
         root: &Path,
         engine_url: Option<&str>,
     ) -> Result<Tok> {
-        match cfg.kind.as_str() {
-            "tiktoken" => Ok(Tok::Tiktoken(encoding(&cfg.name)?, cfg.name.clone())),
-            "hf" => {
+        match cfg.kind {
+            TokenizerKind::Tiktoken => Ok(Tok::Tiktoken(encoding(&cfg.name)?, cfg.name.clone())),
+            TokenizerKind::Hf => {
                 let path = resolve_hf(&cfg.name, root)?;
                 // The file's bytes are the identity (cached counts), not its name.
                 let digest = file_digest(&path)?;
@@ -172,7 +173,7 @@ impl Tok {
                     format!("{}#{}", cfg.name, &digest[..16]),
                 ))
             }
-            "server" => {
+            TokenizerKind::Server => {
                 let url = cfg
                     .url
                     .clone()
@@ -183,9 +184,6 @@ impl Tok {
                     model: cfg.name.clone(),
                 })
             }
-            other => bail!(
-                "config `tokenizer.kind`: `{other}` is unknown; use `tiktoken`, `hf` or `server`"
-            ),
         }
     }
 

@@ -26,7 +26,7 @@ pub struct ClientOptions {
     /// Concurrency (adaptive on 429), requests and tokens per minute.
     pub limits: super::limits::Limits,
     /// `chat` (`/chat/completions`) or `completions` (`/completions`).
-    pub api: String,
+    pub api: crate::config::schema::Api,
     /// A response body larger than this is an `ENGINE_ERROR` (memory stays bounded).
     pub max_response_bytes: u64,
 }
@@ -95,7 +95,7 @@ impl Client {
                 url: format!(
                     "{}/{}",
                     b.trim_end_matches('/'),
-                    if opts.api == "completions" {
+                    if opts.api == crate::config::schema::Api::Completions {
                         "completions"
                     } else {
                         "chat/completions"

@@ -11,7 +11,7 @@
 //! engine in process; `serve` starts `kvt serve` on a free loopback port for
 //! the node and stops it afterwards; `openai` talks to `engine.base_url`.
 
-use crate::config::schema::{Decoding, Prompt};
+use crate::config::schema::{Api, Decoding, EngineKind, Prompt};
 use crate::data::Example;
 use crate::engine::{canonical_json, Op, OpContext};
 use crate::llm::client::{Client, ClientOptions};
@@ -96,13 +96,13 @@ struct Settings {
     /// For launched servers: this budget's template variables (identity).
     launch_vars: BTreeMap<String, String>,
     /// `chat` or `completions`.
-    api: String,
+    api: Api,
     /// Middle truncation: (max prompt tokens, tokenizer).
     truncate: Option<(usize, crate::data::tokenize::Tok)>,
     prompt: Prompt,
     label: Option<String>,
     extra: BTreeMap<String, Value>,
-    kind: String,
+    kind: EngineKind,
     stream: bool,
     /// The GGUF file (native engine, or `kvt serve` with a model file) and its digest.
     model_file: Option<(std::path::PathBuf, String)>,
@@ -128,13 +128,13 @@ pub enum Answerer {
     Named,
 }
 
-pub fn answerer(kind: &str, has_model_path: bool) -> Answerer {
+pub fn answerer(kind: EngineKind, has_model_path: bool) -> Answerer {
     match kind {
-        "reference" => Answerer::Simulator,
-        "native" => Answerer::ModelFile,
-        "serve" if has_model_path => Answerer::ModelFile,
-        "serve" => Answerer::Simulator,
-        _ => Answerer::Named,
+        EngineKind::Reference => Answerer::Simulator,
+        EngineKind::Native => Answerer::ModelFile,
+        EngineKind::Serve if has_model_path => Answerer::ModelFile,
+        EngineKind::Serve => Answerer::Simulator,
+        EngineKind::Launch | EngineKind::Openai => Answerer::Named,
     }
 }
 
@@ -146,7 +146,7 @@ fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Resu
     let kv_identity = if s.model_file.is_some() {
         // The native engine: the cell as it runs, whatever it was called.
         s.kv.native_cell()?.identity()
-    } else if s.kind == "launch" {
+    } else if s.kind == EngineKind::Launch {
         // A launched server's KV setup comes from the budget's template
         // variables (e.g. a cache type): they are the identity.
         json!({"policy": s.kv.policy, "budget": s.kv.budget, "launch_vars": s.launch_vars})
@@ -196,7 +196,7 @@ fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Resu
                 "temperature": s.decoding.temperature, "top_p": s.decoding.top_p,
                 "max_tokens": s.decoding.max_new_tokens, "stream": s.stream,
             });
-            if s.api == "completions" {
+            if s.api == Api::Completions {
                 let text = format!(
                     "{}\n\n{}",
                     s.prompt.system,
@@ -209,7 +209,10 @@ fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Resu
             if s.stream {
                 body["stream_options"] = json!({"include_usage": true});
             }
-            if matches!(s.kind.as_str(), "reference" | "serve" | "native") {
+            if matches!(
+                s.kind,
+                EngineKind::Reference | EngineKind::Serve | EngineKind::Native
+            ) {
                 body["kvt"] = serde_json::to_value(&s.kv)?;
             }
             if s.model_file.is_some() {
@@ -391,9 +394,9 @@ impl Op for Infer {
         // model file is its bytes (size and mtime stand for the digest here,
         // cheaply; the digest is in every request key); a remote server's
         // model is `model.name`, already in the key.
-        let kind: String = k.transport("engine.kind")?;
+        let kind: EngineKind = k.transport("engine.kind")?;
         let model: Option<String> = k.get("engine.model_path")?;
-        let stamp = match answerer(&kind, model.is_some()) {
+        let stamp = match answerer(kind, model.is_some()) {
             Answerer::Simulator => Some(format!("model {SIMULATOR_ID}")),
             Answerer::ModelFile => model
                 .map(std::path::PathBuf::from)
@@ -422,10 +425,10 @@ impl Op for Infer {
         2
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
-        let kind: String = ctx.transport("engine.kind")?;
+        let kind: EngineKind = ctx.transport("engine.kind")?;
         let model_path: Option<String> = ctx.get("engine.model_path")?;
-        let simulator = answerer(&kind, model_path.is_some()) == Answerer::Simulator;
-        let native = kind == "native" || (kind == "serve" && model_path.is_some());
+        let simulator = answerer(kind, model_path.is_some()) == Answerer::Simulator;
+        let native = answerer(kind, model_path.is_some()) == Answerer::ModelFile;
         let cell = |policy: String, budget: f64| -> Result<KvParams> {
             Ok(KvParams {
                 policy,
@@ -501,10 +504,7 @@ impl Op for Infer {
             let key = crate::engine::pipeline::format_binding(&json!(kv.budget));
             all.get(&key).cloned().unwrap_or_default()
         };
-        let api: String = ctx.get("engine.api")?;
-        if !matches!(api.as_str(), "chat" | "completions") {
-            bail!("config `engine.api`: `{api}` is unknown; use `chat` or `completions`");
-        }
+        let api: Api = ctx.get("engine.api")?;
         let s = Settings {
             api,
             launch_vars,
@@ -523,15 +523,6 @@ impl Op for Infer {
             record_kept: ctx.get("engine.record_kept")?,
             simulator,
         };
-        if !matches!(
-            s.kind.as_str(),
-            "reference" | "serve" | "openai" | "launch" | "native"
-        ) {
-            bail!(
-                "config `engine.kind`: `{}` is unknown; use `reference`, `serve`, `launch` or `openai`",
-                s.kind
-            );
-        }
         let examples: Vec<Example> = table::read(&ctx.input("prepare", "examples")?)?;
         let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
         let requests = build_requests(&s, &examples, &entries)?;
@@ -708,7 +699,7 @@ impl Infer {
             sent.fetch_add(1, Ordering::Relaxed);
             Ok(())
         };
-        if s.kind == "reference" {
+        if s.kind == EngineKind::Reference {
             let bpe = crate::data::tokenize::encoding("cl100k_base")?;
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
             let next = AtomicUsize::new(0);
@@ -755,7 +746,7 @@ impl Infer {
                     .try_for_each(|h| h.join().expect("reference worker"))
             });
         }
-        if s.kind == "native" {
+        if s.kind == EngineKind::Native {
             let (path, _) = s
                 .model_file
                 .as_ref()
@@ -796,7 +787,7 @@ impl Infer {
         }
         let _server;
         let mut launched: Option<crate::llm::launcher::Launched> = None;
-        let base_urls: Vec<String> = if s.kind == "serve" {
+        let base_urls: Vec<String> = if s.kind == EngineKind::Serve {
             if let Some((file, _)) = &s.model_file {
                 // One model server for every node of this process: its prefills
                 // are shared between cells, and the model loads once.
@@ -807,7 +798,7 @@ impl Infer {
                 _server = srv;
                 vec![u]
             }
-        } else if s.kind == "launch" {
+        } else if s.kind == EngineKind::Launch {
             let l = self.launch(ctx, s)?;
             let u = l.base_url.clone();
             launched = Some(l);
@@ -846,7 +837,7 @@ impl Infer {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(250),
             ),
-            api: s.api.clone(),
+            api: s.api,
             max_response_bytes: ctx
                 .transport::<u64>("engine.max_response_mib")?
                 .saturating_mul(1 << 20),
@@ -860,7 +851,7 @@ impl Infer {
             .enable_all()
             .build()?;
         rt.block_on(async {
-            if s.kind == "serve" {
+            if s.kind == EngineKind::Serve {
                 wait_healthy(&base_url).await?;
             }
             let sample = crate::llm::metrics_scrape::Sample::default();
@@ -949,7 +940,7 @@ mod tests {
             },
             template: "START {context}\nQuestion: {question}\nAnswer:".into(),
             launch_vars: Default::default(),
-            api: "chat".into(),
+            api: Api::Chat,
             truncate: max.map(|m| {
                 (
                     m,
@@ -964,7 +955,7 @@ mod tests {
             },
             label: None,
             extra: Default::default(),
-            kind: "serve".into(),
+            kind: EngineKind::Serve,
             stream: true,
             model_file: None,
             cohort: Vec::new(),

@@ -10,6 +10,7 @@ pub mod report;
 pub mod score;
 pub mod sqlite;
 
+use crate::config::schema::TokenizerKind;
 use crate::config::{closest, LoadedConfig};
 use crate::engine::OpRegistry;
 use anyhow::Result;
@@ -21,7 +22,7 @@ use anyhow::Result;
 pub fn check_config(loaded: &LoadedConfig) -> Result<()> {
     let c = &loaded.config;
     let native_model =
-        c.engine.kind == "native" || (c.engine.kind == "serve" && c.engine.model_path.is_some());
+        infer::answerer(c.engine.kind, c.engine.model_path.is_some()) == infer::Answerer::ModelFile;
     for p in &c.kv.policies {
         let spec = match crate::llm::PolicySpec::parse(p) {
             Ok(s) => s,
@@ -45,14 +46,14 @@ pub fn check_config(loaded: &LoadedConfig) -> Result<()> {
             ));
         }
     }
-    if c.prompt.max_tokens.is_some() && c.tokenizer.kind == "server" {
+    if c.prompt.max_tokens.is_some() && c.tokenizer.kind == TokenizerKind::Server {
         return Err(loaded.key_error(
             "prompt.max_tokens",
             "cutting prompts needs a local tokenizer (`tokenizer.kind: tiktoken` or `hf`); a server tokenizer only counts. Use `null` here, or a local tokenizer",
         ));
     }
     if let Err(e) = score::metric_for(
-        &c.dataset.source,
+        c.dataset.source.as_str(),
         &c.dataset.task,
         c.dataset.metric.as_deref(),
     ) {
