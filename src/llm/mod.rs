@@ -3,7 +3,9 @@
 //! the OpenAI-compatible client, and the request journal that makes inference
 //! resumable.
 
+pub mod backend;
 pub mod client;
+pub mod http;
 pub mod journal;
 pub mod launcher;
 pub mod limits;
@@ -11,6 +13,7 @@ pub mod metrics_scrape;
 pub mod native;
 pub mod reference;
 pub mod server;
+pub mod spawned;
 
 use serde::{Deserialize, Serialize};
 

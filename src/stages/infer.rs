@@ -14,22 +14,22 @@
 use crate::config::schema::{Api, Decoding, EngineKind, Prompt};
 use crate::data::Example;
 use crate::engine::{canonical_json, Op, OpContext};
+use crate::llm::backend::{Backend, Query};
 use crate::llm::client::{Client, ClientOptions};
+use crate::llm::http::HttpBackend;
 use crate::llm::journal::Journal;
 use crate::llm::reference::{self, KvParams};
+use crate::llm::spawned::{shared_model_server, SpawnedServer};
 use crate::llm::Outcome;
 use crate::stages::prepare::Entry;
 use crate::table;
 use anyhow::{anyhow, bail, Context, Result};
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
-use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub struct Infer;
 
@@ -230,124 +230,6 @@ fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Resu
                 messages,
                 body,
             })
-        })
-        .collect()
-}
-
-/// `kvt serve` started for one node: a free loopback port, health-checked,
-/// stopped (and reaped) on drop. It also exits if this process dies, because
-/// it watches its standard input.
-struct SpawnedServer {
-    child: Child,
-    url: String,
-}
-
-impl SpawnedServer {
-    fn start(model: &str, model_file: Option<&std::path::Path>) -> Result<SpawnedServer> {
-        let exe = std::env::current_exe().context("locating the kvt binary")?;
-        let mut child = Command::new(exe)
-            .args([
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--model",
-                model,
-            ])
-            .args(
-                model_file
-                    .map(|f| vec![std::ffi::OsString::from("--model-file"), f.into()])
-                    .unwrap_or_default(),
-            )
-            .arg("--exit-on-stdin-eof")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting `kvt serve`")?;
-        let stdout = child.stdout.take().expect("piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let mut server = SpawnedServer {
-            child,
-            url: String::new(),
-        };
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .map_err(|_| anyhow!("`kvt serve` did not report its address within 30 s"))?;
-        let addr = line
-            .trim()
-            .rsplit(' ')
-            .next()
-            .filter(|a| a.starts_with("http://"))
-            .ok_or_else(|| {
-                anyhow!(
-                    "`kvt serve` printed `{}` instead of its address",
-                    line.trim()
-                )
-            })?;
-        server.url = format!("{addr}/v1");
-        Ok(server)
-    }
-}
-
-/// `kvt serve --model-file` started once per process and model file; it exits
-/// with this process (it watches its standard input).
-fn shared_model_server(model: &str, file: &std::path::Path) -> Result<String> {
-    static SERVERS: OnceLock<Mutex<BTreeMap<std::path::PathBuf, SpawnedServer>>> = OnceLock::new();
-    let mut m = SERVERS
-        .get_or_init(Default::default)
-        .lock()
-        .expect("servers");
-    if let Some(srv) = m.get_mut(file) {
-        if matches!(srv.child.try_wait(), Ok(None)) {
-            return Ok(srv.url.clone());
-        }
-    }
-    let srv = SpawnedServer::start(model, Some(file))?;
-    let url = srv.url.clone();
-    m.insert(file.to_path_buf(), srv);
-    Ok(url)
-}
-
-impl Drop for SpawnedServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn wait_healthy(base: &str) -> Result<()> {
-    let url = format!("{}/health", base.trim_end_matches("/v1"));
-    let http = reqwest::Client::new();
-    let t0 = Instant::now();
-    loop {
-        if let Ok(r) = http.get(&url).send().await {
-            if r.status().is_success() {
-                return Ok(());
-            }
-        }
-        if t0.elapsed() > Duration::from_secs(30) {
-            bail!("the server at {url} did not become healthy within 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Chat messages as (role, text) pairs.
-fn chat_pairs(messages: &[Value]) -> Vec<(String, String)> {
-    messages
-        .iter()
-        .map(|m| {
-            (
-                m["role"].as_str().unwrap_or("user").to_string(),
-                m["content"].as_str().unwrap_or("").to_string(),
-            )
         })
         .collect()
 }
@@ -699,123 +581,95 @@ impl Infer {
             sent.fetch_add(1, Ordering::Relaxed);
             Ok(())
         };
-        if s.kind == EngineKind::Reference {
-            let bpe = crate::data::tokenize::encoding("cl100k_base")?;
-            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let next = AtomicUsize::new(0);
-            return std::thread::scope(|sc| {
-                let hs: Vec<_> = (0..threads.min(concurrency))
-                    .map(|_| {
-                        sc.spawn(|| -> Result<()> {
-                            loop {
-                                let i = next.fetch_add(1, Ordering::Relaxed);
-                                if i >= reqs.len() || ctx.is_cancelled() {
-                                    return Ok(());
-                                }
-                                let r = reqs[i];
-                                let t0 = Instant::now();
-                                let prompt = crate::llm::server::render(&r.messages)
-                                    .map_err(|e| anyhow!(e))?
-                                    .0;
-                                let a = reference::answer(
-                                    bpe,
-                                    &prompt,
-                                    &r.question,
-                                    &s.kv,
-                                    s.decoding.max_new_tokens as usize,
-                                )?;
-                                let ms = t0.elapsed().as_secs_f64() * 1000.0;
-                                let o = Outcome {
-                                    text: a.text,
-                                    finish_reason: Some(a.finish_reason),
-                                    prompt_tokens: Some(a.prompt_tokens as u64),
-                                    completion_tokens: Some(a.completion_tokens as u64),
-                                    retained_tokens: Some(a.retained_tokens as u64),
-                                    engine: Some("reference".into()),
-                                    latency_ms: ms,
-                                    ttft_ms: Some(ms),
-                                    is_final: true,
-                                    ..Default::default()
-                                };
-                                record(&r.key, &o)?;
-                            }
-                        })
-                    })
-                    .collect();
-                hs.into_iter()
-                    .try_for_each(|h| h.join().expect("reference worker"))
-            });
-        }
-        if s.kind == EngineKind::Native {
-            let (path, _) = s
-                .model_file
-                .as_ref()
-                .expect("native engine has a model file");
-            let mib: u64 = ctx.transport("engine.prefill_cache_mib")?;
-            let engine = crate::llm::native::NativeEngine::shared(path, mib as usize)?;
-            let cohort: Vec<crate::llm::native::Cell> = s
-                .cohort
-                .iter()
-                .map(KvParams::native_cell)
-                .collect::<Result<_>>()?;
-            let cell = s.kv.native_cell()?;
-            for r in reqs {
-                if ctx.is_cancelled() {
-                    break;
-                }
-                let t0 = Instant::now();
-                let req = crate::llm::native::NativeRequest {
-                    messages: chat_pairs(&r.messages),
-                    max_new_tokens: s.decoding.max_new_tokens as usize,
-                    cell: cell.clone(),
+        let backend = self.backend(ctx, s, concurrency)?;
+        let queries: Vec<Query<'_>> = reqs
+            .iter()
+            .map(|r| Query {
+                key: &r.key,
+                messages: &r.messages,
+                question: &r.question,
+                body: &r.body,
+            })
+            .collect();
+        backend.answer_all(&queries, concurrency, &|| ctx.is_cancelled(), &record)
+    }
+
+    /// The backend `engine.kind` names, ready to answer (servers started).
+    fn backend(
+        &self,
+        ctx: &OpContext,
+        s: &Settings,
+        concurrency: usize,
+    ) -> Result<Box<dyn Backend>> {
+        let max_new_tokens = s.decoding.max_new_tokens as usize;
+        match s.kind {
+            EngineKind::Reference => Ok(Box::new(reference::ReferenceBackend {
+                kv: s.kv.clone(),
+                max_new_tokens,
+            })),
+            EngineKind::Native => {
+                let (path, _) = s
+                    .model_file
+                    .as_ref()
+                    .expect("native engine has a model file");
+                let mib: u64 = ctx.transport("engine.prefill_cache_mib")?;
+                Ok(Box::new(crate::llm::native::backend::NativeBackend {
+                    engine: crate::llm::native::NativeEngine::shared(path, mib as usize)?,
+                    cell: s.kv.native_cell()?,
+                    cohort: s
+                        .cohort
+                        .iter()
+                        .map(KvParams::native_cell)
+                        .collect::<Result<_>>()?,
                     record_kept: s.record_kept,
-                    cohort: cohort.clone(),
-                };
-                let o = match engine.answer(&req) {
-                    Ok(a) => crate::llm::native::outcome(&a),
-                    Err(e) => Outcome {
-                        error_kind: Some("ENGINE_ERROR".into()),
-                        error: Some(format!("{e:#}")),
-                        latency_ms: t0.elapsed().as_secs_f64() * 1000.0,
-                        is_final: true,
-                        ..Default::default()
-                    },
-                };
-                record(&r.key, &o)?;
+                    max_new_tokens,
+                }))
             }
-            return Ok(());
+            EngineKind::Serve | EngineKind::Launch | EngineKind::Openai => {
+                self.http_backend(ctx, s, concurrency)
+            }
         }
-        let _server;
-        let mut launched: Option<crate::llm::launcher::Launched> = None;
-        let base_urls: Vec<String> = if s.kind == EngineKind::Serve {
-            if let Some((file, _)) = &s.model_file {
+    }
+
+    fn http_backend(
+        &self,
+        ctx: &OpContext,
+        s: &Settings,
+        concurrency: usize,
+    ) -> Result<Box<dyn Backend>> {
+        let mut spawned = None;
+        let mut launched = None;
+        let base_urls: Vec<String> = match s.kind {
+            EngineKind::Serve => match &s.model_file {
                 // One model server for every node of this process: its prefills
                 // are shared between cells, and the model loads once.
-                vec![shared_model_server(&s.model, file)?]
-            } else {
-                let srv = SpawnedServer::start(&s.model, None)?;
-                let u = srv.url.clone();
-                _server = srv;
+                Some((file, _)) => vec![shared_model_server(&s.model, file)?],
+                None => {
+                    let srv = SpawnedServer::start(&s.model, None)?;
+                    let u = srv.url.clone();
+                    spawned = Some(srv);
+                    vec![u]
+                }
+            },
+            EngineKind::Launch => {
+                let l = self.launch(ctx, s)?;
+                let u = l.base_url.clone();
+                launched = Some(l);
                 vec![u]
             }
-        } else if s.kind == EngineKind::Launch {
-            let l = self.launch(ctx, s)?;
-            let u = l.base_url.clone();
-            launched = Some(l);
-            vec![u]
-        } else {
-            let u: Option<String> = ctx.transport("engine.base_url")?;
-            let mut v: Vec<String> = u.into_iter().collect();
-            v.extend(ctx.transport::<Vec<String>>("engine.replicas")?);
-            if v.is_empty() {
-                return Err(crate::KvtError::usage(
-                    "config `engine.base_url` is required when `engine.kind` is `openai` (e.g. http://127.0.0.1:8000/v1)",
-                )
-                .into());
+            _ => {
+                let u: Option<String> = ctx.transport("engine.base_url")?;
+                let mut v: Vec<String> = u.into_iter().collect();
+                v.extend(ctx.transport::<Vec<String>>("engine.replicas")?);
+                if v.is_empty() {
+                    return Err(crate::KvtError::usage(
+                        "config `engine.base_url` is required when `engine.kind` is `openai` (e.g. http://127.0.0.1:8000/v1)",
+                    )
+                    .into());
+                }
+                v
             }
-            v
         };
-        let base_url = base_urls[0].clone();
         let api_key = match ctx.transport::<Option<String>>("engine.api_key_env")? {
             Some(var) => Some(std::env::var(&var).map_err(|_| {
                 crate::KvtError::usage(format!(
@@ -847,58 +701,14 @@ impl Infer {
                 tpm: ctx.transport("engine.tpm")?,
             },
         })?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async {
-            if s.kind == EngineKind::Serve {
-                wait_healthy(&base_url).await?;
-            }
-            let sample = crate::llm::metrics_scrape::Sample::default();
-            let roots: Vec<String> = base_urls
-                .iter()
-                .map(|u| u.trim_end_matches('/').trim_end_matches("/v1").to_string())
-                .collect();
-            let scraper = futures_util::future::join_all(roots.into_iter().map(|r| {
-                crate::llm::metrics_scrape::scrape(r, &sample, Duration::from_millis(500))
-            }));
-            let mut results = futures_util::stream::iter(reqs.iter())
-                .map(|r| {
-                    let client = &client;
-                    let launched = &launched;
-                    let sample = &sample;
-                    async move {
-                        if ctx.is_cancelled() {
-                            return None;
-                        }
-                        let mut o = client.chat(&r.key, &r.body, s.kv.seed).await;
-                        o.server_rss_kib =
-                            launched.as_ref().and_then(|l| l.memory_kib()).map(|m| m.1);
-                        o.kv_cache_usage = sample.get();
-                        Some((r, o))
-                    }
-                })
-                .buffer_unordered(concurrency);
-            let work = async {
-                while let Some(res) = results.next().await {
-                    if let Some((r, o)) = res {
-                        record(&r.key, &o)?;
-                    }
-                }
-                sample.stop.store(true, Ordering::Relaxed);
-                Ok::<(), anyhow::Error>(())
-            };
-            let (done, _) = futures_util::future::join(work, scraper).await;
-            done?;
-            if base_urls.len() > 1 {
-                tracing::info!(
-                    node = ctx.node(),
-                    "answered per endpoint: {:?}",
-                    client.served()
-                );
-            }
-            Ok::<(), anyhow::Error>(())
-        })
+        Ok(Box::new(HttpBackend {
+            client,
+            base_urls,
+            wait_health: s.kind == EngineKind::Serve,
+            launched,
+            spawned,
+            seed: s.kv.seed,
+        }))
     }
 }
 

@@ -12,6 +12,7 @@
 //! request may name its *cohort* (the experiment's other cells), whose answers
 //! are computed from the same prefill and held until asked for.
 
+pub mod backend;
 pub mod model;
 pub mod policy;
 pub mod quant;

@@ -1,0 +1,54 @@
+//! The native engine as a [`crate::llm::backend::Backend`], in process: one
+//! request at a time (the engine parallelises inside a forward pass), every
+//! answer taken from the prompt's shared prefill when the cohort has run it.
+
+use super::{Cell, NativeEngine, NativeRequest};
+use crate::llm::backend::{chat_pairs, Backend, Query, Record};
+use crate::llm::Outcome;
+use anyhow::Result;
+use std::sync::Arc;
+
+pub struct NativeBackend {
+    pub engine: Arc<NativeEngine>,
+    pub cell: Cell,
+    /// Every cell of the experiment, answered from one prefill.
+    pub cohort: Vec<Cell>,
+    pub record_kept: bool,
+    pub max_new_tokens: usize,
+}
+
+impl Backend for NativeBackend {
+    fn answer_all(
+        &self,
+        queries: &[Query<'_>],
+        _concurrency: usize,
+        cancelled: &(dyn Fn() -> bool + Sync),
+        record: &Record<'_>,
+    ) -> Result<()> {
+        for q in queries {
+            if cancelled() {
+                break;
+            }
+            let t0 = std::time::Instant::now();
+            let req = NativeRequest {
+                messages: chat_pairs(q.messages),
+                max_new_tokens: self.max_new_tokens,
+                cell: self.cell.clone(),
+                record_kept: self.record_kept,
+                cohort: self.cohort.clone(),
+            };
+            let o = match self.engine.answer(&req) {
+                Ok(a) => super::outcome(&a),
+                Err(e) => Outcome {
+                    error_kind: Some("ENGINE_ERROR".into()),
+                    error: Some(format!("{e:#}")),
+                    latency_ms: t0.elapsed().as_secs_f64() * 1000.0,
+                    is_final: true,
+                    ..Default::default()
+                },
+            };
+            record(q.key, &o)?;
+        }
+        Ok(())
+    }
+}
