@@ -316,6 +316,65 @@ pub fn kv_bytes(tokens: u64, g: &crate::config::schema::KvGeometry) -> u64 {
     tokens * g.layers as u64 * g.kv_heads as u64 * g.head_dim as u64 * 2 * g.bytes_per_elem as u64
 }
 
+/// The simulator as a [`super::backend::Backend`], in process: one worker per
+/// core (at most `concurrency`), answers recorded as they come.
+pub struct ReferenceBackend {
+    pub kv: KvParams,
+    pub max_new_tokens: usize,
+}
+
+impl super::backend::Backend for ReferenceBackend {
+    fn answer_all(
+        &self,
+        queries: &[super::backend::Query<'_>],
+        concurrency: usize,
+        cancelled: &(dyn Fn() -> bool + Sync),
+        record: &super::backend::Record<'_>,
+    ) -> Result<()> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let bpe = crate::data::tokenize::encoding("cl100k_base")?;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..threads.min(concurrency.max(1)))
+                .map(|_| {
+                    sc.spawn(|| -> Result<()> {
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            if i >= queries.len() || cancelled() {
+                                return Ok(());
+                            }
+                            let q = &queries[i];
+                            let t0 = std::time::Instant::now();
+                            let prompt = super::server::render(q.messages)
+                                .map_err(|e| anyhow::anyhow!(e))?
+                                .0;
+                            let a =
+                                answer(bpe, &prompt, q.question, &self.kv, self.max_new_tokens)?;
+                            let ms = t0.elapsed().as_secs_f64() * 1000.0;
+                            let o = super::Outcome {
+                                text: a.text,
+                                finish_reason: Some(a.finish_reason),
+                                prompt_tokens: Some(a.prompt_tokens as u64),
+                                completion_tokens: Some(a.completion_tokens as u64),
+                                retained_tokens: Some(a.retained_tokens as u64),
+                                engine: Some("reference".into()),
+                                latency_ms: ms,
+                                ttft_ms: Some(ms),
+                                is_final: true,
+                                ..Default::default()
+                            };
+                            record(q.key, &o)?;
+                        }
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .try_for_each(|h| h.join().expect("reference worker"))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -461,64 +520,5 @@ mod tests {
             bytes_per_elem: 2,
         };
         assert_eq!(kv_bytes(1000, &g), 1000 * 32 * 8 * 128 * 2 * 2);
-    }
-}
-
-/// The simulator as a [`super::backend::Backend`], in process: one worker per
-/// core (at most `concurrency`), answers recorded as they come.
-pub struct ReferenceBackend {
-    pub kv: KvParams,
-    pub max_new_tokens: usize,
-}
-
-impl super::backend::Backend for ReferenceBackend {
-    fn answer_all(
-        &self,
-        queries: &[super::backend::Query<'_>],
-        concurrency: usize,
-        cancelled: &(dyn Fn() -> bool + Sync),
-        record: &super::backend::Record<'_>,
-    ) -> Result<()> {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let bpe = crate::data::tokenize::encoding("cl100k_base")?;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let next = AtomicUsize::new(0);
-        std::thread::scope(|sc| {
-            let hs: Vec<_> = (0..threads.min(concurrency.max(1)))
-                .map(|_| {
-                    sc.spawn(|| -> Result<()> {
-                        loop {
-                            let i = next.fetch_add(1, Ordering::Relaxed);
-                            if i >= queries.len() || cancelled() {
-                                return Ok(());
-                            }
-                            let q = &queries[i];
-                            let t0 = std::time::Instant::now();
-                            let prompt = super::server::render(q.messages)
-                                .map_err(|e| anyhow::anyhow!(e))?
-                                .0;
-                            let a =
-                                answer(bpe, &prompt, q.question, &self.kv, self.max_new_tokens)?;
-                            let ms = t0.elapsed().as_secs_f64() * 1000.0;
-                            let o = super::Outcome {
-                                text: a.text,
-                                finish_reason: Some(a.finish_reason),
-                                prompt_tokens: Some(a.prompt_tokens as u64),
-                                completion_tokens: Some(a.completion_tokens as u64),
-                                retained_tokens: Some(a.retained_tokens as u64),
-                                engine: Some("reference".into()),
-                                latency_ms: ms,
-                                ttft_ms: Some(ms),
-                                is_final: true,
-                                ..Default::default()
-                            };
-                            record(q.key, &o)?;
-                        }
-                    })
-                })
-                .collect();
-            hs.into_iter()
-                .try_for_each(|h| h.join().expect("reference worker"))
-        })
     }
 }
