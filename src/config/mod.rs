@@ -221,7 +221,8 @@ struct Layers {
 
 impl Layers {
     fn origin_of(&self, path: &str) -> Option<&Origin> {
-        let mut p = path;
+        let path = strip_indices(path);
+        let mut p = path.as_str();
         loop {
             if let Some(o) = self.origins.get(p) {
                 return Some(o);
@@ -238,7 +239,7 @@ impl Layers {
         let origin = self.origin_of(path).unwrap_or(fallback);
         if let Origin::File(f) = origin {
             if let Some(text) = self.texts.get(f) {
-                if let Some(line) = find_key_line(text, path) {
+                if let Some(line) = find_key_line(text, &strip_indices(path)) {
                     return format!("`{}:{}`", display_path(f), line);
                 }
             }
@@ -247,10 +248,59 @@ impl Layers {
     }
 }
 
+/// `a.b[2].c[0]` → `a.b.c`: list positions do not have lines of their own.
+fn strip_indices(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut depth = 0;
+    for ch in path.chars() {
+        match ch {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            _ if depth == 0 => out.push(ch),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// `what` (an origin as shown) with a line: `` `file:12` ``.
+fn with_line(what: &str, line: usize) -> String {
+    match what.strip_suffix('`') {
+        Some(w) if w.starts_with('`') => format!("{w}:{line}`"),
+        _ => format!("{what} line {line}"),
+    }
+}
+
 fn parse_yaml(text: &str, what: &str) -> Result<Value> {
     let opts = serde_saphyr::options! { strict_booleans: true };
-    let v: Value = serde_saphyr::from_str_with_options(text, opts)
-        .map_err(|e| usage(format!("{what} is not valid YAML:\n{e}")))?;
+    let v: Value = serde_saphyr::from_str_with_options(text, opts).map_err(|e| {
+        let msg = e.to_string();
+        // The parser says "line L column C: …"; lead with file:line and the
+        // key that line belongs to, as every other config error does.
+        let pos = msg.split_once("line ").and_then(|(_, rest)| {
+            let line: usize = rest.split(' ').next()?.parse().ok()?;
+            let col: usize = rest
+                .split_once("column ")?
+                .1
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()?;
+            Some((line, col))
+        });
+        match pos {
+            Some((line, col)) => {
+                let key = key_at_line(text, line)
+                    .map(|k| format!(" key `{k}`:"))
+                    .unwrap_or_default();
+                usage(format!(
+                    "{}:{key} not valid YAML (column {col}):\n{msg}",
+                    with_line(what, line)
+                ))
+            }
+            None => usage(format!("{what} is not valid YAML:\n{msg}")),
+        }
+    })?;
     Ok(if v.is_null() {
         Value::Object(Map::new())
     } else {
@@ -480,7 +530,12 @@ pub fn load(config_path: &Path, sets: &[String]) -> Result<LoadedConfig> {
         let v = parse_yaml(&t, &what)?;
         if !v.is_object() {
             return Err(usage(format!(
-                "{what}: the top level must be a mapping of keys"
+                "{}: the top level must be a mapping of keys (`key: value` lines), not {}",
+                with_line(&what, 1),
+                match v {
+                    Value::Array(_) => "a list",
+                    _ => "a single value",
+                }
             )));
         }
         record_origins(&v, "", &origin, &mut layers.origins);
@@ -569,8 +624,14 @@ fn describe_schema_error(
             "{exp_origin}: missing required key `{full}`; set it in the experiment file or with `--set {full}=...`"
         );
     }
-    let found = get_path(&layers.value, &path)
-        .map(|v| v.to_string())
+    let found = get_path(&layers.value, &strip_indices(&path))
+        .map(|v| {
+            let s = v.to_string();
+            match s.char_indices().nth(60) {
+                Some((i, _)) => format!("{}…", &s[..i]),
+                None => s,
+            }
+        })
         .unwrap_or_default();
     let detail = inner.replace("invalid type: ", "wrong type: found ");
     format!(
@@ -789,6 +850,40 @@ pub fn find_key_line(text: &str, path: &str) -> Option<usize> {
         }
     }
     None
+}
+
+/// The dotted key a line of block-style YAML belongs to: the key on that
+/// line, or the nearest one above it (best effort, for parse errors).
+pub fn key_at_line(text: &str, line: usize) -> Option<String> {
+    let mut stack: Vec<(usize, String)> = Vec::new();
+    let mut last: Option<String> = None;
+    for (n, l) in text.lines().enumerate().take(line) {
+        let trimmed = l.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with('-') {
+            continue;
+        }
+        let indent = l.len() - trimmed.len();
+        let Some((key, _)) = trimmed.split_once(':') else {
+            continue;
+        };
+        let key = key.trim().trim_matches(|c| c == '"' || c == '\'');
+        if key.is_empty() || key.contains([' ', '{', '[', '\t']) {
+            continue;
+        }
+        while stack.last().is_some_and(|(i, _)| *i >= indent) {
+            stack.pop();
+        }
+        stack.push((indent, key.to_string()));
+        let _ = n;
+        last = Some(
+            stack
+                .iter()
+                .map(|(_, k)| k.as_str())
+                .collect::<Vec<_>>()
+                .join("."),
+        );
+    }
+    last
 }
 
 #[cfg(test)]
