@@ -232,6 +232,33 @@ fn environment_variables_and_dotenv_are_resolved() {
         s.contains("base_url: http://127.0.0.1:10/v1") && s.contains("concurrency: 7"),
         "{s}"
     );
+    // Quotes and `export` as shells write them; a malformed line names file:line.
+    p.write(
+        "config/experiments/.env",
+        "export KVT_TEST_URL=\"http://127.0.0.1:11/v1\"\n",
+    );
+    let out = p
+        .testops()
+        .args([
+            "resolve",
+            "-c",
+            "config/experiments/env.yaml",
+            "--print-config",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        stdout_of(&out).contains("base_url: http://127.0.0.1:11/v1"),
+        "{}{}",
+        stdout_of(&out),
+        stderr_of(&out)
+    );
+    p.write(
+        "config/experiments/.env",
+        "KVT_TEST_URL=http://127.0.0.1:9/v1\nthis line is not an assignment\n",
+    );
+    let out = validate(&p, "config/experiments/env.yaml", &[]);
+    expect_usage_error(&out, &["config/experiments/.env:2"]);
 }
 
 #[test]

@@ -390,32 +390,36 @@ pub fn get_path<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
         .try_fold(v, |cur, k| cur.as_object()?.get(k))
 }
 
-/// Reads `KEY=VALUE` lines of a `.env` file (comments and blank lines skipped).
+/// Reads a `.env` file with `dotenvy` (`KEY=VALUE`, `export`, quotes,
+/// comments) without touching the process environment; a missing file is
+/// empty, a malformed line is a configuration error naming file:line.
 fn read_dotenv(path: &Path) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(out);
     };
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
+    for item in dotenvy::from_read_iter(text.as_bytes()) {
+        match item {
+            Ok((k, v)) => {
+                out.insert(k, v);
+            }
+            Err(e) => {
+                let line = match &e {
+                    dotenvy::Error::LineParse(l, _) => text
+                        .lines()
+                        .position(|t| t == l || t.trim() == l.trim())
+                        .map(|i| i + 1),
+                    _ => None,
+                };
+                return Err(usage(format!(
+                    "`{}`: {e}; expected `NAME=value` lines",
+                    match line {
+                        Some(n) => format!("{}:{n}", display_path(path)),
+                        None => display_path(path),
+                    }
+                )));
+            }
         }
-        let line = line.strip_prefix("export ").unwrap_or(line);
-        let (k, v) = line.split_once('=').ok_or_else(|| {
-            usage(format!(
-                "`{}:{}`: expected `NAME=value`",
-                display_path(path),
-                i + 1
-            ))
-        })?;
-        let v = v.trim();
-        let v = v
-            .strip_prefix('"')
-            .and_then(|s| s.strip_suffix('"'))
-            .or_else(|| v.strip_prefix('\'').and_then(|s| s.strip_suffix('\'')))
-            .unwrap_or(v);
-        out.insert(k.trim().to_string(), v.to_string());
     }
     Ok(out)
 }

@@ -27,54 +27,32 @@ fn now() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Human-readable bytes (KiB, MiB, GiB).
+/// Human-readable bytes in binary units (`1.5 MiB`), by `bytesize`.
 pub fn human_bytes(n: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", units[u])
-    }
+    bytesize::ByteSize::b(n).display().iec().to_string()
 }
 
-/// Parses `10G`, `500M`, `1.5GiB`, `2048` (bytes).
+/// Parses a size by `bytesize`: `10GiB`, `500 MiB`, `2048` (bytes); a bare
+/// `G`/`M`/`K` is binary too (`10G` = 10 GiB), as `du -h` and `ls -h` mean it.
 pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let num: f64 = num.parse().ok()?;
-    let mult = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" | "kib" => 1024.0,
-        "m" | "mb" | "mib" => 1024.0 * 1024.0,
-        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
-        "t" | "tb" | "tib" => 1024.0f64.powi(4),
-        _ => return None,
+    let t = s.trim();
+    let binary = match t.chars().last() {
+        Some(c @ ('K' | 'M' | 'G' | 'T' | 'k' | 'm' | 'g' | 't')) => {
+            format!("{}{}iB", &t[..t.len() - 1], c.to_ascii_uppercase())
+        }
+        _ => t.to_string(),
     };
-    Some((num * mult) as u64)
+    binary
+        .parse::<bytesize::ByteSize>()
+        .ok()
+        .map(|b| b.as_u64())
 }
 
-/// Parses `30d`, `12h`, `45m`, `90s` into days.
+/// Parses an age by `humantime` (`30d`, `12h`, `45m`, `90s`, `2w`, `1day 6h`) into days.
 pub fn parse_age(s: &str) -> Option<f64> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.len().checked_sub(1)?);
-    let num: f64 = num.parse().ok()?;
-    Some(match unit {
-        "d" => num,
-        "h" => num / 24.0,
-        "m" => num / 1440.0,
-        "s" => num / 86_400.0,
-        "w" => num * 7.0,
-        _ => return None,
-    })
+    humantime::parse_duration(s.trim())
+        .ok()
+        .map(|d| d.as_secs_f64() / 86_400.0)
 }
 
 pub struct DuRow {

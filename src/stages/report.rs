@@ -125,14 +125,7 @@ fn ci(m: Option<f64>, lo: Option<f64>, hi: Option<f64>, signed: bool) -> String 
 }
 
 pub fn human_bytes(b: f64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < units.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    format!("{v:.1} {}", units[i])
+    crate::engine::maintenance::human_bytes(b.max(0.0).round() as u64)
 }
 
 fn cell(s: &str) -> String {
@@ -492,7 +485,7 @@ impl Op for Report {
         "report"
     }
     fn version(&self) -> u32 {
-        5
+        6
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let exp: String = ctx.get("output.exp_group_id")?;
