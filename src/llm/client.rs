@@ -401,6 +401,8 @@ fn too_large(limit: u64) -> Failure {
 /// Reads a server-sent event stream of chat completion chunks. Each byte is
 /// scanned for an event end once (linear in the stream's length, even when a
 /// server never ends its events), and the stream is cut at `limit` bytes.
+/// (Kept by hand: `eventsource-stream` re-parses its whole buffer on every
+/// chunk while a line is unterminated, quadratic for such a stream.)
 async fn read_stream(resp: reqwest::Response, t0: Instant, limit: u64) -> Result<Outcome, Failure> {
     let status = resp.status().as_u16();
     let mut o = Outcome {

@@ -19,6 +19,7 @@ use super::QUESTION_MARKER;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -285,7 +286,7 @@ async fn answer_http(st: Arc<AppState>, headers: HeaderMap, body: Body, plain: b
             json!({"id": id, "object": "chat.completion.chunk", "created": 0, "model": model,
                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
         };
-        format!("data: {c}\n\n")
+        c.to_string()
     };
     let mut events = vec![chunk(
         json!({"role": "assistant", "content": ""}),
@@ -306,19 +307,25 @@ async fn answer_http(st: Arc<AppState>, headers: HeaderMap, body: Body, plain: b
     if include_usage {
         let c = json!({"id": id, "object": "chat.completion.chunk", "created": 0, "model": model,
                        "choices": [], "usage": usage, "kvt": kvt});
-        events.push(format!("data: {c}\n\n"));
+        events.push(c.to_string());
     } else {
         let c = json!({"id": id, "object": "chat.completion.chunk", "created": 0, "model": model,
                        "choices": [], "kvt": kvt});
-        events.push(format!("data: {c}\n\n"));
+        events.push(c.to_string());
     }
-    events.push("data: [DONE]\n\n".to_string());
-    let stream = futures_util::stream::iter(events.into_iter().map(Ok::<_, std::io::Error>));
-    Response::builder()
-        .header("content-type", "text/event-stream")
-        .header("cache-control", "no-cache")
-        .body(Body::from_stream(stream))
-        .expect("valid response")
+    events.push("[DONE]".to_string());
+    // axum frames the events (`data: …` and the blank line) and sets the headers.
+    let stream = futures_util::stream::iter(
+        events
+            .into_iter()
+            .map(|e| Ok::<_, std::convert::Infallible>(Event::default().data(e))),
+    );
+    let mut resp = Sse::new(stream).into_response();
+    resp.headers_mut().insert(
+        "cache-control",
+        axum::http::HeaderValue::from_static("no-cache"),
+    );
+    resp
 }
 
 /// The native engine's parameters: the simulator's, plus β and the compression mode.
