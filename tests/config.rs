@@ -485,3 +485,34 @@ fn mutated_configs_exit_2_naming_file_line_and_key() {
         "no file contents in the error"
     );
 }
+
+#[test]
+fn a_pipeline_whose_uses_disagree_with_its_op_exits_2_before_any_stage() {
+    let p = Project::new();
+    p.copy_from_repo(&["pipelines/default.yaml"]);
+    let default = p.read("pipelines/default.yaml");
+    let from = "uses: [dataset.source, dataset.task, dataset.metric]";
+    assert!(default.contains(from), "the default pipeline changed shape");
+    p.write(
+        "pipelines/mine.yaml",
+        &default.replace(from, "uses: [dataset.source, dataset.task, kv.seed]"),
+    );
+    p.write(
+        "config/experiments/mine.yaml",
+        "pipeline: mine\noutput: {exp_group_id: mine}\n",
+    );
+    let out = p
+        .kvt()
+        .args(["build", "report", "-c", "config/experiments/mine.yaml"])
+        .output()
+        .unwrap();
+    expect_usage_error(
+        &out,
+        &[
+            "stage `score`",
+            "reads dataset.metric but the list lacks it",
+            "kv.seed which the op never reads",
+        ],
+    );
+    assert!(!p.path("cache/v1/objects").exists(), "a stage ran");
+}

@@ -140,6 +140,15 @@ enum Command {
     All(BuildArgs),
     /// Serve the reference engine over an OpenAI-compatible HTTP API.
     Serve(ServeArgs),
+    /// Internal: runs one launched server and stops its process group when
+    /// kvt closes this process's standard input (or dies).
+    #[command(hide = true, name = "launch-supervisor")]
+    LaunchSupervisor {
+        #[arg(long)]
+        log: PathBuf,
+        #[arg(last = true)]
+        script: Vec<String>,
+    },
     /// List the LongBench tasks found in a local copy (nothing is downloaded).
     Datasets {
         /// Look only here (a directory, data.zip, .jsonl or .parquet); default: the usual places.
@@ -321,6 +330,10 @@ fn run(cli: Cli, registry: &OpRegistry) -> Result<()> {
             by_length,
             json,
         ),
+        Command::LaunchSupervisor { log, script } => {
+            let code = crate::llm::launcher::supervise(&log, &script.join(" "))?;
+            std::process::exit(code)
+        }
         Command::Serve(a) => crate::llm::server::serve(crate::llm::server::ServeOptions {
             host: a.host,
             port: a.port,

@@ -25,6 +25,103 @@ pub trait Op: Send + Sync {
         Ok(None)
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()>;
+    /// Called for every node when the plan is built, before anything runs:
+    /// an op that reads its configuration as typed slices checks here that
+    /// the stage's `uses` and `transport` lists give exactly what it reads
+    /// (see [`typed_slice`]). A mismatch is a usage error (exit 2).
+    fn check(
+        &self,
+        _uses: &BTreeMap<String, Value>,
+        _transport: &BTreeMap<String, Value>,
+    ) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A stage's `uses` (or `transport`) values as one typed struct whose field
+/// names are the dotted paths (`#[serde(rename = "engine.api")]`): the list
+/// must give exactly the struct's fields — a listed path the op does not
+/// read, or a read the stage does not list, is a usage error naming both —
+/// so the pipeline and the op cannot silently disagree.
+pub fn typed_slice<T: DeserializeOwned>(map: &BTreeMap<String, Value>, list: &str) -> Result<T> {
+    let wanted = struct_fields::<T>();
+    let extra: Vec<&str> = map
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !wanted.contains(k))
+        .collect();
+    let missing: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|f| !map.contains_key(*f))
+        .collect();
+    if !extra.is_empty() || !missing.is_empty() {
+        let mut why = Vec::new();
+        if !missing.is_empty() {
+            why.push(format!(
+                "the op reads {} but the list lacks it",
+                missing.join(", ")
+            ));
+        }
+        if !extra.is_empty() {
+            why.push(format!(
+                "the list has {} which the op never reads",
+                extra.join(", ")
+            ));
+        }
+        return Err(super::error::EngineError::usage(format!(
+            "the stage's `{list}` list and its op disagree: {}; list exactly the config paths the op reads",
+            why.join("; ")
+        ))
+        .into());
+    }
+    let obj = Value::Object(map.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+    serde_json::from_value(obj).map_err(|e| {
+        super::error::EngineError::usage(format!("the stage's `{list}` values: {e}")).into()
+    })
+}
+
+/// The field names a derived `Deserialize` struct asks for (serde passes
+/// them to `deserialize_struct`; this deserializer records them and stops).
+fn struct_fields<T: DeserializeOwned>() -> &'static [&'static str] {
+    use serde::de::{self, Visitor};
+    struct Probe<'a>(&'a mut &'static [&'static str]);
+    #[derive(Debug)]
+    struct Stop;
+    impl std::fmt::Display for Stop {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("field probe")
+        }
+    }
+    impl std::error::Error for Stop {}
+    impl de::Error for Stop {
+        fn custom<M: std::fmt::Display>(_: M) -> Self {
+            Stop
+        }
+    }
+    impl<'de> de::Deserializer<'de> for Probe<'_> {
+        type Error = Stop;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
+            Err(Stop)
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Stop> {
+            *self.0 = fields;
+            Err(Stop)
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map enum identifier ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Probe(&mut fields));
+    fields
 }
 
 /// The registry of ops by name.
@@ -67,6 +164,14 @@ fn typed<T: DeserializeOwned>(v: &Value, what: &str) -> Result<T> {
 }
 
 impl KeyContext<'_> {
+    /// The stage's `uses` values as the op's typed struct (see [`typed_slice`]).
+    pub fn slice<T: DeserializeOwned>(&self) -> Result<T> {
+        typed_slice(self.config, "uses").with_context(|| format!("node `{}`", self.node))
+    }
+    /// The stage's `transport` values as the op's typed struct.
+    pub fn transport_slice<T: DeserializeOwned>(&self) -> Result<T> {
+        typed_slice(self.transport, "transport").with_context(|| format!("node `{}`", self.node))
+    }
     /// A config value at a dotted path listed in the stage's `uses`.
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         let v = self.config.get(path).ok_or_else(|| {
@@ -205,5 +310,60 @@ impl<'a> OpContext<'a> {
     pub fn scratch_dir(&self) -> Result<&Path> {
         std::fs::create_dir_all(&self.scratch)?;
         Ok(&self.scratch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Slice {
+        #[serde(rename = "engine.api")]
+        api: String,
+        #[serde(rename = "dataset.metric")]
+        metric: Option<String>,
+    }
+
+    fn map(pairs: &[(&str, Value)]) -> BTreeMap<String, Value> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn a_typed_slice_wants_exactly_its_fields() {
+        let ok = map(&[
+            ("engine.api", Value::from("chat")),
+            ("dataset.metric", Value::Null),
+        ]);
+        let s: Slice = typed_slice(&ok, "uses").unwrap();
+        assert_eq!(s.api, "chat");
+        // An optional field is still required in the list: absent is a mismatch.
+        let missing = map(&[("engine.api", Value::from("chat"))]);
+        let e = typed_slice::<Slice>(&missing, "uses")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("reads dataset.metric but the list lacks it"),
+            "{e}"
+        );
+        let extra = map(&[
+            ("engine.api", Value::from("chat")),
+            ("dataset.metric", Value::Null),
+            ("kv.seed", Value::from(1)),
+        ]);
+        let e = typed_slice::<Slice>(&extra, "uses").unwrap_err();
+        assert!(
+            e.to_string().contains("kv.seed which the op never reads"),
+            "{e}"
+        );
+        assert_eq!(
+            super::super::error::kind_of(&e),
+            super::super::error::ErrorKind::Usage
+        );
     }
 }

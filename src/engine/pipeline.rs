@@ -259,6 +259,9 @@ impl Plan {
                         )
                     })
                     .collect();
+                op.check(&cfg, &transport).map_err(|e| {
+                    KvtError::usage(format!("pipeline stage `{name}` (op `{}`): {e:#}", st.op))
+                })?;
                 let ix = graph.add_node(NodeSpec {
                     id,
                     stage: name.to_string(),

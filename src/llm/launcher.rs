@@ -1,8 +1,8 @@
 //! The launcher: starts an inference server for one `infer` node from a
 //! command template, on a free loopback port, waits for its health check, keeps
 //! its output in the run's logs, and stops its whole process group when the
-//! node ends — on success, on failure, on Ctrl-C (even a second one), and, via
-//! the parent-death signal, if kvt itself is killed.
+//! node ends — on success, on failure, on Ctrl-C (even a second one), and,
+//! through a supervisor process that outlives kvt, if kvt itself is killed.
 //!
 //! Template variables: `{port}`, `{model}`, `{policy}`, `{budget}`, and any
 //! per-budget variable from `engine.launch.vars` (e.g. `{cache_type}` for
@@ -116,11 +116,83 @@ pub fn shell_script(command: &str) -> String {
     }
 }
 
+/// `kvt launch-supervisor --log LOG -- SCRIPT`: runs `sh -c SCRIPT` in a new
+/// process group with its output appended to LOG, prints the group id on
+/// stdout, then waits. It exits with the server's status when the server
+/// exits; when its standard input closes (kvt is gone, or stops the server)
+/// it stops the group — SIGTERM, then SIGKILL after 3 s — and exits.
+pub fn supervise(log: &Path, script: &str) -> Result<i32> {
+    use std::io::{Read, Write};
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening the server log {}", log.display()))?;
+    let err = out.try_clone()?;
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .process_group(0);
+    // Writes to kvt ignore errors: if kvt is already gone (killed right after
+    // starting us), the server must still be stopped, not left behind by a
+    // panic on a closed pipe.
+    let mut stdout = std::io::stdout();
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = writeln!(stdout, "cannot run sh: {e}");
+            return Ok(1);
+        }
+    };
+    let pgid = child.id() as i32;
+    let _ = writeln!(stdout, "{pgid}");
+    let _ = stdout.flush();
+    let (tx, rx) = std::sync::mpsc::channel::<Option<i32>>();
+    let eof = tx.clone();
+    std::thread::spawn(move || {
+        let mut sink = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
+        let _ = eof.send(None);
+    });
+    std::thread::spawn(move || {
+        let code = child.wait().ok().and_then(|s| s.code()).unwrap_or(1);
+        let _ = tx.send(Some(code));
+    });
+    match rx.recv() {
+        // The server exited by itself: the supervisor follows with its code.
+        Ok(Some(code)) => Ok(code),
+        // kvt closed the pipe (or died): stop the whole group.
+        _ => {
+            // SAFETY: kill(2) on the process group this process created.
+            unsafe {
+                libc::kill(-pgid, libc::SIGTERM);
+            }
+            let t0 = Instant::now();
+            // SAFETY: signal 0 only checks that the group still exists.
+            while t0.elapsed() < Duration::from_secs(3) && unsafe { libc::kill(-pgid, 0) } == 0 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // SAFETY: as above; reaches processes that ignored SIGTERM.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+            Ok(0)
+        }
+    }
+}
+
 /// A running server; stopped (whole process group) on drop.
 pub struct Launched {
+    /// The supervisor (`kvt launch-supervisor`); it exits with the server.
     child: Child,
-    watchdog: Child,
-    _watchdog_pipe: Option<std::process::ChildStdin>,
+    /// Its standard input: closing it (dropping it, or kvt dying) stops the server.
+    _pipe: Option<std::process::ChildStdin>,
+    /// The server's process group (and the pid of its shell, or of the
+    /// server itself for a simple command, which `exec`s).
     pgid: i32,
     pub base_url: String,
     pub log: std::path::PathBuf,
@@ -144,54 +216,47 @@ impl Launched {
             .append(true)
             .open(log)
             .with_context(|| format!("opening the server log {}", log.display()))?;
-        let err = out.try_clone()?;
-        // The command runs in its own process group. A simple command replaces
-        // the shell (`exec`, through `env` when it starts with environment
-        // assignments), so the parent-death signal reaches the server itself;
-        // a compound one (`cd … && …`, `source venv/bin/activate && …`) keeps
-        // the shell, and the watchdog below stops its whole group.
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
+        drop(out);
+        // A supervisor (this same binary, `kvt launch-supervisor`) starts the
+        // command in its own process group and then waits on a pipe only this
+        // process holds open. When the pipe closes — kvt exited, or was killed
+        // with -9, which no signal handler sees — it stops the server's whole
+        // group, however many processes a compound command started. It exists
+        // before the server does, so there is no moment when a server runs
+        // without someone to stop it.
+        let exe = std::env::current_exe().context("locating the kvt binary")?;
+        let mut child = Command::new(exe)
+            .arg("launch-supervisor")
+            .arg("--log")
+            .arg(log)
+            .arg("--")
             .arg(shell_script(command))
             .current_dir(cwd)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .process_group(0);
-        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and only
-        // affects the child being set up.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
             .spawn()
             .with_context(|| format!("starting `{}`", redact_command(command)))?;
-        let pgid = child.id() as i32;
+        let pipe = child.stdin.take();
+        let mut line = String::new();
+        {
+            use std::io::BufRead;
+            let stdout = child.stdout.take().expect("piped");
+            std::io::BufReader::new(stdout)
+                .read_line(&mut line)
+                .context("reading the launched server's process group")?;
+        }
+        let pgid: i32 = line.trim().parse().map_err(|_| {
+            anyhow!(
+                "the launcher could not start `{}`: {}",
+                redact_command(command),
+                line.trim()
+            )
+        })?;
         live().lock().expect("launcher registry").push(pgid);
-        // A watchdog outlives kvt: it waits on a pipe only this process holds
-        // open, and when that closes — kvt exited, or was killed with -9, which
-        // no signal handler sees — it stops the server's whole process group,
-        // however many processes a compound command started.
-        let mut watchdog = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "read _; kill -TERM -{pgid} 2>/dev/null; sleep 3; kill -KILL -{pgid} 2>/dev/null"
-            ))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .current_dir("/")
-            .process_group(0)
-            .spawn()
-            .context("starting the launcher's watchdog")?;
-        let watchdog_pipe = watchdog.stdin.take();
         Ok(Launched {
             child,
-            watchdog,
-            _watchdog_pipe: watchdog_pipe,
+            _pipe: pipe,
             pgid,
             base_url: format!("http://127.0.0.1:{port}{api_path}"),
             log: log.to_path_buf(),
@@ -237,7 +302,7 @@ impl Launched {
 
     /// Peak and current resident memory of the server process (KiB), from /proc.
     pub fn memory_kib(&self) -> Option<(u64, u64)> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pgid)).ok()?;
         let field = |name: &str| {
             status
                 .lines()
@@ -265,10 +330,8 @@ impl Launched {
         unsafe {
             libc::kill(-self.pgid, libc::SIGKILL);
         }
+        self._pipe = None;
         let _ = self.child.wait();
-        // Its job is done; stop it before closing its pipe would wake it.
-        let _ = self.watchdog.kill();
-        let _ = self.watchdog.wait();
         if let Ok(mut l) = live().lock() {
             l.retain(|&p| p != self.pgid);
         }

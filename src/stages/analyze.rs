@@ -11,6 +11,7 @@ use crate::engine::{Op, OpContext};
 use crate::llm::reference::kv_bytes;
 use crate::stages::prepare::Bin;
 use crate::stages::score::ScoreRow;
+use crate::stages::NoTransport;
 use crate::stats::{self, BinEvidence};
 use crate::table;
 use anyhow::{bail, Result};
@@ -343,6 +344,14 @@ pub fn analyze(
     Ok((stats_rows, transitions))
 }
 
+/// What `analyze` reads (its stage's `uses`, exactly).
+#[derive(serde::Deserialize)]
+struct Uses {
+    analysis: Analysis,
+    #[serde(rename = "model.kv_geometry")]
+    geometry: KvGeometry,
+}
+
 impl Op for Analyze {
     fn name(&self) -> &'static str {
         "analyze"
@@ -350,9 +359,20 @@ impl Op for Analyze {
     fn version(&self) -> u32 {
         2
     }
+    fn check(
+        &self,
+        uses: &std::collections::BTreeMap<String, serde_json::Value>,
+        transport: &std::collections::BTreeMap<String, serde_json::Value>,
+    ) -> Result<()> {
+        crate::engine::typed_slice::<Uses>(uses, "uses")?;
+        crate::engine::typed_slice::<NoTransport>(transport, "transport")?;
+        Ok(())
+    }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
-        let a: Analysis = ctx.get("analysis")?;
-        let geom: KvGeometry = ctx.get("model.kv_geometry")?;
+        let Uses {
+            analysis: a,
+            geometry: geom,
+        } = ctx.key.slice()?;
         let bins: Vec<Bin> = table::read(&ctx.input("prepare", "bins")?)?;
         let scores = crate::stages::score::read_all(ctx)?;
         let (bin_stats, transitions) = analyze(&bins, &scores, &a, &geom)?;

@@ -111,6 +111,8 @@ struct Settings {
     record_kept: bool,
     /// The reference simulator answers (its identity enters request keys).
     simulator: bool,
+    /// How the engine is reached (never identity).
+    transport: Transport,
 }
 
 /// The identity of kvt's reference simulator as a model (bump when its
@@ -264,6 +266,83 @@ fn slice_id(k: &crate::engine::KeyContext) -> String {
     blake3::hash(&canonical_json(&v)).to_hex().to_string()
 }
 
+/// What `infer` reads into its key (its stage's `uses`, exactly).
+#[derive(Deserialize)]
+struct Uses {
+    #[serde(rename = "model.name")]
+    model: String,
+    #[serde(rename = "kv.sink_tokens")]
+    sink_tokens: u32,
+    #[serde(rename = "kv.window")]
+    window: u32,
+    #[serde(rename = "kv.pool_kernel")]
+    pool_kernel: u32,
+    #[serde(rename = "kv.seed")]
+    seed: u64,
+    #[serde(rename = "kv.beta")]
+    beta: f64,
+    #[serde(rename = "kv.compress")]
+    compress: crate::config::schema::Compress,
+    decoding: Decoding,
+    prompt: Prompt,
+    #[serde(rename = "dataset.task")]
+    task: String,
+    #[serde(rename = "tokenizer.kind")]
+    tokenizer_kind: crate::config::schema::TokenizerKind,
+    #[serde(rename = "tokenizer.name")]
+    tokenizer_name: String,
+    #[serde(rename = "engine.label")]
+    label: Option<String>,
+    #[serde(rename = "engine.extra_body")]
+    extra_body: BTreeMap<String, Value>,
+    #[serde(rename = "engine.launch.vars")]
+    launch_vars: BTreeMap<String, BTreeMap<String, String>>,
+    #[serde(rename = "engine.api")]
+    api: Api,
+    #[serde(rename = "engine.model_path")]
+    model_path: Option<String>,
+    #[serde(rename = "engine.record_kept")]
+    record_kept: bool,
+}
+
+/// How `infer` reaches its engine (its stage's `transport`, exactly): never
+/// part of the key.
+#[derive(Deserialize)]
+struct Transport {
+    #[serde(rename = "engine.kind")]
+    kind: EngineKind,
+    #[serde(rename = "kv.policies")]
+    policies: Vec<String>,
+    #[serde(rename = "kv.budgets")]
+    budgets: Vec<f64>,
+    #[serde(rename = "engine.prefill_cache_mib")]
+    prefill_cache_mib: u64,
+    #[serde(rename = "engine.base_url")]
+    base_url: Option<String>,
+    #[serde(rename = "engine.replicas")]
+    replicas: Vec<String>,
+    #[serde(rename = "engine.api_key_env")]
+    api_key_env: Option<String>,
+    #[serde(rename = "engine.concurrency")]
+    concurrency: u32,
+    #[serde(rename = "engine.rpm")]
+    rpm: Option<u32>,
+    #[serde(rename = "engine.tpm")]
+    tpm: Option<u64>,
+    #[serde(rename = "engine.timeout_s")]
+    timeout_s: f64,
+    #[serde(rename = "engine.max_retries")]
+    max_retries: u32,
+    #[serde(rename = "engine.max_response_mib")]
+    max_response_mib: u64,
+    #[serde(rename = "engine.stream")]
+    stream: bool,
+    #[serde(rename = "engine.launch")]
+    launch: crate::config::schema::Launch,
+    #[serde(rename = "output.exp_group_id")]
+    exp_group_id: String,
+}
+
 impl Op for Infer {
     fn name(&self) -> &'static str {
         "infer"
@@ -276,8 +355,8 @@ impl Op for Infer {
         // model file is its bytes (size and mtime stand for the digest here,
         // cheaply; the digest is in every request key); a remote server's
         // model is `model.name`, already in the key.
-        let kind: EngineKind = k.transport("engine.kind")?;
-        let model: Option<String> = k.get("engine.model_path")?;
+        let kind = k.transport_slice::<Transport>()?.kind;
+        let model = k.slice::<Uses>()?.model_path;
         let stamp = match answerer(kind, model.is_some()) {
             Answerer::Simulator => Some(format!("model {SIMULATOR_ID}")),
             Answerer::ModelFile => model
@@ -306,29 +385,32 @@ impl Op for Infer {
     fn version(&self) -> u32 {
         2
     }
+    fn check(
+        &self,
+        uses: &BTreeMap<String, Value>,
+        transport: &BTreeMap<String, Value>,
+    ) -> Result<()> {
+        crate::engine::typed_slice::<Uses>(uses, "uses")?;
+        crate::engine::typed_slice::<Transport>(transport, "transport")?;
+        Ok(())
+    }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
-        let kind: EngineKind = ctx.transport("engine.kind")?;
-        let model_path: Option<String> = ctx.get("engine.model_path")?;
+        let u: Uses = ctx.key.slice()?;
+        let t: Transport = ctx.key.transport_slice()?;
+        let kind = t.kind;
+        let model_path = u.model_path.clone();
         let simulator = answerer(kind, model_path.is_some()) == Answerer::Simulator;
         let native = answerer(kind, model_path.is_some()) == Answerer::ModelFile;
         let cell = |policy: String, budget: f64| -> Result<KvParams> {
             Ok(KvParams {
                 policy,
                 budget,
-                sink_tokens: ctx.get("kv.sink_tokens")?,
-                window: ctx.get("kv.window")?,
-                pool_kernel: ctx.get("kv.pool_kernel")?,
-                seed: ctx.get("kv.seed")?,
-                beta: if native {
-                    Some(ctx.get("kv.beta")?)
-                } else {
-                    None
-                },
-                compress: if native {
-                    Some(ctx.get("kv.compress")?)
-                } else {
-                    None
-                },
+                sink_tokens: u.sink_tokens,
+                window: u.window,
+                pool_kernel: u.pool_kernel,
+                seed: u.seed,
+                beta: native.then_some(u.beta),
+                compress: native.then(|| u.compress.as_str().to_string()),
             })
         };
         let kv = cell(ctx.item("policy")?, ctx.item("budget")?)?;
@@ -344,10 +426,8 @@ impl Op for Infer {
         };
         let mut cohort = Vec::new();
         if native {
-            let policies: Vec<String> = ctx.transport("kv.policies")?;
-            let budgets: Vec<f64> = ctx.transport("kv.budgets")?;
-            for p in &policies {
-                for b in &budgets {
+            for p in &t.policies {
+                for b in &t.budgets {
                     let c = cell(p.clone(), *b)?;
                     if !cohort
                         .iter()
@@ -358,10 +438,10 @@ impl Op for Infer {
                 }
             }
         }
-        let prompt: Prompt = ctx.get("prompt")?;
-        let task: String = ctx.get("dataset.task")?;
-        let task_base = task.strip_suffix("_e").unwrap_or(&task).to_string();
-        let mut decoding: Decoding = ctx.get("decoding")?;
+        let prompt = u.prompt.clone();
+        let task = &u.task;
+        let task_base = task.strip_suffix("_e").unwrap_or(task).to_string();
+        let mut decoding = u.decoding.clone();
         let template = match prompt.tasks.get(&task_base) {
             Some(tp) => {
                 decoding.max_new_tokens = tp.max_new_tokens;
@@ -372,8 +452,8 @@ impl Op for Infer {
         let truncate = match prompt.max_tokens {
             Some(m) => {
                 let cfg = crate::config::schema::Tokenizer {
-                    kind: ctx.get("tokenizer.kind")?,
-                    name: ctx.get("tokenizer.name")?,
+                    kind: u.tokenizer_kind,
+                    name: u.tokenizer_name.clone(),
                     url: None,
                 };
                 let tok = crate::data::tokenize::Tok::load(&cfg, ctx.root(), None)?;
@@ -382,28 +462,27 @@ impl Op for Infer {
             None => None,
         };
         let launch_vars: BTreeMap<String, String> = {
-            let all: BTreeMap<String, BTreeMap<String, String>> = ctx.get("engine.launch.vars")?;
             let key = crate::engine::pipeline::format_binding(&json!(kv.budget));
-            all.get(&key).cloned().unwrap_or_default()
+            u.launch_vars.get(&key).cloned().unwrap_or_default()
         };
-        let api: Api = ctx.get("engine.api")?;
         let s = Settings {
-            api,
+            api: u.api,
             launch_vars,
             kv,
-            model: ctx.get("model.name")?,
+            model: u.model.clone(),
             decoding,
             template,
             truncate,
             prompt,
-            label: ctx.get("engine.label")?,
-            extra: ctx.get("engine.extra_body")?,
+            label: u.label.clone(),
+            extra: u.extra_body.clone(),
             kind,
-            stream: ctx.transport("engine.stream")?,
+            stream: t.stream,
             model_file,
             cohort,
-            record_kept: ctx.get("engine.record_kept")?,
+            record_kept: u.record_kept,
             simulator,
+            transport: t,
         };
         let examples: Vec<Example> = table::read(&ctx.input("prepare", "examples")?)?;
         let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
@@ -484,7 +563,7 @@ impl Infer {
     /// Starts the configured server for this node and waits until it is healthy.
     fn launch(&self, ctx: &OpContext, s: &Settings) -> Result<crate::llm::launcher::Launched> {
         use crate::llm::launcher::{free_port, render, Launched};
-        let l: crate::config::schema::Launch = ctx.transport("engine.launch")?;
+        let l = &s.transport.launch;
         let template = l.command.clone().unwrap_or_default();
         let port = free_port()?;
         let budget_key = crate::engine::pipeline::format_binding(&json!(s.kv.budget));
@@ -498,16 +577,11 @@ impl Infer {
         }
         let command =
             render(&template, &vars).map_err(|e| crate::KvtError::usage(e.to_string()))?;
-        let exp: String = ctx.transport("output.exp_group_id")?;
-        let log = ctx
-            .root()
-            .join("runs")
-            .join(&exp)
-            .join("logs")
-            .join(format!(
-                "{}.log",
-                ctx.node().replace(['[', ']', ',', '='], "_")
-            ));
+        let exp = &s.transport.exp_group_id;
+        let log = ctx.root().join("runs").join(exp).join("logs").join(format!(
+            "{}.log",
+            ctx.node().replace(['[', ']', ',', '='], "_")
+        ));
         tracing::info!(
             node = ctx.node(),
             "launching: {}",
@@ -574,8 +648,7 @@ impl Infer {
         if reqs.is_empty() {
             return Ok(());
         }
-        let concurrency: u32 = ctx.transport("engine.concurrency")?;
-        let concurrency = concurrency.max(1) as usize;
+        let concurrency = s.transport.concurrency.max(1) as usize;
         let record = |key: &str, o: &Outcome| -> Result<()> {
             journal.lock().expect("journal").record(key, o)?;
             sent.fetch_add(1, Ordering::Relaxed);
@@ -612,7 +685,7 @@ impl Infer {
                     .model_file
                     .as_ref()
                     .expect("native engine has a model file");
-                let mib: u64 = ctx.transport("engine.prefill_cache_mib")?;
+                let mib = s.transport.prefill_cache_mib;
                 Ok(Box::new(crate::llm::native::backend::NativeBackend {
                     engine: crate::llm::native::NativeEngine::shared(path, mib as usize)?,
                     cell: s.kv.native_cell()?,
@@ -658,9 +731,8 @@ impl Infer {
                 vec![u]
             }
             _ => {
-                let u: Option<String> = ctx.transport("engine.base_url")?;
-                let mut v: Vec<String> = u.into_iter().collect();
-                v.extend(ctx.transport::<Vec<String>>("engine.replicas")?);
+                let mut v: Vec<String> = s.transport.base_url.iter().cloned().collect();
+                v.extend(s.transport.replicas.iter().cloned());
                 if v.is_empty() {
                     return Err(crate::KvtError::usage(
                         "config `engine.base_url` is required when `engine.kind` is `openai` (e.g. http://127.0.0.1:8000/v1)",
@@ -670,20 +742,20 @@ impl Infer {
                 v
             }
         };
-        let api_key = match ctx.transport::<Option<String>>("engine.api_key_env")? {
-            Some(var) => Some(std::env::var(&var).map_err(|_| {
+        let api_key = match &s.transport.api_key_env {
+            Some(var) => Some(std::env::var(var).map_err(|_| {
                 crate::KvtError::usage(format!(
                     "config `engine.api_key_env` names `{var}`, which is not set in the environment"
                 ))
             })?),
             None => None,
         };
-        let timeout_s: f64 = ctx.transport("engine.timeout_s")?;
+        let timeout_s = s.transport.timeout_s;
         let client = Client::new(ClientOptions {
             base_urls: base_urls.clone(),
             api_key,
             timeout: Duration::from_secs_f64(timeout_s.max(0.001)),
-            max_retries: ctx.transport("engine.max_retries")?,
+            max_retries: s.transport.max_retries,
             stream: s.stream,
             backoff: Duration::from_millis(
                 std::env::var("KVT_BACKOFF_MS")
@@ -692,13 +764,11 @@ impl Infer {
                     .unwrap_or(250),
             ),
             api: s.api,
-            max_response_bytes: ctx
-                .transport::<u64>("engine.max_response_mib")?
-                .saturating_mul(1 << 20),
+            max_response_bytes: s.transport.max_response_mib.saturating_mul(1 << 20),
             limits: crate::llm::limits::Limits {
                 concurrency,
-                rpm: ctx.transport("engine.rpm")?,
-                tpm: ctx.transport("engine.tpm")?,
+                rpm: s.transport.rpm,
+                tpm: s.transport.tpm,
             },
         })?;
         Ok(Box::new(HttpBackend {
@@ -771,6 +841,17 @@ mod tests {
             cohort: Vec::new(),
             record_kept: false,
             simulator: true,
+            transport: serde_json::from_value(json!({
+                "engine.kind": "serve", "kv.policies": ["streaming"], "kv.budgets": [1.0],
+                "engine.prefill_cache_mib": 64, "engine.base_url": null, "engine.replicas": [],
+                "engine.api_key_env": null, "engine.concurrency": 1, "engine.rpm": null,
+                "engine.tpm": null, "engine.timeout_s": 1.0, "engine.max_retries": 0,
+                "engine.max_response_mib": 1, "engine.stream": false,
+                "engine.launch": {"command": null, "vars": {}, "health_path": "/health",
+                                  "api_path": "/v1", "startup_timeout_s": 1.0},
+                "output.exp_group_id": "t"
+            }))
+            .unwrap(),
         };
         let full = build_requests(
             &settings(None),

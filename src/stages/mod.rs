@@ -69,6 +69,10 @@ pub fn check_config(loaded: &LoadedConfig) -> Result<()> {
     Ok(())
 }
 
+/// The `transport` slice of an op that reads no transport values.
+#[derive(serde::Deserialize)]
+pub struct NoTransport {}
+
 /// Registers every kvt op.
 pub fn register(reg: &mut OpRegistry) {
     reg.register(prepare::Prepare);

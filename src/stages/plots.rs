@@ -5,6 +5,7 @@
 use crate::engine::{Op, OpContext};
 use crate::render::plots::{self, Figure, HeatMap, LinePlot, Panel, Point, Series};
 use crate::stages::analyze::BinStat;
+use crate::stages::NoTransport;
 use crate::table;
 use anyhow::Result;
 use std::collections::BTreeMap;
@@ -219,6 +220,15 @@ pub fn figures(stats: &[BinStat], metric: &str, floor: f64) -> Vec<(&'static str
     ]
 }
 
+/// What `plots` reads (its stage's `uses`, exactly).
+#[derive(serde::Deserialize)]
+struct Uses {
+    #[serde(rename = "output.exp_group_id")]
+    exp: String,
+    #[serde(rename = "analysis.transition.floor")]
+    floor: f64,
+}
+
 impl Op for Plots {
     fn name(&self) -> &'static str {
         "plots"
@@ -226,9 +236,17 @@ impl Op for Plots {
     fn version(&self) -> u32 {
         5
     }
+    fn check(
+        &self,
+        uses: &std::collections::BTreeMap<String, serde_json::Value>,
+        transport: &std::collections::BTreeMap<String, serde_json::Value>,
+    ) -> Result<()> {
+        crate::engine::typed_slice::<Uses>(uses, "uses")?;
+        crate::engine::typed_slice::<NoTransport>(transport, "transport")?;
+        Ok(())
+    }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
-        let exp: String = ctx.get("output.exp_group_id")?;
-        let floor: f64 = ctx.get("analysis.transition.floor")?;
+        let Uses { exp, floor } = ctx.key.slice()?;
         let stats: Vec<BinStat> = table::read(&ctx.input("analyze", "bin_stats")?)?;
         let metric = stats
             .iter()

@@ -104,21 +104,48 @@ fn load_examples(ds: &Dataset, root: &Path, bpe: &tiktoken_rs::CoreBPE) -> Resul
     }
 }
 
+/// What `prepare` reads (its stage's `uses`, exactly).
+#[derive(serde::Deserialize)]
+struct Uses {
+    dataset: Dataset,
+    #[serde(rename = "tokenizer.kind")]
+    tokenizer_kind: crate::config::schema::TokenizerKind,
+    #[serde(rename = "tokenizer.name")]
+    tokenizer_name: String,
+    binning: Binning,
+    sampling: Sampling,
+}
+
+impl Uses {
+    fn tokenizer(&self) -> Tokenizer {
+        Tokenizer {
+            kind: self.tokenizer_kind,
+            name: self.tokenizer_name.clone(),
+            url: None,
+        }
+    }
+}
+
+/// The servers `prepare` may ask for token counts (transport, not identity).
+#[derive(serde::Deserialize)]
+struct Transport {
+    #[serde(rename = "tokenizer.url")]
+    tokenizer_url: Option<String>,
+    #[serde(rename = "engine.base_url")]
+    engine_url: Option<String>,
+}
+
 impl Op for Prepare {
     fn name(&self) -> &'static str {
         "prepare"
     }
     /// A file-backed dataset enters the key by the digest of its bytes.
     fn fingerprint(&self, ctx: &KeyContext) -> Result<Option<String>> {
-        let ds: Dataset = ctx.get("dataset")?;
-        let tok = Tokenizer {
-            kind: ctx.get("tokenizer.kind")?,
-            name: ctx.get("tokenizer.name")?,
-            url: None,
-        };
+        let u: Uses = ctx.slice()?;
+        let (ds, tok) = (&u.dataset, u.tokenizer());
         // A Hugging Face tokenizer.json counts by its bytes, not its name.
         let tok_id = tokenize::file_identity(&tok, ctx.root)?;
-        let Some(src) = locate(&ds, ctx.root)? else {
+        let Some(src) = locate(ds, ctx.root)? else {
             return Ok(tok_id);
         };
         let mut h = blake3::Hasher::new();
@@ -129,7 +156,7 @@ impl Op for Prepare {
         }
         let data = format!(
             "{} {}",
-            location_label(&ds, ctx.root).unwrap_or_default(),
+            location_label(ds, ctx.root).unwrap_or_default(),
             h.finalize().to_hex()
         );
         Ok(Some(match tok_id {
@@ -141,18 +168,28 @@ impl Op for Prepare {
     fn version(&self) -> u32 {
         3
     }
+    fn check(
+        &self,
+        uses: &std::collections::BTreeMap<String, serde_json::Value>,
+        transport: &std::collections::BTreeMap<String, serde_json::Value>,
+    ) -> Result<()> {
+        crate::engine::typed_slice::<Uses>(uses, "uses")?;
+        crate::engine::typed_slice::<Transport>(transport, "transport")?;
+        Ok(())
+    }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
-        let ds: Dataset = ctx.get("dataset")?;
-        let tok = Tokenizer {
-            kind: ctx.get("tokenizer.kind")?,
-            name: ctx.get("tokenizer.name")?,
-            url: None,
-        };
-        let bins: Binning = ctx.get("binning")?;
-        let sampling: Sampling = ctx.get("sampling")?;
-        let engine_url: Option<String> = ctx.transport("engine.base_url")?;
+        let u: Uses = ctx.key.slice()?;
+        let t: Transport = ctx.key.transport_slice()?;
+        let tok = u.tokenizer();
+        let Uses {
+            dataset: ds,
+            binning: bins,
+            sampling,
+            ..
+        } = u;
+        let engine_url = t.engine_url;
         let mut tok_cfg = tok.clone();
-        tok_cfg.url = ctx.transport("tokenizer.url")?;
+        tok_cfg.url = t.tokenizer_url;
         let counter = tokenize::Tok::load(&tok_cfg, ctx.root(), engine_url.as_deref())?;
         // Synthetic prompts are sized with a tiktoken encoding (the configured
         // one, else cl100k_base); bins always use the configured tokenizer.

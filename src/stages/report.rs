@@ -8,6 +8,7 @@ use crate::metrics::FAILURE_LABELS;
 use crate::stages::analyze::{BinStat, TransitionRow};
 use crate::stages::plots::{budget_label, budget_order, setting, sort_budgets};
 use crate::stages::score::ScoreRow;
+use crate::stages::NoTransport;
 use crate::table;
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
@@ -480,6 +481,33 @@ pub fn render(ctx: &Value) -> Result<String> {
     Ok(hb.render("report", ctx)?)
 }
 
+/// What `report` reads: it records the experiment's configuration, so it
+/// takes these sections whole (its stage's `uses`, exactly).
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct Uses {
+    #[serde(rename = "output.exp_group_id")]
+    exp: String,
+    #[serde(rename = "db.path")]
+    db_path: String,
+    #[serde(rename = "model.name")]
+    model: String,
+    #[serde(rename = "model.kv_geometry")]
+    geometry: serde_json::Value,
+    dataset: serde_json::Value,
+    #[serde(rename = "tokenizer.kind")]
+    tokenizer_kind: serde_json::Value,
+    #[serde(rename = "tokenizer.name")]
+    tokenizer_name: serde_json::Value,
+    binning: serde_json::Value,
+    sampling: serde_json::Value,
+    kv: serde_json::Value,
+    decoding: serde_json::Value,
+    prompt: serde_json::Value,
+    analysis: serde_json::Value,
+    output: serde_json::Value,
+}
+
 impl Op for Report {
     fn name(&self) -> &'static str {
         "report"
@@ -487,8 +515,17 @@ impl Op for Report {
     fn version(&self) -> u32 {
         6
     }
+    fn check(
+        &self,
+        uses: &std::collections::BTreeMap<String, serde_json::Value>,
+        transport: &std::collections::BTreeMap<String, serde_json::Value>,
+    ) -> Result<()> {
+        crate::engine::typed_slice::<Uses>(uses, "uses")?;
+        crate::engine::typed_slice::<NoTransport>(transport, "transport")?;
+        Ok(())
+    }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
-        let exp: String = ctx.get("output.exp_group_id")?;
+        let Uses { exp, .. } = ctx.key.slice()?;
         let manifest: Value = serde_json::from_slice(&ctx.input("prepare", "manifest_json")?)?;
         let stats: Vec<BinStat> = table::read(&ctx.input("analyze", "bin_stats")?)?;
         let transitions: Vec<TransitionRow> =

@@ -9,6 +9,7 @@ use crate::metrics;
 use crate::metrics::longbench as lb;
 use crate::stages::infer::ResponseRow;
 use crate::stages::prepare::Entry;
+use crate::stages::NoTransport;
 use crate::table;
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
@@ -112,6 +113,17 @@ pub fn read_all(ctx: &OpContext) -> Result<Vec<ScoreRow>> {
     Ok(rows)
 }
 
+/// What `score` reads (its stage's `uses`, exactly).
+#[derive(serde::Deserialize)]
+struct Uses {
+    #[serde(rename = "dataset.source")]
+    source: crate::config::schema::Source,
+    #[serde(rename = "dataset.task")]
+    task: String,
+    #[serde(rename = "dataset.metric")]
+    metric: Option<String>,
+}
+
 impl Op for Score {
     fn name(&self) -> &'static str {
         "score"
@@ -120,13 +132,20 @@ impl Op for Score {
     fn version(&self) -> u32 {
         4
     }
+    fn check(
+        &self,
+        uses: &std::collections::BTreeMap<String, serde_json::Value>,
+        transport: &std::collections::BTreeMap<String, serde_json::Value>,
+    ) -> Result<()> {
+        crate::engine::typed_slice::<Uses>(uses, "uses")?;
+        crate::engine::typed_slice::<NoTransport>(transport, "transport")?;
+        Ok(())
+    }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let policy: String = ctx.item("policy")?;
         let budget: f64 = ctx.item("budget")?;
-        let source: String = ctx.get("dataset.source")?;
-        let task: String = ctx.get("dataset.task")?;
-        let explicit: Option<String> = ctx.get("dataset.metric")?;
-        let metric = metric_for(&source, &task, explicit.as_deref())?;
+        let u: Uses = ctx.key.slice()?;
+        let metric = metric_for(u.source.as_str(), &u.task, u.metric.as_deref())?;
         let examples: Vec<Example> = table::read(&ctx.input("prepare", "examples")?)?;
         let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
         let responses: Vec<ResponseRow> = table::read(&ctx.input("infer", "responses")?)?;
@@ -158,7 +177,7 @@ impl Op for Score {
             let primary = if failure.is_some_and(|f| f != "TRUNCATED") {
                 0.0
             } else {
-                value(&metric, &task, &o.text, e, &s)
+                value(&metric, &u.task, &o.text, e, &s)
             };
             rows.push(ScoreRow {
                 example_id: r.example_id.clone(),

@@ -10,6 +10,7 @@ use crate::metrics::normalize;
 use crate::stages::analyze::{BinStat, TransitionRow};
 use crate::stages::prepare::{Bin, Entry};
 use crate::stages::score::ScoreRow;
+use crate::stages::NoTransport;
 use crate::table;
 use anyhow::{Context, Result};
 use rusqlite::{params, Connection};
@@ -362,6 +363,30 @@ pub fn write_db(path: &std::path::Path, s: &SinkInput) -> Result<Value> {
     Ok(Value::Object(counts))
 }
 
+/// What `sqlite` reads: it records the experiment's configuration, so it
+/// takes these sections whole (its stage's `uses`, exactly).
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct Uses {
+    #[serde(rename = "output.exp_group_id")]
+    exp: String,
+    #[serde(rename = "db.path")]
+    db_path: String,
+    #[serde(rename = "model.name")]
+    model: String,
+    dataset: serde_json::Value,
+    #[serde(rename = "tokenizer.kind")]
+    tokenizer_kind: serde_json::Value,
+    #[serde(rename = "tokenizer.name")]
+    tokenizer_name: serde_json::Value,
+    binning: serde_json::Value,
+    sampling: serde_json::Value,
+    kv: serde_json::Value,
+    decoding: serde_json::Value,
+    prompt: serde_json::Value,
+    analysis: serde_json::Value,
+}
+
 impl Op for Sqlite {
     fn name(&self) -> &'static str {
         "sqlite"
@@ -369,9 +394,17 @@ impl Op for Sqlite {
     fn version(&self) -> u32 {
         2
     }
+    fn check(
+        &self,
+        uses: &std::collections::BTreeMap<String, serde_json::Value>,
+        transport: &std::collections::BTreeMap<String, serde_json::Value>,
+    ) -> Result<()> {
+        crate::engine::typed_slice::<Uses>(uses, "uses")?;
+        crate::engine::typed_slice::<NoTransport>(transport, "transport")?;
+        Ok(())
+    }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
-        let exp: String = ctx.get("output.exp_group_id")?;
-        let db_path: String = ctx.get("db.path")?;
+        let Uses { exp, db_path, .. } = ctx.key.slice()?;
         let config = Value::Object(ctx.key.config.clone().into_iter().collect());
         let manifest: Value = serde_json::from_slice(&ctx.input("prepare", "manifest_json")?)?;
         let examples: Vec<Example> = table::read(&ctx.input("prepare", "examples")?)?;
