@@ -29,6 +29,8 @@ enum Fault {
     EmptyChoices,
     /// A 3 MiB body (above a 1 MiB `engine.max_response_mib`).
     Huge,
+    /// A correct event stream (CRLF separators) sent one byte per chunk.
+    ByteChunks,
 }
 
 struct Fs {
@@ -124,6 +126,24 @@ async fn chat(State(st): State<Arc<Fs>>, headers: HeaderMap, body: String) -> Re
             ))
             .unwrap(),
         Fault::EmptyChoices => axum::Json(json!({"choices": []})).into_response(),
+        Fault::ByteChunks => {
+            let chunks = [
+                json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": "4"}, "finish_reason": null}]}),
+                json!({"choices": [{"index": 0, "delta": {"content": "2"}, "finish_reason": "stop"}]}),
+                json!({"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 2}}),
+            ];
+            let mut text: String = chunks
+                .iter()
+                .map(|c| format!("data: {c}\r\n\r\n"))
+                .collect();
+            text.push_str("data: [DONE]\r\n\r\n");
+            let bytes: Vec<Result<Vec<u8>, std::io::Error>> =
+                text.into_bytes().into_iter().map(|b| Ok(vec![b])).collect();
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(Body::from_stream(futures_util::stream::iter(bytes)))
+                .unwrap()
+        }
         Fault::Huge => {
             let chunk = "x".repeat(64 * 1024);
             let s = futures_util::stream::iter(
@@ -441,4 +461,26 @@ fn a_response_above_the_size_limit_is_an_engine_error() {
     // Labelled, and not retried: a server that sends too much will again.
     assert_eq!(failures(&p).get("ENGINE_ERROR").copied(), Some(N as i64));
     assert!(s.attempts().values().all(|v| v.len() == 1));
+}
+
+/// The stream reader scans each byte once; an event separator split across
+/// chunks (here every byte is its own chunk) is still found.
+#[test]
+fn an_event_stream_in_one_byte_chunks_is_read_whole() {
+    let p = Project::new();
+    p.write("config/experiments/f.yaml", EXP);
+    let s = FaultServer::start(Fault::ByteChunks, usize::MAX);
+    let out = build(&p, &s, true);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(failures(&p).is_empty(), "{:?}", failures(&p));
+    assert_eq!(responses(&p), N as i64);
+    let c = rusqlite::Connection::open(p.path("runs/f/kv_transition.sqlite")).unwrap();
+    let texts: Vec<String> = c
+        .prepare("SELECT text FROM responses")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(texts.iter().all(|t| t == "42"), "{texts:?}");
 }
