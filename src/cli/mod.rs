@@ -520,8 +520,10 @@ fn cmd_build(args: &BuildArgs, registry: &OpRegistry, quiet: bool) -> Result<()>
     };
     let summary = engine::build(&ws, &plan, &opts, &CANCEL, &reporter)?;
     // Every answer into journal.sqlite itself, so the file alone is complete.
+    // (Only when its write-ahead log holds something: a no-op build stays cheap.)
     let journal = crate::stages::infer::journal_path(&ws.cache_root);
-    if journal.exists() {
+    let wal = journal.with_file_name("journal.sqlite-wal");
+    if std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
         if let Err(e) = crate::llm::journal::Journal::shared(&journal)
             .and_then(|j| j.lock().expect("journal").checkpoint())
         {
