@@ -78,7 +78,7 @@ fn corpus() -> &'static str {
 fn fields() -> Fields {
     Fields {
         id: Some("_id".into()),
-        question: "input".into(),
+        question: Some("input".into()),
         context: "context".into(),
         answers: "answers".into(),
         meta: vec!["length".into(), "dataset".into()],

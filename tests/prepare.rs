@@ -137,3 +137,75 @@ sampling: {n_per_bin: 4}
     assert_eq!(m["dataset"]["n_loaded"], 8, "{}", m["dataset"]);
     assert_eq!(m["dataset"]["n_skipped_records"], 2, "{}", m["dataset"]);
 }
+
+/// LongEval-style topic retrieval records: the question is inside `prompt`,
+/// the answer is the first of a `topics` list. Mapped with `question: null`
+/// and `answers: topics[0]`, each prompt is sent once (not as context and
+/// again as question), and the answer comes from the indexed path.
+#[test]
+fn context_only_records_with_indexed_answers_send_each_field_once() {
+    let p = Project::new();
+    let mut text = String::new();
+    for i in 0..8 {
+        let rec = serde_json::json!({
+            "prompt": format!("{} Which topic did we discuss first? Answer with the topic only.",
+                "We talked about tides, then ferries, then lighthouses. ".repeat(20 + 10 * i)),
+            "topics": [format!("topic-{i}"), "ferries", "lighthouses"],
+            "num_topics": 3,
+        });
+        text.push_str(&format!("{rec}\n"));
+    }
+    p.write("data/topics.jsonl", &text);
+    p.write(
+        "config/experiments/topics.yaml",
+        "output: {exp_group_id: topics}
+dataset:
+  name: longeval
+  task: topics
+  source: file
+  path: data/topics.jsonl
+  metric: substring_recall
+  fields: {id: null, question: null, context: prompt, answers: \"topics[0]\", meta: [num_topics]}
+binning: {n_bins: 2}
+sampling: {n_per_bin: 4}
+engine: {kind: reference}
+kv: {policies: [streaming], budgets: [1.0]}
+prompt: {template: \"{context}\"}
+analysis: {bootstrap: {iters: 50}}
+",
+    );
+    let out = p
+        .kvt()
+        .args(["build", "sqlite", "-c", "config/experiments/topics.yaml"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let m: serde_json::Value = serde_json::from_str(&p.manifest("longeval__topics")).unwrap();
+    let examples = m["examples"].as_array().unwrap();
+    assert_eq!(examples.len(), 8);
+    for e in examples {
+        assert_eq!(e["question"], "");
+        let id = e["example_id"].as_str().unwrap();
+        let n: usize = id.rsplit('-').next().unwrap().parse().unwrap();
+        assert_eq!(e["answers"][0], format!("topic-{}", n - 1), "{e}");
+    }
+    // What was sent is about what was binned: the prompt once, not twice.
+    let db = rusqlite::Connection::open(p.path("runs/topics/kv_transition.sqlite")).unwrap();
+    let pairs: Vec<(i64, i64)> = db
+        .prepare(
+            "SELECT t.prompt_tokens, e.token_len FROM telemetry t
+             JOIN requests q USING (request_id) JOIN manifest_entries e USING (example_id)",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(pairs.len(), 8);
+    for (sent, binned) in pairs {
+        assert!(
+            (sent as f64) < 1.15 * binned as f64 + 40.0,
+            "sent {sent} tokens for a {binned}-token record"
+        );
+    }
+}

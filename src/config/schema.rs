@@ -134,9 +134,13 @@ pub enum DatasetOp {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Fields {
-    /// Null: records are numbered `<file stem>-<line>`.
+    /// Null: records are numbered `<file stem>-<line>`. Every field here is
+    /// a path into the record: a key, nested keys (`meta.answer`) and list
+    /// positions (`topics[0]`); a key that itself contains dots wins.
     pub id: Option<String>,
-    pub question: String,
+    /// Null: the records have no separate question (the instruction is inside
+    /// the context); `{question}` in the template is then empty.
+    pub question: Option<String>,
     pub context: String,
     /// A list of strings or one string.
     pub answers: String,

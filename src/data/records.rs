@@ -29,6 +29,45 @@ fn text_of(v: &Value) -> Option<String> {
     }
 }
 
+/// The value at a field path: the whole path as a key first (flat records
+/// with dotted names), else nested keys separated by `.` with list positions
+/// in brackets: `meta.answer`, `topics[0]`, `turns[2].text`.
+pub fn lookup<'a>(rec: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
+    if let Some(v) = rec.get(path) {
+        return Some(v);
+    }
+    let mut cur: Option<&Value> = None;
+    for (i, seg) in path.split('.').enumerate() {
+        let (key, mut rest) = match seg.find('[') {
+            Some(b) => (&seg[..b], &seg[b..]),
+            None => (seg, ""),
+        };
+        if !key.is_empty() {
+            cur = match (i, cur) {
+                (0, _) => rec.get(key),
+                (_, Some(Value::Object(m))) => m.get(key),
+                _ => None,
+            };
+        } else if i == 0 {
+            return None;
+        }
+        while let Some(r) = rest.strip_prefix('[') {
+            let (n, after) = r.split_once(']')?;
+            let n: usize = n.trim().parse().ok()?;
+            cur = match cur {
+                Some(Value::Array(a)) => a.get(n),
+                _ => None,
+            };
+            rest = after;
+        }
+        if !rest.is_empty() {
+            return None;
+        }
+        cur?;
+    }
+    cur
+}
+
 /// One record → one example, or the reason it cannot be one.
 pub fn to_example(
     rec: &Map<String, Value>,
@@ -36,12 +75,16 @@ pub fn to_example(
     fallback_id: &str,
 ) -> Result<Example, String> {
     let field = |name: &str, key: &str| -> Result<&Value, String> {
-        rec.get(name).ok_or_else(|| {
+        lookup(rec, name).ok_or_else(|| {
             format!("record has no field `{name}` (mapped by `dataset.fields.{key}`)")
         })
     };
-    let question = text_of(field(&f.question, "question")?)
-        .ok_or_else(|| format!("field `{}` is not a string", f.question))?;
+    let question = match &f.question {
+        Some(q) => {
+            text_of(field(q, "question")?).ok_or_else(|| format!("field `{q}` is not a string"))?
+        }
+        None => String::new(),
+    };
     let context = text_of(field(&f.context, "context")?)
         .ok_or_else(|| format!("field `{}` is not a string", f.context))?;
     let answers = match field(&f.answers, "answers")? {
@@ -71,7 +114,7 @@ pub fn to_example(
     };
     let mut meta = Map::new();
     for m in &f.meta {
-        if let Some(v) = rec.get(m) {
+        if let Some(v) = lookup(rec, m) {
             meta.insert(m.clone(), v.clone());
         }
     }
@@ -272,7 +315,7 @@ mod tests {
     fn fields() -> Fields {
         Fields {
             id: Some("_id".into()),
-            question: "input".into(),
+            question: Some("input".into()),
             context: "context".into(),
             answers: "answers".into(),
             meta: vec!["length".into(), "all_classes".into()],
@@ -339,6 +382,54 @@ mod tests {
             .to_string();
         assert!(err.contains("context") && err.contains("empty"), "{err}");
         assert!(Collector::new(&f, "ignore").is_err());
+    }
+
+    #[test]
+    fn field_paths_reach_nested_keys_and_list_positions() {
+        let rec: Map<String, Value> = serde_json::from_str(
+            r#"{"id": 7, "prompt": "Read this. Which topic came first?",
+                "topics": ["ferries", "tides"], "meta": {"answer": 42, "turns": [{"text": "x"}]},
+                "flat.key": "flat wins"}"#,
+        )
+        .unwrap();
+        assert_eq!(lookup(&rec, "topics[0]"), Some(&Value::from("ferries")));
+        assert_eq!(lookup(&rec, "topics[1]"), Some(&Value::from("tides")));
+        assert_eq!(lookup(&rec, "topics[2]"), None);
+        assert_eq!(lookup(&rec, "meta.answer"), Some(&Value::from(42)));
+        assert_eq!(lookup(&rec, "meta.turns[0].text"), Some(&Value::from("x")));
+        assert_eq!(lookup(&rec, "flat.key"), Some(&Value::from("flat wins")));
+        assert_eq!(lookup(&rec, "meta.nothing"), None);
+        assert_eq!(lookup(&rec, "topics[x]"), None);
+        assert_eq!(lookup(&rec, "[0]"), None);
+        // A context-only record: no question field, the prompt is the context.
+        let f = Fields {
+            id: Some("id".into()),
+            question: None,
+            context: "prompt".into(),
+            answers: "topics[0]".into(),
+            meta: vec!["meta.answer".into()],
+        };
+        let ex = to_example(&rec, &f, "r-1").unwrap();
+        assert_eq!(ex.example_id, "7");
+        assert_eq!(ex.question, "");
+        assert_eq!(ex.context, "Read this. Which topic came first?");
+        assert_eq!(ex.answers, vec!["ferries"]);
+        assert_eq!(ex.meta["meta.answer"], Value::from(42));
+        // A number as the answer, from a nested path.
+        let f2 = Fields {
+            answers: "meta.answer".into(),
+            ..f.clone()
+        };
+        assert_eq!(to_example(&rec, &f2, "r-1").unwrap().answers, vec!["42"]);
+        let f3 = Fields {
+            answers: "meta.missing[0]".into(),
+            ..f
+        };
+        let err = to_example(&rec, &f3, "r-1").unwrap_err();
+        assert!(
+            err.contains("`meta.missing[0]`") && err.contains("dataset.fields.answers"),
+            "{err}"
+        );
     }
 
     #[test]
