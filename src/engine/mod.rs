@@ -18,7 +18,7 @@ pub use action::{ActionCache, ActionRecord};
 pub use build::{build, BuildOptions, BuildSummary};
 pub use digest::{canonical_json, Digest};
 pub use error::{EngineError, ErrorKind, Reporter};
-pub use op::{typed_slice, KeyContext, Op, OpContext, OpRegistry, Upstream};
+pub use op::{check_slices, typed_slice, KeyContext, Op, OpContext, OpRegistry, Upstream};
 pub use pipeline::{PipelineDef, Plan};
 pub use state::{explain, NodeState, StaleReason, Workspace};
 pub use store::ContentStore;

@@ -81,6 +81,17 @@ pub fn typed_slice<T: DeserializeOwned>(map: &BTreeMap<String, Value>, list: &st
     })
 }
 
+/// [`Op::check`] for an op that reads its `uses` as `U` and its `transport`
+/// as `T` (see [`typed_slice`]).
+pub fn check_slices<U: DeserializeOwned, T: DeserializeOwned>(
+    uses: &BTreeMap<String, Value>,
+    transport: &BTreeMap<String, Value>,
+) -> Result<()> {
+    typed_slice::<U>(uses, "uses")?;
+    typed_slice::<T>(transport, "transport")?;
+    Ok(())
+}
+
 /// The field names a derived `Deserialize` struct asks for (serde passes
 /// them to `deserialize_struct`; this deserializer records them and stops).
 fn struct_fields<T: DeserializeOwned>() -> &'static [&'static str] {

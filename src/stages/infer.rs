@@ -390,9 +390,7 @@ impl Op for Infer {
         uses: &BTreeMap<String, Value>,
         transport: &BTreeMap<String, Value>,
     ) -> Result<()> {
-        crate::engine::typed_slice::<Uses>(uses, "uses")?;
-        crate::engine::typed_slice::<Transport>(transport, "transport")?;
-        Ok(())
+        crate::engine::check_slices::<Uses, Transport>(uses, transport)
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let u: Uses = ctx.key.slice()?;

@@ -241,9 +241,7 @@ impl Op for Plots {
         uses: &std::collections::BTreeMap<String, serde_json::Value>,
         transport: &std::collections::BTreeMap<String, serde_json::Value>,
     ) -> Result<()> {
-        crate::engine::typed_slice::<Uses>(uses, "uses")?;
-        crate::engine::typed_slice::<NoTransport>(transport, "transport")?;
-        Ok(())
+        crate::engine::check_slices::<Uses, NoTransport>(uses, transport)
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let Uses { exp, floor } = ctx.key.slice()?;

@@ -173,9 +173,7 @@ impl Op for Prepare {
         uses: &std::collections::BTreeMap<String, serde_json::Value>,
         transport: &std::collections::BTreeMap<String, serde_json::Value>,
     ) -> Result<()> {
-        crate::engine::typed_slice::<Uses>(uses, "uses")?;
-        crate::engine::typed_slice::<Transport>(transport, "transport")?;
-        Ok(())
+        crate::engine::check_slices::<Uses, Transport>(uses, transport)
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let u: Uses = ctx.key.slice()?;

@@ -137,9 +137,7 @@ impl Op for Score {
         uses: &std::collections::BTreeMap<String, serde_json::Value>,
         transport: &std::collections::BTreeMap<String, serde_json::Value>,
     ) -> Result<()> {
-        crate::engine::typed_slice::<Uses>(uses, "uses")?;
-        crate::engine::typed_slice::<NoTransport>(transport, "transport")?;
-        Ok(())
+        crate::engine::check_slices::<Uses, NoTransport>(uses, transport)
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let policy: String = ctx.item("policy")?;
