@@ -2,25 +2,33 @@
 
 Writes random predictions for ten LongBench tasks (every metric family) into
 DIR/preds/<task>.jsonl and the task scores the Python libraries LongBench's
-evaluation uses (rouge 1.0.1, fuzzywuzzy 0.18 without python-Levenshtein,
-jieba 0.42.1) give them into DIR/expected.json. The metric functions below are
-written from LONGBENCH_METRICS.md. Usage:
+evaluation uses (rouge 1.0.1, fuzzywuzzy 0.18, jieba 0.42.1) give them into
+DIR/expected.json, with fuzzywuzzy's difflib backend for code similarity, and
+into DIR/expected_levenshtein.json with its python-Levenshtein backend (when
+that package is installed). The metric functions below are written from
+LONGBENCH_METRICS.md. Usage:
 
-    python3 -m venv /tmp/lbv && /tmp/lbv/bin/pip install rouge==1.0.1 fuzzywuzzy==0.18.0 jieba==0.42.1
+    python3 -m venv /tmp/lbv && /tmp/lbv/bin/pip install rouge==1.0.1 fuzzywuzzy==0.18.0 jieba==0.42.1 python-Levenshtein
     /tmp/lbv/bin/python scripts/longbench_parity.py SEED DIR
-    kvt eval-preds --dir DIR/preds --json     # must equal DIR/expected.json
+    kvt eval-preds --dir DIR/preds --json                          # must equal DIR/expected.json
+    kvt eval-preds --dir DIR/preds --json --code-sim levenshtein   # must equal DIR/expected_levenshtein.json
 """
 import json, random, re, string, sys, os
 from collections import Counter
 import jieba
 from rouge import Rouge
-from fuzzywuzzy import fuzz
+from fuzzywuzzy import fuzz, utils
+from difflib import SequenceMatcher
+try:
+    import Levenshtein
+except ImportError:
+    Levenshtein = None
 jieba.setLogLevel(60)
 random.seed(int(sys.argv[1]))
 OUT = sys.argv[2]
 os.makedirs(OUT + "/preds", exist_ok=True)
 W = "the a an cat dog Paris paris U.S. city of light river bank 42 7 run ran jumps over lazy fox . , ! ? ' \" x-ray e-mail".split()
-ZH = list("我们去北京上海天气很好今天明天的了是在有人这个中国大学") + ["，", "。", "！", " "]
+ZH = list("我们去北京上海天气很好今天明天的了是在有人这个中国大学") + ["，", "。", "！", " ", "2013-11-01", "6.5", "GPT-4o", "x_y", "\n", "iPhone", "3.14%"]
 def words(n): return " ".join(random.choice(W) for _ in range(n))
 def zh(n): return "".join(random.choice(ZH) for _ in range(n))
 def norm(s):
@@ -40,7 +48,7 @@ def rg(p, g, **k):
     try: return Rouge().get_scores([p], [g], avg=True)["rouge-l"]["f"]
     except Exception: return 0.0
 def rgzh(p, g, **k): return rg(" ".join(jieba.cut(p, cut_all=False)), " ".join(jieba.cut(g, cut_all=False)))
-def cls(p, g, all_classes):
+def cls(p, g, all_classes, **k):
     m = [c for c in all_classes if c in p]
     for t in m:
         if t in g and t != g: m.remove(t)
@@ -50,17 +58,23 @@ def ret(p, g, **k):
     return 0.0 if not ns else sum(1 for n in ns if str(n) == str(gid)) / len(ns)
 def cnt(p, g, **k):
     ns = re.findall(r"\d+", p); return 0.0 if not ns else sum(1 for n in ns if str(n) == str(g)) / len(ns)
-def code(p, g, **k):
+def fuzz_ratio(a, b, backend):
+    # fuzz.ratio with a chosen backend: its equal / empty checks, then intr(100 * ratio).
+    if a == b: return 100
+    if not a or not b: return 0
+    r = SequenceMatcher(None, a, b).ratio() if backend == "difflib" else Levenshtein.ratio(a, b)
+    return utils.intr(100 * r)
+def code(p, g, backend="difflib", **k):
     line = ""
     for l in p.lstrip("\n").split("\n"):
         if "`" not in l and "#" not in l and "//" not in l: line = l; break
-    return fuzz.ratio(line, g) / 100
+    return fuzz_ratio(line, g, backend) / 100
 tasks = {"hotpotqa": qa, "triviaqa": qa, "multifieldqa_zh": qazh, "gov_report": rg, "samsum": rg, "vcsum": rgzh,
          "trec": cls, "passage_retrieval_en": ret, "passage_count": cnt, "lcc": code}
 classes = ["Location", "Loc", "Entity", "Human being", "Human", "Abbreviation", "Number"]
-out = {}
+out = {}; out_lev = {}
 for task, fn in tasks.items():
-    total = 0; n = 120
+    total = 0; total_lev = 0; n = 120
     with open(f"{OUT}/preds/{task}.jsonl", "w") as f:
         for i in range(n):
             if task in ("multifieldqa_zh", "vcsum"):
@@ -81,6 +95,13 @@ for task, fn in tasks.items():
             s = 0
             for g in golds: s = max(s, fn(p2, g, all_classes=classes))
             total += s
+            if Levenshtein is not None:
+                s = 0
+                for g in golds: s = max(s, fn(p2, g, all_classes=classes, backend="levenshtein"))
+                total_lev += s
             f.write(json.dumps({"pred": pred, "answers": golds, "all_classes": classes, "length": random.randint(100, 12000)}, ensure_ascii=False) + "\n")
     out[task] = round(100 * total / n, 2)
+    out_lev[task] = round(100 * total_lev / n, 2)
 json.dump(out, open(OUT + "/expected.json", "w"), indent=1)
+if Levenshtein is not None:
+    json.dump(out_lev, open(OUT + "/expected_levenshtein.json", "w"), indent=1)

@@ -491,11 +491,14 @@ fn a_pipeline_whose_uses_disagree_with_its_op_exits_2_before_any_stage() {
     let p = Project::new();
     p.copy_from_repo(&["pipelines/default.yaml"]);
     let default = p.read("pipelines/default.yaml");
-    let from = "uses: [dataset.source, dataset.task, dataset.metric]";
+    let from = "uses: [dataset.source, dataset.task, dataset.metric, metrics.code_sim]";
     assert!(default.contains(from), "the default pipeline changed shape");
     p.write(
         "pipelines/mine.yaml",
-        &default.replace(from, "uses: [dataset.source, dataset.task, kv.seed]"),
+        &default.replace(
+            from,
+            "uses: [dataset.source, dataset.task, kv.seed, metrics.code_sim]",
+        ),
     );
     p.write(
         "config/experiments/mine.yaml",

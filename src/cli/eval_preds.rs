@@ -26,11 +26,56 @@ pub struct TaskResult {
     pub metric: &'static str,
     pub n: usize,
     pub score: Option<f64>,
-    /// LongBench-E buckets (0-4k, 4-8k, 8k+), when asked for.
-    pub buckets: Option<BTreeMap<&'static str, Option<f64>>>,
+    /// Length buckets (LongBench-E's 0-4k, 4-8k, 8k+, or other edges) in
+    /// order, with their scores, when asked for.
+    pub buckets: Option<Vec<(String, Option<f64>)>>,
 }
 
-pub fn score_file(path: &Path, task: &str, by_length: bool) -> Result<TaskResult> {
+/// How predictions are scored.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// Bucket starts by the records' `length` (the first is 0), when scoring by length.
+    pub by_length: Option<Vec<i64>>,
+    pub code_sim: lb::CodeSim,
+}
+
+/// `--by-length` edges: none given → LongBench-E's `0,4000,8000`; else
+/// increasing, comma-separated lengths starting at 0 (`k` means thousands).
+pub fn parse_edges(arg: Option<&str>) -> Result<Vec<i64>> {
+    let Some(arg) = arg.filter(|a| !a.trim().is_empty()) else {
+        return Ok(lb::LONGBENCH_E_EDGES.to_vec());
+    };
+    let bad = |why: String| -> anyhow::Error {
+        KvtError::usage(format!(
+            "`--by-length={arg}`: {why}; give increasing bucket starts from 0, e.g. `--by-length=0,4k,8k,16k`"
+        ))
+        .into()
+    };
+    let edges = arg
+        .split(',')
+        .map(|x| {
+            let x = x.trim();
+            let (num, scale) = match x.strip_suffix(['k', 'K']) {
+                Some(n) => (n, 1000),
+                None => (x, 1),
+            };
+            num.parse::<i64>()
+                .ok()
+                .and_then(|n| n.checked_mul(scale))
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| bad(format!("`{x}` is not a length")))
+        })
+        .collect::<Result<Vec<i64>>>()?;
+    if edges.first() != Some(&0) {
+        return Err(bad("the first bucket must start at 0".into()));
+    }
+    if edges.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(bad("the edges must increase".into()));
+    }
+    Ok(edges)
+}
+
+pub fn score_file(path: &Path, task: &str, opts: &EvalOptions) -> Result<TaskResult> {
     let metric = lb::metric_of(task).ok_or_else(|| {
         KvtError::usage(format!(
             "unknown LongBench task `{task}` (names are case-sensitive); known: {}",
@@ -40,7 +85,8 @@ pub fn score_file(path: &Path, task: &str, by_length: bool) -> Result<TaskResult
     let text = std::fs::read_to_string(path)
         .map_err(|e| KvtError::usage(format!("cannot read `{}`: {e}", path.display())))?;
     let mut scores = Vec::new();
-    let mut buckets: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+    let edges = opts.by_length.as_deref();
+    let mut buckets: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -53,9 +99,10 @@ pub fn score_file(path: &Path, task: &str, by_length: bool) -> Result<TaskResult
             ))
         })?;
         let classes = p.all_classes.unwrap_or_default();
-        let s = lb::sample_score(task, &p.pred, &p.answers, &classes).expect("known task");
+        let s = lb::sample_score(task, &p.pred, &p.answers, &classes, opts.code_sim)
+            .expect("known task");
         scores.push(s);
-        if by_length {
+        if let Some(edges) = edges {
             let len = p.length.ok_or_else(|| {
                 KvtError::usage(format!(
                     "`{}:{}`: `--by-length` needs a `length` field in every record",
@@ -63,7 +110,10 @@ pub fn score_file(path: &Path, task: &str, by_length: bool) -> Result<TaskResult
                     i + 1
                 ))
             })?;
-            buckets.entry(lb::length_bucket(len)).or_default().push(s);
+            buckets
+                .entry(lb::length_bucket(len, edges))
+                .or_default()
+                .push(s);
         }
     }
     Ok(TaskResult {
@@ -71,13 +121,12 @@ pub fn score_file(path: &Path, task: &str, by_length: bool) -> Result<TaskResult
         metric,
         n: scores.len(),
         score: lb::task_score(&scores),
-        buckets: by_length.then(|| {
-            ["0-4k", "4-8k", "8k+"]
-                .into_iter()
+        buckets: edges.map(|edges| {
+            (0..edges.len())
                 .map(|b| {
                     (
-                        b,
-                        lb::bucket_score(buckets.get(b).map_or(&[][..], Vec::as_slice)),
+                        lb::bucket_label(edges, b),
+                        lb::bucket_score(buckets.get(&b).map_or(&[][..], Vec::as_slice)),
                     )
                 })
                 .collect()
@@ -101,7 +150,7 @@ pub fn run(
     task: Option<&str>,
     file: Option<&Path>,
     dir: Option<&Path>,
-    by_length: bool,
+    opts: &EvalOptions,
     as_json: bool,
 ) -> Result<()> {
     let jobs: Vec<(PathBuf, String)> = match (file, dir) {
@@ -154,7 +203,7 @@ pub fn run(
                 s.spawn(move || {
                     c.iter()
                         .map(|(p, t)| {
-                            score_file(p, t, by_length)
+                            score_file(p, t, opts)
                                 .with_context(|| format!("scoring `{}`", p.display()))
                         })
                         .collect::<Vec<_>>()
@@ -180,7 +229,7 @@ pub fn render(results: &[TaskResult], as_json: bool) -> String {
         let mut m = Map::new();
         for r in results {
             let v = match &r.buckets {
-                Some(b) => Value::Object(b.iter().map(|(k, v)| (k.to_string(), num(*v))).collect()),
+                Some(b) => Value::Object(b.iter().map(|(k, v)| (k.clone(), num(*v))).collect()),
                 None => num(r.score),
             };
             m.insert(r.task.clone(), v);
@@ -193,10 +242,13 @@ pub fn render(results: &[TaskResult], as_json: bool) -> String {
     let fmt = |x: Option<f64>| x.map_or("–".to_string(), |v| format!("{v:.2}"));
     let mut out = String::new();
     match results.first().and_then(|r| r.buckets.as_ref()) {
-        Some(_) => out.push_str(&format!(
-            "{:<22} {:<22} {:>6} {:>8} {:>8} {:>8}\n",
-            "task", "metric", "n", "0-4k", "4-8k", "8k+"
-        )),
+        Some(b) => {
+            out.push_str(&format!("{:<22} {:<22} {:>6}", "task", "metric", "n"));
+            for (label, _) in b {
+                out.push_str(&format!(" {label:>8}"));
+            }
+            out.push('\n');
+        }
         None => out.push_str(&format!(
             "{:<22} {:<22} {:>6} {:>8}\n",
             "task", "metric", "n", "score"
@@ -204,15 +256,13 @@ pub fn render(results: &[TaskResult], as_json: bool) -> String {
     }
     for r in results {
         match &r.buckets {
-            Some(b) => out.push_str(&format!(
-                "{:<22} {:<22} {:>6} {:>8} {:>8} {:>8}\n",
-                r.task,
-                r.metric,
-                r.n,
-                fmt(b["0-4k"]),
-                fmt(b["4-8k"]),
-                fmt(b["8k+"])
-            )),
+            Some(b) => {
+                out.push_str(&format!("{:<22} {:<22} {:>6}", r.task, r.metric, r.n));
+                for (_, v) in b {
+                    out.push_str(&format!(" {:>8}", fmt(*v)));
+                }
+                out.push('\n');
+            }
             None => out.push_str(&format!(
                 "{:<22} {:<22} {:>6} {:>8}\n",
                 r.task,

@@ -165,9 +165,14 @@ enum Command {
         /// Score every `<task>.jsonl` in a directory.
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// LongBench-E buckets by the records' `length`: 0-4k, 4-8k, 8k+.
-        #[arg(long)]
-        by_length: bool,
+        /// Buckets by the records' `length`: LongBench-E's 0-4k, 4-8k, 8k+, or
+        /// other bucket starts with `--by-length=0,2k,4k,8k`.
+        #[arg(long, value_name = "EDGES", num_args = 0..=1, require_equals = true, default_missing_value = "")]
+        by_length: Option<String>,
+        /// LongBench's code similarity as fuzzywuzzy computes it: `difflib`
+        /// (without python-Levenshtein) or `levenshtein` (with it).
+        #[arg(long, value_name = "VARIANT", default_value = "difflib", value_parser = ["difflib", "levenshtein"])]
+        code_sim: String,
         /// Print JSON shaped like LongBench's result.json.
         #[arg(long)]
         json: bool,
@@ -322,14 +327,27 @@ fn run(cli: Cli, registry: &OpRegistry) -> Result<()> {
             task,
             dir,
             by_length,
+            code_sim,
             json,
-        } => eval_preds::run(
-            task.as_deref(),
-            file.as_deref(),
-            dir.as_deref(),
-            by_length,
-            json,
-        ),
+        } => {
+            let opts = eval_preds::EvalOptions {
+                by_length: by_length
+                    .map(|e| eval_preds::parse_edges(Some(&e)))
+                    .transpose()?,
+                code_sim: if code_sim == "levenshtein" {
+                    crate::metrics::longbench::CodeSim::Levenshtein
+                } else {
+                    crate::metrics::longbench::CodeSim::Difflib
+                },
+            };
+            eval_preds::run(
+                task.as_deref(),
+                file.as_deref(),
+                dir.as_deref(),
+                &opts,
+                json,
+            )
+        }
         Command::LaunchSupervisor { log, script } => {
             let code = crate::llm::launcher::supervise(&log, &script.join(" "))?;
             std::process::exit(code)

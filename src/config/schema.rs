@@ -87,6 +87,7 @@ pub struct Config {
     pub kv: Kv,
     pub decoding: Decoding,
     pub prompt: Prompt,
+    pub metrics: Metrics,
     pub analysis: Analysis,
     pub output: Output,
     pub db: Db,
@@ -300,6 +301,14 @@ pub struct Decoding {
     pub temperature: f64,
     pub top_p: f64,
     pub max_new_tokens: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// LongBench's code similarity (`code_sim_score`) as fuzzywuzzy computes
+    /// it: `difflib` (without python-Levenshtein) or `levenshtein` (with it).
+    pub code_sim: crate::metrics::longbench::CodeSim,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -56,13 +56,66 @@ fn jieba() -> &'static jieba_rs::Jieba {
     J.get_or_init(jieba_rs::Jieba::new)
 }
 
-/// Accurate-mode jieba segmentation with HMM, as LongBench calls it.
+/// Accurate-mode jieba segmentation with HMM, as LongBench calls it
+/// (Python jieba 0.42.1). jieba-rs agrees on Chinese runs but keeps
+/// `2013-11-01`, `GPT-4o` or `x_y` whole where Python's HMM fallback splits
+/// non-Chinese text into `[a-zA-Z0-9]+(\.\d+)?%?` runs and whatever lies
+/// between them (`2013 / - / 11 / - / 01`); such tokens are split again here.
 pub fn jieba_cut(text: &str) -> Vec<&str> {
-    jieba()
-        .cut(text, true)
-        .into_iter()
-        .map(|t| t.word)
-        .collect()
+    let j = jieba();
+    let mut out = Vec::new();
+    for t in j.cut(text, true) {
+        let w = t.word;
+        let python_splits = w.chars().count() > 1
+            && !w.chars().any(|c| ('\u{4E00}'..='\u{9FD5}').contains(&c))
+            && !w.chars().all(char::is_whitespace)
+            && !j.has_word(w);
+        if python_splits {
+            split_like_finalseg(w, &mut out);
+        } else {
+            out.push(w);
+        }
+    }
+    out
+}
+
+/// Python jieba's `finalseg` split of a non-Chinese run: the matches of
+/// `[a-zA-Z0-9]+(?:\.\d+)?%?` and the (non-empty) text between them, in order.
+fn split_like_finalseg<'a>(s: &'a str, out: &mut Vec<&'a str>) {
+    let b = s.as_bytes();
+    let (mut gap, mut i) = (0, 0);
+    while i < b.len() {
+        if !b[i].is_ascii_alphanumeric() {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && b[i].is_ascii_alphanumeric() {
+            i += 1;
+        }
+        // `(?:\.\d+)?`; Python's `\d` also takes full-width digits.
+        if b.get(i) == Some(&b'.') {
+            let digits: usize = s[i + 1..]
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || ('０'..='９').contains(c))
+                .map(char::len_utf8)
+                .sum();
+            if digits > 0 {
+                i += 1 + digits;
+            }
+        }
+        if b.get(i) == Some(&b'%') {
+            i += 1;
+        }
+        if gap < start {
+            out.push(&s[gap..start]);
+        }
+        out.push(&s[start..i]);
+        gap = i;
+    }
+    if gap < b.len() {
+        out.push(&s[gap..]);
+    }
 }
 
 /// qa_f1 normalisation: lowercase, ASCII punctuation deleted, the words
@@ -343,28 +396,78 @@ pub fn difflib_ratio(a: &str, b: &str) -> f64 {
     2.0 * matched as f64 / total as f64
 }
 
-/// fuzzywuzzy's `ratio` (pure-Python difflib backend), 0–100.
-pub fn fuzz_ratio(a: &str, b: &str) -> i64 {
+/// Which ratio fuzzywuzzy's `fuzz.ratio` computes: difflib's
+/// `SequenceMatcher` (pure Python, when python-Levenshtein is not installed)
+/// or python-Levenshtein's `ratio`. LongBench result files exist for both.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CodeSim {
+    #[default]
+    Difflib,
+    Levenshtein,
+}
+
+impl CodeSim {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CodeSim::Difflib => "difflib",
+            CodeSim::Levenshtein => "levenshtein",
+        }
+    }
+}
+
+/// python-Levenshtein's `ratio`: 1 − indel distance / (|a| + |b|) over code
+/// points (a substitution costs 2), where the indel distance is
+/// |a| + |b| − 2·LCS.
+pub fn levenshtein_ratio(a: &str, b: &str) -> f64 {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let total = a.len() + b.len();
+    if total == 0 {
+        return 1.0;
+    }
+    // LCS length, one row at a time.
+    let mut row = vec![0usize; b.len() + 1];
+    for &x in &a {
+        let mut diag = 0;
+        for (j, &y) in b.iter().enumerate() {
+            let up = row[j + 1];
+            row[j + 1] = if x == y { diag + 1 } else { up.max(row[j]) };
+            diag = up;
+        }
+    }
+    // Computed as python-Levenshtein does (1 − normalised distance), so the
+    // floating-point value, and therefore the rounding, is the same.
+    let dist = total - 2 * row[b.len()];
+    1.0 - dist as f64 / total as f64
+}
+
+/// fuzzywuzzy's `ratio`, 0–100: 100 for equal strings, 0 when one is empty,
+/// else the rounded (half-to-even) ratio of the chosen backend.
+pub fn fuzz_ratio(a: &str, b: &str, variant: CodeSim) -> i64 {
     if a == b {
         return 100;
     }
     if a.is_empty() || b.is_empty() {
         return 0;
     }
-    (100.0 * difflib_ratio(a, b)).round_ties_even() as i64
+    let r = match variant {
+        CodeSim::Difflib => difflib_ratio(a, b),
+        CodeSim::Levenshtein => levenshtein_ratio(a, b),
+    };
+    (100.0 * r).round_ties_even() as i64
 }
 
-pub fn code_sim_score(pred: &str, gold: &str) -> f64 {
+pub fn code_sim_score(pred: &str, gold: &str, variant: CodeSim) -> f64 {
     let line = pred
         .trim_start_matches('\n')
         .split('\n')
         .find(|l| !l.contains('`') && !l.contains('#') && !l.contains("//"))
         .unwrap_or("");
-    fuzz_ratio(line, gold) as f64 / 100.0
+    fuzz_ratio(line, gold, variant) as f64 / 100.0
 }
 
 /// One metric by LongBench name.
-pub fn metric(name: &str, pred: &str, gold: &str, all_classes: &[String]) -> f64 {
+pub fn metric(name: &str, pred: &str, gold: &str, all_classes: &[String], code: CodeSim) -> f64 {
     match name {
         "qa_f1_score" => qa_f1_score(pred, gold),
         "qa_f1_zh_score" => qa_f1_zh_score(pred, gold),
@@ -374,7 +477,7 @@ pub fn metric(name: &str, pred: &str, gold: &str, all_classes: &[String]) -> f64
         "retrieval_score" => retrieval_score(pred, gold),
         "retrieval_zh_score" => retrieval_zh_score(pred, gold),
         "count_score" => count_score(pred, gold),
-        "code_sim_score" => code_sim_score(pred, gold),
+        "code_sim_score" => code_sim_score(pred, gold, code),
         other => panic!("unknown LongBench metric {other}"),
     }
 }
@@ -387,6 +490,7 @@ pub fn best_over_golds(
     pred: &str,
     golds: &[String],
     all_classes: &[String],
+    code: CodeSim,
 ) -> f64 {
     let pred = if FIRST_LINE_TASKS.contains(&task) {
         pred.trim_start_matches('\n')
@@ -398,7 +502,7 @@ pub fn best_over_golds(
     };
     golds
         .iter()
-        .map(|g| metric(metric_name, pred, g, all_classes))
+        .map(|g| metric(metric_name, pred, g, all_classes, code))
         .fold(0.0, f64::max)
 }
 
@@ -408,6 +512,7 @@ pub fn sample_score(
     pred: &str,
     golds: &[String],
     all_classes: &[String],
+    code: CodeSim,
 ) -> Option<f64> {
     Some(best_over_golds(
         metric_of(task)?,
@@ -415,6 +520,7 @@ pub fn sample_score(
         pred,
         golds,
         all_classes,
+        code,
     ))
 }
 
@@ -461,14 +567,30 @@ pub fn numpy_sum(v: &[f64]) -> f64 {
     numpy_sum(&v[..n2]) + numpy_sum(&v[n2..])
 }
 
-/// LongBench-E bucket of a record by its `length` field.
-pub fn length_bucket(length: i64) -> &'static str {
-    if length < 4000 {
-        "0-4k"
-    } else if length < 8000 {
-        "4-8k"
-    } else {
-        "8k+"
+/// LongBench-E's bucket starts by a record's `length` field: 0-4k, 4-8k, 8k+.
+pub const LONGBENCH_E_EDGES: &[i64] = &[0, 4000, 8000];
+
+/// The bucket of a record by its `length`: bucket `i` holds
+/// `[edges[i], edges[i+1])`, the last is open-ended.
+pub fn length_bucket(length: i64, edges: &[i64]) -> usize {
+    edges[1..].iter().take_while(|&&e| length >= e).count()
+}
+
+/// A bucket's name as LongBench-E writes them: `0-4k`, `4-8k`, `8k+`
+/// (thousands when every edge is a multiple of 1,000, else plain numbers).
+pub fn bucket_label(edges: &[i64], i: usize) -> String {
+    let thousands = edges.iter().all(|e| e % 1000 == 0);
+    let n = |e: i64| {
+        if thousands {
+            (e / 1000).to_string()
+        } else {
+            e.to_string()
+        }
+    };
+    let k = if thousands { "k" } else { "" };
+    match edges.get(i + 1) {
+        Some(&hi) => format!("{}-{}{k}", n(edges[i]), n(hi)),
+        None => format!("{}{k}+", n(edges[i])),
     }
 }
 
@@ -492,7 +614,10 @@ mod tests {
     fn every_task_has_a_metric() {
         assert_eq!(TASKS.len(), 21);
         for (t, m) in TASKS {
-            assert!(!metric(m, "a", "a", &s(&["a"])).is_nan(), "{t}");
+            assert!(
+                !metric(m, "a", "a", &s(&["a"]), CodeSim::Difflib).is_nan(),
+                "{t}"
+            );
         }
         assert_eq!(metric_of("hotpotqa"), Some("qa_f1_score"));
         assert_eq!(metric_of("HotpotQA"), None, "task names are case-sensitive");
@@ -522,20 +647,32 @@ mod tests {
     #[test]
     fn multiple_golds_and_first_line_rule() {
         let golds = s(&["Paris", "City of Light"]);
-        assert_eq!(sample_score("hotpotqa", "paris.", &golds, &[]), Some(1.0));
+        assert_eq!(
+            sample_score("hotpotqa", "paris.", &golds, &[], CodeSim::Difflib),
+            Some(1.0)
+        );
         // triviaqa takes the first line after leading newlines only.
         assert_eq!(
-            sample_score("triviaqa", "\n\nParis\nLondon", &golds, &[]),
+            sample_score(
+                "triviaqa",
+                "\n\nParis\nLondon",
+                &golds,
+                &[],
+                CodeSim::Difflib
+            ),
             Some(1.0)
         );
         assert_eq!(
-            sample_score("triviaqa", "London\nParis", &golds, &[]),
+            sample_score("triviaqa", "London\nParis", &golds, &[], CodeSim::Difflib),
             Some(0.0)
         );
         // hotpotqa has no first-line rule: both lines count (P = 1/2, R = 1).
-        let v = sample_score("hotpotqa", "London\nParis", &golds, &[]).unwrap();
+        let v = sample_score("hotpotqa", "London\nParis", &golds, &[], CodeSim::Difflib).unwrap();
         assert!((v - 2.0 / 3.0).abs() < 1e-12);
-        assert_eq!(sample_score("nope", "x", &golds, &[]), None);
+        assert_eq!(
+            sample_score("nope", "x", &golds, &[], CodeSim::Difflib),
+            None
+        );
     }
 
     #[test]
@@ -544,6 +681,102 @@ mod tests {
         assert_eq!(qa_f1_zh_score("，。", "北京"), 0.0);
         let v = qa_f1_zh_score("我们 去 北京", "北京");
         assert!(v > 0.0 && v < 1.0, "{v}");
+    }
+
+    /// Segmentations printed by Python jieba 0.42.1 (`jieba.cut(s, cut_all=False)`),
+    /// pinned: digits, dates, decimals, percentages, hyphens, underscores, Latin
+    /// words, dictionary words with symbols, full-width digits and whitespace.
+    /// (kvt's splitting also agreed with jieba on 3,400 random mixes of these.)
+    #[test]
+    fn jieba_segmentation_matches_python_on_mixed_text() {
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "The time when the defendant, Wang Dechang, was arrested is 2013-11-01.",
+                &[
+                    "The",
+                    " ",
+                    "time",
+                    " ",
+                    "when",
+                    " ",
+                    "the",
+                    " ",
+                    "defendant",
+                    ",",
+                    " ",
+                    "Wang",
+                    " ",
+                    "Dechang",
+                    ",",
+                    " ",
+                    "was",
+                    " ",
+                    "arrested",
+                    " ",
+                    "is",
+                    " ",
+                    "2013",
+                    "-",
+                    "11",
+                    "-",
+                    "01",
+                    ".",
+                ],
+            ),
+            (
+                "2013年11月1日9时许。",
+                &["2013", "年", "11", "月", "1", "日", "9", "时许", "。"],
+            ),
+            (
+                "温度是6.5度，iPhone 12 Pro  和\n\nGPT-4o",
+                &[
+                    "温度", "是", "6.5", "度", "，", "iPhone", " ", "12", " ", "Pro", " ", " ",
+                    "和", "\n", "\n", "GPT", "-", "4o",
+                ],
+            ),
+            (
+                "abc-def 3.14% x_y A+B c++ 1,000",
+                &[
+                    "abc", "-", "def", " ", "3.14%", " ", "x", "_", "y", " ", "A", "+", "B", " ",
+                    "c++", " ", "1", ",", "000",
+                ],
+            ),
+            (
+                "COVID-19疫情第5章v1.2.3\r\n３.５%",
+                &[
+                    "COVID", "-", "19", "疫情", "第", "5", "章", "v1.2", ".", "3", "\r\n", "３",
+                    ".", "５", "%",
+                ],
+            ),
+            (
+                "U.S.被告人--e-mail\t#tag",
+                &[
+                    "U",
+                    ".",
+                    "S",
+                    ".",
+                    "被告人",
+                    "--",
+                    "e",
+                    "-",
+                    "mail",
+                    "\t",
+                    "#",
+                    "tag",
+                ],
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(jieba_cut(text), *want, "{text:?}");
+        }
+        // The date shares `2013` and `11` with the gold once split: P 2/13, R 2/8.
+        let f = qa_f1_zh_score(
+            "The time when the defendant, Wang Dechang, was arrested is 2013-11-01.",
+            "2013年11月1日9时许。",
+        );
+        assert!((f - 4.0 / 21.0).abs() < 1e-12, "{f}");
+        // A decimal stays one token.
+        assert!((qa_f1_zh_score("温度是6.5度", "6.5") - 0.4).abs() < 1e-12);
     }
 
     #[test]
@@ -627,21 +860,52 @@ mod tests {
         // difflib is not an LCS: "ab" vs "ba" finds the block "a" (first
         // longest) then nothing to its left/right that matches → 2·1/4 = 0.5.
         assert!((difflib_ratio("ab", "ba") - 0.5).abs() < 1e-12);
-        assert_eq!(fuzz_ratio("", ""), 100);
-        assert_eq!(fuzz_ratio("x", ""), 0);
+        assert_eq!(fuzz_ratio("", "", CodeSim::Difflib), 100);
+        assert_eq!(fuzz_ratio("x", "", CodeSim::Difflib), 0);
         // 2·3/7 = 0.857142… → 85.71 → 86.
-        assert_eq!(fuzz_ratio("abc", "abcd"), 86);
+        assert_eq!(fuzz_ratio("abc", "abcd", CodeSim::Difflib), 86);
         // One common character of 16: 100 · 2/16 = 12.5, a tie, rounded to even → 12.
-        assert_eq!(fuzz_ratio("abcdefgh", "zzzzzzza"), 12);
+        assert_eq!(fuzz_ratio("abcdefgh", "zzzzzzza", CodeSim::Difflib), 12);
+    }
+
+    /// Values worked out by hand from the definition (1 − indel distance /
+    /// total length); python-Levenshtein 0.27 prints the same.
+    #[test]
+    fn levenshtein_ratio_by_hand_and_where_it_differs_from_difflib() {
+        // kitten/sitting: LCS "ittn" = 4, distance 13 − 8 = 5 → 8/13.
+        assert!((levenshtein_ratio("kitten", "sitting") - 8.0 / 13.0).abs() < 1e-12);
+        // LCS "bcbc" = 4 → 1 − 5/13; difflib takes the block "abc" first and
+        // finds nothing either side of it → 6/13.
+        assert!((levenshtein_ratio("abcxyzbc", "bcabc") - (1.0 - 5.0 / 13.0)).abs() < 1e-12);
+        assert!((difflib_ratio("abcxyzbc", "bcabc") - 6.0 / 13.0).abs() < 1e-12);
+        // aXbYc/cYbXa: LCS 1 → 1 − 8/10, which Python prints as 0.19999999999999996.
+        assert_eq!(levenshtein_ratio("aXbYc", "cYbXa"), 1.0 - 8.0 / 10.0);
+        assert_eq!(fuzz_ratio("aXbYc", "cYbXa", CodeSim::Levenshtein), 20);
+        assert_eq!(fuzz_ratio("abcxyzbc", "bcabc", CodeSim::Levenshtein), 62);
+        assert_eq!(fuzz_ratio("abcxyzbc", "bcabc", CodeSim::Difflib), 46);
+        // Code points, not bytes: é is one character.
+        assert!((levenshtein_ratio("café", "cafe") - 0.75).abs() < 1e-12);
+        assert_eq!(levenshtein_ratio("", ""), 1.0);
+        assert_eq!(fuzz_ratio("", "x", CodeSim::Levenshtein), 0);
+        assert_eq!(
+            code_sim_score("# c\nreturn a+b", "retrun a + b", CodeSim::Levenshtein),
+            0.82
+        );
     }
 
     #[test]
     fn code_lines_with_comments_are_skipped() {
         let pred = "\n\n# a comment\n// another\n```\nreturn x + 1\nmore";
-        assert_eq!(code_sim_score(pred, "return x + 1"), 1.0);
-        assert_eq!(code_sim_score("# only comments", "x"), 0.0);
+        assert_eq!(code_sim_score(pred, "return x + 1", CodeSim::Difflib), 1.0);
+        assert_eq!(
+            code_sim_score("# only comments", "x", CodeSim::Difflib),
+            0.0
+        );
         // Lines are not trimmed: a blank line can be the chosen line.
-        assert_eq!(code_sim_score("   \nreturn", "return"), 0.0);
+        assert_eq!(
+            code_sim_score("   \nreturn", "return", CodeSim::Levenshtein),
+            0.0
+        );
     }
 
     #[test]
@@ -657,8 +921,18 @@ mod tests {
         // Where order matters, pairwise differs from a running sum.
         let w: Vec<f64> = (0..300).map(|i| if i == 0 { 1e16 } else { 1.0 }).collect();
         assert_ne!(numpy_sum(&w), w.iter().fold(0.0, |a, b| a + b));
-        assert_eq!(length_bucket(3999), "0-4k");
-        assert_eq!(length_bucket(4000), "4-8k");
-        assert_eq!(length_bucket(8000), "8k+");
+        let e = LONGBENCH_E_EDGES;
+        let label = |len| bucket_label(e, length_bucket(len, e));
+        assert_eq!(label(3999), "0-4k");
+        assert_eq!(label(4000), "4-8k");
+        assert_eq!(label(8000), "8k+");
+        // Other bucket sets: thousands only when every edge is one.
+        let e = &[0, 2000, 4000, 8000, 16000][..];
+        assert_eq!(length_bucket(1999, e), 0);
+        assert_eq!(length_bucket(16000, e), 4);
+        assert_eq!(bucket_label(e, 1), "2-4k");
+        assert_eq!(bucket_label(e, 4), "16k+");
+        assert_eq!(bucket_label(&[0, 1500], 0), "0-1500");
+        assert_eq!(bucket_label(&[0, 1500], 1), "1500+");
     }
 }

@@ -63,7 +63,14 @@ pub fn metric_for(source: &str, task: &str, explicit: Option<&str>) -> Result<St
 }
 
 /// One prediction's value under `metric` (best over golds).
-pub fn value(metric: &str, task: &str, pred: &str, ex: &Example, s: &metrics::Scores) -> f64 {
+pub fn value(
+    metric: &str,
+    task: &str,
+    pred: &str,
+    ex: &Example,
+    s: &metrics::Scores,
+    code: lb::CodeSim,
+) -> f64 {
     match metric {
         "substring_recall" => s.recall,
         "exact_match" => s.em,
@@ -75,7 +82,7 @@ pub fn value(metric: &str, task: &str, pred: &str, ex: &Example, s: &metrics::Sc
                 .get("all_classes")
                 .and_then(|v| serde_json::from_value(v.clone()).ok())
                 .unwrap_or_default();
-            lb::best_over_golds(m, base, pred, &ex.answers, &classes)
+            lb::best_over_golds(m, base, pred, &ex.answers, &classes, code)
         }
     }
 }
@@ -122,15 +129,17 @@ struct Uses {
     task: String,
     #[serde(rename = "dataset.metric")]
     metric: Option<String>,
+    #[serde(rename = "metrics.code_sim")]
+    code_sim: lb::CodeSim,
 }
 
 impl Op for Score {
     fn name(&self) -> &'static str {
         "score"
     }
-    /// 2: the response's fields are carried whole (`text`, not `prediction`).
+    /// 5: jieba splits non-Chinese runs as Python jieba does.
     fn version(&self) -> u32 {
-        4
+        5
     }
     fn check(
         &self,
@@ -175,7 +184,7 @@ impl Op for Score {
             let primary = if failure.is_some_and(|f| f != "TRUNCATED") {
                 0.0
             } else {
-                value(&metric, &u.task, &o.text, e, &s)
+                value(&metric, &u.task, &o.text, e, &s, u.code_sim)
             };
             rows.push(ScoreRow {
                 example_id: r.example_id.clone(),
