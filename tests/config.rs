@@ -439,6 +439,21 @@ fn mutated_configs_exit_2_naming_file_line_and_key() {
             "`prompt.template`",
         ),
         (
+            "template_unknown_placeholder",
+            "prompt:\n  template: \"{context}\\n{question}\\n{options}\"\n",
+            "`prompt.template`",
+        ),
+        (
+            "task_template_unknown_placeholder",
+            "prompt:\n  tasks:\n    mine:\n      template: \"{context} {title}\"\n      max_new_tokens: 8\n",
+            "`prompt.tasks.mine.template`",
+        ),
+        (
+            "extra_field_bad_name",
+            "dataset:\n  fields:\n    extra: {\"my-options\": options}\n",
+            "`dataset.fields.extra.my-options`",
+        ),
+        (
             "dataset_name_escapes",
             "dataset:\n  name: ../../../x\n",
             "`dataset.name`",

@@ -234,13 +234,21 @@ impl Layers {
         }
     }
 
-    /// `file:line` for a key when the file and line can be found.
+    /// `file:line` for a key when the file and line can be found; a key
+    /// inside a flow mapping (`extra: {a: b}`) gets its parent's line.
     fn locate(&self, path: &str, fallback: &Origin) -> String {
         let origin = self.origin_of(path).unwrap_or(fallback);
         if let Origin::File(f) = origin {
             if let Some(text) = self.texts.get(f) {
-                if let Some(line) = find_key_line(text, &strip_indices(path)) {
-                    return format!("`{}:{}`", display_path(f), line);
+                let mut p = strip_indices(path);
+                loop {
+                    if let Some(line) = find_key_line(text, &p) {
+                        return format!("`{}:{}`", display_path(f), line);
+                    }
+                    match p.rfind('.') {
+                        Some(i) => p.truncate(i),
+                        None => break,
+                    }
                 }
             }
         }
@@ -756,6 +764,42 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
             "must contain `{context}`, where the document goes".into(),
         ));
     }
+    let extra = &c.dataset.fields.extra;
+    if let Some(name) = extra.keys().find(|n| {
+        placeholder_at(&format!("{{{n}}}")).is_none() || *n == "context" || *n == "question"
+    }) {
+        return Err(bad(
+            &format!("dataset.fields.extra.{name}"),
+            "a placeholder name is letters, digits and `_` (and not `context` or `question`)"
+                .into(),
+        ));
+    }
+    let templates = std::iter::once(("prompt.template".to_string(), &c.prompt.template)).chain(
+        c.prompt
+            .tasks
+            .iter()
+            .map(|(t, p)| (format!("prompt.tasks.{t}.template"), &p.template)),
+    );
+    for (key, template) in templates {
+        if let Some(unknown) = placeholders(template)
+            .into_iter()
+            .find(|p| *p != "context" && *p != "question" && !extra.contains_key(*p))
+        {
+            let known: Vec<String> = ["context", "question"]
+                .into_iter()
+                .map(str::to_string)
+                .chain(extra.keys().cloned())
+                .map(|k| format!("{{{k}}}"))
+                .collect();
+            return Err(bad(
+                &key,
+                format!(
+                    "names `{{{unknown}}}`, which no field fills; the placeholders are {} — map more with `dataset.fields.extra: {{{unknown}: <field path>}}`",
+                    known.join(", ")
+                ),
+            ));
+        }
+    }
     if let Some((task, _)) = c
         .prompt
         .tasks
@@ -830,6 +874,27 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
 }
 
 pub use crate::engine::error::closest;
+
+/// The placeholder name at the start of `s` when `s` starts with
+/// `{identifier}` (letters, digits, `_`; not starting with a digit).
+pub fn placeholder_at(s: &str) -> Option<&str> {
+    let body = s.strip_prefix('{')?;
+    let end = body.find('}')?;
+    let name = &body[..end];
+    let mut chars = name.chars();
+    let first = chars.next()?;
+    ((first.is_ascii_alphabetic() || first == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_'))
+    .then_some(name)
+}
+
+/// Every `{identifier}` placeholder in a template, in order.
+pub fn placeholders(template: &str) -> Vec<&str> {
+    template
+        .match_indices('{')
+        .filter_map(|(i, _)| placeholder_at(&template[i..]))
+        .collect()
+}
 
 /// The 1-based line of a dotted key in block-style YAML, best effort.
 pub fn find_key_line(text: &str, path: &str) -> Option<usize> {

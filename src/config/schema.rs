@@ -147,6 +147,9 @@ pub struct Fields {
     pub answers: String,
     /// Extra fields copied into the example's `meta` when present.
     pub meta: Vec<String>,
+    /// More fields for prompt templates: placeholder name → field path, e.g.
+    /// `{options: options}` fills `{options}` (a list becomes one item per line).
+    pub extra: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

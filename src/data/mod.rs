@@ -19,6 +19,10 @@ pub struct Example {
     pub context: String,
     pub answers: Vec<String>,
     pub meta: serde_json::Map<String, serde_json::Value>,
+    /// Further fields a prompt template names (`{options}`, `{title}`),
+    /// mapped by `dataset.fields.extra`, as the text that goes into the prompt.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub extra: std::collections::BTreeMap<String, String>,
 }
 
 /// SplitMix64: a tiny generator whose output for a seed is fixed forever, so a

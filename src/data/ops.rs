@@ -56,6 +56,7 @@ mod tests {
                 context: String::new(),
                 answers: vec![],
                 meta: Default::default(),
+                extra: Default::default(),
             })
             .collect()
     }

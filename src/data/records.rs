@@ -112,6 +112,13 @@ pub fn to_example(
         }
         None => fallback_id.to_string(),
     };
+    let mut extra = std::collections::BTreeMap::new();
+    for (name, path) in &f.extra {
+        let v = lookup(rec, path).filter(|v| !v.is_null()).ok_or_else(|| {
+            format!("record has no field `{path}` (mapped by `dataset.fields.extra.{name}`)")
+        })?;
+        extra.insert(name.clone(), prompt_text(v));
+    }
     let mut meta = Map::new();
     for m in &f.meta {
         if let Some(v) = lookup(rec, m) {
@@ -124,7 +131,18 @@ pub fn to_example(
         context,
         answers,
         meta,
+        extra,
     })
+}
+
+/// A field's value as a prompt shows it: text and numbers as they are, a list
+/// one item per line, anything else as JSON.
+fn prompt_text(v: &Value) -> String {
+    match v {
+        Value::Array(items) => items.iter().map(prompt_text).collect::<Vec<_>>().join("\n"),
+        Value::Bool(b) => b.to_string(),
+        v => text_of(v).unwrap_or_else(|| v.to_string()),
+    }
 }
 
 /// Collects examples, enforcing unique ids and the bad-record policy.
@@ -319,6 +337,7 @@ mod tests {
             context: "context".into(),
             answers: "answers".into(),
             meta: vec!["length".into(), "all_classes".into()],
+            extra: Default::default(),
         }
     }
 
@@ -408,12 +427,19 @@ mod tests {
             context: "prompt".into(),
             answers: "topics[0]".into(),
             meta: vec!["meta.answer".into()],
+            extra: [
+                ("first".to_string(), "topics[0]".to_string()),
+                ("all".to_string(), "topics".to_string()),
+            ]
+            .into(),
         };
         let ex = to_example(&rec, &f, "r-1").unwrap();
         assert_eq!(ex.example_id, "7");
         assert_eq!(ex.question, "");
         assert_eq!(ex.context, "Read this. Which topic came first?");
         assert_eq!(ex.answers, vec!["ferries"]);
+        assert_eq!(ex.extra["first"], "ferries");
+        assert_eq!(ex.extra["all"], "ferries\ntides");
         assert_eq!(ex.meta["meta.answer"], Value::from(42));
         // A number as the answer, from a nested path.
         let f2 = Fields {

@@ -186,6 +186,7 @@ pub fn generate(
                 context: sentences.join(" "),
                 answers: vec![answer],
                 meta,
+                extra: Default::default(),
             });
         }
     }

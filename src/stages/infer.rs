@@ -63,23 +63,33 @@ fn inflight() -> &'static Mutex<HashSet<String>> {
     SET.get_or_init(Default::default)
 }
 
-/// Fills `{context}` and `{question}` in a template, in one pass (a context
-/// that itself contains `{question}` stays as it is).
+/// Fills `{context}`, `{question}` and the extra fields (`{options}`) in a
+/// template, in one pass (a context that itself contains `{question}` stays
+/// as it is). Braces around anything else are left alone; the configuration
+/// check has already refused unknown placeholders.
 pub fn fill(template: &str, ex: &Example) -> String {
     let mut out = String::with_capacity(template.len() + ex.context.len() + ex.question.len());
     let mut rest = template;
     while let Some(i) = rest.find('{') {
         out.push_str(&rest[..i]);
         let tail = &rest[i..];
-        if let Some(t) = tail.strip_prefix("{context}") {
-            out.push_str(&ex.context);
-            rest = t;
-        } else if let Some(t) = tail.strip_prefix("{question}") {
-            out.push_str(&ex.question);
-            rest = t;
-        } else {
-            out.push('{');
-            rest = &tail[1..];
+        let value = crate::config::placeholder_at(tail).and_then(|name| {
+            let v = match name {
+                "context" => Some(ex.context.as_str()),
+                "question" => Some(ex.question.as_str()),
+                other => ex.extra.get(other).map(String::as_str),
+            };
+            v.map(|v| (v, name.len() + 2))
+        });
+        match value {
+            Some((v, used)) => {
+                out.push_str(v);
+                rest = &tail[used..];
+            }
+            None => {
+                out.push('{');
+                rest = &tail[1..];
+            }
         }
     }
     out.push_str(rest);
@@ -793,6 +803,7 @@ mod tests {
             context: "word ".repeat(500),
             answers: vec!["x".into()],
             meta: Default::default(),
+            extra: Default::default(),
         };
         let entry = Entry {
             example_id: "e1".into(),
@@ -881,10 +892,19 @@ mod tests {
             context: "C {question}".into(),
             answers: vec![],
             meta: Default::default(),
+            extra: Default::default(),
         };
         assert_eq!(
             fill("[{context}] {question} {x}", &ex),
             "[C {question}] Q{context}? {x}"
+        );
+        let ex = Example {
+            extra: [("options".to_string(), "A. red\nB. {context}".to_string())].into(),
+            ..ex
+        };
+        assert_eq!(
+            fill("{question}\n{options}\n{\"json\": 1}", &ex),
+            "Q{context}?\nA. red\nB. {context}\n{\"json\": 1}"
         );
     }
 }
