@@ -82,6 +82,7 @@ fn fields() -> Fields {
         context: "context".into(),
         answers: "answers".into(),
         meta: vec!["length".into(), "dataset".into()],
+        extra: Default::default(),
     }
 }
 
