@@ -391,6 +391,11 @@ fn run(cli: Cli, registry: &OpRegistry) -> Result<()> {
             for w in loaded.warnings() {
                 eprintln!("warning: {w}");
             }
+            if let Some(w) =
+                crate::stages::prepare::metric_fit(&loaded.config.dataset, &loaded.root)
+            {
+                eprintln!("warning: {w}");
+            }
             println!("ok: `{}` is valid", display_path(&cfg.config));
             Ok(())
         }

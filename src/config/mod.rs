@@ -666,17 +666,36 @@ fn is_safe_component(id: &str) -> bool {
 
 /// Checks on files the config names (relative to the project root).
 fn check_paths(c: &Config, root: &Path, layers: &Layers, exp_origin: &Origin) -> Result<()> {
-    if let Some(p) = &c.dataset.path {
+    let Some(spec) = &c.dataset.path else {
+        return Ok(());
+    };
+    let at = layers.locate("dataset.path", exp_origin);
+    if c.dataset.source != Source::File && spec.single().is_none() {
+        return Err(usage(format!(
+            "{at}: key `dataset.path`: a list of files is for `dataset.source: file`; `{}` takes one path",
+            c.dataset.source
+        )));
+    }
+    if spec.patterns().is_empty() {
+        return Err(usage(format!(
+            "{at}: key `dataset.path`: the list is empty; name at least one file or glob"
+        )));
+    }
+    for p in spec.patterns() {
         let path = if Path::new(p).is_absolute() {
             PathBuf::from(p)
         } else {
             root.join(p)
         };
         let globby = p.contains(['*', '?', '[']);
+        if globby && c.dataset.source != Source::File {
+            return Err(usage(format!(
+                "{at}: key `dataset.path`: `{p}` is a glob, which only `dataset.source: file` reads"
+            )));
+        }
         if !globby && !path.exists() {
             return Err(usage(format!(
-                "{}: key `dataset.path`: `{p}` does not exist (relative paths start at the project root `{}`); fix the path or set it to null",
-                layers.locate("dataset.path", exp_origin),
+                "{at}: key `dataset.path`: `{p}` does not exist (relative paths start at the project root `{}`); fix the path or set it to null",
                 root.display()
             )));
         }

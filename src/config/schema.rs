@@ -103,7 +103,9 @@ pub struct Dataset {
     /// copy, found by `dataset.path` or the usual places) or `file` (any JSONL
     /// or Parquet file at `dataset.path`, mapped by `dataset.fields`).
     pub source: Source,
-    pub path: Option<String>,
+    /// A file or directory; for `source: file` also a glob (`data/*.jsonl`)
+    /// or a list of files and globs, read in order.
+    pub path: Option<PathSpec>,
     /// `jsonl` or `parquet` for `source: file`; null: from the file extension.
     pub format: Option<String>,
     /// Which record fields become the example's id, question, context, answers and meta.
@@ -120,6 +122,31 @@ pub struct Dataset {
     pub per_length: u64,
     /// Deterministic operations applied before binning (shuffle, take, skip, select).
     pub ops: Vec<DatasetOp>,
+}
+
+/// `dataset.path`: one path (or glob), or a list of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PathSpec {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl PathSpec {
+    pub fn patterns(&self) -> Vec<&str> {
+        match self {
+            PathSpec::One(p) => vec![p.as_str()],
+            PathSpec::Many(ps) => ps.iter().map(String::as_str).collect(),
+        }
+    }
+    /// The single path, for sources that take exactly one.
+    pub fn single(&self) -> Option<&str> {
+        match self {
+            PathSpec::One(p) => Some(p),
+            PathSpec::Many(ps) if ps.len() == 1 => Some(&ps[0]),
+            PathSpec::Many(_) => None,
+        }
+    }
 }
 
 /// One deterministic dataset operation (applied by `data::ops::apply`).

@@ -27,6 +27,9 @@ pub enum Source {
     /// A zip archive and the entry inside it.
     Zip(PathBuf, String),
     Parquet(Vec<PathBuf>),
+    /// Several files read in order (`dataset.path` as a list or a glob);
+    /// records without an id field are numbered by their own file's stem.
+    Many(Vec<Source>),
 }
 
 impl Source {
@@ -38,6 +41,11 @@ impl Source {
                 .first()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
+            Source::Many(v) => v
+                .iter()
+                .map(Source::describe)
+                .collect::<Vec<_>>()
+                .join(", "),
         }
     }
     /// The files whose bytes make up the source (for the node's fingerprint).
@@ -45,6 +53,7 @@ impl Source {
         match self {
             Source::Jsonl(p) | Source::Zip(p, _) => vec![p.clone()],
             Source::Parquet(ps) => ps.clone(),
+            Source::Many(v) => v.iter().flat_map(Source::files).collect(),
         }
     }
 }
@@ -190,6 +199,18 @@ pub fn load(src: &Source, c: &mut super::records::Collector, stem: &str) -> Resu
                 let bytes =
                     std::fs::read(p).with_context(|| format!("reading `{}`", p.display()))?;
                 c.parquet(&p.display().to_string(), &bytes, stem)?;
+            }
+            Ok(())
+        }
+        Source::Many(v) => {
+            for s in v {
+                let stem = s
+                    .files()
+                    .first()
+                    .and_then(|p| p.file_stem())
+                    .map(|x| x.to_string_lossy().to_string())
+                    .unwrap_or_else(|| stem.to_string());
+                load(s, c, &stem)?;
             }
             Ok(())
         }

@@ -12,6 +12,10 @@ use arrow_schema::DataType;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 
+/// The `meta` key holding where a record came from: `file.jsonl:LINE` or
+/// `file.parquet:row N`.
+pub const PROVENANCE_KEY: &str = "source_record";
+
 /// What loading produced: the examples, and how many records were skipped.
 #[derive(Debug, Default)]
 pub struct Loaded {
@@ -193,7 +197,11 @@ impl<'a> Collector<'a> {
             Err(e) => return self.bad(at, format!("not valid JSON ({e})")),
         };
         match to_example(&rec, self.fields, fallback_id) {
-            Ok(ex) => {
+            Ok(mut ex) => {
+                // Provenance: the file (not its directory) and line or row.
+                let file_line = at.rsplit(['/', '\\']).next().unwrap_or(at);
+                ex.meta
+                    .insert(PROVENANCE_KEY.into(), Value::from(file_line.to_string()));
                 if let Some(first) = self.seen.get(&ex.example_id) {
                     bail!(
                         "`{at}`: duplicate example id `{}` (first at `{first}`); ids must be unique — map another field with `dataset.fields.id`, or set it to null to number records",

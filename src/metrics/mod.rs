@@ -67,6 +67,86 @@ pub fn substring_recall(pred: &str, gold: &str) -> f64 {
     p.contains(&g) as u8 as f64
 }
 
+/// RULER's `string_match_all`: the fraction of the reference strings found in
+/// the prediction (case-insensitive substring), for tasks with several
+/// required values (multi-value needles, variable chains, word lists).
+pub fn string_match_all(pred: &str, refs: &[String]) -> f64 {
+    if refs.is_empty() {
+        return 0.0;
+    }
+    let p = pred.to_lowercase();
+    let found = refs
+        .iter()
+        .filter(|r| p.contains(&r.to_lowercase()))
+        .count();
+    found as f64 / refs.len() as f64
+}
+
+/// RULER's `string_match_part`: 1 when any reference string is found in the
+/// prediction (case-insensitive substring), for QA with alternative answers.
+pub fn string_match_part(pred: &str, refs: &[String]) -> f64 {
+    let p = pred.to_lowercase();
+    refs.iter().any(|r| p.contains(&r.to_lowercase())) as u8 as f64
+}
+
+/// The option letter(s) a gold answer or a prediction names: `B`, `(B)`,
+/// `B.`, `B. Supplementing image information`, `Answer: B`, `The answer is
+/// (C)`, `A, C and D`, `ACD`; sorted, deduplicated, uppercase. Empty when the
+/// text does not start with an option label.
+pub fn option_letters(text: &str) -> String {
+    let first = text.trim().lines().next().unwrap_or("").trim();
+    let lower = first.to_lowercase();
+    let mut rest = first;
+    for prefix in [
+        "the correct answer is",
+        "the answer is",
+        "correct answer:",
+        "answer:",
+        "answer",
+        "option",
+    ] {
+        if lower.starts_with(prefix) {
+            rest = first[prefix.len()..].trim_start_matches([':', ' ']);
+            break;
+        }
+    }
+    let mut letters: Vec<char> = Vec::new();
+    for word in rest.split([' ', ',', '/', '&']).filter(|w| !w.is_empty()) {
+        if word == "and" && !letters.is_empty() {
+            continue;
+        }
+        let w = word
+            .trim_start_matches('(')
+            .trim_end_matches([')', '.', ':', ';']);
+        // A lowercase or long word ends the label (`B. Supplementing …`, `A cat`).
+        if w.is_empty() || w.len() > 10 || !w.chars().all(|c| c.is_ascii_uppercase()) {
+            break;
+        }
+        letters.extend(w.chars());
+        if word.ends_with(['.', ':']) {
+            break;
+        }
+    }
+    letters.sort_unstable();
+    letters.dedup();
+    letters.into_iter().collect()
+}
+
+/// Multiple-choice accuracy: 1 when the prediction names exactly the gold
+/// answer's option letter(s), else 0 (no partial credit, no token overlap).
+pub fn multiple_choice(pred: &str, gold: &str) -> f64 {
+    let g = option_letters(gold);
+    (!g.is_empty() && option_letters(pred) == g) as u8 as f64
+}
+
+/// Whether a gold answer is an option label (`A`, `(B)`, `C.`, `ABD`) rather
+/// than an answer in words.
+pub fn is_option_label(gold: &str) -> bool {
+    let g = gold.trim();
+    let inner = g.trim_start_matches('(').trim_end_matches([')', '.', ':']);
+    !inner.is_empty() && inner.len() <= 4 && inner.chars().all(|c| c.is_ascii_uppercase())
+}
+
 fn best(pred: &str, golds: &[String], f: fn(&str, &str) -> f64) -> f64 {
     golds.iter().map(|g| f(pred, g)).fold(0.0, f64::max)
 }
@@ -196,6 +276,51 @@ mod tests {
         assert_eq!(f1("x", "y"), 0.0);
         assert_eq!(f1("", ""), 1.0);
         assert_eq!(f1("x", ""), 0.0);
+    }
+
+    #[test]
+    fn option_letters_and_multiple_choice() {
+        for (text, want) in [
+            ("B", "B"),
+            ("(B)", "B"),
+            ("B.", "B"),
+            ("B. Supplementing image information.", "B"),
+            ("Answer: B", "B"),
+            ("The answer is (C).", "C"),
+            ("A, C and D", "ACD"),
+            ("DCA", "ACD"),
+            ("  C\nbecause the text says so", "C"),
+            ("The paper supplements image data.", ""),
+            ("", ""),
+        ] {
+            assert_eq!(option_letters(text), want, "{text:?}");
+        }
+        assert_eq!(
+            multiple_choice("B. Supplementing image information.", "B"),
+            1.0
+        );
+        assert_eq!(multiple_choice("(C)", "B"), 0.0);
+        // A single "A" is an option, not an article (qa_f1 would score it 0).
+        assert_eq!(multiple_choice("A", "A"), 1.0);
+        assert_eq!(multiple_choice("A and B", "ABD"), 0.0);
+        assert_eq!(multiple_choice("D, B, A", "ABD"), 1.0);
+        assert_eq!(multiple_choice("anything", "a long answer"), 0.0);
+        assert!(is_option_label("A") && is_option_label("(C)") && is_option_label("ABD"));
+        assert!(!is_option_label("Paris") && !is_option_label("1964") && !is_option_label(""));
+    }
+
+    #[test]
+    fn ruler_string_match_all_and_part() {
+        let refs: Vec<String> = ["4417", "Alpha", "9"].map(String::from).to_vec();
+        // All three found (case-insensitive): 1; two of three: 2/3; none: 0.
+        assert_eq!(string_match_all("alpha 4417 and 9", &refs), 1.0);
+        assert!((string_match_all("ALPHA then 4417", &refs) - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(string_match_all("nothing", &refs), 0.0);
+        // Substring, not word match: "9" is inside "1990".
+        assert!((string_match_all("1990", &refs) - 1.0 / 3.0).abs() < 1e-12);
+        assert_eq!(string_match_part("it was alpha", &refs), 1.0);
+        assert_eq!(string_match_part("none here", &refs), 0.0);
+        assert_eq!(string_match_all("x", &[]), 0.0);
     }
 
     #[test]

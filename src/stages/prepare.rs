@@ -34,40 +34,90 @@ pub struct Bin {
 
 /// Where the records come from, for a file-backed source.
 pub fn locate(ds: &Dataset, root: &Path) -> Result<Option<longbench::Source>> {
-    let explicit = ds.path.as_ref().map(|p| root.join(p));
+    let usage = |m: String| -> anyhow::Error { crate::KvtError::usage(m).into() };
     match ds.source {
         Source::Synthetic => Ok(None),
-        Source::Longbench => longbench::locate(&ds.task, explicit.as_deref(), root)
-            .map(Some)
-            .map_err(|e| crate::KvtError::usage(format!("config `dataset.task`: {e:#}")).into()),
-        Source::File => {
-            let p = explicit.ok_or_else(|| {
-                crate::KvtError::usage(
-                    "config `dataset.path` is required for `dataset.source: file`",
-                )
-            })?;
-            if !p.is_file() {
-                return Err(crate::KvtError::usage(format!(
-                    "config `dataset.path`: `{}` is not a file",
-                    p.display()
-                ))
-                .into());
-            }
-            let fmt = match ds.format.as_deref() {
-                Some(f) => f.to_string(),
-                None => p
-                    .extension()
-                    .map(|x| x.to_string_lossy().to_string())
-                    .unwrap_or_default(),
+        Source::Longbench => {
+            let explicit = match &ds.path {
+                Some(spec) => Some(root.join(spec.single().ok_or_else(|| {
+                    usage("config `dataset.path`: LongBench reads one place, not a list".into())
+                })?)),
+                None => None,
             };
-            match fmt.as_str() {
-                "jsonl" | "json" => Ok(Some(longbench::Source::Jsonl(p))),
-                "parquet" => Ok(Some(longbench::Source::Parquet(vec![p]))),
-                other => Err(crate::KvtError::usage(format!(
-                    "config `dataset.format`: `{other}` is not supported; use `jsonl` or `parquet`"
-                ))
-                .into()),
+            longbench::locate(&ds.task, explicit.as_deref(), root)
+                .map(Some)
+                .map_err(|e| usage(format!("config `dataset.task`: {e:#}")))
+        }
+        Source::File => {
+            let spec = ds.path.as_ref().ok_or_else(|| {
+                usage("config `dataset.path` is required for `dataset.source: file`".into())
+            })?;
+            let mut files: Vec<std::path::PathBuf> = Vec::new();
+            for pat in spec.patterns() {
+                let full = root.join(pat);
+                let found: Vec<std::path::PathBuf> = if pat.contains(['*', '?', '[']) {
+                    // The root is literal text: its own brackets are no pattern.
+                    let pattern = if Path::new(pat).is_absolute() {
+                        pat.to_string()
+                    } else {
+                        format!("{}/{pat}", glob::Pattern::escape(&root.to_string_lossy()))
+                    };
+                    let mut v: Vec<_> = glob::glob(&pattern)
+                        .map_err(|e| {
+                            usage(format!(
+                                "config `dataset.path`: `{pat}` is not a valid glob ({e})"
+                            ))
+                        })?
+                        .filter_map(|r| r.ok())
+                        .filter(|p| p.is_file())
+                        .collect();
+                    v.sort();
+                    if v.is_empty() {
+                        return Err(usage(format!(
+                            "config `dataset.path`: `{pat}` matches no file (relative paths start at the project root `{}`)",
+                            root.display()
+                        )));
+                    }
+                    v
+                } else if full.is_file() {
+                    vec![full]
+                } else {
+                    return Err(usage(format!(
+                        "config `dataset.path`: `{}` is not a file",
+                        full.display()
+                    )));
+                };
+                for f in found {
+                    if !files.contains(&f) {
+                        files.push(f);
+                    }
+                }
             }
+            let mut sources = Vec::with_capacity(files.len());
+            for p in files {
+                let fmt = match ds.format.as_deref() {
+                    Some(f) => f.to_string(),
+                    None => p
+                        .extension()
+                        .map(|x| x.to_string_lossy().to_string())
+                        .unwrap_or_default(),
+                };
+                sources.push(match fmt.as_str() {
+                    "jsonl" | "json" => longbench::Source::Jsonl(p),
+                    "parquet" => longbench::Source::Parquet(vec![p]),
+                    other => {
+                        return Err(usage(format!(
+                            "config `dataset.format`: `{other}` (of `{}`) is not supported; use `jsonl` or `parquet`",
+                            p.display()
+                        )))
+                    }
+                });
+            }
+            Ok(Some(if sources.len() == 1 {
+                sources.remove(0)
+            } else {
+                longbench::Source::Many(sources)
+            }))
         }
     }
 }
@@ -84,6 +134,12 @@ fn location_label(ds: &Dataset, root: &Path) -> Option<String> {
         longbench::Source::Jsonl(p) => name(p),
         longbench::Source::Zip(z, e) => format!("{}!{e}", name(z)),
         longbench::Source::Parquet(ps) => ps.iter().map(|p| name(p)).collect::<Vec<_>>().join(","),
+        longbench::Source::Many(v) => v
+            .iter()
+            .flat_map(longbench::Source::files)
+            .map(|p| name(&p))
+            .collect::<Vec<_>>()
+            .join(","),
     })
 }
 
@@ -102,6 +158,22 @@ fn load_examples(ds: &Dataset, root: &Path, bpe: &tiktoken_rs::CoreBPE) -> Resul
             Ok(c.out)
         }
     }
+}
+
+/// The metric-fit warning for a file-backed dataset (`kvt validate`): the
+/// records are loaded as `prepare` would; `None` when they fit, cannot be
+/// read (prepare reports that) or the dataset is synthetic.
+pub fn metric_fit(ds: &Dataset, root: &Path) -> Option<String> {
+    if ds.source == Source::Synthetic {
+        return None;
+    }
+    let metric =
+        crate::stages::score::metric_for(ds.source.as_str(), &ds.task, ds.metric.as_deref())
+            .ok()?;
+    let src = locate(ds, root).ok()??;
+    let mut c = records::Collector::new(&ds.fields, "skip").ok()?;
+    longbench::load(&src, &mut c, &ds.task).ok()?;
+    crate::stages::score::metric_fit_warning(&metric, &c.out.examples)
 }
 
 /// What `prepare` reads (its stage's `uses`, exactly).
@@ -202,6 +274,13 @@ impl Op for Prepare {
         }
         let examples =
             crate::data::ops::apply(examples, &ds.ops).context("config `dataset.ops`")?;
+        if let Ok(metric) =
+            crate::stages::score::metric_for(ds.source.as_str(), &ds.task, ds.metric.as_deref())
+        {
+            if let Some(w) = crate::stages::score::metric_fit_warning(&metric, &examples) {
+                tracing::warn!("{w}");
+            }
+        }
         if examples.is_empty() {
             bail!(
                 "the dataset has no examples ({}): check `dataset.source`, `dataset.lengths` / `dataset.per_length`, `dataset.ops`, or the data file",

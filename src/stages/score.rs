@@ -21,7 +21,39 @@ pub struct Score;
 pub const SYNTHETIC_METRIC: &str = "substring_recall";
 
 /// kvt's own metrics beside LongBench's.
-pub const OWN_METRICS: &[&str] = &["substring_recall", "exact_match", "f1"];
+pub const OWN_METRICS: &[&str] = &[
+    "substring_recall",
+    "exact_match",
+    "f1",
+    "multiple_choice",
+    "string_match_all",
+    "string_match_part",
+];
+
+/// Metrics that score by token overlap: an option letter gold answer (`A`)
+/// does not fit them (qa_f1 drops the article "a", so a correct "A" scores 0).
+const TOKEN_METRICS: &[&str] = &["qa_f1_score", "qa_f1_zh_score", "f1", "rouge_score"];
+
+/// A warning when the gold answers look like option labels but the metric
+/// counts tokens: most examples' answers are `A`, `(B)`, `ACD`.
+pub fn metric_fit_warning(metric: &str, examples: &[Example]) -> Option<String> {
+    if !TOKEN_METRICS.contains(&metric) || examples.is_empty() {
+        return None;
+    }
+    let labelled: Vec<&Example> = examples
+        .iter()
+        .filter(|e| !e.answers.is_empty() && e.answers.iter().all(|a| metrics::is_option_label(a)))
+        .collect();
+    (labelled.len() * 2 > examples.len()).then(|| {
+        format!(
+            "{} of {} examples have option letters as gold answers (e.g. `{}` in `{}`), but the metric is `{metric}`, which counts words: a correct `A` scores 0 there; set `dataset.metric: multiple_choice` (the chosen letter, exact match)",
+            labelled.len(),
+            examples.len(),
+            labelled[0].answers[0],
+            labelled[0].example_id
+        )
+    })
+}
 
 /// Every metric `dataset.metric` may name.
 pub fn known_metrics() -> Vec<&'static str> {
@@ -75,6 +107,13 @@ pub fn value(
         "substring_recall" => s.recall,
         "exact_match" => s.em,
         "f1" => s.f1,
+        "multiple_choice" => ex
+            .answers
+            .iter()
+            .map(|g| metrics::multiple_choice(pred, g))
+            .fold(0.0, f64::max),
+        "string_match_all" => metrics::string_match_all(pred, &ex.answers),
+        "string_match_part" => metrics::string_match_part(pred, &ex.answers),
         m => {
             let base = task.strip_suffix("_e").unwrap_or(task);
             let classes: Vec<String> = ex

@@ -1,0 +1,425 @@
+//! Public long-context sets in their published layouts (small fixtures
+//! written here): BAMBOO's paper QA (options, letter answers, one file per
+//! length) and alternative-answer QA (no separate question), L-Eval (lists of
+//! instructions and outputs), LongChat's LongEval line retrieval (a numeric
+//! answer). Each loads with the README's mapping through a real build against
+//! an OpenAI-compatible server on loopback that records every prompt and
+//! answers from a key, so the test sees what was sent and how it scored.
+
+mod common;
+use axum::extract::State;
+use common::*;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+struct Recorder {
+    prompts: Mutex<Vec<String>>,
+    /// Marker in the prompt (`[[rec-N]]`) → the answer to give.
+    answers: HashMap<String, String>,
+}
+
+async fn chat(State(st): State<Arc<Recorder>>, body: String) -> axum::Json<Value> {
+    let v: Value = serde_json::from_str(&body).unwrap_or_default();
+    let user = v["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or("")
+        .to_string();
+    let answer = user
+        .split("[[")
+        .nth(1)
+        .and_then(|r| r.split("]]").next())
+        .and_then(|marker| st.answers.get(marker))
+        .cloned()
+        .unwrap_or_else(|| "I do not know.".into());
+    st.prompts.lock().unwrap().push(user);
+    axum::Json(json!({
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 3}
+    }))
+}
+
+struct Server {
+    url: String,
+    st: Arc<Recorder>,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn serve(answers: &[(&str, &str)]) -> Server {
+    let st = Arc::new(Recorder {
+        prompts: Mutex::new(Vec::new()),
+        answers: answers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let app = axum::Router::new()
+        .route("/v1/chat/completions", axum::routing::post(chat))
+        .with_state(st.clone());
+    rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Server { url, st, _rt: rt }
+}
+
+/// Builds the experiment against the server; returns (example id → score,
+/// example id → meta) from the SQLite sink.
+fn build(p: &Project, s: &Server, name: &str) -> (HashMap<String, f64>, HashMap<String, Value>) {
+    let out = p
+        .kvt()
+        .args([
+            "build",
+            "sqlite",
+            "-c",
+            &format!("config/experiments/{name}.yaml"),
+        ])
+        .args(["--set", &format!("engine.base_url={}", s.url)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let db =
+        rusqlite::Connection::open(p.path(&format!("runs/{name}/kv_transition.sqlite"))).unwrap();
+    let scores = db
+        .prepare("SELECT q.example_id, s.score FROM scores s JOIN requests q USING (request_id)")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let meta = db
+        .prepare("SELECT example_id, meta_json FROM examples")
+        .unwrap()
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .map(|(id, m)| (id, serde_json::from_str(&m).unwrap()))
+        .collect();
+    (scores, meta)
+}
+
+fn experiment(name: &str, dataset: &str, template: &str) -> String {
+    format!(
+        "output: {{exp_group_id: {name}}}
+dataset:
+{dataset}
+binning: {{n_bins: 1}}
+sampling: {{n_per_bin: 50}}
+engine: {{kind: openai, concurrency: 2}}
+kv: {{policies: [streaming], budgets: [1.0]}}
+prompt: {{template: {template:?}}}
+analysis: {{bootstrap: {{iters: 20}}}}
+"
+    )
+}
+
+fn filler(n: usize) -> String {
+    "The committee met again and discussed the budget at length. ".repeat(n)
+}
+
+fn count(hay: &str, needle: &str) -> usize {
+    hay.matches(needle).count()
+}
+
+#[test]
+fn bamboo_paper_qa_shows_options_and_scores_letters_over_a_glob_of_files() {
+    let p = Project::new();
+    let mut answers = Vec::new();
+    for (file, n0) in [("paperqa_4k", 0), ("paperqa_16k", 3)] {
+        let mut text = String::new();
+        for i in n0..n0 + 3 {
+            let gold = ["A", "B", "C"][i % 3];
+            let rec = json!({
+                "question": format!("Which method did study {i} use?"),
+                "evidence": "   ",
+                "options": [format!("A. Method alpha-{i}."), format!("B. Method beta-{i}."),
+                            format!("C. Method gamma-{i}."), format!("D. Method delta-{i}.")],
+                "answer": gold,
+                "content": format!("[[rec-{i}]]\n{}", filler(20 + 5 * i)),
+            });
+            text.push_str(&format!("{rec}\n"));
+        }
+        p.write(&format!("data/bamboo/{file}.jsonl"), &text);
+    }
+    // The model names the right letter with its text for records 0-3, a
+    // wrong one for 4 and 5.
+    let replies: Vec<String> = (0..6)
+        .map(|i| match i {
+            0 => "A. Method alpha-0.".to_string(),
+            1 => "(B)".to_string(),
+            2 => "Answer: C".to_string(),
+            3 => "A".to_string(),
+            _ => "D. Method delta.".to_string(),
+        })
+        .collect();
+    for (i, r) in replies.iter().enumerate() {
+        answers.push((format!("rec-{i}"), r.clone()));
+    }
+    let answers: Vec<(&str, &str)> = answers
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let s = serve(&answers);
+    let dataset = "  name: bamboo
+  task: paperqa
+  source: file
+  path: \"data/bamboo/paperqa_*.jsonl\"
+  metric: multiple_choice
+  fields:
+    id: null
+    question: question
+    context: content
+    answers: answer
+    meta: [evidence]
+    extra: {options: options}";
+    let template =
+        "{context}\n\nQuestion: {question}\n{options}\nAnswer with the letter of the right option.";
+    p.write(
+        "config/experiments/paperqa.yaml",
+        &experiment("paperqa", dataset, template),
+    );
+    let (scores, meta) = build(&p, &s, "paperqa");
+    assert_eq!(scores.len(), 6, "{scores:?}");
+    // Records without an id are numbered by their own file.
+    let want = [
+        ("paperqa_4k-1", 1.0),
+        ("paperqa_4k-2", 1.0),
+        ("paperqa_4k-3", 1.0),
+        ("paperqa_16k-1", 1.0),
+        ("paperqa_16k-2", 0.0),
+        ("paperqa_16k-3", 0.0),
+    ];
+    for (id, score) in want {
+        assert_eq!(scores.get(id), Some(&score), "{id}: {scores:?}");
+    }
+    assert_eq!(
+        meta["paperqa_16k-2"]["source_record"],
+        "paperqa_16k.jsonl:2"
+    );
+    let prompts = s.st.prompts.lock().unwrap().clone();
+    assert_eq!(prompts.len(), 6);
+    for prompt in &prompts {
+        let i: usize = prompt[6..7].parse().unwrap();
+        for letter in ["A", "B", "C", "D"] {
+            let opt = format!(
+                "{letter}. Method {}-{i}.",
+                ["alpha", "beta", "gamma", "delta"][(letter.as_bytes()[0] - b'A') as usize]
+            );
+            assert_eq!(count(prompt, &opt), 1, "option `{opt}` once in: {prompt}");
+        }
+        assert_eq!(count(prompt, "Which method did study"), 1, "{prompt}");
+        assert_eq!(count(prompt, "[[rec-"), 1, "{prompt}");
+    }
+
+    // Under a word-overlap metric the letters are a mismatch: `validate` says so.
+    let out = p
+        .kvt()
+        .args(["validate", "-c", "config/experiments/paperqa.yaml"])
+        .args(["--set", &format!("engine.base_url={}", s.url)])
+        .args(["--set", "dataset.metric=qa_f1_score"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("warning:") && err.contains("6 of 6") && err.contains("multiple_choice"),
+        "{err}"
+    );
+    let out = p
+        .kvt()
+        .args(["validate", "-c", "config/experiments/paperqa.yaml"])
+        .args(["--set", &format!("engine.base_url={}", s.url)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(
+        !stderr_of(&out).contains("multiple_choice"),
+        "no warning when it fits"
+    );
+}
+
+#[test]
+fn bamboo_alt_qa_and_longeval_lines_are_context_only_with_number_answers() {
+    let p = Project::new();
+    // BAMBOO altqa: the instruction and question sit inside `content`; one file per length.
+    for (file, n0) in [("altqa_4k", 0), ("altqa_16k", 2)] {
+        let mut text = String::new();
+        for i in n0..n0 + 2 {
+            let rec = json!({
+                "content": format!("Answer with a number.\n\nDocument:\n[[alt-{i}]] {}\n\nQuestion:\nIn which year did event {i} happen?\n", filler(15 + 10 * i)),
+                "answer": format!("{}", 1960 + i),
+            });
+            text.push_str(&format!("{rec}\n"));
+        }
+        p.write(&format!("data/bamboo/{file}.jsonl"), &text);
+    }
+    // LongEval lines: the register value is a JSON number.
+    let mut text = String::new();
+    for i in 0..3 {
+        let rec = json!({
+            "prompt": format!("[[line-{i}]] line swift-otter: REGISTER_CONTENT is <{}>\n{}\nWhat is the REGISTER_CONTENT in line swift-otter?", 24000 + i, filler(10 + 10 * i)),
+            "correct_line": format!("line swift-otter: REGISTER_CONTENT is <{}>", 24000 + i),
+            "expected_number": 24000 + i,
+            "num_lines": 200,
+        });
+        text.push_str(&format!("{rec}\n"));
+    }
+    p.write("data/longeval/lines.jsonl", &text);
+    let mut answers: Vec<(String, String)> = (0..4)
+        .map(|i| (format!("alt-{i}"), format!("It happened in {}.", 1960 + i)))
+        .collect();
+    answers.extend((0..3).map(|i| (format!("line-{i}"), format!("<{}>", 24000 + i))));
+    answers[3].1 = "It happened in 1999.".into();
+    let answers: Vec<(&str, &str)> = answers
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let s = serve(&answers);
+    let alt = "  name: bamboo
+  task: altqa
+  source: file
+  path: [data/bamboo/altqa_4k.jsonl, data/bamboo/altqa_16k.jsonl]
+  metric: substring_recall
+  fields: {id: null, question: null, context: content, answers: answer, meta: []}";
+    p.write(
+        "config/experiments/altqa.yaml",
+        &experiment("altqa", alt, "{context}"),
+    );
+    let (scores, meta) = build(&p, &s, "altqa");
+    let want = [
+        ("altqa_4k-1", 1.0),
+        ("altqa_4k-2", 1.0),
+        ("altqa_16k-1", 1.0),
+        ("altqa_16k-2", 0.0),
+    ];
+    for (id, score) in want {
+        assert_eq!(scores.get(id), Some(&score), "{id}: {scores:?}");
+    }
+    assert_eq!(meta["altqa_16k-1"]["source_record"], "altqa_16k.jsonl:1");
+    let lines = "  name: longeval
+  task: lines
+  source: file
+  path: data/longeval/lines.jsonl
+  fields: {id: null, question: null, context: prompt, answers: expected_number, meta: [num_lines]}";
+    p.write(
+        "config/experiments/lines.yaml",
+        &experiment("lines", lines, "{context}"),
+    );
+    let (scores, meta) = build(&p, &s, "lines");
+    assert_eq!(scores.len(), 3);
+    for i in 1..=3 {
+        // qa_f1_score (the default for files): "<24000>" against the number 24000.
+        assert_eq!(scores[&format!("lines-{i}")], 1.0, "{scores:?}");
+        assert_eq!(meta[&format!("lines-{i}")]["num_lines"], 200);
+    }
+    // Context-only: each prompt holds its record's text once, nothing else doubled.
+    let prompts = s.st.prompts.lock().unwrap().clone();
+    assert_eq!(prompts.len(), 7);
+    for prompt in &prompts {
+        assert_eq!(count(prompt, "[["), 1, "{prompt}");
+        assert!(
+            count(prompt, "In which year") + count(prompt, "What is the REGISTER_CONTENT") == 1,
+            "{prompt}"
+        );
+    }
+}
+
+#[test]
+fn l_eval_instructions_and_outputs_are_read_by_list_position() {
+    let p = Project::new();
+    let mut text = String::new();
+    for i in 0..4 {
+        let rec = json!({
+            "input": format!("[[doc-{i}]] {}", filler(12 + 6 * i)),
+            "instructions": [format!("Which room is mentioned in section {i}?"), "An unused second question?"],
+            "outputs": [format!("the blue room {i}"), "unused"],
+            "source": "fixture",
+            "evaluation": "f1",
+        });
+        text.push_str(&format!("{rec}\n"));
+    }
+    p.write("data/leval/rooms.jsonl", &text);
+    let s = serve(&[
+        ("doc-0", "The blue room 0."),
+        ("doc-1", "the blue room 1"),
+        ("doc-2", "The red room."),
+        ("doc-3", "blue room 3"),
+    ]);
+    let ds = "  name: leval
+  task: rooms
+  source: file
+  path: data/leval/rooms.jsonl
+  fields: {id: null, question: \"instructions[0]\", context: input, answers: \"outputs[0]\", meta: [source, evaluation]}";
+    p.write(
+        "config/experiments/leval.yaml",
+        &experiment("leval", ds, "{context}\n\nQuestion: {question}\nAnswer:"),
+    );
+    let (scores, meta) = build(&p, &s, "leval");
+    // qa_f1_score: articles dropped, so "The blue room 0." = "the blue room 0" → 1;
+    // "The red room." vs "the blue room 2" → {room} shared: P 1/2, R 1/3 → 0.4;
+    // "blue room 3" → 1.
+    assert_eq!(scores["rooms-1"], 1.0);
+    assert_eq!(scores["rooms-2"], 1.0);
+    assert!((scores["rooms-3"] - 0.4).abs() < 1e-9, "{scores:?}");
+    assert_eq!(scores["rooms-4"], 1.0);
+    assert_eq!(meta["rooms-2"]["evaluation"], "f1");
+    for prompt in s.st.prompts.lock().unwrap().iter() {
+        assert_eq!(count(prompt, "Which room is mentioned"), 1, "{prompt}");
+        assert_eq!(count(prompt, "An unused second question"), 0, "{prompt}");
+    }
+}
+
+#[test]
+fn a_glob_matching_nothing_or_a_list_for_longbench_exits_2() {
+    let p = Project::new();
+    p.write(
+        "data/x/a.jsonl",
+        "{\"context\": \"c\", \"answers\": [\"a\"]}\n",
+    );
+    for (name, ds, needle) in [
+        (
+            "noglob",
+            "  source: file\n  path: \"data/x/*.parquet\"",
+            "`data/x/*.parquet` matches no file",
+        ),
+        (
+            "lblist",
+            "  source: longbench\n  task: hotpotqa\n  path: [data/x/a.jsonl, data/x/a.jsonl]",
+            "a list of files is for `dataset.source: file`",
+        ),
+        (
+            "emptylist",
+            "  source: file\n  path: []",
+            "the list is empty",
+        ),
+    ] {
+        p.write(
+            &format!("config/experiments/{name}.yaml"),
+            &format!("output: {{exp_group_id: {name}}}\ndataset:\n{ds}\n"),
+        );
+        let out = p
+            .kvt()
+            .args([
+                "build",
+                "prepare",
+                "-c",
+                &format!("config/experiments/{name}.yaml"),
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{name}: {}", stderr_of(&out));
+        let err = stderr_of(&out);
+        assert!(
+            err.contains("dataset.path") && err.contains(needle),
+            "{name}: {err}"
+        );
+    }
+}
