@@ -209,3 +209,40 @@ analysis: {bootstrap: {iters: 50}}
         );
     }
 }
+
+#[test]
+fn the_ruler_experiment_builds_on_the_reference_engine_and_scores_string_match_all() {
+    let p = Project::new();
+    p.copy_from_repo(&["config/experiments/ruler.yaml"]);
+    for task in ["niah_multivalue", "vt_2x3", "fwe"] {
+        let out = p
+            .kvt()
+            .args(["build", "sqlite", "-c", "config/experiments/ruler.yaml"])
+            .args(["--set", &format!("dataset.task={task}")])
+            .args(["--set", &format!("output.exp_group_id=r-{task}")])
+            .args(["--set", "dataset.lengths=[400, 800]"])
+            .args(["--set", "dataset.per_length=3"])
+            .args(["--set", "binning.n_bins=2"])
+            .args(["--set", "binning.edges=[0, 600, 1200]"])
+            .args(["--set", "sampling.n_per_bin=3"])
+            .args(["--set", "analysis.bootstrap.iters=20"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{task}: {}", stderr_of(&out));
+        let db = rusqlite::Connection::open(p.path(&format!("runs/r-{task}/kv_transition.sqlite")))
+            .unwrap();
+        let (metric, n, full): (String, i64, f64) = db
+            .query_row(
+                "SELECT s.metric, COUNT(*), AVG(s.score) FROM scores s
+                 JOIN requests q USING (request_id) JOIN runs r USING (run_id)
+                 WHERE r.budget = 1.0 GROUP BY s.metric",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(metric, "string_match_all", "{task}");
+        // Two policies × six examples at the full cache, every one answered in full.
+        assert_eq!(n, 12, "{task}");
+        assert_eq!(full, 1.0, "{task}: the reference reader at full cache");
+    }
+}

@@ -5,6 +5,7 @@ pub mod binning;
 pub mod longbench;
 pub mod ops;
 pub mod records;
+pub mod ruler;
 pub mod synthetic;
 pub mod tokenize;
 

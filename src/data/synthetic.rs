@@ -13,7 +13,7 @@ pub const TASKS: &[&str] = &["needle", "multikey", "vartrack"];
 
 /// Neutral filler prose written for kvt: long enough to bury a fact, dull
 /// enough never to answer a question.
-const FILLER: &[&str] = &[
+pub(crate) const FILLER: &[&str] = &[
     "The harbour town woke slowly, with gulls circling above the fish market long before the stalls opened.",
     "A retired surveyor kept a notebook of every bridge he had crossed, listing the river, the span and the weather.",
     "In late autumn the orchard smelled of wet leaves and the last apples that nobody had bothered to pick.",
@@ -45,7 +45,7 @@ const SYLLABLES: &[&str] = &[
     "qua", "zim",
 ];
 
-fn word(rng: &mut SplitMix64) -> String {
+pub(crate) fn word(rng: &mut SplitMix64) -> String {
     let n = 2 + rng.below(2) as usize;
     let mut w: String = (0..n)
         .map(|_| SYLLABLES[rng.below(SYLLABLES.len() as u64) as usize])
@@ -74,7 +74,7 @@ fn filler(rng: &mut SplitMix64, tokens: usize, sentence_tokens: &[usize]) -> Vec
 }
 
 /// Puts `facts` into `sentences` at fractional depths (0 = start, 1 = end).
-fn insert_at_depths(sentences: &mut Vec<String>, facts: Vec<(f64, String)>) {
+pub(crate) fn insert_at_depths(sentences: &mut Vec<String>, facts: Vec<(f64, String)>) {
     let mut facts = facts;
     facts.sort_by(|a, b| b.0.total_cmp(&a.0));
     let n = sentences.len();
@@ -92,10 +92,14 @@ pub fn generate(
     lengths: &[u64],
     per_length: u64,
 ) -> Result<Vec<Example>> {
+    if super::ruler::is_task(task) {
+        return super::ruler::generate(bpe, task, seed, lengths, per_length);
+    }
     if !TASKS.contains(&task) {
         bail!(
-            "unknown synthetic task `{task}`; choose one of: {}",
-            TASKS.join(", ")
+            "unknown synthetic task `{task}`; choose one of: {}, or RULER's {}, vt_CxH",
+            TASKS.join(", "),
+            super::ruler::TASKS.join(", ")
         );
     }
     let sentence_tokens: Vec<usize> = FILLER

@@ -260,8 +260,95 @@ pub fn read_answer(runs: &[String], question: &str) -> String {
                 _ => break,
             }
         }
+    } else if let Some(text) = read_ruler(runs, question) {
+        return text;
     }
     NOT_FOUND.to_string()
+}
+
+/// Counts of the words `pick` accepts in the surviving runs; the `k` most
+/// frequent (ties by word), or `None` when there are fewer.
+fn most_frequent(runs: &[String], k: usize, pick: impl Fn(&str, &str) -> bool) -> Option<String> {
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for r in runs {
+        let mut prev = "";
+        for w in r.split_whitespace() {
+            if pick(prev, w) {
+                *counts.entry(w).or_default() += 1;
+            }
+            prev = w;
+        }
+    }
+    let mut by: Vec<(usize, &str)> = counts.into_iter().map(|(w, c)| (c, w)).collect();
+    by.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
+    (by.len() >= k).then(|| {
+        by[..k]
+            .iter()
+            .map(|(_, w)| *w)
+            .collect::<Vec<_>>()
+            .join(", ")
+    })
+}
+
+/// The RULER-style tasks (`data::ruler`): needles by key, variable chains,
+/// common and frequent words, read from what survived.
+fn read_ruler(runs: &[String], question: &str) -> Option<String> {
+    let found = |values: Vec<String>| (!values.is_empty()).then(|| values.join(", "));
+    if let Some(rest) = question.split_once("the secret ").map(|(_, r)| r) {
+        let (kind, keys) = rest.split_once(" for ")?;
+        let kind = kind.trim_end_matches('s');
+        let keys = keys.split('?').next()?;
+        let mut values = Vec::new();
+        for key in keys.split(", ") {
+            let entry = crate::data::ruler::needle(kind, key, "");
+            let pre = entry.trim_end_matches('.');
+            for r in runs {
+                for (i, _) in r.match_indices(pre) {
+                    let v: String = r[i + pre.len()..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_hexdigit() || *c == '-')
+                        .collect();
+                    if !v.is_empty() && !values.contains(&v) {
+                        values.push(v);
+                    }
+                }
+            }
+        }
+        return found(values);
+    }
+    if let Some(value) = between(question, "holding the value ", "?") {
+        let mut names: Vec<String> = Vec::new();
+        let mut frontier = vec![value.to_string()];
+        while let Some(src) = frontier.pop() {
+            let post = format!(" to {src}.");
+            for r in runs {
+                for (end, _) in r.match_indices(&post) {
+                    let Some(start) = r[..end].rfind("Set ") else {
+                        continue;
+                    };
+                    let name = &r[start + 4..end];
+                    if name.len() == 5 && !names.iter().any(|n| n == name) {
+                        names.push(name.to_string());
+                        frontier.push(name.to_string());
+                    }
+                }
+            }
+        }
+        return found(names);
+    }
+    if question.contains("numbered list above") {
+        return most_frequent(runs, 10, |prev, w| {
+            prev.strip_suffix('.')
+                .is_some_and(|n| n.chars().all(|c| c.is_ascii_digit()))
+                && w.chars().all(|c| c.is_ascii_lowercase())
+        });
+    }
+    if question.contains("coded words occur most often") {
+        return most_frequent(runs, 3, |_, w| {
+            w.len() == 6 && w.chars().all(|c| c.is_ascii_lowercase())
+        });
+    }
+    None
 }
 
 /// One answer of the reference engine.
@@ -509,6 +596,28 @@ mod tests {
             (t.finish_reason.as_str(), t.completion_tokens),
             ("length", 3)
         );
+    }
+
+    /// The reader answers every RULER-style task from the full text, and
+    /// loses needles that an eviction cut away.
+    #[test]
+    fn reader_answers_the_ruler_family_from_the_full_cache() {
+        let bpe = crate::data::tokenize::encoding("cl100k_base").unwrap();
+        for task in crate::data::ruler::TASKS.iter().copied().chain(["vt_2x3"]) {
+            for ex in crate::data::ruler::generate(bpe, task, 3, &[1500], 2).unwrap() {
+                let prompt = format!("{}\n\nQuestion: {}\nAnswer:", ex.context, ex.question);
+                let a = answer(bpe, &prompt, &ex.question, &params("full", 1.0), 200).unwrap();
+                let s = crate::metrics::string_match_all(&a.text, &ex.answers);
+                assert_eq!(s, 1.0, "{task}: {} for {:?}", a.text, ex.answers);
+            }
+        }
+        // Streaming at 10 % keeps only the sinks and the end: an early needle is gone.
+        let ex = crate::data::ruler::generate(bpe, "niah_single_2", 3, &[3000], 4)
+            .unwrap()
+            .remove(0);
+        let prompt = format!("{}\n\nQuestion: {}\nAnswer:", ex.context, ex.question);
+        let a = answer(bpe, &prompt, &ex.question, &params("streaming", 0.1), 200).unwrap();
+        assert_eq!(a.text, NOT_FOUND);
     }
 
     #[test]
