@@ -246,3 +246,96 @@ fn the_ruler_experiment_builds_on_the_reference_engine_and_scores_string_match_a
         assert_eq!(full, 1.0, "{task}: the reference reader at full cache");
     }
 }
+
+#[test]
+fn longbench_e_bins_go_by_each_records_length_field() {
+    let p = Project::new();
+    let mut text = String::new();
+    // `length` as LongBench-E has it (words), independent of the context's tokens.
+    for (i, len) in [100, 3999, 4000, 7999, 8000, 15000, 2500]
+        .iter()
+        .enumerate()
+    {
+        let rec = serde_json::json!({
+            "_id": format!("r{i}"), "input": "Which colour?", "context": "The door is green. ".repeat(5),
+            "answers": ["green"], "length": len,
+        });
+        text.push_str(&format!("{rec}\n"));
+    }
+    p.write("data/e.jsonl", &text);
+    p.write(
+        "config/experiments/e.yaml",
+        "output: {exp_group_id: e}
+dataset: {name: lbe, task: qa, source: file, path: data/e.jsonl}
+binning: {scheme: longbench_e}
+sampling: {n_per_bin: 10}
+",
+    );
+    let out = p
+        .kvt()
+        .args(["build", "prepare", "-c", "config/experiments/e.yaml"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let m: serde_json::Value = serde_json::from_str(&p.manifest("lbe__qa")).unwrap();
+    assert_eq!(m["bin_edges"], serde_json::json!([0, 4000, 8000, 15000]));
+    assert_eq!(m["binning_scheme"], "longbench_e");
+    let bin = |id: &str| {
+        m["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["example_id"] == id)
+            .unwrap()["bin_idx"]
+            .as_i64()
+            .unwrap()
+    };
+    let want = [0, 0, 1, 1, 2, 2, 0];
+    for (i, b) in want.iter().enumerate() {
+        assert_eq!(bin(&format!("r{i}")), *b, "r{i}");
+    }
+    // Other bucket starts, and a record without `length`.
+    let out = p
+        .kvt()
+        .args(["build", "prepare", "-c", "config/experiments/e.yaml"])
+        .args(["--set", "binning.edges=[0, 2000, 4000, 8000, 16000]"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(p.manifest_dirs("lbe__qa").len(), 2);
+    let m: serde_json::Value = serde_json::from_str(&p.manifest("lbe__qa")).unwrap();
+    assert_eq!(
+        m["bin_edges"],
+        serde_json::json!([0, 2000, 4000, 8000, 16000, 16001])
+    );
+    let counts: Vec<i64> = (0..5)
+        .map(|b| {
+            m["entries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["bin_idx"] == b)
+                .count() as i64
+        })
+        .collect();
+    assert_eq!(counts, vec![1, 2, 2, 2, 0]);
+    let out = p
+        .kvt()
+        .args(["build", "prepare", "-c", "config/experiments/e.yaml"])
+        .args(["--set", "dataset.fields.meta=[]"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr_of(&out).contains("no numeric `length`") && stderr_of(&out).contains("r0"),
+        "{}",
+        stderr_of(&out)
+    );
+    let out = p
+        .kvt()
+        .args(["build", "prepare", "-c", "config/experiments/e.yaml"])
+        .args(["--set", "binning.edges=[100, 4000]"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
+}

@@ -64,6 +64,17 @@ closed_set!(
 );
 
 closed_set!(
+    /// `binning.scheme`: what an example's length is.
+    BinScheme {
+        /// Context tokens by `tokenizer`; bins from `n_bins` quantiles or `edges`.
+        Tokens => "tokens",
+        /// LongBench-E's buckets by each record's `length` field: 0–4k, 4–8k, 8k+
+        /// (other bucket starts with `edges`).
+        LongbenchE => "longbench_e",
+    }
+);
+
+closed_set!(
     /// `sampling.strategy`.
     Strategy { Uniform => "uniform", FocusTransition => "focus_transition" }
 );
@@ -196,6 +207,8 @@ pub struct Tokenizer {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Binning {
+    /// `tokens` (default) or `longbench_e` (by the records' `length` field).
+    pub scheme: BinScheme,
     pub n_bins: u32,
     pub edges: Option<Vec<u64>>,
 }

@@ -3,7 +3,7 @@
 //! and the manifest; the manifest is exported to
 //! `data/processed/<dataset_id>/manifest.json` as the portable snapshot.
 
-use crate::config::schema::{Binning, Dataset, Sampling, Source, Strategy, Tokenizer};
+use crate::config::schema::{BinScheme, Binning, Dataset, Sampling, Source, Strategy, Tokenizer};
 use crate::data::{binning, longbench, records, synthetic, tokenize, Example};
 use crate::engine::{KeyContext, Op, OpContext};
 use anyhow::{bail, Context, Result};
@@ -160,6 +160,46 @@ fn load_examples(ds: &Dataset, root: &Path, bpe: &tiktoken_rs::CoreBPE) -> Resul
     }
 }
 
+/// LongBench-E's bins: by each record's `length` field (`meta.length`), with
+/// bucket starts 0, 4000, 8000 (or `binning.edges` as starts); the last bin is
+/// open above, recorded up to the longest record. Returns (bins, edges, the
+/// length each example is binned by).
+fn longbench_e_bins(
+    examples: &[Example],
+    starts: Option<&[u64]>,
+) -> Result<(usize, Vec<usize>, Vec<usize>)> {
+    let starts: Vec<usize> = match starts {
+        Some(s) => {
+            if s.first() != Some(&0) || s.windows(2).any(|w| w[0] >= w[1]) {
+                return Err(crate::KvtError::usage(format!(
+                    "config `binning.edges`: with `binning.scheme: longbench_e` the edges are bucket starts, increasing from 0 (e.g. [0, 4000, 8000]); got {s:?}"
+                ))
+                .into());
+            }
+            s.iter().map(|&x| x as usize).collect()
+        }
+        None => crate::metrics::longbench::LONGBENCH_E_EDGES
+            .iter()
+            .map(|&x| x as usize)
+            .collect(),
+    };
+    let mut lens = Vec::with_capacity(examples.len());
+    for e in examples {
+        let l = e.meta.get("length").and_then(serde_json::Value::as_u64).ok_or_else(|| {
+            crate::KvtError::usage(format!(
+                "example `{}` has no numeric `length`: `binning.scheme: longbench_e` bins by each record's `length` field; list it in `dataset.fields.meta` (LongBench-E records have it), or use `binning.scheme: tokens`",
+                e.example_id
+            ))
+        })?;
+        lens.push(l as usize);
+    }
+    let last = *starts.last().expect("at least one start");
+    let top = lens.iter().copied().max().unwrap_or(0).max(last + 1);
+    let mut edges = starts;
+    edges.push(top);
+    Ok((edges.len() - 1, edges, lens))
+}
+
 /// The metric-fit warning for a file-backed dataset (`kvt validate`): the
 /// records are loaded as `prepare` would; `None` when they fit, cannot be
 /// read (prepare reports that) or the dataset is synthetic.
@@ -238,7 +278,7 @@ impl Op for Prepare {
     }
     /// Bump when generation, binning, sampling or the artifact layout changes.
     fn version(&self) -> u32 {
-        3
+        4
     }
     fn check(
         &self,
@@ -292,19 +332,25 @@ impl Op for Prepare {
         let lengths = counter
             .count_many(&texts, Some(ctx.cache_root))
             .context("counting tokens")?;
-        let n_bins = bins.n_bins as usize;
-        let edges: Vec<usize> = match &bins.edges {
-            Some(e) => {
-                if e.len() != n_bins + 1 || e.windows(2).any(|w| w[0] >= w[1]) {
-                    bail!("config `binning.edges`: expected {} increasing edges for {n_bins} bins, got {e:?}", n_bins + 1);
-                }
-                e.iter().map(|&x| x as usize).collect()
+        let (n_bins, edges, bin_lengths) = match bins.scheme {
+            BinScheme::Tokens => {
+                let n_bins = bins.n_bins as usize;
+                let edges: Vec<usize> = match &bins.edges {
+                    Some(e) => {
+                        if e.len() != n_bins + 1 || e.windows(2).any(|w| w[0] >= w[1]) {
+                            bail!("config `binning.edges`: expected {} increasing edges for {n_bins} bins, got {e:?}", n_bins + 1);
+                        }
+                        e.iter().map(|&x| x as usize).collect()
+                    }
+                    None => binning::quantile_edges(&lengths, n_bins),
+                };
+                (n_bins, edges, lengths.clone())
             }
-            None => binning::quantile_edges(&lengths, n_bins),
+            BinScheme::LongbenchE => longbench_e_bins(&examples, bins.edges.as_deref())?,
         };
         let items: Vec<(String, usize)> = examples
             .iter()
-            .zip(&lengths)
+            .zip(&bin_lengths)
             .map(|(e, &l)| (e.example_id.clone(), binning::bin_of(l, &edges)))
             .collect();
         let per_bin = |b: usize| -> usize {
@@ -353,6 +399,7 @@ impl Op for Prepare {
                         "n_skipped_records": skipped},
             "tokenizer": tok.name,
             "n_bins": n_bins,
+            "binning_scheme": bins.scheme,
             "n_per_bin": sampling.n_per_bin,
             "bin_edges": edges,
             "entries": entries,

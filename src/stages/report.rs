@@ -383,11 +383,18 @@ pub fn context(
             "{skipped} bad records were skipped (`dataset.on_bad_record: skip`)."
         ));
     }
-    flags.push(format!(
-        "Bin lengths count each example's context in `{}` tokens (not the question, the system message or the template){}.",
-        manifest["tokenizer"].as_str().unwrap_or("?"),
-        if get("prompt")["max_tokens"].is_null() { "" } else { ", before middle truncation by `prompt.max_tokens`" }
-    ));
+    if manifest["binning_scheme"] == "longbench_e" {
+        flags.push(
+            "Bins are LongBench-E's, by each record's `length` field (words, or characters for Chinese, as LongBench counts them), not by tokens; the last bin is open above."
+                .to_string(),
+        );
+    } else {
+        flags.push(format!(
+            "Bin lengths count each example's context in `{}` tokens (not the question, the system message or the template){}.",
+            manifest["tokenizer"].as_str().unwrap_or("?"),
+            if get("prompt")["max_tokens"].is_null() { "" } else { ", before middle truncation by `prompt.max_tokens`" }
+        ));
+    }
     // Failures by type, per setting.
     let mut by: BTreeMap<(String, i64), BTreeMap<&str, usize>> = BTreeMap::new();
     let mut examples: BTreeMap<&str, Value> = BTreeMap::new();
@@ -513,7 +520,7 @@ impl Op for Report {
         "report"
     }
     fn version(&self) -> u32 {
-        6
+        7
     }
     fn check(
         &self,
