@@ -75,6 +75,13 @@ closed_set!(
 );
 
 closed_set!(
+    /// `metrics.code_sim`: which ratio fuzzywuzzy's `fuzz.ratio` computes —
+    /// difflib's `SequenceMatcher` (pure Python, without python-Levenshtein)
+    /// or python-Levenshtein's `ratio`. LongBench result files exist for both.
+    CodeSim { Difflib => "difflib", Levenshtein => "levenshtein" }
+);
+
+closed_set!(
     /// `sampling.strategy`.
     Strategy { Uniform => "uniform", FocusTransition => "focus_transition" }
 );
@@ -351,7 +358,7 @@ pub struct Decoding {
 pub struct Metrics {
     /// LongBench's code similarity (`code_sim_score`) as fuzzywuzzy computes
     /// it: `difflib` (without python-Levenshtein) or `levenshtein` (with it).
-    pub code_sim: crate::metrics::longbench::CodeSim,
+    pub code_sim: CodeSim,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

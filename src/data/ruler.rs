@@ -451,7 +451,6 @@ pub fn generate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::string_match_all;
 
     fn bpe() -> &'static CoreBPE {
         crate::data::tokenize::encoding("cl100k_base").unwrap()
@@ -472,8 +471,11 @@ mod tests {
                         "{task}: {n} tokens for {target}"
                     );
                     assert!(!ex.answers.is_empty());
-                    // The context holds every required string: a perfect reader scores 1.
-                    assert_eq!(string_match_all(&ex.context, &ex.answers), 1.0, "{task}");
+                    // The context holds every required string: a perfect reader finds them all.
+                    assert!(
+                        ex.answers.iter().all(|a| ex.context.contains(a.as_str())),
+                        "{task}"
+                    );
                     assert!(!ex.question.is_empty());
                 }
             }

@@ -607,8 +607,8 @@ mod tests {
             for ex in crate::data::ruler::generate(bpe, task, 3, &[1500], 2).unwrap() {
                 let prompt = format!("{}\n\nQuestion: {}\nAnswer:", ex.context, ex.question);
                 let a = answer(bpe, &prompt, &ex.question, &params("full", 1.0), 200).unwrap();
-                let s = crate::metrics::string_match_all(&a.text, &ex.answers);
-                assert_eq!(s, 1.0, "{task}: {} for {:?}", a.text, ex.answers);
+                let all = ex.answers.iter().all(|g| a.text.contains(g.as_str()));
+                assert!(all, "{task}: {} for {:?}", a.text, ex.answers);
             }
         }
         // Streaming at 10 % keeps only the sinks and the end: an early needle is gone.

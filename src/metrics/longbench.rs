@@ -396,25 +396,8 @@ pub fn difflib_ratio(a: &str, b: &str) -> f64 {
     2.0 * matched as f64 / total as f64
 }
 
-/// Which ratio fuzzywuzzy's `fuzz.ratio` computes: difflib's
-/// `SequenceMatcher` (pure Python, when python-Levenshtein is not installed)
-/// or python-Levenshtein's `ratio`. LongBench result files exist for both.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CodeSim {
-    #[default]
-    Difflib,
-    Levenshtein,
-}
-
-impl CodeSim {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CodeSim::Difflib => "difflib",
-            CodeSim::Levenshtein => "levenshtein",
-        }
-    }
-}
+/// Which ratio fuzzywuzzy's `fuzz.ratio` computes (`metrics.code_sim`).
+pub use crate::config::schema::CodeSim;
 
 /// python-Levenshtein's `ratio`: 1 − indel distance / (|a| + |b|) over code
 /// points (a substitution costs 2), where the indel distance is
