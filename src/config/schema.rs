@@ -81,6 +81,12 @@ closed_set!(
     CodeSim { Difflib => "difflib", Levenshtein => "levenshtein" }
 );
 
+impl BinScheme {
+    fn tokens() -> Self {
+        BinScheme::Tokens
+    }
+}
+
 closed_set!(
     /// `sampling.strategy`.
     Strategy { Uniform => "uniform", FocusTransition => "focus_transition" }
@@ -194,6 +200,8 @@ pub struct Fields {
     pub meta: Vec<String>,
     /// More fields for prompt templates: placeholder name → field path, e.g.
     /// `{options: options}` fills `{options}` (a list becomes one item per line).
+    /// Optional, so a mapping written whole (`--set dataset.fields={...}`) may omit it.
+    #[serde(default)]
     pub extra: BTreeMap<String, String>,
 }
 
@@ -215,6 +223,7 @@ pub struct Tokenizer {
 #[serde(deny_unknown_fields)]
 pub struct Binning {
     /// `tokens` (default) or `longbench_e` (by the records' `length` field).
+    #[serde(default = "BinScheme::tokens")]
     pub scheme: BinScheme,
     pub n_bins: u32,
     pub edges: Option<Vec<u64>>,
