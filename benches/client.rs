@@ -48,7 +48,7 @@ fn stub() -> (String, tokio::runtime::Runtime) {
     (addr, rt)
 }
 
-fn run(addr: &str, n: usize, journal: Option<&Journal>) -> (f64, f64) {
+fn run(addr: &str, n: usize, mut journal: Option<&mut Journal>) -> (f64, f64) {
     let client = Client::new(ClientOptions {
         base_urls: vec![addr.to_string()],
         api_key: None,
@@ -88,12 +88,15 @@ fn run(addr: &str, n: usize, journal: Option<&Journal>) -> (f64, f64) {
             .buffer_unordered(64);
         let mut ok = 0;
         while let Some((k, o)) = s.next().await {
-            if let Some(j) = journal {
+            if let Some(j) = journal.as_mut() {
                 j.record(k, &o).unwrap();
             }
             ok += o.is_final as usize;
         }
         assert_eq!(ok, n);
+        if let Some(j) = journal.as_mut() {
+            j.flush().unwrap();
+        }
     });
     let (wall, cpu) = (
         t0.elapsed().as_secs_f64(),
@@ -112,7 +115,7 @@ fn main() {
     let (rps, cpu) = run(&addr, n, None);
     println!("client only:          {rps:>8.0} requests/s, {cpu:.3} client CPU-s per 1,000 requests ({n} requests, concurrency 64)");
     let dir = tempfile::tempdir().unwrap();
-    let j = Journal::open(&dir.path().join("journal.sqlite")).unwrap();
-    let (rps, cpu) = run(&addr, n, Some(&j));
+    let mut j = Journal::open(&dir.path().join("journal.sqlite")).unwrap();
+    let (rps, cpu) = run(&addr, n, Some(&mut j));
     println!("client + journal:     {rps:>8.0} requests/s, {cpu:.3} client CPU-s per 1,000 requests ({n} requests, concurrency 64)");
 }

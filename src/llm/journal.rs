@@ -4,9 +4,13 @@
 //! 429, 5xx, connection error) is kept but retried on the next build, and a
 //! final answer is never overwritten.
 //!
-//! Durability: each record is its own transaction. WAL with `synchronous =
-//! NORMAL` survives a killed process (the case that matters here); a power cut
-//! may lose the last few records, which are then simply sent again.
+//! Durability: group commit. Outcomes are buffered and committed by one
+//! writer in batches (at most `KVT_JOURNAL_BATCH` outcomes, default 64, or
+//! `KVT_JOURNAL_BATCH_MS` milliseconds after the oldest, default 5; a flusher
+//! thread enforces the time bound, every read flushes first). A killed process
+//! loses at most the open batch: those requests are sent again on the next
+//! build and recorded once. WAL with `synchronous = NORMAL` survives a killed
+//! process; a power cut may lose the last few batches, sent again likewise.
 
 use super::Outcome;
 use anyhow::{Context, Result};
@@ -37,6 +41,19 @@ fn damaged(path: &Path, e: anyhow::Error) -> anyhow::Error {
 pub struct Journal {
     conn: Connection,
     path: PathBuf,
+    /// Outcomes not yet committed: (key, is_final, outcome JSON, recorded at).
+    buffer: Vec<(String, bool, String, f64)>,
+    /// When the oldest buffered outcome arrived.
+    oldest: Option<std::time::Instant>,
+    batch: usize,
+    batch_wait: Duration,
+}
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 impl Journal {
@@ -55,6 +72,22 @@ impl Journal {
         }
         let j = Arc::new(Mutex::new(Journal::open(path)?));
         map.insert(path.to_path_buf(), j.clone());
+        // The flusher: commits a batch once its oldest outcome is due, so a
+        // quiet spell never leaves answers uncommitted for long.
+        let weak = Arc::downgrade(&j);
+        let wait = j.lock().expect("journal").batch_wait;
+        std::thread::Builder::new()
+            .name("journal-flush".into())
+            .spawn(move || loop {
+                std::thread::sleep(wait.max(Duration::from_millis(1)));
+                let Some(j) = weak.upgrade() else { return };
+                let mut j = j.lock().expect("journal");
+                if j.oldest.is_some_and(|t| t.elapsed() >= j.batch_wait) {
+                    if let Err(e) = j.flush() {
+                        tracing::error!("{e:#}");
+                    }
+                }
+            })?;
         Ok(j)
     }
 
@@ -95,6 +128,10 @@ impl Journal {
         Ok(Journal {
             conn,
             path: path.to_path_buf(),
+            buffer: Vec::new(),
+            oldest: None,
+            batch: env_or("KVT_JOURNAL_BATCH", 64).max(1) as usize,
+            batch_wait: Duration::from_millis(env_or("KVT_JOURNAL_BATCH_MS", 5)),
         })
     }
 
@@ -104,7 +141,8 @@ impl Journal {
 
     /// Moves everything in the write-ahead log into the journal file itself,
     /// so that `journal.sqlite` alone holds every answer (run at the end of a build).
-    pub fn checkpoint(&self) -> Result<()> {
+    pub fn checkpoint(&mut self) -> Result<()> {
+        self.flush()?;
         self.conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
             .map_err(|e| damaged(&self.path, e.into()))
@@ -124,25 +162,51 @@ impl Journal {
         Ok(n)
     }
 
-    /// Records an outcome; a final answer already in the journal is kept.
-    pub fn record(&self, key: &str, o: &Outcome) -> Result<()> {
+    /// Records an outcome (committed with its batch); a final answer already
+    /// in the journal is kept.
+    pub fn record(&mut self, key: &str, o: &Outcome) -> Result<()> {
         let text = serde_json::to_string(o)?;
-        self.conn
-            .execute(
-                "INSERT INTO responses (request_key, is_final, attempts, outcome, recorded_at)
-             VALUES (?1, ?2, 1, ?3, ?4)
-             ON CONFLICT(request_key) DO UPDATE SET
-                is_final = excluded.is_final, outcome = excluded.outcome,
-                attempts = responses.attempts + 1, recorded_at = excluded.recorded_at
-             WHERE responses.is_final = 0",
-                params![key, o.is_final as i64, text, unix_now()],
-            )
-            .map_err(|e| damaged(&self.path, e.into()))?;
+        self.buffer
+            .push((key.to_string(), o.is_final, text, unix_now()));
+        let oldest = *self.oldest.get_or_insert_with(std::time::Instant::now);
+        if self.buffer.len() >= self.batch || oldest.elapsed() >= self.batch_wait {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Commits the buffered outcomes in one transaction.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let commit =
+            |conn: &Connection, rows: &[(String, bool, String, f64)]| -> rusqlite::Result<()> {
+                let tx = conn.unchecked_transaction()?;
+                {
+                    let mut st = tx.prepare_cached(
+                    "INSERT INTO responses (request_key, is_final, attempts, outcome, recorded_at)
+                     VALUES (?1, ?2, 1, ?3, ?4)
+                     ON CONFLICT(request_key) DO UPDATE SET
+                        is_final = excluded.is_final, outcome = excluded.outcome,
+                        attempts = responses.attempts + 1, recorded_at = excluded.recorded_at
+                     WHERE responses.is_final = 0",
+                )?;
+                    for (key, fin, text, at) in rows {
+                        st.execute(params![key, *fin as i64, text, at])?;
+                    }
+                }
+                tx.commit()
+            };
+        commit(&self.conn, &self.buffer).map_err(|e| damaged(&self.path, e.into()))?;
+        self.buffer.clear();
+        self.oldest = None;
         Ok(())
     }
 
     /// How many requests of a node (by config slice) still lack a final answer.
-    pub fn pending(&self, slice: &str) -> Result<i64> {
+    pub fn pending(&mut self, slice: &str) -> Result<i64> {
+        self.flush()?;
         Ok(self
             .conn
             .query_row(
@@ -154,7 +218,8 @@ impl Journal {
             .unwrap_or(0))
     }
 
-    pub fn set_pending(&self, slice: &str, n: i64) -> Result<()> {
+    pub fn set_pending(&mut self, slice: &str, n: i64) -> Result<()> {
+        self.flush()?;
         self.conn.execute(
             "INSERT INTO pending (node_slice, n) VALUES (?1, ?2)
              ON CONFLICT(node_slice) DO UPDATE SET n = excluded.n",
@@ -163,7 +228,8 @@ impl Journal {
         Ok(())
     }
 
-    pub fn get(&self, key: &str) -> Result<Option<Outcome>> {
+    pub fn get(&mut self, key: &str) -> Result<Option<Outcome>> {
+        self.flush()?;
         self.get_inner(key).map_err(|e| damaged(&self.path, e))
     }
 
@@ -181,7 +247,8 @@ impl Journal {
     }
 
     /// Outcomes for many keys (missing keys are absent from the map).
-    pub fn get_many(&self, keys: &[String]) -> Result<HashMap<String, Outcome>> {
+    pub fn get_many(&mut self, keys: &[String]) -> Result<HashMap<String, Outcome>> {
+        self.flush()?;
         self.get_many_inner(keys)
             .map_err(|e| damaged(&self.path, e))
     }
@@ -204,6 +271,15 @@ impl Journal {
     }
 }
 
+impl Drop for Journal {
+    /// Commits the open batch when the journal is closed normally.
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::error!("{e:#}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,7 +287,7 @@ mod tests {
     #[test]
     fn final_answers_are_never_overwritten_and_transient_ones_are() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(&dir.path().join("j.sqlite")).unwrap();
+        let mut j = Journal::open(&dir.path().join("j.sqlite")).unwrap();
         let transient = Outcome {
             error_kind: Some("TIMEOUT".into()),
             ..Default::default()
@@ -233,7 +309,7 @@ mod tests {
         assert_eq!(j.get("k").unwrap().unwrap().text, "42");
         drop(j);
         // Reopened: still there.
-        let j = Journal::open(&dir.path().join("j.sqlite")).unwrap();
+        let mut j = Journal::open(&dir.path().join("j.sqlite")).unwrap();
         let m = j.get_many(&["k".into(), "missing".into()]).unwrap();
         assert_eq!(m.len(), 1);
         assert_eq!(m["k"].text, "42");

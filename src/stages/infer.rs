@@ -519,7 +519,7 @@ impl Op for Infer {
         }
 
         // The artifact: the journal's outcomes in manifest order.
-        let j = journal.lock().expect("journal");
+        let mut j = journal.lock().expect("journal");
         let got = j.get_many(&keys)?;
         let mut rows = Vec::with_capacity(requests.len());
         let mut transient = 0;
@@ -672,7 +672,10 @@ impl Infer {
                 body: &r.body,
             })
             .collect();
-        backend.answer_all(&queries, concurrency, &|| ctx.is_cancelled(), &record)
+        let result = backend.answer_all(&queries, concurrency, &|| ctx.is_cancelled(), &record);
+        // Commit the open batch, also when the node failed or was cancelled.
+        let flushed = journal.lock().expect("journal").flush();
+        result.and(flushed)
     }
 
     /// The backend `engine.kind` names, ready to answer (servers started).
