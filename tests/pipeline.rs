@@ -88,7 +88,7 @@ fn count(c: &rusqlite::Connection, sql: &str) -> i64 {
 fn report_end_to_end_then_nothing_then_analysis_only() {
     let p = small_project();
     let out = build(&p, &[]);
-    assert_eq!(built_nodes(&out).len(), 13, "{}", stderr_of(&out));
+    assert_eq!(built_nodes(&out).len(), 14, "{}", stderr_of(&out));
     let s = served(&p);
     assert_eq!(s.len(), UNIQUE_REQUESTS);
     assert!(s.values().all(|&n| n == 1), "a request was sent twice");
@@ -170,7 +170,7 @@ fn report_end_to_end_then_nothing_then_analysis_only() {
     // Again: nothing runs, nothing is sent.
     let out = build(&p, &[]);
     assert!(built_nodes(&out).is_empty(), "{}", stderr_of(&out));
-    assert!(stderr_of(&out).contains("0 built, 13 fresh"));
+    assert!(stderr_of(&out).contains("0 built, 14 fresh"));
     assert_eq!(served(&p).values().sum::<usize>(), UNIQUE_REQUESTS);
 
     // Analysis change: only the analysis and its sinks rerun; zero requests.
@@ -465,7 +465,10 @@ fn lifecycle_commands_are_build_targets() {
     assert_eq!(run("run").len(), 4, "four infer nodes");
     assert_eq!(run("score").len(), 4);
     assert_eq!(run("analyze"), strs(&["analyze"]));
-    assert_eq!(run("report"), strs(&["plots", "report", "sqlite"]));
+    assert_eq!(
+        run("report"),
+        strs(&["plots", "report", "sqlite", "sqlite_base"])
+    );
     assert!(run("all").is_empty());
     let out = p
         .kvt()
@@ -650,4 +653,108 @@ fn request_identity_is_the_model_not_the_transport() {
         .count();
     assert_eq!(infer_built, 4, "{}", stderr_of(&out));
     assert_eq!(journal(), 2 * UNIQUE_REQUESTS as i64);
+}
+
+/// Every object in the store: path → (size, inode, mtime).
+fn objects_with_identity(
+    p: &Project,
+) -> HashMap<std::path::PathBuf, (u64, u64, std::time::SystemTime)> {
+    use std::os::unix::fs::MetadataExt;
+    p.objects()
+        .into_iter()
+        .map(|o| {
+            let m = std::fs::metadata(&o).unwrap();
+            (o, (m.len(), m.ino(), m.modified().unwrap()))
+        })
+        .collect()
+}
+
+#[test]
+fn an_analysis_change_leaves_the_sinks_data_part_alone_and_barely_grows_the_cache() {
+    let p = Project::new();
+    // Mid-size: 400 examples × 6 cells, answered in process.
+    p.write(
+        "config/experiments/mid.yaml",
+        "output: {exp_group_id: mid}
+dataset: {lengths: [300, 600, 900, 1200], per_length: 100}
+binning: {n_bins: 4, edges: [0, 450, 750, 1050, 1500]}
+sampling: {n_per_bin: 100}
+engine: {kind: reference}
+kv: {policies: [streaming, snapkv], budgets: [1.0, 0.5, 0.3]}
+analysis: {bootstrap: {iters: 200}}
+",
+    );
+    let run = |args: &[&str]| {
+        let out = p
+            .kvt()
+            .args(["build", "report", "-c", "config/experiments/mid.yaml"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        built_nodes(&out)
+    };
+    run(&[]);
+    let db_path = p.path("runs/mid/kv_transition.sqlite");
+    let db_size = std::fs::metadata(&db_path).unwrap().len();
+    let before = objects_with_identity(&p);
+    // The base database is the largest object; remember its identity.
+    let (base_path, base_id) = before
+        .iter()
+        .max_by_key(|(_, (size, _, _))| *size)
+        .map(|(p, id)| (p.clone(), *id))
+        .unwrap();
+    assert!(
+        base_id.0 > db_size / 2,
+        "the base holds most of the database"
+    );
+
+    let built = run(&["--set", "analysis.bootstrap.iters=300"]);
+    assert!(built.contains(&"sqlite".to_string()), "{built:?}");
+    assert!(!built.contains(&"sqlite_base".to_string()), "{built:?}");
+    let after = objects_with_identity(&p);
+    // Not rewritten: the same file, same inode, same modification time.
+    assert_eq!(after.get(&base_path), Some(&base_id));
+    for (path, id) in &before {
+        assert_eq!(
+            after.get(path),
+            Some(id),
+            "{} was rewritten",
+            path.display()
+        );
+    }
+    let grown: u64 = after
+        .iter()
+        .filter(|(path, _)| !before.contains_key(*path))
+        .map(|(_, (size, _, _))| size)
+        .sum();
+    // New objects: the analysis, plots, the report (its HTML carries the
+    // per-example explorer) and the sink's small overlay; never a second
+    // copy of the database.
+    assert!(
+        grown < 1 << 20 && grown * 3 < db_size,
+        "the cache grew by {grown} bytes for a {db_size}-byte database"
+    );
+    // The exported database is whole and carries the new analysis.
+    let c = rusqlite::Connection::open(&db_path).unwrap();
+    let config: String = c
+        .query_row("SELECT config_json FROM experiments", [], |r| r.get(0))
+        .unwrap();
+    assert!(config.contains("\"iters\":300"), "{config}");
+    for (table, n) in [("examples", 400), ("requests", 2400), ("scores", 2400)] {
+        let got: i64 = c
+            .query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(got, n, "{table}");
+    }
+    let bins: i64 = c
+        .query_row("SELECT COUNT(*) FROM bin_stats", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(bins, 4 * 6);
+    let fk: i64 = c
+        .query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(fk, 0);
 }

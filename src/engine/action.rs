@@ -24,6 +24,10 @@ pub struct OutputRef {
 pub struct Export {
     pub artifact: String,
     pub path: String,
+    /// Artifacts the op applies over `artifact` when the file is written
+    /// (`Op::compose_export`); the composed file itself is never stored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overlays: Vec<String>,
 }
 
 /// What a node's run produced, stored under its key.

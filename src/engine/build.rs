@@ -46,13 +46,117 @@ fn now() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Keeps exported files (sinks outside the cache) equal to their artifacts.
-pub fn materialize(ws: &Workspace, rec: &ActionRecord) -> Result<()> {
-    for Export { artifact, path } in &rec.exports {
+/// Copies object `d` to `dest`, hashing as it goes: a damaged object is an
+/// `ObjectError` (so the build quarantines it) and `dest` is removed.
+fn copy_verified(ws: &Workspace, d: &super::digest::Digest, dest: &std::path::Path) -> Result<()> {
+    use std::io::{Read, Write};
+    let src = ws.store.path_of(d);
+    let mut from = match std::fs::File::open(&src) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(super::store::ObjectError::Missing(d.hex()).into())
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading `{}`", src.display())),
+    };
+    let mut to = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(dest)?);
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = from.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        to.write_all(&buf[..n])?;
+    }
+    to.flush()?;
+    let actual = h.finalize().to_hex().to_string();
+    if actual != d.hex() {
+        let _ = std::fs::remove_file(dest);
+        return Err(super::store::ObjectError::Corrupt {
+            digest: d.hex(),
+            actual,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// Keeps exported files (sinks outside the cache) equal to their artifacts,
+/// or to the op's composition of an artifact and its overlays.
+pub fn materialize(ws: &Workspace, rec: &ActionRecord, op: &dyn super::op::Op) -> Result<()> {
+    for Export {
+        artifact,
+        path,
+        overlays,
+    } in &rec.exports
+    {
         let out = rec
             .output(artifact)
             .with_context(|| format!("`{}` exports unknown artifact `{artifact}`", rec.node))?;
+        let over = overlays
+            .iter()
+            .map(|o| {
+                rec.output(o)
+                    .with_context(|| format!("`{}` exports unknown artifact `{o}`", rec.node))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let dest = ws.root.join(path);
+        if !over.is_empty() {
+            // The file's identity: the base and its overlays, in order.
+            let mut ident = out.digest.hex();
+            for o in &over {
+                ident.push(' ');
+                ident.push_str(&o.digest.hex());
+            }
+            let ident = super::digest::Digest::of(ident.as_bytes());
+            let stamp_path = ws
+                .cache_root
+                .join(super::store::STORE_FORMAT)
+                .join("exports")
+                .join(super::digest::Digest::of(path.as_bytes()).to_string());
+            let stamp_now = || -> Option<String> {
+                let m = std::fs::metadata(&dest).ok()?;
+                let mtime = m
+                    .modified()
+                    .ok()?
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()?;
+                Some(format!("{ident} {} {}", m.len(), mtime.as_nanos()))
+            };
+            if stamp_now().is_some() && std::fs::read_to_string(&stamp_path).ok() == stamp_now() {
+                continue;
+            }
+            let dir = dest.parent().unwrap_or(&ws.root);
+            std::fs::create_dir_all(dir)?;
+            let tmp = dir.join(format!(
+                ".{}.{}.tmp",
+                dest.file_name().unwrap_or_default().to_string_lossy(),
+                std::process::id()
+            ));
+            let result = (|| -> Result<()> {
+                copy_verified(ws, &out.digest, &tmp)?;
+                let bytes = over
+                    .iter()
+                    .map(|o| ws.store.get(&o.digest))
+                    .collect::<Result<Vec<_>>>()?;
+                op.compose_export(&tmp, &bytes)
+                    .with_context(|| format!("composing `{path}`"))?;
+                std::fs::rename(&tmp, &dest).with_context(|| format!("writing `{path}`"))?;
+                Ok(())
+            })();
+            if result.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            result?;
+            if let Some(stamp) = stamp_now() {
+                if let Some(d) = stamp_path.parent() {
+                    let _ = std::fs::create_dir_all(d);
+                }
+                let _ = std::fs::write(&stamp_path, stamp);
+            }
+            continue;
+        }
         // A stamp remembers (digest, size, mtime) of the file as kvt last left
         // it: an unchanged file is not read again on a no-op build.
         let stamp_path = ws
@@ -152,7 +256,7 @@ fn run_node(
     // The action record is written last: until it exists, nothing is taken for a result.
     ws.actions.put(&rec)?;
     ws.actions.set_last(&ws.scope, &rec)?;
-    materialize(ws, &rec)?;
+    materialize(ws, &rec, spec.op.as_ref())?;
     Ok(rec)
 }
 
@@ -235,7 +339,7 @@ pub fn build(
                 );
                 let mut export_error = None;
                 if let NodeState::Fresh(rec) = &state {
-                    if let Err(e) = materialize(ws, rec) {
+                    if let Err(e) = materialize(ws, rec, spec.op.as_ref()) {
                         // A fresh node whose output turns out damaged when it
                         // is exported: quarantine it and run the node now.
                         match damaged_output(&e, rec) {

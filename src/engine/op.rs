@@ -25,6 +25,13 @@ pub trait Op: Send + Sync {
         Ok(None)
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()>;
+    /// Writes a composed export: `file` is a private copy of the exported
+    /// artifact, to be changed in place by applying `overlays` (their bytes,
+    /// in the order the export names them). Only ops that call
+    /// [`OpContext::export_composed`] need it.
+    fn compose_export(&self, _file: &Path, _overlays: &[Vec<u8>]) -> Result<()> {
+        bail!("op `{}` does not compose exports", self.name())
+    }
     /// Called for every node when the plan is built, before anything runs:
     /// an op that reads its configuration as typed slices checks here that
     /// the stage's `uses` and `transport` lists give exactly what it reads
@@ -314,7 +321,46 @@ impl<'a> OpContext<'a> {
         self.exports.push(Export {
             artifact: artifact.to_string(),
             path: path.into(),
+            overlays: Vec::new(),
         });
+    }
+
+    /// Like [`export`](Self::export), but the file is `artifact` with the
+    /// `overlays` artifacts applied by the op's `compose_export` when written.
+    pub fn export_composed(&mut self, artifact: &str, overlays: &[&str], path: impl Into<String>) {
+        self.exports.push(Export {
+            artifact: artifact.to_string(),
+            path: path.into(),
+            overlays: overlays.iter().map(|o| o.to_string()).collect(),
+        });
+    }
+
+    /// Records an upstream artifact as an output of this node under `name`,
+    /// by digest: nothing is read or written (for a composed export's base).
+    pub fn pass_through(&mut self, stage: &str, artifact: &str, name: &str) -> Result<()> {
+        let ups = self.upstream(stage);
+        let [up] = ups.as_slice() else {
+            bail!(
+                "node `{}` needs exactly one `{stage}` to pass `{artifact}` through",
+                self.node()
+            );
+        };
+        let digest = *up
+            .outputs
+            .get(artifact)
+            .ok_or_else(|| anyhow::anyhow!("`{}` has no artifact `{artifact}`", up.node))?;
+        let size = std::fs::metadata(self.store.path_of(&digest))
+            .map(|m| m.len())
+            .map_err(|_| super::store::ObjectError::Missing(digest.hex()))?;
+        if self.outputs.iter().any(|o| o.name == name) {
+            bail!("node `{}` wrote artifact `{name}` twice", self.node());
+        }
+        self.outputs.push(OutputRef {
+            name: name.to_string(),
+            digest,
+            size,
+        });
+        Ok(())
     }
 
     /// A private directory for large intermediate files, removed after the node.

@@ -91,10 +91,16 @@ impl ContentStore {
     }
 
     /// Stores bytes and returns their digest: one write and one rename. An
-    /// existing object is replaced, never trusted, so a damaged copy heals.
+    /// existing object is kept only when it re-hashes to its name (no write);
+    /// a damaged copy is replaced, so it heals.
     pub fn put(&self, bytes: &[u8]) -> Result<Digest> {
         let d = Digest::of(bytes);
-        write_atomic(&self.tmp_dir(), &self.path_of(&d), bytes)?;
+        let path = self.path_of(&d);
+        let intact = fs::metadata(&path).is_ok_and(|m| m.len() == bytes.len() as u64)
+            && fs::read(&path).is_ok_and(|b| Digest::of(&b) == d);
+        if !intact {
+            write_atomic(&self.tmp_dir(), &path, bytes)?;
+        }
         Ok(d)
     }
 

@@ -1,6 +1,6 @@
 //! kvt's ops: the stages of its pipelines. Each is a deterministic function of
 //! its config slice and input artifacts: prepare → infer (per policy × budget)
-//! → score (per policy × budget) → analyze → plots, sqlite → report.
+//! → score (per policy × budget) → analyze → plots, sqlite_base → sqlite → report.
 
 pub mod analyze;
 pub mod infer;
@@ -80,6 +80,7 @@ pub fn register(reg: &mut OpRegistry) {
     reg.register(score::Score);
     reg.register(analyze::Analyze);
     reg.register(plots::Plots);
+    reg.register(sqlite::SqliteBase);
     reg.register(sqlite::Sqlite);
     reg.register(report::Report);
 }

@@ -1,8 +1,16 @@
-//! `sqlite`: the experiment as one SQLite file, `runs/<exp_group_id>/
+//! The SQLite sink: the experiment as one SQLite file, `runs/<exp_group_id>/
 //! kv_transition.sqlite` (or `db.path`), with the blueprint's tables and
-//! foreign keys on. The database is built in a scratch file in one
-//! transaction, stored as an artifact and only then copied into place, so a
-//! failed sink never leaves a half-written database behind.
+//! foreign keys on. Two ops, so an analysis change rewrites only what changed:
+//!
+//! * `sqlite_base` writes everything that follows from the data and the
+//!   responses (datasets, examples, bins, manifest entries, runs, requests,
+//!   responses, telemetry, failures, scores) — once per change of those;
+//! * `sqlite` stores only a small database of the analysis tables
+//!   (experiments, bin_stats, transition_summary) and passes the base's
+//!   digest through; the exported file is the base with those tables copied
+//!   in (`compose_export`), written beside its destination and renamed, so a
+//!   failed sink never leaves a half-written database behind and the cache
+//!   never holds a full copy per analysis version.
 
 use crate::data::Example;
 use crate::engine::{canonical_json, Op, OpContext};
@@ -127,45 +135,55 @@ pub fn run_id(policy: &str, budget: f64) -> String {
     format!("{policy}@{budget}")
 }
 
-/// Everything the sink writes, gathered from the artifacts.
-pub struct SinkInput<'a> {
+/// What the base database holds, gathered from the artifacts.
+pub struct BaseInput<'a> {
     pub exp_group_id: &'a str,
-    pub config: &'a Value,
     pub manifest: &'a Value,
     pub examples: &'a [Example],
     pub entries: &'a [Entry],
     pub bins: &'a [Bin],
     pub scores: &'a [ScoreRow],
+}
+
+/// What the analysis overlay holds.
+pub struct OverlayInput<'a> {
+    pub exp_group_id: &'a str,
+    pub config: &'a Value,
     pub bin_stats: &'a [BinStat],
     pub transitions: &'a [TransitionRow],
 }
 
-/// Writes the database at `path` (which must not exist) in one transaction.
-pub fn write_db(path: &std::path::Path, s: &SinkInput) -> Result<Value> {
-    let mut conn = Connection::open(path)?;
-    // A scratch file used only if everything succeeds: no rollback journal, no
-    // fsync here (the content store makes the finished file durable).
+/// The tables the overlay carries into the base.
+pub const OVERLAY_TABLES: &[&str] = &["experiments", "bin_stats", "transition_summary"];
+
+/// A new database at `path` with the whole schema, foreign keys off (a part
+/// is checked once composed), no rollback journal and no fsync: a scratch
+/// file used only if everything succeeds.
+fn scratch_db(path: &std::path::Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
     conn.execute_batch(
-        "PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA foreign_keys = ON;",
+        "PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA foreign_keys = OFF;",
     )?;
+    conn.execute_batch(SCHEMA.replace("PRAGMA foreign_keys = ON;", "").as_str())?;
+    Ok(conn)
+}
+
+fn row_counts(conn: &Connection, tables: &[&str]) -> Result<serde_json::Map<String, Value>> {
+    let mut counts = serde_json::Map::new();
+    for t in tables {
+        let n: i64 = conn.query_row(&format!("SELECT COUNT(*) FROM {t}"), [], |r| r.get(0))?;
+        counts.insert(t.to_string(), json!(n));
+    }
+    Ok(counts)
+}
+
+/// Writes the base database at `path` (which must not exist) in one
+/// transaction; returns the row counts of its tables.
+pub fn write_base(path: &std::path::Path, s: &BaseInput) -> Result<serde_json::Map<String, Value>> {
+    let mut conn = scratch_db(path)?;
     let tx = conn.transaction()?;
-    tx.execute_batch(SCHEMA)?;
     let ds = &s.manifest["dataset"];
     let dataset_id = ds["dataset_id"].as_str().unwrap_or_default();
-    let config_text = String::from_utf8(canonical_json(s.config))?;
-    tx.execute(
-        "INSERT INTO experiments VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![
-            s.exp_group_id,
-            blake3::hash(config_text.as_bytes()).to_hex().to_string(),
-            config_text,
-            env!("CARGO_PKG_VERSION"),
-            s.config
-                .pointer("/model.name")
-                .and_then(Value::as_str)
-                .unwrap_or(""),
-        ],
-    )?;
     tx.execute(
         "INSERT INTO datasets VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         params![
@@ -296,6 +314,41 @@ pub fn write_db(path: &std::path::Path, s: &SinkInput) -> Result<Value> {
                     .unwrap_or_default(),
             ])?;
         }
+    }
+    let base: Vec<&str> = TABLES
+        .iter()
+        .copied()
+        .filter(|t| !OVERLAY_TABLES.contains(t))
+        .collect();
+    let counts = row_counts(&tx, &base)?;
+    tx.commit()?;
+    conn.close().map_err(|(_, e)| e)?;
+    Ok(counts)
+}
+
+/// Writes the analysis overlay at `path`: the experiment (with its whole
+/// configuration), bin statistics and transitions.
+pub fn write_overlay(
+    path: &std::path::Path,
+    s: &OverlayInput,
+) -> Result<serde_json::Map<String, Value>> {
+    let mut conn = scratch_db(path)?;
+    let tx = conn.transaction()?;
+    let config_text = String::from_utf8(canonical_json(s.config))?;
+    tx.execute(
+        "INSERT INTO experiments VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            s.exp_group_id,
+            blake3::hash(config_text.as_bytes()).to_hex().to_string(),
+            config_text,
+            env!("CARGO_PKG_VERSION"),
+            s.config
+                .pointer("/model.name")
+                .and_then(Value::as_str)
+                .unwrap_or(""),
+        ],
+    )?;
+    {
         let mut bs = tx.prepare(
             "INSERT INTO bin_stats VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13,
              ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)",
@@ -348,19 +401,92 @@ pub fn write_db(path: &std::path::Path, s: &SinkInput) -> Result<Value> {
             ])?;
         }
     }
-    let mut counts = serde_json::Map::new();
-    for t in TABLES {
-        let n: i64 = tx.query_row(&format!("SELECT COUNT(*) FROM {t}"), [], |r| r.get(0))?;
-        counts.insert(t.to_string(), json!(n));
+    let counts = row_counts(&tx, OVERLAY_TABLES)?;
+    // Only the overlay's own tables stay: a few pages instead of the schema's thirty.
+    for t in TABLES.iter().rev().filter(|t| !OVERLAY_TABLES.contains(t)) {
+        tx.execute(&format!("DROP TABLE {t}"), [])?;
     }
-    // Foreign keys are checked per statement; this re-checks the whole file.
-    let broken: i64 = tx.query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |r| {
+    tx.commit()?;
+    conn.execute_batch("VACUUM;")?;
+    conn.close().map_err(|(_, e)| e)?;
+    Ok(counts)
+}
+
+/// Copies the overlay's tables into `file` (a private copy of the base) in
+/// one transaction, then checks every foreign key of the whole file.
+pub fn compose(file: &std::path::Path, overlay: &std::path::Path) -> Result<()> {
+    let mut conn = Connection::open(file)?;
+    conn.execute_batch("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")?;
+    conn.execute(
+        "ATTACH DATABASE ?1 AS ov",
+        [overlay.to_string_lossy().to_string()],
+    )?;
+    let tx = conn.transaction()?;
+    for t in OVERLAY_TABLES {
+        tx.execute(&format!("DELETE FROM main.{t}"), [])?;
+        tx.execute(&format!("INSERT INTO main.{t} SELECT * FROM ov.{t}"), [])?;
+    }
+    tx.commit()?;
+    conn.execute("DETACH DATABASE ov", [])?;
+    let broken: i64 = conn.query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |r| {
         r.get(0)
     })?;
     anyhow::ensure!(broken == 0, "{broken} rows violate a foreign key");
-    tx.commit()?;
     conn.close().map_err(|(_, e)| e)?;
-    Ok(Value::Object(counts))
+    // Durable before the rename into place.
+    std::fs::File::open(file)?.sync_all()?;
+    Ok(())
+}
+
+/// What `sqlite_base` reads (its stage's `uses`, exactly).
+#[derive(serde::Deserialize)]
+struct BaseUses {
+    #[serde(rename = "output.exp_group_id")]
+    exp: String,
+}
+
+/// `sqlite_base`: the part of the database that follows from the data and
+/// the responses.
+pub struct SqliteBase;
+
+impl Op for SqliteBase {
+    fn name(&self) -> &'static str {
+        "sqlite_base"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn check(
+        &self,
+        uses: &std::collections::BTreeMap<String, serde_json::Value>,
+        transport: &std::collections::BTreeMap<String, serde_json::Value>,
+    ) -> Result<()> {
+        crate::engine::check_slices::<BaseUses, NoTransport>(uses, transport)
+    }
+    fn run(&self, ctx: &mut OpContext) -> Result<()> {
+        let BaseUses { exp } = ctx.key.slice()?;
+        let manifest: Value = serde_json::from_slice(&ctx.input("prepare", "manifest_json")?)?;
+        let examples: Vec<Example> = table::read(&ctx.input("prepare", "examples")?)?;
+        let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
+        let bins: Vec<Bin> = table::read(&ctx.input("prepare", "bins")?)?;
+        let scores = crate::stages::score::read_all(ctx)?;
+        let file = ctx.scratch_dir()?.join("base.sqlite");
+        let counts = write_base(
+            &file,
+            &BaseInput {
+                exp_group_id: &exp,
+                manifest: &manifest,
+                examples: &examples,
+                entries: &entries,
+                bins: &bins,
+                scores: &scores,
+            },
+        )
+        .context("writing the SQLite sink's base")?;
+        ctx.put("db_base", &std::fs::read(&file)?)?;
+        ctx.put("counts", serde_json::to_string_pretty(&counts)?.as_bytes())?;
+        Ok(())
+    }
 }
 
 /// What `sqlite` reads: it records the experiment's configuration, so it
@@ -391,8 +517,9 @@ impl Op for Sqlite {
     fn name(&self) -> &'static str {
         "sqlite"
     }
+    /// 3: the analysis tables only; the file is composed when exported.
     fn version(&self) -> u32 {
-        2
+        3
     }
     fn check(
         &self,
@@ -404,39 +531,51 @@ impl Op for Sqlite {
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let Uses { exp, db_path, .. } = ctx.key.slice()?;
         let config = Value::Object(ctx.key.config.clone().into_iter().collect());
-        let manifest: Value = serde_json::from_slice(&ctx.input("prepare", "manifest_json")?)?;
-        let examples: Vec<Example> = table::read(&ctx.input("prepare", "examples")?)?;
-        let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
-        let bins: Vec<Bin> = table::read(&ctx.input("prepare", "bins")?)?;
-        let scores = crate::stages::score::read_all(ctx)?;
         let bin_stats: Vec<BinStat> = table::read(&ctx.input("analyze", "bin_stats")?)?;
         let transitions: Vec<TransitionRow> =
             table::read(&ctx.input("analyze", "transition_summary")?)?;
-        let file = ctx.scratch_dir()?.join("kv_transition.sqlite");
-        let counts = write_db(
-            &file,
-            &SinkInput {
-                exp_group_id: &exp,
-                config: &config,
-                manifest: &manifest,
-                examples: &examples,
-                entries: &entries,
-                bins: &bins,
-                scores: &scores,
-                bin_stats: &bin_stats,
-                transitions: &transitions,
-            },
-        )
-        .context("writing the SQLite sink")?;
-        let bytes = std::fs::read(&file)?;
-        ctx.put("db", &bytes)?;
+        let file = ctx.scratch_dir()?.join("analysis.sqlite");
+        let mut counts: serde_json::Map<String, Value> =
+            serde_json::from_slice(&ctx.input("sqlite_base", "counts")?)?;
+        counts.extend(
+            write_overlay(
+                &file,
+                &OverlayInput {
+                    exp_group_id: &exp,
+                    config: &config,
+                    bin_stats: &bin_stats,
+                    transitions: &transitions,
+                },
+            )
+            .context("writing the SQLite sink's analysis tables")?,
+        );
+        // In the blueprint's table order.
+        let counts: serde_json::Map<String, Value> = TABLES
+            .iter()
+            .map(|t| (t.to_string(), counts.get(*t).cloned().unwrap_or(json!(0))))
+            .collect();
+        ctx.put("analysis", &std::fs::read(&file)?)?;
+        ctx.pass_through("sqlite_base", "db_base", "db_base")?;
         ctx.put("summary", serde_json::to_string_pretty(&counts)?.as_bytes())?;
         let target = if db_path == "auto" {
             format!("runs/{exp}/kv_transition.sqlite")
         } else {
             db_path
         };
-        ctx.export("db", target);
+        ctx.export_composed("db_base", &["analysis"], target);
         Ok(())
+    }
+    fn compose_export(&self, file: &std::path::Path, overlays: &[Vec<u8>]) -> Result<()> {
+        let [analysis] = overlays else {
+            anyhow::bail!(
+                "the SQLite sink composes one overlay, got {}",
+                overlays.len()
+            );
+        };
+        let ov = file.with_extension("analysis.tmp");
+        std::fs::write(&ov, analysis)?;
+        let result = compose(file, &ov);
+        let _ = std::fs::remove_file(&ov);
+        result
     }
 }
