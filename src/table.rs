@@ -145,17 +145,6 @@ fn write_maps(rows: &[Map<String, Value>]) -> Result<Vec<u8>> {
 
 /// Decodes a Parquet file written by [`write`] into rows.
 pub fn read<T: DeserializeOwned>(bytes: &[u8]) -> Result<Vec<T>> {
-    read_maps(bytes)?
-        .into_iter()
-        .enumerate()
-        .map(|(i, m)| {
-            serde_json::from_value(Value::Object(m))
-                .with_context(|| format!("table row {i} has an unexpected shape"))
-        })
-        .collect()
-}
-
-fn read_maps(bytes: &[u8]) -> Result<Vec<Map<String, Value>>> {
     let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::copy_from_slice(bytes))
         .context("not a Parquet table")?
         .build()?;
@@ -163,36 +152,170 @@ fn read_maps(bytes: &[u8]) -> Result<Vec<Map<String, Value>>> {
     for batch in reader {
         let batch = batch?;
         let schema = batch.schema();
-        let n = batch.num_rows();
-        let start = out.len();
-        out.extend((0..n).map(|_| Map::new()));
-        for (ci, field) in schema.fields().iter().enumerate() {
-            let col = batch.column(ci);
-            let is_json = field.metadata().contains_key(JSON_KEY);
-            for i in 0..n {
-                let v = if col.is_null(i) {
-                    Value::Null
-                } else {
-                    match field.data_type() {
-                        DataType::Boolean => Value::Bool(downcast::<BooleanArray>(col)?.value(i)),
-                        DataType::Int64 => Value::from(downcast::<Int64Array>(col)?.value(i)),
-                        DataType::Float64 => Value::from(downcast::<Float64Array>(col)?.value(i)),
-                        DataType::Utf8 => {
-                            let s = downcast::<StringArray>(col)?.value(i);
-                            if is_json {
-                                serde_json::from_str(s)?
-                            } else {
-                                Value::String(s.to_string())
-                            }
-                        }
-                        other => bail!("column `{}` has unsupported type {other}", field.name()),
+        let cols = schema
+            .fields()
+            .iter()
+            .zip(batch.columns())
+            .map(|(field, col)| {
+                let values = match field.data_type() {
+                    DataType::Boolean => Cells::Bool(downcast::<BooleanArray>(col)?),
+                    DataType::Int64 => Cells::Int(downcast::<Int64Array>(col)?),
+                    DataType::Float64 => Cells::Float(downcast::<Float64Array>(col)?),
+                    DataType::Utf8 if field.metadata().contains_key(JSON_KEY) => {
+                        Cells::Json(downcast::<StringArray>(col)?)
                     }
+                    DataType::Utf8 => Cells::Str(downcast::<StringArray>(col)?),
+                    other => bail!("column `{}` has unsupported type {other}", field.name()),
                 };
-                out[start + i].insert(field.name().clone(), v);
-            }
+                Ok(Column {
+                    name: field.name().as_str(),
+                    nulls: col.as_ref(),
+                    values,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for row in 0..batch.num_rows() {
+            let start = out.len();
+            out.push(
+                T::deserialize(rows::Row { cols: &cols, row })
+                    .with_context(|| format!("table row {start} has an unexpected shape"))?,
+            );
         }
     }
     Ok(out)
+}
+
+/// One column's values, typed once per batch.
+enum Cells<'a> {
+    Bool(&'a BooleanArray),
+    Int(&'a Int64Array),
+    Float(&'a Float64Array),
+    Str(&'a StringArray),
+    /// Nested values stored as JSON text.
+    Json(&'a StringArray),
+}
+
+struct Column<'a> {
+    name: &'a str,
+    nulls: &'a dyn Array,
+    values: Cells<'a>,
+}
+
+/// Rows deserialized straight from the Arrow columns: no map or JSON value
+/// per row (reading 100,000 score rows was mostly allocation before).
+mod rows {
+    use super::{Cells, Column};
+    use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, Visitor};
+    use serde::forward_to_deserialize_any;
+
+    type Error = serde_json::Error;
+
+    pub struct Row<'c, 'a> {
+        pub cols: &'c [Column<'a>],
+        pub row: usize,
+    }
+
+    impl<'de> de::Deserializer<'de> for Row<'_, '_> {
+        type Error = Error;
+        fn deserialize_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+            v.visit_map(Fields {
+                cols: self.cols,
+                row: self.row,
+                next: 0,
+            })
+        }
+        forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map struct enum identifier ignored_any
+        }
+    }
+
+    struct Fields<'c, 'a> {
+        cols: &'c [Column<'a>],
+        row: usize,
+        next: usize,
+    }
+
+    impl<'de> MapAccess<'de> for Fields<'_, '_> {
+        type Error = Error;
+        fn next_key_seed<K: DeserializeSeed<'de>>(
+            &mut self,
+            seed: K,
+        ) -> Result<Option<K::Value>, Error> {
+            match self.cols.get(self.next) {
+                Some(c) => seed.deserialize(c.name.into_deserializer()).map(Some),
+                None => Ok(None),
+            }
+        }
+        fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, Error> {
+            let col = &self.cols[self.next];
+            self.next += 1;
+            seed.deserialize(Cell { col, row: self.row })
+        }
+    }
+
+    struct Cell<'c, 'a> {
+        col: &'c Column<'a>,
+        row: usize,
+    }
+
+    impl Cell<'_, '_> {
+        fn is_null(&self) -> bool {
+            self.col.nulls.is_null(self.row)
+        }
+    }
+
+    impl<'de> de::Deserializer<'de> for Cell<'_, '_> {
+        type Error = Error;
+        fn deserialize_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+            if self.is_null() {
+                return v.visit_unit();
+            }
+            let i = self.row;
+            match &self.col.values {
+                Cells::Bool(a) => v.visit_bool(a.value(i)),
+                Cells::Int(a) => v.visit_i64(a.value(i)),
+                Cells::Float(a) => v.visit_f64(a.value(i)),
+                Cells::Str(a) => v.visit_str(a.value(i)),
+                Cells::Json(a) => {
+                    let value: serde_json::Value = serde_json::from_str(a.value(i))?;
+                    de::Deserializer::deserialize_any(value, v)
+                }
+            }
+        }
+        fn deserialize_option<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+            if self.is_null() {
+                v.visit_none()
+            } else {
+                v.visit_some(self)
+            }
+        }
+        fn deserialize_enum<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            variants: &'static [&'static str],
+            v: V,
+        ) -> Result<V::Value, Error> {
+            match &self.col.values {
+                Cells::Str(a) if !self.is_null() => {
+                    let s: &str = a.value(self.row);
+                    let d: de::value::StrDeserializer<'_, Error> = s.into_deserializer();
+                    de::Deserializer::deserialize_enum(d, name, variants, v)
+                }
+                Cells::Json(a) if !self.is_null() => {
+                    let value: serde_json::Value = serde_json::from_str(a.value(self.row))?;
+                    de::Deserializer::deserialize_enum(value, name, variants, v)
+                }
+                _ => self.deserialize_any(v),
+            }
+        }
+        forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf unit unit_struct newtype_struct seq tuple
+            tuple_struct map struct identifier ignored_any
+        }
+    }
 }
 
 fn downcast<A: 'static>(col: &ArrayRef) -> Result<&A> {
