@@ -58,6 +58,63 @@ pub fn count_many(bpe: &CoreBPE, texts: &[&str]) -> Vec<usize> {
     par_map(texts, |t| count_tokens(bpe, t))
 }
 
+/// A tiktoken encoding built anew, sharing nothing with the singleton.
+fn fresh_encoding(name: &str) -> Option<CoreBPE> {
+    match name {
+        "cl100k_base" => tiktoken_rs::cl100k_base().ok(),
+        "o200k_base" => tiktoken_rs::o200k_base().ok(),
+        _ => None,
+    }
+}
+
+/// Counts tokens of many texts with the encoding `name` on all cores, in
+/// input order. The singleton's regexes are shared between its clones, and
+/// two threads on one regex contend for its match cache (two threads took
+/// longer than one), so every thread past the first builds its own encoding
+/// — worth it only for large inputs; texts are handed out in small batches,
+/// so a thread still building its encoding takes fewer.
+pub fn count_many_named(bpe: &CoreBPE, name: &str, texts: &[&str]) -> Vec<usize> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let bytes: usize = texts.iter().map(|t| t.len()).sum();
+    let workers = threads().min(texts.len());
+    if workers < 2 || bytes < (4 << 20) {
+        return texts.iter().map(|t| count_tokens(bpe, t)).collect();
+    }
+    const BATCH: usize = 8;
+    let next = AtomicUsize::new(0);
+    let mut out = vec![0usize; texts.len()];
+    let work = |enc: &CoreBPE| {
+        let mut got = Vec::new();
+        loop {
+            let start = next.fetch_add(BATCH, Ordering::Relaxed);
+            if start >= texts.len() {
+                return got;
+            }
+            for (i, t) in texts.iter().enumerate().skip(start).take(BATCH) {
+                got.push((i, count_tokens(enc, t)));
+            }
+        }
+    };
+    let work = &work;
+    let parts: Vec<Vec<(usize, usize)>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (1..workers)
+            .map(|_| {
+                s.spawn(move || match fresh_encoding(name) {
+                    Some(own) => work(&own),
+                    None => work(bpe),
+                })
+            })
+            .collect();
+        let mut parts = vec![work(bpe)];
+        parts.extend(hs.into_iter().map(|h| h.join().expect("tokenizer thread")));
+        parts
+    });
+    for (i, n) in parts.into_iter().flatten() {
+        out[i] = n;
+    }
+    out
+}
+
 /// A tokenizer of any kind.
 #[derive(Clone)]
 pub enum Tok {
@@ -240,8 +297,8 @@ impl Tok {
 
     /// Token counts of many texts, in order; slow kinds go through the count cache.
     pub fn count_many(&self, texts: &[&str], cache_root: Option<&Path>) -> Result<Vec<usize>> {
-        if let Tok::Tiktoken(bpe, _) = self {
-            return Ok(count_many(bpe, texts));
+        if let Tok::Tiktoken(bpe, name) = self {
+            return Ok(count_many_named(bpe, name, texts));
         }
         // The count cache is only a cache: if it cannot be opened or read
         // (damaged, say), counting goes on without it.
@@ -393,5 +450,15 @@ mod tests {
         // "918273 918273" is 918 · 273 · " " · 918 · 273.
         let texts = ["a", "hello world", "", "918273 918273"];
         assert_eq!(count_many(cl, &texts), vec![1, 2, 0, 5]);
+        // Large inputs go through per-thread encodings; the counts are the same.
+        let big: Vec<String> = (0..600)
+            .map(|i| format!("{i} {}", "token counting at scale, ".repeat(400)))
+            .collect();
+        let big: Vec<&str> = big.iter().map(String::as_str).collect();
+        assert!(big.iter().map(|t| t.len()).sum::<usize>() > 4 << 20);
+        assert_eq!(
+            count_many_named(cl, "cl100k_base", &big),
+            count_many(cl, &big)
+        );
     }
 }
