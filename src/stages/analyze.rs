@@ -173,6 +173,25 @@ pub fn analyze(
             }
         }
     }
+    // One draw of resamples per bin, shared by its cells (paired design):
+    // sized for the bin's reference examples.
+    let shared: BTreeMap<i64, stats::SharedResamples> = bins
+        .iter()
+        .filter_map(|b| {
+            let n = jobs
+                .iter()
+                .find(|j| j.bin.bin_idx == b.bin_idx)
+                .map(|j| j.reference_rows.len())?;
+            Some((
+                b.bin_idx,
+                stats::SharedResamples::draw(
+                    n,
+                    iters,
+                    &SplitMix64::for_cell(a.bootstrap.seed, &format!("delta-bin/{}", b.bin_idx)),
+                ),
+            ))
+        })
+        .collect();
     let run = |j: &Job| -> BinStat {
         let label = format!("{}/{}/{}", j.policy, j.budget, j.bin.bin_idx);
         let seed = a.bootstrap.seed;
@@ -195,23 +214,31 @@ pub fn analyze(
                 &mut SplitMix64::for_cell(seed, &format!("mean/{label}")),
             )
         };
-        // Pair by example: only examples answered at both budgets.
-        let (ra, rb): (Vec<f64>, Vec<f64>) = j
+        // Pair by example (only examples answered at both budgets), in
+        // example order, so every cell of the bin lines up with its resamples.
+        let mut pairs: Vec<(&str, f64, f64)> = j
             .rows
             .iter()
             .filter_map(|r| {
                 j.reference_rows
                     .get(r.example_id.as_str())
-                    .map(|x| (*x, r.score))
+                    .map(|x| (r.example_id.as_str(), *x, r.score))
             })
-            .unzip();
-        let ev = stats::bin_evidence(
-            &ra,
-            &rb,
-            iters,
-            a.bootstrap.ci,
-            &mut SplitMix64::for_cell(seed, &format!("delta/{label}")),
-        );
+            .collect();
+        pairs.sort_by(|x, y| x.0.cmp(y.0));
+        let (ra, rb): (Vec<f64>, Vec<f64>) = pairs.iter().map(|p| (p.1, p.2)).unzip();
+        let ev = match shared.get(&j.bin.bin_idx) {
+            Some(res) if res.n == ra.len() => {
+                stats::bin_evidence_shared(&ra, &rb, res, a.bootstrap.ci)
+            }
+            _ => stats::bin_evidence(
+                &ra,
+                &rb,
+                iters,
+                a.bootstrap.ci,
+                &mut SplitMix64::for_cell(seed, &format!("delta/{label}")),
+            ),
+        };
         let d = stats::mean(&rb) - stats::mean(&ra);
         let (dlo, dhi) = (ev.lo, ev.hi);
         let is_reference = j.budget == j.reference && !j.policy.contains('+');
