@@ -35,7 +35,16 @@ fn spans(share: &[(String, f32)]) -> Vec<(String, bool)> {
 
 /// `report.html`: one self-contained file (no network, works from `file://`)
 /// with the report's summary and every example with each cell's answer.
-pub fn html(ctx: &Value, manifest: &Value, scores: &[ScoreRow]) -> String {
+/// Where the example explorer's data goes in the page (a JSON string value,
+/// replaced by the array when the file is composed).
+const EXAMPLES_SLOT: &str = "\"__KVT_EXAMPLES__\"";
+
+/// report.html in two parts: the page with the analysis (small, changes
+/// with every analysis setting) holding a slot for the example explorer, and
+/// the explorer's data (every example's answers; the same bytes until the
+/// data or the responses change, so the store keeps it once). The exported
+/// file is the page with the explorer put in its slot (`compose_export`).
+pub fn html_parts(ctx: &Value, manifest: &Value, scores: &[ScoreRow]) -> (String, String) {
     let mut by_example: BTreeMap<&str, Vec<&ScoreRow>> = BTreeMap::new();
     for r in scores {
         by_example.entry(r.example_id.as_str()).or_default().push(r);
@@ -105,11 +114,17 @@ pub fn html(ctx: &Value, manifest: &Value, scores: &[ScoreRow]) -> String {
         "bin_labels": ctx["bin_labels"],
         "compact": ctx["compact"],
         "transitions": ctx["transitions"],
-        "examples": examples,
+        "examples": "__KVT_EXAMPLES__",
     });
     // `</` cannot appear inside the script element.
     let json = data.to_string().replace("</", "<\\/");
-    HTML.replace("__KVT_DATA__", &json)
+    let explorer = Value::from(examples).to_string().replace("</", "<\\/");
+    (HTML.replace("__KVT_DATA__", &json), explorer)
+}
+
+/// The whole report.html: the page with the explorer in its slot.
+pub fn compose_html(page: &str, explorer: &str) -> String {
+    page.replacen(EXAMPLES_SLOT, explorer, 1)
 }
 
 fn f2(x: Option<f64>) -> String {
@@ -519,8 +534,9 @@ impl Op for Report {
     fn name(&self) -> &'static str {
         "report"
     }
+    /// 8: report.html is composed from the page and the example explorer.
     fn version(&self) -> u32 {
-        7
+        8
     }
     fn check(
         &self,
@@ -556,9 +572,27 @@ impl Op for Report {
         let md = render(&c)?;
         ctx.put("report", md.as_bytes())?;
         ctx.export("report", format!("runs/{exp}/report.md"));
-        let page = html(&c, &manifest, &scores);
+        let (page, explorer) = html_parts(&c, &manifest, &scores);
         ctx.put("report_html", page.as_bytes())?;
-        ctx.export("report_html", format!("runs/{exp}/report.html"));
+        ctx.put("explorer", explorer.as_bytes())?;
+        ctx.export_composed(
+            "report_html",
+            &["explorer"],
+            format!("runs/{exp}/report.html"),
+        );
+        Ok(())
+    }
+    fn compose_export(&self, file: &std::path::Path, overlays: &[Vec<u8>]) -> Result<()> {
+        let [explorer] = overlays else {
+            anyhow::bail!("report.html composes one overlay, got {}", overlays.len());
+        };
+        let page = std::fs::read_to_string(file)?;
+        anyhow::ensure!(
+            page.contains(EXAMPLES_SLOT),
+            "report.html's page has no slot for the example explorer"
+        );
+        let explorer = std::str::from_utf8(explorer)?;
+        std::fs::write(file, compose_html(&page, explorer))?;
         Ok(())
     }
 }
