@@ -172,15 +172,6 @@ impl FaultServer {
             attempts: Mutex::new(HashMap::new()),
             auth: Mutex::new(Vec::new()),
         });
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = format!("http://{}", listener.local_addr().unwrap());
         let app = axum::Router::new()
             .route("/v1/chat/completions", axum::routing::post(chat))
             .route(
@@ -190,7 +181,7 @@ impl FaultServer {
                 }),
             )
             .with_state(st.clone());
-        rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let (addr, rt) = serve_router(app);
         FaultServer { addr, st, _rt: rt }
     }
     fn attempts(&self) -> HashMap<String, Vec<Instant>> {

@@ -46,19 +46,12 @@ fn a_build_killed_before_its_batch_commits_re_asks_that_batch_once_and_records_i
         answered: AtomicUsize::new(0),
         attempts: Mutex::new(HashMap::new()),
     });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let url = format!("http://{}/v1", listener.local_addr().unwrap());
-    let app = axum::Router::new()
-        .route("/v1/chat/completions", axum::routing::post(chat))
-        .with_state(st.clone());
-    rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let (addr, _rt) = serve_router(
+        axum::Router::new()
+            .route("/v1/chat/completions", axum::routing::post(chat))
+            .with_state(st.clone()),
+    );
+    let url = format!("{addr}/v1");
 
     let p = Project::new();
     p.write(

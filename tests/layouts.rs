@@ -55,20 +55,16 @@ fn serve(answers: &[(&str, &str)]) -> Server {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
     });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let url = format!("http://{}/v1", listener.local_addr().unwrap());
-    let app = axum::Router::new()
-        .route("/v1/chat/completions", axum::routing::post(chat))
-        .with_state(st.clone());
-    rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
-    Server { url, st, _rt: rt }
+    let (addr, rt) = serve_router(
+        axum::Router::new()
+            .route("/v1/chat/completions", axum::routing::post(chat))
+            .with_state(st.clone()),
+    );
+    Server {
+        url: format!("{addr}/v1"),
+        st,
+        _rt: rt,
+    }
 }
 
 /// Builds the experiment against the server; returns (example id → score,

@@ -102,32 +102,50 @@ pub fn materialize(ws: &Workspace, rec: &ActionRecord, op: &dyn super::op::Op) -
             })
             .collect::<Result<Vec<_>>>()?;
         let dest = ws.root.join(path);
-        if !over.is_empty() {
-            // The file's identity: the base and its overlays, in order.
-            let mut ident = out.digest.hex();
+        // The file's identity: the artifact's digest, or for a composed
+        // export the digest of the base and its overlays, in order.
+        let ident = if over.is_empty() {
+            out.digest
+        } else {
+            let mut parts = out.digest.hex();
             for o in &over {
-                ident.push(' ');
-                ident.push_str(&o.digest.hex());
+                parts.push(' ');
+                parts.push_str(&o.digest.hex());
             }
-            let ident = super::digest::Digest::of(ident.as_bytes());
-            let stamp_path = ws
-                .cache_root
-                .join(super::store::STORE_FORMAT)
-                .join("exports")
-                .join(super::digest::Digest::of(path.as_bytes()).to_string());
-            let stamp_now = || -> Option<String> {
-                let m = std::fs::metadata(&dest).ok()?;
-                let mtime = m
-                    .modified()
-                    .ok()?
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .ok()?;
-                Some(format!("{ident} {} {}", m.len(), mtime.as_nanos()))
-            };
-            if stamp_now().is_some() && std::fs::read_to_string(&stamp_path).ok() == stamp_now() {
+            super::digest::Digest::of(parts.as_bytes())
+        };
+        // A stamp remembers (identity, size, mtime) of the file as kvt last
+        // left it: an unchanged file is not read again on a no-op build.
+        let stamp_path = ws
+            .cache_root
+            .join(super::store::STORE_FORMAT)
+            .join("exports")
+            .join(super::digest::Digest::of(path.as_bytes()).to_string());
+        let stamp_now = || -> Option<String> {
+            let m = std::fs::metadata(&dest).ok()?;
+            let mtime = m
+                .modified()
+                .ok()?
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()?;
+            Some(format!("{ident} {} {}", m.len(), mtime.as_nanos()))
+        };
+        if let (Some(now), Ok(then)) = (stamp_now(), std::fs::read_to_string(&stamp_path)) {
+            if now == then {
                 continue;
             }
-            let dir = dest.parent().unwrap_or(&ws.root);
+        }
+        // The temporary file sits beside its destination, so the rename
+        // never crosses filesystems (the cache may live on another disk).
+        let dir = dest.parent().unwrap_or(&ws.root);
+        if over.is_empty() {
+            let current = std::fs::read(&dest).ok();
+            if current.as_deref().map(super::digest::Digest::of) != Some(out.digest) {
+                let bytes = ws.store.get(&out.digest)?;
+                write_atomic_named(dir, &dest, &bytes)
+                    .with_context(|| format!("writing `{path}`"))?;
+            }
+        } else {
             std::fs::create_dir_all(dir)?;
             let tmp = dir.join(format!(
                 ".{}.{}.tmp",
@@ -149,47 +167,10 @@ pub fn materialize(ws: &Workspace, rec: &ActionRecord, op: &dyn super::op::Op) -
                 let _ = std::fs::remove_file(&tmp);
             }
             result?;
-            if let Some(stamp) = stamp_now() {
-                if let Some(d) = stamp_path.parent() {
-                    let _ = std::fs::create_dir_all(d);
-                }
-                let _ = std::fs::write(&stamp_path, stamp);
-            }
-            continue;
         }
-        // A stamp remembers (digest, size, mtime) of the file as kvt last left
-        // it: an unchanged file is not read again on a no-op build.
-        let stamp_path = ws
-            .cache_root
-            .join(super::store::STORE_FORMAT)
-            .join("exports")
-            .join(super::digest::Digest::of(path.as_bytes()).to_string());
-        let stamp_of = |d: &super::digest::Digest| -> Option<String> {
-            let m = std::fs::metadata(&dest).ok()?;
-            let mtime = m
-                .modified()
-                .ok()?
-                .duration_since(std::time::UNIX_EPOCH)
-                .ok()?;
-            Some(format!("{d} {} {}", m.len(), mtime.as_nanos()))
-        };
-        if let (Some(now), Ok(then)) = (stamp_of(&out.digest), std::fs::read_to_string(&stamp_path))
-        {
-            if now == then {
-                continue;
-            }
-        }
-        let current = std::fs::read(&dest).ok();
-        if current.as_deref().map(super::digest::Digest::of) != Some(out.digest) {
-            let bytes = ws.store.get(&out.digest)?;
-            // The temporary file sits beside its destination, so the rename
-            // never crosses filesystems (the cache may live on another disk).
-            let dir = dest.parent().unwrap_or(&ws.root);
-            write_atomic_named(dir, &dest, &bytes).with_context(|| format!("writing `{path}`"))?;
-        }
-        if let Some(stamp) = stamp_of(&out.digest) {
-            if let Some(dir) = stamp_path.parent() {
-                let _ = std::fs::create_dir_all(dir);
+        if let Some(stamp) = stamp_now() {
+            if let Some(d) = stamp_path.parent() {
+                let _ = std::fs::create_dir_all(d);
             }
             let _ = std::fs::write(&stamp_path, stamp);
         }

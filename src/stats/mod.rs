@@ -28,17 +28,26 @@ pub fn mean(v: &[f64]) -> f64 {
 
 /// Bootstrap means of `values`: `iters` resamples with replacement.
 pub fn bootstrap_means(values: &[f64], iters: usize, rng: &mut SplitMix64) -> Vec<f64> {
+    resample_means(values, iters, rng)
+}
+
+/// The resampling loop for any summable value: integers for right/wrong
+/// differences, floats otherwise; the same draws either way.
+fn resample_means<T>(values: &[T], iters: usize, rng: &mut SplitMix64) -> Vec<f64>
+where
+    T: Copy + Default + std::ops::AddAssign + std::ops::Add<Output = T> + Into<f64>,
+{
     let n = values.len();
     if n == 0 {
         return vec![];
     }
     let nn = n as u64;
-    let mut out = Vec::with_capacity(iters);
     let idx = |r: u64| ((r * nn) >> 32) as usize;
+    let mut out = Vec::with_capacity(iters);
     for _ in 0..iters {
         // Two indices per 64-bit draw (Lemire's multiply-shift on 32-bit
         // halves), four partial sums so the additions do not wait on each other.
-        let mut acc = [0.0f64; 4];
+        let mut acc = [T::default(); 4];
         let mut i = 0;
         while i + 4 <= n {
             let (r1, r2) = (rng.next_u64(), rng.next_u64());
@@ -52,7 +61,7 @@ pub fn bootstrap_means(values: &[f64], iters: usize, rng: &mut SplitMix64) -> Ve
             acc[0] += values[idx(rng.next_u64() & 0xFFFF_FFFF)];
             i += 1;
         }
-        let sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        let sum: f64 = ((acc[0] + acc[1]) + (acc[2] + acc[3])).into();
         out.push(sum / n as f64);
     }
     out
@@ -262,7 +271,7 @@ impl SharedResamples {
         let counts = d.iter().all(|&x| x == 0.0 || x == 1.0 || x == -1.0);
         let mut means = if counts {
             let small: Vec<i32> = d.iter().map(|&x| x as i32).collect();
-            bootstrap_count_means(&small, self.iters, &mut rng)
+            resample_means(&small, self.iters, &mut rng)
         } else {
             bootstrap_means(d, self.iters, &mut rng)
         };
@@ -275,60 +284,10 @@ impl SharedResamples {
     }
 }
 
-/// [`bootstrap_means`] for small integers (the same draws, integer sums).
-fn bootstrap_count_means(values: &[i32], iters: usize, rng: &mut SplitMix64) -> Vec<f64> {
-    let n = values.len();
-    if n == 0 {
-        return vec![];
-    }
-    let nn = n as u64;
-    let idx = |r: u64| ((r * nn) >> 32) as usize;
-    (0..iters)
-        .map(|_| {
-            let mut acc = [0i32; 4];
-            let mut i = 0;
-            while i + 4 <= n {
-                let (r1, r2) = (rng.next_u64(), rng.next_u64());
-                acc[0] += values[idx(r1 & 0xFFFF_FFFF)];
-                acc[1] += values[idx(r1 >> 32)];
-                acc[2] += values[idx(r2 & 0xFFFF_FFFF)];
-                acc[3] += values[idx(r2 >> 32)];
-                i += 4;
-            }
-            while i < n {
-                acc[0] += values[idx(rng.next_u64() & 0xFFFF_FFFF)];
-                i += 1;
-            }
-            ((acc[0] + acc[1]) + (acc[2] + acc[3])) as f64 / n as f64
-        })
-        .collect()
-}
-
 /// [`bin_evidence`] with the bin's shared resamples (`a` and `b` aligned
 /// with the examples they were drawn for).
 pub fn bin_evidence_shared(a: &[f64], b: &[f64], res: &SharedResamples, ci: f64) -> BinEvidence {
-    let n = a.len();
-    if n == 0 {
-        return BinEvidence {
-            lo: f64::NAN,
-            hi: f64::NAN,
-            loss_ub: 1.0,
-            loss: f64::NAN,
-            reference_mean: f64::NAN,
-            ..Default::default()
-        };
-    }
-    let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| y - x).collect();
-    let (lo, hi) = res.mean_ci(&d, ci);
-    let losses: f64 = a.iter().zip(b).map(|(x, y)| (x - y).max(0.0)).sum();
-    BinEvidence {
-        n,
-        lo,
-        hi,
-        loss_ub: clopper_pearson_upper(losses, n, 1.0 - (1.0 - ci) / 2.0),
-        loss: losses / n as f64,
-        reference_mean: mean(a),
-    }
+    evidence(a, b, ci, |d| res.mean_ci(d, ci))
 }
 
 pub fn bin_evidence(
@@ -337,6 +296,17 @@ pub fn bin_evidence(
     iters: usize,
     ci: f64,
     rng: &mut SplitMix64,
+) -> BinEvidence {
+    evidence(a, b, ci, |d| bootstrap_ci(d, iters, ci, rng))
+}
+
+/// A bin's evidence from paired scores, with `delta_ci` giving the CI of the
+/// mean of the differences b − a.
+fn evidence(
+    a: &[f64],
+    b: &[f64],
+    ci: f64,
+    delta_ci: impl FnOnce(&[f64]) -> (f64, f64),
 ) -> BinEvidence {
     let n = a.len();
     if n == 0 {
@@ -349,7 +319,8 @@ pub fn bin_evidence(
             ..Default::default()
         };
     }
-    let (_, lo, hi) = paired_delta_ci(a, b, iters, ci, rng);
+    let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| y - x).collect();
+    let (lo, hi) = delta_ci(&d);
     let losses: f64 = a.iter().zip(b).map(|(x, y)| (x - y).max(0.0)).sum();
     BinEvidence {
         n,

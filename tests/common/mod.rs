@@ -255,3 +255,20 @@ impl Drop for Served {
         let _ = self.child.wait();
     }
 }
+
+/// Serves `app` on a free loopback port from a runtime of its own (two
+/// worker threads); returns `http://127.0.0.1:PORT` and the runtime, which
+/// stops the server when dropped.
+pub fn serve_router(app: axum::Router) -> (String, tokio::runtime::Runtime) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, rt)
+}
