@@ -82,6 +82,31 @@ fn copy_verified(ws: &Workspace, d: &super::digest::Digest, dest: &std::path::Pa
     Ok(())
 }
 
+/// What kvt remembers of an exported file as it last left it: its identity
+/// (artifact digest, or base and overlays combined), "size mtime", and the
+/// base artifact's digest (equal to the identity for a plain export).
+struct Stamp {
+    ident: String,
+    file: String,
+    base: String,
+}
+
+impl Stamp {
+    fn line(&self) -> String {
+        format!("{} {} {}", self.ident, self.file, self.base)
+    }
+    fn parse(line: &str) -> Option<Stamp> {
+        let mut it = line.split(' ');
+        let (ident, size, mtime) = (it.next()?, it.next()?, it.next()?);
+        Some(Stamp {
+            ident: ident.to_string(),
+            file: format!("{size} {mtime}"),
+            // Stamps from before the base was recorded: never in place.
+            base: it.next().unwrap_or_default().to_string(),
+        })
+    }
+}
+
 /// Keeps exported files (sinks outside the cache) equal to their artifacts,
 /// or to the op's composition of an artifact and its overlays.
 pub fn materialize(ws: &Workspace, rec: &ActionRecord, op: &dyn super::op::Op) -> Result<()> {
@@ -121,19 +146,23 @@ pub fn materialize(ws: &Workspace, rec: &ActionRecord, op: &dyn super::op::Op) -
             .join(super::store::STORE_FORMAT)
             .join("exports")
             .join(super::digest::Digest::of(path.as_bytes()).to_string());
-        let stamp_now = || -> Option<String> {
+        // The file as it is now: "size mtime", or None when it is missing.
+        let file_now = || -> Option<String> {
             let m = std::fs::metadata(&dest).ok()?;
             let mtime = m
                 .modified()
                 .ok()?
                 .duration_since(std::time::UNIX_EPOCH)
                 .ok()?;
-            Some(format!("{ident} {} {}", m.len(), mtime.as_nanos()))
+            Some(format!("{} {}", m.len(), mtime.as_nanos()))
         };
-        if let (Some(now), Ok(then)) = (stamp_now(), std::fs::read_to_string(&stamp_path)) {
-            if now == then {
-                continue;
-            }
+        let stamp_then = std::fs::read_to_string(&stamp_path).ok();
+        let stamp_then = stamp_then.as_deref().and_then(Stamp::parse);
+        let untouched = stamp_then
+            .as_ref()
+            .is_some_and(|s| Some(s.file.as_str()) == file_now().as_deref());
+        if untouched && stamp_then.as_ref().is_some_and(|s| s.ident == ident.hex()) {
+            continue;
         }
         // The temporary file sits beside its destination, so the rename
         // never crosses filesystems (the cache may live on another disk).
@@ -145,6 +174,19 @@ pub fn materialize(ws: &Workspace, rec: &ActionRecord, op: &dyn super::op::Op) -
                 write_atomic_named(dir, &dest, &bytes)
                     .with_context(|| format!("writing `{path}`"))?;
             }
+        } else if untouched
+            && stamp_then.as_ref().is_some_and(|s| s.base == out.digest.hex())
+            && op
+                .recompose_in_place(
+                    &dest,
+                    &over
+                        .iter()
+                        .map(|o| ws.store.get(&o.digest))
+                        .collect::<Result<Vec<_>>>()?,
+                )
+                .with_context(|| format!("updating `{path}` in place"))?
+        {
+            // The file held this base, as kvt left it: only its overlays changed.
         } else {
             std::fs::create_dir_all(dir)?;
             let tmp = dir.join(format!(
@@ -168,11 +210,16 @@ pub fn materialize(ws: &Workspace, rec: &ActionRecord, op: &dyn super::op::Op) -
             }
             result?;
         }
-        if let Some(stamp) = stamp_now() {
+        if let Some(file) = file_now() {
             if let Some(d) = stamp_path.parent() {
                 let _ = std::fs::create_dir_all(d);
             }
-            let _ = std::fs::write(&stamp_path, stamp);
+            let stamp = Stamp {
+                ident: ident.hex(),
+                file,
+                base: out.digest.hex(),
+            };
+            let _ = std::fs::write(&stamp_path, stamp.line());
         }
     }
     Ok(())

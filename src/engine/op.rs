@@ -32,6 +32,15 @@ pub trait Op: Send + Sync {
     fn compose_export(&self, _file: &Path, _overlays: &[Vec<u8>]) -> Result<()> {
         bail!("op `{}` does not compose exports", self.name())
     }
+    /// Updates a composed export in place: `file` already holds this op's
+    /// composition of the same base artifact with earlier overlays, exactly
+    /// as kvt left it. Replaces the overlays' part with `overlays`,
+    /// atomically (a crash leaves the old composition or the new one), and
+    /// returns true; returns false when the op can only compose from a
+    /// fresh copy of the base.
+    fn recompose_in_place(&self, _file: &Path, _overlays: &[Vec<u8>]) -> Result<bool> {
+        Ok(false)
+    }
     /// Called for every node when the plan is built, before anything runs:
     /// an op that reads its configuration as typed slices checks here that
     /// the stage's `uses` and `transport` lists give exactly what it reads

@@ -321,6 +321,11 @@ pub fn write_base(path: &std::path::Path, s: &BaseInput) -> Result<serde_json::M
         .filter(|t| !OVERLAY_TABLES.contains(t))
         .collect();
     let counts = row_counts(&tx, &base)?;
+    // Checked once here; composing checks only the overlay's tables.
+    let broken: i64 = tx.query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |r| {
+        r.get(0)
+    })?;
+    anyhow::ensure!(broken == 0, "{broken} rows of the base violate a foreign key");
     tx.commit()?;
     conn.close().map_err(|(_, e)| e)?;
     Ok(counts)
@@ -412,29 +417,55 @@ pub fn write_overlay(
     Ok(counts)
 }
 
-/// Copies the overlay's tables into `file` (a private copy of the base) in
-/// one transaction, then checks every foreign key of the whole file.
-pub fn compose(file: &std::path::Path, overlay: &std::path::Path) -> Result<()> {
+/// Replaces the overlay's tables in `file` (the base, or an earlier
+/// composition of it) in one transaction, which commits only when every
+/// foreign key holds (the base's own were checked when it was written).
+/// `in_place`: `file` is the user's exported database, so the change goes
+/// through SQLite's rollback journal and is synced; otherwise `file` is a
+/// private copy renamed into place afterwards, and needs neither.
+pub fn compose(file: &std::path::Path, overlay: &std::path::Path, in_place: bool) -> Result<()> {
     let mut conn = Connection::open(file)?;
-    conn.execute_batch("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")?;
-    conn.execute(
-        "ATTACH DATABASE ?1 AS ov",
-        [overlay.to_string_lossy().to_string()],
-    )?;
-    let tx = conn.transaction()?;
-    for t in OVERLAY_TABLES {
-        tx.execute(&format!("DELETE FROM main.{t}"), [])?;
-        tx.execute(&format!("INSERT INTO main.{t} SELECT * FROM ov.{t}"), [])?;
+    if in_place {
+        conn.execute_batch("PRAGMA journal_mode = DELETE; PRAGMA synchronous = FULL;")?;
+    } else {
+        conn.execute_batch("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")?;
     }
-    tx.commit()?;
-    conn.execute("DETACH DATABASE ov", [])?;
-    let broken: i64 = conn.query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |r| {
-        r.get(0)
-    })?;
-    anyhow::ensure!(broken == 0, "{broken} rows violate a foreign key");
+    // The overlay's rows, read through their own connection (an attached
+    // database's schema would take part in the foreign-key checks).
+    let ov = Connection::open_with_flags(overlay, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let mut tables = Vec::new();
+    for t in OVERLAY_TABLES {
+        let mut st = ov.prepare(&format!("SELECT * FROM {t}"))?;
+        let width = st.column_count();
+        let rows = st
+            .query_map([], |r| {
+                (0..width)
+                    .map(|i| r.get::<_, rusqlite::types::Value>(i))
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        tables.push((t, width, rows));
+    }
+    // SQLite counts the violations as rows change and refuses the commit
+    // while any remain (the whole file stays as it was).
+    conn.execute_batch("PRAGMA foreign_keys = ON;")?;
+    let tx = conn.transaction()?;
+    tx.execute_batch("PRAGMA defer_foreign_keys = ON;")?;
+    for (t, width, rows) in &tables {
+        tx.execute(&format!("DELETE FROM {t}"), [])?;
+        let marks = vec!["?"; *width].join(", ");
+        let mut ins = tx.prepare(&format!("INSERT INTO {t} VALUES ({marks})"))?;
+        for row in rows {
+            ins.execute(rusqlite::params_from_iter(row))?;
+        }
+    }
+    tx.commit()
+        .context("the analysis tables do not fit the base (a foreign key fails)")?;
     conn.close().map_err(|(_, e)| e)?;
-    // Durable before the rename into place.
-    std::fs::File::open(file)?.sync_all()?;
+    if !in_place {
+        // Durable before the rename into place.
+        std::fs::File::open(file)?.sync_all()?;
+    }
     Ok(())
 }
 
@@ -566,16 +597,26 @@ impl Op for Sqlite {
         Ok(())
     }
     fn compose_export(&self, file: &std::path::Path, overlays: &[Vec<u8>]) -> Result<()> {
-        let [analysis] = overlays else {
-            anyhow::bail!(
-                "the SQLite sink composes one overlay, got {}",
-                overlays.len()
-            );
-        };
-        let ov = file.with_extension("analysis.tmp");
-        std::fs::write(&ov, analysis)?;
-        let result = compose(file, &ov);
-        let _ = std::fs::remove_file(&ov);
-        result
+        apply(file, overlays, false)
     }
+    /// The analysis tables are replaced in one transaction: an analysis
+    /// change never copies the base.
+    fn recompose_in_place(&self, file: &std::path::Path, overlays: &[Vec<u8>]) -> Result<bool> {
+        apply(file, overlays, true).map(|()| true)
+    }
+}
+
+/// The sink's one overlay (the analysis tables) applied to `file`.
+fn apply(file: &std::path::Path, overlays: &[Vec<u8>], in_place: bool) -> Result<()> {
+    let [analysis] = overlays else {
+        anyhow::bail!(
+            "the SQLite sink composes one overlay, got {}",
+            overlays.len()
+        );
+    };
+    let ov = file.with_extension(format!("analysis.{}.tmp", std::process::id()));
+    std::fs::write(&ov, analysis)?;
+    let result = compose(file, &ov, in_place);
+    let _ = std::fs::remove_file(&ov);
+    result
 }
