@@ -106,6 +106,7 @@ fn rows(budgets: &[f64], bins: i64, per_bin: i64) -> (Vec<Bin>, Vec<ScoreRow>) {
 #[divan::bench]
 fn analyze_3_budgets_5_bins_200_examples_b2000(b: divan::Bencher) {
     let (bins, scores) = rows(&[1.0, 0.5, 0.2], 5, 200);
+    let scores: Vec<kvt::stages::score::ScoreCell> = scores.iter().map(Into::into).collect();
     let a = Analysis {
         bootstrap: Bootstrap {
             iters: 2000,

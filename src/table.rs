@@ -143,11 +143,66 @@ fn write_maps(rows: &[Map<String, Value>]) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Decodes a Parquet file written by [`write`] into rows.
+/// The field names of `T` when it deserializes as a plain struct (`None`
+/// for maps, structs with flattened parts and everything else).
+pub fn struct_fields<T: DeserializeOwned>() -> Option<&'static [&'static str]> {
+    use serde::de::{Deserializer, Visitor};
+    use std::cell::Cell;
+    struct Probe<'a>(&'a Cell<Option<&'static [&'static str]>>);
+    impl<'de> Deserializer<'de> for Probe<'_> {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(serde::de::Error::custom("not a plain struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            self.0.set(Some(fields));
+            Err(serde::de::Error::custom("probed"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map enum identifier ignored_any
+        }
+    }
+    let seen = Cell::new(None);
+    let _ = T::deserialize(Probe(&seen));
+    seen.get()
+}
+
+/// Decodes a Parquet file written by [`write`] into rows. When `T` is a
+/// plain struct only its columns are decoded, so a narrow view of a wide
+/// table (the analysis's view of the score rows) skips the rest.
 pub fn read<T: DeserializeOwned>(bytes: &[u8]) -> Result<Vec<T>> {
-    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::copy_from_slice(bytes))
-        .context("not a Parquet table")?
-        .build()?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::copy_from_slice(bytes))
+        .context("not a Parquet table")?;
+    let builder = match struct_fields::<T>() {
+        // Every row still needs a column to count it by.
+        Some(fields)
+            if builder
+                .schema()
+                .fields()
+                .iter()
+                .any(|f| fields.contains(&f.name().as_str())) =>
+        {
+            let roots: Vec<usize> = builder
+                .schema()
+                .fields()
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| fields.contains(&f.name().as_str()))
+                .map(|(i, _)| i)
+                .collect();
+            let mask = parquet::arrow::ProjectionMask::roots(builder.parquet_schema(), roots);
+            builder.with_projection(mask)
+        }
+        _ => builder,
+    };
+    let reader = builder.build()?;
     let mut out = Vec::new();
     for batch in reader {
         let batch = batch?;
@@ -337,6 +392,68 @@ mod tests {
         ok: bool,
         tags: Vec<String>,
         meta: Map<String, Value>,
+    }
+
+    #[test]
+    fn a_narrow_view_decodes_only_its_columns_and_reads_the_same_values() {
+        #[derive(Debug, PartialEq, Deserialize)]
+        struct Narrow {
+            id: String,
+            x: Option<f64>,
+        }
+        #[derive(Debug, Deserialize)]
+        struct Flat {
+            #[allow(dead_code)]
+            id: String,
+            #[serde(flatten)]
+            #[allow(dead_code)]
+            rest: Map<String, Value>,
+        }
+        assert_eq!(
+            struct_fields::<Row>(),
+            Some(&["id", "n", "x", "ok", "tags", "meta"][..])
+        );
+        assert_eq!(struct_fields::<Narrow>(), Some(&["id", "x"][..]));
+        assert_eq!(struct_fields::<Flat>(), None);
+        assert_eq!(struct_fields::<Map<String, Value>>(), None);
+        let rows: Vec<Row> = (0..3)
+            .map(|i| Row {
+                id: format!("r{i}"),
+                n: i,
+                x: (i != 1).then_some(i as f64 / 2.0),
+                ok: i % 2 == 0,
+                tags: vec!["a".into(); i as usize],
+                meta: Map::new(),
+            })
+            .collect();
+        let bytes = write(&rows).unwrap();
+        let narrow: Vec<Narrow> = read(&bytes).unwrap();
+        assert_eq!(
+            narrow,
+            vec![
+                Narrow {
+                    id: "r0".into(),
+                    x: Some(0.0)
+                },
+                Narrow {
+                    id: "r1".into(),
+                    x: None
+                },
+                Narrow {
+                    id: "r2".into(),
+                    x: Some(1.0)
+                },
+            ]
+        );
+        // A view that names no column of the table still counts its rows.
+        #[derive(Debug, PartialEq, Deserialize)]
+        struct Nothing {
+            #[serde(default)]
+            absent: Option<i64>,
+        }
+        assert_eq!(read::<Nothing>(&bytes).unwrap().len(), 3);
+        // The whole row still reads back whole.
+        assert_eq!(read::<Row>(&bytes).unwrap(), rows);
     }
 
     #[test]

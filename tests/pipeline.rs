@@ -88,7 +88,7 @@ fn count(c: &rusqlite::Connection, sql: &str) -> i64 {
 fn report_end_to_end_then_nothing_then_analysis_only() {
     let p = small_project();
     let out = build(&p, &[]);
-    assert_eq!(built_nodes(&out).len(), 14, "{}", stderr_of(&out));
+    assert_eq!(built_nodes(&out).len(), 15, "{}", stderr_of(&out));
     let s = served(&p);
     assert_eq!(s.len(), UNIQUE_REQUESTS);
     assert!(s.values().all(|&n| n == 1), "a request was sent twice");
@@ -170,7 +170,7 @@ fn report_end_to_end_then_nothing_then_analysis_only() {
     // Again: nothing runs, nothing is sent.
     let out = build(&p, &[]);
     assert!(built_nodes(&out).is_empty(), "{}", stderr_of(&out));
-    assert!(stderr_of(&out).contains("0 built, 14 fresh"));
+    assert!(stderr_of(&out).contains("0 built, 15 fresh"));
     assert_eq!(served(&p).values().sum::<usize>(), UNIQUE_REQUESTS);
 
     // Analysis change: only the analysis and its sinks rerun; zero requests.
@@ -467,7 +467,7 @@ fn lifecycle_commands_are_build_targets() {
     assert_eq!(run("analyze"), strs(&["analyze"]));
     assert_eq!(
         run("report"),
-        strs(&["plots", "report", "sqlite", "sqlite_base"])
+        strs(&["explorer", "plots", "report", "sqlite", "sqlite_base"])
     );
     assert!(run("all").is_empty());
     let out = p
@@ -709,9 +709,15 @@ analysis: {bootstrap: {iters: 200}}
         "the base holds most of the database"
     );
 
+    use std::os::unix::fs::MetadataExt;
+    let db_inode = std::fs::metadata(&db_path).unwrap().ino();
     let built = run(&["--set", "analysis.bootstrap.iters=300"]);
     assert!(built.contains(&"sqlite".to_string()), "{built:?}");
     assert!(!built.contains(&"sqlite_base".to_string()), "{built:?}");
+    // The report's data part (examples and responses) is not redone either.
+    assert!(!built.contains(&"explorer".to_string()), "{built:?}");
+    // The exported database was updated in place: the same file, not a copy.
+    assert_eq!(std::fs::metadata(&db_path).unwrap().ino(), db_inode);
     let after = objects_with_identity(&p);
     // Not rewritten: the same file, same inode, same modification time.
     assert_eq!(after.get(&base_path), Some(&base_id));
@@ -759,4 +765,32 @@ analysis: {bootstrap: {iters: 200}}
         })
         .unwrap();
     assert_eq!(fk, 0);
+    drop(c);
+
+    // A database the user changed is not patched: it is rebuilt from the
+    // base (a new file) with the analysis tables in.
+    let c = rusqlite::Connection::open(&db_path).unwrap();
+    c.execute_batch("CREATE TABLE mine (x); DELETE FROM bin_stats;")
+        .unwrap();
+    drop(c);
+    let built = run(&["--set", "analysis.bootstrap.iters=250"]);
+    assert!(built.contains(&"sqlite".to_string()), "{built:?}");
+    assert_ne!(std::fs::metadata(&db_path).unwrap().ino(), db_inode);
+    let c = rusqlite::Connection::open(&db_path).unwrap();
+    let mine: i64 = c
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name = 'mine'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(mine, 0);
+    let bins: i64 = c
+        .query_row("SELECT COUNT(*) FROM bin_stats", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(bins, 4 * 6);
+    let config: String = c
+        .query_row("SELECT config_json FROM experiments", [], |r| r.get(0))
+        .unwrap();
+    assert!(config.contains("\"iters\":250"), "{config}");
 }

@@ -175,7 +175,9 @@ pub fn materialize(ws: &Workspace, rec: &ActionRecord, op: &dyn super::op::Op) -
                     .with_context(|| format!("writing `{path}`"))?;
             }
         } else if untouched
-            && stamp_then.as_ref().is_some_and(|s| s.base == out.digest.hex())
+            && stamp_then
+                .as_ref()
+                .is_some_and(|s| s.base == out.digest.hex())
             && op
                 .recompose_in_place(
                     &dest,

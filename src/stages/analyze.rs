@@ -10,7 +10,7 @@ use crate::data::SplitMix64;
 use crate::engine::{Op, OpContext};
 use crate::llm::reference::kv_bytes;
 use crate::stages::prepare::Bin;
-use crate::stages::score::ScoreRow;
+use crate::stages::score::ScoreCell;
 use crate::stages::NoTransport;
 use crate::stats::{self, BinEvidence};
 use crate::table;
@@ -90,7 +90,7 @@ fn sorted(mut v: Vec<f64>) -> Vec<f64> {
 /// The whole analysis as a pure function (also used by benchmarks).
 pub fn analyze(
     bins: &[Bin],
-    scores: &[ScoreRow],
+    scores: &[ScoreCell],
     a: &Analysis,
     geom: &KvGeometry,
 ) -> Result<(Vec<BinStat>, Vec<TransitionRow>)> {
@@ -102,7 +102,7 @@ pub fn analyze(
     }
     let iters = a.bootstrap.iters as usize;
     // (policy, budget bits) → rows; budgets keyed by their bits for exact grouping.
-    let mut cells: BTreeMap<(String, u64), Vec<&ScoreRow>> = BTreeMap::new();
+    let mut cells: BTreeMap<(String, u64), Vec<&ScoreCell>> = BTreeMap::new();
     for r in scores {
         cells
             .entry((r.policy.clone(), r.budget.to_bits()))
@@ -127,7 +127,7 @@ pub fn analyze(
         budget: f64,
         reference: f64,
         bin: &'a Bin,
-        rows: Vec<&'a ScoreRow>,
+        rows: Vec<&'a ScoreCell>,
         reference_rows: BTreeMap<&'a str, f64>,
     }
     let mut jobs: Vec<Job> = Vec::new();
@@ -249,23 +249,22 @@ pub fn analyze(
         };
         let failed = j.rows.iter().filter(|r| r.failure.is_some()).count();
         let (flo, fhi) = stats::wilson(failed, n, a.bootstrap.ci);
-        let lat = sorted(j.rows.iter().map(|r| r.response.latency_ms).collect());
-        let ttft = sorted(j.rows.iter().filter_map(|r| r.response.ttft_ms).collect());
+        let lat = sorted(j.rows.iter().map(|r| r.latency_ms).collect());
+        let ttft = sorted(j.rows.iter().filter_map(|r| r.ttft_ms).collect());
         let mean_of = |v: Vec<f64>| opt(stats::mean(&v));
         let retained: Vec<f64> = j
             .rows
             .iter()
-            .filter_map(|r| r.response.retained_tokens.map(|x| x as f64))
+            .filter_map(|r| r.retained_tokens.map(|x| x as f64))
             .collect();
         let kv: Vec<f64> = j
             .rows
             .iter()
             .filter_map(|r| {
                 // Measured bytes where the engine reports them (native), else the estimate.
-                r.response
-                    .kv_bytes
+                r.kv_bytes
                     .map(|b| b as f64)
-                    .or_else(|| r.response.retained_tokens.map(|x| kv_bytes(x, geom) as f64))
+                    .or_else(|| r.retained_tokens.map(|x| kv_bytes(x, geom) as f64))
             })
             .collect();
         BinStat {
@@ -298,7 +297,7 @@ pub fn analyze(
             prompt_tokens_mean: mean_of(
                 j.rows
                     .iter()
-                    .filter_map(|r| r.response.prompt_tokens.map(|x| x as f64))
+                    .filter_map(|r| r.prompt_tokens.map(|x| x as f64))
                     .collect(),
             ),
             retained_tokens_mean: mean_of(retained),
@@ -306,13 +305,13 @@ pub fn analyze(
             server_rss_peak_mib: j
                 .rows
                 .iter()
-                .filter_map(|r| r.response.server_rss_kib)
+                .filter_map(|r| r.server_rss_kib)
                 .max()
                 .map(|k| k as f64 / 1024.0),
             kv_cache_usage_peak: j
                 .rows
                 .iter()
-                .filter_map(|r| r.response.kv_cache_usage)
+                .filter_map(|r| r.kv_cache_usage)
                 .reduce(f64::max),
         }
     };
@@ -399,7 +398,7 @@ impl Op for Analyze {
             geometry: geom,
         } = ctx.key.slice()?;
         let bins: Vec<Bin> = table::read(&ctx.input("prepare", "bins")?)?;
-        let scores = crate::stages::score::read_all(ctx)?;
+        let scores = crate::stages::score::read_all::<ScoreCell>(ctx)?;
         let (bin_stats, transitions) = analyze(&bins, &scores, &a, &geom)?;
         ctx.put("bin_stats", &table::write(&bin_stats)?)?;
         ctx.put("transition_summary", &table::write(&transitions)?)?;

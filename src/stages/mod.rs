@@ -1,8 +1,10 @@
 //! kvt's ops: the stages of its pipelines. Each is a deterministic function of
 //! its config slice and input artifacts: prepare → infer (per policy × budget)
-//! → score (per policy × budget) → analyze → plots, sqlite_base → sqlite → report.
+//! → score (per policy × budget) → analyze → plots, sqlite_base → sqlite,
+//! explorer → report.
 
 pub mod analyze;
+pub mod explorer;
 pub mod infer;
 pub mod plots;
 pub mod prepare;
@@ -82,5 +84,6 @@ pub fn register(reg: &mut OpRegistry) {
     reg.register(plots::Plots);
     reg.register(sqlite::SqliteBase);
     reg.register(sqlite::Sqlite);
+    reg.register(explorer::Explorer);
     reg.register(report::Report);
 }

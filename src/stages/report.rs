@@ -6,8 +6,8 @@
 use crate::engine::{canonical_json, Op, OpContext};
 use crate::metrics::FAILURE_LABELS;
 use crate::stages::analyze::{BinStat, TransitionRow};
+use crate::stages::explorer::Facts;
 use crate::stages::plots::{budget_label, budget_order, setting, sort_budgets};
-use crate::stages::score::ScoreRow;
 use crate::stages::NoTransport;
 use crate::table;
 use anyhow::{Context, Result};
@@ -19,92 +19,18 @@ pub struct Report;
 pub const TEMPLATE: &str = include_str!("../../templates/report.md.hbs");
 pub const HTML: &str = include_str!("../../templates/report.html");
 
-/// Runs of tokens kept by most (layer, KV head) pairs or evicted by most:
-/// `[text, kept]` pairs, so a page can mark what survived.
-fn spans(share: &[(String, f32)]) -> Vec<(String, bool)> {
-    let mut out: Vec<(String, bool)> = Vec::new();
-    for (text, s) in share {
-        let kept = *s >= 0.5;
-        match out.last_mut() {
-            Some(last) if last.1 == kept => last.0.push_str(text),
-            _ => out.push((text.clone(), kept)),
-        }
-    }
-    out
-}
-
 /// `report.html`: one self-contained file (no network, works from `file://`)
 /// with the report's summary and every example with each cell's answer.
 /// Where the example explorer's data goes in the page (a JSON string value,
 /// replaced by the array when the file is composed).
 const EXAMPLES_SLOT: &str = "\"__KVT_EXAMPLES__\"";
 
-/// report.html in two parts: the page with the analysis (small, changes
-/// with every analysis setting) holding a slot for the example explorer, and
-/// the explorer's data (every example's answers; the same bytes until the
-/// data or the responses change, so the store keeps it once). The exported
-/// file is the page with the explorer put in its slot (`compose_export`).
-pub fn html_parts(ctx: &Value, manifest: &Value, scores: &[ScoreRow]) -> (String, String) {
-    let mut by_example: BTreeMap<&str, Vec<&ScoreRow>> = BTreeMap::new();
-    for r in scores {
-        by_example.entry(r.example_id.as_str()).or_default().push(r);
-    }
-    let bins = ctx["bin_labels"].as_array().cloned().unwrap_or_default();
-    let excerpt = |e: &Value| -> String {
-        let c = e["context"].as_str().unwrap_or("");
-        let head: String = c.chars().take(300).collect();
-        let n = c.chars().count();
-        let tail: String = if n > 600 {
-            c.chars().skip(n - 300).collect()
-        } else {
-            String::new()
-        };
-        let body = if tail.is_empty() {
-            c.chars().take(600).collect()
-        } else {
-            format!("{head} … {tail}")
-        };
-        format!(
-            "{body}\n\nQuestion: {}",
-            e["question"].as_str().unwrap_or("")
-        )
-    };
-    let examples: Vec<Value> = manifest["examples"]
-        .as_array()
-        .map(|v| v.as_slice())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|e| {
-            let id = e["example_id"].as_str()?;
-            let rows = by_example.get(id)?;
-            let first = rows.first()?;
-            let mut rows = rows.clone();
-            rows.sort_by(|a, b| {
-                (a.policy.as_str(), budget_order(a.budget).0, (budget_order(a.budget).1 * 1e9) as i64)
-                    .cmp(&(b.policy.as_str(), budget_order(b.budget).0, (budget_order(b.budget).1 * 1e9) as i64))
-            });
-            Some(json!({
-                "example_id": id,
-                "bin": bins.get(first.bin_idx as usize).cloned().unwrap_or(json!(first.bin_idx.to_string())),
-                "tokens": first.token_len,
-                "answers": e["answers"],
-                "excerpt": excerpt(e),
-                "cells": rows.iter().map(|r| json!({
-                    "setting": setting(&r.policy, r.budget),
-                    "policy": r.policy,
-                    "budget": budget_label(r.budget),
-                    "answer": r.response.text,
-                    "score": r.score,
-                    "failure": r.failure,
-                    "spans": r.response.kept_share.as_ref().map(|v| spans(v)),
-                    "kept": match (r.response.kv_kept_total, r.response.kv_full_total) {
-                        (Some(k), Some(f)) if f > 0 => format!("{k} of {f} entries ({:.0} %)", 100.0 * k as f64 / f as f64),
-                        _ => String::new(),
-                    },
-                })).collect::<Vec<_>>(),
-            }))
-        })
-        .collect();
+/// report.html's page: the analysis (small, changes with every analysis
+/// setting) with a slot for the example explorer, whose data the
+/// `explorer` stage makes once per change of the data or the responses. The
+/// exported file is the page with the explorer in its slot
+/// (`compose_export`).
+pub fn html_page(ctx: &Value) -> String {
     let data = json!({
         "exp_group_id": ctx["exp_group_id"],
         "meta": format!("{} / {} · model {} · metric {}",
@@ -118,8 +44,7 @@ pub fn html_parts(ctx: &Value, manifest: &Value, scores: &[ScoreRow]) -> (String
     });
     // `</` cannot appear inside the script element.
     let json = data.to_string().replace("</", "<\\/");
-    let explorer = Value::from(examples).to_string().replace("</", "<\\/");
-    (HTML.replace("__KVT_DATA__", &json), explorer)
+    HTML.replace("__KVT_DATA__", &json)
 }
 
 /// The whole report.html: the page with the explorer in its slot.
@@ -144,17 +69,12 @@ pub fn human_bytes(b: f64) -> String {
     crate::engine::maintenance::human_bytes(b.max(0.0).round() as u64)
 }
 
-fn cell(s: &str) -> String {
-    s.replace('|', "\\|").replace('\n', " ")
-}
-
 /// Everything the template needs, as JSON.
 pub fn context(
     cfg: &BTreeMap<String, Value>,
-    manifest: &Value,
+    facts: &Facts,
     stats: &[BinStat],
     transitions: &[TransitionRow],
-    scores: &[ScoreRow],
     db_rows: &Value,
 ) -> Value {
     let get = |k: &str| cfg.get(k).cloned().unwrap_or(Value::Null);
@@ -165,7 +85,7 @@ pub fn context(
         .map(|s| s.metric.clone())
         .find(|m| !m.is_empty())
         .unwrap_or_else(|| "score".into());
-    let edges = manifest["bin_edges"].clone();
+    let edges = facts.bin_edges.clone();
     let edge = |i: Option<i64>| -> String {
         i.and_then(|i| edges.get(i as usize + 1))
             .map_or("–".into(), |v| v.to_string())
@@ -346,18 +266,12 @@ pub fn context(
             at_floor.iter().map(|s| format!("{}–{}", s.bin_lo, s.bin_hi)).collect::<Vec<_>>().join(", ")
         ));
     }
-    if let Some(first) = scores.first() {
-        if scores.len() > 1 && scores.iter().all(|r| r.score == first.score) {
-            warnings.push(format!(
-                "Every response of every cell scored {:.2}: the metric cannot tell the budgets apart.",
-                first.score
-            ));
-        }
+    if let Some(score) = facts.uniform_score {
+        warnings.push(format!(
+            "Every response of every cell scored {score:.2}: the metric cannot tell the budgets apart."
+        ));
     }
-    let simulator = scores
-        .iter()
-        .any(|r| r.response.engine.as_deref() == Some("reference"));
-    if simulator && get("dataset")["source"] != json!("synthetic") {
+    if facts.simulator && get("dataset")["source"] != json!("synthetic") {
         warnings.push("**These scores measure kvt's reference simulator, not a model.** Its reader only answers kvt's own synthetic key–value questions; on other data it scores 0 at any budget. Use a real engine (`engine.kind: native`, `openai` or `launch`).".to_string());
     }
     let n_per_bin = get("sampling")["n_per_bin"].as_i64().unwrap_or(0);
@@ -374,13 +288,7 @@ pub fn context(
         ));
     }
     // Prompts cut by `prompt.max_tokens`, per bin (each example counted once).
-    let mut cut: BTreeMap<i64, usize> = BTreeMap::new();
-    let mut seen = std::collections::BTreeSet::new();
-    for r in scores.iter().filter(|r| r.truncated_from.is_some()) {
-        if seen.insert(r.example_id.as_str()) {
-            *cut.entry(r.bin_idx).or_default() += 1;
-        }
-    }
+    let cut = &facts.cut;
     if !cut.is_empty() {
         flags.push(format!(
             "Prompts shortened by `prompt.max_tokens` (middle truncation): {}.",
@@ -390,15 +298,13 @@ pub fn context(
                 .join(", ")
         ));
     }
-    let skipped = manifest["dataset"]["n_skipped_records"]
-        .as_i64()
-        .unwrap_or(0);
+    let skipped = facts.n_skipped;
     if skipped > 0 {
         flags.push(format!(
             "{skipped} bad records were skipped (`dataset.on_bad_record: skip`)."
         ));
     }
-    if manifest["binning_scheme"] == "longbench_e" {
+    if facts.binning_scheme == "longbench_e" {
         flags.push(
             "Bins are LongBench-E's, by each record's `length` field (words, or characters for Chinese, as LongBench counts them), not by tokens; the last bin is open above."
                 .to_string(),
@@ -406,46 +312,10 @@ pub fn context(
     } else {
         flags.push(format!(
             "Bin lengths count each example's context in `{}` tokens (not the question, the system message or the template){}.",
-            manifest["tokenizer"].as_str().unwrap_or("?"),
+            facts.tokenizer.as_str().unwrap_or("?"),
             if get("prompt")["max_tokens"].is_null() { "" } else { ", before middle truncation by `prompt.max_tokens`" }
         ));
     }
-    // Failures by type, per setting.
-    let mut by: BTreeMap<(String, i64), BTreeMap<&str, usize>> = BTreeMap::new();
-    let mut examples: BTreeMap<&str, Value> = BTreeMap::new();
-    for r in scores {
-        if let Some(f) = &r.failure {
-            let label = FAILURE_LABELS
-                .iter()
-                .find(|l| *l == f)
-                .copied()
-                .unwrap_or("ENGINE_ERROR");
-            *by.entry((r.policy.clone(), -(r.budget * 1e6) as i64))
-                .or_default()
-                .entry(label)
-                .or_default() += 1;
-            examples.entry(label).or_insert_with(|| {
-                let detail = r
-                    .response
-                    .error
-                    .clone()
-                    .unwrap_or_else(|| format!("answered “{}”", r.response.text));
-                json!({"label": label, "setting": setting(&r.policy, r.budget),
-                       "example_id": r.example_id, "detail": cell(&detail)})
-            });
-        }
-    }
-    let failures: Vec<Value> = by
-        .iter()
-        .map(|((p, b), m)| {
-            let budget = -(*b as f64) / 1e6;
-            json!({
-                "setting": setting(p, budget),
-                "counts": FAILURE_LABELS.iter().map(|l| m.get(l).copied().unwrap_or(0)).collect::<Vec<_>>(),
-                "total": m.values().sum::<usize>(),
-            })
-        })
-        .collect();
     let mut policies: Vec<String> = stats.iter().map(|s| s.policy.clone()).collect();
     policies.dedup();
     policies.sort();
@@ -460,11 +330,11 @@ pub fn context(
     let ci_level = analysis["bootstrap"]["ci"].as_f64().unwrap_or(0.95);
     json!({
         "exp_group_id": exp,
-        "dataset": manifest["dataset"],
-        "tokenizer": manifest["tokenizer"],
+        "dataset": facts.dataset,
+        "tokenizer": facts.tokenizer,
         "bin_edges": edges.to_string(),
-        "n_examples": manifest["entries"].as_array().map_or(0, Vec::len),
-        "n_bins": manifest["n_bins"],
+        "n_examples": facts.n_examples,
+        "n_bins": facts.n_bins,
         "model": get("model.name"),
         "policies": policies,
         "budgets": budgets.iter().map(|b| budget_label(*b)).collect::<Vec<_>>(),
@@ -482,8 +352,8 @@ pub fn context(
         "compact": compact,
         "floor": floor,
         "failure_labels": FAILURE_LABELS,
-        "failures": failures,
-        "examples_of_failures": examples.into_values().collect::<Vec<_>>(),
+        "failures": facts.failures,
+        "examples_of_failures": facts.failure_examples,
         "geometry": format!("{} layers × {} KV heads × head dim {} × 2 (K, V) × {} bytes",
             geom["layers"], geom["kv_heads"], geom["head_dim"], geom["bytes_per_elem"]),
         "decoding": String::from_utf8_lossy(&canonical_json(&get("decoding"))),
@@ -534,9 +404,9 @@ impl Op for Report {
     fn name(&self) -> &'static str {
         "report"
     }
-    /// 8: report.html is composed from the page and the example explorer.
+    /// 9: the examples and responses come from the `explorer` stage.
     fn version(&self) -> u32 {
-        8
+        9
     }
     fn check(
         &self,
@@ -547,24 +417,17 @@ impl Op for Report {
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let Uses { exp, .. } = ctx.key.slice()?;
-        let manifest: Value = serde_json::from_slice(&ctx.input("prepare", "manifest_json")?)?;
+        let facts: Facts = serde_json::from_slice(&ctx.input("explorer", "facts")?)?;
         let stats: Vec<BinStat> = table::read(&ctx.input("analyze", "bin_stats")?)?;
         let transitions: Vec<TransitionRow> =
             table::read(&ctx.input("analyze", "transition_summary")?)?;
-        let scores = crate::stages::score::read_all(ctx)?;
         let db_rows: Value = serde_json::from_slice(&ctx.input("sqlite", "summary")?)?;
-        let mut c = context(
-            ctx.key.config,
-            &manifest,
-            &stats,
-            &transitions,
-            &scores,
-            &db_rows,
-        );
+        let mut c = context(ctx.key.config, &facts, &stats, &transitions, &db_rows);
         let mut prov: Vec<Value> = ctx
             .upstream
             .iter()
             .map(|u| json!({"node": u.node, "key": u.key.to_string()}))
+            .chain(facts.provenance.iter().cloned())
             .collect();
         prov.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
         c["provenance"] = json!(prov);
@@ -572,9 +435,8 @@ impl Op for Report {
         let md = render(&c)?;
         ctx.put("report", md.as_bytes())?;
         ctx.export("report", format!("runs/{exp}/report.md"));
-        let (page, explorer) = html_parts(&c, &manifest, &scores);
-        ctx.put("report_html", page.as_bytes())?;
-        ctx.put("explorer", explorer.as_bytes())?;
+        ctx.put("report_html", html_page(&c).as_bytes())?;
+        ctx.pass_through("explorer", "explorer", "explorer")?;
         ctx.export_composed(
             "report_html",
             &["explorer"],

@@ -151,11 +151,56 @@ pub struct ScoreRow {
     pub response: Outcome,
 }
 
-/// Every `score` node's rows, for the stages that summarise them.
-pub fn read_all(ctx: &OpContext) -> Result<Vec<ScoreRow>> {
+/// The columns of a score row the analysis reads (the response's text and
+/// the remaining telemetry are never decoded for it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ScoreCell {
+    pub example_id: String,
+    pub bin_idx: i64,
+    pub policy: String,
+    pub budget: f64,
+    pub metric: String,
+    pub score: f64,
+    pub failure: Option<String>,
+    pub latency_ms: f64,
+    pub ttft_ms: Option<f64>,
+    pub prompt_tokens: Option<u64>,
+    pub retained_tokens: Option<u64>,
+    #[serde(default)]
+    pub kv_bytes: Option<u64>,
+    #[serde(default)]
+    pub server_rss_kib: Option<u64>,
+    #[serde(default)]
+    pub kv_cache_usage: Option<f64>,
+}
+
+impl From<&ScoreRow> for ScoreCell {
+    fn from(r: &ScoreRow) -> ScoreCell {
+        ScoreCell {
+            example_id: r.example_id.clone(),
+            bin_idx: r.bin_idx,
+            policy: r.policy.clone(),
+            budget: r.budget,
+            metric: r.metric.clone(),
+            score: r.score,
+            failure: r.failure.clone(),
+            latency_ms: r.response.latency_ms,
+            ttft_ms: r.response.ttft_ms,
+            prompt_tokens: r.response.prompt_tokens,
+            retained_tokens: r.response.retained_tokens,
+            kv_bytes: r.response.kv_bytes,
+            server_rss_kib: r.response.server_rss_kib,
+            kv_cache_usage: r.response.kv_cache_usage,
+        }
+    }
+}
+
+/// Every `score` node's rows, whole ([`ScoreRow`]) or as a narrower view
+/// ([`ScoreCell`]), for the stages that summarise them.
+pub fn read_all<T: serde::de::DeserializeOwned>(ctx: &OpContext) -> Result<Vec<T>> {
     let mut rows = Vec::new();
     for up in ctx.upstream("score") {
-        rows.extend(table::read::<ScoreRow>(&ctx.read(up, "scores")?)?);
+        rows.extend(table::read::<T>(&ctx.read(up, "scores")?)?);
     }
     Ok(rows)
 }

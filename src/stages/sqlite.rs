@@ -321,11 +321,19 @@ pub fn write_base(path: &std::path::Path, s: &BaseInput) -> Result<serde_json::M
         .filter(|t| !OVERLAY_TABLES.contains(t))
         .collect();
     let counts = row_counts(&tx, &base)?;
-    // Checked once here; composing checks only the overlay's tables.
-    let broken: i64 = tx.query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |r| {
-        r.get(0)
-    })?;
-    anyhow::ensure!(broken == 0, "{broken} rows of the base violate a foreign key");
+    // Checked once here, but for references to the analysis tables (empty
+    // until composed, which checks those).
+    let neighbours = overlay_neighbours(&tx)?;
+    let own: Vec<&str> = base
+        .iter()
+        .copied()
+        .filter(|t| !neighbours.contains(t))
+        .collect();
+    let broken = foreign_key_violations(&tx, &own)?;
+    anyhow::ensure!(
+        broken == 0,
+        "{broken} rows of the base violate a foreign key"
+    );
     tx.commit()?;
     conn.close().map_err(|(_, e)| e)?;
     Ok(counts)
@@ -446,11 +454,10 @@ pub fn compose(file: &std::path::Path, overlay: &std::path::Path, in_place: bool
             .collect::<rusqlite::Result<Vec<_>>>()?;
         tables.push((t, width, rows));
     }
-    // SQLite counts the violations as rows change and refuses the commit
-    // while any remain (the whole file stays as it was).
-    conn.execute_batch("PRAGMA foreign_keys = ON;")?;
+    // Foreign keys are checked once the tables are replaced, before the
+    // commit (a failure rolls back: the file stays as it was).
+    conn.execute_batch("PRAGMA foreign_keys = OFF;")?;
     let tx = conn.transaction()?;
-    tx.execute_batch("PRAGMA defer_foreign_keys = ON;")?;
     for (t, width, rows) in &tables {
         tx.execute(&format!("DELETE FROM {t}"), [])?;
         let marks = vec!["?"; *width].join(", ");
@@ -459,8 +466,12 @@ pub fn compose(file: &std::path::Path, overlay: &std::path::Path, in_place: bool
             ins.execute(rusqlite::params_from_iter(row))?;
         }
     }
-    tx.commit()
-        .context("the analysis tables do not fit the base (a foreign key fails)")?;
+    let broken = foreign_key_violations(&tx, &overlay_neighbours(&tx)?)?;
+    anyhow::ensure!(
+        broken == 0,
+        "{broken} rows violate a foreign key once the analysis tables are in"
+    );
+    tx.commit()?;
     conn.close().map_err(|(_, e)| e)?;
     if !in_place {
         // Durable before the rename into place.
@@ -500,7 +511,7 @@ impl Op for SqliteBase {
         let examples: Vec<Example> = table::read(&ctx.input("prepare", "examples")?)?;
         let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
         let bins: Vec<Bin> = table::read(&ctx.input("prepare", "bins")?)?;
-        let scores = crate::stages::score::read_all(ctx)?;
+        let scores = crate::stages::score::read_all::<ScoreRow>(ctx)?;
         let file = ctx.scratch_dir()?.join("base.sqlite");
         let counts = write_base(
             &file,
@@ -604,6 +615,37 @@ impl Op for Sqlite {
     fn recompose_in_place(&self, file: &std::path::Path, overlays: &[Vec<u8>]) -> Result<bool> {
         apply(file, overlays, true).map(|()| true)
     }
+}
+
+/// Rows of `tables` whose foreign keys point nowhere.
+fn foreign_key_violations(conn: &Connection, tables: &[&str]) -> Result<i64> {
+    let mut broken = 0;
+    for t in tables {
+        broken += conn.query_row(
+            "SELECT COUNT(*) FROM pragma_foreign_key_check(?1)",
+            [t],
+            |r| r.get::<_, i64>(0),
+        )?;
+    }
+    Ok(broken)
+}
+
+/// The analysis tables and every table with a foreign key into one of
+/// them: what composing can break.
+fn overlay_neighbours(conn: &Connection) -> Result<Vec<&'static str>> {
+    let mut out = Vec::new();
+    for t in TABLES {
+        let parents: Vec<String> = conn
+            .prepare("SELECT \"table\" FROM pragma_foreign_key_list(?1)")?
+            .query_map([t], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        if OVERLAY_TABLES.contains(t)
+            || parents.iter().any(|p| OVERLAY_TABLES.contains(&p.as_str()))
+        {
+            out.push(*t);
+        }
+    }
+    Ok(out)
 }
 
 /// The sink's one overlay (the analysis tables) applied to `file`.

@@ -1,0 +1,245 @@
+//! `explorer`: what the report shows of the examples and the scored
+//! responses, computed once per change of them (never per analysis change):
+//!
+//! * `explorer`: report.html's example explorer (every example with each
+//!   cell's answer, as JSON for the page's slot);
+//! * `facts`: the dataset, tokenizer and bin edges from the manifest, and
+//!   what the responses say overall (whether every response scored alike,
+//!   whether the reference simulator answered, prompts cut per bin, failures
+//!   by type per setting with one example of each).
+//!
+//! `report` reads these instead of the manifest and every score table.
+
+use crate::engine::{Op, OpContext};
+use crate::metrics::FAILURE_LABELS;
+use crate::stages::plots::{budget_label, budget_order, setting};
+use crate::stages::prepare::Bin;
+use crate::stages::score::ScoreRow;
+use crate::stages::NoTransport;
+use crate::table;
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+
+pub struct Explorer;
+
+/// The report's facts about the data and the responses.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Facts {
+    pub dataset: Value,
+    pub tokenizer: Value,
+    pub bin_edges: Value,
+    pub n_examples: usize,
+    pub n_bins: Value,
+    pub n_skipped: i64,
+    pub binning_scheme: Value,
+    /// The one score every response of every cell got, when there are two
+    /// or more responses and they all agree.
+    pub uniform_score: Option<f64>,
+    /// Some response came from kvt's reference simulator.
+    pub simulator: bool,
+    /// Examples whose prompt `prompt.max_tokens` cut, per bin (each once).
+    pub cut: BTreeMap<i64, usize>,
+    /// Failures by type per setting: `{setting, counts, total}`.
+    pub failures: Vec<Value>,
+    /// The first failure of each type: `{label, setting, example_id, detail}`.
+    pub failure_examples: Vec<Value>,
+    /// The nodes these facts come from (`{node, key}`), for the report's
+    /// provenance.
+    #[serde(default)]
+    pub provenance: Vec<Value>,
+}
+
+fn cell(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
+/// The facts from the manifest and every score row.
+pub fn facts(manifest: &Value, scores: &[ScoreRow]) -> Facts {
+    let uniform_score = scores.first().and_then(|first| {
+        (scores.len() > 1 && scores.iter().all(|r| r.score == first.score)).then_some(first.score)
+    });
+    let simulator = scores
+        .iter()
+        .any(|r| r.response.engine.as_deref() == Some("reference"));
+    let mut cut: BTreeMap<i64, usize> = BTreeMap::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for r in scores.iter().filter(|r| r.truncated_from.is_some()) {
+        if seen.insert(r.example_id.as_str()) {
+            *cut.entry(r.bin_idx).or_default() += 1;
+        }
+    }
+    let mut by: BTreeMap<(String, i64), BTreeMap<&str, usize>> = BTreeMap::new();
+    let mut examples: BTreeMap<&str, Value> = BTreeMap::new();
+    for r in scores {
+        if let Some(f) = &r.failure {
+            let label = FAILURE_LABELS
+                .iter()
+                .find(|l| *l == f)
+                .copied()
+                .unwrap_or("ENGINE_ERROR");
+            *by.entry((r.policy.clone(), -(r.budget * 1e6) as i64))
+                .or_default()
+                .entry(label)
+                .or_default() += 1;
+            examples.entry(label).or_insert_with(|| {
+                let detail = r
+                    .response
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| format!("answered “{}”", r.response.text));
+                json!({"label": label, "setting": setting(&r.policy, r.budget),
+                       "example_id": r.example_id, "detail": cell(&detail)})
+            });
+        }
+    }
+    let failures = by
+        .iter()
+        .map(|((p, b), m)| {
+            let budget = -(*b as f64) / 1e6;
+            json!({
+                "setting": setting(p, budget),
+                "counts": FAILURE_LABELS.iter().map(|l| m.get(l).copied().unwrap_or(0)).collect::<Vec<_>>(),
+                "total": m.values().sum::<usize>(),
+            })
+        })
+        .collect();
+    Facts {
+        dataset: manifest["dataset"].clone(),
+        tokenizer: manifest["tokenizer"].clone(),
+        bin_edges: manifest["bin_edges"].clone(),
+        n_examples: manifest["entries"].as_array().map_or(0, Vec::len),
+        n_bins: manifest["n_bins"].clone(),
+        n_skipped: manifest["dataset"]["n_skipped_records"]
+            .as_i64()
+            .unwrap_or(0),
+        binning_scheme: manifest["binning_scheme"].clone(),
+        uniform_score,
+        simulator,
+        cut,
+        failures,
+        failure_examples: examples.into_values().collect(),
+        provenance: Vec::new(),
+    }
+}
+
+/// Runs of tokens kept by most (layer, KV head) pairs or evicted by most:
+/// `[text, kept]` pairs, so a page can mark what survived.
+fn spans(share: &[(String, f32)]) -> Vec<(String, bool)> {
+    let mut out: Vec<(String, bool)> = Vec::new();
+    for (text, s) in share {
+        let kept = *s >= 0.5;
+        match out.last_mut() {
+            Some(last) if last.1 == kept => last.0.push_str(text),
+            _ => out.push((text.clone(), kept)),
+        }
+    }
+    out
+}
+
+/// The example explorer's data: every example with each cell's answer, as
+/// JSON safe inside a script element.
+pub fn explorer(manifest: &Value, scores: &[ScoreRow], bins: &[Bin]) -> String {
+    let mut by_example: BTreeMap<&str, Vec<&ScoreRow>> = BTreeMap::new();
+    for r in scores {
+        by_example.entry(r.example_id.as_str()).or_default().push(r);
+    }
+    let label = |i: i64| {
+        bins.iter()
+            .find(|b| b.bin_idx == i)
+            .map_or(i.to_string(), |b| format!("{}–{}", b.lo, b.hi))
+    };
+    let excerpt = |e: &Value| -> String {
+        let c = e["context"].as_str().unwrap_or("");
+        let head: String = c.chars().take(300).collect();
+        let n = c.chars().count();
+        let tail: String = if n > 600 {
+            c.chars().skip(n - 300).collect()
+        } else {
+            String::new()
+        };
+        let body = if tail.is_empty() {
+            c.chars().take(600).collect()
+        } else {
+            format!("{head} … {tail}")
+        };
+        format!(
+            "{body}\n\nQuestion: {}",
+            e["question"].as_str().unwrap_or("")
+        )
+    };
+    let order = |r: &ScoreRow| {
+        let (group, value) = budget_order(r.budget);
+        (r.policy.clone(), group, (value * 1e9) as i64)
+    };
+    let examples: Vec<Value> = manifest["examples"]
+        .as_array()
+        .map(|v| v.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| {
+            let id = e["example_id"].as_str()?;
+            let rows = by_example.get(id)?;
+            let first = rows.first()?;
+            let mut rows = rows.clone();
+            rows.sort_by_key(|r| order(r));
+            Some(json!({
+                "example_id": id,
+                "bin": label(first.bin_idx),
+                "tokens": first.token_len,
+                "answers": e["answers"],
+                "excerpt": excerpt(e),
+                "cells": rows.iter().map(|r| json!({
+                    "setting": setting(&r.policy, r.budget),
+                    "policy": r.policy,
+                    "budget": budget_label(r.budget),
+                    "answer": r.response.text,
+                    "score": r.score,
+                    "failure": r.failure,
+                    "spans": r.response.kept_share.as_ref().map(|v| spans(v)),
+                    "kept": match (r.response.kv_kept_total, r.response.kv_full_total) {
+                        (Some(k), Some(f)) if f > 0 => format!("{k} of {f} entries ({:.0} %)", 100.0 * k as f64 / f as f64),
+                        _ => String::new(),
+                    },
+                })).collect::<Vec<_>>(),
+            }))
+        })
+        .collect();
+    // `</` cannot appear inside the script element.
+    Value::from(examples).to_string().replace("</", "<\\/")
+}
+
+/// `explorer` reads no configuration: everything comes from its inputs.
+#[derive(serde::Deserialize)]
+struct Uses {}
+
+impl Op for Explorer {
+    fn name(&self) -> &'static str {
+        "explorer"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn check(
+        &self,
+        uses: &BTreeMap<String, Value>,
+        transport: &BTreeMap<String, Value>,
+    ) -> Result<()> {
+        crate::engine::check_slices::<Uses, NoTransport>(uses, transport)
+    }
+    fn run(&self, ctx: &mut OpContext) -> Result<()> {
+        let manifest: Value = serde_json::from_slice(&ctx.input("prepare", "manifest_json")?)?;
+        let bins: Vec<Bin> = table::read(&ctx.input("prepare", "bins")?)?;
+        let scores = crate::stages::score::read_all::<ScoreRow>(ctx)?;
+        ctx.put("explorer", explorer(&manifest, &scores, &bins).as_bytes())?;
+        let mut facts = facts(&manifest, &scores);
+        facts.provenance = ctx
+            .upstream
+            .iter()
+            .map(|u| json!({"node": u.node, "key": u.key.to_string()}))
+            .collect();
+        ctx.put("facts", serde_json::to_string_pretty(&facts)?.as_bytes())?;
+        Ok(())
+    }
+}
