@@ -192,7 +192,62 @@ pub fn analyze(
             ))
         })
         .collect();
-    let run = |j: &Job| -> BinStat {
+    // Pair by example (only examples answered at both budgets), in
+    // example order, so every cell of the bin lines up with its resamples.
+    let pair = |j: &Job| -> (Vec<f64>, Vec<f64>) {
+        let mut pairs: Vec<(&str, f64, f64)> = j
+            .rows
+            .iter()
+            .filter_map(|r| {
+                j.reference_rows
+                    .get(r.example_id.as_str())
+                    .map(|x| (r.example_id.as_str(), *x, r.score))
+            })
+            .collect();
+        pairs.sort_by(|x, y| x.0.cmp(y.0));
+        pairs.iter().map(|p| (p.1, p.2)).unzip()
+    };
+    let paired: Vec<(Vec<f64>, Vec<f64>)> = jobs.iter().map(pair).collect();
+    // Each bin's delta intervals in one pass over its shared resamples, the
+    // bins spread over the cores.
+    let mut by_bin: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
+    for (i, j) in jobs.iter().enumerate() {
+        if shared
+            .get(&j.bin.bin_idx)
+            .is_some_and(|res| res.n == paired[i].0.len())
+        {
+            by_bin.entry(j.bin.bin_idx).or_default().push(i);
+        }
+    }
+    let groups: Vec<(i64, Vec<usize>)> = by_bin.into_iter().collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let diffs: Vec<Vec<f64>> = paired
+        .iter()
+        .map(|(ra, rb)| ra.iter().zip(rb).map(|(x, y)| y - x).collect())
+        .collect();
+    let delta_cis: BTreeMap<usize, (f64, f64)> = std::thread::scope(|s| {
+        let chunk = groups.len().div_ceil(threads).max(1);
+        let hs: Vec<_> = groups
+            .chunks(chunk)
+            .map(|c| {
+                let (shared, diffs) = (&shared, &diffs);
+                s.spawn(move || {
+                    c.iter()
+                        .flat_map(|(bin, idx)| {
+                            let ds: Vec<&[f64]> =
+                                idx.iter().map(|&i| diffs[i].as_slice()).collect();
+                            let cis = shared[bin].mean_cis(&ds, a.bootstrap.ci);
+                            idx.iter().copied().zip(cis).collect::<Vec<_>>()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .flat_map(|h| h.join().expect("bootstrap worker"))
+            .collect()
+    });
+    let run = |(i, j): (usize, &Job)| -> BinStat {
         let label = format!("{}/{}/{}", j.policy, j.budget, j.bin.bin_idx);
         let seed = a.bootstrap.seed;
         let vals: Vec<f64> = j.rows.iter().map(|r| r.score).collect();
@@ -214,32 +269,18 @@ pub fn analyze(
                 &mut SplitMix64::for_cell(seed, &format!("mean/{label}")),
             )
         };
-        // Pair by example (only examples answered at both budgets), in
-        // example order, so every cell of the bin lines up with its resamples.
-        let mut pairs: Vec<(&str, f64, f64)> = j
-            .rows
-            .iter()
-            .filter_map(|r| {
-                j.reference_rows
-                    .get(r.example_id.as_str())
-                    .map(|x| (r.example_id.as_str(), *x, r.score))
-            })
-            .collect();
-        pairs.sort_by(|x, y| x.0.cmp(y.0));
-        let (ra, rb): (Vec<f64>, Vec<f64>) = pairs.iter().map(|p| (p.1, p.2)).unzip();
-        let ev = match shared.get(&j.bin.bin_idx) {
-            Some(res) if res.n == ra.len() => {
-                stats::bin_evidence_shared(&ra, &rb, res, a.bootstrap.ci)
-            }
-            _ => stats::bin_evidence(
-                &ra,
-                &rb,
+        let (ra, rb) = &paired[i];
+        let ev = match delta_cis.get(&i) {
+            Some(&delta_ci) => stats::bin_evidence_with(ra, rb, a.bootstrap.ci, delta_ci),
+            None => stats::bin_evidence(
+                ra,
+                rb,
                 iters,
                 a.bootstrap.ci,
                 &mut SplitMix64::for_cell(seed, &format!("delta/{label}")),
             ),
         };
-        let d = stats::mean(&rb) - stats::mean(&ra);
+        let d = stats::mean(rb) - stats::mean(ra);
         let (dlo, dhi) = (ev.lo, ev.hi);
         let is_reference = j.budget == j.reference && !j.policy.contains('+');
         let verdict = if is_reference {
@@ -317,12 +358,12 @@ pub fn analyze(
     };
     // Cells are independent: spread them over the cores. Seeds come from the
     // cell label, so the result does not depend on the split.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = jobs.len().div_ceil(threads).max(1);
+    let numbered: Vec<(usize, &Job)> = jobs.iter().enumerate().collect();
     let stats_rows: Vec<BinStat> = std::thread::scope(|s| {
-        let hs: Vec<_> = jobs
+        let hs: Vec<_> = numbered
             .chunks(chunk)
-            .map(|c| s.spawn(move || c.iter().map(run).collect::<Vec<_>>()))
+            .map(|c| s.spawn(move || c.iter().copied().map(run).collect::<Vec<_>>()))
             .collect();
         hs.into_iter()
             .flat_map(|h| h.join().expect("analysis worker"))

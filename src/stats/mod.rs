@@ -32,18 +32,18 @@ pub fn bootstrap_means(values: &[f64], iters: usize, rng: &mut SplitMix64) -> Ve
 }
 
 /// The resampling loop for any summable value: integers for right/wrong
-/// differences, floats otherwise; the same draws either way.
-fn resample_means<T>(values: &[T], iters: usize, rng: &mut SplitMix64) -> Vec<f64>
+/// differences, floats otherwise; the same draws either way. Each
+/// resample's sum goes to `sink`.
+fn resample_sums<T>(values: &[T], iters: usize, rng: &mut SplitMix64, mut sink: impl FnMut(T))
 where
-    T: Copy + Default + std::ops::AddAssign + std::ops::Add<Output = T> + Into<f64>,
+    T: Copy + Default + std::ops::AddAssign + std::ops::Add<Output = T>,
 {
     let n = values.len();
     if n == 0 {
-        return vec![];
+        return;
     }
     let nn = n as u64;
     let idx = |r: u64| ((r * nn) >> 32) as usize;
-    let mut out = Vec::with_capacity(iters);
     for _ in 0..iters {
         // Two indices per 64-bit draw (Lemire's multiply-shift on 32-bit
         // halves), four partial sums so the additions do not wait on each other.
@@ -61,10 +61,71 @@ where
             acc[0] += values[idx(rng.next_u64() & 0xFFFF_FFFF)];
             i += 1;
         }
-        let sum: f64 = ((acc[0] + acc[1]) + (acc[2] + acc[3])).into();
-        out.push(sum / n as f64);
+        sink((acc[0] + acc[1]) + (acc[2] + acc[3]));
     }
+}
+
+fn resample_means(values: &[f64], iters: usize, rng: &mut SplitMix64) -> Vec<f64> {
+    let mut out = Vec::with_capacity(iters);
+    let n = values.len() as f64;
+    resample_sums(values, iters, rng, |s| out.push(s / n));
     out
+}
+
+/// `percentile` of unsorted values, by selection instead of a full sort
+/// (the same value).
+fn select_percentile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let pos = q.clamp(0.0, 1.0) * (v.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    let (_, x, right) = v.select_nth_unstable_by(lo, f64::total_cmp);
+    let x_lo = *x;
+    let x_hi = if hi == lo {
+        x_lo
+    } else {
+        right.iter().copied().fold(f64::INFINITY, f64::min)
+    };
+    x_lo + (x_hi - x_lo) * (pos - lo as f64)
+}
+
+/// The percentile interval at level `ci` of unsorted resample means.
+fn percentile_ci(means: &mut [f64], ci: f64) -> (f64, f64) {
+    let a = (1.0 - ci) / 2.0;
+    (
+        select_percentile(means, a),
+        select_percentile(means, 1.0 - a),
+    )
+}
+
+/// The percentile interval of resample means `sum / n` whose integer sums
+/// were counted in `hist` (`hist[k]` resamples summed to `k + offset`): the
+/// same values as sorting the means, in time linear in the buckets.
+fn histogram_ci(hist: &[u32], offset: i64, n: usize, ci: f64) -> (f64, f64) {
+    let total: u64 = hist.iter().map(|&c| c as u64).sum();
+    if total == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    // The k-th smallest mean (0-based).
+    let kth = |k: u64| -> f64 {
+        let mut seen = 0u64;
+        for (b, &c) in hist.iter().enumerate() {
+            seen += c as u64;
+            if seen > k {
+                return (b as i64 + offset) as f64 / n as f64;
+            }
+        }
+        f64::NAN
+    };
+    let at = |q: f64| {
+        let pos = q.clamp(0.0, 1.0) * (total - 1) as f64;
+        let (lo, hi) = (pos.floor() as u64, pos.ceil() as u64);
+        let (x_lo, x_hi) = (kth(lo), kth(hi));
+        x_lo + (x_hi - x_lo) * (pos - lo as f64)
+    };
+    let a = (1.0 - ci) / 2.0;
+    (at(a), at(1.0 - a))
 }
 
 /// Percentile bootstrap CI of the mean at level `ci` (e.g. 0.95).
@@ -73,9 +134,7 @@ pub fn bootstrap_ci(values: &[f64], iters: usize, ci: f64, rng: &mut SplitMix64)
     if m.is_empty() {
         return (f64::NAN, f64::NAN);
     }
-    m.sort_by(f64::total_cmp);
-    let a = (1.0 - ci) / 2.0;
-    (percentile(&m, a), percentile(&m, 1.0 - a))
+    percentile_ci(&mut m, ci)
 }
 
 /// Paired bootstrap CI of mean(b − a): examples are resampled, and each
@@ -269,19 +328,99 @@ impl SharedResamples {
         assert_eq!(d.len(), self.n, "resamples drawn for another sample size");
         let mut rng = self.rng.clone();
         let counts = d.iter().all(|&x| x == 0.0 || x == 1.0 || x == -1.0);
-        let mut means = if counts {
+        if counts {
+            let n = d.len();
+            // Every resample of a constant sample has that mean exactly
+            // (the full cache against itself): nothing to draw.
+            if n > 0 && d.iter().all(|&x| x == d[0]) {
+                return (d[0], d[0]);
+            }
+            // Sums lie in [-n, n]: counted into buckets, never sorted.
             let small: Vec<i32> = d.iter().map(|&x| x as i32).collect();
-            resample_means(&small, self.iters, &mut rng)
-        } else {
-            bootstrap_means(d, self.iters, &mut rng)
-        };
+            let mut hist = vec![0u32; 2 * n + 1];
+            resample_sums(&small, self.iters, &mut rng, |s| {
+                hist[(s + n as i32) as usize] += 1
+            });
+            return histogram_ci(&hist, -(n as i64), n, ci);
+        }
+        let mut means = bootstrap_means(d, self.iters, &mut rng);
         if means.is_empty() {
             return (f64::NAN, f64::NAN);
         }
-        means.sort_by(f64::total_cmp);
-        let a = (1.0 - ci) / 2.0;
-        (percentile(&means, a), percentile(&means, 1.0 - a))
+        percentile_ci(&mut means, ci)
     }
+}
+
+impl SharedResamples {
+    /// [`SharedResamples::mean_ci`] of several samples at once (the cells
+    /// of one bin). Right/wrong differences are resampled in one pass: each
+    /// drawn index adds that example's value to every cell's sum, so the
+    /// draws are made once for the bin instead of once per cell. The same
+    /// draws, the same sums, the same intervals as one cell at a time.
+    pub fn mean_cis(&self, ds: &[&[f64]], ci: f64) -> Vec<(f64, f64)> {
+        let n = self.n;
+        let mut out: Vec<Option<(f64, f64)>> = vec![None; ds.len()];
+        let mut fused: Vec<usize> = Vec::new();
+        for (i, d) in ds.iter().enumerate() {
+            let counts = d.iter().all(|&x| x == 0.0 || x == 1.0 || x == -1.0);
+            let constant = !d.is_empty() && d.iter().all(|&x| x == d[0]);
+            if counts && !constant && d.len() == n {
+                fused.push(i);
+            } else {
+                out[i] = Some(self.mean_ci(d, ci));
+            }
+        }
+        // Four cells per pass: one drawn index adds a row of four values.
+        for group in fused.chunks(4) {
+            let mut table = vec![[0i32; 4]; n];
+            for (c, &i) in group.iter().enumerate() {
+                for (row, &x) in table.iter_mut().zip(ds[i]) {
+                    row[c] = x as i32;
+                }
+            }
+            let mut hists = vec![vec![0u32; 2 * n + 1]; group.len()];
+            let mut rng = self.rng.clone();
+            let nn = n as u64;
+            let idx = |r: u64| ((r * nn) >> 32) as usize;
+            let add = |acc: &mut [i32; 4], row: &[i32; 4]| {
+                for c in 0..4 {
+                    acc[c] += row[c];
+                }
+            };
+            for _ in 0..self.iters {
+                let mut acc = [0i32; 4];
+                // The index sequence of `resample_sums`.
+                let mut i = 0;
+                while i + 4 <= n {
+                    let (r1, r2) = (rng.next_u64(), rng.next_u64());
+                    add(&mut acc, &table[idx(r1 & 0xFFFF_FFFF)]);
+                    add(&mut acc, &table[idx(r1 >> 32)]);
+                    add(&mut acc, &table[idx(r2 & 0xFFFF_FFFF)]);
+                    add(&mut acc, &table[idx(r2 >> 32)]);
+                    i += 4;
+                }
+                while i < n {
+                    add(&mut acc, &table[idx(rng.next_u64() & 0xFFFF_FFFF)]);
+                    i += 1;
+                }
+                for (h, &a) in hists.iter_mut().zip(&acc) {
+                    h[(a + n as i32) as usize] += 1;
+                }
+            }
+            for (c, &i) in group.iter().enumerate() {
+                out[i] = Some(histogram_ci(&hists[c], -(n as i64), n, ci));
+            }
+        }
+        out.into_iter()
+            .map(|x| x.unwrap_or((f64::NAN, f64::NAN)))
+            .collect()
+    }
+}
+
+/// A bin's evidence from paired scores whose delta interval is already
+/// known (from [`SharedResamples::mean_cis`]).
+pub fn bin_evidence_with(a: &[f64], b: &[f64], ci: f64, delta_ci: (f64, f64)) -> BinEvidence {
+    evidence(a, b, ci, |_| delta_ci)
 }
 
 /// [`bin_evidence`] with the bin's shared resamples (`a` and `b` aligned
@@ -515,6 +654,70 @@ mod tests {
         let e2 = bin_evidence(&a, &b, 4000, 0.95, &mut SplitMix64::new(3));
         assert_eq!((e1.n, e1.loss, e1.loss_ub), (e2.n, e2.loss, e2.loss_ub));
         assert!((e1.lo - e2.lo).abs() < 0.02 && (e1.hi - e2.hi).abs() < 0.02);
+    }
+
+    #[test]
+    fn selection_and_bucket_counts_give_the_sorted_percentiles() {
+        let mut rng = SplitMix64::new(11);
+        for (len, ci) in [
+            (1usize, 0.95),
+            (2, 0.9),
+            (7, 0.95),
+            (1000, 0.95),
+            (999, 0.5),
+        ] {
+            let v: Vec<f64> = (0..len).map(|_| rng.unit()).collect();
+            let mut sorted = v.clone();
+            sorted.sort_by(f64::total_cmp);
+            let a = (1.0 - ci) / 2.0;
+            let want = (percentile(&sorted, a), percentile(&sorted, 1.0 - a));
+            assert_eq!(percentile_ci(&mut v.clone(), ci), want, "len {len}");
+            // Integer sums of a sample of size n in [-n, n], as bucket counts.
+            let n = 13usize;
+            let sums: Vec<i64> = (0..len)
+                .map(|_| (rng.next_u64() % (2 * n as u64 + 1)) as i64 - n as i64)
+                .collect();
+            let mut hist = vec![0u32; 2 * n + 1];
+            for s in &sums {
+                hist[(s + n as i64) as usize] += 1;
+            }
+            let mut means: Vec<f64> = sums.iter().map(|&s| s as f64 / n as f64).collect();
+            means.sort_by(f64::total_cmp);
+            assert_eq!(
+                histogram_ci(&hist, -(n as i64), n, ci),
+                (percentile(&means, a), percentile(&means, 1.0 - a)),
+                "len {len}"
+            );
+        }
+    }
+
+    #[test]
+    fn one_pass_over_a_bins_cells_gives_each_cells_own_interval() {
+        let mut rng = SplitMix64::new(5);
+        for n in [1usize, 3, 4, 9, 200] {
+            let res = SharedResamples::draw(n, 500, &SplitMix64::new(n as u64));
+            let draw = |rng: &mut SplitMix64, f: &dyn Fn(f64) -> f64| -> Vec<f64> {
+                (0..n).map(|_| f(rng.unit())).collect()
+            };
+            let cells: Vec<Vec<f64>> = vec![
+                draw(&mut rng, &|u| {
+                    if u < 0.3 {
+                        -1.0
+                    } else if u < 0.9 {
+                        0.0
+                    } else {
+                        1.0
+                    }
+                }),
+                vec![0.0; n],
+                draw(&mut rng, &|u| u - 0.5),
+                draw(&mut rng, &|u| if u < 0.5 { -1.0 } else { 0.0 }),
+                vec![1.0; n],
+            ];
+            let refs: Vec<&[f64]> = cells.iter().map(|c| c.as_slice()).collect();
+            let one_by_one: Vec<(f64, f64)> = refs.iter().map(|d| res.mean_ci(d, 0.95)).collect();
+            assert_eq!(res.mean_cis(&refs, 0.95), one_by_one, "n {n}");
+        }
     }
 
     #[test]
