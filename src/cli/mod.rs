@@ -1,6 +1,7 @@
 //! The command line: parses arguments (clap), loads the configuration and calls
 //! the engine. Nothing here decides what a stage does.
 
+mod compare;
 mod eval_preds;
 mod graph;
 mod progress;
@@ -197,6 +198,26 @@ enum Command {
         #[arg(long)]
         print_config: bool,
     },
+    /// Two experiments side by side: the cells both contain, paired by
+    /// example, with the difference B − A and its bootstrap interval.
+    Compare {
+        /// A config file, or the exp_group_id of a config in config/experiments/.
+        a: String,
+        /// The same for B (may be A again, changed with --set-b).
+        b: String,
+        /// Override a value of A's config (repeatable), as `--set` does.
+        #[arg(long = "set-a", value_name = "KEY=VALUE")]
+        set_a: Vec<String>,
+        /// Override a value of B's config (repeatable).
+        #[arg(long = "set-b", value_name = "KEY=VALUE")]
+        set_b: Vec<String>,
+        /// Build what is missing up to `score` first (may send requests).
+        #[arg(long)]
+        build: bool,
+        /// Where compare.md and compare.html go (default: runs/compare/<A>-vs-<B>/).
+        #[arg(short = 'o', long)]
+        out: Option<PathBuf>,
+    },
     /// Inspect and maintain the content-addressed cache.
     Cache {
         #[command(subcommand)]
@@ -297,6 +318,14 @@ fn run(cli: Cli, registry: &OpRegistry) -> Result<()> {
         Command::Analyze(args) => lifecycle("analyze", args, &["analyze"], registry, cli.quiet),
         Command::Report(args) => lifecycle("report", args, &["report"], registry, cli.quiet),
         Command::All(args) => lifecycle("all", args, &[], registry, cli.quiet),
+        Command::Compare {
+            a,
+            b,
+            set_a,
+            set_b,
+            build,
+            out,
+        } => cmd_compare(&a, &b, &set_a, &set_b, build, out, registry, cli.quiet),
         Command::Datasets { path } => {
             let root = std::env::current_dir()?;
             let root = config::find_root(&root).unwrap_or(root);
@@ -564,6 +593,85 @@ fn cmd_build(args: &BuildArgs, registry: &OpRegistry, quiet: bool) -> Result<()>
         );
     }
     engine::build::outcome(&summary)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cmd_compare(
+    a: &str,
+    b: &str,
+    set_a: &[String],
+    set_b: &[String],
+    build: bool,
+    out: Option<PathBuf>,
+    registry: &OpRegistry,
+    quiet: bool,
+) -> Result<()> {
+    let cwd = std::env::current_dir()?;
+    let root = config::find_root(&cwd).unwrap_or(cwd);
+    let mut sides = Vec::new();
+    for (label, arg, sets) in [("A", a, set_a), ("B", b, set_b)] {
+        let path = compare::resolve(arg, &root)?;
+        if build {
+            let args = BuildArgs {
+                targets: vec!["score".into()],
+                cfg: ConfigArgs {
+                    config: path.clone(),
+                    set: sets.to_vec(),
+                },
+                dry_run: false,
+                force: vec![],
+                keep_going: false,
+                jobs: None,
+                no_wait: false,
+            };
+            cmd_build(&args, registry, quiet)
+                .with_context(|| format!("building the scores of {label} (`{arg}`)"))?;
+        }
+        let loaded = load_config(&path, sets)?;
+        let name = if sets.is_empty() {
+            loaded.exp_group_id().to_string()
+        } else {
+            format!("{} with {}", loaded.exp_group_id(), sets.join(" "))
+        };
+        sides.push(compare::load_side(&name, &path, loaded, registry)?);
+    }
+    let (sa, sb) = (&sides[0], &sides[1]);
+    let c = compare::compare(sa, sb);
+    let md = compare::markdown(sa, sb, &c);
+    print!("{md}");
+    let slug = |s: &compare::Side| -> String {
+        s.name
+            .chars()
+            .map(|ch| {
+                if ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' {
+                    ch
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    let dir = out.unwrap_or_else(|| {
+        root.join("runs/compare")
+            .join(format!("{}-vs-{}", slug(sa), slug(sb)))
+    });
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating `{}`", dir.display()))?;
+    engine::store::write_atomic_named(&dir, &dir.join("compare.md"), md.as_bytes())?;
+    engine::store::write_atomic_named(
+        &dir,
+        &dir.join("compare.html"),
+        compare::html(sa, sb, &c).as_bytes(),
+    )?;
+    if !quiet {
+        eprintln!(
+            "kvt: {} paired cells, {} only in A, {} only in B; wrote {}",
+            c.rows.len(),
+            c.only_a.len(),
+            c.only_b.len(),
+            display_path(&dir.join("compare.md"))
+        );
+    }
+    Ok(())
 }
 
 /// Loads a configuration and runs every check on it (schema, values, paths,
