@@ -72,6 +72,24 @@ pub struct BuildArgs {
     /// Fail instead of waiting when another kvt process holds the cache lock.
     #[arg(long)]
     no_wait: bool,
+    /// The remote cache (`cache.remote`): `optional` (a failure is a warning
+    /// and a local build), `required` (a failure fails the build) or `off`.
+    #[arg(long, value_enum, default_value = "optional")]
+    remote: RemoteArg,
+    /// Infer only the requests of shard I of N (`--shard 2/8`), or `auto`:
+    /// from Kubernetes' JOB_COMPLETION_INDEX with KVT_SHARD_COUNT, or
+    /// Slurm's SLURM_ARRAY_TASK_ID/COUNT. Answers go to the journal and the
+    /// remote cache; the infer nodes stay unfinished until a build that is
+    /// not sharded.
+    #[arg(long, value_name = "I/N|auto")]
+    shard: Option<String>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RemoteArg {
+    Optional,
+    Required,
+    Off,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -504,13 +522,41 @@ fn plan_for(
 ) -> Result<(Plan, Workspace)> {
     let (def, source) = load_pipeline(loaded, registry)?;
     let plan = Plan::new(&def, &source, &loaded.value, registry, targets)?;
-    let ws = Workspace::new(&loaded.root, &loaded.cache_dir(), loaded.exp_group_id());
+    let mut ws = Workspace::new(&loaded.root, &loaded.cache_dir(), loaded.exp_group_id());
+    let mode = *REMOTE_MODE.lock().expect("remote mode");
+    let url = std::env::var("KVT_REMOTE")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| loaded.config.cache.remote.clone());
+    if let (Some(url), false) = (url, mode == RemoteArg::Off) {
+        let required = mode == RemoteArg::Required;
+        let remote = engine::remote::Remote::open(&url, &loaded.root, required).map_err(|e| {
+            KvtError::usage(format!(
+                "{e:#}; fix `cache.remote` (or KVT_REMOTE), or build without it: --remote off"
+            ))
+        })?;
+        if required {
+            remote.probe().map_err(|e| {
+                anyhow::anyhow!("{e:#}; `--remote required` was given, so the build stops (check the endpoint and credentials, or use --remote optional)")
+            })?;
+        }
+        ws.remote = Some(std::sync::Arc::new(remote));
+    }
     Ok((plan, ws))
 }
+
+/// How `plan_for` treats `cache.remote` (set from `--remote`).
+static REMOTE_MODE: std::sync::Mutex<RemoteArg> = std::sync::Mutex::new(RemoteArg::Optional);
 
 fn cmd_build(args: &BuildArgs, registry: &OpRegistry, quiet: bool) -> Result<()> {
     let t0 = Instant::now();
     let loaded = load_config(&args.cfg.config, &args.cfg.set)?;
+    *REMOTE_MODE.lock().expect("remote mode") = args.remote;
+    let shard = match &args.shard {
+        Some(s) => Some(parse_shard(s)?),
+        None => None,
+    };
+    crate::stages::infer::set_shard(shard);
     let (plan, ws) = plan_for(&loaded, registry, &args.targets)?;
     for w in loaded.warnings() {
         eprintln!("warning: {w}");
@@ -571,6 +617,9 @@ fn cmd_build(args: &BuildArgs, registry: &OpRegistry, quiet: bool) -> Result<()>
         producer_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     let summary = engine::build(&ws, &plan, &opts, &CANCEL, &reporter)?;
+    if let Some(e) = ws.remote.as_ref().and_then(|r| r.take_error()) {
+        anyhow::bail!("the remote cache failed and `--remote required` was given: {e}");
+    }
     // Every answer into journal.sqlite itself, so the file alone is complete.
     // (Only when its write-ahead log holds something: a no-op build stays cheap.)
     let journal = crate::stages::infer::journal_path(&ws.cache_root);
@@ -584,15 +633,62 @@ fn cmd_build(args: &BuildArgs, registry: &OpRegistry, quiet: bool) -> Result<()>
     }
     if !quiet {
         eprintln!(
-            "kvt: {} built, {} fresh, {} failed, {} not run in {:.0} ms",
+            "kvt: {} built, {} fresh, {} failed, {} not run{} in {:.0} ms",
             summary.built.len(),
             summary.fresh.len(),
             summary.failed.len(),
             summary.skipped.len(),
+            if summary.unfinished.is_empty() {
+                String::new()
+            } else {
+                format!(", {} sharded (unfinished)", summary.unfinished.len())
+            },
             t0.elapsed().as_secs_f64() * 1000.0
         );
     }
     engine::build::outcome(&summary)
+}
+
+/// `I/N` (0-based I < N) or `auto` from the scheduler's environment.
+fn parse_shard(s: &str) -> Result<(u64, u64)> {
+    let env = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    let (i, n) = if s == "auto" {
+        if let Some(i) = env("JOB_COMPLETION_INDEX") {
+            let n = env("KVT_SHARD_COUNT").ok_or_else(|| {
+                KvtError::usage("`--shard auto` under Kubernetes: set KVT_SHARD_COUNT to the Job's `completions`")
+            })?;
+            (i, n)
+        } else if let Some(id) = env("SLURM_ARRAY_TASK_ID") {
+            let min = env("SLURM_ARRAY_TASK_MIN").unwrap_or(0);
+            let n = env("SLURM_ARRAY_TASK_COUNT").ok_or_else(|| {
+                KvtError::usage("`--shard auto` under Slurm: SLURM_ARRAY_TASK_COUNT is not set (an array job sets it)")
+            })?;
+            (id.saturating_sub(min), n)
+        } else {
+            return Err(KvtError::usage(
+                "`--shard auto` found no scheduler index (JOB_COMPLETION_INDEX or SLURM_ARRAY_TASK_ID); give `--shard I/N`",
+            )
+            .into());
+        }
+    } else {
+        let parsed = s.split_once('/').and_then(|(i, n)| {
+            Some((i.trim().parse::<u64>().ok()?, n.trim().parse::<u64>().ok()?))
+        });
+        parsed.ok_or_else(|| {
+            KvtError::usage(format!("`--shard {s}`: expected I/N, e.g. 0/4, or auto"))
+        })?
+    };
+    if n == 0 || i >= n {
+        return Err(KvtError::usage(format!(
+            "`--shard`: shard {i} of {n} does not exist (shards are numbered 0 to N-1)"
+        ))
+        .into());
+    }
+    Ok((i, n))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -623,6 +719,8 @@ fn cmd_compare(
                 keep_going: false,
                 jobs: None,
                 no_wait: false,
+                remote: RemoteArg::Optional,
+                shard: None,
             };
             cmd_build(&args, registry, quiet)
                 .with_context(|| format!("building the scores of {label} (`{arg}`)"))?;

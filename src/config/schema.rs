@@ -414,4 +414,8 @@ pub struct Db {
 pub struct Cache {
     /// Cache root, relative to the project root unless absolute.
     pub dir: String,
+    /// A shared remote cache: `s3://bucket/prefix`, `gs://…`, `az://…` or
+    /// `file:///shared/dir` (credentials from the environment, never here).
+    #[serde(default)]
+    pub remote: Option<String>,
 }

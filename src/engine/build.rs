@@ -36,6 +36,8 @@ pub struct BuildSummary {
     /// How many of the failures were configuration errors (exit code 2).
     pub usage_failed: usize,
     pub skipped: Vec<String>,
+    /// Nodes that stopped short on purpose ([`super::error::Unfinished`]), with why.
+    pub unfinished: Vec<(String, String)>,
     pub interrupted: bool,
 }
 
@@ -259,6 +261,7 @@ fn run_node(
         store: &ws.store,
         cache_root: &ws.cache_root,
         cancel,
+        remote: ws.remote.as_deref(),
         outputs: Vec::new(),
         exports: Vec::new(),
         scratch,
@@ -286,6 +289,11 @@ fn run_node(
     // The action record is written last: until it exists, nothing is taken for a result.
     ws.actions.put(&rec)?;
     ws.actions.set_last(&ws.scope, &rec)?;
+    if let Some(remote) = &ws.remote {
+        remote
+            .push_record(&ws.store, &rec)
+            .context("pushing the result to the remote cache")?;
+    }
     materialize(ws, &rec, spec.op.as_ref())?;
     Ok(rec)
 }
@@ -477,6 +485,11 @@ pub fn build(
                     waiting[ix.index()] = 1;
                     ready.push_front(p);
                 }
+                Err(e) if e.downcast_ref::<super::error::Unfinished>().is_some() => {
+                    reporter.note(&format!("`{id}`: {e}"));
+                    summary.unfinished.push((id, e.to_string()));
+                    blocked.extend(descendants(plan, ix));
+                }
                 Err(e) => {
                     reporter.finished(&id, Err(&error_chain(&e)));
                     summary.failed.push((id, error_chain(&e)));
@@ -494,11 +507,10 @@ pub fn build(
     })?;
     reporter.finish();
     for &ix in &plan.order {
+        let id = &plan.graph[ix].id;
         if records[ix.index()].is_none()
-            && !summary
-                .failed
-                .iter()
-                .any(|(id, _)| *id == plan.graph[ix].id)
+            && !summary.failed.iter().any(|(f, _)| f == id)
+            && !summary.unfinished.iter().any(|(u, _)| u == id)
         {
             summary.skipped.push(plan.graph[ix].id.clone());
         }

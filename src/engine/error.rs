@@ -79,3 +79,17 @@ pub trait Reporter: Sync {
 /// A reporter that says nothing.
 pub struct Silent;
 impl Reporter for Silent {}
+
+/// A node that did its part and stops short of a result on purpose (a
+/// sharded `infer` that sent only its shard's requests): not a failure, not
+/// recorded; what depends on it does not run in this build.
+#[derive(Debug)]
+pub struct Unfinished(pub String);
+
+impl std::fmt::Display for Unfinished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unfinished {}

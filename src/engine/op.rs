@@ -250,6 +250,8 @@ pub struct OpContext<'a> {
     pub store: &'a ContentStore,
     pub cache_root: &'a Path,
     pub cancel: &'a AtomicBool,
+    /// The shared remote cache, when there is one (the request journal syncs through it).
+    pub remote: Option<&'a super::remote::Remote>,
     pub(crate) outputs: Vec<OutputRef>,
     pub(crate) exports: Vec<Export>,
     pub(crate) scratch: PathBuf,

@@ -28,6 +28,8 @@ pub struct Workspace {
     pub scope: String,
     pub store: ContentStore,
     pub actions: ActionCache,
+    /// The shared remote cache, when `cache.remote` names one.
+    pub remote: Option<std::sync::Arc<super::remote::Remote>>,
 }
 
 impl Workspace {
@@ -38,6 +40,7 @@ impl Workspace {
             scope: scope.to_string(),
             store: ContentStore::new(cache_root),
             actions: ActionCache::new(cache_root),
+            remote: None,
         }
     }
 }
@@ -304,6 +307,19 @@ pub fn decide(ws: &Workspace, spec: &NodeSpec, keyed: &KeyedNode, forced: bool) 
             None => NodeState::Fresh(Box::new(rec)),
             Some(reason) => NodeState::Stale(vec![reason]),
         };
+    }
+    // Not here: perhaps another machine built it.
+    if let Some(remote) = &ws.remote {
+        match remote.pull_record(&ws.store, &keyed.key) {
+            Ok(Some(rec)) => {
+                if ws.actions.put(&rec).is_ok() {
+                    let _ = ws.actions.set_last(&ws.scope, &rec);
+                    return NodeState::Fresh(Box::new(rec));
+                }
+            }
+            Ok(None) => {}
+            Err(e) => remote.note_error(e),
+        }
     }
     let Some(last) = ws.actions.last(&ws.scope, &spec.id) else {
         return NodeState::Stale(vec![StaleReason::NeverBuilt]);

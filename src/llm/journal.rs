@@ -111,6 +111,17 @@ impl Journal {
             CREATE TABLE IF NOT EXISTS pending (
                 node_slice  TEXT PRIMARY KEY,
                 n           INTEGER NOT NULL
+            );
+            -- What a remote cache already holds: answers pushed or pulled, batches read.
+            CREATE TABLE IF NOT EXISTS remote_synced (
+                remote      TEXT NOT NULL,
+                request_key TEXT NOT NULL,
+                PRIMARY KEY (remote, request_key)
+            );
+            CREATE TABLE IF NOT EXISTS remote_batches (
+                remote      TEXT NOT NULL,
+                name        TEXT NOT NULL,
+                PRIMARY KEY (remote, name)
             );",
             )?;
             // When each answer was recorded (unix seconds), for `kvt cache gc --max-age`.
@@ -268,6 +279,95 @@ impl Journal {
             }
         }
         Ok(out)
+    }
+}
+
+/// Syncing with a remote cache (`remote` is its URL).
+impl Journal {
+    /// Final answers among `keys` that `remote` does not hold yet, as
+    /// (key, outcome JSON).
+    pub fn unsynced_final(
+        &mut self,
+        remote: &str,
+        keys: &[String],
+    ) -> Result<Vec<(String, String)>> {
+        self.flush()?;
+        let mut st = self.conn.prepare_cached(
+            "SELECT outcome FROM responses WHERE request_key = ?1 AND is_final = 1
+             AND NOT EXISTS (SELECT 1 FROM remote_synced WHERE remote = ?2 AND request_key = ?1)",
+        )?;
+        let mut out = Vec::new();
+        for k in keys {
+            if let Some(t) = st
+                .query_row(params![k, remote], |r| r.get::<_, String>(0))
+                .optional()?
+            {
+                out.push((k.clone(), t));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Notes that `remote` holds these answers.
+    pub fn mark_synced<'k>(
+        &mut self,
+        remote: &str,
+        keys: impl IntoIterator<Item = &'k str>,
+    ) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT OR IGNORE INTO remote_synced (remote, request_key) VALUES (?1, ?2)",
+            )?;
+            for k in keys {
+                st.execute(params![remote, k])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Whether batch `name` of `remote` was read already.
+    pub fn batch_seen(&self, remote: &str, name: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM remote_batches WHERE remote = ?1 AND name = ?2")?
+            .exists(params![remote, name])?)
+    }
+
+    /// Takes a batch's answers (key, outcome JSON): a final answer is added
+    /// unless one is here already; then the batch counts as read.
+    pub fn import_batch(
+        &mut self,
+        remote: &str,
+        name: &str,
+        rows: &[(String, Outcome)],
+    ) -> Result<usize> {
+        self.flush()?;
+        let tx = self.conn.unchecked_transaction()?;
+        let mut added = 0;
+        {
+            let mut ins = tx.prepare_cached(
+                "INSERT INTO responses (request_key, is_final, attempts, outcome, recorded_at)
+                 VALUES (?1, 1, 1, ?2, ?3)
+                 ON CONFLICT(request_key) DO UPDATE SET
+                    is_final = 1, outcome = excluded.outcome, recorded_at = excluded.recorded_at
+                 WHERE responses.is_final = 0",
+            )?;
+            let mut synced = tx.prepare_cached(
+                "INSERT OR IGNORE INTO remote_synced (remote, request_key) VALUES (?1, ?2)",
+            )?;
+            for (k, o) in rows.iter().filter(|(_, o)| o.is_final) {
+                added += ins.execute(params![k, serde_json::to_string(o)?, unix_now()])?;
+                synced.execute(params![remote, k])?;
+            }
+            tx.execute(
+                "INSERT OR IGNORE INTO remote_batches (remote, name) VALUES (?1, ?2)",
+                params![remote, name],
+            )?;
+        }
+        tx.commit()?;
+        Ok(added)
     }
 }
 

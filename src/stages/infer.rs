@@ -13,6 +13,7 @@
 
 use crate::config::schema::{Api, Decoding, EngineKind, Prompt};
 use crate::data::Example;
+use crate::engine::remote::Remote;
 use crate::engine::{canonical_json, Op, OpContext};
 use crate::llm::backend::{Backend, Query};
 use crate::llm::client::{Client, ClientOptions};
@@ -265,6 +266,102 @@ fn digest_cached(path: &std::path::Path) -> Result<String> {
     Ok(d)
 }
 
+/// `--shard I/N` for this process's builds: infer sends only the requests
+/// of shard I (by request key) and leaves the node unfinished while other
+/// shards' requests lack answers.
+static SHARD: Mutex<Option<(u64, u64)>> = Mutex::new(None);
+
+pub fn set_shard(shard: Option<(u64, u64)>) {
+    *SHARD.lock().expect("shard") = shard;
+}
+
+/// The shard (of `n`) a request key belongs to: stable on every machine.
+pub fn shard_of(key: &str, n: u64) -> u64 {
+    let d = crate::engine::Digest::of(key.as_bytes());
+    let b = &d.0;
+    u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) % n.max(1)
+}
+
+/// How many new answers make a journal batch for the remote cache.
+const REMOTE_BATCH: usize = 256;
+
+/// Answers other machines put in the remote cache, into the local journal
+/// (each batch verified and read once).
+fn pull_journal(remote: &Remote, journal: &Mutex<Journal>) -> Result<usize> {
+    let mut added = 0;
+    for (name, hex) in remote.journal_batches()? {
+        if journal
+            .lock()
+            .expect("journal")
+            .batch_seen(&remote.url, &name)?
+        {
+            continue;
+        }
+        let Some(bytes) = remote.journal_batch(&name, &hex)? else {
+            continue;
+        };
+        let mut rows = Vec::new();
+        for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let entry: JournalEntry = serde_json::from_slice(line).with_context(|| {
+                format!(
+                    "remote cache `{}`: batch `{name}` has a bad line",
+                    remote.url
+                )
+            })?;
+            rows.push((entry.key, entry.outcome));
+        }
+        added += journal
+            .lock()
+            .expect("journal")
+            .import_batch(&remote.url, &name, &rows)?;
+    }
+    Ok(added)
+}
+
+/// One answer as a remote journal batch holds it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct JournalEntry {
+    key: String,
+    outcome: Outcome,
+}
+
+/// Pushes answers (key, outcome JSON) as one batch, then notes them synced.
+fn push_entries(
+    remote: &Remote,
+    journal: &Mutex<Journal>,
+    rows: &[(String, String)],
+) -> Result<()> {
+    for chunk in rows.chunks(REMOTE_BATCH * 16) {
+        let mut body = Vec::new();
+        for (key, outcome) in chunk {
+            body.extend_from_slice(br#"{"key":"#);
+            body.extend_from_slice(serde_json::to_string(key)?.as_bytes());
+            body.extend_from_slice(br#","outcome":"#);
+            body.extend_from_slice(outcome.as_bytes());
+            body.extend_from_slice(b"}\n");
+        }
+        remote.push_journal_batch(&body)?;
+        journal
+            .lock()
+            .expect("journal")
+            .mark_synced(&remote.url, chunk.iter().map(|(k, _)| k.as_str()))?;
+    }
+    Ok(())
+}
+
+/// Every final answer of `keys` the remote lacks (also those a killed run
+/// never pushed).
+fn push_journal(remote: &Remote, journal: &Mutex<Journal>, keys: &[String]) -> Result<()> {
+    let rows = journal
+        .lock()
+        .expect("journal")
+        .unsynced_final(&remote.url, keys)?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    push_entries(remote, journal, &rows)
+}
+
 /// The request journal inside a cache directory.
 pub fn journal_path(cache_root: &std::path::Path) -> std::path::PathBuf {
     cache_root.join("v1").join("journal.sqlite")
@@ -499,23 +596,49 @@ impl Op for Infer {
         let journal = Journal::shared(&journal_path(ctx.cache_root))?;
         let journal: &Mutex<Journal> = &journal;
         let keys: Vec<String> = requests.iter().map(|r| r.key.clone()).collect();
+        if let Some(remote) = ctx.remote {
+            let n = pull_journal(remote, journal)?;
+            if n > 0 {
+                tracing::info!(node = ctx.node(), "{n} answers from the remote cache");
+            }
+        }
         let known = journal.lock().expect("journal").get_many(&keys)?;
         let pending: Vec<&Request> = requests
             .iter()
             .filter(|r| !known.get(&r.key).is_some_and(|o| o.is_final))
             .collect();
+        let shard = *SHARD.lock().expect("shard");
+        let (to_send, others): (Vec<&Request>, Vec<&Request>) = match shard {
+            Some((i, n)) => pending.iter().partition(|r| shard_of(&r.key, n) == i),
+            None => (pending, Vec::new()),
+        };
         let sent = AtomicUsize::new(0);
-        if !pending.is_empty() {
+        if !to_send.is_empty() {
             tracing::info!(
                 node = ctx.node(),
-                pending = pending.len(),
+                pending = to_send.len(),
                 total = requests.len(),
                 "sending requests"
             );
-            self.send_all(ctx, &s, &pending, journal, &sent)?;
+            let result = self.send_all(ctx, &s, &to_send, journal, &sent);
+            // What was answered reaches the remote even when the node fails.
+            if let Some(remote) = ctx.remote {
+                push_journal(remote, journal, &keys)?;
+            }
+            result?;
+        } else if let Some(remote) = ctx.remote {
+            push_journal(remote, journal, &keys)?;
         }
         if ctx.is_cancelled() {
             bail!("interrupted: answered requests are kept in the journal; run the build again to finish");
+        }
+        if let (Some((i, n)), false) = (shard, others.is_empty()) {
+            return Err(crate::engine::error::Unfinished(format!(
+                "shard {i}/{n}: sent {} requests, {} belong to other shards; their answers reach this node through the remote cache (or a build without --shard sends them)",
+                sent.load(Ordering::Relaxed),
+                others.len()
+            ))
+            .into());
         }
 
         // The artifact: the journal's outcomes in manifest order.
@@ -657,9 +780,21 @@ impl Infer {
             return Ok(());
         }
         let concurrency = s.transport.concurrency.max(1) as usize;
+        // New final answers waiting to go to the remote cache as one batch.
+        let outbox: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
         let record = |key: &str, o: &Outcome| -> Result<()> {
             journal.lock().expect("journal").record(key, o)?;
             sent.fetch_add(1, Ordering::Relaxed);
+            if let (Some(remote), true) = (ctx.remote, o.is_final) {
+                let full = {
+                    let mut out = outbox.lock().expect("outbox");
+                    out.push((key.to_string(), serde_json::to_string(o)?));
+                    (out.len() >= REMOTE_BATCH).then(|| std::mem::take(&mut *out))
+                };
+                if let Some(rows) = full {
+                    push_entries(remote, journal, &rows)?;
+                }
+            }
             Ok(())
         };
         let backend = self.backend(ctx, s, concurrency)?;

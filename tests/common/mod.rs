@@ -112,7 +112,8 @@ impl Project {
         let mut c = Command::new(env!("CARGO_BIN_EXE_kvt-testops"));
         c.current_dir(self.root())
             .env_remove("KVT_LOG")
-            .env_remove("KVT_CACHE_DIR");
+            .env_remove("KVT_CACHE_DIR")
+            .env_remove("KVT_REMOTE");
         c
     }
 
@@ -121,7 +122,8 @@ impl Project {
         let mut c = Command::new(env!("CARGO_BIN_EXE_kvt"));
         c.current_dir(self.root())
             .env_remove("KVT_LOG")
-            .env_remove("KVT_CACHE_DIR");
+            .env_remove("KVT_CACHE_DIR")
+            .env_remove("KVT_REMOTE");
         c
     }
 

@@ -1,0 +1,486 @@
+//! The remote cache (`cache.remote` / KVT_REMOTE) on a shared directory
+//! (`file://`), through the real binary: sharded workers with their own
+//! local caches, a merge build that sends nothing, a machine that only
+//! pulls, a corrupt remote object, racing writers, and a remote that cannot
+//! be reached. Requests are counted where they arrive (`kvt serve`'s log).
+
+mod common;
+use common::*;
+use std::collections::HashMap;
+use std::path::Path;
+
+const SMALL: &str = "\
+output:
+  exp_group_id: small
+dataset:
+  lengths: [256, 1024]
+  per_length: 6
+binning:
+  n_bins: 2
+  edges: [0, 600, 2000]
+sampling:
+  n_per_bin: 6
+engine:
+  kind: serve
+  concurrency: 2
+kv:
+  policies: [streaming, snapkv]
+  budgets: [1.0, 0.3]
+analysis:
+  bootstrap:
+    iters: 200
+";
+
+/// 12 examples × (one full-cache request shared by both policies + one per
+/// policy at 0.3).
+const UNIQUE_REQUESTS: usize = 36;
+
+struct Shared {
+    p: Project,
+    remote: tempfile::TempDir,
+}
+
+fn shared() -> Shared {
+    let p = Project::new();
+    p.write("config/experiments/small.yaml", SMALL);
+    Shared {
+        p,
+        remote: tempfile::tempdir().unwrap(),
+    }
+}
+
+impl Shared {
+    fn url(&self) -> String {
+        format!("file://{}", self.remote.path().display())
+    }
+    /// A kvt run on "machine" `cache` (its own local cache), with the remote.
+    fn kvt(&self, cache: &str, args: &[&str]) -> std::process::Output {
+        self.p
+            .kvt()
+            .args(args)
+            .env("KVT_CACHE_DIR", cache)
+            .env("KVT_REMOTE", self.url())
+            .env("KVT_SERVE_REQUEST_LOG", self.p.path("requests.log"))
+            .output()
+            .unwrap()
+    }
+    fn served(&self) -> HashMap<String, usize> {
+        let mut m = HashMap::new();
+        for l in std::fs::read_to_string(self.p.path("requests.log"))
+            .unwrap_or_default()
+            .lines()
+        {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            if !v["replay"].as_bool().unwrap_or(false) {
+                *m.entry(v["request_key"].as_str().unwrap().to_string())
+                    .or_default() += 1;
+            }
+        }
+        m
+    }
+    fn objects(&self) -> Vec<std::path::PathBuf> {
+        let dir = self.remote.path().join("v1/objects");
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+const CFG: &[&str] = &["-c", "config/experiments/small.yaml"];
+
+fn args<'a>(head: &[&'a str], tail: &[&'a str]) -> Vec<&'a str> {
+    head.iter().chain(CFG).chain(tail).copied().collect()
+}
+
+/// Every remote object's bytes hash to its name.
+fn all_intact(objects: &[std::path::PathBuf]) {
+    for o in objects {
+        let name = o.file_name().unwrap().to_str().unwrap();
+        let bytes = std::fs::read(o).unwrap();
+        assert_eq!(
+            blake3::hash(&bytes).to_hex().as_str(),
+            name,
+            "{}",
+            o.display()
+        );
+    }
+}
+
+#[test]
+fn sharded_workers_then_a_merge_build_that_sends_nothing() {
+    let s = shared();
+    // Two workers, disjoint shards, each with its own local cache.
+    for (i, cache) in [(0, "cache-w0"), (1, "cache-w1")] {
+        let shard = format!("{i}/2");
+        let out = s.kvt(cache, &args(&["build", "infer"], &["--shard", &shard]));
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        let err = stderr_of(&out);
+        let sent = s.served().values().sum::<usize>();
+        if i == 0 {
+            // Only its share: some, not all; its nodes wait for the others.
+            assert!(err.contains("4 sharded (unfinished)"), "{err}");
+            assert!(err.contains("belong to other shards"), "{err}");
+            assert!(sent > 0 && sent < UNIQUE_REQUESTS, "{sent}");
+        } else {
+            // The second pulls the first one's answers, sends the rest and
+            // so finishes every node.
+            assert!(err.contains("4 built") && !err.contains("sharded"), "{err}");
+            assert_eq!(sent, UNIQUE_REQUESTS);
+        }
+    }
+    let served = s.served();
+    assert_eq!(
+        served.len(),
+        UNIQUE_REQUESTS,
+        "the shards cover every request"
+    );
+    assert!(served.values().all(|&n| n == 1), "a request was sent twice");
+    assert!(s.remote.path().join("v1/journal").is_dir());
+
+    // Any machine: the report, with zero requests.
+    let out = s.kvt("cache-merge", &args(&["build", "report"], &[]));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(s.served().values().sum::<usize>(), UNIQUE_REQUESTS);
+    let report = s.p.read("runs/small/report.md");
+    assert!(report.contains("## Provenance"));
+
+    // A machine with nothing: every node comes from the remote, nothing runs.
+    std::fs::remove_dir_all(s.p.path("runs")).unwrap();
+    let out = s.kvt("cache-fresh", &args(&["build", "report"], &[]));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(built_nodes(&out).is_empty(), "{}", stderr_of(&out));
+    assert_eq!(s.p.read("runs/small/report.md"), report);
+    assert_eq!(s.served().values().sum::<usize>(), UNIQUE_REQUESTS);
+    all_intact(&s.objects());
+
+    // A worker's shard again (restarted): nothing left to send.
+    let out = s.kvt("cache-w0", &args(&["build", "infer"], &["--shard", "0/2"]));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(s.served().values().sum::<usize>(), UNIQUE_REQUESTS);
+}
+
+#[test]
+fn a_corrupt_remote_object_is_reported_and_never_used() {
+    let s = shared();
+    let out = s.kvt("cache-a", &args(&["build", "report"], &[]));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let objects = s.objects();
+    assert!(!objects.is_empty());
+    // Damage every object the remote holds.
+    for o in &objects {
+        let mut bytes = std::fs::read(o).unwrap();
+        bytes.extend_from_slice(b"tampered");
+        std::fs::write(o, bytes).unwrap();
+    }
+    let before = s.served().values().sum::<usize>();
+    let out = s.kvt("cache-b", &args(&["build", "report"], &[]));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("is corrupt") && err.contains("not used"),
+        "{err}"
+    );
+    // Rebuilt locally from the journal batches: nothing sent again.
+    assert!(!built_nodes(&out).is_empty());
+    assert_eq!(s.served().values().sum::<usize>(), before);
+    // The local cache holds only intact objects.
+    let out =
+        s.p.kvt()
+            .args(["cache", "verify"])
+            .env("KVT_CACHE_DIR", "cache-b")
+            .output()
+            .unwrap();
+    assert!(out.status.success(), "{}", stdout_of(&out));
+}
+
+#[test]
+fn two_machines_pushing_the_same_results_at_once() {
+    let s = shared();
+    let spawn = |cache: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kvt"))
+            .current_dir(s.p.root())
+            .args([
+                "build",
+                "report",
+                "-q",
+                "-c",
+                "config/experiments/small.yaml",
+            ])
+            .env("KVT_CACHE_DIR", cache)
+            .env("KVT_REMOTE", s.url())
+            .env_remove("KVT_LOG")
+            .spawn()
+            .unwrap()
+    };
+    let (mut a, mut b) = (spawn("cache-a"), spawn("cache-b"));
+    assert!(a.wait().unwrap().success());
+    assert!(b.wait().unwrap().success());
+    let objects = s.objects();
+    assert!(objects.len() > 10);
+    all_intact(&objects);
+    // A third machine builds entirely from what they pushed.
+    let out = s.kvt("cache-c", &args(&["build", "report"], &[]));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(built_nodes(&out).is_empty(), "{}", stderr_of(&out));
+}
+
+#[test]
+fn an_unreachable_remote_warns_and_builds_locally_unless_required() {
+    let p = Project::new();
+    p.write("config/experiments/small.yaml", SMALL);
+    let secret = "SENTINEL-SECRET-7d1f0c";
+    let run = |extra: &[&str]| {
+        p.kvt()
+            .args(["build", "report", "-c", "config/experiments/small.yaml"])
+            .args(extra)
+            .env("KVT_REMOTE", "s3://kvt-bucket/team")
+            .env("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+            .env("AWS_ACCESS_KEY_ID", "AKIDSENTINEL")
+            .env("AWS_SECRET_ACCESS_KEY", secret)
+            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--remote", "required"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("s3://kvt-bucket/team") && err.contains("--remote optional"),
+        "{err}"
+    );
+    assert!(!err.contains(secret));
+
+    let out = run(&[]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("unavailable") && err.contains("local cache only"),
+        "{err}"
+    );
+    assert!(!err.contains(secret) && !stdout_of(&out).contains(secret));
+    // The secret is in no artifact, log, report or database.
+    let mut stack = vec![p.root().to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                assert!(
+                    !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                    "{} holds the secret",
+                    path.display()
+                );
+            }
+        }
+    }
+    assert!(Path::new(&p.path("runs/small/report.md")).exists());
+}
+
+#[test]
+fn shards_come_from_the_flag_or_the_schedulers_environment() {
+    let p = Project::new();
+    p.write("config/experiments/small.yaml", SMALL);
+    let run = |shard: &str, env: &[(&str, &str)]| {
+        let mut c = p.kvt();
+        c.args([
+            "build",
+            "infer",
+            "-c",
+            "config/experiments/small.yaml",
+            "--shard",
+            shard,
+        ])
+        .env_remove("JOB_COMPLETION_INDEX")
+        .env_remove("SLURM_ARRAY_TASK_ID");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    for bad in ["2/2", "1/0", "x", "1-2"] {
+        let out = run(bad, &[]);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", stderr_of(&out));
+        assert!(stderr_of(&out).contains("--shard"), "{}", stderr_of(&out));
+    }
+    let out = run("auto", &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr_of(&out).contains("JOB_COMPLETION_INDEX"));
+    // Kubernetes Indexed Job: the index, and the count from KVT_SHARD_COUNT.
+    let out = run("auto", &[("JOB_COMPLETION_INDEX", "1")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr_of(&out).contains("KVT_SHARD_COUNT"));
+    let out = run(
+        "auto",
+        &[("JOB_COMPLETION_INDEX", "1"), ("KVT_SHARD_COUNT", "3")],
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("shard 1/3"), "{}", stderr_of(&out));
+    // Slurm array 4-6: task 5 is shard 1 of 3.
+    let out = run(
+        "auto",
+        &[
+            ("SLURM_ARRAY_TASK_ID", "5"),
+            ("SLURM_ARRAY_TASK_MIN", "4"),
+            ("SLURM_ARRAY_TASK_COUNT", "3"),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("shard 1/3"), "{}", stderr_of(&out));
+}
+
+/// The same on a real S3-compatible server on loopback (`.ci/run` starts
+/// moto's standalone server and sets KVT_TEST_S3_ENDPOINT): sharded workers,
+/// a merge build and a pulling machine with zero requests, a corrupt
+/// object planted in the bucket, racing writers, and a sentinel secret that
+/// must appear nowhere.
+#[test]
+#[ignore = "needs an S3-compatible server: KVT_TEST_S3_ENDPOINT (see .ci/run)"]
+fn s3_remote_on_a_local_server() {
+    let endpoint = std::env::var("KVT_TEST_S3_ENDPOINT").expect("KVT_TEST_S3_ENDPOINT");
+    let bucket = format!("kvt-{}", std::process::id());
+    let (status, body) = http(&endpoint, "PUT", &format!("/{bucket}"), None);
+    assert_eq!(status, 200, "creating the bucket: {body}");
+    let p = Project::new();
+    p.write("config/experiments/small.yaml", SMALL);
+    let secret = "SENTINEL-S3-SECRET-42c9";
+    let url = format!("s3://{bucket}/team");
+    let kvt = |cache: &str, a: &[&str]| {
+        p.kvt()
+            .args(a)
+            .env("KVT_CACHE_DIR", cache)
+            .env("KVT_REMOTE", &url)
+            .env("AWS_ENDPOINT_URL", &endpoint)
+            .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
+            .env("AWS_SECRET_ACCESS_KEY", secret)
+            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .env("KVT_SERVE_REQUEST_LOG", p.path("requests.log"))
+            .output()
+            .unwrap()
+    };
+    let served = || {
+        std::fs::read_to_string(p.path("requests.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.contains("\"replay\":true"))
+            .count()
+    };
+    for (i, cache) in [(0, "w0"), (1, "w1")] {
+        let shard = format!("{i}/2");
+        let out = kvt(
+            cache,
+            &args(
+                &["build", "infer", "--remote", "required"],
+                &["--shard", &shard],
+            ),
+        );
+        assert!(out.status.success(), "{}", stderr_of(&out));
+    }
+    assert_eq!(served(), UNIQUE_REQUESTS);
+    let out = kvt(
+        "merge",
+        &args(&["build", "report", "--remote", "required"], &[]),
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(served(), UNIQUE_REQUESTS, "the merge build sent requests");
+    let out = kvt(
+        "pull",
+        &args(&["build", "report", "--remote", "required"], &[]),
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(built_nodes(&out).is_empty(), "{}", stderr_of(&out));
+
+    // Racing writers on the same keys.
+    let spawn = |cache: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kvt"))
+            .current_dir(p.root())
+            .args([
+                "build",
+                "report",
+                "-q",
+                "--remote",
+                "required",
+                "-c",
+                "config/experiments/small.yaml",
+            ])
+            .args(["--set", "analysis.bootstrap.iters=150"])
+            .env("KVT_CACHE_DIR", cache)
+            .env("KVT_REMOTE", &url)
+            .env("AWS_ENDPOINT_URL", &endpoint)
+            .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
+            .env("AWS_SECRET_ACCESS_KEY", secret)
+            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .env_remove("KVT_LOG")
+            .spawn()
+            .unwrap()
+    };
+    let (mut a, mut b) = (spawn("race-a"), spawn("race-b"));
+    assert!(a.wait().unwrap().success());
+    assert!(b.wait().unwrap().success());
+
+    // Every object in the bucket is intact; then damage them all (with
+    // boto3 from the server's own environment: objects need signed requests).
+    let python = std::env::var("KVT_TEST_S3_PYTHON").expect("KVT_TEST_S3_PYTHON");
+    let check = format!(
+        r#"
+import boto3, sys
+s3 = boto3.client("s3", endpoint_url="{endpoint}", aws_access_key_id="a", aws_secret_access_key="b", region_name="us-east-1")
+keys = [o["Key"] for o in s3.list_objects_v2(Bucket="{bucket}", Prefix="team/v1/objects/")["Contents"]]
+for k in keys:
+    body = s3.get_object(Bucket="{bucket}", Key=k)["Body"].read()
+    sys.stdout.buffer.write(k.encode() + b" " + body.hex().encode() + b"\n")
+    s3.put_object(Bucket="{bucket}", Key=k, Body=body + b"tampered")
+"#
+    );
+    let out = std::process::Command::new(&python)
+        .args(["-c", &check])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let listing = stdout_of(&out);
+    let mut n = 0;
+    for line in listing.lines() {
+        let (key, hex) = line.split_once(' ').unwrap();
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let name = key.rsplit('/').next().unwrap();
+        assert_eq!(blake3::hash(&bytes).to_hex().as_str(), name, "{key}");
+        n += 1;
+    }
+    assert!(n > 10, "{listing}");
+    let out = kvt("after-damage", &args(&["build", "report"], &[]));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("is corrupt") && err.contains("not used"),
+        "{err}"
+    );
+    assert_eq!(
+        served(),
+        UNIQUE_REQUESTS,
+        "answers came from the journal batches"
+    );
+
+    // The secret is in no file of the project (caches, runs, logs).
+    let mut stack = vec![p.root().to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                assert!(
+                    !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                    "{} holds the secret",
+                    path.display()
+                );
+            }
+        }
+    }
+}
