@@ -5,9 +5,15 @@
 //! be reached. Requests are counted where they arrive (`kvt serve`'s log).
 
 mod common;
+use axum::extract::State;
+use axum::http::HeaderMap;
 use common::*;
+use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 const SMALL: &str = "\
 output:
@@ -483,4 +489,122 @@ for k in keys:
             }
         }
     }
+}
+
+/// A server that answers `open` requests, then holds the rest while `hold`.
+struct Held {
+    hold: AtomicBool,
+    open: usize,
+    answered: Mutex<Vec<String>>,
+    attempts: Mutex<HashMap<String, usize>>,
+    busy: AtomicUsize,
+}
+
+async fn held_chat(
+    State(st): State<Arc<Held>>,
+    headers: HeaderMap,
+) -> axum::Json<serde_json::Value> {
+    let key = headers
+        .get("x-kvt-request-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    *st.attempts.lock().unwrap().entry(key.clone()).or_default() += 1;
+    st.busy.fetch_add(1, Ordering::SeqCst);
+    if st.hold.load(Ordering::SeqCst) && st.answered.lock().unwrap().len() >= st.open {
+        tokio::time::sleep(Duration::from_secs(120)).await;
+    }
+    st.answered.lock().unwrap().push(key);
+    axum::Json(json!({
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "42"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 1}
+    }))
+}
+
+#[test]
+fn a_worker_killed_mid_run_and_restarted_loses_no_answer_and_repeats_none() {
+    let st = Arc::new(Held {
+        hold: AtomicBool::new(true),
+        open: 3,
+        answered: Mutex::new(Vec::new()),
+        attempts: Mutex::new(HashMap::new()),
+        busy: AtomicUsize::new(0),
+    });
+    let (addr, _rt) = serve_router(
+        axum::Router::new()
+            .route("/v1/chat/completions", axum::routing::post(held_chat))
+            .with_state(st.clone()),
+    );
+    let s = shared();
+    s.p.write(
+        "config/experiments/k.yaml",
+        "output: {exp_group_id: k}
+dataset: {lengths: [200], per_length: 16}
+binning: {n_bins: 1}
+sampling: {n_per_bin: 16}
+engine: {kind: openai, concurrency: 2, timeout_s: 300}
+kv: {policies: [snapkv], budgets: [1.0]}
+analysis: {bootstrap: {iters: 20}}
+",
+    );
+    let base = format!("engine.base_url={addr}/v1");
+    let cmd = |cache: &str, a: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_kvt"));
+        c.current_dir(s.p.root())
+            .args(a)
+            .args(["-c", "config/experiments/k.yaml", "--set", &base])
+            .env("KVT_CACHE_DIR", cache)
+            .env("KVT_REMOTE", s.url())
+            .env("KVT_JOURNAL_BATCH", "1")
+            .env_remove("KVT_LOG");
+        c
+    };
+    // Worker 0 answers three requests of its shard, then is killed while
+    // the server holds the rest.
+    let mut child = cmd("w0", &["build", "infer", "--shard", "0/2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while st.busy.load(Ordering::SeqCst) < 5 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no requests arrived"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let answered_first = st.answered.lock().unwrap().clone();
+    assert_eq!(answered_first.len(), 3);
+    // Nothing reached the remote yet (no batch of 256, no end of node).
+    assert!(!s.remote.path().join("v1/journal").exists());
+
+    // Restarted: the answers the kill kept are not asked again, and go up now.
+    st.hold.store(false, Ordering::SeqCst);
+    let out = cmd("w0", &["build", "infer", "--shard", "0/2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let out = cmd("w1", &["build", "infer", "--shard", "1/2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let attempts = st.attempts.lock().unwrap().clone();
+    assert_eq!(attempts.len(), 16, "every request asked");
+    for k in &answered_first {
+        assert_eq!(attempts[k], 1, "answered before the kill, asked again: {k}");
+    }
+    // The merge build on a machine of its own asks nothing.
+    let before: usize = attempts.values().sum();
+    let out = cmd("merge", &["build", "report"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(st.attempts.lock().unwrap().values().sum::<usize>(), before);
+    let db = rusqlite::Connection::open(s.p.path("runs/k/kv_transition.sqlite")).unwrap();
+    let n: i64 = db
+        .query_row("SELECT COUNT(*) FROM responses", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 16);
 }
