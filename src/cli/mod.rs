@@ -1,6 +1,7 @@
 //! The command line: parses arguments (clap), loads the configuration and calls
 //! the engine. Nothing here decides what a stage does.
 
+mod bundle;
 mod compare;
 mod eval_preds;
 mod graph;
@@ -236,6 +237,23 @@ enum Command {
         #[arg(short = 'o', long)]
         out: Option<PathBuf>,
     },
+    /// Write a built experiment to one portable file: config (secrets
+    /// redacted), every node's result, its answers, the exported files.
+    Bundle {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// The bundle to write (e.g. run.tar.zst).
+        #[arg(short = 'o', long)]
+        out: PathBuf,
+    },
+    /// Load a bundle into the cache after checking every digest; the same
+    /// config then builds here with zero requests.
+    Import {
+        /// A file written by `kvt bundle`.
+        file: PathBuf,
+        #[command(flatten)]
+        dir: CacheDirArgs,
+    },
     /// Inspect and maintain the content-addressed cache.
     Cache {
         #[command(subcommand)]
@@ -344,6 +362,40 @@ fn run(cli: Cli, registry: &OpRegistry) -> Result<()> {
             build,
             out,
         } => cmd_compare(&a, &b, &set_a, &set_b, build, out, registry, cli.quiet),
+        Command::Bundle { cfg, out } => {
+            let loaded = load_config(&cfg.config, &cfg.set)?;
+            let c = bundle::bundle(&loaded, registry, &out)?;
+            if !cli.quiet {
+                eprintln!(
+                    "kvt: wrote {} ({}): {} node results, {} objects, {} answers, {} files",
+                    display_path(&out),
+                    maintenance::human_bytes(c.bytes),
+                    c.records,
+                    c.objects,
+                    c.answers,
+                    c.files
+                );
+            }
+            Ok(())
+        }
+        Command::Import { file, dir } => {
+            let (cache, _) = cache_root_for(&dir)?;
+            let (c, config) = bundle::import(&file, &cache)?;
+            if !cli.quiet {
+                eprintln!(
+                    "kvt: imported {} into `{}`: {} node results, {} objects, {} answers, every digest checked",
+                    display_path(&file),
+                    display_path(&cache),
+                    c.records,
+                    c.objects,
+                    c.answers
+                );
+                eprintln!(
+                    "kvt: `kvt build report -c {config}` now builds here without sending a request"
+                );
+            }
+            Ok(())
+        }
         Command::Datasets { path } => {
             let root = std::env::current_dir()?;
             let root = config::find_root(&root).unwrap_or(root);
