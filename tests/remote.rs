@@ -608,3 +608,60 @@ analysis: {bootstrap: {iters: 20}}
         .unwrap();
     assert_eq!(n, 16);
 }
+
+#[test]
+fn cache_push_pull_and_du_on_the_remote() {
+    let s = shared();
+    let local = |cache: &str, a: &[&str]| {
+        s.p.kvt()
+            .args(a)
+            .env("KVT_CACHE_DIR", cache)
+            .env("KVT_SERVE_REQUEST_LOG", s.p.path("requests.log"))
+            .output()
+            .unwrap()
+    };
+    // No remote anywhere: a usage error naming the ways to give one.
+    let out = local("c1", &["cache", "push"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("cache.remote"),
+        "{}",
+        stderr_of(&out)
+    );
+
+    // Built without a remote, pushed afterwards.
+    let out = local("c1", &args(&["build", "report"], &[]));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let url = s.url();
+    let out = local("c1", &["cache", "push", "--remote", &url]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let text = stdout_of(&out);
+    assert!(text.contains("15 node results"), "{text}");
+    assert!(
+        text.contains(&format!("{UNIQUE_REQUESTS} answers")),
+        "{text}"
+    );
+    // Again: nothing new to push.
+    let out = local("c1", &["cache", "push", "--remote", &url]);
+    assert!(stdout_of(&out).contains("0 node results, 0 objects, 0 answers"));
+    let out = local("c1", &["cache", "du", "--remote", &url]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let du = stdout_of(&out);
+    assert!(du.contains("node results") && du.contains("15"), "{du}");
+
+    // Pulled into an empty cache: the build finds everything, sends nothing.
+    let out = local("c2", &["cache", "pull", "--remote", &url]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(
+        stdout_of(&out).contains(&format!("15 node results, {UNIQUE_REQUESTS} answers")),
+        "{}",
+        stdout_of(&out)
+    );
+    let sent = s.served().values().sum::<usize>();
+    let out = local("c2", &args(&["build", "report"], &[]));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(built_nodes(&out).is_empty(), "{}", stderr_of(&out));
+    let out = local("c2", &args(&["build", "report"], &["--force", "infer"]));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(s.served().values().sum::<usize>(), sent);
+}

@@ -271,10 +271,29 @@ struct CacheDirArgs {
 
 #[derive(Subcommand, Debug)]
 enum CacheCommand {
-    /// Size of the cache by op and by age.
+    /// Size of the cache by op and by age (with --remote: of the remote cache).
     Du {
         #[command(flatten)]
         dir: CacheDirArgs,
+        /// The remote cache instead: the project's `cache.remote` (or KVT_REMOTE), or this URL.
+        #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
+        remote: Option<String>,
+    },
+    /// Push every result and answer in the local cache to the remote cache.
+    Push {
+        #[command(flatten)]
+        dir: CacheDirArgs,
+        /// The remote: the project's `cache.remote` (or KVT_REMOTE) unless given.
+        #[arg(long, value_name = "URL")]
+        remote: Option<String>,
+    },
+    /// Pull every result and answer from the remote cache into the local one.
+    Pull {
+        #[command(flatten)]
+        dir: CacheDirArgs,
+        /// The remote: the project's `cache.remote` (or KVT_REMOTE) unless given.
+        #[arg(long, value_name = "URL")]
+        remote: Option<String>,
     },
     /// Re-hash every object; report (and quarantine) corrupt ones; exit 1 if any.
     Verify {
@@ -893,6 +912,25 @@ fn no_wait_hint(e: anyhow::Error) -> anyhow::Error {
     e
 }
 
+/// The remote for `kvt cache push|pull|du --remote`: the URL given, else
+/// KVT_REMOTE, else the project's `cache.remote`; required (errors fail).
+fn open_remote_for(dir: &CacheDirArgs, url: Option<String>) -> Result<engine::remote::Remote> {
+    let (_, root) = cache_root_for(dir)?;
+    let root = root.unwrap_or(std::env::current_dir()?);
+    let url = url
+        .filter(|u| !u.is_empty())
+        .or_else(|| config::project_remote(&root))
+        .ok_or_else(|| {
+            KvtError::usage(
+                "no remote cache: set `cache.remote` in config/default.yaml, KVT_REMOTE, or pass `--remote URL`",
+            )
+        })?;
+    let remote = engine::remote::Remote::open(&url, &root, true)
+        .map_err(|e| KvtError::usage(format!("{e:#}")))?;
+    remote.probe()?;
+    Ok(remote)
+}
+
 fn cache_root_for(dir: &CacheDirArgs) -> Result<(PathBuf, Option<PathBuf>)> {
     let cwd = std::env::current_dir()?;
     let root = config::find_root(&cwd);
@@ -947,7 +985,63 @@ fn live_keys(
 
 fn cmd_cache(command: CacheCommand, registry: &OpRegistry, quiet: bool) -> Result<()> {
     match command {
-        CacheCommand::Du { dir } => {
+        CacheCommand::Du {
+            dir,
+            remote: Some(url),
+        } => {
+            let remote = open_remote_for(&dir, Some(url))?;
+            println!("remote cache `{}`:", remote.url);
+            for (dir, what) in [
+                ("v1/objects", "objects"),
+                ("v1/actions", "node results"),
+                ("v1/journal", "journal batches"),
+            ] {
+                let items = remote.list_sized(dir)?;
+                println!(
+                    "  {what:<16} {:>7}  {:>10}",
+                    items.len(),
+                    maintenance::human_bytes(items.iter().map(|(_, b)| b).sum())
+                );
+            }
+            Ok(())
+        }
+        CacheCommand::Push { dir, remote } => {
+            let remote = open_remote_for(&dir, remote)?;
+            let (cache, _) = cache_root_for(&dir)?;
+            let store = engine::ContentStore::new(&cache);
+            let actions = engine::ActionCache::new(&cache);
+            let (records, objects) = remote.push_all(&store, &actions)?;
+            let journal =
+                crate::llm::journal::Journal::shared(&crate::stages::infer::journal_path(&cache))?;
+            let rows = journal
+                .lock()
+                .expect("journal")
+                .all_unsynced_final(&remote.url)?;
+            crate::stages::infer::push_entries(&remote, &journal, &rows)?;
+            println!(
+                "pushed to `{}`: {records} node results, {objects} objects, {} answers",
+                remote.url,
+                rows.len()
+            );
+            Ok(())
+        }
+        CacheCommand::Pull { dir, remote } => {
+            let remote = open_remote_for(&dir, remote)?;
+            let (cache, _) = cache_root_for(&dir)?;
+            let store = engine::ContentStore::new(&cache);
+            let actions = engine::ActionCache::new(&cache);
+            let records = remote.pull_all(&store, &actions)?;
+            let journal =
+                crate::llm::journal::Journal::shared(&crate::stages::infer::journal_path(&cache))?;
+            let answers = crate::stages::infer::pull_journal(&remote, &journal)?;
+            journal.lock().expect("journal").checkpoint()?;
+            println!(
+                "pulled from `{}`: {records} node results, {answers} answers",
+                remote.url
+            );
+            Ok(())
+        }
+        CacheCommand::Du { dir, remote: None } => {
             let (cache, _) = cache_root_for(&dir)?;
             let r = maintenance::du(&cache)?;
             println!(

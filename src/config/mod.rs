@@ -170,6 +170,22 @@ pub fn project_cache_dir(root: &Path) -> PathBuf {
     root.join(dir)
 }
 
+/// The remote cache for commands that take no experiment (`kvt cache
+/// push|pull|du --remote`): `KVT_REMOTE`, else `cache.remote` from the
+/// project's `config/default.yaml`.
+pub fn project_remote(root: &Path) -> Option<String> {
+    if let Ok(u) = std::env::var("KVT_REMOTE") {
+        if !u.is_empty() {
+            return Some(u);
+        }
+    }
+    let text = std::fs::read_to_string(root.join("config/default.yaml")).ok()?;
+    let v = parse_yaml(&text, "config/default.yaml").ok()?;
+    get_path(&v, "cache.remote")
+        .and_then(Value::as_str)
+        .map(String::from)
+}
+
 fn redact(v: &mut Value) {
     match v {
         Value::Object(m) => {

@@ -288,6 +288,82 @@ impl Remote {
         Ok(r.unwrap_or_default())
     }
 
+    /// The keys under `dir` with their sizes in bytes.
+    pub fn list_sized(&self, dir: &str) -> Result<Vec<(String, u64)>> {
+        let path = self.path(dir);
+        let r = self.guard(&format!("listing `{dir}`"), || {
+            self.rt.block_on(async {
+                let metas: Vec<_> = self.store.list(Some(&path)).try_collect().await?;
+                Ok(metas
+                    .into_iter()
+                    .map(|m| (m.location.to_string(), m.size))
+                    .collect())
+            })
+        })?;
+        Ok(r.unwrap_or_default())
+    }
+
+    /// Pushes every record of `actions` with its outputs, skipping what the
+    /// remote lists already; returns (records, objects) pushed.
+    pub fn push_all(
+        &self,
+        store: &ContentStore,
+        actions: &super::action::ActionCache,
+    ) -> Result<(usize, usize)> {
+        let have = |dir: &str| -> Result<std::collections::HashSet<String>> {
+            Ok(self
+                .list(dir)?
+                .into_iter()
+                .filter_map(|k| k.rsplit('/').next().map(str::to_string))
+                .collect())
+        };
+        let (have_objects, have_actions) = (have("v1/objects")?, have("v1/actions")?);
+        let (mut records, mut objects) = (0, 0);
+        let mut pushed = std::collections::HashSet::new();
+        for (rec, _, _) in actions.list() {
+            if have_actions.contains(&format!("{}.json", rec.key.hex())) {
+                continue;
+            }
+            for out in &rec.outputs {
+                let hex = out.digest.hex();
+                if !have_objects.contains(&hex) && pushed.insert(hex) {
+                    let bytes = store.get(&out.digest)?;
+                    self.put_create(&Self::object_key(&out.digest), &bytes)?;
+                    objects += 1;
+                }
+            }
+            self.put_create(&Self::action_key(&rec.key), &serde_json::to_vec(&rec)?)?;
+            records += 1;
+        }
+        Ok((records, objects))
+    }
+
+    /// Pulls every record the local cache lacks, with its outputs
+    /// (verified); returns how many.
+    pub fn pull_all(
+        &self,
+        store: &ContentStore,
+        actions: &super::action::ActionCache,
+    ) -> Result<usize> {
+        let mut n = 0;
+        for k in self.list("v1/actions")? {
+            let Some(hex) = k.rsplit('/').next().and_then(|f| f.strip_suffix(".json")) else {
+                continue;
+            };
+            let Some(key) = Digest::from_hex(hex) else {
+                continue;
+            };
+            if actions.get(&key).is_some() {
+                continue;
+            }
+            if let Some(rec) = self.pull_record(store, &key)? {
+                actions.put(&rec)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     fn object_key(d: &Digest) -> String {
         format!("v1/objects/{}", d.hex())
     }

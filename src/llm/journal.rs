@@ -308,6 +308,19 @@ impl Journal {
         Ok(out)
     }
 
+    /// Every final answer `remote` does not hold yet.
+    pub fn all_unsynced_final(&mut self, remote: &str) -> Result<Vec<(String, String)>> {
+        self.flush()?;
+        let mut st = self.conn.prepare(
+            "SELECT request_key, outcome FROM responses WHERE is_final = 1
+             AND NOT EXISTS (SELECT 1 FROM remote_synced s WHERE s.remote = ?1 AND s.request_key = responses.request_key)",
+        )?;
+        let rows = st
+            .query_map([remote], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
     /// Notes that `remote` holds these answers.
     pub fn mark_synced<'k>(
         &mut self,

@@ -287,7 +287,7 @@ const REMOTE_BATCH: usize = 256;
 
 /// Answers other machines put in the remote cache, into the local journal
 /// (each batch verified and read once).
-fn pull_journal(remote: &Remote, journal: &Mutex<Journal>) -> Result<usize> {
+pub fn pull_journal(remote: &Remote, journal: &Mutex<Journal>) -> Result<usize> {
     let mut added = 0;
     for (name, hex) in remote.journal_batches()? {
         if journal
@@ -326,7 +326,7 @@ struct JournalEntry {
 }
 
 /// Pushes answers (key, outcome JSON) as one batch, then notes them synced.
-fn push_entries(
+pub fn push_entries(
     remote: &Remote,
     journal: &Mutex<Journal>,
     rows: &[(String, String)],
