@@ -7,7 +7,7 @@ bootstrap); their virtual environments come from its setup_venvs.sh.
 
     bash ../shared/peers/setup_venvs.sh WORK        # once: venv-dvc, venv-py
     cargo build --release --locked
-    python3 benches/peers.py --work WORK [--runs 5] [--only dvc,client,tokenize,bootstrap,scale]
+    python3 benches/peers.py --work WORK [--runs 5] [--only dvc,client,tokenize,bootstrap,scale,remote]
 
 Every kvt command runs the release binary in a scratch project under WORK.
 The machine is shared and noisy: only the ratios of one interleaved run mean
@@ -272,6 +272,97 @@ analysis: {{bootstrap: {{iters: 1000}}}}
         print(f"{'  no-op build':46s} {med(noop) * 1000:8.1f} ms")
 
 
+def remote_section(a):
+    """The remote cache (kvt alone): what pushing adds to an infer node
+    against the shared stub, and a merge build over a remote holding 10,000
+    responses against the same build from a warm local journal plus the
+    transfer (`kvt cache pull`). The remote is a directory (`file://`)."""
+    work = a.work
+    # 1. Push overhead: 5,000 requests to the stub, with and without a remote.
+    target = os.path.join(work, "stub-target")
+    port = 8766
+    stub = subprocess.Popen([os.path.join(target, "release/oai-stub"), "--port", str(port), "--threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        n = a.requests
+        recs = "".join(json.dumps({"id": f"r{i}", "prompt": f"record {i} " + "lorem ipsum " * 170, "answers": ["x"]}) + "\n"
+                       for i in range(n))
+        exp = f"""output: {{exp_group_id: push}}
+dataset: {{name: push, task: push, source: file, path: data/req.jsonl,
+          fields: {{id: id, question: null, context: prompt, answers: answers, meta: []}}}}
+binning: {{n_bins: 1}}
+sampling: {{n_per_bin: {n}}}
+engine: {{kind: openai, base_url: "http://127.0.0.1:{port}/v1", concurrency: 64, max_retries: 0}}
+kv: {{policies: [full], budgets: [1.0]}}
+prompt: {{template: "{{context}}", system: ""}}
+decoding: {{max_new_tokens: 8}}
+"""
+        d = project(work, "kvt-push", {"data/req.jsonl": recs, "config/experiments/push.yaml": exp})
+        cfg = ["-c", "config/experiments/push.yaml"]
+        run(kvt_cmd(a, "build", "prepare", "-q", *cfg), cwd=d)
+        stamp = int(time.time())
+
+        def infer(i, remote):
+            env = dict(os.environ)
+            args = ["--remote", "off"]
+            if remote:
+                dest = os.path.join(work, f"remote-push-{stamp}-{i}")
+                env["KVT_REMOTE"] = "file://" + dest
+                args = []
+            _, _, _, err = run(kvt_cmd(a, "build", "infer", *cfg, *args, "--set", f"engine.label=push-{stamp}-{i}-{int(remote)}"),
+                               cwd=d, env=env)
+            return built_ms(err, "infer[budget=1.0,policy=full]")
+        ra, rb = interleave(a.runs, lambda i: infer(i, False), lambda i: infer(i, True))
+        off, on = med(ra), med(rb)
+        print(f"{'remote: infer node, ' + str(n) + ' requests to the stub':46s} no remote {off:7.3f} s   pushing {on:7.3f} s   +{(on / off - 1) * 100:5.1f} %", flush=True)
+    finally:
+        stub.terminate()
+        stub.wait()
+
+    # 2. A merge build over a remote holding 10,000 responses.
+    exp = """output: {exp_group_id: merge}
+dataset: {lengths: [100, 200, 300, 400, 500], per_length: 400}
+binning: {n_bins: 5, edges: [0, 150, 250, 350, 450, 700]}
+sampling: {n_per_bin: 400}
+engine: {kind: reference}
+kv: {policies: [streaming], budgets: [1.0, 0.5, 0.3, 0.2, 0.1]}
+analysis: {bootstrap: {iters: 1000}}
+"""
+    d = project(work, "kvt-merge", {"config/experiments/merge.yaml": exp})
+    remote = os.path.join(work, f"remote-merge-{int(time.time())}")
+    env = dict(os.environ, KVT_REMOTE="file://" + remote)
+    cfg = ["-c", "config/experiments/merge.yaml", "-q"]
+    for i in range(2):
+        run(kvt_cmd(a, "build", "infer", *cfg, "--shard", f"{i}/2"), cwd=d, env=dict(env, KVT_CACHE_DIR=f"w{i}"))
+    # What the workers left: answers, and the prepare result; restored after
+    # each merge so every merge pulls answers rather than finished results.
+    backup = remote + "-actions"
+    shutil.copytree(remote + "/v1/actions", backup)
+    merges, locals_, pulls = [], [], []
+    for i in range(a.runs):
+        for c in (f"m{i}", f"l{i}", f"p{i}"):
+            shutil.rmtree(os.path.join(d, c), ignore_errors=True)
+        # The transfer: everything the remote holds, into an empty cache.
+        w, _, _, _ = run(kvt_cmd(a, "cache", "pull"), cwd=d, env=dict(env, KVT_CACHE_DIR=f"p{i}"))
+        pulls.append(w)
+        # The same build from a warm local journal (pulled first, untimed).
+        run(kvt_cmd(a, "cache", "pull"), cwd=d, env=dict(env, KVT_CACHE_DIR=f"l{i}"))
+        w, _, _, _ = run(kvt_cmd(a, "build", "report", *cfg, "--remote", "off"), cwd=d, env=dict(env, KVT_CACHE_DIR=f"l{i}"))
+        locals_.append(w)
+        # The merge build: an empty cache, the remote.
+        w, _, _, _ = run(kvt_cmd(a, "build", "report", *cfg), cwd=d, env=dict(env, KVT_CACHE_DIR=f"m{i}"))
+        merges.append(w)
+        shutil.rmtree(remote + "/v1/actions", ignore_errors=True)
+        shutil.copytree(backup, remote + "/v1/actions")
+        for c in (f"m{i}", f"l{i}", f"p{i}"):
+            shutil.rmtree(os.path.join(d, c), ignore_errors=True)
+    m, l, p = med(merges), med(locals_), med(pulls)
+    print(f"{'remote: merge build, 10,000 responses':46s} merge {m:7.3f} s   local {l:7.3f} s + pull {p:7.3f} s   ratio {m / (l + p):5.2f}", flush=True)
+    shutil.rmtree(remote, ignore_errors=True)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, help="where setup_venvs.sh put venv-dvc and venv-py; scratch projects go here")
@@ -279,14 +370,14 @@ def main():
     ap.add_argument("--kvt", default=os.path.join(REPO, "target", "release", "kvt"))
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--requests", type=int, default=5000)
-    ap.add_argument("--only", default="dvc,client,tokenize,bootstrap,scale")
+    ap.add_argument("--only", default="dvc,client,tokenize,bootstrap,scale,remote")
     a = ap.parse_args()
     a.work = os.path.abspath(a.work)
     a.kvt = os.path.abspath(a.kvt)
     print(f"== {time.strftime('%Y-%m-%d', time.gmtime())}, {os.cpu_count()} cores, {a.runs} interleaved runs each, medians; "
           f"kvt {subprocess.run([a.kvt, '--version'], capture_output=True, text=True).stdout.strip()}", flush=True)
     sections = {"dvc": dvc_section, "client": client_section, "tokenize": tokenize_section,
-                "bootstrap": bootstrap_section, "scale": scale_section}
+                "bootstrap": bootstrap_section, "scale": scale_section, "remote": remote_section}
     for s in a.only.split(","):
         sections[s](a)
 

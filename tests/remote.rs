@@ -67,6 +67,9 @@ impl Shared {
             .env("KVT_CACHE_DIR", cache)
             .env("KVT_REMOTE", self.url())
             .env("KVT_SERVE_REQUEST_LOG", self.p.path("requests.log"))
+            // Small batches: answers go up while the HTTP backend is still
+            // answering (from inside its runtime), not only at the end.
+            .env("KVT_REMOTE_BATCH", "4")
             .output()
             .unwrap()
     }
@@ -143,7 +146,11 @@ fn sharded_workers_then_a_merge_build_that_sends_nothing() {
         "the shards cover every request"
     );
     assert!(served.values().all(|&n| n == 1), "a request was sent twice");
-    assert!(s.remote.path().join("v1/journal").is_dir());
+    // Pushed in small batches as the answers arrived.
+    let batches = std::fs::read_dir(s.remote.path().join("v1/journal"))
+        .unwrap()
+        .count();
+    assert!(batches >= UNIQUE_REQUESTS / 4, "{batches} journal batches");
 
     // Any machine: the report, with zero requests.
     let out = s.kvt("cache-merge", &args(&["build", "report"], &[]));

@@ -188,6 +188,22 @@ impl Remote {
             .with_context(|| format!("remote cache `{}` cannot be reached", self.url))
     }
 
+    /// Runs a future to completion on the remote's own runtime. Called from
+    /// inside another runtime (an HTTP backend's task records an answer and
+    /// pushes a batch), it runs on a helper thread: a runtime cannot be
+    /// blocked on from a thread that drives one.
+    fn block<T: Send>(&self, fut: impl std::future::Future<Output = T> + Send) -> T {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            std::thread::scope(|s| {
+                s.spawn(|| self.rt.block_on(fut))
+                    .join()
+                    .expect("remote cache thread")
+            })
+        } else {
+            self.rt.block_on(fut)
+        }
+    }
+
     fn path(&self, key: &str) -> RPath {
         if self.prefix.is_empty() {
             RPath::from(key)
@@ -224,7 +240,7 @@ impl Remote {
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let path = self.path(key);
         let r = self.guard(&format!("reading `{key}`"), || {
-            self.rt.block_on(async {
+            self.block(async {
                 match self.store.get(&path).await {
                     Ok(g) => Ok(Some(g.bytes().await?.to_vec())),
                     Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -241,7 +257,7 @@ impl Remote {
         let path = self.path(key);
         let payload = PutPayload::from(bytes.to_vec());
         self.guard(&format!("writing `{key}`"), || {
-            self.rt.block_on(async {
+            self.block(async {
                 let opts = PutOptions {
                     mode: PutMode::Create,
                     ..Default::default()
@@ -274,7 +290,7 @@ impl Remote {
             format!("{}/", self.prefix)
         };
         let r = self.guard(&format!("listing `{dir}`"), || {
-            self.rt.block_on(async {
+            self.block(async {
                 let metas: Vec<_> = self.store.list(Some(&path)).try_collect().await?;
                 Ok(metas
                     .into_iter()
@@ -292,7 +308,7 @@ impl Remote {
     pub fn list_sized(&self, dir: &str) -> Result<Vec<(String, u64)>> {
         let path = self.path(dir);
         let r = self.guard(&format!("listing `{dir}`"), || {
-            self.rt.block_on(async {
+            self.block(async {
                 let metas: Vec<_> = self.store.list(Some(&path)).try_collect().await?;
                 Ok(metas
                     .into_iter()

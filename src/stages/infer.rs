@@ -282,8 +282,15 @@ pub fn shard_of(key: &str, n: u64) -> u64 {
     u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) % n.max(1)
 }
 
-/// How many new answers make a journal batch for the remote cache.
-const REMOTE_BATCH: usize = 256;
+/// How many new answers make a journal batch for the remote cache
+/// (`KVT_REMOTE_BATCH`, default 256).
+fn remote_batch() -> usize {
+    std::env::var("KVT_REMOTE_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or(256)
+}
 
 /// Answers other machines put in the remote cache, into the local journal
 /// (each batch verified and read once).
@@ -331,7 +338,7 @@ pub fn push_entries(
     journal: &Mutex<Journal>,
     rows: &[(String, String)],
 ) -> Result<()> {
-    for chunk in rows.chunks(REMOTE_BATCH * 16) {
+    for chunk in rows.chunks(4096) {
         let mut body = Vec::new();
         for (key, outcome) in chunk {
             body.extend_from_slice(br#"{"key":"#);
@@ -782,6 +789,7 @@ impl Infer {
         let concurrency = s.transport.concurrency.max(1) as usize;
         // New final answers waiting to go to the remote cache as one batch.
         let outbox: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+        let batch = remote_batch();
         let record = |key: &str, o: &Outcome| -> Result<()> {
             journal.lock().expect("journal").record(key, o)?;
             sent.fetch_add(1, Ordering::Relaxed);
@@ -789,7 +797,7 @@ impl Infer {
                 let full = {
                     let mut out = outbox.lock().expect("outbox");
                     out.push((key.to_string(), serde_json::to_string(o)?));
-                    (out.len() >= REMOTE_BATCH).then(|| std::mem::take(&mut *out))
+                    (out.len() >= batch).then(|| std::mem::take(&mut *out))
                 };
                 if let Some(rows) = full {
                     push_entries(remote, journal, &rows)?;
