@@ -787,20 +787,25 @@ impl Infer {
             return Ok(());
         }
         let concurrency = s.transport.concurrency.max(1) as usize;
-        // New final answers waiting to go to the remote cache as one batch.
+        // New final answers waiting to go to the remote cache as one batch;
+        // full batches go to a pusher thread, so answering never waits on
+        // the remote.
         let outbox: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
         let batch = remote_batch();
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<(String, String)>>();
+        let tx = Mutex::new(Some(tx));
         let record = |key: &str, o: &Outcome| -> Result<()> {
             journal.lock().expect("journal").record(key, o)?;
             sent.fetch_add(1, Ordering::Relaxed);
-            if let (Some(remote), true) = (ctx.remote, o.is_final) {
+            if let (Some(_), true) = (ctx.remote, o.is_final) {
                 let full = {
                     let mut out = outbox.lock().expect("outbox");
                     out.push((key.to_string(), serde_json::to_string(o)?));
                     (out.len() >= batch).then(|| std::mem::take(&mut *out))
                 };
-                if let Some(rows) = full {
-                    push_entries(remote, journal, &rows)?;
+                if let (Some(rows), Some(tx)) = (full, &*tx.lock().expect("pusher")) {
+                    // The pusher only stops early after an error, which it reports.
+                    let _ = tx.send(rows);
                 }
             }
             Ok(())
@@ -815,10 +820,27 @@ impl Infer {
                 body: &r.body,
             })
             .collect();
-        let result = backend.answer_all(&queries, concurrency, &|| ctx.is_cancelled(), &record);
+        let (result, pushed) = std::thread::scope(|scope| {
+            let pusher = ctx.remote.map(|remote| {
+                scope.spawn(move || -> Result<()> {
+                    for rows in rx {
+                        push_entries(remote, journal, &rows)?;
+                    }
+                    Ok(())
+                })
+            });
+            let result = backend.answer_all(&queries, concurrency, &|| ctx.is_cancelled(), &record);
+            // Closing the channel ends the pusher once it has sent the rest.
+            tx.lock().expect("pusher").take();
+            let pushed = match pusher {
+                Some(h) => h.join().expect("remote pusher"),
+                None => Ok(()),
+            };
+            (result, pushed)
+        });
         // Commit the open batch, also when the node failed or was cancelled.
         let flushed = journal.lock().expect("journal").flush();
-        result.and(flushed)
+        result.and(flushed).and(pushed)
     }
 
     /// The backend `engine.kind` names, ready to answer (servers started).
