@@ -103,6 +103,26 @@ fn args<'a>(head: &[&'a str], tail: &[&'a str]) -> Vec<&'a str> {
     head.iter().chain(CFG).chain(tail).copied().collect()
 }
 
+/// No file under `root` (caches, runs, logs) holds `secret`.
+fn assert_secret_nowhere(root: &Path, secret: &str) {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                assert!(
+                    !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                    "{} holds the secret",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
 /// Every remote object's bytes hash to its name.
 fn all_intact(objects: &[std::path::PathBuf]) {
     for o in objects {
@@ -288,22 +308,7 @@ fn an_unreachable_remote_warns_and_builds_locally_unless_required() {
     );
     assert!(!err.contains(secret) && !stdout_of(&out).contains(secret));
     // The secret is in no artifact, log, report or database.
-    let mut stack = vec![p.root().to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let path = e.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                let bytes = std::fs::read(&path).unwrap();
-                assert!(
-                    !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
-                    "{} holds the secret",
-                    path.display()
-                );
-            }
-        }
-    }
+    assert_secret_nowhere(p.root(), secret);
     assert!(Path::new(&p.path("runs/small/report.md")).exists());
 }
 
@@ -494,22 +499,7 @@ for k in keys:
     );
 
     // The secret is in no file of the project (caches, runs, logs).
-    let mut stack = vec![p.root().to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let path = e.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                let bytes = std::fs::read(&path).unwrap();
-                assert!(
-                    !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
-                    "{} holds the secret",
-                    path.display()
-                );
-            }
-        }
-    }
+    assert_secret_nowhere(p.root(), secret);
 }
 
 /// A server that answers `open` requests, then holds the rest while `hold`.
