@@ -372,23 +372,19 @@ fn shards_come_from_the_flag_or_the_schedulers_environment() {
 #[test]
 #[ignore = "needs an S3-compatible server: KVT_TEST_S3_ENDPOINT (see .ci/run)"]
 fn s3_remote_on_a_local_server() {
-    let endpoint = std::env::var("KVT_TEST_S3_ENDPOINT").expect("KVT_TEST_S3_ENDPOINT");
-    let bucket = format!("kvt-{}", std::process::id());
-    let (status, body) = http(&endpoint, "PUT", &format!("/{bucket}"), None);
-    assert_eq!(status, 200, "creating the bucket: {body}");
+    let secret = "SENTINEL-S3-SECRET-42c9";
+    let S3 {
+        endpoint,
+        bucket,
+        env,
+    } = s3_bucket("main", secret);
     let p = Project::new();
     p.write("config/experiments/small.yaml", SMALL);
-    let secret = "SENTINEL-S3-SECRET-42c9";
-    let url = format!("s3://{bucket}/team");
     let kvt = |cache: &str, a: &[&str]| {
         p.kvt()
             .args(a)
             .env("KVT_CACHE_DIR", cache)
-            .env("KVT_REMOTE", &url)
-            .env("AWS_ENDPOINT_URL", &endpoint)
-            .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
-            .env("AWS_SECRET_ACCESS_KEY", secret)
-            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("KVT_SERVE_REQUEST_LOG", p.path("requests.log"))
             .output()
             .unwrap()
@@ -440,11 +436,7 @@ fn s3_remote_on_a_local_server() {
             ])
             .args(["--set", "analysis.bootstrap.iters=150"])
             .env("KVT_CACHE_DIR", cache)
-            .env("KVT_REMOTE", &url)
-            .env("AWS_ENDPOINT_URL", &endpoint)
-            .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
-            .env("AWS_SECRET_ACCESS_KEY", secret)
-            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env_remove("KVT_LOG")
             .spawn()
             .unwrap()
@@ -502,6 +494,56 @@ for k in keys:
     assert_secret_nowhere(p.root(), secret);
 }
 
+/// A fresh bucket on the S3-compatible server at KVT_TEST_S3_ENDPOINT, and
+/// the environment that makes it kvt's remote (prefix `team`) with `secret`
+/// as the secret key.
+struct S3 {
+    endpoint: String,
+    bucket: String,
+    env: Vec<(String, String)>,
+}
+
+fn s3_bucket(name: &str, secret: &str) -> S3 {
+    let endpoint = std::env::var("KVT_TEST_S3_ENDPOINT").expect("KVT_TEST_S3_ENDPOINT");
+    let bucket = format!("kvt-{name}-{}", std::process::id());
+    let (status, body) = http(&endpoint, "PUT", &format!("/{bucket}"), None);
+    assert_eq!(status, 200, "creating the bucket: {body}");
+    let env = [
+        ("KVT_REMOTE", format!("s3://{bucket}/team")),
+        ("AWS_ENDPOINT_URL", endpoint.clone()),
+        ("AWS_ACCESS_KEY_ID", "AKIDTEST".to_string()),
+        ("AWS_SECRET_ACCESS_KEY", secret.to_string()),
+        ("AWS_DEFAULT_REGION", "us-east-1".to_string()),
+    ]
+    .map(|(k, v)| (k.to_string(), v))
+    .to_vec();
+    S3 {
+        endpoint,
+        bucket,
+        env,
+    }
+}
+
+/// The killed-and-restarted worker of the `file://` test, on S3: the
+/// journal prefix is listed through the server's own HTTP API.
+#[test]
+#[ignore = "needs an S3-compatible server: KVT_TEST_S3_ENDPOINT (see .ci/run)"]
+fn s3_worker_killed_mid_run_and_restarted() {
+    let S3 {
+        endpoint,
+        bucket,
+        env,
+    } = s3_bucket("kill", "not-a-real-secret");
+    let p = Project::new();
+    killed_and_restarted(&p, &env, &|| {
+        // Anonymous ListObjectsV2: moto's server does not check signatures.
+        let path = format!("/{bucket}?list-type=2&prefix=team/v1/journal/");
+        let (status, body) = http(&endpoint, "GET", &path, None);
+        assert_eq!(status, 200, "{body}");
+        !body.contains("<Key>")
+    });
+}
+
 /// A server that answers `open` requests, then holds the rest while `hold`.
 struct Held {
     hold: AtomicBool,
@@ -534,6 +576,23 @@ async fn held_chat(
 
 #[test]
 fn a_worker_killed_mid_run_and_restarted_loses_no_answer_and_repeats_none() {
+    let s = shared();
+    let journal = s.remote.path().join("v1/journal");
+    killed_and_restarted(&s.p, &[("KVT_REMOTE".into(), s.url())], &|| {
+        !journal.exists()
+    });
+}
+
+/// Worker 0 of two is killed while its server holds requests, restarted,
+/// worker 1 runs, and a merge build on a machine of its own runs: every
+/// request is asked once, and the merged database holds every answer.
+/// `remote` is the environment that names the remote cache;
+/// `journal_empty` says whether no journal batch has reached it.
+fn killed_and_restarted(
+    p: &Project,
+    remote: &[(String, String)],
+    journal_empty: &dyn Fn() -> bool,
+) {
     let st = Arc::new(Held {
         hold: AtomicBool::new(true),
         open: 3,
@@ -546,8 +605,7 @@ fn a_worker_killed_mid_run_and_restarted_loses_no_answer_and_repeats_none() {
             .route("/v1/chat/completions", axum::routing::post(held_chat))
             .with_state(st.clone()),
     );
-    let s = shared();
-    s.p.write(
+    p.write(
         "config/experiments/k.yaml",
         "output: {exp_group_id: k}
 dataset: {lengths: [200], per_length: 16}
@@ -561,11 +619,11 @@ analysis: {bootstrap: {iters: 20}}
     let base = format!("engine.base_url={addr}/v1");
     let cmd = |cache: &str, a: &[&str]| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_kvt"));
-        c.current_dir(s.p.root())
+        c.current_dir(p.root())
             .args(a)
             .args(["-c", "config/experiments/k.yaml", "--set", &base])
             .env("KVT_CACHE_DIR", cache)
-            .env("KVT_REMOTE", s.url())
+            .envs(remote.iter().map(|(k, v)| (k, v)))
             .env("KVT_JOURNAL_BATCH", "1")
             .env_remove("KVT_LOG");
         c
@@ -591,7 +649,7 @@ analysis: {bootstrap: {iters: 20}}
     let answered_first = st.answered.lock().unwrap().clone();
     assert_eq!(answered_first.len(), 3);
     // Nothing reached the remote yet (no batch of 256, no end of node).
-    assert!(!s.remote.path().join("v1/journal").exists());
+    assert!(journal_empty(), "a journal batch went up before the kill");
 
     // Restarted: the answers the kill kept are not asked again, and go up now.
     st.hold.store(false, Ordering::SeqCst);
@@ -613,7 +671,7 @@ analysis: {bootstrap: {iters: 20}}
     let out = cmd("merge", &["build", "report"]).output().unwrap();
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert_eq!(st.attempts.lock().unwrap().values().sum::<usize>(), before);
-    let db = rusqlite::Connection::open(s.p.path("runs/k/kv_transition.sqlite")).unwrap();
+    let db = rusqlite::Connection::open(p.path("runs/k/kv_transition.sqlite")).unwrap();
     let n: i64 = db
         .query_row("SELECT COUNT(*) FROM responses", [], |r| r.get(0))
         .unwrap();
