@@ -312,6 +312,8 @@ decoding: {{max_new_tokens: 8}}
                 args = []
             _, _, _, err = run(kvt_cmd(a, "build", "infer", *cfg, *args, "--set", f"engine.label=push-{stamp}-{i}-{int(remote)}"),
                                cwd=d, env=env)
+            if remote:
+                shutil.rmtree(dest, ignore_errors=True)
             return built_ms(err, "infer[budget=1.0,policy=full]")
         ra, rb = interleave(a.runs, lambda i: infer(i, False), lambda i: infer(i, True))
         off, on = med(ra), med(rb)

@@ -290,9 +290,11 @@ fn run_node(
     ws.actions.put(&rec)?;
     ws.actions.set_last(&ws.scope, &rec)?;
     if let Some(remote) = &ws.remote {
+        let t0 = Instant::now();
         remote
             .push_record(&ws.store, &rec)
             .context("pushing the result to the remote cache")?;
+        tracing::debug!(node = %spec.id, "result pushed in {:?}", t0.elapsed());
     }
     materialize(ws, &rec, spec.op.as_ref())?;
     Ok(rec)

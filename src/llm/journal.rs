@@ -176,9 +176,13 @@ impl Journal {
     /// Records an outcome (committed with its batch); a final answer already
     /// in the journal is kept.
     pub fn record(&mut self, key: &str, o: &Outcome) -> Result<()> {
-        let text = serde_json::to_string(o)?;
+        self.record_json(key, o.is_final, serde_json::to_string(o)?)
+    }
+
+    /// [`Journal::record`] for an outcome already serialized.
+    pub fn record_json(&mut self, key: &str, is_final: bool, text: String) -> Result<()> {
         self.buffer
-            .push((key.to_string(), o.is_final, text, unix_now()));
+            .push((key.to_string(), is_final, text, unix_now()));
         let oldest = *self.oldest.get_or_insert_with(std::time::Instant::now);
         if self.buffer.len() >= self.batch || oldest.elapsed() >= self.batch_wait {
             self.flush()?;

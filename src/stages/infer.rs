@@ -339,21 +339,26 @@ pub fn push_entries(
     rows: &[(String, String)],
 ) -> Result<()> {
     for chunk in rows.chunks(4096) {
-        let mut body = Vec::new();
-        for (key, outcome) in chunk {
-            body.extend_from_slice(br#"{"key":"#);
-            body.extend_from_slice(serde_json::to_string(key)?.as_bytes());
-            body.extend_from_slice(br#","outcome":"#);
-            body.extend_from_slice(outcome.as_bytes());
-            body.extend_from_slice(b"}\n");
-        }
-        remote.push_journal_batch(&body)?;
+        push_batch(remote, chunk)?;
         journal
             .lock()
             .expect("journal")
             .mark_synced(&remote.url, chunk.iter().map(|(k, _)| k.as_str()))?;
     }
     Ok(())
+}
+
+/// One journal batch (key, outcome JSON) to the remote, as JSON lines.
+fn push_batch(remote: &Remote, rows: &[(String, String)]) -> Result<()> {
+    let mut body = Vec::with_capacity(rows.iter().map(|(k, o)| k.len() + o.len() + 24).sum());
+    for (key, outcome) in rows {
+        body.extend_from_slice(br#"{"key":"#);
+        body.extend_from_slice(serde_json::to_string(key)?.as_bytes());
+        body.extend_from_slice(br#","outcome":"#);
+        body.extend_from_slice(outcome.as_bytes());
+        body.extend_from_slice(b"}\n");
+    }
+    remote.push_journal_batch(&body)
 }
 
 /// Every final answer of `keys` the remote lacks (also those a killed run
@@ -604,12 +609,21 @@ impl Op for Infer {
         let journal: &Mutex<Journal> = &journal;
         let keys: Vec<String> = requests.iter().map(|r| r.key.clone()).collect();
         if let Some(remote) = ctx.remote {
+            let t0 = std::time::Instant::now();
             let n = pull_journal(remote, journal)?;
+            tracing::debug!(node = ctx.node(), "journal pulled in {:?}", t0.elapsed());
             if n > 0 {
                 tracing::info!(node = ctx.node(), "{n} answers from the remote cache");
             }
         }
         let known = journal.lock().expect("journal").get_many(&keys)?;
+        // Answers from before this run (a killed run's among them) that the
+        // remote may lack; this run's own go up as they arrive.
+        let earlier: Vec<String> = known
+            .iter()
+            .filter(|(_, o)| o.is_final)
+            .map(|(k, _)| k.clone())
+            .collect();
         let pending: Vec<&Request> = requests
             .iter()
             .filter(|r| !known.get(&r.key).is_some_and(|o| o.is_final))
@@ -627,14 +641,16 @@ impl Op for Infer {
                 total = requests.len(),
                 "sending requests"
             );
+            let t0 = std::time::Instant::now();
             let result = self.send_all(ctx, &s, &to_send, journal, &sent);
+            tracing::debug!(node = ctx.node(), "answered in {:?}", t0.elapsed());
             // What was answered reaches the remote even when the node fails.
             if let Some(remote) = ctx.remote {
-                push_journal(remote, journal, &keys)?;
+                push_journal(remote, journal, &earlier)?;
             }
             result?;
         } else if let Some(remote) = ctx.remote {
-            push_journal(remote, journal, &keys)?;
+            push_journal(remote, journal, &earlier)?;
         }
         if ctx.is_cancelled() {
             bail!("interrupted: answered requests are kept in the journal; run the build again to finish");
@@ -795,12 +811,17 @@ impl Infer {
         let (tx, rx) = std::sync::mpsc::channel::<Vec<(String, String)>>();
         let tx = Mutex::new(Some(tx));
         let record = |key: &str, o: &Outcome| -> Result<()> {
-            journal.lock().expect("journal").record(key, o)?;
+            let text = serde_json::to_string(o)?;
+            let copy = (ctx.remote.is_some() && o.is_final).then(|| text.clone());
+            journal
+                .lock()
+                .expect("journal")
+                .record_json(key, o.is_final, text)?;
             sent.fetch_add(1, Ordering::Relaxed);
-            if let (Some(_), true) = (ctx.remote, o.is_final) {
+            if let Some(text) = copy {
                 let full = {
                     let mut out = outbox.lock().expect("outbox");
-                    out.push((key.to_string(), serde_json::to_string(o)?));
+                    out.push((key.to_string(), text));
                     (out.len() >= batch).then(|| std::mem::take(&mut *out))
                 };
                 if let (Some(rows), Some(tx)) = (full, &*tx.lock().expect("pusher")) {
@@ -823,15 +844,33 @@ impl Infer {
         let (result, pushed) = std::thread::scope(|scope| {
             let pusher = ctx.remote.map(|remote| {
                 scope.spawn(move || -> Result<()> {
+                    // Noted synced once at the end, in one transaction, so
+                    // the pusher never holds the journal while answers
+                    // arrive. A killed run's pushed answers go up again on
+                    // restart: a batch more in the remote, nothing wrong.
+                    let mut pushed: Vec<String> = Vec::new();
+                    let mut result = Ok(());
                     for rows in rx {
-                        push_entries(remote, journal, &rows)?;
+                        result = push_batch(remote, &rows);
+                        if result.is_err() {
+                            break;
+                        }
+                        pushed.extend(rows.into_iter().map(|(k, _)| k));
                     }
-                    Ok(())
+                    journal
+                        .lock()
+                        .expect("journal")
+                        .mark_synced(&remote.url, pushed.iter().map(String::as_str))?;
+                    result
                 })
             });
             let result = backend.answer_all(&queries, concurrency, &|| ctx.is_cancelled(), &record);
-            // Closing the channel ends the pusher once it has sent the rest.
-            tx.lock().expect("pusher").take();
+            // The last, partial batch; closing the channel then ends the
+            // pusher once it has sent everything.
+            let rest = std::mem::take(&mut *outbox.lock().expect("outbox"));
+            if let (false, Some(tx)) = (rest.is_empty(), tx.lock().expect("pusher").take()) {
+                let _ = tx.send(rest);
+            }
             let pushed = match pusher {
                 Some(h) => h.join().expect("remote pusher"),
                 None => Ok(()),
