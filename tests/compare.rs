@@ -65,6 +65,27 @@ fn two_variants_line_up_by_cell_and_example() {
             && table.contains("+0.00 [+0.00, +0.00]"),
         "{table}"
     );
+    // The same cell on both sides agrees on every example; the 0.3 SnapKV
+    // cells, whose means differ, cannot (and each side carries its interval).
+    assert!(
+        table.contains(
+            "| streaming | 1.0 | 0–600 | 12 | 1.00 [0.76, 1.00] | 1.00 [0.76, 1.00] | 100 % |"
+        ),
+        "{table}"
+    );
+    let snap = table
+        .lines()
+        .find(|l| l.starts_with("| snapkv | 0.3 | 0–600 |"))
+        .unwrap();
+    let agree: f64 = snap
+        .split('|')
+        .nth(7)
+        .unwrap()
+        .trim()
+        .trim_end_matches(" %")
+        .parse()
+        .unwrap();
+    assert!(agree < 100.0, "{snap}");
     let dir = "runs/compare/small-vs-small_with_kv_window_8";
     assert_eq!(p.read(&format!("{dir}/compare.md")), table);
     let html = p.read(&format!("{dir}/compare.html"));

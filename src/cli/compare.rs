@@ -146,6 +146,13 @@ pub struct Row {
     pub n: usize,
     pub mean_a: f64,
     pub mean_b: f64,
+    /// Each side's mean with its interval (Wilson for 0/1 scores, else a
+    /// bootstrap).
+    pub ci_a: (f64, f64),
+    pub ci_b: (f64, f64),
+    /// Share of the paired examples on which both sides scored the same
+    /// (for right/wrong scores: right exactly when the other is right).
+    pub agree: f64,
     pub delta: f64,
     pub lo: f64,
     pub hi: f64,
@@ -191,11 +198,25 @@ pub fn compare(a: &Side, b: &Side) -> Comparison {
         );
         let (delta, lo, hi) =
             stats::paired_delta_ci(&xa, &xb, iters, ci, &mut SplitMix64::for_cell(seed, &label));
+        let mut rng = SplitMix64::for_cell(seed, &format!("{label}/sides"));
+        let mut side_ci = |x: &[f64]| {
+            if x.iter().all(|v| *v == 0.0 || *v == 1.0) {
+                let k = x.iter().filter(|v| **v == 1.0).count();
+                stats::wilson(k, x.len(), ci)
+            } else {
+                stats::bootstrap_ci(x, iters, ci, &mut rng)
+            }
+        };
+        let (ci_a, ci_b) = (side_ci(&xa), side_ci(&xb));
+        let same = xa.iter().zip(&xb).filter(|(p, q)| p == q).count();
         rows.push(Row {
             key: (*key).clone(),
             n: xa.len(),
             mean_a: stats::mean(&xa),
             mean_b: stats::mean(&xb),
+            ci_a,
+            ci_b,
+            agree: same as f64 / xa.len() as f64,
             delta,
             lo,
             hi,
@@ -253,22 +274,27 @@ pub fn markdown(a: &Side, b: &Side, c: &Comparison) -> String {
         },
     );
     s.push_str(&format!(
-        "Cells present in both are paired by example; Δ = B − A, with a {pct:.0} % paired bootstrap interval ({} resamples, seed {}).\n\n",
+        "Cells present in both are paired by example. A and B: each side's mean with a {pct:.0} % interval (Wilson for right/wrong scores, else a bootstrap); agree: the share of examples both sides scored alike; Δ = B − A, with a {pct:.0} % paired bootstrap interval ({} resamples, seed {}).\n\n",
         c.iters, c.seed
     ));
     s.push_str(&format!(
-        "| policy | budget | bin | n | A | B | Δ (B − A) [{pct:.0} % CI] | |\n|---|---|---|---|---|---|---|---|\n"
+        "| policy | budget | bin | n | A [{pct:.0} % CI] | B [{pct:.0} % CI] | agree | Δ (B − A) [{pct:.0} % CI] | |\n|---|---|---|---|---|---|---|---|---|\n"
     ));
     for r in &c.rows {
         s.push_str(&format!(
-            "| {} | {} | {}–{} | {} | {:.2} | {:.2} | {:+.2} [{:+.2}, {:+.2}] | {} |\n",
+            "| {} | {} | {}–{} | {} | {:.2} [{:.2}, {:.2}] | {:.2} [{:.2}, {:.2}] | {:.0} % | {:+.2} [{:+.2}, {:+.2}] | {} |\n",
             r.key.policy,
             budget_label(f64::from_bits(r.key.budget_bits)),
             r.key.lo,
             r.key.hi,
             r.n,
             r.mean_a,
+            r.ci_a.0,
+            r.ci_a.1,
             r.mean_b,
+            r.ci_b.0,
+            r.ci_b.1,
+            r.agree * 100.0,
             r.delta,
             r.lo,
             r.hi,
@@ -276,7 +302,7 @@ pub fn markdown(a: &Side, b: &Side, c: &Comparison) -> String {
         ));
     }
     if c.rows.is_empty() {
-        s.push_str("| – | – | – | 0 | – | – | – | |\n");
+        s.push_str("| – | – | – | 0 | – | – | – | – | |\n");
     }
     let list = |title: &str, keys: &[CellKey]| -> String {
         if keys.is_empty() {
@@ -308,14 +334,19 @@ pub fn html(a: &Side, b: &Side, c: &Comparison) -> String {
     for r in &c.rows {
         let v = verdict(r);
         rows.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}–{}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td><td class=\"{}\">{:+.2} [{:+.2}, {:+.2}]</td><td>{}</td></tr>\n",
+            "<tr><td>{}</td><td>{}</td><td>{}–{}</td><td>{}</td><td>{:.2} [{:.2}, {:.2}]</td><td>{:.2} [{:.2}, {:.2}]</td><td>{:.0} %</td><td class=\"{}\">{:+.2} [{:+.2}, {:+.2}]</td><td>{}</td></tr>\n",
             esc(&r.key.policy),
             esc(&budget_label(f64::from_bits(r.key.budget_bits))),
             r.key.lo,
             r.key.hi,
             r.n,
             r.mean_a,
+            r.ci_a.0,
+            r.ci_a.1,
             r.mean_b,
+            r.ci_b.0,
+            r.ci_b.1,
+            r.agree * 100.0,
             match v { "B higher" => "up", "A higher" => "down", _ => "" },
             r.delta,
             r.lo,
@@ -334,7 +365,7 @@ pub fn html(a: &Side, b: &Side, c: &Comparison) -> String {
         )
     };
     format!(
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>kvt compare: {an} vs {bn}</title>\n<style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:72em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}td:first-child,th:first-child{{text-align:left}}.up{{background:#e6f4ea}}.down{{background:#fce8e6}}</style></head><body>\n<h1>kvt compare: {an} vs {bn}</h1>\n<ul><li>A: <code>{an}</code> ({ac})</li><li>B: <code>{bn}</code> ({bc})</li><li>metric: {metric}</li></ul>\n<p>Cells present in both are paired by example; Δ = B − A, with a {pct:.0} % paired bootstrap interval ({iters} resamples, seed {seed}).</p>\n<table><thead><tr><th>policy</th><th>budget</th><th>bin</th><th>n</th><th>A</th><th>B</th><th>Δ (B − A) [{pct:.0} % CI]</th><th></th></tr></thead><tbody>\n{rows}</tbody></table>\n{oa}{ob}{un}</body></html>\n",
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>kvt compare: {an} vs {bn}</title>\n<style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:72em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}td:first-child,th:first-child{{text-align:left}}.up{{background:#e6f4ea}}.down{{background:#fce8e6}}</style></head><body>\n<h1>kvt compare: {an} vs {bn}</h1>\n<ul><li>A: <code>{an}</code> ({ac})</li><li>B: <code>{bn}</code> ({bc})</li><li>metric: {metric}</li></ul>\n<p>Cells present in both are paired by example. A and B: each side's mean with a {pct:.0} % interval (Wilson for right/wrong scores, else a bootstrap); agree: the share of examples both sides scored alike; Δ = B − A, with a {pct:.0} % paired bootstrap interval ({iters} resamples, seed {seed}).</p>\n<table><thead><tr><th>policy</th><th>budget</th><th>bin</th><th>n</th><th>A [{pct:.0} % CI]</th><th>B [{pct:.0} % CI]</th><th>agree</th><th>Δ (B − A) [{pct:.0} % CI]</th><th></th></tr></thead><tbody>\n{rows}</tbody></table>\n{oa}{ob}{un}</body></html>\n",
         an = esc(&a.name),
         bn = esc(&b.name),
         ac = esc(&a.config.display().to_string()),

@@ -268,6 +268,11 @@ pub struct Engine {
     pub model_path: Option<String>,
     /// Native engine: keep the positions each layer and KV head kept, per response.
     pub record_kept: bool,
+    /// Send the cell's KV parameters (policy, budget, window, …) with every
+    /// request in a `kvt` field, as kvt does to its own engines: for servers
+    /// that read them per request, such as `scripts/kvpress_server.py`.
+    #[serde(default)]
+    pub send_kv: bool,
     /// Native engine: memory for recent prefills shared between cells (MiB).
     pub prefill_cache_mib: u64,
     pub base_url: Option<String>,

@@ -55,6 +55,11 @@ impl KvParams {
                 POLICIES.join(", ")
             );
         }
+        self.check_budget()
+    }
+
+    /// The budget alone (for servers that know their own policies).
+    pub fn check_budget(&self) -> Result<()> {
         if self.budget.is_nan() || self.budget <= 0.0 || !self.budget.is_finite() {
             bail!(
                 "KV budget {} is not positive: use a fraction in (0, 1] or a token count",

@@ -120,6 +120,8 @@ struct Settings {
     /// Native engine: every cell of the experiment, answered from one prefill.
     cohort: Vec<KvParams>,
     record_kept: bool,
+    /// A launched or remote server gets the cell's KV parameters per request.
+    send_kv: bool,
     /// The reference simulator answers (its identity enters request keys).
     simulator: bool,
     /// How the engine is reached (never identity).
@@ -159,6 +161,9 @@ fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Resu
     let kv_identity = if s.model_file.is_some() {
         // The native engine: the cell as it runs, whatever it was called.
         s.kv.native_cell()?.identity()
+    } else if s.send_kv {
+        // What the server is sent is what it runs.
+        json!({"sent": s.kv, "launch_vars": s.launch_vars})
     } else if s.kind == EngineKind::Launch {
         // A launched server's KV setup comes from the budget's template
         // variables (e.g. a cache type): they are the identity.
@@ -222,10 +227,12 @@ fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Resu
             if s.stream {
                 body["stream_options"] = json!({"include_usage": true});
             }
-            if matches!(
-                s.kind,
-                EngineKind::Reference | EngineKind::Serve | EngineKind::Native
-            ) {
+            if s.send_kv
+                || matches!(
+                    s.kind,
+                    EngineKind::Reference | EngineKind::Serve | EngineKind::Native
+                )
+            {
                 body["kvt"] = serde_json::to_value(&s.kv)?;
             }
             if s.model_file.is_some() {
@@ -422,6 +429,8 @@ struct Uses {
     model_path: Option<String>,
     #[serde(rename = "engine.record_kept")]
     record_kept: bool,
+    #[serde(rename = "engine.send_kv")]
+    send_kv: bool,
 }
 
 /// How `infer` reaches its engine (its stage's `transport`, exactly): never
@@ -526,19 +535,29 @@ impl Op for Infer {
                 window: u.window,
                 pool_kernel: u.pool_kernel,
                 seed: u.seed,
-                beta: native.then_some(u.beta),
-                compress: native.then(|| u.compress.as_str().to_string()),
+                beta: (native || u.send_kv).then_some(u.beta),
+                compress: (native || u.send_kv).then(|| u.compress.as_str().to_string()),
             })
         };
-        let kv = cell(ctx.item("policy")?, ctx.item("budget")?)?;
+        let mut kv = cell(ctx.item("policy")?, ctx.item("budget")?)?;
+        if u.send_kv && kv.is_full() {
+            // Every policy's full cache is one request, whatever it is called.
+            kv.policy = "full".into();
+            kv.budget = 1.0;
+        }
         let model_file = if native {
             let path = crate::llm::native::resolve_model_path(model_path.as_deref(), ctx.root())
                 .map_err(|e| crate::KvtError::usage(format!("config `engine.model_path`: {e}")))?;
             let digest = digest_cached(&path)?;
             kv.native_cell().context("config `kv.policies`")?;
             Some((path, digest))
-        } else {
+        } else if simulator {
             kv.check().context("config `kv.policies` / `kv.budgets`")?;
+            None
+        } else {
+            // A server of the user's knows its own policies (an unknown one
+            // is its 400, recorded as a final failure).
+            kv.check_budget().context("config `kv.budgets`")?;
             None
         };
         let mut cohort = Vec::new();
@@ -598,6 +617,7 @@ impl Op for Infer {
             model_file,
             cohort,
             record_kept: u.record_kept,
+            send_kv: u.send_kv,
             simulator,
             transport: t,
         };

@@ -23,9 +23,21 @@ use anyhow::Result;
 /// any stage, so a problem here exits 2 naming file, line and key.
 pub fn check_config(loaded: &LoadedConfig) -> Result<()> {
     let c = &loaded.config;
-    let native_model =
-        infer::answerer(c.engine.kind, c.engine.model_path.is_some()) == infer::Answerer::ModelFile;
+    let answerer = infer::answerer(c.engine.kind, c.engine.model_path.is_some());
+    let native_model = answerer == infer::Answerer::ModelFile;
     for p in &c.kv.policies {
+        if answerer == infer::Answerer::Named {
+            // A server of the user's knows its own policies (kvpress's
+            // presses by class name, say): it answers an unknown one with
+            // an error that kvt records.
+            if p.is_empty() || p.contains(char::is_whitespace) {
+                return Err(loaded.key_error(
+                    "kv.policies",
+                    &format!("`{p}` is not a policy name (one word, no spaces)"),
+                ));
+            }
+            continue;
+        }
         let spec = match crate::llm::PolicySpec::parse(p) {
             Ok(s) => s,
             Err(e) => {

