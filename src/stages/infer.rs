@@ -1076,6 +1076,7 @@ mod tests {
             model_file: None,
             cohort: Vec::new(),
             record_kept: false,
+            send_kv: false,
             simulator: true,
             transport: serde_json::from_value(json!({
                 "engine.kind": "serve", "kv.policies": ["streaming"], "kv.budgets": [1.0],
