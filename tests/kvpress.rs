@@ -61,20 +61,24 @@ fn kvpress_presses_through_the_launcher() {
     // its full cache holds; the full cache kept them all.
     let mut st = db
         .prepare(
-            "SELECT r.request_id, t.prompt_tokens, t.kv_kept_total, t.kv_full_total
+            "SELECT r.request_id, t.prompt_tokens, t.kv_kept_total, t.kv_full_total, t.device_peak_bytes
              FROM requests r JOIN telemetry t USING (request_id)
              JOIN responses x USING (request_id)
              WHERE x.error IS NULL",
         )
         .unwrap();
-    let rows: Vec<(String, i64, i64, i64)> = st
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+    let rows: Vec<(String, i64, i64, i64, i64)> = st
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
         .unwrap()
         .map(Result::unwrap)
         .collect();
     let mut compressed = std::collections::BTreeSet::new();
-    for (id, prompt, kept, full) in &rows {
+    for (id, prompt, kept, full, peak) in &rows {
         assert!(*prompt > 200, "{id}: {prompt} prompt tokens");
+        // The server's peak memory: at least the f32 weights of 135M parameters.
+        assert!(*peak > 400 << 20, "{id}: peak {peak} bytes");
         // 30 layers × 3 KV heads per prompt token.
         assert_eq!(*full, prompt * 90, "{id}");
         if id.contains("@1.0/") {

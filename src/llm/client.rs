@@ -358,6 +358,9 @@ fn usage_into(v: &Value, o: &mut Outcome) {
     if let Some(r) = v.pointer("/kvt/retained_tokens").and_then(Value::as_u64) {
         o.retained_tokens = Some(r);
     }
+    if let Some(b) = v.pointer("/kvt/peak_memory_bytes").and_then(Value::as_u64) {
+        o.device_peak_bytes = Some(b);
+    }
     if let Some(e) = v.pointer("/kvt/engine").and_then(Value::as_str) {
         o.engine = Some(e.to_string());
     }

@@ -44,6 +44,11 @@ pub struct Outcome {
     /// The server's KV-cache usage (0–1) from its `/metrics`, when this response arrived.
     #[serde(default)]
     pub kv_cache_usage: Option<f64>,
+    /// Peak memory the server reports for this answer (`kvt.peak_memory_bytes`;
+    /// scripts/kvpress_server.py: the GPU's peak allocation, or its peak RSS
+    /// on a CPU).
+    #[serde(default)]
+    pub device_peak_bytes: Option<u64>,
     /// Server-reported prompt-processing and generation times (llama.cpp's `timings`).
     #[serde(default)]
     pub server_prompt_ms: Option<f64>,

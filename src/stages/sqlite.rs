@@ -99,7 +99,7 @@ CREATE TABLE telemetry (
   retries INTEGER NOT NULL, server_rss_kib INTEGER, endpoint TEXT, kv_cache_usage REAL,
   server_prompt_ms REAL, server_predicted_ms REAL,
   kv_kept_total INTEGER, kv_full_total INTEGER, kv_kept_per_layer TEXT, kv_bytes INTEGER,
-  prefill_ms REAL, decode_ms REAL, prefill_reused INTEGER
+  prefill_ms REAL, decode_ms REAL, prefill_reused INTEGER, device_peak_bytes INTEGER
 );
 CREATE TABLE failures (
   request_id TEXT PRIMARY KEY REFERENCES requests(request_id),
@@ -254,7 +254,7 @@ pub fn write_base(path: &std::path::Path, s: &BaseInput) -> Result<serde_json::M
         let mut rq = tx.prepare("INSERT INTO requests VALUES (?1, ?2, ?3, ?4)")?;
         let mut rs = tx.prepare("INSERT INTO responses VALUES (?1, ?2, ?3, ?4)")?;
         let mut te = tx.prepare(
-            "INSERT INTO telemetry VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+            "INSERT INTO telemetry VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
         )?;
         let mut fa = tx.prepare("INSERT INTO failures VALUES (?1, ?2, ?3)")?;
         let mut sc = tx.prepare("INSERT INTO scores VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")?;
@@ -291,6 +291,7 @@ pub fn write_base(path: &std::path::Path, s: &BaseInput) -> Result<serde_json::M
                 r.response.prefill_ms,
                 r.response.decode_ms,
                 r.response.prefill_reused,
+                r.response.device_peak_bytes.map(|x| x as i64),
             ])?;
             if let Some(f) = &r.failure {
                 let detail = r
@@ -496,7 +497,7 @@ impl Op for SqliteBase {
         "sqlite_base"
     }
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn check(
         &self,
