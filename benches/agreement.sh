@@ -2,7 +2,8 @@
 # Two implementations of every policy, checked against each other: kvt's
 # native engine (in process, on the GGUF file) against NVIDIA's kvpress (on
 # transformers, behind scripts/kvpress_server.py), on the same prompts, the
-# same model file and greedy decoding, for every cell of
+# same model file and greedy decoding (the native engine with its weights in
+# f32, as transformers dequantises them), for every cell of
 # config/experiments/kvpress-smollm2.yaml in both query modes. Prints one
 # `kvt compare` table per mode (A = native, B = kvpress; `agree` is the share
 # of examples both engines got equally right) and keeps them in
@@ -19,6 +20,6 @@ cfg=config/experiments/kvpress-smollm2.yaml
 for mode in context prompt; do
   echo "== query mode: $mode"
   "$kvt" compare "$cfg" "$cfg" --build -q \
-    --set-a engine.kind=native --set-a "kv.compress=$mode" \
+    --set-a engine.kind=native --set-a engine.dequantize=true --set-a "kv.compress=$mode" \
     --set-b "kv.compress=$mode"
 done

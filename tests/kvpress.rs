@@ -242,6 +242,11 @@ analysis: {bootstrap: {iters: 50}}
     assert_eq!(got.len(), 6, "{got:?}");
     assert!(got.iter().all(serde_json::Value::is_null), "{got:?}");
 
+    // f32 weights belong to the native engine only.
+    let out = run(&["--set", "engine.dequantize=true"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("engine.dequantize"), "{}", stderr_of(&out));
+
     // The reference simulator cannot run a kvpress class: exit 2, naming it.
     let out = run(&["--set", "engine.kind=reference"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));

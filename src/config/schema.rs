@@ -273,6 +273,11 @@ pub struct Engine {
     /// that read them per request, such as `scripts/kvpress_server.py`.
     #[serde(default)]
     pub send_kv: bool,
+    /// Native engine: run every weight matrix in f32, dequantised once at
+    /// load, instead of its quantised form (slower; for comparing with f32
+    /// implementations such as transformers). Enters request identity.
+    #[serde(default)]
+    pub dequantize: bool,
     /// Native engine: memory for recent prefills shared between cells (MiB).
     pub prefill_cache_mib: u64,
     pub base_url: Option<String>,

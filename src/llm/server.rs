@@ -489,6 +489,7 @@ pub fn router(opts: ServeOptions) -> anyhow::Result<Router> {
         Some(f) => Some(crate::llm::native::NativeEngine::shared(
             f,
             opts.prefill_cache_mib,
+            false,
         )?),
         None => None,
     };

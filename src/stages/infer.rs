@@ -122,6 +122,8 @@ struct Settings {
     record_kept: bool,
     /// A launched or remote server gets the cell's KV parameters per request.
     send_kv: bool,
+    /// Native engine: weights in f32 (dequantised at load).
+    dequantize: bool,
     /// The reference simulator answers (its identity enters request keys).
     simulator: bool,
     /// How the engine is reached (never identity).
@@ -202,6 +204,9 @@ fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Resu
             if let Some((_, digest)) = &s.model_file {
                 // The model is the file's bytes, wherever it lies and whoever serves it.
                 identity["model_file"] = json!(digest);
+                if s.dequantize {
+                    identity["weights"] = json!("f32");
+                }
                 if s.record_kept {
                     identity["record_kept"] = json!(true);
                 }
@@ -431,6 +436,8 @@ struct Uses {
     record_kept: bool,
     #[serde(rename = "engine.send_kv")]
     send_kv: bool,
+    #[serde(rename = "engine.dequantize")]
+    dequantize: bool,
 }
 
 /// How `infer` reaches its engine (its stage's `transport`, exactly): never
@@ -618,6 +625,7 @@ impl Op for Infer {
             cohort,
             record_kept: u.record_kept,
             send_kv: u.send_kv,
+            dequantize: u.dequantize,
             simulator,
             transport: t,
         };
@@ -922,7 +930,11 @@ impl Infer {
                     .expect("native engine has a model file");
                 let mib = s.transport.prefill_cache_mib;
                 Ok(Box::new(crate::llm::native::backend::NativeBackend {
-                    engine: crate::llm::native::NativeEngine::shared(path, mib as usize)?,
+                    engine: crate::llm::native::NativeEngine::shared(
+                        path,
+                        mib as usize,
+                        s.dequantize,
+                    )?,
                     cell: s.kv.native_cell()?,
                     cohort: s
                         .cohort
@@ -1077,6 +1089,7 @@ mod tests {
             cohort: Vec::new(),
             record_kept: false,
             send_kv: false,
+            dequantize: false,
             simulator: true,
             transport: serde_json::from_value(json!({
                 "engine.kind": "serve", "kv.policies": ["streaming"], "kv.budgets": [1.0],

@@ -60,6 +60,12 @@ pub fn check_config(loaded: &LoadedConfig) -> Result<()> {
             ));
         }
     }
+    if c.engine.dequantize && c.engine.kind != crate::config::schema::EngineKind::Native {
+        return Err(loaded.key_error(
+            "engine.dequantize",
+            "f32 weights are a setting of the in-process native engine: use `engine.kind: native`, or `false` here",
+        ));
+    }
     if c.prompt.max_tokens.is_some() && c.tokenizer.kind == TokenizerKind::Server {
         return Err(loaded.key_error(
             "prompt.max_tokens",

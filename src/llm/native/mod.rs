@@ -203,11 +203,12 @@ pub fn resolve_model_path(configured: Option<&str>, root: &Path) -> Result<PathB
 }
 
 impl NativeEngine {
-    pub fn load(path: &Path, prefill_cache_mib: usize) -> Result<NativeEngine> {
+    /// `dequantize`: every weight matrix in f32 instead of its quantised form.
+    pub fn load(path: &Path, prefill_cache_mib: usize, dequantize: bool) -> Result<NativeEngine> {
         let (ct, mut f) = tokenizer::read_content(path)?;
         let tok =
             GgufTokenizer::from_gguf(&ct).map_err(|e| anyhow!("`{}`: {e}", path.display()))?;
-        let model = Llama::load(&ct, &mut f, path)?;
+        let model = Llama::load(&ct, &mut f, path, dequantize)?;
         Ok(NativeEngine {
             model,
             tok,
@@ -221,16 +222,23 @@ impl NativeEngine {
         })
     }
 
-    /// One engine per model file in this process (loading takes a second).
-    pub fn shared(path: &Path, prefill_cache_mib: usize) -> Result<Arc<NativeEngine>> {
-        static ENGINES: OnceLock<Mutex<HashMap<PathBuf, Arc<NativeEngine>>>> = OnceLock::new();
+    /// One engine per model file (and weight form) in this process (loading
+    /// takes a second).
+    pub fn shared(
+        path: &Path,
+        prefill_cache_mib: usize,
+        dequantize: bool,
+    ) -> Result<Arc<NativeEngine>> {
+        type Engines = Mutex<HashMap<(PathBuf, bool), Arc<NativeEngine>>>;
+        static ENGINES: OnceLock<Engines> = OnceLock::new();
         let map = ENGINES.get_or_init(Default::default);
         let mut m = map.lock().expect("engines");
-        if let Some(e) = m.get(path) {
+        let key = (path.to_path_buf(), dequantize);
+        if let Some(e) = m.get(&key) {
             return Ok(e.clone());
         }
-        let e = Arc::new(NativeEngine::load(path, prefill_cache_mib)?);
-        m.insert(path.to_path_buf(), e.clone());
+        let e = Arc::new(NativeEngine::load(path, prefill_cache_mib, dequantize)?);
+        m.insert(key, e.clone());
         Ok(e)
     }
 

@@ -155,6 +155,7 @@ impl Llama {
         ct: &gguf_file::Content,
         f: &mut std::fs::File,
         path: &std::path::Path,
+        dequantize: bool,
     ) -> Result<Llama> {
         let arch = md(ct, "general.architecture")?.to_string()?.clone();
         if arch != "llama" {
@@ -192,6 +193,9 @@ impl Llama {
         // (8-bit blocks hold a 4- or 5-bit block's values to within half a step).
         let matmul = |q: QTensor| -> Result<QMatMul> {
             use candle_core::quantized::GgmlDType as T;
+            if dequantize {
+                return Ok(QMatMul::Tensor(q.dequantize(&Device::Cpu)?));
+            }
             let q = match q.dtype() {
                 T::Q4_1 | T::Q5_0 | T::Q5_1 => {
                     QTensor::quantize(&q.dequantize(&Device::Cpu)?, T::Q8_0)?
