@@ -214,9 +214,15 @@ class Engine:
                 # Prefill: the compressed span under the press (it acts on the
                 # first forward only), then the question on the compressed cache.
                 if press is not None:
-                    with press(self.model):
-                        out = self.model(input_ids=x[:, :split], past_key_values=cache,
-                                         position_ids=torch.arange(0, split, device=dev).unsqueeze(0), logits_to_keep=1)
+                    try:
+                        with press(self.model):
+                            out = self.model(input_ids=x[:, :split], past_key_values=cache,
+                                             position_ids=torch.arange(0, split, device=dev).unsqueeze(0), logits_to_keep=1)
+                    except AssertionError as e:
+                        # A press's precondition on this prompt (SnapKV: a span
+                        # longer than its window): the request's fault, not
+                        # the server's, so a 400 that kvt does not retry.
+                        raise BadRequest(f"{press_name} cannot compress this prompt ({split} tokens): {e}")
                 else:
                     out = self.model(input_ids=x[:, :split], past_key_values=cache,
                                      position_ids=torch.arange(0, split, device=dev).unsqueeze(0), logits_to_keep=1)
