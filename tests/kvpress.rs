@@ -245,7 +245,11 @@ analysis: {bootstrap: {iters: 50}}
     // f32 weights belong to the native engine only.
     let out = run(&["--set", "engine.dequantize=true"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
-    assert!(stderr_of(&out).contains("engine.dequantize"), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("engine.dequantize"),
+        "{}",
+        stderr_of(&out)
+    );
 
     // The reference simulator cannot run a kvpress class: exit 2, naming it.
     let out = run(&["--set", "engine.kind=reference"]);
