@@ -43,17 +43,20 @@ fn kvpress_presses_through_the_launcher() {
     let p = Project::new();
     p.copy_from_repo(&["scripts/kvpress_server.py"]);
     p.write("config/experiments/kvpress-ci.yaml", CFG);
-    let out = p
-        .kvt()
-        .args([
-            "build",
-            "report",
-            "-c",
-            "config/experiments/kvpress-ci.yaml",
-        ])
-        .env("KVT_PYTHON", &python)
-        .output()
-        .unwrap();
+    let report = |extra: &[&str]| {
+        p.kvt()
+            .args([
+                "build",
+                "report",
+                "-c",
+                "config/experiments/kvpress-ci.yaml",
+            ])
+            .args(extra)
+            .env("KVT_PYTHON", &python)
+            .output()
+            .unwrap()
+    };
+    let out = report(&[]);
     assert!(out.status.success(), "{}", stderr_of(&out));
 
     let db = rusqlite::Connection::open(p.path("runs/kvpress-ci/kv_transition.sqlite")).unwrap();
@@ -123,19 +126,7 @@ fn kvpress_presses_through_the_launcher() {
         .count();
     assert!(logs >= 8, "{logs} server logs");
     // Answered again from the journal: nothing is sent, nothing launched.
-    let out = p
-        .kvt()
-        .args([
-            "build",
-            "report",
-            "-c",
-            "config/experiments/kvpress-ci.yaml",
-            "--set",
-            "analysis.bootstrap.iters=150",
-        ])
-        .env("KVT_PYTHON", &python)
-        .output()
-        .unwrap();
+    let out = report(&["--set", "analysis.bootstrap.iters=150"]);
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert_eq!(
         std::fs::read_dir(p.path("runs/kvpress-ci/logs"))

@@ -103,26 +103,6 @@ fn args<'a>(head: &[&'a str], tail: &[&'a str]) -> Vec<&'a str> {
     head.iter().chain(CFG).chain(tail).copied().collect()
 }
 
-/// No file under `root` (caches, runs, logs) holds `secret`.
-fn assert_secret_nowhere(root: &Path, secret: &str) {
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let path = e.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                let bytes = std::fs::read(&path).unwrap();
-                assert!(
-                    !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
-                    "{} holds the secret",
-                    path.display()
-                );
-            }
-        }
-    }
-}
-
 /// Every remote object's bytes hash to its name.
 fn all_intact(objects: &[std::path::PathBuf]) {
     for o in objects {

@@ -199,15 +199,8 @@ pub fn compare(a: &Side, b: &Side) -> Comparison {
         let (delta, lo, hi) =
             stats::paired_delta_ci(&xa, &xb, iters, ci, &mut SplitMix64::for_cell(seed, &label));
         let mut rng = SplitMix64::for_cell(seed, &format!("{label}/sides"));
-        let mut side_ci = |x: &[f64]| {
-            if x.iter().all(|v| *v == 0.0 || *v == 1.0) {
-                let k = x.iter().filter(|v| **v == 1.0).count();
-                stats::wilson(k, x.len(), ci)
-            } else {
-                stats::bootstrap_ci(x, iters, ci, &mut rng)
-            }
-        };
-        let (ci_a, ci_b) = (side_ci(&xa), side_ci(&xb));
+        let ci_a = stats::mean_ci(&xa, iters, ci, &mut rng);
+        let ci_b = stats::mean_ci(&xb, iters, ci, &mut rng);
         let same = xa.iter().zip(&xb).filter(|(p, q)| p == q).count();
         rows.push(Row {
             key: (*key).clone(),

@@ -252,23 +252,12 @@ pub fn analyze(
         let seed = a.bootstrap.seed;
         let vals: Vec<f64> = j.rows.iter().map(|r| r.score).collect();
         let n = vals.len();
-        // Right/wrong scores get a Wilson interval (the percentile bootstrap
-        // collapses to a point at 0 % and 100 %); graded scores the bootstrap.
-        let binary = !vals.is_empty() && vals.iter().all(|&v| v == 0.0 || v == 1.0);
-        let (lo, hi) = if binary {
-            stats::wilson(
-                vals.iter().filter(|&&v| v == 1.0).count(),
-                n,
-                a.bootstrap.ci,
-            )
-        } else {
-            stats::bootstrap_ci(
-                &vals,
-                iters,
-                a.bootstrap.ci,
-                &mut SplitMix64::for_cell(seed, &format!("mean/{label}")),
-            )
-        };
+        let (lo, hi) = stats::mean_ci(
+            &vals,
+            iters,
+            a.bootstrap.ci,
+            &mut SplitMix64::for_cell(seed, &format!("mean/{label}")),
+        );
         let (ra, rb) = &paired[i];
         let ev = match delta_cis.get(&i) {
             Some(&delta_ci) => stats::bin_evidence_with(ra, rb, a.bootstrap.ci, delta_ci),

@@ -139,6 +139,22 @@ pub fn bootstrap_ci(values: &[f64], iters: usize, ci: f64, rng: &mut SplitMix64)
 
 /// Paired bootstrap CI of mean(b − a): examples are resampled, and each
 /// resampled example contributes both of its scores.
+/// A mean's interval: Wilson for right/wrong scores (the percentile
+/// bootstrap collapses to a point at 0 % and 100 %), else a percentile
+/// bootstrap drawn from `rng`.
+pub fn mean_ci(values: &[f64], iters: usize, ci: f64, rng: &mut SplitMix64) -> (f64, f64) {
+    let binary = !values.is_empty() && values.iter().all(|&v| v == 0.0 || v == 1.0);
+    if binary {
+        wilson(
+            values.iter().filter(|&&v| v == 1.0).count(),
+            values.len(),
+            ci,
+        )
+    } else {
+        bootstrap_ci(values, iters, ci, rng)
+    }
+}
+
 pub fn paired_delta_ci(
     a: &[f64],
     b: &[f64],

@@ -274,3 +274,27 @@ pub fn serve_router(app: axum::Router) -> (String, tokio::runtime::Runtime) {
     rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
     (addr, rt)
 }
+
+/// No file under `root` (caches, runs, logs) holds `secret`; returns how many
+/// files were searched.
+pub fn assert_secret_nowhere(root: &Path, secret: &str) -> usize {
+    let mut files = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files += 1;
+                let bytes = std::fs::read(&path).unwrap();
+                assert!(
+                    !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                    "{} holds the secret",
+                    path.display()
+                );
+            }
+        }
+    }
+    files
+}
