@@ -26,6 +26,15 @@ pub struct Example {
     pub extra: std::collections::BTreeMap<String, String>,
 }
 
+/// What scoring reads of an example: its answers and metadata, never the
+/// context (`table::read` decodes only these columns).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct Gold {
+    pub example_id: String,
+    pub answers: Vec<String>,
+    pub meta: serde_json::Map<String, serde_json::Value>,
+}
+
 /// SplitMix64: a tiny generator whose output for a seed is fixed forever, so a
 /// seed in a config always yields the same examples and the same sample.
 #[derive(Debug, Clone)]

@@ -162,13 +162,15 @@ impl Client {
     pub async fn chat(&self, key: &str, body: &Value, seed: u64) -> Outcome {
         let mut rng = crate::data::SplitMix64::for_cell(seed, key);
         let mut retries = 0;
+        // Serialized once, sent as is on every attempt.
+        let bytes = bytes::Bytes::from(serde_json::to_vec(body).unwrap_or_default());
         // Estimated tokens for `engine.tpm`: ~4 bytes per prompt token plus the output budget.
-        let tokens = (body.to_string().len() / 4) as u64
-            + body.get("max_tokens").and_then(Value::as_u64).unwrap_or(0);
+        let tokens =
+            (bytes.len() / 4) as u64 + body.get("max_tokens").and_then(Value::as_u64).unwrap_or(0);
         loop {
             let permit = self.gate.acquire(tokens).await;
             let t0 = Instant::now();
-            let r = self.attempt(key, body, t0).await;
+            let r = self.attempt(key, &bytes, t0).await;
             drop(permit);
             match &r {
                 Ok(_) => self.gate.succeeded(),
@@ -207,7 +209,12 @@ impl Client {
         }
     }
 
-    async fn attempt(&self, key: &str, body: &Value, t0: Instant) -> Result<Outcome, Failure> {
+    async fn attempt(
+        &self,
+        key: &str,
+        body: &bytes::Bytes,
+        t0: Instant,
+    ) -> Result<Outcome, Failure> {
         let ep = self.pick();
         ep.outstanding.fetch_add(1, Ordering::Relaxed);
         let r = self.attempt_on(ep, key, body, t0).await;
@@ -230,14 +237,15 @@ impl Client {
         &self,
         ep: &Endpoint,
         key: &str,
-        body: &Value,
+        body: &bytes::Bytes,
         t0: Instant,
     ) -> Result<Outcome, Failure> {
         let mut req = self
             .http
             .post(&ep.url)
             .header("x-kvt-request-key", key)
-            .json(body);
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.clone());
         if let Some(k) = &self.opts.api_key {
             req = req.bearer_auth(k);
         }

@@ -438,7 +438,7 @@ impl super::backend::Backend for ReferenceBackend {
                             }
                             let q = &queries[i];
                             let t0 = std::time::Instant::now();
-                            let prompt = super::server::render(q.messages)
+                            let prompt = super::server::render(&q.messages())
                                 .map_err(|e| anyhow::anyhow!(e))?
                                 .0;
                             let a =

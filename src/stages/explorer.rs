@@ -55,8 +55,40 @@ fn cell(s: &str) -> String {
     s.replace('|', "\\|").replace('\n', " ")
 }
 
+/// What this stage reads of `manifest.json`: its header fields and each
+/// example's text. The entries are only counted, and no JSON tree of the
+/// whole file is built (at 100,000 examples that tree took a gigabyte).
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct ManifestView {
+    #[serde(default)]
+    pub dataset: Value,
+    #[serde(default)]
+    pub tokenizer: Value,
+    #[serde(default)]
+    pub bin_edges: Value,
+    #[serde(default)]
+    pub n_bins: Value,
+    #[serde(default)]
+    pub binning_scheme: Value,
+    #[serde(default)]
+    entries: Vec<serde::de::IgnoredAny>,
+    #[serde(default)]
+    examples: Vec<ExampleText>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ExampleText {
+    example_id: String,
+    #[serde(default)]
+    question: String,
+    #[serde(default)]
+    context: String,
+    #[serde(default)]
+    answers: Value,
+}
+
 /// The facts from the manifest and every score row.
-pub fn facts(manifest: &Value, scores: &[ScoreRow]) -> Facts {
+pub fn facts(manifest: &ManifestView, scores: &[ScoreRow]) -> Facts {
     let uniform_score = scores.first().and_then(|first| {
         (scores.len() > 1 && scores.iter().all(|r| r.score == first.score)).then_some(first.score)
     });
@@ -106,15 +138,13 @@ pub fn facts(manifest: &Value, scores: &[ScoreRow]) -> Facts {
         })
         .collect();
     Facts {
-        dataset: manifest["dataset"].clone(),
-        tokenizer: manifest["tokenizer"].clone(),
-        bin_edges: manifest["bin_edges"].clone(),
-        n_examples: manifest["entries"].as_array().map_or(0, Vec::len),
-        n_bins: manifest["n_bins"].clone(),
-        n_skipped: manifest["dataset"]["n_skipped_records"]
-            .as_i64()
-            .unwrap_or(0),
-        binning_scheme: manifest["binning_scheme"].clone(),
+        dataset: manifest.dataset.clone(),
+        tokenizer: manifest.tokenizer.clone(),
+        bin_edges: manifest.bin_edges.clone(),
+        n_examples: manifest.entries.len(),
+        n_bins: manifest.n_bins.clone(),
+        n_skipped: manifest.dataset["n_skipped_records"].as_i64().unwrap_or(0),
+        binning_scheme: manifest.binning_scheme.clone(),
         uniform_score,
         simulator,
         cut,
@@ -138,9 +168,33 @@ fn spans(share: &[(String, f32)]) -> Vec<(String, bool)> {
     out
 }
 
+/// One example of the explorer, as the page reads it (fields in the order
+/// the page's JSON has always had them: alphabetical).
+#[derive(Serialize)]
+struct ExplorerExample<'a> {
+    answers: &'a Value,
+    bin: String,
+    cells: Vec<ExplorerCell<'a>>,
+    example_id: &'a str,
+    excerpt: String,
+    tokens: i64,
+}
+
+#[derive(Serialize)]
+struct ExplorerCell<'a> {
+    answer: &'a str,
+    budget: String,
+    failure: &'a Option<String>,
+    kept: String,
+    policy: &'a str,
+    score: f64,
+    setting: String,
+    spans: Option<Vec<(String, bool)>>,
+}
+
 /// The example explorer's data: every example with each cell's answer, as
 /// JSON safe inside a script element.
-pub fn explorer(manifest: &Value, scores: &[ScoreRow], bins: &[Bin]) -> String {
+pub fn explorer(manifest: &ManifestView, scores: &[ScoreRow], bins: &[Bin]) -> String {
     let mut by_example: BTreeMap<&str, Vec<&ScoreRow>> = BTreeMap::new();
     for r in scores {
         by_example.entry(r.example_id.as_str()).or_default().push(r);
@@ -150,8 +204,8 @@ pub fn explorer(manifest: &Value, scores: &[ScoreRow], bins: &[Bin]) -> String {
             .find(|b| b.bin_idx == i)
             .map_or(i.to_string(), |b| format!("{}–{}", b.lo, b.hi))
     };
-    let excerpt = |e: &Value| -> String {
-        let c = e["context"].as_str().unwrap_or("");
+    let excerpt = |e: &ExampleText| -> String {
+        let c = e.context.as_str();
         let head: String = c.chars().take(300).collect();
         let n = c.chars().count();
         let tail: String = if n > 600 {
@@ -164,50 +218,52 @@ pub fn explorer(manifest: &Value, scores: &[ScoreRow], bins: &[Bin]) -> String {
         } else {
             format!("{head} … {tail}")
         };
-        format!(
-            "{body}\n\nQuestion: {}",
-            e["question"].as_str().unwrap_or("")
-        )
+        format!("{body}\n\nQuestion: {}", e.question)
     };
     let order = |r: &ScoreRow| {
         let (group, value) = budget_order(r.budget);
         (r.policy.clone(), group, (value * 1e9) as i64)
     };
-    let examples: Vec<Value> = manifest["examples"]
-        .as_array()
-        .map(|v| v.as_slice())
-        .unwrap_or_default()
+    let examples: Vec<ExplorerExample<'_>> = manifest
+        .examples
         .iter()
         .filter_map(|e| {
-            let id = e["example_id"].as_str()?;
+            let id = e.example_id.as_str();
             let rows = by_example.get(id)?;
             let first = rows.first()?;
             let mut rows = rows.clone();
             rows.sort_by_key(|r| order(r));
-            Some(json!({
-                "example_id": id,
-                "bin": label(first.bin_idx),
-                "tokens": first.token_len,
-                "answers": e["answers"],
-                "excerpt": excerpt(e),
-                "cells": rows.iter().map(|r| json!({
-                    "setting": setting(&r.policy, r.budget),
-                    "policy": r.policy,
-                    "budget": budget_label(r.budget),
-                    "answer": r.response.text,
-                    "score": r.score,
-                    "failure": r.failure,
-                    "spans": r.response.kept_share.as_ref().map(|v| spans(v)),
-                    "kept": match (r.response.kv_kept_total, r.response.kv_full_total) {
-                        (Some(k), Some(f)) if f > 0 => format!("{k} of {f} entries ({:.0} %)", 100.0 * k as f64 / f as f64),
-                        _ => String::new(),
-                    },
-                })).collect::<Vec<_>>(),
-            }))
+            Some(ExplorerExample {
+                answers: &e.answers,
+                bin: label(first.bin_idx),
+                cells: rows
+                    .iter()
+                    .map(|r| ExplorerCell {
+                        answer: &r.response.text,
+                        budget: budget_label(r.budget),
+                        failure: &r.failure,
+                        kept: match (r.response.kv_kept_total, r.response.kv_full_total) {
+                            (Some(k), Some(f)) if f > 0 => {
+                                format!("{k} of {f} entries ({:.0} %)", 100.0 * k as f64 / f as f64)
+                            }
+                            _ => String::new(),
+                        },
+                        policy: &r.policy,
+                        score: r.score,
+                        setting: setting(&r.policy, r.budget),
+                        spans: r.response.kept_share.as_ref().map(|v| spans(v)),
+                    })
+                    .collect(),
+                example_id: id,
+                excerpt: excerpt(e),
+                tokens: first.token_len,
+            })
         })
         .collect();
     // `</` cannot appear inside the script element.
-    Value::from(examples).to_string().replace("</", "<\\/")
+    serde_json::to_string(&examples)
+        .expect("explorer rows serialize")
+        .replace("</", "<\\/")
 }
 
 /// `explorer` reads no configuration: everything comes from its inputs.
@@ -229,7 +285,8 @@ impl Op for Explorer {
         crate::engine::check_slices::<Uses, NoTransport>(uses, transport)
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
-        let manifest: Value = serde_json::from_slice(&ctx.input("prepare", "manifest_json")?)?;
+        let manifest: ManifestView =
+            serde_json::from_slice(&ctx.input("prepare", "manifest_json")?)?;
         let bins: Vec<Bin> = table::read(&ctx.input("prepare", "bins")?)?;
         let scores = crate::stages::score::read_all::<ScoreRow>(ctx)?;
         ctx.put("explorer", explorer(&manifest, &scores, &bins).as_bytes())?;

@@ -15,7 +15,7 @@ use crate::config::schema::{Api, Decoding, EngineKind, Prompt};
 use crate::data::Example;
 use crate::engine::remote::Remote;
 use crate::engine::{canonical_json, Op, OpContext};
-use crate::llm::backend::{Backend, Query};
+use crate::llm::backend::{Backend, Query, Shape};
 use crate::llm::client::{Client, ClientOptions};
 use crate::llm::http::HttpBackend;
 use crate::llm::journal::Journal;
@@ -46,15 +46,27 @@ pub struct ResponseRow {
     pub outcome: Outcome,
 }
 
-/// One prepared request.
+/// One prepared request. The prompt is kept once, as text; its JSON is
+/// built when it is sent (`Query::body`).
 pub struct Request {
     /// Prompt tokens before middle truncation, when it applied.
     pub truncated_from: Option<u64>,
     pub example_id: String,
     pub key: String,
     pub question: String,
-    pub messages: Vec<Value>,
-    pub body: Value,
+    /// The user turn.
+    pub user: String,
+}
+
+impl Request {
+    pub fn query<'a>(&'a self, shape: &'a Shape) -> Query<'a> {
+        Query {
+            key: &self.key,
+            user: &self.user,
+            question: &self.question,
+            shape,
+        }
+    }
 }
 
 /// Request keys being sent by some node of this process right now: identical
@@ -155,6 +167,40 @@ pub fn answerer(kind: EngineKind, has_model_path: bool) -> Answerer {
     }
 }
 
+/// The body fields every request of the node shares.
+fn shape(s: &Settings) -> Result<Shape> {
+    let mut base = json!({
+        "model": s.model,
+        "temperature": s.decoding.temperature, "top_p": s.decoding.top_p,
+        "max_tokens": s.decoding.max_new_tokens, "stream": s.stream,
+    });
+    if s.stream {
+        base["stream_options"] = json!({"include_usage": true});
+    }
+    if s.send_kv
+        || matches!(
+            s.kind,
+            EngineKind::Reference | EngineKind::Serve | EngineKind::Native
+        )
+    {
+        base["kvt"] = serde_json::to_value(&s.kv)?;
+    }
+    if s.model_file.is_some() {
+        base["kvt_cohort"] = serde_json::to_value(&s.cohort)?;
+        base["kvt_record_kept"] = json!(s.record_kept);
+    }
+    Ok(Shape {
+        system: s.prompt.system.clone(),
+        completions: s.api == Api::Completions,
+        base,
+        extra: s
+            .extra
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    })
+}
+
 fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Result<Vec<Request>> {
     let by_id: BTreeMap<&str, &Example> = examples
         .iter()
@@ -175,6 +221,24 @@ fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Resu
     } else {
         serde_json::to_value(&s.kv)?
     };
+    // Everything in a key but the messages, once; each request adds its own.
+    let mut identity = json!({
+        "model": s.model, "kv": kv_identity, "api": s.api,
+        "decoding": s.decoding, "label": s.label, "extra_body": s.extra,
+    });
+    if s.simulator {
+        identity["engine"] = json!(SIMULATOR_ID);
+    }
+    if let Some((_, digest)) = &s.model_file {
+        // The model is the file's bytes, wherever it lies and whoever serves it.
+        identity["model_file"] = json!(digest);
+        if s.dequantize {
+            identity["weights"] = json!("f32");
+        }
+        if s.record_kept {
+            identity["record_kept"] = json!(true);
+        }
+    }
     entries
         .iter()
         .map(|en| {
@@ -190,70 +254,17 @@ fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Resu
                     user = cut;
                 }
             }
-            let messages = vec![
-                json!({"role": "system", "content": s.prompt.system}),
-                json!({"role": "user", "content": user}),
-            ];
-            let mut identity = json!({
-                "model": s.model, "kv": kv_identity, "messages": messages, "api": s.api,
-                "decoding": s.decoding, "label": s.label, "extra_body": s.extra,
-            });
-            if s.simulator {
-                identity["engine"] = json!(SIMULATOR_ID);
-            }
-            if let Some((_, digest)) = &s.model_file {
-                // The model is the file's bytes, wherever it lies and whoever serves it.
-                identity["model_file"] = json!(digest);
-                if s.dequantize {
-                    identity["weights"] = json!("f32");
-                }
-                if s.record_kept {
-                    identity["record_kept"] = json!(true);
-                }
-            }
+            identity["messages"] =
+                Value::Array(crate::llm::backend::messages(&s.prompt.system, &user));
             let key = blake3::hash(&canonical_json(&identity))
                 .to_hex()
                 .to_string();
-            let mut body = json!({
-                "model": s.model,
-                "temperature": s.decoding.temperature, "top_p": s.decoding.top_p,
-                "max_tokens": s.decoding.max_new_tokens, "stream": s.stream,
-            });
-            if s.api == Api::Completions {
-                let text = format!(
-                    "{}\n\n{}",
-                    s.prompt.system,
-                    messages[1]["content"].as_str().unwrap_or("")
-                );
-                body["prompt"] = json!(text);
-            } else {
-                body["messages"] = json!(messages);
-            }
-            if s.stream {
-                body["stream_options"] = json!({"include_usage": true});
-            }
-            if s.send_kv
-                || matches!(
-                    s.kind,
-                    EngineKind::Reference | EngineKind::Serve | EngineKind::Native
-                )
-            {
-                body["kvt"] = serde_json::to_value(&s.kv)?;
-            }
-            if s.model_file.is_some() {
-                body["kvt_cohort"] = serde_json::to_value(&s.cohort)?;
-                body["kvt_record_kept"] = json!(s.record_kept);
-            }
-            for (k, v) in &s.extra {
-                body[k] = v.clone();
-            }
             Ok(Request {
                 truncated_from,
                 example_id: en.example_id.clone(),
                 key,
                 question: ex.question.clone(),
-                messages,
-                body,
+                user,
             })
         })
         .collect()
@@ -629,9 +640,11 @@ impl Op for Infer {
             simulator,
             transport: t,
         };
-        let examples: Vec<Example> = table::read(&ctx.input("prepare", "examples")?)?;
-        let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
-        let requests = build_requests(&s, &examples, &entries)?;
+        let requests = {
+            let examples: Vec<Example> = table::read(&ctx.input("prepare", "examples")?)?;
+            let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
+            build_requests(&s, &examples, &entries)?
+        };
 
         let journal = Journal::shared(&journal_path(ctx.cache_root))?;
         let journal: &Mutex<Journal> = &journal;
@@ -860,15 +873,8 @@ impl Infer {
             Ok(())
         };
         let backend = self.backend(ctx, s, concurrency)?;
-        let queries: Vec<Query<'_>> = reqs
-            .iter()
-            .map(|r| Query {
-                key: &r.key,
-                messages: &r.messages,
-                question: &r.question,
-                body: &r.body,
-            })
-            .collect();
+        let shape = shape(s)?;
+        let queries: Vec<Query<'_>> = reqs.iter().map(|r| r.query(&shape)).collect();
         let (result, pushed) = std::thread::scope(|scope| {
             let pusher = ctx.remote.map(|remote| {
                 scope.spawn(move || -> Result<()> {
@@ -1110,9 +1116,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(full[0].truncated_from, None);
-        assert_eq!(full[0].body["max_tokens"], 32);
+        let shape = shape(&settings(None)).unwrap();
+        let body = full[0].query(&shape).body();
+        assert_eq!(body["max_tokens"], 32);
+        assert_eq!(body["messages"][1]["content"], full[0].user.as_str());
         let cut = build_requests(&settings(Some(60)), &[ex], &[entry]).unwrap();
-        let user = cut[0].messages[1]["content"].as_str().unwrap();
+        let user = cut[0].query(&shape).messages()[1]["content"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let user = user.as_str();
         let n_before = cut[0].truncated_from.unwrap() as usize;
         assert!(n_before > 500, "{n_before}");
         // Both ends survive, the middle goes; about 60 tokens remain.

@@ -2,7 +2,7 @@
 //! gold answers and labels failures with the taxonomy. The primary score of the
 //! synthetic tasks is substring recall; EM and F1 are kept beside it.
 
-use crate::data::Example;
+use crate::data::{Example, Gold};
 use crate::engine::{Op, OpContext};
 use crate::llm::Outcome;
 use crate::metrics;
@@ -100,7 +100,7 @@ pub fn value(
     metric: &str,
     task: &str,
     pred: &str,
-    ex: &Example,
+    ex: &Gold,
     s: &metrics::Scores,
     code: lb::CodeSim,
 ) -> f64 {
@@ -238,10 +238,10 @@ impl Op for Score {
         let budget: f64 = ctx.item("budget")?;
         let u: Uses = ctx.key.slice()?;
         let metric = metric_for(u.source.as_str(), &u.task, u.metric.as_deref())?;
-        let examples: Vec<Example> = table::read(&ctx.input("prepare", "examples")?)?;
+        let examples: Vec<Gold> = table::read(&ctx.input("prepare", "examples")?)?;
         let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
         let responses: Vec<ResponseRow> = table::read(&ctx.input("infer", "responses")?)?;
-        let ex: BTreeMap<&str, &Example> = examples
+        let ex: BTreeMap<&str, &Gold> = examples
             .iter()
             .map(|e| (e.example_id.as_str(), e))
             .collect();
@@ -272,12 +272,12 @@ impl Op for Score {
                 value(&metric, &u.task, &o.text, e, &s, u.code_sim)
             };
             rows.push(ScoreRow {
-                example_id: r.example_id.clone(),
+                example_id: r.example_id,
                 bin_idx: entry.bin_idx,
                 token_len: entry.token_len,
                 policy: policy.clone(),
                 budget,
-                request_key: r.request_key.clone(),
+                request_key: r.request_key,
                 metric: metric.clone(),
                 score: primary,
                 em: s.em,
@@ -285,7 +285,7 @@ impl Op for Score {
                 recall: s.recall,
                 failure: failure.map(str::to_string),
                 truncated_from: r.truncated_from,
-                response: o.clone(),
+                response: r.outcome,
             });
         }
         ctx.put("scores", &table::write(&rows)?)?;

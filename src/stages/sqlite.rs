@@ -508,7 +508,17 @@ impl Op for SqliteBase {
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let BaseUses { exp } = ctx.key.slice()?;
-        let manifest: Value = serde_json::from_slice(&ctx.input("prepare", "manifest_json")?)?;
+        // Only the header of `manifest.json`: its examples are skipped, not
+        // parsed into a tree (they come from the `examples` table).
+        #[derive(serde::Deserialize)]
+        struct Head {
+            #[serde(default)]
+            dataset: Value,
+            #[serde(default)]
+            tokenizer: Value,
+        }
+        let head: Head = serde_json::from_slice(&ctx.input("prepare", "manifest_json")?)?;
+        let manifest = serde_json::json!({"dataset": head.dataset, "tokenizer": head.tokenizer});
         let examples: Vec<Example> = table::read(&ctx.input("prepare", "examples")?)?;
         let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
         let bins: Vec<Bin> = table::read(&ctx.input("prepare", "bins")?)?;

@@ -31,7 +31,7 @@ impl Backend for NativeBackend {
             }
             let t0 = std::time::Instant::now();
             let req = NativeRequest {
-                messages: chat_pairs(q.messages),
+                messages: chat_pairs(&q.messages()),
                 max_new_tokens: self.max_new_tokens,
                 cell: self.cell.clone(),
                 record_kept: self.record_kept,
