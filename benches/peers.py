@@ -272,6 +272,29 @@ analysis: {{bootstrap: {{iters: 1000}}}}
         print(f"{'  no-op build':46s} {med(noop) * 1000:8.1f} ms")
 
 
+def memory_section(a):
+    """Peak memory of a cold `kvt build report` at 100,000 short examples (the
+    issue's 2 GiB target), and each stage's own peak, one stage at a time."""
+    exp = """output: {exp_group_id: big}
+dataset: {lengths: [100, 200, 300, 400, 500], per_length: 20000}
+binning: {n_bins: 5, edges: [0, 150, 250, 350, 450, 700]}
+sampling: {n_per_bin: 20000}
+engine: {kind: reference}
+kv: {policies: [streaming], budgets: [1.0, 0.5]}
+analysis: {bootstrap: {iters: 200}}
+"""
+    d = project(a.work, "kvt-100k", {"config/experiments/big.yaml": exp})
+    cfg = ["-c", "config/experiments/big.yaml", "-q"]
+    w, _, rss, _ = run(kvt_cmd(a, "build", "report", *cfg), cwd=d)
+    print(f"{'memory: 100,000 examples x 2 cells, cold build':46s} {w:8.2f} s, peak {rss / 1024:.2f} GiB", flush=True)
+    shutil.rmtree(os.path.join(d, "cache"), ignore_errors=True)
+    peaks = []
+    for stage in ("prepare", "infer", "score", "analyze", "explorer", "sqlite_base", "report"):
+        _, _, rss, _ = run(kvt_cmd(a, "build", stage, *cfg), cwd=d)
+        peaks.append(f"{stage} {rss:.0f}")
+    print(f"{'  peak MiB per stage, built alone':46s} " + ", ".join(peaks), flush=True)
+
+
 def remote_section(a):
     """The remote cache (kvt alone): what pushing adds to an infer node
     against the shared stub, and a merge build over a remote holding 10,000
@@ -372,14 +395,15 @@ def main():
     ap.add_argument("--kvt", default=os.path.join(REPO, "target", "release", "kvt"))
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--requests", type=int, default=5000)
-    ap.add_argument("--only", default="dvc,client,tokenize,bootstrap,scale,remote")
+    ap.add_argument("--only", default="dvc,client,tokenize,bootstrap,scale,memory,remote")
     a = ap.parse_args()
     a.work = os.path.abspath(a.work)
     a.kvt = os.path.abspath(a.kvt)
     print(f"== {time.strftime('%Y-%m-%d', time.gmtime())}, {os.cpu_count()} cores, {a.runs} interleaved runs each, medians; "
           f"kvt {subprocess.run([a.kvt, '--version'], capture_output=True, text=True).stdout.strip()}", flush=True)
     sections = {"dvc": dvc_section, "client": client_section, "tokenize": tokenize_section,
-                "bootstrap": bootstrap_section, "scale": scale_section, "remote": remote_section}
+                "bootstrap": bootstrap_section, "scale": scale_section, "memory": memory_section,
+                "remote": remote_section}
     for s in a.only.split(","):
         sections[s](a)
 

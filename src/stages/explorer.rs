@@ -300,3 +300,98 @@ impl Op for Explorer {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(policy: &str, budget: f64, text: &str, score: f64) -> ScoreRow {
+        ScoreRow {
+            example_id: "e1".into(),
+            bin_idx: 0,
+            token_len: 700,
+            policy: policy.into(),
+            budget,
+            request_key: format!("k-{policy}-{budget}"),
+            metric: "substring_recall".into(),
+            score,
+            em: score,
+            f1: score,
+            recall: score,
+            failure: (score == 0.0).then(|| "WRONG".to_string()),
+            truncated_from: None,
+            response: crate::llm::Outcome {
+                text: text.into(),
+                kv_kept_total: Some(50),
+                kv_full_total: Some(200),
+                is_final: true,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn the_explorer_reads_a_manifest_view_and_writes_each_examples_cells() {
+        // A manifest as prepare writes it, with fields the view skips.
+        let context = format!("{}{}", "a".repeat(400), "z".repeat(400));
+        let manifest = json!({
+            "dataset": {"name": "d", "n_skipped_records": 3},
+            "tokenizer": "cl100k_base", "bin_edges": [0, 1000], "n_bins": 1,
+            "binning_scheme": "edges",
+            "entries": [{"example_id": "e1", "bin_idx": 0}, {"example_id": "e2", "bin_idx": 0}],
+            "examples": [
+                {"example_id": "e1", "question": "Where </script>?", "context": context,
+                 "answers": ["x"], "meta": {"k": 1}},
+                {"example_id": "e2", "question": "q", "context": "c", "answers": ["y"], "meta": {}},
+            ],
+            "something_else": {"big": [1, 2, 3]},
+        });
+        let view: ManifestView = serde_json::from_value(manifest).unwrap();
+        let bins = [Bin {
+            bin_idx: 0,
+            lo: 0,
+            hi: 1000,
+            n_available: 2,
+            n_selected: 2,
+        }];
+        let scores = [row("snapkv", 0.5, "x", 1.0), row("full", 1.0, "x", 1.0)];
+        let text = explorer(&view, &scores, &bins);
+        assert!(!text.contains("</"), "`</` is escaped inside the script element");
+        let got: Value = serde_json::from_str(&text).unwrap();
+        // e2 has no scores: it is not shown.
+        assert_eq!(got.as_array().unwrap().len(), 1);
+        let e = &got[0];
+        assert_eq!(e["example_id"], "e1");
+        assert_eq!(e["bin"], "0–1000");
+        assert_eq!(e["tokens"], 700);
+        assert_eq!(e["answers"], json!(["x"]));
+        let excerpt = e["excerpt"].as_str().unwrap();
+        assert_eq!(
+            excerpt,
+            format!(
+                "{} … {}\n\nQuestion: Where </script>?",
+                "a".repeat(300),
+                "z".repeat(300)
+            )
+        );
+        let cells = e["cells"].as_array().unwrap();
+        assert_eq!(cells.len(), 2);
+        for c in cells {
+            assert_eq!(c["kept"], "50 of 200 entries (25 %)");
+            assert_eq!(c["answer"], "x");
+            assert_eq!(c["failure"], Value::Null);
+            assert_eq!(c["spans"], Value::Null);
+        }
+        // The page's JSON keeps its keys in alphabetical order.
+        assert!(
+            text.starts_with(r#"[{"answers":["x"],"bin":"0–1000","cells":[{"answer":"x","budget":"#),
+            "{text}"
+        );
+        assert!(text.contains(r#""example_id":"e1","excerpt":"#), "{text}");
+        let f = facts(&view, &scores);
+        assert_eq!(f.n_examples, 2);
+        assert_eq!(f.n_skipped, 3);
+        assert_eq!(f.tokenizer, json!("cl100k_base"));
+        assert_eq!(f.uniform_score, Some(1.0));
+    }
+}
