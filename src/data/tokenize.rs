@@ -67,6 +67,45 @@ fn fresh_encoding(name: &str) -> Option<CoreBPE> {
     }
 }
 
+/// Inputs at least this large are tokenized on every core.
+pub const PARALLEL_BYTES: u64 = 4 << 20;
+
+/// A second copy of an encoding, built on another core while the first loads
+/// (`prefetch_spare`), for the second tokenizing thread of a large input.
+#[allow(clippy::type_complexity)]
+static SPARE: Mutex<Option<(String, std::thread::JoinHandle<Option<CoreBPE>>)>> = Mutex::new(None);
+
+/// Starts building a second copy of the encoding `name` on another core, so
+/// that when a large input comes (`PARALLEL_BYTES` or more) the second
+/// tokenizing thread finds it ready instead of spending the first quarter
+/// second of the work loading it (o200k_base takes that long).
+pub fn prefetch_spare(name: &str) {
+    if threads() < 2 || !matches!(name, "cl100k_base" | "o200k_base") {
+        return;
+    }
+    let mut spare = SPARE.lock().expect("spare encoding");
+    if spare.as_ref().is_some_and(|(n, _)| n == name) {
+        return;
+    }
+    let owned = name.to_string();
+    *spare = Some((
+        name.to_string(),
+        std::thread::spawn(move || fresh_encoding(&owned)),
+    ));
+}
+
+/// The prefetched copy of `name`, if one was started (waits for it).
+fn take_spare(name: &str) -> Option<CoreBPE> {
+    let mut spare = SPARE.lock().ok()?;
+    match spare.take() {
+        Some((n, h)) if n == name => h.join().ok().flatten(),
+        other => {
+            *spare = other;
+            None
+        }
+    }
+}
+
 /// Counts tokens of many texts with the encoding `name` on all cores, in
 /// input order. The singleton's regexes are shared between its clones, and
 /// two threads on one regex contend for its match cache (two threads took
@@ -77,7 +116,7 @@ pub fn count_many_named(bpe: &CoreBPE, name: &str, texts: &[&str]) -> Vec<usize>
     use std::sync::atomic::{AtomicUsize, Ordering};
     let bytes: usize = texts.iter().map(|t| t.len()).sum();
     let workers = threads().min(texts.len());
-    if workers < 2 || bytes < (4 << 20) {
+    if workers < 2 || (bytes as u64) < PARALLEL_BYTES {
         return texts.iter().map(|t| count_tokens(bpe, t)).collect();
     }
     const BATCH: usize = 8;
@@ -98,10 +137,13 @@ pub fn count_many_named(bpe: &CoreBPE, name: &str, texts: &[&str]) -> Vec<usize>
     let work = &work;
     let parts: Vec<Vec<(usize, usize)>> = std::thread::scope(|s| {
         let hs: Vec<_> = (1..workers)
-            .map(|_| {
-                s.spawn(move || match fresh_encoding(name) {
-                    Some(own) => work(&own),
-                    None => work(bpe),
+            .map(|w| {
+                s.spawn(move || {
+                    let own = if w == 1 { take_spare(name) } else { None };
+                    match own.or_else(|| fresh_encoding(name)) {
+                        Some(own) => work(&own),
+                        None => work(bpe),
+                    }
                 })
             })
             .collect();
@@ -460,5 +502,21 @@ mod tests {
             count_many_named(cl, "cl100k_base", &big),
             count_many(cl, &big)
         );
+        // A prefetched spare copy serves the second thread (and is used up);
+        // a spare of another encoding is left alone.
+        prefetch_spare("o200k_base");
+        assert_eq!(
+            count_many_named(cl, "cl100k_base", &big),
+            count_many(cl, &big)
+        );
+        assert!(SPARE.lock().unwrap().is_some(), "the o200k spare stays");
+        prefetch_spare("cl100k_base");
+        assert_eq!(
+            count_many_named(cl, "cl100k_base", &big),
+            count_many(cl, &big)
+        );
+        if threads() >= 2 {
+            assert!(SPARE.lock().unwrap().is_none(), "the spare was taken");
+        }
     }
 }

@@ -356,7 +356,10 @@ mod tests {
         }];
         let scores = [row("snapkv", 0.5, "x", 1.0), row("full", 1.0, "x", 1.0)];
         let text = explorer(&view, &scores, &bins);
-        assert!(!text.contains("</"), "`</` is escaped inside the script element");
+        assert!(
+            !text.contains("</"),
+            "`</` is escaped inside the script element"
+        );
         let got: Value = serde_json::from_str(&text).unwrap();
         // e2 has no scores: it is not shown.
         assert_eq!(got.as_array().unwrap().len(), 1);
@@ -384,7 +387,9 @@ mod tests {
         }
         // The page's JSON keeps its keys in alphabetical order.
         assert!(
-            text.starts_with(r#"[{"answers":["x"],"bin":"0–1000","cells":[{"answer":"x","budget":"#),
+            text.starts_with(
+                r#"[{"answers":["x"],"bin":"0–1000","cells":[{"answer":"x","budget":"#
+            ),
             "{text}"
         );
         assert!(text.contains(r#""example_id":"e1","excerpt":"#), "{text}");

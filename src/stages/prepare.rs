@@ -32,6 +32,16 @@ pub struct Bin {
     pub n_selected: i64,
 }
 
+/// The bytes a source's files hold (compressed, for a zip archive).
+fn source_bytes(src: &longbench::Source) -> u64 {
+    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    match src {
+        longbench::Source::Jsonl(p) | longbench::Source::Zip(p, _) => size(p),
+        longbench::Source::Parquet(ps) => ps.iter().map(|p| size(p)).sum(),
+        longbench::Source::Many(all) => all.iter().map(source_bytes).sum(),
+    }
+}
+
 /// Where the records come from, for a file-backed source.
 pub fn locate(ds: &Dataset, root: &Path) -> Result<Option<longbench::Source>> {
     let usage = |m: String| -> anyhow::Error { crate::KvtError::usage(m).into() };
@@ -300,7 +310,19 @@ impl Op for Prepare {
         let engine_url = t.engine_url;
         let mut tok_cfg = tok.clone();
         tok_cfg.url = t.tokenizer_url;
+        if tok_cfg.kind == crate::config::schema::TokenizerKind::Tiktoken
+            && locate(&ds, ctx.root())
+                .ok()
+                .flatten()
+                .is_some_and(|src| source_bytes(&src) >= tokenize::PARALLEL_BYTES)
+        {
+            // A large input: the second core builds its own copy of the
+            // encoding while this one loads the first.
+            tokenize::prefetch_spare(&tok_cfg.name);
+        }
+        let t0 = std::time::Instant::now();
         let counter = tokenize::Tok::load(&tok_cfg, ctx.root(), engine_url.as_deref())?;
+        tracing::debug!("prepare: tokenizer loaded in {:?}", t0.elapsed());
         // Synthetic prompts are sized with a tiktoken encoding (the configured
         // one, else cl100k_base); bins always use the configured tokenizer.
         let bpe = match &counter {
@@ -328,10 +350,12 @@ impl Op for Prepare {
             );
         }
         let n_loaded = examples.len();
+        tracing::debug!("prepare: {n_loaded} examples loaded at {:?}", t0.elapsed());
         let texts: Vec<&str> = examples.iter().map(|e| e.context.as_str()).collect();
         let lengths = counter
             .count_many(&texts, Some(ctx.cache_root))
             .context("counting tokens")?;
+        tracing::debug!("prepare: tokens counted at {:?}", t0.elapsed());
         let (n_bins, edges, bin_lengths) = match bins.scheme {
             BinScheme::Tokens => {
                 let n_bins = bins.n_bins as usize;
@@ -405,12 +429,14 @@ impl Op for Prepare {
             "entries": entries,
             "examples": selected,
         });
+        tracing::debug!("prepare: sampled at {:?}", t0.elapsed());
         ctx.put("examples", &crate::table::write(&selected)?)?;
         ctx.put("manifest", &crate::table::write(&entries)?)?;
         ctx.put("bins", &crate::table::write(&bin_rows)?)?;
         let mut bytes = serde_json::to_vec_pretty(&manifest)?;
         bytes.push(b'\n');
         ctx.put("manifest_json", &bytes)?;
+        tracing::debug!("prepare: written at {:?}", t0.elapsed());
         ctx.export(
             "manifest_json",
             format!("data/processed/{dataset_id}/manifest.json"),
