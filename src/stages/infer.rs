@@ -69,6 +69,22 @@ impl Request {
     }
 }
 
+/// Keys some node of this process has a final answer for (recorded before
+/// the key leaves the in-flight set).
+fn answered_here() -> &'static Mutex<HashSet<String>> {
+    static DONE: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    DONE.get_or_init(Default::default)
+}
+
+/// What this node's sending produced: how many answers arrived, and each
+/// one as the journal recorded it (its JSON), so the artifact is built
+/// without reading them back.
+#[derive(Default)]
+struct Answered {
+    sent: AtomicUsize,
+    fresh: Mutex<std::collections::HashMap<String, String>>,
+}
+
 /// Request keys being sent by some node of this process right now: identical
 /// requests of two nodes (the full-cache budget of two policies) go out once.
 fn inflight() -> &'static Mutex<HashSet<String>> {
@@ -640,6 +656,7 @@ impl Op for Infer {
             simulator,
             transport: t,
         };
+        let t_node = std::time::Instant::now();
         let requests = {
             let examples: Vec<Example> = table::read(&ctx.input("prepare", "examples")?)?;
             let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
@@ -657,7 +674,13 @@ impl Op for Infer {
                 tracing::info!(node = ctx.node(), "{n} answers from the remote cache");
             }
         }
+        tracing::debug!(
+            node = ctx.node(),
+            "requests built at {:?}",
+            t_node.elapsed()
+        );
         let known = journal.lock().expect("journal").get_many(&keys)?;
+        tracing::debug!(node = ctx.node(), "journal read at {:?}", t_node.elapsed());
         // Answers from before this run (a killed run's among them) that the
         // remote may lack; this run's own go up as they arrive.
         let earlier: Vec<String> = known
@@ -674,7 +697,7 @@ impl Op for Infer {
             Some((i, n)) => pending.iter().partition(|r| shard_of(&r.key, n) == i),
             None => (pending, Vec::new()),
         };
-        let sent = AtomicUsize::new(0);
+        let answered = Answered::default();
         if !to_send.is_empty() {
             tracing::info!(
                 node = ctx.node(),
@@ -683,7 +706,7 @@ impl Op for Infer {
                 "sending requests"
             );
             let t0 = std::time::Instant::now();
-            let result = self.send_all(ctx, &s, &to_send, journal, &sent);
+            let result = self.send_all(ctx, &s, &to_send, journal, &answered);
             tracing::debug!(node = ctx.node(), "answered in {:?}", t0.elapsed());
             // What was answered reaches the remote even when the node fails.
             if let Some(remote) = ctx.remote {
@@ -699,15 +722,36 @@ impl Op for Infer {
         if let (Some((i, n)), false) = (shard, others.is_empty()) {
             return Err(crate::engine::error::Unfinished(format!(
                 "shard {i}/{n}: sent {} requests, {} belong to other shards; their answers reach this node through the remote cache (or a build without --shard sends them)",
-                sent.load(Ordering::Relaxed),
+                answered.sent.load(Ordering::Relaxed),
                 others.len()
             ))
             .into());
         }
 
-        // The artifact: the journal's outcomes in manifest order.
+        // The artifact: the journal's outcomes in manifest order. This run's
+        // answers and earlier final ones are at hand; the journal is read
+        // only for the rest (answers another node sent meanwhile).
+        let fresh = answered.fresh.into_inner().expect("answers");
         let mut j = journal.lock().expect("journal");
-        let got = j.get_many(&keys)?;
+        let rest: Vec<String> = keys
+            .iter()
+            .filter(|k| !fresh.contains_key(*k) && !known.get(*k).is_some_and(|o| o.is_final))
+            .cloned()
+            .collect();
+        let mut got = j.get_many(&rest)?;
+        for (k, text) in fresh {
+            got.insert(k, serde_json::from_str(&text)?);
+        }
+        for (k, o) in known {
+            if o.is_final {
+                got.entry(k).or_insert(o);
+            }
+        }
+        tracing::debug!(
+            node = ctx.node(),
+            "answers read back at {:?}",
+            t_node.elapsed()
+        );
         let mut rows = Vec::with_capacity(requests.len());
         let mut transient = 0;
         for r in &requests {
@@ -746,10 +790,15 @@ impl Op for Infer {
         }
         tracing::info!(
             node = ctx.node(),
-            sent = sent.load(Ordering::Relaxed),
+            sent = answered.sent.load(Ordering::Relaxed),
             "all requests answered"
         );
         ctx.put("responses", &table::write(&rows)?)?;
+        tracing::debug!(
+            node = ctx.node(),
+            "responses written at {:?}",
+            t_node.elapsed()
+        );
         Ok(())
     }
 }
@@ -797,12 +846,17 @@ impl Infer {
         s: &Settings,
         pending: &[&Request],
         journal: &Mutex<Journal>,
-        sent: &AtomicUsize,
+        answered: &Answered,
     ) -> Result<()> {
         // Claim keys; those another node is sending are waited for, not resent.
         let (mine, theirs): (Vec<&Request>, Vec<&Request>) = {
             let mut set = inflight().lock().expect("inflight");
-            pending.iter().partition(|r| set.insert(r.key.clone()))
+            let done = answered_here().lock().expect("answered");
+            // A key another node answered since this one read the journal
+            // is theirs too: its answer is the journal's, not sent again.
+            pending
+                .iter()
+                .partition(|r| !done.contains(&r.key) && set.insert(r.key.clone()))
         };
         let release = |rs: &[&Request]| {
             let mut set = inflight().lock().expect("inflight");
@@ -810,7 +864,7 @@ impl Infer {
                 set.remove(&r.key);
             }
         };
-        let result = self.send_claimed(ctx, s, &mine, journal, sent);
+        let result = self.send_claimed(ctx, s, &mine, journal, answered);
         release(&mine);
         result?;
         for r in theirs {
@@ -826,7 +880,7 @@ impl Infer {
                 .get(&r.key)?
                 .is_some_and(|o| o.is_final);
             if !done {
-                self.send_claimed(ctx, s, &[r], journal, sent)?;
+                self.send_claimed(ctx, s, &[r], journal, answered)?;
             }
         }
         Ok(())
@@ -838,7 +892,7 @@ impl Infer {
         s: &Settings,
         reqs: &[&Request],
         journal: &Mutex<Journal>,
-        sent: &AtomicUsize,
+        answered: &Answered,
     ) -> Result<()> {
         if reqs.is_empty() {
             return Ok(());
@@ -857,8 +911,19 @@ impl Infer {
             journal
                 .lock()
                 .expect("journal")
-                .record_json(key, o.is_final, text)?;
-            sent.fetch_add(1, Ordering::Relaxed);
+                .record_json(key, o.is_final, text.clone())?;
+            if o.is_final {
+                answered_here()
+                    .lock()
+                    .expect("answered")
+                    .insert(key.to_string());
+            }
+            answered
+                .fresh
+                .lock()
+                .expect("answers")
+                .insert(key.to_string(), text);
+            answered.sent.fetch_add(1, Ordering::Relaxed);
             if let Some(text) = copy {
                 let full = {
                     let mut out = outbox.lock().expect("outbox");
