@@ -1181,6 +1181,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(full[0].truncated_from, None);
+        // Keys index the journal: a change in how they are computed makes
+        // every answer users already paid for unreachable. Pinned when
+        // requests stopped carrying their JSON, a change checked against a
+        // journal the earlier code wrote (every answer was found).
+        assert_eq!(
+            full[0].key,
+            "84c5d6c6747903d98ef0790dbc46044e3694c98e473babbce37cb8065ab18792"
+        );
         let shape = shape(&settings(None)).unwrap();
         let body = full[0].query(&shape).body();
         assert_eq!(body["max_tokens"], 32);
