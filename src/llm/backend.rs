@@ -20,7 +20,7 @@ pub struct Shape {
     /// The body without `messages`/`prompt` and without `extra`.
     pub base: Value,
     /// `engine.extra_body`, applied last (it may override anything).
-    pub extra: Vec<(String, Value)>,
+    pub extra: std::collections::BTreeMap<String, Value>,
 }
 
 /// One request as a backend sees it.

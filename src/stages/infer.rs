@@ -209,11 +209,7 @@ fn shape(s: &Settings) -> Result<Shape> {
         system: s.prompt.system.clone(),
         completions: s.api == Api::Completions,
         base,
-        extra: s
-            .extra
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        extra: s.extra.clone(),
     })
 }
 
@@ -706,7 +702,8 @@ impl Op for Infer {
                 "sending requests"
             );
             let t0 = std::time::Instant::now();
-            let result = self.send_all(ctx, &s, &to_send, journal, &answered);
+            let shape = shape(&s)?;
+            let result = self.send_all(ctx, &s, &shape, &to_send, journal, &answered);
             tracing::debug!(node = ctx.node(), "answered in {:?}", t0.elapsed());
             // What was answered reaches the remote even when the node fails.
             if let Some(remote) = ctx.remote {
@@ -844,6 +841,7 @@ impl Infer {
         &self,
         ctx: &OpContext,
         s: &Settings,
+        shape: &Shape,
         pending: &[&Request],
         journal: &Mutex<Journal>,
         answered: &Answered,
@@ -864,7 +862,7 @@ impl Infer {
                 set.remove(&r.key);
             }
         };
-        let result = self.send_claimed(ctx, s, &mine, journal, answered);
+        let result = self.send_claimed(ctx, s, shape, &mine, journal, answered);
         release(&mine);
         result?;
         for r in theirs {
@@ -880,7 +878,7 @@ impl Infer {
                 .get(&r.key)?
                 .is_some_and(|o| o.is_final);
             if !done {
-                self.send_claimed(ctx, s, &[r], journal, answered)?;
+                self.send_claimed(ctx, s, shape, &[r], journal, answered)?;
             }
         }
         Ok(())
@@ -890,6 +888,7 @@ impl Infer {
         &self,
         ctx: &OpContext,
         s: &Settings,
+        shape: &Shape,
         reqs: &[&Request],
         journal: &Mutex<Journal>,
         answered: &Answered,
@@ -938,8 +937,7 @@ impl Infer {
             Ok(())
         };
         let backend = self.backend(ctx, s, concurrency)?;
-        let shape = shape(s)?;
-        let queries: Vec<Query<'_>> = reqs.iter().map(|r| r.query(&shape)).collect();
+        let queries: Vec<Query<'_>> = reqs.iter().map(|r| r.query(shape)).collect();
         let (result, pushed) = std::thread::scope(|scope| {
             let pusher = ctx.remote.map(|remote| {
                 scope.spawn(move || -> Result<()> {
