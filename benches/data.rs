@@ -116,20 +116,36 @@ fn count_bench(b: divan::Bencher, tok: kvt::data::tokenize::Tok) {
 
 #[divan::bench(sample_count = 10)]
 fn count_tokens_cl100k(b: divan::Bencher) {
+    count_bench(b, kvt::data::tokenize::Tok::Tiktoken("cl100k_base".into()));
+}
+
+/// The same texts through tiktoken_rs's own encoder (regex split), for the
+/// pre-tokenizer's gain.
+#[divan::bench(sample_count = 10)]
+fn count_tokens_cl100k_tiktoken_rs(b: divan::Bencher) {
     let t = kvt::data::tokenize::encoding("cl100k_base").unwrap();
-    count_bench(
-        b,
-        kvt::data::tokenize::Tok::Tiktoken(t, "cl100k_base".into()),
-    );
+    let ctx = contexts();
+    let refs: Vec<&str> = ctx.iter().map(String::as_str).collect();
+    let bytes: usize = refs.iter().map(|s| s.len()).sum();
+    b.counter(BytesCount::new(bytes))
+        .bench(|| kvt::data::tokenize::count_many(t, &refs));
 }
 
 #[divan::bench(sample_count = 10)]
 fn count_tokens_o200k(b: divan::Bencher) {
+    count_bench(b, kvt::data::tokenize::Tok::Tiktoken("o200k_base".into()));
+}
+
+/// The same texts through tiktoken_rs's own encoder (regex split), for the
+/// pre-tokenizer's gain.
+#[divan::bench(sample_count = 10)]
+fn count_tokens_o200k_tiktoken_rs(b: divan::Bencher) {
     let t = kvt::data::tokenize::encoding("o200k_base").unwrap();
-    count_bench(
-        b,
-        kvt::data::tokenize::Tok::Tiktoken(t, "o200k_base".into()),
-    );
+    let ctx = contexts();
+    let refs: Vec<&str> = ctx.iter().map(String::as_str).collect();
+    let bytes: usize = refs.iter().map(|s| s.len()).sum();
+    b.counter(BytesCount::new(bytes))
+        .bench(|| kvt::data::tokenize::count_many(t, &refs));
 }
 
 #[divan::bench(sample_count = 10)]

@@ -4,6 +4,7 @@
 pub mod binning;
 pub mod longbench;
 pub mod ops;
+pub mod pretok;
 pub mod records;
 pub mod ruler;
 pub mod synthetic;

@@ -10,6 +10,7 @@
 //! Counts of the slower kinds are cached per (tokenizer identity, text digest)
 //! in `cache/v1/token_counts.sqlite`.
 
+use super::pretok;
 use crate::config::schema::TokenizerKind;
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -58,71 +59,57 @@ pub fn count_many(bpe: &CoreBPE, texts: &[&str]) -> Vec<usize> {
     par_map(texts, |t| count_tokens(bpe, t))
 }
 
-/// A tiktoken encoding built anew, sharing nothing with the singleton.
-fn fresh_encoding(name: &str) -> Option<CoreBPE> {
-    match name {
-        "cl100k_base" => tiktoken_rs::cl100k_base().ok(),
-        "o200k_base" => tiktoken_rs::o200k_base().ok(),
-        _ => None,
+/// The fast counter of a built-in encoding (`pretok`): its rank table is
+/// read out of tiktoken_rs's once per process.
+pub fn counter(name: &str) -> Result<pretok::Counter> {
+    static CL100K: OnceLock<pretok::Ranks> = OnceLock::new();
+    static O200K: OnceLock<pretok::Ranks> = OnceLock::new();
+    let (cell, pattern) = match pretok::Pattern::of(name) {
+        Some(p @ pretok::Pattern::Cl100k) => (&CL100K, p),
+        Some(p @ pretok::Pattern::O200k) => (&O200K, p),
+        None => {
+            encoding(name)?;
+            unreachable!("encoding() accepts only the two built-in names")
+        }
+    };
+    let ranks = match cell.get() {
+        Some(r) => r,
+        None => {
+            let bpe = encoding(name)?;
+            cell.get_or_init(|| pretok::ranks_from_tiktoken(bpe))
+        }
+    };
+    Ok(pretok::Counter { pattern, ranks })
+}
+
+/// Starts loading the counter of `name` on another core, so that it is
+/// ready (or nearly) when the input has been read.
+pub fn prefetch(name: &str) {
+    if pretok::Pattern::of(name).is_some() {
+        let name = name.to_string();
+        std::thread::spawn(move || counter(&name).map(|_| ()));
     }
 }
 
 /// Inputs at least this large are tokenized on every core.
-pub const PARALLEL_BYTES: u64 = 4 << 20;
+pub const PARALLEL_BYTES: u64 = 1 << 20;
 
-/// A second copy of an encoding, built on another core while the first loads
-/// (`prefetch_spare`), for the second tokenizing thread of a large input.
-#[allow(clippy::type_complexity)]
-static SPARE: Mutex<Option<(String, std::thread::JoinHandle<Option<CoreBPE>>)>> = Mutex::new(None);
-
-/// Starts building a second copy of the encoding `name` on another core, so
-/// that when a large input comes (`PARALLEL_BYTES` or more) the second
-/// tokenizing thread finds it ready instead of spending the first quarter
-/// second of the work loading it (o200k_base takes that long).
-pub fn prefetch_spare(name: &str) {
-    if threads() < 2 || !matches!(name, "cl100k_base" | "o200k_base") {
-        return;
-    }
-    let mut spare = SPARE.lock().expect("spare encoding");
-    if spare.as_ref().is_some_and(|(n, _)| n == name) {
-        return;
-    }
-    let owned = name.to_string();
-    *spare = Some((
-        name.to_string(),
-        std::thread::spawn(move || fresh_encoding(&owned)),
-    ));
-}
-
-/// The prefetched copy of `name`, if one was started (waits for it).
-fn take_spare(name: &str) -> Option<CoreBPE> {
-    let mut spare = SPARE.lock().ok()?;
-    match spare.take() {
-        Some((n, h)) if n == name => h.join().ok().flatten(),
-        other => {
-            *spare = other;
-            None
-        }
-    }
-}
-
-/// Counts tokens of many texts with the encoding `name` on all cores, in
-/// input order. The singleton's regexes are shared between its clones, and
-/// two threads on one regex contend for its match cache (two threads took
-/// longer than one), so every thread past the first builds its own encoding
-/// — worth it only for large inputs; texts are handed out in small batches,
-/// so a thread still building its encoding takes fewer.
-pub fn count_many_named(bpe: &CoreBPE, name: &str, texts: &[&str]) -> Vec<usize> {
+/// Counts tokens of many texts with the built-in encoding `name`, in input
+/// order; large inputs on all cores, each thread with its own memo of merged
+/// pieces (texts are handed out in small batches).
+pub fn count_many_named(name: &str, texts: &[&str]) -> Result<Vec<usize>> {
     use std::sync::atomic::{AtomicUsize, Ordering};
+    let counter = counter(name)?;
     let bytes: usize = texts.iter().map(|t| t.len()).sum();
     let workers = threads().min(texts.len());
     if workers < 2 || (bytes as u64) < PARALLEL_BYTES {
-        return texts.iter().map(|t| count_tokens(bpe, t)).collect();
+        let mut memo = pretok::Memo::default();
+        return Ok(texts.iter().map(|t| counter.count(t, &mut memo)).collect());
     }
     const BATCH: usize = 8;
     let next = AtomicUsize::new(0);
-    let mut out = vec![0usize; texts.len()];
-    let work = |enc: &CoreBPE| {
+    let work = || {
+        let mut memo = pretok::Memo::default();
         let mut got = Vec::new();
         loop {
             let start = next.fetch_add(BATCH, Ordering::Relaxed);
@@ -130,39 +117,34 @@ pub fn count_many_named(bpe: &CoreBPE, name: &str, texts: &[&str]) -> Vec<usize>
                 return got;
             }
             for (i, t) in texts.iter().enumerate().skip(start).take(BATCH) {
-                got.push((i, count_tokens(enc, t)));
+                got.push((i, counter.count(t, &mut memo)));
             }
         }
     };
     let work = &work;
     let parts: Vec<Vec<(usize, usize)>> = std::thread::scope(|s| {
-        let hs: Vec<_> = (1..workers)
-            .map(|w| {
-                s.spawn(move || {
-                    let own = if w == 1 { take_spare(name) } else { None };
-                    match own.or_else(|| fresh_encoding(name)) {
-                        Some(own) => work(&own),
-                        None => work(bpe),
-                    }
-                })
-            })
-            .collect();
-        let mut parts = vec![work(bpe)];
+        let hs: Vec<_> = (1..workers).map(|_| s.spawn(work)).collect();
+        let mut parts = vec![work()];
         parts.extend(hs.into_iter().map(|h| h.join().expect("tokenizer thread")));
         parts
     });
+    let mut out = vec![0usize; texts.len()];
     for (i, n) in parts.into_iter().flatten() {
         out[i] = n;
     }
-    out
+    Ok(out)
 }
 
 /// A tokenizer of any kind.
 #[derive(Clone)]
 pub enum Tok {
-    Tiktoken(&'static CoreBPE, String),
+    /// A built-in encoding, by name (`cl100k_base`, `o200k_base`).
+    Tiktoken(String),
     Hf(Arc<tokenizers::Tokenizer>, String),
-    Server { url: String, model: String },
+    Server {
+        url: String,
+        model: String,
+    },
 }
 
 /// The hub cache's `tokenizer.json` for a model id such as `org/name`.
@@ -262,7 +244,11 @@ impl Tok {
         engine_url: Option<&str>,
     ) -> Result<Tok> {
         match cfg.kind {
-            TokenizerKind::Tiktoken => Ok(Tok::Tiktoken(encoding(&cfg.name)?, cfg.name.clone())),
+            TokenizerKind::Tiktoken => {
+                pretok::Pattern::of(&cfg.name)
+                    .map_or_else(|| encoding(&cfg.name).map(drop), |_| Ok(()))?;
+                Ok(Tok::Tiktoken(cfg.name.clone()))
+            }
             TokenizerKind::Hf => {
                 let path = resolve_hf(&cfg.name, root)?;
                 // The file's bytes are the identity (cached counts), not its name.
@@ -292,7 +278,8 @@ impl Tok {
     pub fn truncate_middle(&self, text: &str, max: usize) -> Result<Option<(String, usize)>> {
         let half = max / 2;
         match self {
-            Tok::Tiktoken(bpe, _) => {
+            Tok::Tiktoken(name) => {
+                let bpe = encoding(name)?;
                 let toks = bpe.encode_ordinary(text);
                 if toks.len() <= max {
                     return Ok(None);
@@ -331,7 +318,7 @@ impl Tok {
     /// What identifies the tokenizer in cached counts.
     pub fn identity(&self) -> String {
         match self {
-            Tok::Tiktoken(_, n) => format!("tiktoken:{n}"),
+            Tok::Tiktoken(n) => format!("tiktoken:{n}"),
             Tok::Hf(_, n) => format!("hf:{n}"),
             Tok::Server { model, .. } => format!("server:{model}"),
         }
@@ -339,8 +326,8 @@ impl Tok {
 
     /// Token counts of many texts, in order; slow kinds go through the count cache.
     pub fn count_many(&self, texts: &[&str], cache_root: Option<&Path>) -> Result<Vec<usize>> {
-        if let Tok::Tiktoken(bpe, name) = self {
-            return Ok(count_many_named(bpe, name, texts));
+        if let Tok::Tiktoken(name) = self {
+            return count_many_named(name, texts);
         }
         // The count cache is only a cache: if it cannot be opened or read
         // (damaged, say), counting goes on without it.
@@ -492,31 +479,22 @@ mod tests {
         // "918273 918273" is 918 · 273 · " " · 918 · 273.
         let texts = ["a", "hello world", "", "918273 918273"];
         assert_eq!(count_many(cl, &texts), vec![1, 2, 0, 5]);
-        // Large inputs go through per-thread encodings; the counts are the same.
+        // The fast counter agrees with tiktoken_rs, on small inputs (one
+        // thread) and large ones (every core, a memo per thread).
+        let small = ["a", "hello world", "", "918273 918273", "don't\n\n  stop"];
+        assert_eq!(
+            count_many_named("cl100k_base", &small).unwrap(),
+            count_many(cl, &small)
+        );
         let big: Vec<String> = (0..600)
-            .map(|i| format!("{i} {}", "token counting at scale, ".repeat(400)))
+            .map(|i| format!("{i} {}", "token counting at scale, ".repeat(80)))
             .collect();
         let big: Vec<&str> = big.iter().map(String::as_str).collect();
-        assert!(big.iter().map(|t| t.len()).sum::<usize>() > 4 << 20);
-        assert_eq!(
-            count_many_named(cl, "cl100k_base", &big),
-            count_many(cl, &big)
-        );
-        // A prefetched spare copy serves the second thread (and is used up);
-        // a spare of another encoding is left alone.
-        prefetch_spare("o200k_base");
-        assert_eq!(
-            count_many_named(cl, "cl100k_base", &big),
-            count_many(cl, &big)
-        );
-        assert!(SPARE.lock().unwrap().is_some(), "the o200k spare stays");
-        prefetch_spare("cl100k_base");
-        assert_eq!(
-            count_many_named(cl, "cl100k_base", &big),
-            count_many(cl, &big)
-        );
-        if threads() >= 2 {
-            assert!(SPARE.lock().unwrap().is_none(), "the spare was taken");
+        assert!(big.iter().map(|t| t.len()).sum::<usize>() as u64 > PARALLEL_BYTES);
+        prefetch("o200k_base");
+        for (name, bpe) in [("cl100k_base", cl), ("o200k_base", o2)] {
+            assert_eq!(count_many_named(name, &big).unwrap(), count_many(bpe, &big));
         }
+        assert!(count_many_named("gpt2", &small).is_err());
     }
 }

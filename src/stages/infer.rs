@@ -1141,7 +1141,7 @@ mod tests {
             truncate: max.map(|m| {
                 (
                     m,
-                    crate::data::tokenize::Tok::Tiktoken(bpe, "cl100k_base".into()),
+                    crate::data::tokenize::Tok::Tiktoken("cl100k_base".into()),
                 )
             }),
             prompt: Prompt {

@@ -32,16 +32,6 @@ pub struct Bin {
     pub n_selected: i64,
 }
 
-/// The bytes a source's files hold (compressed, for a zip archive).
-fn source_bytes(src: &longbench::Source) -> u64 {
-    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
-    match src {
-        longbench::Source::Jsonl(p) | longbench::Source::Zip(p, _) => size(p),
-        longbench::Source::Parquet(ps) => ps.iter().map(|p| size(p)).sum(),
-        longbench::Source::Many(all) => all.iter().map(source_bytes).sum(),
-    }
-}
-
 /// Where the records come from, for a file-backed source.
 pub fn locate(ds: &Dataset, root: &Path) -> Result<Option<longbench::Source>> {
     let usage = |m: String| -> anyhow::Error { crate::KvtError::usage(m).into() };
@@ -153,11 +143,19 @@ fn location_label(ds: &Dataset, root: &Path) -> Option<String> {
     })
 }
 
-fn load_examples(ds: &Dataset, root: &Path, bpe: &tiktoken_rs::CoreBPE) -> Result<records::Loaded> {
+/// The examples a dataset config names; a synthetic set is sized with the
+/// tiktoken encoding `sizing`.
+fn load_examples(ds: &Dataset, root: &Path, sizing: &str) -> Result<records::Loaded> {
     match locate(ds, root)? {
         None => Ok(records::Loaded {
-            examples: synthetic::generate(bpe, &ds.task, ds.seed, &ds.lengths, ds.per_length)
-                .context("config `dataset.task`")?,
+            examples: synthetic::generate(
+                tokenize::encoding(sizing)?,
+                &ds.task,
+                ds.seed,
+                &ds.lengths,
+                ds.per_length,
+            )
+            .context("config `dataset.task`")?,
             ..Default::default()
         }),
         Some(src) => {
@@ -310,26 +308,20 @@ impl Op for Prepare {
         let engine_url = t.engine_url;
         let mut tok_cfg = tok.clone();
         tok_cfg.url = t.tokenizer_url;
-        if tok_cfg.kind == crate::config::schema::TokenizerKind::Tiktoken
-            && locate(&ds, ctx.root())
-                .ok()
-                .flatten()
-                .is_some_and(|src| source_bytes(&src) >= tokenize::PARALLEL_BYTES)
-        {
-            // A large input: the second core builds its own copy of the
-            // encoding while this one loads the first.
-            tokenize::prefetch_spare(&tok_cfg.name);
+        if tok_cfg.kind == crate::config::schema::TokenizerKind::Tiktoken {
+            // The counter's rank table loads on the other core while this
+            // one reads the input.
+            tokenize::prefetch(&tok_cfg.name);
         }
         let t0 = std::time::Instant::now();
         let counter = tokenize::Tok::load(&tok_cfg, ctx.root(), engine_url.as_deref())?;
-        tracing::debug!("prepare: tokenizer loaded in {:?}", t0.elapsed());
         // Synthetic prompts are sized with a tiktoken encoding (the configured
         // one, else cl100k_base); bins always use the configured tokenizer.
-        let bpe = match &counter {
-            tokenize::Tok::Tiktoken(b, _) => *b,
-            _ => tokenize::encoding("cl100k_base")?,
+        let sizing = match &counter {
+            tokenize::Tok::Tiktoken(name) => name.as_str(),
+            _ => "cl100k_base",
         };
-        let loaded = load_examples(&ds, ctx.root(), bpe)?;
+        let loaded = load_examples(&ds, ctx.root(), sizing)?;
         let (examples, skipped) = (loaded.examples, loaded.skipped);
         if let Some(first) = &loaded.first_skip {
             tracing::warn!("skipped {skipped} bad record(s); the first: {first}");
