@@ -485,18 +485,26 @@ pub fn merge_count(ranks: &Ranks, piece: &[u8]) -> usize {
 /// The ranks of a built-in encoding, read out of tiktoken_rs's table once
 /// per process.
 pub fn ranks_from_tiktoken(bpe: &tiktoken_rs::CoreBPE) -> Ranks {
-    let mut ranks = Ranks::default();
+    // All token bytes in one block, then one map sized up front.
+    let mut blob: Vec<u8> = Vec::with_capacity(1 << 21);
+    let mut spans: Vec<(usize, usize, u32)> = Vec::with_capacity(1 << 18);
     let mut misses = 0;
     for r in 0u32.. {
         match bpe.decode_bytes(&[r]) {
             Ok(b) => {
-                ranks.insert(Box::leak(b.into_boxed_slice()), r);
+                spans.push((blob.len(), b.len(), r));
+                blob.extend_from_slice(&b);
                 misses = 0;
             }
             // Special tokens sit past the ordinary ones, after a gap.
             Err(_) if misses < 1024 => misses += 1,
             Err(_) => break,
         }
+    }
+    let blob: &'static [u8] = Box::leak(blob.into_boxed_slice());
+    let mut ranks = Ranks::with_capacity_and_hasher(spans.len(), Default::default());
+    for (at, len, r) in spans {
+        ranks.insert(&blob[at..at + len], r);
     }
     ranks
 }

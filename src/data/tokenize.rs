@@ -75,8 +75,15 @@ pub fn counter(name: &str) -> Result<pretok::Counter> {
     let ranks = match cell.get() {
         Some(r) => r,
         None => {
+            let t0 = std::time::Instant::now();
             let bpe = encoding(name)?;
-            cell.get_or_init(|| pretok::ranks_from_tiktoken(bpe))
+            let loaded = t0.elapsed();
+            let r = cell.get_or_init(|| pretok::ranks_from_tiktoken(bpe));
+            tracing::debug!(
+                "tokenize: {name} loaded in {loaded:?}, its ranks read out by {:?}",
+                t0.elapsed()
+            );
+            r
         }
     };
     Ok(pretok::Counter { pattern, ranks })
