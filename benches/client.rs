@@ -65,12 +65,12 @@ fn run(addr: &str, n: usize, mut journal: Option<&mut Journal>) -> (f64, f64) {
     })
     .unwrap();
     let prompt = "The ferry crossed the estuary twice an hour. ".repeat(45); // ~2 KB
-    let bodies: Vec<(String, serde_json::Value)> = (0..n)
+    let bodies: Vec<(String, Vec<u8>)> = (0..n)
         .map(|i| {
             (
                 format!("{i:064x}"),
-                json!({"model": "m", "messages": [{"role": "user", "content": format!("{i} {prompt}")}],
-                       "max_tokens": 8, "stream": false}),
+                serde_json::to_vec(&json!({"model": "m", "messages": [{"role": "user", "content": format!("{i} {prompt}")}],
+                       "max_tokens": 8, "stream": false})).unwrap(),
             )
         })
         .collect();
@@ -83,7 +83,7 @@ fn run(addr: &str, n: usize, mut journal: Option<&mut Journal>) -> (f64, f64) {
         let mut s = futures_util::stream::iter(bodies.iter())
             .map(|(k, b)| {
                 let client = &client;
-                async move { (k, client.chat(k, b, 0).await) }
+                async move { (k, client.chat(k, b.clone(), 8, 0).await) }
             })
             .buffer_unordered(64);
         let mut ok = 0;
@@ -105,6 +105,71 @@ fn run(addr: &str, n: usize, mut journal: Option<&mut Journal>) -> (f64, f64) {
     (n as f64 / wall, cpu / n as f64 * 1000.0)
 }
 
+/// The floor under any client: 64 keep-alive connections on one thread,
+/// each writing a prepared HTTP/1.1 request and reading the response by its
+/// Content-Length, nothing else (no JSON, no pool, no timeouts).
+fn raw_floor(addr: &str, n: usize) -> (f64, f64) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hostport = addr
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .to_string();
+    let prompt = "The ferry crossed the estuary twice an hour. ".repeat(45);
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": prompt}],
+                      "max_tokens": 8, "stream": false})
+    .to_string();
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {hostport}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (c0, t0) = (thread_cpu(), Instant::now());
+    rt.block_on(async {
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let (hostport, req) = (hostport.clone(), req.clone());
+                async move {
+                    let mut s = tokio::net::TcpStream::connect(&hostport).await.unwrap();
+                    s.set_nodelay(true).unwrap();
+                    let mut buf = vec![0u8; 16 << 10];
+                    for _ in 0..n / 64 {
+                        s.write_all(req.as_bytes()).await.unwrap();
+                        let mut have = 0;
+                        loop {
+                            have += s.read(&mut buf[have..]).await.unwrap();
+                            let text = &buf[..have];
+                            if let Some(h) = text.windows(4).position(|w| w == b"\r\n\r\n") {
+                                let head = std::str::from_utf8(&text[..h])
+                                    .unwrap()
+                                    .to_ascii_lowercase();
+                                let len: usize = head
+                                    .split("content-length:")
+                                    .nth(1)
+                                    .and_then(|r| r.lines().next())
+                                    .and_then(|v| v.trim().parse().ok())
+                                    .unwrap();
+                                if have >= h + 4 + len {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+            })
+            .collect();
+        futures_util::future::join_all(tasks).await;
+    });
+    let (wall, cpu) = (
+        t0.elapsed().as_secs_f64(),
+        (thread_cpu() - c0).as_secs_f64(),
+    );
+    let done = n / 64 * 64;
+    (done as f64 / wall, cpu / done as f64 * 1000.0)
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -118,4 +183,6 @@ fn main() {
     let mut j = Journal::open(&dir.path().join("journal.sqlite")).unwrap();
     let (rps, cpu) = run(&addr, n, Some(&mut j));
     println!("client + journal:     {rps:>8.0} requests/s, {cpu:.3} client CPU-s per 1,000 requests ({n} requests, concurrency 64)");
+    let (rps, cpu) = raw_floor(&addr, n);
+    println!("raw HTTP/1.1 floor:   {rps:>8.0} requests/s, {cpu:.3} client CPU-s per 1,000 requests ({n} requests, concurrency 64)");
 }

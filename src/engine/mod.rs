@@ -23,3 +23,17 @@ pub use op::{check_slices, typed_slice, KeyContext, Op, OpContext, OpRegistry, U
 pub use pipeline::{PipelineDef, Plan};
 pub use state::{explain, NodeState, StaleReason, Workspace};
 pub use store::ContentStore;
+
+/// CPU time this process has used so far (user + system), for debug timings.
+pub fn cpu_time() -> std::time::Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return std::time::Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| {
+        std::time::Duration::from_secs(t.tv_sec as u64)
+            + std::time::Duration::from_micros(t.tv_usec as u64)
+    };
+    tv(u.ru_utime) + tv(u.ru_stime)
+}

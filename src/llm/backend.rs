@@ -21,6 +21,39 @@ pub struct Shape {
     pub base: Value,
     /// `engine.extra_body`, applied last (it may override anything).
     pub extra: std::collections::BTreeMap<String, Value>,
+    /// The body's bytes up to its messages, made once (`Query::body_bytes`).
+    pub head: std::sync::OnceLock<Option<Vec<u8>>>,
+}
+
+impl Shape {
+    /// The serialized body without its messages or prompt and without the
+    /// closing brace, ready for them; `None` when `extra` sets `messages` or
+    /// `prompt` itself (such a body is built whole).
+    fn head_bytes(&self) -> Option<Vec<u8>> {
+        let mut body = self.base.clone();
+        for (k, v) in &self.extra {
+            body[k] = v.clone();
+        }
+        let obj = body.as_object()?;
+        if obj.contains_key("messages") || obj.contains_key("prompt") {
+            return None;
+        }
+        let mut bytes = serde_json::to_vec(&body).ok()?;
+        bytes.pop();
+        if bytes.len() > 1 {
+            bytes.push(b',');
+        }
+        Some(bytes)
+    }
+
+    /// `max_tokens` as the body carries it (for `engine.tpm` estimates).
+    pub fn max_tokens(&self) -> u64 {
+        self.extra
+            .get("max_tokens")
+            .or_else(|| self.base.get("max_tokens"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    }
 }
 
 /// One request as a backend sees it.
@@ -38,6 +71,33 @@ impl Query<'_> {
     /// Chat messages (`role`, `content`): the system turn, then the user's.
     pub fn messages(&self) -> Vec<Value> {
         messages(&self.shape.system, self.user)
+    }
+
+    /// [`Query::body`], serialized: the shared head once per node, then this
+    /// request's turns written straight into the buffer (no JSON tree, the
+    /// prompt copied once).
+    pub fn body_bytes(&self) -> Vec<u8> {
+        let Some(head) = self.shape.head.get_or_init(|| self.shape.head_bytes()) else {
+            return serde_json::to_vec(&self.body()).unwrap_or_default();
+        };
+        let system = &self.shape.system;
+        let mut out = Vec::with_capacity(head.len() + system.len() + self.user.len() + 96);
+        out.extend_from_slice(head);
+        let string = |out: &mut Vec<u8>, s: &str| {
+            serde_json::to_writer(&mut *out, s).expect("writing JSON to memory")
+        };
+        if self.shape.completions {
+            out.extend_from_slice(br#""prompt":"#);
+            string(&mut out, &format!("{system}\n\n{}", self.user));
+        } else {
+            out.extend_from_slice(br#""messages":[{"role":"system","content":"#);
+            string(&mut out, system);
+            out.extend_from_slice(br#"},{"role":"user","content":"#);
+            string(&mut out, self.user);
+            out.extend_from_slice(b"}]");
+        }
+        out.push(b'}');
+        out
     }
 
     /// The OpenAI-compatible request body (HTTP backends).
@@ -93,4 +153,57 @@ pub fn chat_pairs(messages: &[Value]) -> Vec<(String, String)> {
             )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn body_bytes_are_the_body() {
+        let user = "Line one\nwith \"quotes\", a tab\t, é and \u{1}.";
+        for completions in [false, true] {
+            for extra in [
+                json!({}),
+                json!({"max_tokens": 3, "top_k": [1, 2]}),
+                json!({"messages": [{"role": "user", "content": "override"}]}),
+                json!({"prompt": "override"}),
+            ] {
+                let shape = Shape {
+                    system: "Be brief.".into(),
+                    completions,
+                    base: json!({"model": "m", "max_tokens": 8, "stream": false}),
+                    extra: serde_json::from_value(extra.clone()).unwrap(),
+                    head: Default::default(),
+                };
+                let q = Query {
+                    key: "k",
+                    user,
+                    question: "q",
+                    shape: &shape,
+                };
+                let sent: Value = serde_json::from_slice(&q.body_bytes()).unwrap();
+                assert_eq!(sent, q.body(), "completions {completions}, extra {extra}");
+                let want = extra.get("max_tokens").and_then(Value::as_u64).unwrap_or(8);
+                assert_eq!(shape.max_tokens(), want);
+            }
+        }
+        // An empty base still makes an object.
+        let shape = Shape {
+            system: String::new(),
+            completions: false,
+            base: json!({}),
+            extra: Default::default(),
+            head: Default::default(),
+        };
+        let q = Query {
+            key: "k",
+            user: "u",
+            question: "",
+            shape: &shape,
+        };
+        let sent: Value = serde_json::from_slice(&q.body_bytes()).unwrap();
+        assert_eq!(sent, q.body());
+    }
 }

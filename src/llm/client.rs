@@ -158,15 +158,15 @@ impl Client {
         }
     }
 
-    /// Sends one chat request (with retries) and returns its outcome.
-    pub async fn chat(&self, key: &str, body: &Value, seed: u64) -> Outcome {
-        let mut rng = crate::data::SplitMix64::for_cell(seed, key);
+    /// Sends one chat request (its serialized body, with retries) and
+    /// returns its outcome; `max_tokens` is the body's output budget.
+    pub async fn chat(&self, key: &str, body: Vec<u8>, max_tokens: u64, seed: u64) -> Outcome {
+        let mut rng = None;
         let mut retries = 0;
-        // Serialized once, sent as is on every attempt.
-        let bytes = bytes::Bytes::from(serde_json::to_vec(body).unwrap_or_default());
+        // Sent as is on every attempt.
+        let bytes = bytes::Bytes::from(body);
         // Estimated tokens for `engine.tpm`: ~4 bytes per prompt token plus the output budget.
-        let tokens =
-            (bytes.len() / 4) as u64 + body.get("max_tokens").and_then(Value::as_u64).unwrap_or(0);
+        let tokens = (bytes.len() / 4) as u64 + max_tokens;
         loop {
             let permit = self.gate.acquire(tokens).await;
             let t0 = Instant::now();
@@ -196,6 +196,8 @@ impl Client {
                         };
                     }
                     let base = self.opts.backoff.as_secs_f64() * 2f64.powi(retries as i32);
+                    let rng =
+                        rng.get_or_insert_with(|| crate::data::SplitMix64::for_cell(seed, key));
                     let jitter = 1.0 + 0.5 * rng.unit();
                     let wait = f
                         .retry_after

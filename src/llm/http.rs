@@ -57,7 +57,10 @@ impl Backend for HttpBackend {
                         if cancelled() {
                             return None;
                         }
-                        let mut o = self.client.chat(q.key, &q.body(), self.seed).await;
+                        let mut o = self
+                            .client
+                            .chat(q.key, q.body_bytes(), q.shape.max_tokens(), self.seed)
+                            .await;
                         o.server_rss_kib = self
                             .launched
                             .as_ref()

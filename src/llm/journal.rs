@@ -269,9 +269,10 @@ impl Journal {
     }
 
     fn get_many_inner(&self, keys: &[String]) -> Result<HashMap<String, Outcome>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT outcome FROM responses WHERE request_key = ?1")?;
+        // One read transaction for all the lookups: SQLite otherwise takes
+        // and drops its file locks (and checks the file) once per key.
+        let tx = self.conn.unchecked_transaction()?;
+        let mut stmt = tx.prepare_cached("SELECT outcome FROM responses WHERE request_key = ?1")?;
         let mut out = HashMap::new();
         for k in keys {
             let row: Option<String> = stmt.query_row([k], |r| r.get(0)).optional()?;

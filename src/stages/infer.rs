@@ -82,7 +82,8 @@ fn answered_here() -> &'static Mutex<HashSet<String>> {
 #[derive(Default)]
 struct Answered {
     sent: AtomicUsize,
-    fresh: Mutex<std::collections::HashMap<String, String>>,
+    /// This run's outcomes as recorded (their JSON went to the journal).
+    fresh: Mutex<std::collections::HashMap<String, Outcome>>,
 }
 
 /// Request keys being sent by some node of this process right now: identical
@@ -210,6 +211,7 @@ fn shape(s: &Settings) -> Result<Shape> {
         completions: s.api == Api::Completions,
         base,
         extra: s.extra.clone(),
+        head: Default::default(),
     })
 }
 
@@ -251,6 +253,7 @@ fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Resu
             identity["record_kept"] = json!(true);
         }
     }
+    let keys = KeyHasher::new(identity);
     entries
         .iter()
         .map(|en| {
@@ -266,20 +269,77 @@ fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Resu
                     user = cut;
                 }
             }
-            identity["messages"] =
-                Value::Array(crate::llm::backend::messages(&s.prompt.system, &user));
-            let key = blake3::hash(&canonical_json(&identity))
-                .to_hex()
-                .to_string();
             Ok(Request {
                 truncated_from,
                 example_id: en.example_id.clone(),
-                key,
+                key: keys.key(&s.prompt.system, &user),
                 question: ex.question.clone(),
                 user,
             })
         })
         .collect()
+}
+
+/// Request keys: blake3 of the canonical JSON of the identity with the
+/// request's `messages` in it. The identity's bytes around `messages` are
+/// made once; each key hashes them with the two turns written in between,
+/// the same bytes `canonical_json` gives for the whole.
+struct KeyHasher {
+    identity: Value,
+    /// The canonical bytes before and after the messages' value.
+    around: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl KeyHasher {
+    /// A string no config holds, to find where the messages go.
+    const MARK: &'static str = "\u{0}kvt:messages\u{0}";
+
+    fn new(mut identity: Value) -> KeyHasher {
+        identity["messages"] = Value::String(Self::MARK.into());
+        let whole = canonical_json(&identity);
+        let mark = serde_json::to_vec(Self::MARK).expect("a string serializes");
+        let found: Vec<usize> = whole
+            .windows(mark.len())
+            .enumerate()
+            .filter(|(_, w)| *w == mark.as_slice())
+            .map(|(i, _)| i)
+            .collect();
+        let around = match found[..] {
+            [at] => Some((whole[..at].to_vec(), whole[at + mark.len()..].to_vec())),
+            _ => None,
+        };
+        KeyHasher { identity, around }
+    }
+
+    fn key(&self, system: &str, user: &str) -> String {
+        let Some((before, after)) = &self.around else {
+            return self.key_whole(system, user);
+        };
+        // `messages()` as canonical JSON: each turn's keys sorted.
+        let mut turns = Vec::with_capacity(system.len() + user.len() + 64);
+        let string = |out: &mut Vec<u8>, s: &str| {
+            serde_json::to_writer(&mut *out, s).expect("writing JSON to memory")
+        };
+        turns.extend_from_slice(br#"[{"content":"#);
+        string(&mut turns, system);
+        turns.extend_from_slice(br#","role":"system"},{"content":"#);
+        string(&mut turns, user);
+        turns.extend_from_slice(br#","role":"user"}]"#);
+        let mut h = blake3::Hasher::new();
+        h.update(before);
+        h.update(&turns);
+        h.update(after);
+        h.finalize().to_hex().to_string()
+    }
+
+    /// The key from the whole identity, built as a JSON tree.
+    fn key_whole(&self, system: &str, user: &str) -> String {
+        let mut identity = self.identity.clone();
+        identity["messages"] = Value::Array(crate::llm::backend::messages(system, user));
+        blake3::hash(&canonical_json(&identity))
+            .to_hex()
+            .to_string()
+    }
 }
 
 /// blake3 of a model file, remembered per (path, size, mtime) for this process.
@@ -653,6 +713,11 @@ impl Op for Infer {
             transport: t,
         };
         let t_node = std::time::Instant::now();
+        tracing::debug!(
+            node = ctx.node(),
+            "infer starts (cpu {:?})",
+            crate::engine::cpu_time()
+        );
         let requests = {
             let examples: Vec<Example> = table::read(&ctx.input("prepare", "examples")?)?;
             let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
@@ -672,11 +737,17 @@ impl Op for Infer {
         }
         tracing::debug!(
             node = ctx.node(),
-            "requests built at {:?}",
-            t_node.elapsed()
+            "requests built at {:?} (cpu {:?})",
+            t_node.elapsed(),
+            crate::engine::cpu_time()
         );
         let known = journal.lock().expect("journal").get_many(&keys)?;
-        tracing::debug!(node = ctx.node(), "journal read at {:?}", t_node.elapsed());
+        tracing::debug!(
+            node = ctx.node(),
+            "journal read at {:?} (cpu {:?})",
+            t_node.elapsed(),
+            crate::engine::cpu_time()
+        );
         // Answers from before this run (a killed run's among them) that the
         // remote may lack; this run's own go up as they arrive.
         let earlier: Vec<String> = known
@@ -704,7 +775,12 @@ impl Op for Infer {
             let t0 = std::time::Instant::now();
             let shape = shape(&s)?;
             let result = self.send_all(ctx, &s, &shape, &to_send, journal, &answered);
-            tracing::debug!(node = ctx.node(), "answered in {:?}", t0.elapsed());
+            tracing::debug!(
+                node = ctx.node(),
+                "answered in {:?} (cpu {:?})",
+                t0.elapsed(),
+                crate::engine::cpu_time()
+            );
             // What was answered reaches the remote even when the node fails.
             if let Some(remote) = ctx.remote {
                 push_journal(remote, journal, &earlier)?;
@@ -736,9 +812,7 @@ impl Op for Infer {
             .cloned()
             .collect();
         let mut got = j.get_many(&rest)?;
-        for (k, text) in fresh {
-            got.insert(k, serde_json::from_str(&text)?);
-        }
+        got.extend(fresh);
         for (k, o) in known {
             if o.is_final {
                 got.entry(k).or_insert(o);
@@ -746,8 +820,9 @@ impl Op for Infer {
         }
         tracing::debug!(
             node = ctx.node(),
-            "answers read back at {:?}",
-            t_node.elapsed()
+            "answers read back at {:?} (cpu {:?})",
+            t_node.elapsed(),
+            crate::engine::cpu_time()
         );
         let mut rows = Vec::with_capacity(requests.len());
         let mut transient = 0;
@@ -793,8 +868,9 @@ impl Op for Infer {
         ctx.put("responses", &table::write(&rows)?)?;
         tracing::debug!(
             node = ctx.node(),
-            "responses written at {:?}",
-            t_node.elapsed()
+            "responses written at {:?} (cpu {:?})",
+            t_node.elapsed(),
+            crate::engine::cpu_time()
         );
         Ok(())
     }
@@ -910,7 +986,7 @@ impl Infer {
             journal
                 .lock()
                 .expect("journal")
-                .record_json(key, o.is_final, text.clone())?;
+                .record_json(key, o.is_final, text)?;
             if o.is_final {
                 answered_here()
                     .lock()
@@ -921,7 +997,7 @@ impl Infer {
                 .fresh
                 .lock()
                 .expect("answers")
-                .insert(key.to_string(), text);
+                .insert(key.to_string(), o.clone());
             answered.sent.fetch_add(1, Ordering::Relaxed);
             if let Some(text) = copy {
                 let full = {
@@ -1101,6 +1177,26 @@ impl Infer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_hashed_around_the_messages_are_the_whole_identitys() {
+        let identity = json!({"model": "m", "kv": {"policy": "full"}, "api": "chat",
+            "decoding": {"max_new_tokens": 8}, "label": "l", "extra_body": {"z": [1, "é"]},
+            "model_file": "abc", "weights": "f32"});
+        let keys = KeyHasher::new(identity);
+        assert!(keys.around.is_some());
+        for (system, user) in [
+            ("", ""),
+            ("Be brief.", "word ".repeat(300).as_str()),
+            ("quote \" and \\", "line\nbreak\ttab \u{1} \u{2028} 東京 😀"),
+        ] {
+            assert_eq!(keys.key(system, user), keys.key_whole(system, user));
+        }
+        // A config string holding the marker falls back to the whole tree.
+        let odd = KeyHasher::new(json!({"label": KeyHasher::MARK}));
+        assert!(odd.around.is_none());
+        assert_eq!(odd.key("s", "u"), odd.key_whole("s", "u"));
+    }
 
     #[test]
     fn task_prompts_and_middle_truncation() {
