@@ -439,12 +439,12 @@ pub enum Figure {
 /// while the encoder writes it.
 pub fn render(fig: &Figure, scratch: &std::path::Path) -> Result<(Vec<u8>, String)> {
     init_fonts()?;
+    // Unique per call: figures render on several threads at once.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let png_path = scratch.join(format!(
-        "plot-{}.png",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
+        "plot-{}-{}.png",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     {
         let root = BitMapBackend::new(&png_path, size_of(fig)).into_drawing_area();

@@ -225,39 +225,70 @@ pub fn analyze(
         .iter()
         .map(|(ra, rb)| ra.iter().zip(rb).map(|(x, y)| y - x).collect())
         .collect();
-    let delta_cis: BTreeMap<usize, (f64, f64)> = std::thread::scope(|s| {
+    // A cell whose every row is paired and whose scores are not right/wrong
+    // (those get Wilson intervals) is resampled with its bin's draws too
+    // (its scores in example order): its mean's interval comes from the same
+    // pass as the bin's deltas.
+    let whole = |i: usize| {
+        let b = &paired[i].1;
+        b.len() == jobs[i].rows.len() && !b.iter().all(|&v| v == 0.0 || v == 1.0)
+    };
+    type Cis = (BTreeMap<usize, (f64, f64)>, BTreeMap<usize, (f64, f64)>);
+    let (delta_cis, mean_cis): Cis = std::thread::scope(|s| {
         let chunk = groups.len().div_ceil(threads).max(1);
         let hs: Vec<_> = groups
             .chunks(chunk)
             .map(|c| {
-                let (shared, diffs) = (&shared, &diffs);
+                let (shared, diffs, paired) = (&shared, &diffs, &paired);
                 s.spawn(move || {
                     c.iter()
                         .flat_map(|(bin, idx)| {
-                            let ds: Vec<&[f64]> =
-                                idx.iter().map(|&i| diffs[i].as_slice()).collect();
+                            let means: Vec<usize> =
+                                idx.iter().copied().filter(|&i| whole(i)).collect();
+                            let ds: Vec<&[f64]> = idx
+                                .iter()
+                                .map(|&i| diffs[i].as_slice())
+                                .chain(means.iter().map(|&i| paired[i].1.as_slice()))
+                                .collect();
                             let cis = shared[bin].mean_cis(&ds, a.bootstrap.ci);
-                            idx.iter().copied().zip(cis).collect::<Vec<_>>()
+                            let (d, m) = cis.split_at(idx.len());
+                            idx.iter()
+                                .map(|&i| (false, i))
+                                .chain(means.iter().map(|&i| (true, i)))
+                                .zip(d.iter().chain(m).copied())
+                                .collect::<Vec<_>>()
                         })
                         .collect::<Vec<_>>()
                 })
             })
             .collect();
-        hs.into_iter()
+        let mut out: Cis = Default::default();
+        for ((is_mean, i), ci) in hs
+            .into_iter()
             .flat_map(|h| h.join().expect("bootstrap worker"))
-            .collect()
+        {
+            if is_mean {
+                out.1.insert(i, ci);
+            } else {
+                out.0.insert(i, ci);
+            }
+        }
+        out
     });
     let run = |(i, j): (usize, &Job)| -> BinStat {
         let label = format!("{}/{}/{}", j.policy, j.budget, j.bin.bin_idx);
         let seed = a.bootstrap.seed;
         let vals: Vec<f64> = j.rows.iter().map(|r| r.score).collect();
         let n = vals.len();
-        let (lo, hi) = stats::mean_ci(
-            &vals,
-            iters,
-            a.bootstrap.ci,
-            &mut SplitMix64::for_cell(seed, &format!("mean/{label}")),
-        );
+        let (lo, hi) = match mean_cis.get(&i) {
+            Some(&ci) => ci,
+            None => stats::mean_ci(
+                &vals,
+                iters,
+                a.bootstrap.ci,
+                &mut SplitMix64::for_cell(seed, &format!("mean/{label}")),
+            ),
+        };
         let (ra, rb) = &paired[i];
         let ev = match delta_cis.get(&i) {
             Some(&delta_ci) => stats::bin_evidence_with(ra, rb, a.bootstrap.ci, delta_ci),
@@ -433,5 +464,99 @@ impl Op for Analyze {
         ctx.put("bin_stats", &table::write(&bin_stats)?)?;
         ctx.put("transition_summary", &table::write(&transitions)?)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::schema::{Bootstrap, Transition};
+
+    #[test]
+    fn graded_scores_take_their_mean_interval_from_the_bins_shared_draws() {
+        let bins: Vec<Bin> = (0..2)
+            .map(|b| Bin {
+                bin_idx: b,
+                lo: b * 100,
+                hi: (b + 1) * 100,
+                n_available: 40,
+                n_selected: 40,
+            })
+            .collect();
+        let mut rng = SplitMix64::new(3);
+        let mut scores = Vec::new();
+        for budget in [1.0, 0.5] {
+            for b in 0..2 {
+                for i in 0..40 {
+                    // The 0.5 cell of bin 1 lacks one example: not every row
+                    // pairs, so its interval is drawn on its own.
+                    if budget == 0.5 && b == 1 && i == 7 {
+                        continue;
+                    }
+                    scores.push(ScoreCell {
+                        example_id: format!("e{b}-{i:02}"),
+                        bin_idx: b,
+                        policy: "snapkv".into(),
+                        budget,
+                        metric: "qa_f1".into(),
+                        score: (rng.unit() * budget * 4.0).round() / 4.0,
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        let a = Analysis {
+            bootstrap: Bootstrap {
+                iters: 500,
+                seed: 11,
+                ci: 0.9,
+            },
+            transition: Transition {
+                delta: 0.1,
+                floor: 0.1,
+            },
+        };
+        let geom = KvGeometry {
+            layers: 2,
+            kv_heads: 1,
+            head_dim: 8,
+            bytes_per_elem: 2,
+        };
+        let (stats_rows, _) = analyze(&bins, &scores, &a, &geom).unwrap();
+        let (again, _) = analyze(&bins, &scores, &a, &geom).unwrap();
+        assert_eq!(
+            serde_json::to_string(&stats_rows).unwrap(),
+            serde_json::to_string(&again).unwrap()
+        );
+        let cell = |budget: f64, b: i64| -> Vec<f64> {
+            let mut v: Vec<(&str, f64)> = scores
+                .iter()
+                .filter(|s| s.budget == budget && s.bin_idx == b)
+                .map(|s| (s.example_id.as_str(), s.score))
+                .collect();
+            v.sort_by(|x, y| x.0.cmp(y.0));
+            v.into_iter().map(|x| x.1).collect()
+        };
+        for s in &stats_rows {
+            let (lo, hi, mean) = (s.ci_lo.unwrap(), s.ci_hi.unwrap(), s.mean.unwrap());
+            assert!(lo < hi && lo <= mean && mean <= hi, "{s:?}");
+            let vals = cell(s.budget, s.bin_idx);
+            let want = if s.budget == 0.5 && s.bin_idx == 1 {
+                stats::mean_ci(
+                    &vals,
+                    500,
+                    0.9,
+                    &mut SplitMix64::for_cell(11, &format!("mean/snapkv/0.5/{}", s.bin_idx)),
+                )
+            } else {
+                let draws = stats::SharedResamples::draw(
+                    40,
+                    500,
+                    &SplitMix64::for_cell(11, &format!("delta-bin/{}", s.bin_idx)),
+                );
+                draws.mean_ci(&vals, 0.9)
+            };
+            assert_eq!((lo, hi), want, "{s:?}");
+        }
     }
 }

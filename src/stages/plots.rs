@@ -252,8 +252,28 @@ impl Op for Plots {
             .find(|m| !m.is_empty())
             .unwrap_or_else(|| "score".into());
         let scratch = ctx.scratch_dir()?.to_path_buf();
-        for (name, fig) in figures(&stats, &metric, floor) {
-            let (png, svg) = plots::render(&fig, &scratch)?;
+        // Figures are independent: rendered on all cores, stored in order.
+        let figs = figures(&stats, &metric, floor);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = figs.len().div_ceil(threads).max(1);
+        let rendered: Vec<Result<(Vec<u8>, String)>> = std::thread::scope(|s| {
+            let hs: Vec<_> = figs
+                .chunks(chunk)
+                .map(|c| {
+                    let scratch = &scratch;
+                    s.spawn(move || {
+                        c.iter()
+                            .map(|(_, fig)| plots::render(fig, scratch))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .flat_map(|h| h.join().expect("plot renderer"))
+                .collect()
+        });
+        for ((name, _), r) in figs.iter().zip(rendered) {
+            let (png, svg) = r?;
             let (a, b) = (format!("{name}.png"), format!("{name}.svg"));
             ctx.put(&a, &png)?;
             ctx.put(&b, svg.as_bytes())?;

@@ -386,9 +386,11 @@ impl SharedResamples {
                 out[i] = Some(self.mean_ci(d, ci));
             }
         }
-        // Four cells per pass: one drawn index adds a row of four values.
-        for group in fused.chunks(4) {
-            let mut table = vec![[0i32; 4]; n];
+        // Eight cells per pass: one drawn index adds a row of eight values
+        // (one or two vector additions).
+        const LANES: usize = 8;
+        for group in fused.chunks(LANES) {
+            let mut table = vec![[0i32; LANES]; n];
             for (c, &i) in group.iter().enumerate() {
                 for (row, &x) in table.iter_mut().zip(ds[i]) {
                     row[c] = x as i32;
@@ -398,13 +400,13 @@ impl SharedResamples {
             let mut rng = self.rng.clone();
             let nn = n as u64;
             let idx = |r: u64| ((r * nn) >> 32) as usize;
-            let add = |acc: &mut [i32; 4], row: &[i32; 4]| {
-                for c in 0..4 {
+            let add = |acc: &mut [i32; LANES], row: &[i32; LANES]| {
+                for c in 0..LANES {
                     acc[c] += row[c];
                 }
             };
             for _ in 0..self.iters {
-                let mut acc = [0i32; 4];
+                let mut acc = [0i32; LANES];
                 // The index sequence of `resample_sums`.
                 let mut i = 0;
                 while i + 4 <= n {
