@@ -52,6 +52,10 @@ impl SplitMix64 {
             h.as_bytes()[..8].try_into().expect("8 bytes"),
         ))
     }
+    /// Moves the generator `k` draws ahead at once (its state is a counter).
+    pub fn skip(&mut self, k: u64) {
+        self.0 = self.0.wrapping_add(k.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    }
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;

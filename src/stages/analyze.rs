@@ -234,47 +234,21 @@ pub fn analyze(
         b.len() == jobs[i].rows.len() && !b.iter().all(|&v| v == 0.0 || v == 1.0)
     };
     type Cis = (BTreeMap<usize, (f64, f64)>, BTreeMap<usize, (f64, f64)>);
-    let (delta_cis, mean_cis): Cis = std::thread::scope(|s| {
-        let chunk = groups.len().div_ceil(threads).max(1);
-        let hs: Vec<_> = groups
-            .chunks(chunk)
-            .map(|c| {
-                let (shared, diffs, paired) = (&shared, &diffs, &paired);
-                s.spawn(move || {
-                    c.iter()
-                        .flat_map(|(bin, idx)| {
-                            let means: Vec<usize> =
-                                idx.iter().copied().filter(|&i| whole(i)).collect();
-                            let ds: Vec<&[f64]> = idx
-                                .iter()
-                                .map(|&i| diffs[i].as_slice())
-                                .chain(means.iter().map(|&i| paired[i].1.as_slice()))
-                                .collect();
-                            let cis = shared[bin].mean_cis(&ds, a.bootstrap.ci);
-                            let (d, m) = cis.split_at(idx.len());
-                            idx.iter()
-                                .map(|&i| (false, i))
-                                .chain(means.iter().map(|&i| (true, i)))
-                                .zip(d.iter().chain(m).copied())
-                                .collect::<Vec<_>>()
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
+    // Bin by bin; each bin's resamples are split over the cores.
+    let mut cis: Cis = Default::default();
+    for (bin, idx) in &groups {
+        let means: Vec<usize> = idx.iter().copied().filter(|&i| whole(i)).collect();
+        let ds: Vec<&[f64]> = idx
+            .iter()
+            .map(|&i| diffs[i].as_slice())
+            .chain(means.iter().map(|&i| paired[i].1.as_slice()))
             .collect();
-        let mut out: Cis = Default::default();
-        for ((is_mean, i), ci) in hs
-            .into_iter()
-            .flat_map(|h| h.join().expect("bootstrap worker"))
-        {
-            if is_mean {
-                out.1.insert(i, ci);
-            } else {
-                out.0.insert(i, ci);
-            }
-        }
-        out
-    });
+        let got = shared[bin].mean_cis(&ds, a.bootstrap.ci);
+        let (d, m) = got.split_at(idx.len());
+        cis.0.extend(idx.iter().copied().zip(d.iter().copied()));
+        cis.1.extend(means.iter().copied().zip(m.iter().copied()));
+    }
+    let (delta_cis, mean_cis) = cis;
     let run = |(i, j): (usize, &Job)| -> BinStat {
         let label = format!("{}/{}/{}", j.policy, j.budget, j.bin.bin_idx);
         let seed = a.bootstrap.seed;

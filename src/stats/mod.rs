@@ -242,21 +242,21 @@ pub fn clopper_pearson_upper(k: f64, n: usize, conf: f64) -> f64 {
         return 1.0;
     }
     let alpha = 1.0 - conf;
-    // P(X ≤ k) falls as p grows: bisect for P(X ≤ k) = alpha.
+    // P(X ≤ k) falls as p grows: bisect for P(X ≤ k) = alpha. For p at or
+    // above k/n (the whole search) the pmf rises up to i = k, so the sum is
+    // the last term times 1 + the ratios of the earlier ones to it, each at
+    // most 1: one exp and two logs per evaluation.
+    let ln_choose: f64 = (0..k).map(|i| ((n - i) as f64 / (i + 1) as f64).ln()).sum();
     let cdf = |p: f64| -> f64 {
-        let (lp, lq) = (p.ln(), (1.0 - p).ln());
-        let mut log_pmf = n as f64 * lq;
-        let mut acc = log_pmf;
-        for i in 0..k {
-            log_pmf += ((n - i) as f64 / (i + 1) as f64).ln() + lp - lq;
-            let (hi, lo) = if acc > log_pmf {
-                (acc, log_pmf)
-            } else {
-                (log_pmf, acc)
-            };
-            acc = hi + (lo - hi).exp().ln_1p();
+        let q = 1.0 - p;
+        let log_last = ln_choose + k as f64 * p.ln() + (n - k) as f64 * q.ln();
+        let r = q / p;
+        let (mut t, mut sum) = (1.0, 1.0);
+        for i in (1..=k).rev() {
+            t *= i as f64 / (n - i + 1) as f64 * r;
+            sum += t;
         }
-        acc.exp()
+        (log_last + sum.ln()).exp()
     };
     let (mut lo, mut hi) = (k as f64 / n as f64, 1.0);
     for _ in 0..60 {
@@ -337,12 +337,51 @@ impl SharedResamples {
         }
     }
 
+    /// Generator draws one resample of `n` takes in `resample_sums`: two
+    /// per four indices, one per index left over.
+    fn draws_per_iter(&self) -> u64 {
+        (self.n / 4 * 2 + self.n % 4) as u64
+    }
+
+    /// Runs `f(rng, iters)` over consecutive ranges of the resamples, one
+    /// per core, each generator moved ahead to its range's first draw: the
+    /// same draws as one pass, in order. Small jobs run as one part.
+    fn in_parts<T: Send>(&self, f: impl Fn(SplitMix64, usize) -> T + Sync) -> Vec<T> {
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let parts = if self.n * self.iters < 1 << 18 {
+            1
+        } else {
+            cores.min(self.iters).max(1)
+        };
+        let range = |p: usize| (self.iters * p / parts, self.iters * (p + 1) / parts);
+        let start = |p: usize| {
+            let mut rng = self.rng.clone();
+            rng.skip(range(p).0 as u64 * self.draws_per_iter());
+            rng
+        };
+        if parts == 1 {
+            return vec![f(self.rng.clone(), self.iters)];
+        }
+        std::thread::scope(|s| {
+            let f = &f;
+            let hs: Vec<_> = (1..parts)
+                .map(|p| {
+                    let (a, b) = range(p);
+                    let rng = start(p);
+                    s.spawn(move || f(rng, b - a))
+                })
+                .collect();
+            let mut out = vec![f(start(0), range(0).1)];
+            out.extend(hs.into_iter().map(|h| h.join().expect("bootstrap part")));
+            out
+        })
+    }
+
     /// Percentile CI of the mean of `d` over these resamples. Values that
     /// are all −1, 0 or 1 (paired differences of right/wrong scores) are
     /// summed as integers, with the same draws and the same result.
     pub fn mean_ci(&self, d: &[f64], ci: f64) -> (f64, f64) {
         assert_eq!(d.len(), self.n, "resamples drawn for another sample size");
-        let mut rng = self.rng.clone();
         let counts = d.iter().all(|&x| x == 0.0 || x == 1.0 || x == -1.0);
         if counts {
             let n = d.len();
@@ -353,18 +392,37 @@ impl SharedResamples {
             }
             // Sums lie in [-n, n]: counted into buckets, never sorted.
             let small: Vec<i32> = d.iter().map(|&x| x as i32).collect();
-            let mut hist = vec![0u32; 2 * n + 1];
-            resample_sums(&small, self.iters, &mut rng, |s| {
-                hist[(s + n as i32) as usize] += 1
-            });
-            return histogram_ci(&hist, -(n as i64), n, ci);
+            let hist = sum_hists(self.in_parts(|mut rng, iters| {
+                let mut hist = vec![0u32; 2 * n + 1];
+                resample_sums(&small, iters, &mut rng, |s| {
+                    hist[(s + n as i32) as usize] += 1
+                });
+                vec![hist]
+            }));
+            return histogram_ci(&hist[0], -(n as i64), n, ci);
         }
-        let mut means = bootstrap_means(d, self.iters, &mut rng);
+        let mut means: Vec<f64> = self
+            .in_parts(|mut rng, iters| bootstrap_means(d, iters, &mut rng))
+            .concat();
         if means.is_empty() {
             return (f64::NAN, f64::NAN);
         }
         percentile_ci(&mut means, ci)
     }
+}
+
+/// Histograms of several parts, added bucket by bucket.
+fn sum_hists(parts: Vec<Vec<Vec<u32>>>) -> Vec<Vec<u32>> {
+    let mut it = parts.into_iter();
+    let mut total = it.next().unwrap_or_default();
+    for part in it {
+        for (t, h) in total.iter_mut().zip(part) {
+            for (a, b) in t.iter_mut().zip(h) {
+                *a += b;
+            }
+        }
+    }
+    total
 }
 
 impl SharedResamples {
@@ -396,8 +454,6 @@ impl SharedResamples {
                     row[c] = x as i32;
                 }
             }
-            let mut hists = vec![vec![0u32; 2 * n + 1]; group.len()];
-            let mut rng = self.rng.clone();
             let nn = n as u64;
             let idx = |r: u64| ((r * nn) >> 32) as usize;
             let add = |acc: &mut [i32; LANES], row: &[i32; LANES]| {
@@ -405,26 +461,31 @@ impl SharedResamples {
                     acc[c] += row[c];
                 }
             };
-            for _ in 0..self.iters {
-                let mut acc = [0i32; LANES];
-                // The index sequence of `resample_sums`.
-                let mut i = 0;
-                while i + 4 <= n {
-                    let (r1, r2) = (rng.next_u64(), rng.next_u64());
-                    add(&mut acc, &table[idx(r1 & 0xFFFF_FFFF)]);
-                    add(&mut acc, &table[idx(r1 >> 32)]);
-                    add(&mut acc, &table[idx(r2 & 0xFFFF_FFFF)]);
-                    add(&mut acc, &table[idx(r2 >> 32)]);
-                    i += 4;
+            let table = &table;
+            let hists = sum_hists(self.in_parts(|mut rng, iters| {
+                let mut hists = vec![vec![0u32; 2 * n + 1]; group.len()];
+                for _ in 0..iters {
+                    let mut acc = [0i32; LANES];
+                    // The index sequence of `resample_sums`.
+                    let mut i = 0;
+                    while i + 4 <= n {
+                        let (r1, r2) = (rng.next_u64(), rng.next_u64());
+                        add(&mut acc, &table[idx(r1 & 0xFFFF_FFFF)]);
+                        add(&mut acc, &table[idx(r1 >> 32)]);
+                        add(&mut acc, &table[idx(r2 & 0xFFFF_FFFF)]);
+                        add(&mut acc, &table[idx(r2 >> 32)]);
+                        i += 4;
+                    }
+                    while i < n {
+                        add(&mut acc, &table[idx(rng.next_u64() & 0xFFFF_FFFF)]);
+                        i += 1;
+                    }
+                    for (h, &a) in hists.iter_mut().zip(&acc) {
+                        h[(a + n as i32) as usize] += 1;
+                    }
                 }
-                while i < n {
-                    add(&mut acc, &table[idx(rng.next_u64() & 0xFFFF_FFFF)]);
-                    i += 1;
-                }
-                for (h, &a) in hists.iter_mut().zip(&acc) {
-                    h[(a + n as i32) as usize] += 1;
-                }
-            }
+                hists
+            }));
             for (c, &i) in group.iter().enumerate() {
                 out[i] = Some(histogram_ci(&hists[c], -(n as i64), n, ci));
             }
@@ -710,6 +771,28 @@ mod tests {
     }
 
     #[test]
+    fn resamples_split_over_the_cores_are_the_draws_of_one_pass() {
+        // 203 examples (three drawn one by one per resample) and 3001
+        // resamples (an uneven split): big enough to run in parts.
+        let mut rng = SplitMix64::new(17);
+        let graded: Vec<f64> = (0..203).map(|_| rng.unit()).collect();
+        let counts: Vec<f64> = (0..203).map(|i| [0.0, 1.0, -1.0, 1.0][i % 4]).collect();
+        let res = SharedResamples::draw(203, 3001, &SplitMix64::new(4));
+        for d in [&graded, &counts] {
+            let one_pass = bootstrap_ci(d, 3001, 0.9, &mut SplitMix64::new(4));
+            assert_eq!(res.mean_ci(d, 0.9), one_pass);
+            assert_eq!(res.mean_cis(&[d, d], 0.9), vec![one_pass, one_pass]);
+        }
+        // Skipping ahead is drawing and discarding.
+        let (mut a, mut b) = (SplitMix64::new(8), SplitMix64::new(8));
+        a.skip(1000);
+        (0..1000).for_each(|_| {
+            b.next_u64();
+        });
+        assert_eq!(a.next_u64(), b.next_u64());
+    }
+
+    #[test]
     fn one_pass_over_a_bins_cells_gives_each_cells_own_interval() {
         let mut rng = SplitMix64::new(5);
         for n in [1usize, 3, 4, 9, 200] {
@@ -888,6 +971,27 @@ mod tests {
         assert_eq!(clopper_pearson_upper(5.0, 5, 0.975), 1.0);
         // 1 of 10 at 97.5 %: 0.4450 (tables).
         assert!((clopper_pearson_upper(1.0, 10, 0.975) - 0.4450).abs() < 1e-3);
+        // At the bound, P(X ≤ k) is 1 − conf, summed term by term here.
+        for (k, n) in [
+            (0usize, 1usize),
+            (3, 7),
+            (12, 40),
+            (57, 200),
+            (199, 200),
+            (300, 3000),
+        ] {
+            let u = clopper_pearson_upper(k as f64, n, 0.975);
+            let mut pmf = (n as f64) * (1.0 - u).ln();
+            let mut cdf = pmf.exp();
+            for i in 0..k {
+                pmf += ((n - i) as f64 / (i + 1) as f64).ln() + u.ln() - (1.0 - u).ln();
+                cdf += pmf.exp();
+            }
+            assert!(
+                (cdf - 0.025).abs() < 1e-9,
+                "{k} of {n}: bound {u}, cdf {cdf}"
+            );
+        }
     }
 
     /// Exact coverage of the Wilson interval: the probability, over Binomial(n, p),
