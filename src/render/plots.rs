@@ -435,26 +435,33 @@ pub enum Figure {
     Heat(HeatMap),
 }
 
-/// Renders a figure as (PNG bytes, SVG text). `scratch` holds the PNG file
-/// while the encoder writes it.
-pub fn render(fig: &Figure, scratch: &std::path::Path) -> Result<(Vec<u8>, String)> {
+/// Renders a figure as (PNG bytes, SVG text).
+pub fn render(fig: &Figure) -> Result<(Vec<u8>, String)> {
     init_fonts()?;
-    // Unique per call: figures render on several threads at once.
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let png_path = scratch.join(format!(
-        "plot-{}-{}.png",
-        std::process::id(),
-        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
+    // Drawn into memory and encoded here: fast deflate and one filter for
+    // every row (the adaptive default spent more time choosing filters than
+    // drawing), no scratch file.
+    let (w, h) = size_of(fig);
+    let mut rgb = vec![0u8; w as usize * h as usize * 3];
     {
-        let root = BitMapBackend::new(&png_path, size_of(fig)).into_drawing_area();
+        let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
         match fig {
             Figure::Lines(p) => draw_lines(&root, p)?,
             Figure::Heat(h) => draw_heat(&root, h)?,
         }
+        root.present()?;
     }
-    let png = std::fs::read(&png_path)?;
-    let _ = std::fs::remove_file(&png_path);
+    let mut png = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut png, w, h);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.set_compression(png::Compression::Fast);
+        enc.set_filter(png::FilterType::Sub);
+        enc.set_adaptive_filter(png::AdaptiveFilterType::NonAdaptive);
+        let mut writer = enc.write_header()?;
+        writer.write_image_data(&rgb)?;
+    }
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, size_of(fig)).into_drawing_area();
@@ -472,7 +479,6 @@ mod tests {
 
     #[test]
     fn renders_png_and_svg_deterministically() {
-        let dir = tempfile::tempdir().unwrap();
         let fig = Figure::Lines(LinePlot {
             title: "t".into(),
             y_label: "y".into(),
@@ -499,15 +505,21 @@ mod tests {
                 }],
             }],
         });
-        let (png, svg) = render(&fig, dir.path()).unwrap();
+        let (png, svg) = render(&fig).unwrap();
         assert_eq!(&png[1..4], b"PNG");
+        // A whole image of the figure's size that is not blank.
+        let mut reader = png::Decoder::new(png.as_slice()).read_info().unwrap();
+        let mut pixels = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut pixels).unwrap();
+        assert_eq!((info.width, info.height), size_of(&fig));
+        assert!(pixels.iter().any(|&p| p != pixels[0]));
         assert!(svg.contains("<svg"), "{}", &svg[..svg.len().min(2000)]);
         assert!(
             svg.contains(">t<") || svg.contains(">\nt\n<"),
             "{}",
             &svg[..svg.len().min(3000)]
         );
-        assert_eq!(render(&fig, dir.path()).unwrap().0, png);
+        assert_eq!(render(&fig).unwrap().0, png);
         let heat = Figure::Heat(HeatMap {
             title: "h".into(),
             row_labels: vec!["r".into()],
@@ -516,7 +528,7 @@ mod tests {
             excludes_zero: vec![vec![true, false]],
             limit: 1.0,
         });
-        let (png, svg) = render(&heat, dir.path()).unwrap();
+        let (png, svg) = render(&heat).unwrap();
         assert_eq!(&png[1..4], b"PNG");
         assert!(svg.contains("n/a") && svg.contains("-0.50*"));
         assert_eq!(diverging(0.0, 1.0), RGBColor(255, 255, 255));

@@ -251,7 +251,6 @@ impl Op for Plots {
             .map(|s| s.metric.clone())
             .find(|m| !m.is_empty())
             .unwrap_or_else(|| "score".into());
-        let scratch = ctx.scratch_dir()?.to_path_buf();
         // Figures are independent: rendered on all cores, stored in order.
         let figs = figures(&stats, &metric, floor);
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -260,10 +259,9 @@ impl Op for Plots {
             let hs: Vec<_> = figs
                 .chunks(chunk)
                 .map(|c| {
-                    let scratch = &scratch;
                     s.spawn(move || {
                         c.iter()
-                            .map(|(_, fig)| plots::render(fig, scratch))
+                            .map(|(_, fig)| plots::render(fig))
                             .collect::<Vec<_>>()
                     })
                 })
