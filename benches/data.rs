@@ -269,3 +269,28 @@ fn eval_preds_dir_21_tasks_4750_predictions(b: divan::Bencher) {
         assert!(out.status.success());
     });
 }
+
+/// 5,000 rows of `infer`'s `responses` artifact (a short answer, usage,
+/// timings) written as Parquet: the table writer as `infer` uses it.
+#[divan::bench(sample_count = 10)]
+fn table_write_5000_responses(b: divan::Bencher) {
+    let rows: Vec<kvt::stages::infer::ResponseRow> = (0..5000)
+        .map(|i| kvt::stages::infer::ResponseRow {
+            example_id: format!("r{i}"),
+            request_key: format!("{i:064x}"),
+            truncated_from: None,
+            outcome: kvt::llm::Outcome {
+                text: "42".into(),
+                finish_reason: Some("stop".into()),
+                prompt_tokens: Some(500),
+                completion_tokens: Some(1),
+                latency_ms: i as f64 * 0.01,
+                http_status: Some(200),
+                is_final: true,
+                ..Default::default()
+            },
+        })
+        .collect();
+    b.counter(ItemsCount::new(rows.len()))
+        .bench(|| kvt::table::write(&rows).unwrap());
+}

@@ -67,24 +67,46 @@ pub fn write<T: Serialize>(rows: &[T]) -> Result<Vec<u8>> {
 
 fn write_maps(rows: &[Map<String, Value>]) -> Result<Vec<u8>> {
     // Column order: first appearance (serde field order), then stable.
-    let mut names: Vec<String> = Vec::new();
-    let mut kinds: HashMap<String, Kind> = HashMap::new();
-    for r in rows {
-        for (k, v) in r {
-            match kinds.get_mut(k) {
-                Some(kind) => *kind = merge(*kind, kind_of(v)),
-                None => {
-                    names.push(k.clone());
-                    kinds.insert(k.clone(), kind_of(v));
+    // Each row's values are sorted into columns once: rows of one struct
+    // have the same keys in the same order, so a key is first checked
+    // against the previous row's key at its position.
+    static NULL: Value = Value::Null;
+    let mut names: Vec<&str> = Vec::new();
+    let mut kinds: Vec<Kind> = Vec::new();
+    let mut values: Vec<Vec<&Value>> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    let mut prev: Vec<(&str, usize)> = Vec::new();
+    for (ri, r) in rows.iter().enumerate() {
+        for (pos, (k, v)) in r.iter().enumerate() {
+            let c = match prev.get(pos) {
+                Some(&(pk, c)) if pk == k.as_str() => c,
+                _ => {
+                    let c = *index.entry(k.as_str()).or_insert_with(|| {
+                        names.push(k.as_str());
+                        kinds.push(kind_of(v));
+                        values.push(vec![&NULL; ri]);
+                        names.len() - 1
+                    });
+                    if pos < prev.len() {
+                        prev[pos] = (k.as_str(), c);
+                    } else {
+                        prev.push((k.as_str(), c));
+                    }
+                    c
                 }
-            }
+            };
+            kinds[c] = merge(kinds[c], kind_of(v));
+            values[c].push(v);
+        }
+        // A column this row lacks holds null for it.
+        for col in values.iter_mut().filter(|col| col.len() == ri) {
+            col.push(&NULL);
         }
     }
     let mut fields = Vec::new();
     let mut cols: Vec<ArrayRef> = Vec::new();
-    for name in &names {
-        let kind = kinds[name];
-        let vals = rows.iter().map(|r| r.get(name).unwrap_or(&Value::Null));
+    for ((name, &kind), column) in names.iter().zip(&kinds).zip(&values) {
+        let vals = column.iter().copied();
         let (dt, col): (DataType, ArrayRef) = match kind {
             Kind::Bool => (
                 DataType::Boolean,
@@ -113,7 +135,7 @@ fn write_maps(rows: &[Map<String, Value>]) -> Result<Vec<u8>> {
                 ),
             ),
         };
-        let mut f = Field::new(name, dt, true);
+        let mut f = Field::new(*name, dt, true);
         if kind == Kind::Json {
             f = f.with_metadata(
                 [(JSON_KEY.to_string(), "1".to_string())]
@@ -483,6 +505,33 @@ mod tests {
         assert_eq!(bytes, write(&rows).unwrap());
         let back: Vec<Row> = read(&bytes).unwrap();
         assert_eq!(back, rows);
+    }
+
+    #[test]
+    fn rows_with_different_keys_line_up_by_name() {
+        // Keys missing from some rows (skipped fields), a key only a later
+        // row has, and a column that is an integer in one row and a float
+        // in another.
+        let rows: Vec<Value> = vec![
+            serde_json::json!({"a": 1, "b": "x", "c": 1}),
+            serde_json::json!({"a": 2, "c": 2.5}),
+            serde_json::json!({"a": 3, "b": "z", "c": 3, "d": true}),
+            serde_json::json!({"b": "w", "c": 4}),
+        ];
+        let back: Vec<Map<String, Value>> = read(&write(&rows).unwrap()).unwrap();
+        let col = |k: &str| -> Vec<Value> {
+            back.iter()
+                .map(|r| r.get(k).cloned().unwrap_or(Value::Null))
+                .collect()
+        };
+        use serde_json::json;
+        assert_eq!(col("a"), [json!(1), json!(2), json!(3), Value::Null]);
+        assert_eq!(col("b"), [json!("x"), Value::Null, json!("z"), json!("w")]);
+        assert_eq!(col("c"), [json!(1.0), json!(2.5), json!(3.0), json!(4.0)]);
+        assert_eq!(
+            col("d"),
+            [Value::Null, Value::Null, json!(true), Value::Null]
+        );
     }
 
     #[test]
