@@ -67,9 +67,11 @@ pub fn counter(name: &str) -> Result<pretok::Counter> {
     let (cell, pattern) = match pretok::Pattern::of(name) {
         Some(p @ pretok::Pattern::Cl100k) => (&CL100K, p),
         Some(p @ pretok::Pattern::O200k) => (&O200K, p),
+        // Not a built-in encoding: `encoding` says which names are.
         None => {
-            encoding(name)?;
-            unreachable!("encoding() accepts only the two built-in names")
+            return Err(encoding(name)
+                .err()
+                .unwrap_or_else(|| anyhow!("unknown encoding `{name}`")))
         }
     };
     let ranks = match cell.get() {
