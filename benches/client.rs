@@ -22,6 +22,22 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// Runs `work` (`n` requests) on a current-thread runtime: requests per
+/// second, and this thread's CPU seconds per 1,000 requests.
+fn on_one_thread(n: usize, work: impl std::future::Future<Output = ()>) -> (f64, f64) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (c0, t0) = (thread_cpu(), Instant::now());
+    rt.block_on(work);
+    let (wall, cpu) = (
+        t0.elapsed().as_secs_f64(),
+        (thread_cpu() - c0).as_secs_f64(),
+    );
+    (n as f64 / wall, cpu / n as f64 * 1000.0)
+}
+
 fn stub() -> (String, tokio::runtime::Runtime) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -74,12 +90,7 @@ fn run(addr: &str, n: usize, mut journal: Option<&mut Journal>) -> (f64, f64) {
             )
         })
         .collect();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let (c0, t0) = (thread_cpu(), Instant::now());
-    rt.block_on(async {
+    on_one_thread(n, async {
         let mut s = futures_util::stream::iter(bodies.iter())
             .map(|(k, b)| {
                 let client = &client;
@@ -97,12 +108,7 @@ fn run(addr: &str, n: usize, mut journal: Option<&mut Journal>) -> (f64, f64) {
         if let Some(j) = journal.as_mut() {
             j.flush().unwrap();
         }
-    });
-    let (wall, cpu) = (
-        t0.elapsed().as_secs_f64(),
-        (thread_cpu() - c0).as_secs_f64(),
-    );
-    (n as f64 / wall, cpu / n as f64 * 1000.0)
+    })
 }
 
 /// The floor under any client: 64 keep-alive connections on one thread,
@@ -122,12 +128,8 @@ fn raw_floor(addr: &str, n: usize) -> (f64, f64) {
         "POST /v1/chat/completions HTTP/1.1\r\nhost: {hostport}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let (c0, t0) = (thread_cpu(), Instant::now());
-    rt.block_on(async {
+    // 64 connections, n / 64 requests each.
+    on_one_thread(n / 64 * 64, async {
         let tasks: Vec<_> = (0..64)
             .map(|_| {
                 let (hostport, req) = (hostport.clone(), req.clone());
@@ -161,13 +163,7 @@ fn raw_floor(addr: &str, n: usize) -> (f64, f64) {
             })
             .collect();
         futures_util::future::join_all(tasks).await;
-    });
-    let (wall, cpu) = (
-        t0.elapsed().as_secs_f64(),
-        (thread_cpu() - c0).as_secs_f64(),
-    );
-    let done = n / 64 * 64;
-    (done as f64 / wall, cpu / done as f64 * 1000.0)
+    })
 }
 
 fn main() {

@@ -194,25 +194,8 @@ pub fn run(
         }
     };
     // Files in parallel: each is independent.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = jobs.len().div_ceil(threads).max(1);
-    let results: Vec<Result<TaskResult>> = std::thread::scope(|s| {
-        let hs: Vec<_> = jobs
-            .chunks(chunk)
-            .map(|c| {
-                s.spawn(move || {
-                    c.iter()
-                        .map(|(p, t)| {
-                            score_file(p, t, opts)
-                                .with_context(|| format!("scoring `{}`", p.display()))
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .flat_map(|h| h.join().expect("scoring thread"))
-            .collect()
+    let results: Vec<Result<TaskResult>> = crate::engine::par_map(&jobs, |(p, t)| {
+        score_file(p, t, opts).with_context(|| format!("scoring `{}`", p.display()))
     });
     let results: Vec<TaskResult> = results.into_iter().collect::<Result<_>>()?;
     print!("{}", render(&results, as_json));

@@ -261,6 +261,22 @@ impl Scan<'_> {
         }
     }
 
+    /// ` ?[^\s\p{L}\p{N}]+` then any run of the bytes in `tail` (both
+    /// patterns' symbol alternative; `cp` is the code point at `i`).
+    #[inline]
+    fn symbols(&self, i: usize, cp: u32, tail: &[u8]) -> Option<usize> {
+        let j = if cp == ' ' as u32 { i + 1 } else { i };
+        let (g, _, m) = self.at(j);
+        if m == 0 || g & (WS | LET | NUM) != 0 {
+            return None;
+        }
+        let mut e = self.run_other(j);
+        while self.b.get(e).is_some_and(|x| tail.contains(x)) {
+            e += 1;
+        }
+        Some(e)
+    }
+
     /// `\p{N}{1,3}` from `i`.
     #[inline]
     fn digits(&self, mut i: usize) -> usize {
@@ -295,13 +311,7 @@ impl Scan<'_> {
         if f & NUM != 0 {
             return self.digits(i);
         }
-        let j = if cp == ' ' as u32 { i + 1 } else { i };
-        let (g, _, m) = self.at(j);
-        if m != 0 && g & (WS | LET | NUM) == 0 {
-            let mut e = self.run_other(j);
-            while matches!(self.b.get(e), Some(b'\r' | b'\n')) {
-                e += 1;
-            }
+        if let Some(e) = self.symbols(i, cp, b"\r\n") {
             return e;
         }
         self.space(i, l, true)
@@ -363,13 +373,7 @@ impl Scan<'_> {
         if f & NUM != 0 {
             return self.digits(i);
         }
-        let j = if cp == ' ' as u32 { i + 1 } else { i };
-        let (g, _, m) = self.at(j);
-        if m != 0 && g & (WS | LET | NUM) == 0 {
-            let mut e = self.run_other(j);
-            while matches!(self.b.get(e), Some(b'\r' | b'\n' | b'/')) {
-                e += 1;
-            }
+        if let Some(e) = self.symbols(i, cp, b"\r\n/") {
             return e;
         }
         self.space(i, l, false)

@@ -37,26 +37,9 @@ fn threads() -> usize {
         .max(1)
 }
 
-/// Applies `f` to every text on all cores, in input order.
-fn par_map<T: Send>(texts: &[&str], f: impl Fn(&str) -> T + Sync) -> Vec<T> {
-    let chunk = texts.len().div_ceil(threads()).max(1);
-    std::thread::scope(|s| {
-        let hs: Vec<_> = texts
-            .chunks(chunk)
-            .map(|c| {
-                let f = &f;
-                s.spawn(move || c.iter().map(|t| f(t)).collect::<Vec<_>>())
-            })
-            .collect();
-        hs.into_iter()
-            .flat_map(|h| h.join().expect("tokenizer thread"))
-            .collect()
-    })
-}
-
 /// Counts tokens of many texts on all cores, in input order.
 pub fn count_many(bpe: &CoreBPE, texts: &[&str]) -> Vec<usize> {
-    par_map(texts, |t| count_tokens(bpe, t))
+    crate::engine::par_map(texts, |t| count_tokens(bpe, t))
 }
 
 /// The fast counter of a built-in encoding (`pretok`): its rank table is
@@ -362,8 +345,8 @@ impl Tok {
         if !todo.is_empty() {
             let todo_texts: Vec<&str> = todo.iter().map(|&i| texts[i]).collect();
             let counted = match self {
-                Tok::Hf(t, _) => par_map(&todo_texts, |s| {
-                    t.encode(s, false)
+                Tok::Hf(t, _) => crate::engine::par_map(&todo_texts, |s| {
+                    t.encode(*s, false)
                         .map(|e| e.len())
                         .map_err(|e| anyhow!("tokenizing: {e}"))
                 })

@@ -37,3 +37,20 @@ pub fn cpu_time() -> std::time::Duration {
     };
     tv(u.ru_utime) + tv(u.ru_stime)
 }
+
+/// Applies `f` to every item on all cores (one contiguous chunk per core)
+/// and returns the results in input order.
+pub fn par_map<I: Sync, T: Send>(items: &[I], f: impl Fn(&I) -> T + Sync) -> Vec<T> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = items.len().div_ceil(cores).max(1);
+    std::thread::scope(|s| {
+        let f = &f;
+        let hs: Vec<_> = items
+            .chunks(chunk)
+            .map(|c| s.spawn(move || c.iter().map(f).collect::<Vec<_>>()))
+            .collect();
+        hs.into_iter()
+            .flat_map(|h| h.join().expect("worker thread"))
+            .collect()
+    })
+}

@@ -83,9 +83,7 @@ impl Query<'_> {
         let system = &self.shape.system;
         let mut out = Vec::with_capacity(head.len() + system.len() + self.user.len() + 96);
         out.extend_from_slice(head);
-        let string = |out: &mut Vec<u8>, s: &str| {
-            serde_json::to_writer(&mut *out, s).expect("writing JSON to memory")
-        };
+        let string = push_json_str;
         if self.shape.completions {
             out.extend_from_slice(br#""prompt":"#);
             string(&mut out, &format!("{system}\n\n{}", self.user));
@@ -113,6 +111,11 @@ impl Query<'_> {
         }
         body
     }
+}
+
+/// Appends `s` as a JSON string (quoted and escaped as serde_json writes it).
+pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(out, s).expect("writing JSON to memory")
 }
 
 /// The two chat turns kvt sends (and hashes into request keys).

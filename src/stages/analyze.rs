@@ -220,7 +220,6 @@ pub fn analyze(
         }
     }
     let groups: Vec<(i64, Vec<usize>)> = by_bin.into_iter().collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let diffs: Vec<Vec<f64>> = paired
         .iter()
         .map(|(ra, rb)| ra.iter().zip(rb).map(|(x, y)| y - x).collect())
@@ -352,17 +351,8 @@ pub fn analyze(
     };
     // Cells are independent: spread them over the cores. Seeds come from the
     // cell label, so the result does not depend on the split.
-    let chunk = jobs.len().div_ceil(threads).max(1);
     let numbered: Vec<(usize, &Job)> = jobs.iter().enumerate().collect();
-    let stats_rows: Vec<BinStat> = std::thread::scope(|s| {
-        let hs: Vec<_> = numbered
-            .chunks(chunk)
-            .map(|c| s.spawn(move || c.iter().copied().map(run).collect::<Vec<_>>()))
-            .collect();
-        hs.into_iter()
-            .flat_map(|h| h.join().expect("analysis worker"))
-            .collect()
-    });
+    let stats_rows: Vec<BinStat> = crate::engine::par_map(&numbered, |&ij| run(ij));
 
     let mut transitions = Vec::new();
     for (policy, budgets) in &policies {

@@ -317,9 +317,7 @@ impl KeyHasher {
         };
         // `messages()` as canonical JSON: each turn's keys sorted.
         let mut turns = Vec::with_capacity(system.len() + user.len() + 64);
-        let string = |out: &mut Vec<u8>, s: &str| {
-            serde_json::to_writer(&mut *out, s).expect("writing JSON to memory")
-        };
+        let string = crate::llm::backend::push_json_str;
         turns.extend_from_slice(br#"[{"content":"#);
         string(&mut turns, system);
         turns.extend_from_slice(br#","role":"system"},{"content":"#);

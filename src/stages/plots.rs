@@ -253,23 +253,7 @@ impl Op for Plots {
             .unwrap_or_else(|| "score".into());
         // Figures are independent: rendered on all cores, stored in order.
         let figs = figures(&stats, &metric, floor);
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let chunk = figs.len().div_ceil(threads).max(1);
-        let rendered: Vec<Result<(Vec<u8>, String)>> = std::thread::scope(|s| {
-            let hs: Vec<_> = figs
-                .chunks(chunk)
-                .map(|c| {
-                    s.spawn(move || {
-                        c.iter()
-                            .map(|(_, fig)| plots::render(fig))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            hs.into_iter()
-                .flat_map(|h| h.join().expect("plot renderer"))
-                .collect()
-        });
+        let rendered = crate::engine::par_map(&figs, |(_, fig)| plots::render(fig));
         for ((name, _), r) in figs.iter().zip(rendered) {
             let (png, svg) = r?;
             let (a, b) = (format!("{name}.png"), format!("{name}.svg"));
