@@ -711,11 +711,17 @@ impl Op for Infer {
             transport: t,
         };
         let t_node = std::time::Instant::now();
-        tracing::debug!(
-            node = ctx.node(),
-            "infer starts (cpu {:?})",
-            crate::engine::cpu_time()
-        );
+        // Debug timings: wall time since the node started, and process CPU.
+        let node = ctx.node().to_string();
+        let timing = |what: &str| {
+            tracing::debug!(
+                node = node.as_str(),
+                "{what} at {:?} (cpu {:?})",
+                t_node.elapsed(),
+                crate::engine::cpu_time()
+            )
+        };
+        timing("infer starts");
         let requests = {
             let examples: Vec<Example> = table::read(&ctx.input("prepare", "examples")?)?;
             let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
@@ -733,19 +739,9 @@ impl Op for Infer {
                 tracing::info!(node = ctx.node(), "{n} answers from the remote cache");
             }
         }
-        tracing::debug!(
-            node = ctx.node(),
-            "requests built at {:?} (cpu {:?})",
-            t_node.elapsed(),
-            crate::engine::cpu_time()
-        );
+        timing("requests built");
         let known = journal.lock().expect("journal").get_many(&keys)?;
-        tracing::debug!(
-            node = ctx.node(),
-            "journal read at {:?} (cpu {:?})",
-            t_node.elapsed(),
-            crate::engine::cpu_time()
-        );
+        timing("journal read");
         // Answers from before this run (a killed run's among them) that the
         // remote may lack; this run's own go up as they arrive.
         let earlier: Vec<String> = known
@@ -816,12 +812,7 @@ impl Op for Infer {
                 got.entry(k).or_insert(o);
             }
         }
-        tracing::debug!(
-            node = ctx.node(),
-            "answers read back at {:?} (cpu {:?})",
-            t_node.elapsed(),
-            crate::engine::cpu_time()
-        );
+        timing("answers read back");
         let mut rows = Vec::with_capacity(requests.len());
         let mut transient = 0;
         for r in &requests {
@@ -864,12 +855,7 @@ impl Op for Infer {
             "all requests answered"
         );
         ctx.put("responses", &table::write(&rows)?)?;
-        tracing::debug!(
-            node = ctx.node(),
-            "responses written at {:?} (cpu {:?})",
-            t_node.elapsed(),
-            crate::engine::cpu_time()
-        );
+        timing("responses written");
         Ok(())
     }
 }
