@@ -359,9 +359,7 @@ impl SharedResamples {
             rng.skip(range(p).0 as u64 * self.draws_per_iter());
             rng
         };
-        if parts == 1 {
-            return vec![f(self.rng.clone(), self.iters)];
-        }
+        // Part 0 runs here; with one part nothing is spawned.
         std::thread::scope(|s| {
             let f = &f;
             let hs: Vec<_> = (1..parts)
