@@ -41,6 +41,9 @@ struct Fs {
     persistent: AtomicBool,
     attempts: Mutex<HashMap<String, Vec<Instant>>>,
     auth: Mutex<Vec<String>>,
+    /// Which client sent each attempt: reqwest adds `accept: */*`, kvt's
+    /// direct HTTP/1.1 path for plain `http://` sends no `accept`.
+    clients: Mutex<std::collections::HashSet<&'static str>>,
 }
 
 fn ok_body(stream: bool) -> Response {
@@ -73,6 +76,14 @@ async fn chat(State(st): State<Arc<Fs>>, headers: HeaderMap, body: String) -> Re
     if let Some(a) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
         st.auth.lock().unwrap().push(a.to_string());
     }
+    st.clients
+        .lock()
+        .unwrap()
+        .insert(if headers.contains_key("accept") {
+            "reqwest"
+        } else {
+            "direct"
+        });
     let stream = serde_json::from_str::<Value>(&body)
         .ok()
         .and_then(|v| v["stream"].as_bool())
@@ -171,6 +182,7 @@ impl FaultServer {
             persistent: AtomicBool::new(false),
             attempts: Mutex::new(HashMap::new()),
             auth: Mutex::new(Vec::new()),
+            clients: Mutex::new(Default::default()),
         });
         let app = axum::Router::new()
             .route("/v1/chat/completions", axum::routing::post(chat))
@@ -201,7 +213,13 @@ analysis: {bootstrap: {iters: 50}}
 const N: usize = 16;
 
 fn build(p: &Project, s: &FaultServer, stream: bool) -> std::process::Output {
+    build_via(p, s, stream, "direct")
+}
+
+/// `client`: "direct" (the default for plain http://) or "reqwest" (`KVT_HTTP_CLIENT`).
+fn build_via(p: &Project, s: &FaultServer, stream: bool, client: &str) -> std::process::Output {
     p.kvt()
+        .env("KVT_HTTP_CLIENT", client)
         .args(["build", "report", "-c", "config/experiments/f.yaml"])
         .args(["--set", &format!("engine.base_url={}/v1", s.addr)])
         .args(["--set", &format!("engine.stream={stream}")])
@@ -232,6 +250,16 @@ fn responses(p: &Project) -> i64 {
 /// finishes with them labelled, and the next build (server healthy) retries
 /// only them.
 fn check(fault: Fault, label: &str, stream: bool) {
+    check_via(fault, label, stream, "direct")
+}
+
+fn check_via(fault: Fault, label: &str, stream: bool, client: &'static str) {
+    let build = |p: &Project, s: &FaultServer, stream: bool| {
+        let out = build_via(p, s, stream, client);
+        let used = s.st.clients.lock().unwrap().clone();
+        assert_eq!(used, [client].into(), "{fault:?}: sent by {used:?}");
+        out
+    };
     let p = Project::new();
     p.write("config/experiments/f.yaml", EXP);
     let s = FaultServer::start(fault, 2);
@@ -330,6 +358,21 @@ fn timeouts() {
 #[test]
 fn dropped_connections() {
     check(Fault::Dropped, "ENGINE_ERROR", false);
+}
+
+/// The same faults through reqwest, the client for https:// and proxied
+/// endpoints (forced here with `KVT_HTTP_CLIENT=reqwest`).
+#[test]
+fn faults_through_reqwest() {
+    check_via(Fault::Dropped, "ENGINE_ERROR", false, "reqwest");
+    check_via(Fault::Timeout, "TIMEOUT", false, "reqwest");
+    check_via(
+        Fault::RateLimitedRetryAfter,
+        "RATE_LIMITED",
+        false,
+        "reqwest",
+    );
+    check_via(Fault::CutStream, "ENGINE_ERROR", true, "reqwest");
 }
 
 #[test]

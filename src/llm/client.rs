@@ -4,7 +4,6 @@
 //! recorded outcome for everything else.
 
 use super::Outcome;
-use futures_util::StreamExt;
 use serde_json::Value;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -32,7 +31,9 @@ pub struct ClientOptions {
 }
 
 pub struct Client {
-    http: reqwest::Client,
+    /// For endpoints that are not plain `http://` (or go through a proxy);
+    /// built only when there is one.
+    http: Option<reqwest::Client>,
     opts: ClientOptions,
     gate: super::limits::Gate,
     endpoints: Vec<Endpoint>,
@@ -42,6 +43,10 @@ pub struct Client {
 struct Endpoint {
     base: String,
     url: String,
+    /// Plain `http://` without a proxy: hyper connections of our own,
+    /// requests sent to `path`.
+    direct: Option<super::direct::Direct>,
+    path: String,
     outstanding: AtomicUsize,
     consecutive_failures: AtomicU32,
     /// Out of rotation until this many ms after `epoch` (0: in rotation).
@@ -82,17 +87,12 @@ fn fail(kind: &'static str, message: String, status: Option<u16>, transient: boo
 
 impl Client {
     pub fn new(opts: ClientOptions) -> anyhow::Result<Client> {
-        let http = reqwest::Client::builder()
-            .timeout(opts.timeout)
-            .pool_max_idle_per_host(256)
-            .build()?;
         anyhow::ensure!(!opts.base_urls.is_empty(), "no endpoint configured");
-        let endpoints = opts
+        let endpoints: Vec<Endpoint> = opts
             .base_urls
             .iter()
-            .map(|b| Endpoint {
-                base: b.clone(),
-                url: format!(
+            .map(|b| {
+                let url = format!(
                     "{}/{}",
                     b.trim_end_matches('/'),
                     if opts.api == crate::config::schema::Api::Completions {
@@ -100,13 +100,33 @@ impl Client {
                     } else {
                         "chat/completions"
                     }
-                ),
-                outstanding: AtomicUsize::new(0),
-                consecutive_failures: AtomicU32::new(0),
-                down_until_ms: AtomicU64::new(0),
-                served: AtomicU64::new(0),
+                );
+                let direct = super::direct::Direct::for_url(&url);
+                let path = url
+                    .strip_prefix("http://")
+                    .and_then(|r| r.find('/').map(|i| r[i..].to_string()))
+                    .unwrap_or_else(|| "/".into());
+                Endpoint {
+                    base: b.clone(),
+                    url,
+                    direct,
+                    path,
+                    outstanding: AtomicUsize::new(0),
+                    consecutive_failures: AtomicU32::new(0),
+                    down_until_ms: AtomicU64::new(0),
+                    served: AtomicU64::new(0),
+                }
             })
             .collect();
+        let http = if endpoints.iter().any(|e| e.direct.is_none()) {
+            Some(
+                reqwest::Client::builder()
+                    .pool_max_idle_per_host(256)
+                    .build()?,
+            )
+        } else {
+            None
+        };
         Ok(Client {
             http,
             gate: super::limits::Gate::new(&opts.limits),
@@ -219,7 +239,20 @@ impl Client {
     ) -> Result<Outcome, Failure> {
         let ep = self.pick();
         ep.outstanding.fetch_add(1, Ordering::Relaxed);
-        let r = self.attempt_on(ep, key, body, t0).await;
+        let r = match tokio::time::timeout(self.opts.timeout, self.attempt_on(ep, key, body, t0))
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(fail(
+                "TIMEOUT",
+                format!(
+                    "request timed out after {} s (`engine.timeout_s`)",
+                    self.opts.timeout.as_secs_f64()
+                ),
+                None,
+                true,
+            )),
+        };
         ep.outstanding.fetch_sub(1, Ordering::Relaxed);
         let transport_failed = matches!(&r, Err(f) if f.transient && f.kind != "RATE_LIMITED");
         self.record_health(ep, transport_failed);
@@ -242,29 +275,48 @@ impl Client {
         body: &bytes::Bytes,
         t0: Instant,
     ) -> Result<Outcome, Failure> {
-        let mut req = self
-            .http
-            .post(&ep.url)
-            .header("x-kvt-request-key", key)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body.clone());
-        if let Some(k) = &self.opts.api_key {
-            req = req.bearer_auth(k);
-        }
-        let resp = req.send().await.map_err(|e| transport_failure(&e))?;
+        let auth = self.opts.api_key.as_ref().map(|k| format!("Bearer {k}"));
+        let mut resp = match (&ep.direct, &self.http) {
+            (Some(d), _) => {
+                let mut headers = vec![
+                    ("content-type", "application/json"),
+                    ("x-kvt-request-key", key),
+                ];
+                if let Some(a) = &auth {
+                    headers.push(("authorization", a));
+                }
+                Reply::Direct(
+                    d.send(http::Method::POST, &ep.path, &headers, body.clone())
+                        .await
+                        .map_err(|e| connection_failure(&e.to_string()))?,
+                )
+            }
+            (None, Some(http)) => {
+                let mut req = http
+                    .post(&ep.url)
+                    .header("x-kvt-request-key", key)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body.clone());
+                if let Some(a) = &auth {
+                    req = req.header(reqwest::header::AUTHORIZATION, a);
+                }
+                Reply::Reqwest(req.send().await.map_err(|e| transport_failure(&e))?)
+            }
+            (None, None) => {
+                unreachable!("a reqwest client is built for every endpoint without a direct path")
+            }
+        };
         let status = resp.status();
-        if !status.is_success() {
+        if !(200..300).contains(&status) {
             let retry_after = resp
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
+                .header("retry-after")
                 .and_then(|s| s.trim().parse::<f64>().ok())
                 .map(|s| Duration::from_secs_f64(s.clamp(0.0, 60.0)));
-            let text = read_limited(resp, self.opts.max_response_bytes.min(1 << 20))
+            let text = read_limited(&mut resp, self.opts.max_response_bytes.min(1 << 20))
                 .await
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
                 .unwrap_or_default();
-            let code = status.as_u16();
+            let code = status;
             let msg = format!("HTTP {code}: {}", truncate(&text, 500));
             let mut f = match code {
                 429 => fail("RATE_LIMITED", msg, Some(code), true),
@@ -276,22 +328,20 @@ impl Client {
             return Err(f);
         }
         let is_sse = resp
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
+            .header("content-type")
             .is_some_and(|v| v.starts_with("text/event-stream"));
         if is_sse {
             read_stream(resp, t0, self.opts.max_response_bytes).await
         } else {
-            let bytes = read_limited(resp, self.opts.max_response_bytes)
+            let bytes = read_limited(&mut resp, self.opts.max_response_bytes)
                 .await
-                .map_err(|f| f.with_status(status.as_u16()))?;
+                .map_err(|f| f.with_status(status))?;
             let latency = t0.elapsed().as_secs_f64() * 1000.0;
             let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
                 fail(
                     "ENGINE_ERROR",
                     format!("malformed JSON response: {e}"),
-                    Some(status.as_u16()),
+                    Some(status),
                     true,
                 )
             })?;
@@ -315,7 +365,7 @@ impl Client {
                     .and_then(Value::as_str)
                     .map(str::to_string),
                 latency_ms: latency,
-                http_status: Some(status.as_u16()),
+                http_status: Some(status),
                 ..Default::default()
             };
             usage_into(&v, &mut o);
@@ -342,21 +392,57 @@ fn truncate(s: &str, n: usize) -> String {
 
 fn transport_failure(e: &reqwest::Error) -> Failure {
     if e.is_timeout() {
-        fail("TIMEOUT", format!("request timed out: {e}"), None, true)
-    } else {
-        // Connection refused or reset, a body cut off: the server may recover.
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(e);
-        while let Some(s) = src {
-            msg.push_str(&format!(": {s}"));
-            src = s.source();
+        return fail("TIMEOUT", format!("request timed out: {e}"), None, true);
+    }
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    connection_failure(&msg)
+}
+
+/// Connection refused or reset, a body cut off: the server may recover.
+fn connection_failure(msg: &str) -> Failure {
+    fail(
+        "ENGINE_ERROR",
+        format!("connection error: {msg}"),
+        None,
+        true,
+    )
+}
+
+/// A response from either transport, its body still to be read.
+enum Reply {
+    Direct(super::direct::Reply),
+    Reqwest(reqwest::Response),
+}
+
+impl Reply {
+    fn status(&self) -> u16 {
+        match self {
+            Reply::Direct(r) => r.status(),
+            Reply::Reqwest(r) => r.status().as_u16(),
         }
-        fail(
-            "ENGINE_ERROR",
-            format!("connection error: {msg}"),
-            None,
-            true,
-        )
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        match self {
+            Reply::Direct(r) => r.header(name),
+            Reply::Reqwest(r) => r.headers().get(name).and_then(|v| v.to_str().ok()),
+        }
+    }
+
+    /// The body's next piece, `None` at its end.
+    async fn chunk(&mut self) -> Result<Option<bytes::Bytes>, Failure> {
+        match self {
+            Reply::Direct(r) => r
+                .chunk()
+                .await
+                .map_err(|e| connection_failure(&e.to_string())),
+            Reply::Reqwest(r) => r.chunk().await.map_err(|e| transport_failure(&e)),
+        }
     }
 }
 
@@ -386,11 +472,9 @@ fn usage_into(v: &Value, o: &mut Outcome) {
 }
 
 /// The whole body, or an `ENGINE_ERROR` as soon as it passes `limit` bytes.
-async fn read_limited(resp: reqwest::Response, limit: u64) -> Result<Vec<u8>, Failure> {
+async fn read_limited(resp: &mut Reply, limit: u64) -> Result<Vec<u8>, Failure> {
     let mut out: Vec<u8> = Vec::new();
-    let mut body = resp.bytes_stream();
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| transport_failure(&e))?;
+    while let Some(chunk) = resp.chunk().await? {
         if (out.len() + chunk.len()) as u64 > limit {
             return Err(too_large(limit));
         }
@@ -416,8 +500,8 @@ fn too_large(limit: u64) -> Failure {
 /// server never ends its events), and the stream is cut at `limit` bytes.
 /// (Kept by hand: `eventsource-stream` re-parses its whole buffer on every
 /// chunk while a line is unterminated, quadratic for such a stream.)
-async fn read_stream(resp: reqwest::Response, t0: Instant, limit: u64) -> Result<Outcome, Failure> {
-    let status = resp.status().as_u16();
+async fn read_stream(mut resp: Reply, t0: Instant, limit: u64) -> Result<Outcome, Failure> {
+    let status = resp.status();
     let mut o = Outcome {
         http_status: Some(status),
         ..Default::default()
@@ -425,12 +509,10 @@ async fn read_stream(resp: reqwest::Response, t0: Instant, limit: u64) -> Result
     let mut buf: Vec<u8> = Vec::new();
     let mut done = false;
     let mut saw_choice = false;
-    let mut body = resp.bytes_stream();
     let mut total: u64 = 0;
     // Bytes of `buf` already searched for an event end.
     let mut scanned = 0usize;
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| transport_failure(&e))?;
+    while let Some(chunk) = resp.chunk().await? {
         total += chunk.len() as u64;
         if total > limit {
             return Err(too_large(limit));

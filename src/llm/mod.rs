@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod direct;
 pub mod http;
 pub mod journal;
 pub mod launcher;
