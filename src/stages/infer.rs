@@ -12,7 +12,6 @@
 //! the node and stops it afterwards; `openai` talks to `engine.base_url`.
 
 use crate::config::schema::{Api, Decoding, EngineKind, Prompt};
-use crate::data::Example;
 use crate::engine::remote::Remote;
 use crate::engine::{canonical_json, Op, OpContext};
 use crate::llm::backend::{Backend, Query, Shape};
@@ -97,7 +96,18 @@ fn inflight() -> &'static Mutex<HashSet<String>> {
 /// template, in one pass (a context that itself contains `{question}` stays
 /// as it is). Braces around anything else are left alone; the configuration
 /// check has already refused unknown placeholders.
-pub fn fill(template: &str, ex: &Example) -> String {
+/// What of `prepare`'s examples a prompt is made of: `table::read` decodes
+/// only these columns (not the answers and metadata).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PromptSource {
+    pub example_id: String,
+    pub question: String,
+    pub context: String,
+    #[serde(default)]
+    pub extra: BTreeMap<String, String>,
+}
+
+pub fn fill(template: &str, ex: &PromptSource) -> String {
     let mut out = String::with_capacity(template.len() + ex.context.len() + ex.question.len());
     let mut rest = template;
     while let Some(i) = rest.find('{') {
@@ -215,8 +225,12 @@ fn shape(s: &Settings) -> Result<Shape> {
     })
 }
 
-fn build_requests(s: &Settings, examples: &[Example], entries: &[Entry]) -> Result<Vec<Request>> {
-    let by_id: BTreeMap<&str, &Example> = examples
+fn build_requests(
+    s: &Settings,
+    examples: &[PromptSource],
+    entries: &[Entry],
+) -> Result<Vec<Request>> {
+    let by_id: BTreeMap<&str, &PromptSource> = examples
         .iter()
         .map(|e| (e.example_id.as_str(), e))
         .collect();
@@ -723,7 +737,7 @@ impl Op for Infer {
         };
         timing("infer starts");
         let requests = {
-            let examples: Vec<Example> = table::read(&ctx.input("prepare", "examples")?)?;
+            let examples: Vec<PromptSource> = table::read(&ctx.input("prepare", "examples")?)?;
             let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
             build_requests(&s, &examples, &entries)?
         };
@@ -1185,12 +1199,10 @@ mod tests {
     #[test]
     fn task_prompts_and_middle_truncation() {
         let bpe = crate::data::tokenize::encoding("cl100k_base").unwrap();
-        let ex = Example {
+        let ex = PromptSource {
             example_id: "e1".into(),
             question: "Who?".into(),
             context: "word ".repeat(500),
-            answers: vec!["x".into()],
-            meta: Default::default(),
             extra: Default::default(),
         };
         let entry = Entry {
@@ -1291,19 +1303,17 @@ mod tests {
 
     #[test]
     fn template_fill_is_single_pass() {
-        let ex = Example {
+        let ex = PromptSource {
             example_id: "x".into(),
             question: "Q{context}?".into(),
             context: "C {question}".into(),
-            answers: vec![],
-            meta: Default::default(),
             extra: Default::default(),
         };
         assert_eq!(
             fill("[{context}] {question} {x}", &ex),
             "[C {question}] Q{context}? {x}"
         );
-        let ex = Example {
+        let ex = PromptSource {
             extra: [("options".to_string(), "A. red\nB. {context}".to_string())].into(),
             ..ex
         };
