@@ -16,7 +16,7 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -32,17 +32,6 @@ enum Kind {
     Json,
 }
 
-fn kind_of(v: &Value) -> Kind {
-    match v {
-        Value::Null => Kind::Null,
-        Value::Bool(_) => Kind::Bool,
-        Value::Number(n) if n.is_i64() => Kind::Int,
-        Value::Number(_) => Kind::Float,
-        Value::String(_) => Kind::Str,
-        _ => Kind::Json,
-    }
-}
-
 fn merge(a: Kind, b: Kind) -> Kind {
     use Kind::*;
     match (a, b) {
@@ -55,87 +44,95 @@ fn merge(a: Kind, b: Kind) -> Kind {
 
 /// Encodes rows (serde structs that serialize to JSON objects) as Parquet.
 pub fn write<T: Serialize>(rows: &[T]) -> Result<Vec<u8>> {
-    let rows: Vec<Map<String, Value>> = rows
-        .iter()
-        .map(|r| match serde_json::to_value(r)? {
-            Value::Object(m) => Ok(m),
-            other => bail!("a table row must be an object, got {other}"),
-        })
-        .collect::<Result<_>>()?;
-    write_maps(&rows)
-}
-
-fn write_maps(rows: &[Map<String, Value>]) -> Result<Vec<u8>> {
-    // Column order: first appearance (serde field order), then stable.
-    // Each row's values are sorted into columns once: rows of one struct
-    // have the same keys in the same order, so a key is first checked
-    // against the previous row's key at its position.
-    static NULL: Value = Value::Null;
-    let mut names: Vec<&str> = Vec::new();
-    let mut kinds: Vec<Kind> = Vec::new();
-    let mut values: Vec<Vec<&Value>> = Vec::new();
-    let mut index: HashMap<&str, usize> = HashMap::new();
-    let mut prev: Vec<(&str, usize)> = Vec::new();
-    for (ri, r) in rows.iter().enumerate() {
-        for (pos, (k, v)) in r.iter().enumerate() {
-            let c = match prev.get(pos) {
-                Some(&(pk, c)) if pk == k.as_str() => c,
-                _ => {
-                    let c = *index.entry(k.as_str()).or_insert_with(|| {
-                        names.push(k.as_str());
-                        kinds.push(kind_of(v));
-                        values.push(vec![&NULL; ri]);
-                        names.len() - 1
-                    });
-                    if pos < prev.len() {
-                        prev[pos] = (k.as_str(), c);
-                    } else {
-                        prev.push((k.as_str(), c));
-                    }
-                    c
-                }
-            };
-            kinds[c] = merge(kinds[c], kind_of(v));
-            values[c].push(v);
-        }
-        // A column this row lacks holds null for it.
-        for col in values.iter_mut().filter(|col| col.len() == ri) {
-            col.push(&NULL);
-        }
+    use cells::Cell;
+    let mut cols = cells::Columns::default();
+    for r in rows {
+        cols.push_row(r)?;
     }
+    // Columns in name order (as a JSON object's keys sort).
+    let mut order: Vec<usize> = (0..cols.names.len()).collect();
+    order.sort_by(|&a, &b| cols.names[a].cmp(&cols.names[b]));
+    let kind = |c: &Cell| match c {
+        Cell::Null => Kind::Null,
+        Cell::Bool(_) => Kind::Bool,
+        Cell::Int(_) => Kind::Int,
+        Cell::Float(_) => Kind::Float,
+        Cell::Str(_) => Kind::Str,
+        Cell::Json(_) => Kind::Json,
+    };
     let mut fields = Vec::new();
-    let mut cols: Vec<ArrayRef> = Vec::new();
-    for ((name, &kind), column) in names.iter().zip(&kinds).zip(&values) {
-        let vals = column.iter().copied();
+    let mut arrays: Vec<ArrayRef> = Vec::new();
+    for c in order {
+        let (name, column) = (&cols.names[c], &cols.cells[c]);
+        let kind = column.iter().fold(Kind::Null, |k, v| merge(k, kind(v)));
         let (dt, col): (DataType, ArrayRef) = match kind {
             Kind::Bool => (
                 DataType::Boolean,
-                Arc::new(vals.map(Value::as_bool).collect::<BooleanArray>()),
+                Arc::new(
+                    column
+                        .iter()
+                        .map(|v| match v {
+                            Cell::Bool(b) => Some(*b),
+                            _ => None,
+                        })
+                        .collect::<BooleanArray>(),
+                ),
             ),
             Kind::Int => (
                 DataType::Int64,
-                Arc::new(vals.map(Value::as_i64).collect::<Int64Array>()),
+                Arc::new(
+                    column
+                        .iter()
+                        .map(|v| match v {
+                            Cell::Int(i) => Some(*i),
+                            _ => None,
+                        })
+                        .collect::<Int64Array>(),
+                ),
             ),
             Kind::Float => (
                 DataType::Float64,
-                Arc::new(vals.map(Value::as_f64).collect::<Float64Array>()),
+                Arc::new(
+                    column
+                        .iter()
+                        .map(|v| match v {
+                            Cell::Int(i) => Some(*i as f64),
+                            Cell::Float(f) => Some(*f),
+                            _ => None,
+                        })
+                        .collect::<Float64Array>(),
+                ),
             ),
             Kind::Str | Kind::Null => (
                 DataType::Utf8,
                 Arc::new(
-                    vals.map(|v| v.as_str().map(str::to_string))
+                    column
+                        .iter()
+                        .map(|v| match v {
+                            Cell::Str(s) => Some(s.as_str()),
+                            _ => None,
+                        })
                         .collect::<StringArray>(),
                 ),
             ),
             Kind::Json => (
                 DataType::Utf8,
                 Arc::new(
-                    vals.map(|v| (!v.is_null()).then(|| v.to_string()))
+                    column
+                        .iter()
+                        .map(|v| match v {
+                            Cell::Null => None,
+                            Cell::Bool(b) => Some(b.to_string()),
+                            Cell::Int(i) => Some(i.to_string()),
+                            Cell::Float(f) => Some(Value::from(*f).to_string()),
+                            Cell::Str(s) => Some(Value::from(s.as_str()).to_string()),
+                            Cell::Json(j) => Some(j.clone()),
+                        })
                         .collect::<StringArray>(),
                 ),
             ),
         };
-        let mut f = Field::new(*name, dt, true);
+        let mut f = Field::new(name, dt, true);
         if kind == Kind::Json {
             f = f.with_metadata(
                 [(JSON_KEY.to_string(), "1".to_string())]
@@ -144,13 +141,13 @@ fn write_maps(rows: &[Map<String, Value>]) -> Result<Vec<u8>> {
             );
         }
         fields.push(f);
-        cols.push(col);
+        arrays.push(col);
     }
     let schema = Arc::new(Schema::new(fields));
-    let batch = if cols.is_empty() {
+    let batch = if arrays.is_empty() {
         RecordBatch::new_empty(schema.clone())
     } else {
-        RecordBatch::try_new(schema.clone(), cols)?
+        RecordBatch::try_new(schema.clone(), arrays)?
     };
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
@@ -260,6 +257,385 @@ pub fn read<T: DeserializeOwned>(bytes: &[u8]) -> Result<Vec<T>> {
         }
     }
     Ok(out)
+}
+
+/// Rows serialized straight into columns: no JSON map per row. A row is a
+/// struct or a map (a struct with flattened parts serializes as one); each
+/// field becomes a cell, and anything nested (a list, a map, a struct) is
+/// stored as its JSON text.
+mod cells {
+    use serde::ser::{self, Impossible, Serialize};
+
+    /// One value as a row holds it, typed as `serde_json::to_value` would
+    /// type it (integers that fit i64 are `Int`, non-finite floats null).
+    pub enum Cell {
+        Null,
+        Bool(bool),
+        Int(i64),
+        Float(f64),
+        Str(String),
+        Json(String),
+    }
+
+    #[derive(Debug)]
+    pub enum Error {
+        /// A list, map or struct: stored as JSON instead.
+        Nested,
+        Msg(String),
+    }
+
+    impl std::fmt::Display for Error {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self {
+                Error::Nested => write!(f, "a nested value"),
+                Error::Msg(m) => write!(f, "{m}"),
+            }
+        }
+    }
+    impl std::error::Error for Error {}
+    impl ser::Error for Error {
+        fn custom<T: std::fmt::Display>(msg: T) -> Self {
+            Error::Msg(msg.to_string())
+        }
+    }
+
+    /// The columns so far: names in first-seen order, one cell per row each.
+    #[derive(Default)]
+    pub struct Columns {
+        pub names: Vec<String>,
+        pub cells: Vec<Vec<Cell>>,
+        /// Column of each position in the previous row: rows of one struct
+        /// have the same fields in the same order.
+        prev: Vec<usize>,
+        pub rows: usize,
+    }
+
+    impl Columns {
+        pub fn push_row<T: Serialize + ?Sized>(&mut self, row: &T) -> anyhow::Result<()> {
+            row.serialize(RowSer { cols: self, pos: 0 })
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            self.rows += 1;
+            // A column this row lacks holds null for it.
+            let rows = self.rows;
+            for col in self.cells.iter_mut().filter(|c| c.len() < rows) {
+                col.push(Cell::Null);
+            }
+            Ok(())
+        }
+
+        fn column(&mut self, pos: usize, name: &str) -> usize {
+            if let Some(&c) = self.prev.get(pos) {
+                if self.names[c] == name {
+                    return c;
+                }
+            }
+            let c = match self.names.iter().position(|n| n == name) {
+                Some(c) => c,
+                None => {
+                    self.names.push(name.to_string());
+                    self.cells
+                        .push((0..self.rows).map(|_| Cell::Null).collect());
+                    self.names.len() - 1
+                }
+            };
+            if pos < self.prev.len() {
+                self.prev[pos] = c;
+            } else {
+                self.prev.push(c);
+            }
+            c
+        }
+
+        fn put<T: Serialize + ?Sized>(
+            &mut self,
+            pos: usize,
+            name: &str,
+            value: &T,
+        ) -> Result<(), Error> {
+            let cell = match value.serialize(CellSer) {
+                Ok(cell) => cell,
+                Err(Error::Nested) => {
+                    Cell::Json(serde_json::to_string(value).map_err(|e| Error::Msg(e.to_string()))?)
+                }
+                Err(e) => return Err(e),
+            };
+            let c = self.column(pos, name);
+            let col = &mut self.cells[c];
+            if col.len() > self.rows {
+                // The same key twice in one row: the last one stands.
+                *col.last_mut().expect("a cell") = cell;
+            } else {
+                col.push(cell);
+            }
+            Ok(())
+        }
+    }
+
+    fn not_a_row() -> Error {
+        Error::Msg("a table row must be a struct or a map".into())
+    }
+
+    struct RowSer<'a> {
+        cols: &'a mut Columns,
+        pos: usize,
+    }
+
+    /// A map row's next key, kept until its value arrives.
+    struct MapRow<'a> {
+        row: RowSer<'a>,
+        key: String,
+    }
+
+    macro_rules! not_a_row {
+        ($($f:ident($($t:ty),*)),* $(,)?) => {
+            $(fn $f(self, $(_: $t),*) -> Result<(), Error> {
+                Err(not_a_row())
+            })*
+        };
+    }
+
+    impl<'a> ser::Serializer for RowSer<'a> {
+        type Ok = ();
+        type Error = Error;
+        type SerializeSeq = Impossible<(), Error>;
+        type SerializeTuple = Impossible<(), Error>;
+        type SerializeTupleStruct = Impossible<(), Error>;
+        type SerializeTupleVariant = Impossible<(), Error>;
+        type SerializeMap = MapRow<'a>;
+        type SerializeStruct = RowSer<'a>;
+        type SerializeStructVariant = Impossible<(), Error>;
+
+        fn serialize_struct(self, _: &'static str, _: usize) -> Result<RowSer<'a>, Error> {
+            Ok(self)
+        }
+        fn serialize_map(self, _: Option<usize>) -> Result<MapRow<'a>, Error> {
+            Ok(MapRow {
+                row: self,
+                key: String::new(),
+            })
+        }
+        fn serialize_newtype_struct<T: Serialize + ?Sized>(
+            self,
+            _: &'static str,
+            v: &T,
+        ) -> Result<(), Error> {
+            v.serialize(self)
+        }
+        not_a_row!(
+            serialize_bool(bool),
+            serialize_i8(i8),
+            serialize_i16(i16),
+            serialize_i32(i32),
+            serialize_i64(i64),
+            serialize_u8(u8),
+            serialize_u16(u16),
+            serialize_u32(u32),
+            serialize_u64(u64),
+            serialize_f32(f32),
+            serialize_f64(f64),
+            serialize_char(char),
+            serialize_str(&str),
+            serialize_bytes(&[u8]),
+            serialize_none(),
+            serialize_unit(),
+            serialize_unit_struct(&'static str),
+            serialize_unit_variant(&'static str, u32, &'static str),
+        );
+        fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<(), Error> {
+            Err(not_a_row())
+        }
+        fn serialize_newtype_variant<T: Serialize + ?Sized>(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: &T,
+        ) -> Result<(), Error> {
+            Err(not_a_row())
+        }
+        fn serialize_seq(self, _: Option<usize>) -> Result<Self::SerializeSeq, Error> {
+            Err(not_a_row())
+        }
+        fn serialize_tuple(self, _: usize) -> Result<Self::SerializeTuple, Error> {
+            Err(not_a_row())
+        }
+        fn serialize_tuple_struct(
+            self,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Self::SerializeTupleStruct, Error> {
+            Err(not_a_row())
+        }
+        fn serialize_tuple_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Self::SerializeTupleVariant, Error> {
+            Err(not_a_row())
+        }
+        fn serialize_struct_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Self::SerializeStructVariant, Error> {
+            Err(not_a_row())
+        }
+    }
+
+    impl ser::SerializeStruct for RowSer<'_> {
+        type Ok = ();
+        type Error = Error;
+        fn serialize_field<T: Serialize + ?Sized>(
+            &mut self,
+            key: &'static str,
+            value: &T,
+        ) -> Result<(), Error> {
+            self.cols.put(self.pos, key, value)?;
+            self.pos += 1;
+            Ok(())
+        }
+        fn end(self) -> Result<(), Error> {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeMap for MapRow<'_> {
+        type Ok = ();
+        type Error = Error;
+        fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), Error> {
+            self.key.clear();
+            match key.serialize(CellSer)? {
+                Cell::Str(s) => self.key = s,
+                Cell::Int(i) => self.key = i.to_string(),
+                _ => return Err(Error::Msg("a map key must be a string".into())),
+            }
+            Ok(())
+        }
+        fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Error> {
+            let key = std::mem::take(&mut self.key);
+            self.row.cols.put(self.row.pos, &key, value)?;
+            self.row.pos += 1;
+            Ok(())
+        }
+        fn end(self) -> Result<(), Error> {
+            Ok(())
+        }
+    }
+
+    /// One field's value as a cell; `Err(Nested)` for anything that is not a scalar.
+    struct CellSer;
+
+    macro_rules! nested {
+        ($($f:ident($($t:ty),*) -> $r:ty),* $(,)?) => {
+            $(fn $f(self, $(_: $t),*) -> Result<$r, Error> { Err(Error::Nested) })*
+        };
+    }
+
+    impl ser::Serializer for CellSer {
+        type Ok = Cell;
+        type Error = Error;
+        type SerializeSeq = Impossible<Cell, Error>;
+        type SerializeTuple = Impossible<Cell, Error>;
+        type SerializeTupleStruct = Impossible<Cell, Error>;
+        type SerializeTupleVariant = Impossible<Cell, Error>;
+        type SerializeMap = Impossible<Cell, Error>;
+        type SerializeStruct = Impossible<Cell, Error>;
+        type SerializeStructVariant = Impossible<Cell, Error>;
+
+        fn serialize_bool(self, v: bool) -> Result<Cell, Error> {
+            Ok(Cell::Bool(v))
+        }
+        fn serialize_i8(self, v: i8) -> Result<Cell, Error> {
+            Ok(Cell::Int(v.into()))
+        }
+        fn serialize_i16(self, v: i16) -> Result<Cell, Error> {
+            Ok(Cell::Int(v.into()))
+        }
+        fn serialize_i32(self, v: i32) -> Result<Cell, Error> {
+            Ok(Cell::Int(v.into()))
+        }
+        fn serialize_i64(self, v: i64) -> Result<Cell, Error> {
+            Ok(Cell::Int(v))
+        }
+        fn serialize_u8(self, v: u8) -> Result<Cell, Error> {
+            Ok(Cell::Int(v.into()))
+        }
+        fn serialize_u16(self, v: u16) -> Result<Cell, Error> {
+            Ok(Cell::Int(v.into()))
+        }
+        fn serialize_u32(self, v: u32) -> Result<Cell, Error> {
+            Ok(Cell::Int(v.into()))
+        }
+        fn serialize_u64(self, v: u64) -> Result<Cell, Error> {
+            Ok(i64::try_from(v).map_or(Cell::Float(v as f64), Cell::Int))
+        }
+        fn serialize_f32(self, v: f32) -> Result<Cell, Error> {
+            self.serialize_f64(v.into())
+        }
+        fn serialize_f64(self, v: f64) -> Result<Cell, Error> {
+            Ok(if v.is_finite() {
+                Cell::Float(v)
+            } else {
+                Cell::Null
+            })
+        }
+        fn serialize_char(self, v: char) -> Result<Cell, Error> {
+            Ok(Cell::Str(v.to_string()))
+        }
+        fn serialize_str(self, v: &str) -> Result<Cell, Error> {
+            Ok(Cell::Str(v.to_string()))
+        }
+        fn serialize_none(self) -> Result<Cell, Error> {
+            Ok(Cell::Null)
+        }
+        fn serialize_some<T: Serialize + ?Sized>(self, v: &T) -> Result<Cell, Error> {
+            v.serialize(self)
+        }
+        fn serialize_unit(self) -> Result<Cell, Error> {
+            Ok(Cell::Null)
+        }
+        fn serialize_unit_struct(self, _: &'static str) -> Result<Cell, Error> {
+            Ok(Cell::Null)
+        }
+        fn serialize_unit_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            variant: &'static str,
+        ) -> Result<Cell, Error> {
+            Ok(Cell::Str(variant.to_string()))
+        }
+        fn serialize_newtype_struct<T: Serialize + ?Sized>(
+            self,
+            _: &'static str,
+            v: &T,
+        ) -> Result<Cell, Error> {
+            v.serialize(self)
+        }
+        fn serialize_newtype_variant<T: Serialize + ?Sized>(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: &T,
+        ) -> Result<Cell, Error> {
+            Err(Error::Nested)
+        }
+        nested!(
+            serialize_bytes(&[u8]) -> Cell,
+            serialize_seq(Option<usize>) -> Self::SerializeSeq,
+            serialize_tuple(usize) -> Self::SerializeTuple,
+            serialize_tuple_struct(&'static str, usize) -> Self::SerializeTupleStruct,
+            serialize_tuple_variant(&'static str, u32, &'static str, usize) -> Self::SerializeTupleVariant,
+            serialize_map(Option<usize>) -> Self::SerializeMap,
+            serialize_struct(&'static str, usize) -> Self::SerializeStruct,
+            serialize_struct_variant(&'static str, u32, &'static str, usize) -> Self::SerializeStructVariant,
+        );
+    }
 }
 
 /// One column's values, typed once per batch.
@@ -405,6 +781,7 @@ fn downcast<A: 'static>(col: &ArrayRef) -> Result<&A> {
 mod tests {
     use super::*;
     use serde::Deserialize;
+    use serde_json::Map;
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct Row {
@@ -532,6 +909,70 @@ mod tests {
             col("d"),
             [Value::Null, Value::Null, json!(true), Value::Null]
         );
+    }
+
+    #[test]
+    fn rows_read_back_as_their_json_values() {
+        // Flattened parts, options, nested values, a unit variant, a newtype,
+        // a non-finite float and a u64 past i64: each cell reads back as
+        // `serde_json::to_value` makes it.
+        #[derive(Serialize)]
+        enum Mode {
+            Fast,
+        }
+        #[derive(Serialize)]
+        struct Inner {
+            text: String,
+            n: Option<u64>,
+            per_layer: Option<Vec<u64>>,
+        }
+        #[derive(Serialize)]
+        struct Id(String);
+        #[derive(Serialize)]
+        struct Outer {
+            id: Id,
+            mode: Mode,
+            score: f64,
+            big: u64,
+            #[serde(flatten)]
+            inner: Inner,
+        }
+        let rows = vec![
+            Outer {
+                id: Id("a".into()),
+                mode: Mode::Fast,
+                score: 0.5,
+                big: 7,
+                inner: Inner {
+                    text: "x \"y\"".into(),
+                    n: Some(3),
+                    per_layer: Some(vec![1, 2]),
+                },
+            },
+            Outer {
+                id: Id("b".into()),
+                mode: Mode::Fast,
+                score: f64::NAN,
+                big: 9,
+                inner: Inner {
+                    text: String::new(),
+                    n: None,
+                    per_layer: None,
+                },
+            },
+        ];
+        let back: Vec<Map<String, Value>> = read(&write(&rows).unwrap()).unwrap();
+        for (r, b) in rows.iter().zip(&back) {
+            let Value::Object(want) = serde_json::to_value(r).unwrap() else {
+                unreachable!()
+            };
+            assert_eq!(b, &want);
+        }
+        // Past i64, an integer is stored as a float, as `to_value` types it.
+        let big: Vec<Value> = vec![serde_json::json!({"n": u64::MAX})];
+        let back: Vec<Map<String, Value>> = read(&write(&big).unwrap()).unwrap();
+        assert_eq!(back[0]["n"], serde_json::json!(u64::MAX as f64));
+        assert!(write(&[1, 2]).is_err(), "a row must be a struct or a map");
     }
 
     #[test]
