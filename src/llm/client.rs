@@ -4,6 +4,7 @@
 //! recorded outcome for everything else.
 
 use super::Outcome;
+use serde::Deserialize;
 use serde_json::Value;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -337,7 +338,7 @@ impl Client {
                 .await
                 .map_err(|f| f.with_status(status))?;
             let latency = t0.elapsed().as_secs_f64() * 1000.0;
-            let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
+            let v: Answer = serde_json::from_slice(&bytes).map_err(|e| {
                 fail(
                     "ENGINE_ERROR",
                     format!("malformed JSON response: {e}"),
@@ -345,7 +346,7 @@ impl Client {
                     true,
                 )
             })?;
-            let choice = v.pointer("/choices/0").ok_or_else(|| {
+            let choice = v.choices.get(0).ok_or_else(|| {
                 fail(
                     "ENGINE_ERROR",
                     "response has no choices".into(),
@@ -355,7 +356,8 @@ impl Client {
             })?;
             let mut o = Outcome {
                 text: choice
-                    .pointer("/message/content")
+                    .get("message")
+                    .and_then(|m| m.get("content"))
                     .or_else(|| choice.get("text"))
                     .and_then(Value::as_str)
                     .unwrap_or("")
@@ -368,7 +370,7 @@ impl Client {
                 http_status: Some(status),
                 ..Default::default()
             };
-            usage_into(&v, &mut o);
+            usage_into(&v.usage, &v.kvt, &v.timings, &mut o);
             Ok(o)
         }
     }
@@ -446,28 +448,45 @@ impl Reply {
     }
 }
 
-fn usage_into(v: &Value, o: &mut Outcome) {
-    if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-        o.prompt_tokens = u.get("prompt_tokens").and_then(Value::as_u64);
-        o.completion_tokens = u.get("completion_tokens").and_then(Value::as_u64);
+/// What kvt reads of a (non-streamed) answer; every other field is skipped
+/// unparsed, and each of these is kept as it came (a server's odd types are
+/// ignored where they are read, not rejected here).
+#[derive(serde::Deserialize)]
+struct Answer {
+    #[serde(default)]
+    choices: Value,
+    #[serde(default)]
+    usage: Value,
+    #[serde(default)]
+    kvt: Value,
+    #[serde(default)]
+    timings: Value,
+}
+
+/// Token counts, kvt's own telemetry and llama.cpp's timings, from an answer
+/// or a stream chunk.
+fn usage_into(usage: &Value, kvt: &Value, timings: &Value, o: &mut Outcome) {
+    if usage.is_object() {
+        o.prompt_tokens = usage.get("prompt_tokens").and_then(Value::as_u64);
+        o.completion_tokens = usage.get("completion_tokens").and_then(Value::as_u64);
     }
-    if let Some(r) = v.pointer("/kvt/retained_tokens").and_then(Value::as_u64) {
+    if let Some(r) = kvt.get("retained_tokens").and_then(Value::as_u64) {
         o.retained_tokens = Some(r);
     }
-    if let Some(b) = v.pointer("/kvt/peak_memory_bytes").and_then(Value::as_u64) {
+    if let Some(b) = kvt.get("peak_memory_bytes").and_then(Value::as_u64) {
         o.device_peak_bytes = Some(b);
     }
-    if let Some(e) = v.pointer("/kvt/engine").and_then(Value::as_str) {
+    if let Some(e) = kvt.get("engine").and_then(Value::as_str) {
         o.engine = Some(e.to_string());
     }
-    if let Some(n) = v.pointer("/kvt/native") {
-        if let Ok(a) = serde_json::from_value::<crate::llm::native::NativeAnswer>(n.clone()) {
+    if let Some(n) = kvt.get("native") {
+        if let Ok(a) = crate::llm::native::NativeAnswer::deserialize(n) {
             crate::llm::native::telemetry_into(&a, o);
         }
     }
-    if let Some(t) = v.get("timings").filter(|t| t.is_object()) {
-        o.server_prompt_ms = t.get("prompt_ms").and_then(Value::as_f64);
-        o.server_predicted_ms = t.get("predicted_ms").and_then(Value::as_f64);
+    if timings.is_object() {
+        o.server_prompt_ms = timings.get("prompt_ms").and_then(Value::as_f64);
+        o.server_predicted_ms = timings.get("predicted_ms").and_then(Value::as_f64);
     }
 }
 
@@ -554,10 +573,11 @@ async fn read_stream(mut resp: Reply, t0: Instant, limit: u64) -> Result<Outcome
                         true,
                     ));
                 }
-                if let Some(c) = v.pointer("/choices/0") {
+                if let Some(c) = v.get("choices").and_then(|c| c.get(0)) {
                     saw_choice = true;
                     if let Some(t) = c
-                        .pointer("/delta/content")
+                        .get("delta")
+                        .and_then(|d| d.get("content"))
                         .or_else(|| c.get("text"))
                         .and_then(Value::as_str)
                     {
@@ -570,7 +590,7 @@ async fn read_stream(mut resp: Reply, t0: Instant, limit: u64) -> Result<Outcome
                         o.finish_reason = Some(f.to_string());
                     }
                 }
-                usage_into(&v, &mut o);
+                usage_into(&v["usage"], &v["kvt"], &v["timings"], &mut o);
             }
         }
     }
