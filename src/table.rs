@@ -197,8 +197,16 @@ pub fn struct_fields<T: DeserializeOwned>() -> Option<&'static [&'static str]> {
 /// plain struct only its columns are decoded, so a narrow view of a wide
 /// table (the analysis's view of the score rows) skips the rest.
 pub fn read<T: DeserializeOwned>(bytes: &[u8]) -> Result<Vec<T>> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::copy_from_slice(bytes))
-        .context("not a Parquet table")?;
+    read_bytes(bytes::Bytes::copy_from_slice(bytes))
+}
+
+/// [`read`] for bytes the caller is done with (no copy of the file).
+pub fn read_owned<T: DeserializeOwned>(bytes: Vec<u8>) -> Result<Vec<T>> {
+    read_bytes(bytes::Bytes::from(bytes))
+}
+
+fn read_bytes<T: DeserializeOwned>(bytes: bytes::Bytes) -> Result<Vec<T>> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).context("not a Parquet table")?;
     let builder = match struct_fields::<T>() {
         // Every row still needs a column to count it by.
         Some(fields)

@@ -97,6 +97,25 @@ fn cache_du_counts_and_gc_max_age_shrinks_the_journal() {
         .success());
     let du = stdout_of(&p.kvt().args(["cache", "du"]).output().unwrap());
     assert!(du.contains("request journal:"), "{du}");
+    // Answers from long ago besides the build's twelve, enough to fill pages.
+    {
+        let db = rusqlite::Connection::open(p.path("cache/v1/journal.sqlite")).unwrap();
+        for i in 0..500 {
+            db.execute(
+                "INSERT INTO responses (request_key, is_final, attempts, outcome, recorded_at)
+                 VALUES (?1, 1, 1, ?2, 0)",
+                rusqlite::params![
+                    format!("old-{i}"),
+                    format!(
+                        r#"{{"text":"{}","latency_ms":1.0,"retries":0,"is_final":true}}"#,
+                        "x".repeat(400)
+                    )
+                ],
+            )
+            .unwrap();
+        }
+        db.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+    }
     let before = std::fs::metadata(p.path("cache/v1/journal.sqlite"))
         .unwrap()
         .len();
@@ -108,7 +127,7 @@ fn cache_du_counts_and_gc_max_age_shrinks_the_journal() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert!(
-        stdout_of(&out).contains("12 journal answers"),
+        stdout_of(&out).contains("512 journal answers"),
         "{}",
         stdout_of(&out)
     );

@@ -332,7 +332,10 @@ impl Journal {
         let tx = self.conn.unchecked_transaction()?;
         let mut stmt = tx.prepare_cached("SELECT outcome FROM responses WHERE request_key = ?1")?;
         let mut out = HashMap::new();
-        for k in keys {
+        // In key order, the lookups walk the key index front to back.
+        let mut sorted: Vec<&String> = keys.iter().collect();
+        sorted.sort_unstable();
+        for k in sorted {
             let row: Option<String> = stmt.query_row([k], |r| r.get(0)).optional()?;
             if let Some(t) = row {
                 out.insert(

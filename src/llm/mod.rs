@@ -19,60 +19,69 @@ pub mod spawned;
 use serde::{Deserialize, Serialize};
 
 /// The outcome of one request, as recorded in the journal and the `responses`
-/// artifact. `error_kind` uses the failure taxonomy's transport labels
+/// artifact (fields that hold nothing are left out of both: they read back
+/// as none). `error_kind` uses the failure taxonomy's transport labels
 /// (TIMEOUT, RATE_LIMITED, ENGINE_ERROR); `is_final` is false for transient
 /// failures, which the next build retries.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Outcome {
     pub text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_tokens: Option<u64>,
     /// Tokens whose KV entries survived eviction, when the server reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retained_tokens: Option<u64>,
     pub latency_ms: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttft_ms: Option<f64>,
     pub retries: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_status: Option<u16>,
     /// The replica that answered, when there are several.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
     /// Resident memory of a server kvt launched, when this response arrived (KiB).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_rss_kib: Option<u64>,
     /// The server's KV-cache usage (0–1) from its `/metrics`, when this response arrived.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_cache_usage: Option<f64>,
     /// Peak memory the server reports for this answer (`kvt.peak_memory_bytes`;
     /// scripts/kvpress_server.py: the GPU's peak allocation, or its peak RSS
     /// on a CPU).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_peak_bytes: Option<u64>,
     /// Server-reported prompt-processing and generation times (llama.cpp's `timings`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_prompt_ms: Option<f64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_predicted_ms: Option<f64>,
     /// Native engine: KV entries kept per layer (summed over KV heads), before decoding.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_kept_per_layer: Option<Vec<u64>>,
     /// Native engine: KV entries kept over all layers and heads, and what the
     /// full cache holds for the same span.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_kept_total: Option<u64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_full_total: Option<u64>,
     /// Native engine: bytes of the kept keys and values in the cache's format.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_bytes: Option<u64>,
     /// Native engine: prefill and decode time (ms) and whether the prefill was shared.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefill_ms: Option<f64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decode_ms: Option<f64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefill_reused: Option<bool>,
     /// Which of kvt's own engines answered (`reference` — the simulator — or
     /// `native`), when one did.
