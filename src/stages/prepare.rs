@@ -268,16 +268,11 @@ impl Op for Prepare {
         let Some(src) = locate(ds, ctx.root)? else {
             return Ok(tok_id);
         };
-        let mut h = blake3::Hasher::new();
-        for f in src.files() {
-            let mut file =
-                std::fs::File::open(&f).with_context(|| format!("reading `{}`", f.display()))?;
-            std::io::copy(&mut file, &mut h)?;
-        }
+        let digest = crate::engine::digest::files_digest_cached(ctx.cache_root, &src.files())?;
         let data = format!(
             "{} {}",
             location_label(ds, ctx.root).unwrap_or_default(),
-            h.finalize().to_hex()
+            digest
         );
         Ok(Some(match tok_id {
             Some(t) => format!("{data}; {t}"),
