@@ -393,6 +393,9 @@ impl Journal {
         remote: &str,
         keys: impl IntoIterator<Item = &'k str>,
     ) -> Result<()> {
+        // In key order: the index is written front to back, each page once.
+        let mut keys: Vec<&str> = keys.into_iter().collect();
+        keys.sort_unstable();
         let tx = self.conn.unchecked_transaction()?;
         {
             let mut st = tx.prepare_cached(
