@@ -422,7 +422,7 @@ impl Op for Analyze {
             analysis: a,
             geometry: geom,
         } = ctx.key.slice()?;
-        let bins: Vec<Bin> = table::read(&ctx.input("prepare", "bins")?)?;
+        let bins: Vec<Bin> = table::read_owned(ctx.input("prepare", "bins")?)?;
         let scores = crate::stages::score::read_all::<ScoreCell>(ctx)?;
         let (bin_stats, transitions) = analyze(&bins, &scores, &a, &geom)?;
         ctx.put("bin_stats", &table::write(&bin_stats)?)?;

@@ -287,7 +287,7 @@ impl Op for Explorer {
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let manifest: ManifestView =
             serde_json::from_slice(&ctx.input("prepare", "manifest_json")?)?;
-        let bins: Vec<Bin> = table::read(&ctx.input("prepare", "bins")?)?;
+        let bins: Vec<Bin> = table::read_owned(ctx.input("prepare", "bins")?)?;
         let scores = crate::stages::score::read_all::<ScoreRow>(ctx)?;
         ctx.put("explorer", explorer(&manifest, &scores, &bins).as_bytes())?;
         let mut facts = facts(&manifest, &scores);

@@ -738,7 +738,7 @@ impl Op for Infer {
         timing("infer starts");
         let requests = {
             let examples: Vec<PromptSource> = table::read_owned(ctx.input("prepare", "examples")?)?;
-            let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
+            let entries: Vec<Entry> = table::read_owned(ctx.input("prepare", "manifest")?)?;
             build_requests(&s, &examples, &entries)?
         };
 

@@ -245,7 +245,7 @@ impl Op for Plots {
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let Uses { exp, floor } = ctx.key.slice()?;
-        let stats: Vec<BinStat> = table::read(&ctx.input("analyze", "bin_stats")?)?;
+        let stats: Vec<BinStat> = table::read_owned(ctx.input("analyze", "bin_stats")?)?;
         let metric = stats
             .iter()
             .map(|s| s.metric.clone())

@@ -418,9 +418,9 @@ impl Op for Report {
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let Uses { exp, .. } = ctx.key.slice()?;
         let facts: Facts = serde_json::from_slice(&ctx.input("explorer", "facts")?)?;
-        let stats: Vec<BinStat> = table::read(&ctx.input("analyze", "bin_stats")?)?;
+        let stats: Vec<BinStat> = table::read_owned(ctx.input("analyze", "bin_stats")?)?;
         let transitions: Vec<TransitionRow> =
-            table::read(&ctx.input("analyze", "transition_summary")?)?;
+            table::read_owned(ctx.input("analyze", "transition_summary")?)?;
         let db_rows: Value = serde_json::from_slice(&ctx.input("sqlite", "summary")?)?;
         let mut c = context(ctx.key.config, &facts, &stats, &transitions, &db_rows);
         let mut prov: Vec<Value> = ctx

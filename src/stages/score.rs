@@ -200,7 +200,7 @@ impl From<&ScoreRow> for ScoreCell {
 pub fn read_all<T: serde::de::DeserializeOwned>(ctx: &OpContext) -> Result<Vec<T>> {
     let mut rows = Vec::new();
     for up in ctx.upstream("score") {
-        rows.extend(table::read::<T>(&ctx.read(up, "scores")?)?);
+        rows.extend(table::read_owned::<T>(ctx.read(up, "scores")?)?);
     }
     Ok(rows)
 }
@@ -238,9 +238,9 @@ impl Op for Score {
         let budget: f64 = ctx.item("budget")?;
         let u: Uses = ctx.key.slice()?;
         let metric = metric_for(u.source.as_str(), &u.task, u.metric.as_deref())?;
-        let examples: Vec<Gold> = table::read(&ctx.input("prepare", "examples")?)?;
-        let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
-        let responses: Vec<ResponseRow> = table::read(&ctx.input("infer", "responses")?)?;
+        let examples: Vec<Gold> = table::read_owned(ctx.input("prepare", "examples")?)?;
+        let entries: Vec<Entry> = table::read_owned(ctx.input("prepare", "manifest")?)?;
+        let responses: Vec<ResponseRow> = table::read_owned(ctx.input("infer", "responses")?)?;
         let ex: BTreeMap<&str, &Gold> = examples
             .iter()
             .map(|e| (e.example_id.as_str(), e))

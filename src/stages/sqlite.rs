@@ -519,9 +519,9 @@ impl Op for SqliteBase {
         }
         let head: Head = serde_json::from_slice(&ctx.input("prepare", "manifest_json")?)?;
         let manifest = serde_json::json!({"dataset": head.dataset, "tokenizer": head.tokenizer});
-        let examples: Vec<Example> = table::read(&ctx.input("prepare", "examples")?)?;
-        let entries: Vec<Entry> = table::read(&ctx.input("prepare", "manifest")?)?;
-        let bins: Vec<Bin> = table::read(&ctx.input("prepare", "bins")?)?;
+        let examples: Vec<Example> = table::read_owned(ctx.input("prepare", "examples")?)?;
+        let entries: Vec<Entry> = table::read_owned(ctx.input("prepare", "manifest")?)?;
+        let bins: Vec<Bin> = table::read_owned(ctx.input("prepare", "bins")?)?;
         let scores = crate::stages::score::read_all::<ScoreRow>(ctx)?;
         let file = ctx.scratch_dir()?.join("base.sqlite");
         let counts = write_base(
@@ -584,9 +584,9 @@ impl Op for Sqlite {
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
         let Uses { exp, db_path, .. } = ctx.key.slice()?;
         let config = Value::Object(ctx.key.config.clone().into_iter().collect());
-        let bin_stats: Vec<BinStat> = table::read(&ctx.input("analyze", "bin_stats")?)?;
+        let bin_stats: Vec<BinStat> = table::read_owned(ctx.input("analyze", "bin_stats")?)?;
         let transitions: Vec<TransitionRow> =
-            table::read(&ctx.input("analyze", "transition_summary")?)?;
+            table::read_owned(ctx.input("analyze", "transition_summary")?)?;
         let file = ctx.scratch_dir()?.join("analysis.sqlite");
         let mut counts: serde_json::Map<String, Value> =
             serde_json::from_slice(&ctx.input("sqlite_base", "counts")?)?;
