@@ -31,6 +31,8 @@ enum Fault {
     Huge,
     /// A correct event stream (CRLF separators) sent one byte per chunk.
     ByteChunks,
+    /// 307 to another address (reqwest would follow it; the direct path does not).
+    Redirect,
 }
 
 struct Fs {
@@ -104,6 +106,11 @@ async fn chat(State(st): State<Arc<Fs>>, headers: HeaderMap, body: String) -> Re
     }
     match st.fault {
         Fault::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "slow down").into_response(),
+        Fault::Redirect => Response::builder()
+            .status(307)
+            .header("location", "http://127.0.0.1:9/v1/chat/completions")
+            .body(Body::empty())
+            .unwrap(),
         Fault::RateLimitedRetryAfter => Response::builder()
             .status(429)
             .header("retry-after", "1")
@@ -373,6 +380,24 @@ fn faults_through_reqwest() {
         "reqwest",
     );
     check_via(Fault::CutStream, "ENGINE_ERROR", true, "reqwest");
+}
+
+/// A redirect on a plain-http endpoint is not followed: a transient
+/// failure naming where it points, asked again like any other.
+#[test]
+fn redirects_are_named_and_retried() {
+    check(Fault::Redirect, "ENGINE_ERROR", false);
+    let p = Project::new();
+    p.write("config/experiments/f.yaml", EXP);
+    let s = FaultServer::start(Fault::Redirect, 100);
+    let out = build(&p, &s, false);
+    assert_eq!(out.status.code(), Some(1), "every request failed");
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("redirects to `http://127.0.0.1:9/v1/chat/completions`")
+            && err.contains("engine.base_url"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -313,6 +313,7 @@ impl Client {
                 .header("retry-after")
                 .and_then(|s| s.trim().parse::<f64>().ok())
                 .map(|s| Duration::from_secs_f64(s.clamp(0.0, 60.0)));
+            let location = resp.header("location").map(str::to_string);
             let text = read_limited(&mut resp, self.opts.max_response_bytes.min(1 << 20))
                 .await
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
@@ -320,6 +321,18 @@ impl Client {
             let code = status;
             let msg = format!("HTTP {code}: {}", truncate(&text, 500));
             let mut f = match code {
+                // Only the direct path sees one (reqwest follows them): kept
+                // transient, so the requests are asked again once the
+                // address is fixed.
+                300..=399 => fail(
+                    "ENGINE_ERROR",
+                    format!(
+                        "HTTP {code}: the server redirects to `{}`; set `engine.base_url` to the address it points to (kvt does not follow redirects)",
+                        location.unwrap_or_default()
+                    ),
+                    Some(code),
+                    true,
+                ),
                 429 => fail("RATE_LIMITED", msg, Some(code), true),
                 408 => fail("TIMEOUT", msg, Some(code), true),
                 500..=599 => fail("ENGINE_ERROR", msg, Some(code), true),
