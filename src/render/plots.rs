@@ -59,6 +59,7 @@ pub fn color(i: usize) -> RGBColor {
     }
 }
 
+#[derive(Debug)]
 pub struct Point {
     pub y: Option<f64>,
     pub band: Option<(f64, f64)>,
@@ -66,6 +67,7 @@ pub struct Point {
     pub flagged: bool,
 }
 
+#[derive(Debug)]
 pub struct Series {
     pub name: String,
     /// Index into the colour list: the same budget has the same colour in
@@ -78,11 +80,13 @@ pub struct Series {
 }
 
 /// One panel (one KV policy) of a line plot.
+#[derive(Debug)]
 pub struct Panel {
     pub title: String,
     pub series: Vec<Series>,
 }
 
+#[derive(Debug)]
 pub struct LinePlot {
     pub title: String,
     pub y_label: String,
@@ -91,6 +95,7 @@ pub struct LinePlot {
     pub panels: Vec<Panel>,
 }
 
+#[derive(Debug)]
 pub struct HeatMap {
     pub title: String,
     pub row_labels: Vec<String>,
@@ -430,6 +435,7 @@ fn draw_heat<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, h: &HeatMap) -> 
     Ok(())
 }
 
+#[derive(Debug)]
 pub enum Figure {
     Lines(LinePlot),
     Heat(HeatMap),

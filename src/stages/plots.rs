@@ -229,6 +229,40 @@ struct Uses {
     floor: f64,
 }
 
+/// Figures already drawn, by their data: `memo/plots/<blake3 of the
+/// figure>` names the PNG and SVG objects in the store.
+struct Memo<'a> {
+    dir: std::path::PathBuf,
+    store: &'a crate::engine::store::ContentStore,
+    version: u32,
+}
+
+impl Memo<'_> {
+    fn entry(&self, fig: &plots::Figure) -> std::path::PathBuf {
+        let key = format!("{} {} {fig:?}", env!("CARGO_PKG_VERSION"), self.version);
+        self.dir.join(&blake3::hash(key.as_bytes()).to_hex()[..32])
+    }
+
+    /// The figure's (PNG, SVG) bytes, when it was drawn before and both
+    /// objects are still in the store, intact.
+    fn get(&self, fig: &plots::Figure) -> Option<(Vec<u8>, Vec<u8>)> {
+        let text = std::fs::read_to_string(self.entry(fig)).ok()?;
+        let (p, s) = text.trim().split_once(' ')?;
+        let get = |hex: &str| self.store.get(&crate::engine::Digest::from_hex(hex)?).ok();
+        Some((get(p)?, get(s)?))
+    }
+
+    /// Best effort: a memo that cannot be written only means drawing again.
+    fn note(&self, fig: &plots::Figure, png: crate::engine::Digest, svg: crate::engine::Digest) {
+        let entry = self.entry(fig);
+        let _ = std::fs::create_dir_all(&self.dir).and_then(|_| {
+            let tmp = entry.with_extension(format!("{}.tmp", std::process::id()));
+            std::fs::write(&tmp, format!("{png} {svg}\n"))?;
+            std::fs::rename(&tmp, &entry)
+        });
+    }
+}
+
 impl Op for Plots {
     fn name(&self) -> &'static str {
         "plots"
@@ -252,13 +286,26 @@ impl Op for Plots {
             .find(|m| !m.is_empty())
             .unwrap_or_else(|| "score".into());
         // Figures are independent: rendered on all cores, stored in order.
+        // A figure drawn before from the same data (an analysis change that
+        // moves only some figures) is taken from the store instead.
         let figs = figures(&stats, &metric, floor);
-        let rendered = crate::engine::par_map(&figs, |(_, fig)| plots::render(fig));
-        for ((name, _), r) in figs.iter().zip(rendered) {
-            let (png, svg) = r?;
+        let memo = Memo {
+            dir: ctx.cache_root.join("v1").join("memo").join("plots"),
+            store: ctx.store,
+            version: self.version(),
+        };
+        let rendered = crate::engine::par_map(&figs, |(_, fig)| match memo.get(fig) {
+            Some(done) => Ok((done, true)),
+            None => plots::render(fig).map(|(png, svg)| ((png, svg.into_bytes()), false)),
+        });
+        for ((name, fig), r) in figs.iter().zip(rendered) {
+            let ((png, svg), remembered) = r?;
             let (a, b) = (format!("{name}.png"), format!("{name}.svg"));
-            ctx.put(&a, &png)?;
-            ctx.put(&b, svg.as_bytes())?;
+            let dp = ctx.put(&a, &png)?;
+            let ds = ctx.put(&b, &svg)?;
+            if !remembered {
+                memo.note(fig, dp, ds);
+            }
             ctx.export(&a, format!("runs/{exp}/plots/{a}"));
             ctx.export(&b, format!("runs/{exp}/plots/{b}"));
         }
@@ -269,6 +316,37 @@ impl Op for Plots {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_figure_drawn_before_comes_from_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::engine::store::ContentStore::new(dir.path());
+        let memo = Memo {
+            dir: dir.path().join("memo"),
+            store: &store,
+            version: 1,
+        };
+        let fig = |limit: f64| {
+            plots::Figure::Heat(plots::HeatMap {
+                title: "t".into(),
+                row_labels: vec!["a".into()],
+                col_labels: vec!["b".into()],
+                cells: vec![vec![Some(0.25)]],
+                excludes_zero: vec![vec![false]],
+                limit,
+            })
+        };
+        assert!(memo.get(&fig(1.0)).is_none(), "never drawn");
+        let (png, svg) = plots::render(&fig(1.0)).unwrap();
+        let (dp, ds) = (store.put(&png).unwrap(), store.put(svg.as_bytes()).unwrap());
+        memo.note(&fig(1.0), dp, ds);
+        assert_eq!(memo.get(&fig(1.0)), Some((png, svg.into_bytes())));
+        // Other data: not the same figure.
+        assert!(memo.get(&fig(0.5)).is_none());
+        // An object gone from the store (a gc): drawn again.
+        std::fs::remove_file(store.path_of(&dp)).unwrap();
+        assert!(memo.get(&fig(1.0)).is_none());
+    }
 
     #[test]
     fn one_budget_order_and_one_colour_per_budget() {
