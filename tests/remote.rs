@@ -563,6 +563,67 @@ fn a_worker_killed_mid_run_and_restarted_loses_no_answer_and_repeats_none() {
     });
 }
 
+/// A batch that never fills goes up once its oldest answer has waited
+/// `KVT_REMOTE_BATCH_MS`: a slow server's answers reach the remote while
+/// the node still runs.
+#[test]
+fn a_batch_that_never_fills_goes_up_after_its_wait() {
+    let s = shared();
+    let journal = s.remote.path().join("v1/journal");
+    let st = Arc::new(Held {
+        hold: AtomicBool::new(true),
+        open: 3,
+        answered: Mutex::new(Vec::new()),
+        attempts: Mutex::new(HashMap::new()),
+        busy: AtomicUsize::new(0),
+    });
+    let (addr, _rt) = serve_router(
+        axum::Router::new()
+            .route("/v1/chat/completions", axum::routing::post(held_chat))
+            .with_state(st.clone()),
+    );
+    s.p.write(
+        "config/experiments/w.yaml",
+        "output: {exp_group_id: w}
+dataset: {lengths: [200], per_length: 8}
+binning: {n_bins: 1}
+sampling: {n_per_bin: 8}
+engine: {kind: openai, concurrency: 1, timeout_s: 300}
+kv: {policies: [snapkv], budgets: [1.0]}
+",
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvt"))
+        .current_dir(s.p.root())
+        .args(["build", "infer", "-c", "config/experiments/w.yaml"])
+        .args(["--set", &format!("engine.base_url={addr}/v1")])
+        .env("KVT_CACHE_DIR", "c")
+        .env("KVT_REMOTE", s.url())
+        .env("KVT_REMOTE_BATCH", "1000")
+        .env("KVT_REMOTE_BATCH_MS", "50")
+        .env_remove("KVT_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Three answers, then the server holds: the batch of three never fills.
+    let t0 = Instant::now();
+    while st.busy.load(Ordering::SeqCst) < 4 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no requests arrived"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let went_up = journal.exists() && std::fs::read_dir(&journal).map_or(0, |d| d.count()) > 0;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        went_up,
+        "no journal batch reached the remote while the node ran"
+    );
+}
+
 /// Worker 0 of two is killed while its server holds requests, restarted,
 /// worker 1 runs, and a merge build on a machine of its own runs: every
 /// request is asked once, and the merged database holds every answer.
@@ -628,7 +689,7 @@ analysis: {bootstrap: {iters: 20}}
     child.wait().unwrap();
     let answered_first = st.answered.lock().unwrap().clone();
     assert_eq!(answered_first.len(), 3);
-    // Nothing reached the remote yet (no batch of 256, no end of node).
+    // Nothing reached the remote yet (no full batch, no end of node).
     assert!(journal_empty(), "a journal batch went up before the kill");
 
     // Restarted: the answers the kill kept are not asked again, and go up now.

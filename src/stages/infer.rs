@@ -390,13 +390,30 @@ pub fn shard_of(key: &str, n: u64) -> u64 {
 }
 
 /// How many new answers make a journal batch for the remote cache
-/// (`KVT_REMOTE_BATCH`, default 256).
+/// (`KVT_REMOTE_BATCH`, default 1024), or how long the oldest of them has
+/// waited ([`remote_batch_wait`]), whichever comes first.
 fn remote_batch() -> usize {
     std::env::var("KVT_REMOTE_BATCH")
         .ok()
         .and_then(|v| v.parse().ok())
         .filter(|&n: &usize| n > 0)
-        .unwrap_or(256)
+        .unwrap_or(1024)
+}
+
+/// Answers (key, outcome JSON) waiting to go to the remote cache, and when
+/// the oldest of them arrived.
+type Outbox = (Vec<(String, String)>, Option<std::time::Instant>);
+
+/// How long a batch's oldest answer waits before the batch goes up anyway
+/// (`KVT_REMOTE_BATCH_MS`, default 5 s): a slow server's answers still
+/// reach the remote within seconds.
+fn remote_batch_wait() -> Duration {
+    Duration::from_millis(
+        std::env::var("KVT_REMOTE_BATCH_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5000),
+    )
 }
 
 /// Answers other machines put in the remote cache, into the local journal
@@ -974,8 +991,8 @@ impl Infer {
         // New final answers waiting to go to the remote cache as one batch;
         // full batches go to a pusher thread, so answering never waits on
         // the remote.
-        let outbox: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
-        let batch = remote_batch();
+        let outbox: Mutex<Outbox> = Mutex::new((Vec::new(), None));
+        let (batch, batch_wait) = (remote_batch(), remote_batch_wait());
         let (tx, rx) = std::sync::mpsc::channel::<Vec<(String, String)>>();
         let tx = Mutex::new(Some(tx));
         let record = |key: &str, o: &Outcome| -> Result<()> {
@@ -1000,8 +1017,13 @@ impl Infer {
             if let Some(text) = copy {
                 let full = {
                     let mut out = outbox.lock().expect("outbox");
-                    out.push((key.to_string(), text));
-                    (out.len() >= batch).then(|| std::mem::take(&mut *out))
+                    let (rows, oldest) = &mut *out;
+                    rows.push((key.to_string(), text));
+                    let since = *oldest.get_or_insert_with(std::time::Instant::now);
+                    (rows.len() >= batch || since.elapsed() >= batch_wait).then(|| {
+                        *oldest = None;
+                        std::mem::take(rows)
+                    })
                 };
                 if let (Some(rows), Some(tx)) = (full, &*tx.lock().expect("pusher")) {
                     // The pusher only stops early after an error, which it reports.
@@ -1013,6 +1035,7 @@ impl Infer {
         let backend = self.backend(ctx, s, concurrency)?;
         let queries: Vec<Query<'_>> = reqs.iter().map(|r| r.query(shape)).collect();
         let (result, pushed) = std::thread::scope(|scope| {
+            let outbox = &outbox;
             let pusher = ctx.remote.map(|remote| {
                 scope.spawn(move || -> Result<()> {
                     // Noted synced once at the end, in one transaction, so
@@ -1021,7 +1044,23 @@ impl Infer {
                     // restart: a batch more in the remote, nothing wrong.
                     let mut pushed: Vec<String> = Vec::new();
                     let mut result = Ok(());
-                    for rows in rx {
+                    // Full batches arrive on the channel; a batch that does
+                    // not fill goes up once its oldest answer has waited.
+                    loop {
+                        use std::sync::mpsc::RecvTimeoutError;
+                        let rows = match rx.recv_timeout(batch_wait.max(Duration::from_millis(1))) {
+                            Ok(rows) => rows,
+                            Err(RecvTimeoutError::Disconnected) => break,
+                            Err(RecvTimeoutError::Timeout) => {
+                                let mut out = outbox.lock().expect("outbox");
+                                let (rows, oldest) = &mut *out;
+                                if !oldest.is_some_and(|t| t.elapsed() >= batch_wait) {
+                                    continue;
+                                }
+                                *oldest = None;
+                                std::mem::take(rows)
+                            }
+                        };
                         result = push_batch(remote, &rows);
                         if result.is_err() {
                             break;
@@ -1038,7 +1077,7 @@ impl Infer {
             let result = backend.answer_all(&queries, concurrency, &|| ctx.is_cancelled(), &record);
             // The last, partial batch; closing the channel then ends the
             // pusher once it has sent everything.
-            let rest = std::mem::take(&mut *outbox.lock().expect("outbox"));
+            let rest = std::mem::take(&mut outbox.lock().expect("outbox").0);
             if let (false, Some(tx)) = (rest.is_empty(), tx.lock().expect("pusher").take()) {
                 let _ = tx.send(rest);
             }
