@@ -394,11 +394,10 @@ mod cells {
         key: String,
     }
 
-    macro_rules! not_a_row {
-        ($($f:ident($($t:ty),*)),* $(,)?) => {
-            $(fn $f(self, $(_: $t),*) -> Result<(), Error> {
-                Err(not_a_row())
-            })*
+    /// Serializer methods that refuse their value with `$err`.
+    macro_rules! refuse {
+        ($err:expr; $($f:ident($($t:ty),*) -> $r:ty),* $(,)?) => {
+            $(fn $f(self, $(_: $t),*) -> Result<$r, Error> { Err($err) })*
         };
     }
 
@@ -429,26 +428,6 @@ mod cells {
         ) -> Result<(), Error> {
             v.serialize(self)
         }
-        not_a_row!(
-            serialize_bool(bool),
-            serialize_i8(i8),
-            serialize_i16(i16),
-            serialize_i32(i32),
-            serialize_i64(i64),
-            serialize_u8(u8),
-            serialize_u16(u16),
-            serialize_u32(u32),
-            serialize_u64(u64),
-            serialize_f32(f32),
-            serialize_f64(f64),
-            serialize_char(char),
-            serialize_str(&str),
-            serialize_bytes(&[u8]),
-            serialize_none(),
-            serialize_unit(),
-            serialize_unit_struct(&'static str),
-            serialize_unit_variant(&'static str, u32, &'static str),
-        );
         fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<(), Error> {
             Err(not_a_row())
         }
@@ -461,37 +440,31 @@ mod cells {
         ) -> Result<(), Error> {
             Err(not_a_row())
         }
-        fn serialize_seq(self, _: Option<usize>) -> Result<Self::SerializeSeq, Error> {
-            Err(not_a_row())
-        }
-        fn serialize_tuple(self, _: usize) -> Result<Self::SerializeTuple, Error> {
-            Err(not_a_row())
-        }
-        fn serialize_tuple_struct(
-            self,
-            _: &'static str,
-            _: usize,
-        ) -> Result<Self::SerializeTupleStruct, Error> {
-            Err(not_a_row())
-        }
-        fn serialize_tuple_variant(
-            self,
-            _: &'static str,
-            _: u32,
-            _: &'static str,
-            _: usize,
-        ) -> Result<Self::SerializeTupleVariant, Error> {
-            Err(not_a_row())
-        }
-        fn serialize_struct_variant(
-            self,
-            _: &'static str,
-            _: u32,
-            _: &'static str,
-            _: usize,
-        ) -> Result<Self::SerializeStructVariant, Error> {
-            Err(not_a_row())
-        }
+        refuse!(not_a_row();
+            serialize_bool(bool) -> (),
+            serialize_i8(i8) -> (),
+            serialize_i16(i16) -> (),
+            serialize_i32(i32) -> (),
+            serialize_i64(i64) -> (),
+            serialize_u8(u8) -> (),
+            serialize_u16(u16) -> (),
+            serialize_u32(u32) -> (),
+            serialize_u64(u64) -> (),
+            serialize_f32(f32) -> (),
+            serialize_f64(f64) -> (),
+            serialize_char(char) -> (),
+            serialize_str(&str) -> (),
+            serialize_bytes(&[u8]) -> (),
+            serialize_none() -> (),
+            serialize_unit() -> (),
+            serialize_unit_struct(&'static str) -> (),
+            serialize_unit_variant(&'static str, u32, &'static str) -> (),
+            serialize_seq(Option<usize>) -> Self::SerializeSeq,
+            serialize_tuple(usize) -> Self::SerializeTuple,
+            serialize_tuple_struct(&'static str, usize) -> Self::SerializeTupleStruct,
+            serialize_tuple_variant(&'static str, u32, &'static str, usize) -> Self::SerializeTupleVariant,
+            serialize_struct_variant(&'static str, u32, &'static str, usize) -> Self::SerializeStructVariant,
+        );
     }
 
     impl ser::SerializeStruct for RowSer<'_> {
@@ -537,9 +510,10 @@ mod cells {
     /// One field's value as a cell; `Err(Nested)` for anything that is not a scalar.
     struct CellSer;
 
-    macro_rules! nested {
-        ($($f:ident($($t:ty),*) -> $r:ty),* $(,)?) => {
-            $(fn $f(self, $(_: $t),*) -> Result<$r, Error> { Err(Error::Nested) })*
+    /// Integer serializers: a cell holding the value as i64.
+    macro_rules! ints {
+        ($($f:ident($t:ty)),* $(,)?) => {
+            $(fn $f(self, v: $t) -> Result<Cell, Error> { Ok(Cell::Int(v.into())) })*
         };
     }
 
@@ -557,27 +531,15 @@ mod cells {
         fn serialize_bool(self, v: bool) -> Result<Cell, Error> {
             Ok(Cell::Bool(v))
         }
-        fn serialize_i8(self, v: i8) -> Result<Cell, Error> {
-            Ok(Cell::Int(v.into()))
-        }
-        fn serialize_i16(self, v: i16) -> Result<Cell, Error> {
-            Ok(Cell::Int(v.into()))
-        }
-        fn serialize_i32(self, v: i32) -> Result<Cell, Error> {
-            Ok(Cell::Int(v.into()))
-        }
-        fn serialize_i64(self, v: i64) -> Result<Cell, Error> {
-            Ok(Cell::Int(v))
-        }
-        fn serialize_u8(self, v: u8) -> Result<Cell, Error> {
-            Ok(Cell::Int(v.into()))
-        }
-        fn serialize_u16(self, v: u16) -> Result<Cell, Error> {
-            Ok(Cell::Int(v.into()))
-        }
-        fn serialize_u32(self, v: u32) -> Result<Cell, Error> {
-            Ok(Cell::Int(v.into()))
-        }
+        ints!(
+            serialize_i8(i8),
+            serialize_i16(i16),
+            serialize_i32(i32),
+            serialize_i64(i64),
+            serialize_u8(u8),
+            serialize_u16(u16),
+            serialize_u32(u32),
+        );
         fn serialize_u64(self, v: u64) -> Result<Cell, Error> {
             Ok(i64::try_from(v).map_or(Cell::Float(v as f64), Cell::Int))
         }
@@ -633,7 +595,7 @@ mod cells {
         ) -> Result<Cell, Error> {
             Err(Error::Nested)
         }
-        nested!(
+        refuse!(Error::Nested;
             serialize_bytes(&[u8]) -> Cell,
             serialize_seq(Option<usize>) -> Self::SerializeSeq,
             serialize_tuple(usize) -> Self::SerializeTuple,

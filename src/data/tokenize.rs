@@ -187,11 +187,7 @@ pub fn resolve_hf(name: &str, root: &Path) -> Result<PathBuf> {
 
 /// blake3 of a file's bytes, as hex.
 pub fn file_digest(path: &Path) -> Result<String> {
-    let mut h = blake3::Hasher::new();
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("reading `{}`", path.display()))?;
-    std::io::copy(&mut f, &mut h).with_context(|| format!("reading `{}`", path.display()))?;
-    Ok(h.finalize().to_hex().to_string())
+    crate::engine::digest::files_digest(&[path])
 }
 
 /// What identifies a configured tokenizer's files, for node keys: the bytes

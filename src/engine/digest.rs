@@ -51,6 +51,21 @@ impl<'de> Deserialize<'de> for Digest {
     }
 }
 
+/// The blake3 of the bytes of `files`, one after another (hex); an error
+/// names the file that could not be read.
+pub fn files_digest<P: AsRef<std::path::Path>>(files: &[P]) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let mut h = blake3::Hasher::new();
+    for path in files {
+        let path = path.as_ref();
+        let f =
+            std::fs::File::open(path).with_context(|| format!("reading `{}`", path.display()))?;
+        h.update_reader(f)
+            .with_context(|| format!("reading `{}`", path.display()))?;
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
 /// The blake3 of the bytes of `files`, one after another (hex), remembered
 /// under `cache_root` by each file's size, modification time and inode, as
 /// git and DVC keep stat caches: a large dataset is read once, not on every
@@ -61,18 +76,8 @@ pub fn files_digest_cached(
     cache_root: &std::path::Path,
     files: &[std::path::PathBuf],
 ) -> anyhow::Result<String> {
-    use anyhow::Context;
     use std::os::unix::fs::MetadataExt;
-    let read = || -> anyhow::Result<String> {
-        let mut h = blake3::Hasher::new();
-        for path in files {
-            let mut f = std::fs::File::open(path)
-                .with_context(|| format!("reading `{}`", path.display()))?;
-            std::io::copy(&mut f, &mut h)
-                .with_context(|| format!("reading `{}`", path.display()))?;
-        }
-        Ok(h.finalize().to_hex().to_string())
-    };
+    let read = || files_digest(files);
     let (mut names, mut stamp, mut newest) = (String::new(), String::new(), 0i64);
     for path in files {
         let Ok(meta) = std::fs::metadata(path) else {
@@ -108,11 +113,9 @@ pub fn files_digest_cached(
         .map_or(0, |d| d.as_secs() as i64);
     if newest < now - 2 {
         // Best effort: a cache that cannot be written is only slower.
-        let _ = std::fs::create_dir_all(entry.parent().expect("a parent")).and_then(|_| {
-            let tmp = entry.with_extension(format!("{}.tmp", std::process::id()));
-            std::fs::write(&tmp, format!("{stamp} {digest}\n"))?;
-            std::fs::rename(&tmp, &entry)
-        });
+        let dir = entry.parent().expect("a parent");
+        let line = format!("{stamp} {digest}\n");
+        let _ = super::store::write_atomic_named(dir, &entry, line.as_bytes());
     }
     Ok(digest)
 }

@@ -409,13 +409,7 @@ fn transport_failure(e: &reqwest::Error) -> Failure {
     if e.is_timeout() {
         return fail("TIMEOUT", format!("request timed out: {e}"), None, true);
     }
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        msg.push_str(&format!(": {s}"));
-        src = s.source();
-    }
-    connection_failure(&msg)
+    connection_failure(&super::direct::error_chain(e))
 }
 
 /// Connection refused or reset, a body cut off: the server may recover.

@@ -44,17 +44,21 @@ impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Error::Connect(e) => write!(f, "could not connect: {e}"),
-            Error::Http(e) => {
-                write!(f, "{e}")?;
-                let mut src = std::error::Error::source(e);
-                while let Some(s) = src {
-                    write!(f, ": {s}")?;
-                    src = s.source();
-                }
-                Ok(())
-            }
+            Error::Http(e) => f.write_str(&error_chain(e)),
         }
     }
+}
+
+/// An error and every cause under it, joined by `: ` (hyper's and reqwest's
+/// own messages leave out the OS error that says what happened).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    msg
 }
 
 /// A proxy variable that reqwest would honour for this host.

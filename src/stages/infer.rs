@@ -92,10 +92,6 @@ fn inflight() -> &'static Mutex<HashSet<String>> {
     SET.get_or_init(Default::default)
 }
 
-/// Fills `{context}`, `{question}` and the extra fields (`{options}`) in a
-/// template, in one pass (a context that itself contains `{question}` stays
-/// as it is). Braces around anything else are left alone; the configuration
-/// check has already refused unknown placeholders.
 /// What of `prepare`'s examples a prompt is made of: `table::read` decodes
 /// only these columns (not the answers and metadata).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -107,6 +103,10 @@ pub struct PromptSource {
     pub extra: BTreeMap<String, String>,
 }
 
+/// Fills `{context}`, `{question}` and the extra fields (`{options}`) in a
+/// template, in one pass (a context that itself contains `{question}` stays
+/// as it is). Braces around anything else are left alone; the configuration
+/// check has already refused unknown placeholders.
 pub fn fill(template: &str, ex: &PromptSource) -> String {
     let mut out = String::with_capacity(template.len() + ex.context.len() + ex.question.len());
     let mut rest = template;
@@ -402,7 +402,32 @@ fn remote_batch() -> usize {
 
 /// Answers (key, outcome JSON) waiting to go to the remote cache, and when
 /// the oldest of them arrived.
-type Outbox = (Vec<(String, String)>, Option<std::time::Instant>);
+#[derive(Default)]
+struct Outbox {
+    rows: Vec<(String, String)>,
+    oldest: Option<std::time::Instant>,
+}
+
+impl Outbox {
+    /// Adds an answer; the batch when it is full.
+    fn push(&mut self, row: (String, String), batch: usize) -> Option<Vec<(String, String)>> {
+        self.oldest.get_or_insert_with(std::time::Instant::now);
+        self.rows.push(row);
+        (self.rows.len() >= batch).then(|| self.take())
+    }
+
+    /// The batch when its oldest answer has waited `wait`.
+    fn due(&mut self, wait: Duration) -> Option<Vec<(String, String)>> {
+        self.oldest
+            .is_some_and(|t| t.elapsed() >= wait)
+            .then(|| self.take())
+    }
+
+    fn take(&mut self) -> Vec<(String, String)> {
+        self.oldest = None;
+        std::mem::take(&mut self.rows)
+    }
+}
 
 /// How long a batch's oldest answer waits before the batch goes up anyway
 /// (`KVT_REMOTE_BATCH_MS`, default 5 s): a slow server's answers still
@@ -991,7 +1016,7 @@ impl Infer {
         // New final answers waiting to go to the remote cache as one batch;
         // full batches go to a pusher thread, so answering never waits on
         // the remote.
-        let outbox: Mutex<Outbox> = Mutex::new((Vec::new(), None));
+        let outbox: Mutex<Outbox> = Mutex::default();
         let (batch, batch_wait) = (remote_batch(), remote_batch_wait());
         let (tx, rx) = std::sync::mpsc::channel::<Vec<(String, String)>>();
         let tx = Mutex::new(Some(tx));
@@ -1015,16 +1040,10 @@ impl Infer {
                 .insert(key.to_string(), o.clone());
             answered.sent.fetch_add(1, Ordering::Relaxed);
             if let Some(text) = copy {
-                let full = {
-                    let mut out = outbox.lock().expect("outbox");
-                    let (rows, oldest) = &mut *out;
-                    rows.push((key.to_string(), text));
-                    let since = *oldest.get_or_insert_with(std::time::Instant::now);
-                    (rows.len() >= batch || since.elapsed() >= batch_wait).then(|| {
-                        *oldest = None;
-                        std::mem::take(rows)
-                    })
-                };
+                let full = outbox
+                    .lock()
+                    .expect("outbox")
+                    .push((key.to_string(), text), batch);
                 if let (Some(rows), Some(tx)) = (full, &*tx.lock().expect("pusher")) {
                     // The pusher only stops early after an error, which it reports.
                     let _ = tx.send(rows);
@@ -1045,22 +1064,21 @@ impl Infer {
                     let mut pushed: Vec<String> = Vec::new();
                     let mut result = Ok(());
                     // Full batches arrive on the channel; a batch that does
-                    // not fill goes up once its oldest answer has waited.
+                    // not fill goes up once its oldest answer has waited
+                    // (looked at four times per wait).
                     loop {
                         use std::sync::mpsc::RecvTimeoutError;
-                        let rows = match rx.recv_timeout(batch_wait.max(Duration::from_millis(1))) {
-                            Ok(rows) => rows,
-                            Err(RecvTimeoutError::Disconnected) => break,
-                            Err(RecvTimeoutError::Timeout) => {
-                                let mut out = outbox.lock().expect("outbox");
-                                let (rows, oldest) = &mut *out;
-                                if !oldest.is_some_and(|t| t.elapsed() >= batch_wait) {
-                                    continue;
+                        let rows =
+                            match rx.recv_timeout((batch_wait / 4).max(Duration::from_millis(1))) {
+                                Ok(rows) => rows,
+                                Err(RecvTimeoutError::Disconnected) => break,
+                                Err(RecvTimeoutError::Timeout) => {
+                                    match outbox.lock().expect("outbox").due(batch_wait) {
+                                        Some(rows) => rows,
+                                        None => continue,
+                                    }
                                 }
-                                *oldest = None;
-                                std::mem::take(rows)
-                            }
-                        };
+                            };
                         result = push_batch(remote, &rows);
                         if result.is_err() {
                             break;
@@ -1077,7 +1095,7 @@ impl Infer {
             let result = backend.answer_all(&queries, concurrency, &|| ctx.is_cancelled(), &record);
             // The last, partial batch; closing the channel then ends the
             // pusher once it has sent everything.
-            let rest = std::mem::take(&mut outbox.lock().expect("outbox").0);
+            let rest = outbox.lock().expect("outbox").take();
             if let (false, Some(tx)) = (rest.is_empty(), tx.lock().expect("pusher").take()) {
                 let _ = tx.send(rest);
             }

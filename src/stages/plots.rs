@@ -254,12 +254,9 @@ impl Memo<'_> {
 
     /// Best effort: a memo that cannot be written only means drawing again.
     fn note(&self, fig: &plots::Figure, png: crate::engine::Digest, svg: crate::engine::Digest) {
-        let entry = self.entry(fig);
-        let _ = std::fs::create_dir_all(&self.dir).and_then(|_| {
-            let tmp = entry.with_extension(format!("{}.tmp", std::process::id()));
-            std::fs::write(&tmp, format!("{png} {svg}\n"))?;
-            std::fs::rename(&tmp, &entry)
-        });
+        let line = format!("{png} {svg}\n");
+        let _ =
+            crate::engine::store::write_atomic_named(&self.dir, &self.entry(fig), line.as_bytes());
     }
 }
 

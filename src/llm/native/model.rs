@@ -7,7 +7,7 @@
 //! `G` KV heads (`H = G × group`), `D` head dim, `E` hidden size.
 
 use super::quant::KvQuant;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
@@ -383,9 +383,5 @@ fn causal_mask(t: usize, past: usize, dev: &Device) -> Result<Tensor> {
 
 /// The file's digest (blake3 of its bytes), for request identity.
 pub fn file_digest(path: &std::path::Path) -> Result<String> {
-    let mut h = blake3::Hasher::new();
-    let f = std::fs::File::open(path).with_context(|| format!("reading `{}`", path.display()))?;
-    h.update_reader(f)
-        .with_context(|| format!("reading `{}`", path.display()))?;
-    Ok(h.finalize().to_hex().to_string())
+    crate::engine::digest::files_digest(&[path])
 }
