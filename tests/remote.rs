@@ -554,6 +554,36 @@ async fn held_chat(
     }))
 }
 
+/// A server that answers three requests, then holds the rest until `hold`
+/// is cleared: (its state, its address, the runtime serving it).
+fn held_server() -> (Arc<Held>, String, tokio::runtime::Runtime) {
+    let st = Arc::new(Held {
+        hold: AtomicBool::new(true),
+        open: 3,
+        answered: Mutex::new(Vec::new()),
+        attempts: Mutex::new(HashMap::new()),
+        busy: AtomicUsize::new(0),
+    });
+    let (addr, rt) = serve_router(
+        axum::Router::new()
+            .route("/v1/chat/completions", axum::routing::post(held_chat))
+            .with_state(st.clone()),
+    );
+    (st, addr, rt)
+}
+
+/// Waits until `n` requests have reached the held server.
+fn wait_for_requests(st: &Held, n: usize) {
+    let t0 = Instant::now();
+    while st.busy.load(Ordering::SeqCst) < n {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no requests arrived"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_worker_killed_mid_run_and_restarted_loses_no_answer_and_repeats_none() {
     let s = shared();
@@ -570,18 +600,7 @@ fn a_worker_killed_mid_run_and_restarted_loses_no_answer_and_repeats_none() {
 fn a_batch_that_never_fills_goes_up_after_its_wait() {
     let s = shared();
     let journal = s.remote.path().join("v1/journal");
-    let st = Arc::new(Held {
-        hold: AtomicBool::new(true),
-        open: 3,
-        answered: Mutex::new(Vec::new()),
-        attempts: Mutex::new(HashMap::new()),
-        busy: AtomicUsize::new(0),
-    });
-    let (addr, _rt) = serve_router(
-        axum::Router::new()
-            .route("/v1/chat/completions", axum::routing::post(held_chat))
-            .with_state(st.clone()),
-    );
+    let (st, addr, _rt) = held_server();
     s.p.write(
         "config/experiments/w.yaml",
         "output: {exp_group_id: w}
@@ -606,14 +625,7 @@ kv: {policies: [snapkv], budgets: [1.0]}
         .spawn()
         .unwrap();
     // Three answers, then the server holds: the batch of three never fills.
-    let t0 = Instant::now();
-    while st.busy.load(Ordering::SeqCst) < 4 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no requests arrived"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_requests(&st, 4);
     std::thread::sleep(Duration::from_millis(500));
     let went_up = journal.exists() && std::fs::read_dir(&journal).map_or(0, |d| d.count()) > 0;
     child.kill().unwrap();
@@ -634,18 +646,7 @@ fn killed_and_restarted(
     remote: &[(String, String)],
     journal_empty: &dyn Fn() -> bool,
 ) {
-    let st = Arc::new(Held {
-        hold: AtomicBool::new(true),
-        open: 3,
-        answered: Mutex::new(Vec::new()),
-        attempts: Mutex::new(HashMap::new()),
-        busy: AtomicUsize::new(0),
-    });
-    let (addr, _rt) = serve_router(
-        axum::Router::new()
-            .route("/v1/chat/completions", axum::routing::post(held_chat))
-            .with_state(st.clone()),
-    );
+    let (st, addr, _rt) = held_server();
     p.write(
         "config/experiments/k.yaml",
         "output: {exp_group_id: k}
@@ -676,14 +677,7 @@ analysis: {bootstrap: {iters: 20}}
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let t0 = Instant::now();
-    while st.busy.load(Ordering::SeqCst) < 5 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no requests arrived"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_requests(&st, 5);
     std::thread::sleep(Duration::from_millis(300));
     child.kill().unwrap();
     child.wait().unwrap();
