@@ -84,6 +84,7 @@ fn rows(budgets: &[f64], bins: i64, per_bin: i64) -> (Vec<Bin>, Vec<ScoreRow>) {
                     recall: score,
                     failure: None,
                     truncated_from: None,
+                    probs: Default::default(),
                     response: kvt::llm::Outcome {
                         finish_reason: Some("stop".into()),
                         latency_ms: r.unit() * 100.0,
@@ -117,6 +118,9 @@ fn analyze_3_budgets_5_bins_200_examples_b2000(b: divan::Bencher) {
             delta: 0.1,
             floor: 0.1,
         },
+        fidelity: Default::default(),
+        splits: Default::default(),
+        selective: Default::default(),
     };
     let g = KvGeometry {
         layers: 32,

@@ -278,6 +278,16 @@ pub struct Engine {
     /// implementations such as transformers). Enters request identity.
     #[serde(default)]
     pub dequantize: bool,
+    /// Top-k log-probabilities recorded per generated token (0: none). The
+    /// native engine computes them; OpenAI-compatible servers are asked
+    /// through `logprobs`/`top_logprobs`; the simulator has none.
+    #[serde(default)]
+    pub logprobs: u32,
+    /// Native engine (in process or behind `kvt serve`): teacher-force the
+    /// gold answers and the full cache's own answer under every cell (gold
+    /// log-likelihood, KL to the full cache, top-1 agreement).
+    #[serde(default)]
+    pub fidelity: bool,
     /// Native engine: memory for recent prefills shared between cells (MiB).
     pub prefill_cache_mib: u64,
     pub base_url: Option<String>,
@@ -385,6 +395,74 @@ pub struct Metrics {
 pub struct Analysis {
     pub bootstrap: Bootstrap,
     pub transition: Transition,
+    #[serde(default)]
+    pub fidelity: FidelityRule,
+    #[serde(default)]
+    pub splits: Splits,
+    #[serde(default)]
+    pub selective: Selective,
+}
+
+/// Verdicts on the continuous metrics (gold log-likelihood, KL).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FidelityRule {
+    /// The largest loss per answer token (nats) that still counts as safe:
+    /// the drop in the gold answer's log-likelihood, or the KL to the full cache.
+    pub delta_nats: f64,
+}
+
+impl Default for FidelityRule {
+    fn default() -> Self {
+        FidelityRule { delta_nats: 0.1 }
+    }
+}
+
+/// Examples split by id into calibration (thresholds chosen) and test
+/// (figures reported).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Splits {
+    /// The share of examples in the calibration split.
+    pub calibration: f64,
+    pub seed: u64,
+}
+
+impl Default for Splits {
+    fn default() -> Self {
+        Splits {
+            calibration: 0.5,
+            seed: 0,
+        }
+    }
+}
+
+/// Selective prediction: what an answer's confidence is, and the risk the
+/// "confidently wrong" threshold is chosen for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Selective {
+    /// `mean` (mean token log-probability) or `min` (the least likely token).
+    pub confidence: ConfidenceKind,
+    /// Answers at or above the threshold where the full cache's calibration
+    /// answers are wrong at most this often count as confident.
+    pub confident_risk: f64,
+}
+
+impl Default for Selective {
+    fn default() -> Self {
+        Selective {
+            confidence: ConfidenceKind::Mean,
+            confident_risk: 0.1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConfidenceKind {
+    Mean,
+    Min,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -64,6 +64,8 @@ pub struct Query<'a> {
     pub user: &'a str,
     /// The question alone (the simulator's reader looks for it).
     pub question: &'a str,
+    /// Gold answers for the engine to teacher-force (sent as `kvt_golds`).
+    pub golds: &'a [String],
     pub shape: &'a Shape,
 }
 
@@ -94,6 +96,10 @@ impl Query<'_> {
             string(&mut out, self.user);
             out.extend_from_slice(b"}]");
         }
+        if !self.golds.is_empty() {
+            out.extend_from_slice(br#","kvt_golds":"#);
+            serde_json::to_writer(&mut out, self.golds).expect("writing JSON to memory");
+        }
         out.push(b'}');
         out
     }
@@ -105,6 +111,9 @@ impl Query<'_> {
             body["prompt"] = Value::String(format!("{}\n\n{}", self.shape.system, self.user));
         } else {
             body["messages"] = Value::Array(self.messages());
+        }
+        if !self.golds.is_empty() {
+            body["kvt_golds"] = serde_json::json!(self.golds);
         }
         for (k, v) in &self.shape.extra {
             body[k] = v.clone();
@@ -180,10 +189,12 @@ mod tests {
                     extra: serde_json::from_value(extra.clone()).unwrap(),
                     head: Default::default(),
                 };
+                let golds = ["Paris".to_string(), "the \"city\"".to_string()];
                 let q = Query {
                     key: "k",
                     user,
                     question: "q",
+                    golds: if completions { &golds } else { &[] },
                     shape: &shape,
                 };
                 let sent: Value = serde_json::from_slice(&q.body_bytes()).unwrap();
@@ -204,6 +215,7 @@ mod tests {
             key: "k",
             user: "u",
             question: "",
+            golds: &[],
             shape: &shape,
         };
         let sent: Value = serde_json::from_slice(&q.body_bytes()).unwrap();

@@ -383,6 +383,7 @@ impl Client {
                 http_status: Some(status),
                 ..Default::default()
             };
+            logprobs_into(choice.get("logprobs"), &mut o);
             usage_into(&v.usage, &v.kvt, &v.timings, &mut o);
             Ok(o)
         }
@@ -468,6 +469,76 @@ struct Answer {
     kvt: Value,
     #[serde(default)]
     timings: Value,
+}
+
+/// A choice's standard `logprobs` appended to the outcome's: chat's
+/// `{"content": [{token, logprob, top_logprobs: [{token, logprob}]}]}` (one
+/// list per answer, or a piece per stream chunk) and the completions API's
+/// `{tokens, token_logprobs, top_logprobs: [{token: logprob}]}`. A choice
+/// without them leaves the outcome's none: "unavailable", never zeros.
+fn logprobs_into(lp: Option<&Value>, o: &mut Outcome) {
+    let Some(lp) = lp.filter(|v| v.is_object()) else {
+        return;
+    };
+    let num = |v: &Value| v.as_f64().map(|x| x as f32);
+    let mut got: Vec<crate::llm::TokenLogprob> = Vec::new();
+    if let Some(content) = lp.get("content").and_then(Value::as_array) {
+        for t in content {
+            let (Some(token), Some(logprob)) = (
+                t.get("token").and_then(Value::as_str),
+                t.get("logprob").and_then(num),
+            ) else {
+                continue;
+            };
+            let top = t
+                .get("top_logprobs")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| {
+                            Some((
+                                x.get("token")?.as_str()?.to_string(),
+                                num(x.get("logprob")?)?,
+                            ))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            got.push(crate::llm::TokenLogprob {
+                token: token.to_string(),
+                logprob,
+                top,
+            });
+        }
+    } else if let (Some(tokens), Some(lps)) = (
+        lp.get("tokens").and_then(Value::as_array),
+        lp.get("token_logprobs").and_then(Value::as_array),
+    ) {
+        let tops = lp.get("top_logprobs").and_then(Value::as_array);
+        for (i, (t, l)) in tokens.iter().zip(lps).enumerate() {
+            let (Some(token), Some(logprob)) = (t.as_str(), num(l)) else {
+                continue;
+            };
+            let mut top: Vec<(String, f32)> = tops
+                .and_then(|a| a.get(i))
+                .and_then(Value::as_object)
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), num(v)?)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            top.sort_by(|a, b| b.1.total_cmp(&a.1));
+            got.push(crate::llm::TokenLogprob {
+                token: token.to_string(),
+                logprob,
+                top,
+            });
+        }
+    } else {
+        return;
+    }
+    o.logprobs.get_or_insert_with(Vec::new).extend(got);
 }
 
 /// Token counts, kvt's own telemetry and llama.cpp's timings, from an answer
@@ -596,6 +667,7 @@ async fn read_stream(mut resp: Reply, t0: Instant, limit: u64) -> Result<Outcome
                     if let Some(f) = c.get("finish_reason").and_then(Value::as_str) {
                         o.finish_reason = Some(f.to_string());
                     }
+                    logprobs_into(c.get("logprobs"), &mut o);
                 }
                 usage_into(&v["usage"], &v["kvt"], &v["timings"], &mut o);
             }

@@ -94,7 +94,157 @@ pub struct Outcome {
     /// and the share of (layer, KV head) pairs that kept each.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kept_share: Option<Vec<(String, f32)>>,
+    /// Per generated token: its log-probability and the top-k alternatives
+    /// (`engine.logprobs`), from engines that give them (the native engine;
+    /// OpenAI-compatible servers through `logprobs`/`top_logprobs`). None:
+    /// not asked for, or the engine gave none ("unavailable", never zeros).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<TokenLogprob>>,
+    /// The gold answers' log-likelihood, teacher-forced after this cell's
+    /// (compressed) prompt, one per gold, in the dataset's order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gold_loglik: Option<Vec<GoldLikelihood>>,
+    /// Fidelity to the full cache: the full cache's own greedy answer
+    /// teacher-forced under this cell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fidelity: Option<Fidelity>,
     pub is_final: bool,
+}
+
+/// One generated token's log-probability (natural log) and its top-k.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    #[serde(rename = "t")]
+    pub token: String,
+    #[serde(rename = "lp")]
+    pub logprob: f32,
+    /// The k most likely tokens at this step (token, logprob), best first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top: Vec<(String, f32)>,
+}
+
+/// A gold answer's log-likelihood: summed over its tokens (nats), and how
+/// many tokens it has.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GoldLikelihood {
+    pub total: f64,
+    pub tokens: u32,
+}
+
+impl GoldLikelihood {
+    pub fn per_token(&self) -> f64 {
+        self.total / f64::from(self.tokens.max(1))
+    }
+}
+
+/// The full cache's greedy answer teacher-forced under a cell, per token:
+/// KL(full ‖ cell) in nats, whether the cell's top-1 token is the full
+/// cache's, and the first step where it is not.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fidelity {
+    pub kl: Vec<f32>,
+    pub top1_agree: Vec<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_divergence: Option<u32>,
+    /// `exact` (the whole vocabulary) or `top_k` (the union of both top-k sets).
+    pub basis: String,
+}
+
+impl Fidelity {
+    pub fn mean_kl(&self) -> Option<f64> {
+        (!self.kl.is_empty())
+            .then(|| self.kl.iter().map(|&x| f64::from(x)).sum::<f64>() / self.kl.len() as f64)
+    }
+    pub fn agreement(&self) -> Option<f64> {
+        (!self.top1_agree.is_empty()).then(|| {
+            self.top1_agree.iter().filter(|&&a| a).count() as f64 / self.top1_agree.len() as f64
+        })
+    }
+}
+
+/// Log-softmax of logits (natural log), computed in f64 for the sum.
+pub fn log_softmax(x: &[f32]) -> Vec<f32> {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = x.iter().map(|&v| f64::from(v - max).exp()).sum();
+    let lse = max as f64 + sum.ln();
+    x.iter().map(|&v| (f64::from(v) - lse) as f32).collect()
+}
+
+/// KL(p ‖ q) in nats from two log-probability vectors over the same support.
+pub fn kl_divergence(lp: &[f32], lq: &[f32]) -> f64 {
+    lp.iter()
+        .zip(lq)
+        .map(|(&a, &b)| {
+            let p = f64::from(a).exp();
+            if p == 0.0 {
+                0.0
+            } else {
+                p * (f64::from(a) - f64::from(b))
+            }
+        })
+        .sum::<f64>()
+        .max(0.0)
+}
+
+/// The `k` largest entries of `lp` as (index, value), best first (ties to the
+/// lower index).
+pub fn top_k(lp: &[f32], k: usize) -> Vec<(usize, f32)> {
+    let mut idx: Vec<(usize, f32)> = Vec::with_capacity(k + 1);
+    for (i, &v) in lp.iter().enumerate() {
+        if idx.len() < k || v > idx[idx.len() - 1].1 {
+            let at = idx.partition_point(|&(_, w)| w >= v);
+            idx.insert(at, (i, v));
+            idx.truncate(k);
+        }
+    }
+    idx
+}
+
+/// KL(full ‖ cell) over the union of two top-k lists (servers that give only
+/// the top-k): each side's mass outside its list is spread evenly over the
+/// union's tokens it did not list, floored at the smallest listed
+/// probability. An approximation, marked `top_k` wherever it is used.
+pub fn kl_top_k(full: &[(String, f32)], cell: &[(String, f32)]) -> f64 {
+    let mut union: Vec<&str> = full.iter().map(|t| t.0.as_str()).collect();
+    for (t, _) in cell {
+        if !union.contains(&t.as_str()) {
+            union.push(t);
+        }
+    }
+    let dist = |list: &[(String, f32)]| -> Vec<f64> {
+        let listed: f64 = list.iter().map(|t| f64::from(t.1).exp()).sum();
+        let floor = list
+            .iter()
+            .map(|t| f64::from(t.1).exp())
+            .fold(f64::INFINITY, f64::min);
+        let missing = union
+            .iter()
+            .filter(|u| !list.iter().any(|t| t.0 == **u))
+            .count();
+        let fill = if missing > 0 {
+            ((1.0 - listed).max(0.0) / missing as f64)
+                .min(floor)
+                .max(1e-9)
+        } else {
+            0.0
+        };
+        let v: Vec<f64> = union
+            .iter()
+            .map(|u| {
+                list.iter()
+                    .find(|t| t.0 == *u)
+                    .map_or(fill, |t| f64::from(t.1).exp())
+            })
+            .collect();
+        let z: f64 = v.iter().sum();
+        v.into_iter().map(|x| x / z).collect()
+    };
+    let (p, q) = (dist(full), dist(cell));
+    p.iter()
+        .zip(&q)
+        .map(|(&a, &b)| if a > 0.0 { a * (a / b).ln() } else { 0.0 })
+        .sum::<f64>()
+        .max(0.0)
 }
 
 /// A policy as written in `kv.policies`: an eviction policy, optionally with a
@@ -136,6 +286,47 @@ impl PolicySpec {
             .copied()
             .find(|n| native::policy::Policy::parse(n) == Some(self.policy))
             .expect("every policy has a name")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kl_and_log_softmax_by_hand() {
+        // softmax([0, ln 3]) = [1/4, 3/4].
+        let lp = log_softmax(&[0.0, 3f32.ln()]);
+        assert!((lp[0] - 0.25f32.ln()).abs() < 1e-6 && (lp[1] - 0.75f32.ln()).abs() < 1e-6);
+        // KL([1/2, 1/2] ‖ [1/4, 3/4]) = ½ ln 2 + ½ ln(2/3) = 0.1438410.
+        let p = [0.5f32.ln(), 0.5f32.ln()];
+        let kl = kl_divergence(&p, &lp);
+        assert!((kl - 0.143_841_04).abs() < 1e-6, "{kl}");
+        // A distribution against itself: exactly 0.
+        assert_eq!(kl_divergence(&lp, &lp), 0.0);
+        // KL([1, 0] ‖ [0.9, 0.1]) = ln(1/0.9).
+        let kl = kl_divergence(&[0.0, f32::NEG_INFINITY], &[0.9f32.ln(), 0.1f32.ln()]);
+        assert!((kl - (1.0f64 / 0.9).ln()).abs() < 1e-6, "{kl}");
+        // Top-k over the union, both lists complete: the exact KL.
+        let full = vec![
+            ("a".to_string(), 0.5f32.ln()),
+            ("b".to_string(), 0.5f32.ln()),
+        ];
+        let cell = vec![
+            ("b".to_string(), 0.75f32.ln()),
+            ("a".to_string(), 0.25f32.ln()),
+        ];
+        assert!((kl_top_k(&full, &cell) - 0.143_841_04).abs() < 1e-6);
+        assert_eq!(kl_top_k(&full, &full), 0.0);
+        assert_eq!(
+            top_k(&[0.1, 0.5, 0.5, -1.0, 0.7], 3),
+            vec![(4, 0.7), (1, 0.5), (2, 0.5)]
+        );
+        let g = GoldLikelihood {
+            total: -3.0,
+            tokens: 2,
+        };
+        assert_eq!(g.per_token(), -1.5);
     }
 }
 

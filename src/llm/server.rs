@@ -199,6 +199,7 @@ async fn answer_http(st: Arc<AppState>, headers: HeaderMap, body: Body, plain: b
                 .get("kvt_record_kept")
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
+            let extras = NativeExtras::of(&body);
             let pairs: Vec<(String, String)> = messages
                 .iter()
                 .map(|m| {
@@ -210,9 +211,15 @@ async fn answer_http(st: Arc<AppState>, headers: HeaderMap, body: Body, plain: b
                 })
                 .collect();
             let computed = tokio::task::spawn_blocking(move || match native {
-                Some(engine) => {
-                    native_answer(&engine, pairs, &params, cohort, record_kept, max_new)
-                }
+                Some(engine) => native_answer(
+                    &engine,
+                    pairs,
+                    &params,
+                    cohort,
+                    record_kept,
+                    max_new,
+                    extras,
+                ),
                 None => {
                     let bpe = crate::data::tokenize::encoding("cl100k_base")?;
                     reference::answer(bpe, &prompt, &question, &params, max_new)
@@ -258,13 +265,23 @@ async fn answer_http(st: Arc<AppState>, headers: HeaderMap, body: Body, plain: b
     if let Some(n) = &ans.native {
         kvt["native"] = json!(n);
     }
+    // Log-probabilities where the engine has them (the native engine); the
+    // simulator has none and the field is left out, as servers do.
+    let lps = ans
+        .native
+        .as_ref()
+        .and_then(|n| n.logprobs.as_deref())
+        .map(logprobs_json);
     if !stream {
-        let choice = if plain {
+        let mut choice = if plain {
             json!({"index": 0, "text": ans.text, "finish_reason": ans.finish_reason})
         } else {
             json!({"index": 0, "message": {"role": "assistant", "content": ans.text},
                    "finish_reason": ans.finish_reason})
         };
+        if let Some(l) = &lps {
+            choice["logprobs"] = l.clone();
+        }
         let object = if plain {
             "text_completion"
         } else {
@@ -303,7 +320,12 @@ async fn answer_http(st: Arc<AppState>, headers: HeaderMap, body: Body, plain: b
     if !piece.is_empty() {
         events.push(chunk(json!({"content": piece}), Value::Null));
     }
-    events.push(chunk(json!({}), json!(ans.finish_reason)));
+    let mut last: Value =
+        serde_json::from_str(&chunk(json!({}), json!(ans.finish_reason))).expect("a chunk is JSON");
+    if let Some(l) = &lps {
+        last["choices"][0]["logprobs"] = l.clone();
+    }
+    events.push(last.to_string());
     if include_usage {
         let c = json!({"id": id, "object": "chat.completion.chunk", "created": 0, "model": model,
                        "choices": [], "usage": usage, "kvt": kvt});
@@ -341,6 +363,45 @@ fn native_params_for(body: &Value, defaults: &KvParams) -> Result<KvParams, Stri
     Ok(p)
 }
 
+/// What a request asks of the native engine beyond its answer: top-k
+/// log-probabilities (the standard `logprobs` / `top_logprobs` fields), gold
+/// answers to teacher-force (`kvt_golds`) and the full cache's answer
+/// teacher-forced under the cell (`kvt_fidelity`).
+struct NativeExtras {
+    logprobs: usize,
+    golds: Vec<String>,
+    fidelity: bool,
+}
+
+impl NativeExtras {
+    fn of(body: &Value) -> NativeExtras {
+        let asked = body.get("logprobs").and_then(Value::as_bool) == Some(true);
+        NativeExtras {
+            logprobs: if asked {
+                body.get("top_logprobs")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(1)
+                    .clamp(1, 20) as usize
+            } else {
+                0
+            },
+            golds: body
+                .get("kvt_golds")
+                .and_then(|g| serde_json::from_value(g.clone()).ok())
+                .unwrap_or_default(),
+            fidelity: body.get("kvt_fidelity").and_then(Value::as_bool) == Some(true),
+        }
+    }
+}
+
+/// The standard `logprobs` object of a choice (`content`: one entry per token).
+fn logprobs_json(lps: &[crate::llm::TokenLogprob]) -> Value {
+    json!({"content": lps.iter().map(|t| json!({
+        "token": t.token, "logprob": t.logprob,
+        "top_logprobs": t.top.iter().map(|(tok, lp)| json!({"token": tok, "logprob": lp})).collect::<Vec<_>>(),
+    })).collect::<Vec<_>>()})
+}
+
 fn native_answer(
     engine: &crate::llm::native::NativeEngine,
     messages: Vec<(String, String)>,
@@ -348,6 +409,7 @@ fn native_answer(
     cohort: Option<Value>,
     record_kept: bool,
     max_new: usize,
+    extras: NativeExtras,
 ) -> anyhow::Result<reference::RefAnswer> {
     let cohort: Vec<KvParams> = match cohort {
         Some(c) => serde_json::from_value(c).map_err(|e| anyhow::anyhow!("`kvt_cohort`: {e}"))?,
@@ -362,6 +424,9 @@ fn native_answer(
             .iter()
             .map(KvParams::native_cell)
             .collect::<anyhow::Result<_>>()?,
+        logprobs: extras.logprobs,
+        golds: extras.golds,
+        fidelity: extras.fidelity,
     };
     let a = engine.answer(&req)?;
     let o = crate::llm::native::outcome(&a);

@@ -44,6 +44,10 @@ pub struct BinStat {
     pub loss: Option<f64>,
     #[serde(default)]
     pub loss_ub: Option<f64>,
+    /// One-sided lower bound on the mean net loss (`ref − cell`): a bin
+    /// fails only when it lies above δ (`stats::net_loss_lower`).
+    #[serde(default)]
+    pub net_loss_lb: Option<f64>,
     /// The full cache's mean on the paired examples.
     #[serde(default)]
     pub reference_mean: Option<f64>,
@@ -76,6 +80,24 @@ pub struct TransitionRow {
     pub delta_threshold: f64,
     #[serde(flatten)]
     pub t: stats::Transition,
+}
+
+/// Chance accuracy of a metric, when guessing scores above 0: a
+/// `multiple_choice` answer picks one of four options (A–D).
+pub fn chance_level(metric: &str) -> f64 {
+    if metric == "multiple_choice" {
+        0.25
+    } else {
+        0.0
+    }
+}
+
+/// The "uninformative" floor for a metric: `floor` above chance, on the
+/// scale from chance to 1 (plain `floor` for metrics where guessing scores
+/// 0; 0.25 + 0.1 × 0.75 = 0.325 for four options at the default 0.1).
+pub fn effective_floor(metric: &str, floor: f64) -> f64 {
+    let c = chance_level(metric);
+    c + floor * (1.0 - c)
 }
 
 fn opt(x: f64) -> Option<f64> {
@@ -276,10 +298,16 @@ pub fn analyze(
         let d = stats::mean(rb) - stats::mean(ra);
         let (dlo, dhi) = (ev.lo, ev.hi);
         let is_reference = j.budget == j.reference && !j.policy.contains('+');
+        let metric = j.rows.first().map(|r| r.metric.as_str()).unwrap_or("");
         let verdict = if is_reference {
             "reference"
         } else {
-            stats::verdict(&ev, a.transition.delta, a.transition.floor).name()
+            stats::verdict(
+                &ev,
+                a.transition.delta,
+                effective_floor(metric, a.transition.floor),
+            )
+            .name()
         };
         let failed = j.rows.iter().filter(|r| r.failure.is_some()).count();
         let (flo, fhi) = stats::wilson(failed, n, a.bootstrap.ci);
@@ -319,6 +347,7 @@ pub fn analyze(
             delta_hi: opt(dhi),
             loss: opt(ev.loss),
             loss_ub: (ev.n > 0).then_some(ev.loss_ub),
+            net_loss_lb: opt(ev.net_loss_lb),
             reference_mean: opt(ev.reference_mean),
             verdict: verdict.into(),
             n_failed: failed as i64,
@@ -369,15 +398,20 @@ pub fn analyze(
                     hi: s.delta_hi.unwrap_or(f64::NAN),
                     loss: s.loss.unwrap_or(f64::NAN),
                     loss_ub: s.loss_ub.unwrap_or(1.0),
+                    net_loss_lb: s.net_loss_lb.unwrap_or(f64::NEG_INFINITY),
                     reference_mean: s.reference_mean.unwrap_or(f64::NAN),
                 })
                 .collect();
             let reference = mine.first().map_or(1.0, |s| s.reference_budget);
+            let metric = mine
+                .iter()
+                .map(|s| s.metric.as_str())
+                .find(|m| !m.is_empty());
             let mut t = stats::summarize(
                 &per_bin,
                 &edges,
                 a.transition.delta,
-                a.transition.floor,
+                effective_floor(metric.unwrap_or(""), a.transition.floor),
                 a.bootstrap.ci,
             );
             if budget == reference && !policy.contains('+') {
@@ -408,7 +442,7 @@ impl Op for Analyze {
         "analyze"
     }
     fn version(&self) -> u32 {
-        2
+        3
     }
     fn check(
         &self,
@@ -425,8 +459,11 @@ impl Op for Analyze {
         let bins: Vec<Bin> = table::read_owned(ctx.input("prepare", "bins")?)?;
         let scores = crate::stages::score::read_all::<ScoreCell>(ctx)?;
         let (bin_stats, transitions) = analyze(&bins, &scores, &a, &geom)?;
+        let (fid, selective) = crate::stages::fidelity::fidelity(&bins, &scores, &a);
         ctx.put("bin_stats", &table::write(&bin_stats)?)?;
         ctx.put("transition_summary", &table::write(&transitions)?)?;
+        ctx.put("fidelity_stats", &table::write(&fid)?)?;
+        ctx.put("selective_stats", &table::write(&selective)?)?;
         Ok(())
     }
 }
@@ -479,6 +516,9 @@ mod tests {
                 delta: 0.1,
                 floor: 0.1,
             },
+            fidelity: Default::default(),
+            splits: Default::default(),
+            selective: Default::default(),
         };
         let geom = KvGeometry {
             layers: 2,

@@ -320,6 +320,7 @@ mod tests {
             recall: score,
             failure: (score == 0.0).then(|| "WRONG".to_string()),
             truncated_from: None,
+            probs: Default::default(),
             response: crate::llm::Outcome {
                 text: text.into(),
                 kv_kept_total: Some(50),

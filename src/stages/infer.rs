@@ -55,6 +55,8 @@ pub struct Request {
     pub question: String,
     /// The user turn.
     pub user: String,
+    /// Gold answers the engine teacher-forces (`engine.fidelity`), else none.
+    pub golds: Vec<String>,
 }
 
 impl Request {
@@ -63,6 +65,7 @@ impl Request {
             key: &self.key,
             user: &self.user,
             question: &self.question,
+            golds: &self.golds,
             shape,
         }
     }
@@ -101,6 +104,9 @@ pub struct PromptSource {
     pub context: String,
     #[serde(default)]
     pub extra: BTreeMap<String, String>,
+    /// The gold answers (read only when the engine teacher-forces them).
+    #[serde(default)]
+    pub answers: Vec<String>,
 }
 
 /// Fills `{context}`, `{question}` and the extra fields (`{options}`) in a
@@ -163,6 +169,10 @@ struct Settings {
     send_kv: bool,
     /// Native engine: weights in f32 (dequantised at load).
     dequantize: bool,
+    /// Top-k log-probabilities asked for (0: none, and always 0 for the simulator).
+    logprobs: usize,
+    /// Gold and full-cache teacher forcing (only with a model file).
+    fidelity: bool,
     /// The reference simulator answers (its identity enters request keys).
     simulator: bool,
     /// How the engine is reached (never identity).
@@ -215,6 +225,19 @@ fn shape(s: &Settings) -> Result<Shape> {
     if s.model_file.is_some() {
         base["kvt_cohort"] = serde_json::to_value(&s.cohort)?;
         base["kvt_record_kept"] = json!(s.record_kept);
+        if s.fidelity {
+            base["kvt_fidelity"] = json!(true);
+        }
+    }
+    if s.logprobs > 0 {
+        // The standard fields: chat takes a flag and a count, the
+        // completions API the count itself.
+        if s.api == Api::Completions {
+            base["logprobs"] = json!(s.logprobs);
+        } else {
+            base["logprobs"] = json!(true);
+            base["top_logprobs"] = json!(s.logprobs);
+        }
     }
     Ok(Shape {
         system: s.prompt.system.clone(),
@@ -266,6 +289,13 @@ fn build_requests(
         if s.record_kept {
             identity["record_kept"] = json!(true);
         }
+        if s.fidelity {
+            identity["fidelity"] = json!(true);
+        }
+    }
+    if s.logprobs > 0 {
+        // Asking for log-probabilities changes what the engine is asked.
+        identity["logprobs"] = json!(s.logprobs);
     }
     let keys = KeyHasher::new(identity);
     entries
@@ -283,12 +313,27 @@ fn build_requests(
                     user = cut;
                 }
             }
+            let golds = if s.fidelity {
+                ex.answers.clone()
+            } else {
+                Vec::new()
+            };
+            let mut key = keys.key(&s.prompt.system, &user);
+            if !golds.is_empty() {
+                // The golds are part of what the engine is asked.
+                let mut h = blake3::Hasher::new();
+                h.update(key.as_bytes());
+                h.update(b"\0golds\0");
+                h.update(&serde_json::to_vec(&golds)?);
+                key = h.finalize().to_hex().to_string();
+            }
             Ok(Request {
                 truncated_from,
                 example_id: en.example_id.clone(),
-                key: keys.key(&s.prompt.system, &user),
+                key,
                 question: ex.question.clone(),
                 user,
+                golds,
             })
         })
         .collect()
@@ -575,6 +620,10 @@ struct Uses {
     send_kv: bool,
     #[serde(rename = "engine.dequantize")]
     dequantize: bool,
+    #[serde(rename = "engine.logprobs")]
+    logprobs: u32,
+    #[serde(rename = "engine.fidelity")]
+    fidelity: bool,
 }
 
 /// How `infer` reaches its engine (its stage's `transport`, exactly): never
@@ -763,6 +812,8 @@ impl Op for Infer {
             record_kept: u.record_kept,
             send_kv: u.send_kv,
             dequantize: u.dequantize,
+            logprobs: if simulator { 0 } else { u.logprobs as usize },
+            fidelity: native && u.fidelity,
             simulator,
             transport: t,
         };
@@ -1142,6 +1193,8 @@ impl Infer {
                         .map(KvParams::native_cell)
                         .collect::<Result<_>>()?,
                     record_kept: s.record_kept,
+                    logprobs: s.logprobs,
+                    fidelity: s.fidelity,
                     max_new_tokens,
                 }))
             }
@@ -1261,6 +1314,7 @@ mod tests {
             question: "Who?".into(),
             context: "word ".repeat(500),
             extra: Default::default(),
+            answers: Vec::new(),
         };
         let entry = Entry {
             example_id: "e1".into(),
@@ -1308,6 +1362,8 @@ mod tests {
             record_kept: false,
             send_kv: false,
             dequantize: false,
+            logprobs: 0,
+            fidelity: false,
             simulator: true,
             transport: serde_json::from_value(json!({
                 "engine.kind": "serve", "kv.policies": ["streaming"], "kv.budgets": [1.0],
@@ -1365,6 +1421,7 @@ mod tests {
             question: "Q{context}?".into(),
             context: "C {question}".into(),
             extra: Default::default(),
+            answers: Vec::new(),
         };
         assert_eq!(
             fill("[{context}] {question} {x}", &ex),

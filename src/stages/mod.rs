@@ -5,6 +5,7 @@
 
 pub mod analyze;
 pub mod explorer;
+pub mod fidelity;
 pub mod infer;
 pub mod plots;
 pub mod prepare;

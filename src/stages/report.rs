@@ -69,6 +69,100 @@ pub fn human_bytes(b: f64) -> String {
     crate::engine::maintenance::human_bytes(b.max(0.0).round() as u64)
 }
 
+/// The fidelity section: per cell and bin the KL to the full cache and the
+/// gold log-likelihood drop with their verdict marks, how many verdicts each
+/// metric decides, and the selective-prediction figures (test split).
+pub fn fidelity_context(
+    stats: &[BinStat],
+    fid: &[crate::stages::fidelity::FidelityStat],
+    selective: &[crate::stages::fidelity::SelectiveStat],
+) -> Value {
+    let available = fid.iter().any(|f| f.available);
+    let mark = |v: &str| match v {
+        "fails" => " ✗",
+        "safe" => " ✓",
+        "insufficient" => " ?",
+        _ => "",
+    };
+    let mut bins: Vec<(i64, String)> = fid
+        .iter()
+        .map(|f| (f.bin_idx, format!("{}–{}", f.bin_lo, f.bin_hi)))
+        .collect();
+    bins.sort();
+    bins.dedup();
+    let mut cells: Vec<(String, f64)> = fid.iter().map(|f| (f.policy.clone(), f.budget)).collect();
+    cells.dedup();
+    cells.sort_by(|a, b| {
+        let (oa, ob) = (budget_order(a.1), budget_order(b.1));
+        a.0.cmp(&b.0)
+            .then(oa.0.cmp(&ob.0))
+            .then(oa.1.total_cmp(&ob.1))
+    });
+    let rows: Vec<Value> = cells
+        .iter()
+        .filter(|(p, b)| {
+            !fid.iter()
+                .any(|f| &f.policy == p && f.budget == *b && f.verdict == "reference")
+        })
+        .map(|(p, b)| {
+            let cell = |bin: i64| {
+                let get = |m: &str| fid.iter().find(|f| &f.policy == p && f.budget == *b && f.bin_idx == bin && f.metric == m);
+                let part = |m: &str, name: &str| match get(m) {
+                    Some(f) if f.available => format!(
+                        "{name} {}{}",
+                        f.mean.map_or("–".into(), |v| format!("{v:.2}")),
+                        mark(&f.verdict)
+                    ),
+                    _ => format!("{name} unavailable"),
+                };
+                format!("{} · {}", part("kl", "KL"), part("gold_ll_drop", "ΔLL"))
+            };
+            json!({"setting": setting(p, *b), "cells": bins.iter().map(|(i, _)| cell(*i)).collect::<Vec<_>>()})
+        })
+        .collect();
+    let decided: Vec<Value> = crate::stages::fidelity::decided_counts(stats, fid)
+        .into_iter()
+        .map(|(m, d, of)| json!({"metric": m, "decided": d, "of": of}))
+        .collect();
+    let f3 = |x: Option<f64>| x.map_or("–".into(), |v| format!("{v:.3}"));
+    let ci3 = |m: Option<f64>, lo: Option<f64>, hi: Option<f64>| match (m, lo, hi) {
+        (Some(m), Some(lo), Some(hi)) => format!("{m:+.3} [{lo:+.3}, {hi:+.3}]"),
+        (Some(m), _, _) => format!("{m:+.3}"),
+        _ => "–".into(),
+    };
+    let sel: Vec<Value> = cells
+        .iter()
+        .filter_map(|(p, b)| selective.iter().find(|s| &s.policy == p && s.budget == *b && s.bin_idx == -1))
+        .map(|s| {
+            json!({
+                "setting": setting(&s.policy, s.budget),
+                "n": format!("{} / {}", s.n_test, s.n_calibration),
+                "augrc": if s.available { match (s.augrc, s.augrc_lo, s.augrc_hi) {
+                    (Some(a), Some(l), Some(h)) => format!("{a:.3} [{l:.3}, {h:.3}]"),
+                    (a, _, _) => f3(a),
+                } } else { "unavailable".into() },
+                "d_augrc": ci3(s.d_augrc, s.d_augrc_lo, s.d_augrc_hi),
+                "cw": match (s.confidently_wrong, s.confidently_wrong_lo, s.confidently_wrong_hi) {
+                    (Some(a), Some(l), Some(h)) => format!("{a:.2} [{l:.2}, {h:.2}]"),
+                    (a, _, _) => f3(a),
+                },
+                "d_cw": ci3(s.d_confidently_wrong, s.d_confidently_wrong_lo, s.d_confidently_wrong_hi),
+                "risk80": f3(s.risk_at_cov_80),
+                "cov10": f3(s.cov_at_risk_10),
+                "calibration": format!("{} / {} / {}", f3(s.nll), f3(s.brier), f3(s.ece)),
+            })
+        })
+        .collect();
+    json!({
+        "available": available,
+        "bin_labels": bins.iter().map(|b| b.1.clone()).collect::<Vec<_>>(),
+        "rows": rows,
+        "decided": decided,
+        "selective": sel,
+        "selective_available": selective.iter().any(|s| s.available),
+    })
+}
+
 /// Everything the template needs, as JSON.
 pub fn context(
     cfg: &BTreeMap<String, Value>,
@@ -97,7 +191,10 @@ pub fn context(
             .map_or(i.to_string(), |s| format!("{}–{}", s.bin_lo, s.bin_hi))
     };
     let delta = analysis["transition"]["delta"].as_f64().unwrap_or(0.1);
-    let floor = analysis["transition"]["floor"].as_f64().unwrap_or(0.1);
+    let floor = crate::stages::analyze::effective_floor(
+        &metric,
+        analysis["transition"]["floor"].as_f64().unwrap_or(0.1),
+    );
     let order = |p: &str, b: f64| {
         (
             p.to_string(),
@@ -147,7 +244,27 @@ pub fn context(
                     None => "insufficient data".to_string(),
                 },
                 "fails_every_length" => "**fails at every length**".to_string(),
-                "fails_from_shortest" => "**fails from the shortest bin**".to_string(),
+                "fails_from_shortest" => {
+                    // Only the bins decided failing are named: an undecided
+                    // bin after them is not claimed.
+                    let failing: Vec<String> = stats
+                        .iter()
+                        .filter(|s| s.policy == t.policy && s.budget == t.budget && s.verdict == "fails")
+                        .map(|s| bin_label(s.bin_idx))
+                        .collect();
+                    let bins_total = stats
+                        .iter()
+                        .filter(|s| s.policy == t.policy && s.budget == t.budget)
+                        .count();
+                    if failing.len() == bins_total {
+                        "**fails from the shortest bin**".to_string()
+                    } else {
+                        format!(
+                            "**fails** in {} tokens, the shortest bin shown (other bins undecided)",
+                            failing.join(", ")
+                        )
+                    }
+                }
                 "transition" => format!("**fails** from {first} tokens"),
                 "fails_after_unclear" => {
                     format!("**fails** from {first} tokens (no shorter bin shown safe)")
@@ -264,6 +381,12 @@ pub fn context(
             at_floor.len(),
             full_rows.len(),
             at_floor.iter().map(|s| format!("{}–{}", s.bin_lo, s.bin_hi)).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    let chance = crate::stages::analyze::chance_level(&metric);
+    if chance > 0.0 {
+        warnings.push(format!(
+            "`{metric}` scores {chance} by guessing (one of four options): a bin is uninformative when the full cache scores below {floor:.3}, `analysis.transition.floor` above chance."
         ));
     }
     if let Some(score) = facts.uniform_score {
@@ -405,8 +528,9 @@ impl Op for Report {
         "report"
     }
     /// 9: the examples and responses come from the `explorer` stage.
+    /// 10: the fidelity and selective-prediction tables.
     fn version(&self) -> u32 {
-        9
+        10
     }
     fn check(
         &self,
@@ -422,7 +546,12 @@ impl Op for Report {
         let transitions: Vec<TransitionRow> =
             table::read_owned(ctx.input("analyze", "transition_summary")?)?;
         let db_rows: Value = serde_json::from_slice(&ctx.input("sqlite", "summary")?)?;
+        let fid: Vec<crate::stages::fidelity::FidelityStat> =
+            table::read_owned(ctx.input("analyze", "fidelity_stats")?)?;
+        let selective: Vec<crate::stages::fidelity::SelectiveStat> =
+            table::read_owned(ctx.input("analyze", "selective_stats")?)?;
         let mut c = context(ctx.key.config, &facts, &stats, &transitions, &db_rows);
+        c["fidelity"] = fidelity_context(&stats, &fid, &selective);
         let mut prov: Vec<Value> = ctx
             .upstream
             .iter()

@@ -146,9 +146,59 @@ pub struct ScoreRow {
     /// Prompt tokens before middle truncation (`prompt.max_tokens`), if cut.
     #[serde(default)]
     pub truncated_from: Option<u64>,
+    /// The response's log-probability figures, as the analysis reads them.
+    #[serde(flatten)]
+    pub probs: Probs,
     /// The response and its telemetry, as the journal recorded it.
     #[serde(flatten)]
     pub response: Outcome,
+}
+
+/// A response's log-probability figures: none where the engine gave none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Probs {
+    /// Mean log-probability of the answer's tokens (its confidence).
+    #[serde(default)]
+    pub conf_mean: Option<f64>,
+    /// The smallest log-probability among them.
+    #[serde(default)]
+    pub conf_min: Option<f64>,
+    /// The first gold answer's log-likelihood per token after this cell's prompt.
+    #[serde(default)]
+    pub gold_ll: Option<f64>,
+    /// The best per-token log-likelihood over every gold answer.
+    #[serde(default)]
+    pub gold_ll_best: Option<f64>,
+    /// Mean KL(full ‖ cell) per token of the full cache's answer (nats).
+    #[serde(default)]
+    pub kl_mean: Option<f64>,
+    /// Share of the full cache's answer tokens that are this cell's top-1.
+    #[serde(default)]
+    pub top1_agree: Option<f64>,
+    /// The first step where this cell's top-1 left the full cache's answer.
+    #[serde(default)]
+    pub first_divergence: Option<u32>,
+}
+
+impl Probs {
+    pub fn of(o: &Outcome) -> Probs {
+        let lps: Vec<f64> = o
+            .logprobs
+            .iter()
+            .flatten()
+            .map(|t| f64::from(t.logprob))
+            .collect();
+        let golds = o.gold_loglik.as_deref().unwrap_or(&[]);
+        Probs {
+            conf_mean: (!lps.is_empty()).then(|| lps.iter().sum::<f64>() / lps.len() as f64),
+            conf_min: lps.iter().copied().reduce(f64::min),
+            gold_ll: golds.first().map(|g| g.per_token()),
+            gold_ll_best: golds.iter().map(|g| g.per_token()).reduce(f64::max),
+            kl_mean: o.fidelity.as_ref().and_then(|f| f.mean_kl()),
+            top1_agree: o.fidelity.as_ref().and_then(|f| f.agreement()),
+            first_divergence: o.fidelity.as_ref().and_then(|f| f.first_divergence),
+        }
+    }
 }
 
 /// The columns of a score row the analysis reads (the response's text and
@@ -172,6 +222,19 @@ pub struct ScoreCell {
     pub server_rss_kib: Option<u64>,
     #[serde(default)]
     pub kv_cache_usage: Option<f64>,
+    // `Probs`' columns, named one by one so only the columns read are decoded.
+    #[serde(default)]
+    pub conf_mean: Option<f64>,
+    #[serde(default)]
+    pub conf_min: Option<f64>,
+    #[serde(default)]
+    pub gold_ll: Option<f64>,
+    #[serde(default)]
+    pub gold_ll_best: Option<f64>,
+    #[serde(default)]
+    pub kl_mean: Option<f64>,
+    #[serde(default)]
+    pub top1_agree: Option<f64>,
 }
 
 impl From<&ScoreRow> for ScoreCell {
@@ -191,6 +254,12 @@ impl From<&ScoreRow> for ScoreCell {
             kv_bytes: r.response.kv_bytes,
             server_rss_kib: r.response.server_rss_kib,
             kv_cache_usage: r.response.kv_cache_usage,
+            conf_mean: r.probs.conf_mean,
+            conf_min: r.probs.conf_min,
+            gold_ll: r.probs.gold_ll,
+            gold_ll_best: r.probs.gold_ll_best,
+            kl_mean: r.probs.kl_mean,
+            top1_agree: r.probs.top1_agree,
         }
     }
 }
@@ -224,7 +293,7 @@ impl Op for Score {
     }
     /// 5: jieba splits non-Chinese runs as Python jieba does.
     fn version(&self) -> u32 {
-        5
+        6
     }
     fn check(
         &self,
@@ -285,6 +354,7 @@ impl Op for Score {
                 recall: s.recall,
                 failure: failure.map(str::to_string),
                 truncated_from: r.truncated_from,
+                probs: Probs::of(&r.outcome),
                 response: r.outcome,
             });
         }

@@ -38,8 +38,12 @@ pub const TABLES: &[&str] = &[
     "telemetry",
     "failures",
     "scores",
+    "token_logprobs",
+    "response_fidelity",
     "bin_stats",
     "transition_summary",
+    "fidelity_stats",
+    "selective_stats",
 ];
 
 const SCHEMA: &str = "
@@ -110,6 +114,19 @@ CREATE TABLE scores (
   metric TEXT NOT NULL, score REAL NOT NULL, em REAL NOT NULL, f1 REAL NOT NULL,
   recall REAL NOT NULL, pred_norm TEXT NOT NULL, gold_norm TEXT NOT NULL
 );
+CREATE TABLE token_logprobs (
+  request_id TEXT NOT NULL REFERENCES requests(request_id),
+  position INTEGER NOT NULL, token TEXT NOT NULL, logprob REAL NOT NULL,
+  top_logprobs TEXT,
+  PRIMARY KEY (request_id, position)
+);
+CREATE TABLE response_fidelity (
+  request_id TEXT PRIMARY KEY REFERENCES requests(request_id),
+  confidence_mean REAL, confidence_min REAL,
+  gold_loglik_per_token REAL, gold_loglik_best REAL, gold_loglik_json TEXT,
+  kl_mean REAL, top1_agree REAL, first_divergence INTEGER, kl_basis TEXT,
+  kl_per_token TEXT
+);
 CREATE TABLE bin_stats (
   run_id TEXT NOT NULL REFERENCES runs(run_id),
   bin_idx INTEGER NOT NULL, bin_lo INTEGER NOT NULL, bin_hi INTEGER NOT NULL,
@@ -128,6 +145,22 @@ CREATE TABLE transition_summary (
   status TEXT NOT NULL, first_failing_bin INTEGER, last_safe_bin INTEGER,
   zone_lo_tokens INTEGER, zone_hi_tokens INTEGER, instability REAL,
   bins_with_data INTEGER NOT NULL
+);
+CREATE TABLE fidelity_stats (
+  run_id TEXT NOT NULL REFERENCES runs(run_id),
+  bin_idx INTEGER NOT NULL, bin_lo INTEGER NOT NULL, bin_hi INTEGER NOT NULL,
+  metric TEXT NOT NULL, available INTEGER NOT NULL, n INTEGER NOT NULL,
+  mean REAL, ci_lo REAL, ci_hi REAL, lower REAL, upper REAL, top1_agree REAL,
+  verdict TEXT NOT NULL,
+  PRIMARY KEY (run_id, bin_idx, metric)
+);
+CREATE TABLE selective_stats (
+  run_id TEXT NOT NULL REFERENCES runs(run_id),
+  bin_idx INTEGER NOT NULL, split TEXT NOT NULL, stats_json TEXT NOT NULL,
+  available INTEGER NOT NULL, n_test INTEGER NOT NULL, n_calibration INTEGER NOT NULL,
+  augrc REAL, augrc_lo REAL, augrc_hi REAL, confidently_wrong REAL,
+  d_augrc REAL, d_confidently_wrong REAL, nll REAL, brier REAL, ece REAL,
+  PRIMARY KEY (run_id, bin_idx)
 );
 ";
 
@@ -151,10 +184,18 @@ pub struct OverlayInput<'a> {
     pub config: &'a Value,
     pub bin_stats: &'a [BinStat],
     pub transitions: &'a [TransitionRow],
+    pub fidelity: &'a [crate::stages::fidelity::FidelityStat],
+    pub selective: &'a [crate::stages::fidelity::SelectiveStat],
 }
 
 /// The tables the overlay carries into the base.
-pub const OVERLAY_TABLES: &[&str] = &["experiments", "bin_stats", "transition_summary"];
+pub const OVERLAY_TABLES: &[&str] = &[
+    "experiments",
+    "bin_stats",
+    "transition_summary",
+    "fidelity_stats",
+    "selective_stats",
+];
 
 /// A new database at `path` with the whole schema, foreign keys off (a part
 /// is checked once composed), no rollback journal and no fsync: a scratch
@@ -258,6 +299,10 @@ pub fn write_base(path: &std::path::Path, s: &BaseInput) -> Result<serde_json::M
         )?;
         let mut fa = tx.prepare("INSERT INTO failures VALUES (?1, ?2, ?3)")?;
         let mut sc = tx.prepare("INSERT INTO scores VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")?;
+        let mut tl = tx.prepare("INSERT INTO token_logprobs VALUES (?1, ?2, ?3, ?4, ?5)")?;
+        let mut rf = tx.prepare(
+            "INSERT INTO response_fidelity VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        )?;
         for r in s.scores {
             let run = run_id(&r.policy, r.budget);
             let id = format!("{run}/{}", r.example_id);
@@ -293,6 +338,31 @@ pub fn write_base(path: &std::path::Path, s: &BaseInput) -> Result<serde_json::M
                 r.response.prefill_reused,
                 r.response.device_peak_bytes.map(|x| x as i64),
             ])?;
+            for (i, t) in r.response.logprobs.iter().flatten().enumerate() {
+                let top = (!t.top.is_empty())
+                    .then(|| serde_json::to_string(&t.top).expect("pairs serialize"));
+                tl.execute(params![id, i as i64, t.token, f64::from(t.logprob), top])?;
+            }
+            let p = &r.probs;
+            let fid = r.response.fidelity.as_ref();
+            if r.response.logprobs.is_some() || r.response.gold_loglik.is_some() || fid.is_some() {
+                rf.execute(params![
+                    id,
+                    p.conf_mean,
+                    p.conf_min,
+                    p.gold_ll,
+                    p.gold_ll_best,
+                    r.response
+                        .gold_loglik
+                        .as_ref()
+                        .map(|g| serde_json::to_string(g).expect("numbers serialize")),
+                    p.kl_mean,
+                    p.top1_agree,
+                    p.first_divergence,
+                    fid.map(|f| f.basis.clone()),
+                    fid.map(|f| serde_json::to_string(&f.kl).expect("numbers serialize")),
+                ])?;
+            }
             if let Some(f) = &r.failure {
                 let detail = r
                     .response
@@ -414,6 +484,50 @@ pub fn write_overlay(
                 t.t.bins_with_data,
             ])?;
         }
+        let mut fs = tx.prepare(
+            "INSERT INTO fidelity_stats VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        )?;
+        for f in s.fidelity {
+            fs.execute(params![
+                run_id(&f.policy, f.budget),
+                f.bin_idx,
+                f.bin_lo,
+                f.bin_hi,
+                f.metric,
+                f.available,
+                f.n,
+                f.mean,
+                f.ci_lo,
+                f.ci_hi,
+                f.lower,
+                f.upper,
+                f.top1_agree,
+                f.verdict,
+            ])?;
+        }
+        let mut ss = tx.prepare(
+            "INSERT INTO selective_stats VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+        )?;
+        for x in s.selective {
+            ss.execute(params![
+                run_id(&x.policy, x.budget),
+                x.bin_idx,
+                x.split,
+                serde_json::to_string(x)?,
+                x.available,
+                x.n_test,
+                x.n_calibration,
+                x.augrc,
+                x.augrc_lo,
+                x.augrc_hi,
+                x.confidently_wrong,
+                x.d_augrc,
+                x.d_confidently_wrong,
+                x.nll,
+                x.brier,
+                x.ece,
+            ])?;
+        }
     }
     let counts = row_counts(&tx, OVERLAY_TABLES)?;
     // Only the overlay's own tables stay: a few pages instead of the schema's thirty.
@@ -496,8 +610,9 @@ impl Op for SqliteBase {
     fn name(&self) -> &'static str {
         "sqlite_base"
     }
+    /// 3: token log-probabilities and per-response fidelity.
     fn version(&self) -> u32 {
-        2
+        3
     }
     fn check(
         &self,
@@ -571,8 +686,9 @@ impl Op for Sqlite {
         "sqlite"
     }
     /// 3: the analysis tables only; the file is composed when exported.
+    /// 4: fidelity and selective-prediction tables.
     fn version(&self) -> u32 {
-        3
+        4
     }
     fn check(
         &self,
@@ -587,6 +703,10 @@ impl Op for Sqlite {
         let bin_stats: Vec<BinStat> = table::read_owned(ctx.input("analyze", "bin_stats")?)?;
         let transitions: Vec<TransitionRow> =
             table::read_owned(ctx.input("analyze", "transition_summary")?)?;
+        let fidelity: Vec<crate::stages::fidelity::FidelityStat> =
+            table::read_owned(ctx.input("analyze", "fidelity_stats")?)?;
+        let selective: Vec<crate::stages::fidelity::SelectiveStat> =
+            table::read_owned(ctx.input("analyze", "selective_stats")?)?;
         let file = ctx.scratch_dir()?.join("analysis.sqlite");
         let mut counts: serde_json::Map<String, Value> =
             serde_json::from_slice(&ctx.input("sqlite_base", "counts")?)?;
@@ -598,6 +718,8 @@ impl Op for Sqlite {
                     config: &config,
                     bin_stats: &bin_stats,
                     transitions: &transitions,
+                    fidelity: &fidelity,
+                    selective: &selective,
                 },
             )
             .context("writing the SQLite sink's analysis tables")?,

@@ -15,6 +15,8 @@ pub struct NativeBackend {
     pub cohort: Vec<Cell>,
     pub record_kept: bool,
     pub max_new_tokens: usize,
+    pub logprobs: usize,
+    pub fidelity: bool,
 }
 
 impl Backend for NativeBackend {
@@ -36,6 +38,9 @@ impl Backend for NativeBackend {
                 cell: self.cell.clone(),
                 record_kept: self.record_kept,
                 cohort: self.cohort.clone(),
+                logprobs: self.logprobs,
+                golds: q.golds.to_vec(),
+                fidelity: self.fidelity,
             };
             let o = match self.engine.answer(&req) {
                 Ok(a) => super::outcome(&a),

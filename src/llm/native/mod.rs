@@ -116,6 +116,12 @@ pub struct NativeAnswer {
     /// each the share of (layer, KV head) pairs that kept it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kept_share: Option<Vec<(String, f32)>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<crate::llm::TokenLogprob>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gold_loglik: Option<Vec<crate::llm::GoldLikelihood>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fidelity: Option<crate::llm::Fidelity>,
 }
 
 /// A request: chat messages (role, content), greedy decoding.
@@ -126,6 +132,26 @@ pub struct NativeRequest {
     pub record_kept: bool,
     /// Other cells of the experiment to answer from the same prefill.
     pub cohort: Vec<Cell>,
+    /// Top-k log-probabilities per generated token (0: none recorded).
+    pub logprobs: usize,
+    /// Gold answers to teacher-force after each cell's prompt.
+    pub golds: Vec<String>,
+    /// Teacher-force the full cache's greedy answer under each cell (KL, top-1).
+    pub fidelity: bool,
+}
+
+impl NativeRequest {
+    /// What the request asks beyond the answer, for the ready-answer map.
+    fn extras_id(&self) -> String {
+        serde_json::json!([self.logprobs, self.golds, self.fidelity]).to_string()
+    }
+}
+
+/// The full cache's greedy answer for a prompt: its tokens (the stop token
+/// included when it stopped) and the log-probabilities at each step.
+struct Trajectory {
+    tokens: Vec<u32>,
+    dists: Vec<Vec<f32>>,
 }
 
 struct Prefill {
@@ -172,10 +198,15 @@ pub struct NativeEngine {
     prefills: Mutex<VecDeque<(blake3::Hash, Arc<Prefill>)>>,
     /// Per prompt (prefill key): one computation at a time.
     busy: Mutex<HashMap<blake3::Hash, Arc<Mutex<()>>>>,
-    /// Cohort answers waiting to be asked for: (prefill key, cell id, max new tokens, record).
-    ready: Mutex<HashMap<(blake3::Hash, String, usize, bool), NativeAnswer>>,
+    /// Cohort answers waiting to be asked for: (prefill key, cell id, max new
+    /// tokens, record, what else was asked).
+    ready: Mutex<HashMap<ReadyKey, NativeAnswer>>,
+    /// The full cache's answers for fidelity, by (prefill key, max new tokens).
+    references: Mutex<VecDeque<((blake3::Hash, usize), Arc<Trajectory>)>>,
     pub counters: Counters,
 }
+
+type ReadyKey = (blake3::Hash, String, usize, bool, String);
 
 /// Where the question starts in a rendered prompt (kvt's templates put it on a
 /// line starting with `Question:`).
@@ -218,6 +249,7 @@ impl NativeEngine {
             prefills: Mutex::new(VecDeque::new()),
             busy: Mutex::new(HashMap::new()),
             ready: Mutex::new(HashMap::new()),
+            references: Mutex::new(VecDeque::new()),
             counters: Counters::default(),
         })
     }
@@ -348,8 +380,15 @@ impl NativeEngine {
             bail!("the prompt is empty");
         }
         let window = req.cell.window;
+        let extras = req.extras_id();
         let key_of = |cell: &Cell, pf_key: blake3::Hash| {
-            (pf_key, cell.id(), req.max_new_tokens, req.record_kept)
+            (
+                pf_key,
+                cell.id(),
+                req.max_new_tokens,
+                req.record_kept,
+                extras.clone(),
+            )
         };
         let pf_key = {
             let mut h = blake3::Hasher::new();
@@ -382,7 +421,24 @@ impl NativeEngine {
             return Ok(a);
         }
         let (pf, reused) = self.prefill(pf_key, &tokens, split, window)?;
-        let mut mine = self.run_cell(&pf, &req.cell, req.max_new_tokens, req.record_kept)?;
+        let reference = if req.fidelity {
+            Some(self.reference(pf_key, &pf, &req.cell, req.max_new_tokens)?)
+        } else {
+            None
+        };
+        let golds: Vec<Vec<u32>> = req
+            .golds
+            .iter()
+            .map(|g| self.tok.encode(g))
+            .collect::<Result<_>>()?;
+        let asks = Asks {
+            max_new: req.max_new_tokens,
+            record_kept: req.record_kept,
+            logprobs: req.logprobs,
+            golds: &golds,
+            reference: reference.as_deref(),
+        };
+        let mut mine = self.run_cell(&pf, &req.cell, &asks)?;
         mine.prefill_reused = reused;
         for c in &req.cohort {
             if c == &req.cell || c.window != window {
@@ -392,7 +448,7 @@ impl NativeEngine {
             if self.ready.lock().expect("ready").contains_key(&k) {
                 continue;
             }
-            let mut a = self.run_cell(&pf, c, req.max_new_tokens, req.record_kept)?;
+            let mut a = self.run_cell(&pf, c, &asks)?;
             a.prefill_reused = true;
             let mut ready = self.ready.lock().expect("ready");
             // Bounded: answers nobody asked for are dropped oldest-agnostic.
@@ -405,13 +461,234 @@ impl NativeEngine {
         Ok(mine)
     }
 
-    fn run_cell(
+    /// The full cache's greedy answer for this prompt (computed once per
+    /// prompt and answer length, kept for the few most recent prompts).
+    fn reference(
+        &self,
+        pf_key: blake3::Hash,
+        pf: &Prefill,
+        like: &Cell,
+        max_new: usize,
+    ) -> Result<Arc<Trajectory>> {
+        let key = (pf_key, max_new);
+        if let Some((_, t)) = self
+            .references
+            .lock()
+            .expect("references")
+            .iter()
+            .find(|(k, _)| *k == key)
+        {
+            return Ok(t.clone());
+        }
+        let full = Cell {
+            policy: Policy::Full,
+            budget: 1.0,
+            quant: KvQuant::F16,
+            ..like.clone()
+        };
+        let (mut cache, logits) = self.cell_cache(pf, &full)?;
+        let mut decoded = self.decode(&mut cache, logits, pf.tokens.len(), max_new, 0, true)?;
+        if decoded.finish == "stop" {
+            decoded.ids.push(decoded.stop_id);
+        }
+        let t = Arc::new(Trajectory {
+            tokens: decoded.ids,
+            dists: decoded.dists,
+        });
+        let mut q = self.references.lock().expect("references");
+        q.push_back((key, t.clone()));
+        while q.len() > 8 {
+            q.pop_front();
+        }
+        Ok(t)
+    }
+
+    /// Greedy decoding from `logits` at position `pos`: the tokens (stop
+    /// token excluded), why it ended, each step's top-k log-probabilities,
+    /// and with `keep` each step's whole log-probability vector.
+    fn decode(
+        &self,
+        cache: &mut KvCache,
+        mut logits: Vec<f32>,
+        pos: usize,
+        max_new: usize,
+        k: usize,
+        keep: bool,
+    ) -> Result<Decoded> {
+        let mut d = Decoded {
+            ids: Vec::new(),
+            finish: "length",
+            stop_id: 0,
+            logprobs: Vec::new(),
+            dists: Vec::new(),
+        };
+        for (i, pos) in (0..max_new).zip(pos..) {
+            let next = argmax(&logits);
+            if k > 0 || keep {
+                let lp = crate::llm::log_softmax(&logits);
+                if k > 0 && !self.tok.stop.contains(&next) {
+                    d.logprobs.push(crate::llm::TokenLogprob {
+                        token: self.tok.decode(&[next])?,
+                        logprob: lp[next as usize],
+                        top: crate::llm::top_k(&lp, k)
+                            .into_iter()
+                            .map(|(t, v)| Ok((self.tok.decode(&[t as u32])?, v)))
+                            .collect::<Result<_>>()?,
+                    });
+                }
+                if keep {
+                    d.dists.push(lp);
+                }
+            }
+            if self.tok.stop.contains(&next) {
+                d.finish = "stop";
+                d.stop_id = next;
+                break;
+            }
+            d.ids.push(next);
+            if i + 1 == max_new {
+                break;
+            }
+            logits = self.model.forward(&[next], pos, cache, &mut [])?;
+        }
+        Ok(d)
+    }
+
+    /// Teacher-forces `tokens` after the cell's prompt (`cache` and `logits`
+    /// where decoding starts) and returns each step's log-probabilities.
+    fn teacher_force(
+        &self,
+        cache: &KvCache,
+        logits: &[f32],
+        pos: usize,
+        tokens: &[u32],
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut out = vec![crate::llm::log_softmax(logits)];
+        if tokens.len() > 1 {
+            let mut c = cache.clone();
+            for row in self
+                .model
+                .forward_all(&tokens[..tokens.len() - 1], pos, &mut c)?
+            {
+                out.push(crate::llm::log_softmax(&row));
+            }
+        }
+        out.truncate(tokens.len());
+        Ok(out)
+    }
+
+    /// The cell's cache where decoding starts, and the logits of the first
+    /// answer token.
+    fn cell_cache(&self, pf: &Prefill, cell: &Cell) -> Result<(KvCache, Vec<f32>)> {
+        let (cache, logits, _, _) = self.compress(pf, cell, false)?;
+        Ok((cache, logits))
+    }
+
+    fn run_cell(&self, pf: &Prefill, cell: &Cell, asks: &Asks) -> Result<NativeAnswer> {
+        let t0 = Instant::now();
+        let (mut cache, logits, k_len, positions) = self.compress(pf, cell, asks.record_kept)?;
+        let hp = &self.model.hp;
+        let s = pf.tokens.len();
+        let (g, d) = (hp.n_kv_head, hp.head_dim);
+        // Entries in the cache when decoding starts (the question's included).
+        let kept_per_layer: Vec<u64> = cache.layers.iter().map(|l| (l.len * g) as u64).collect();
+        let kept_total: u64 = kept_per_layer.iter().sum();
+        let kv_bytes = kept_total * 2 * cell.quant.bytes(d) as u64;
+        // Teacher-forced passes run on copies of the cache before decoding.
+        let gold_loglik = if asks.golds.is_empty() {
+            None
+        } else {
+            Some(
+                asks.golds
+                    .iter()
+                    .map(|ids| {
+                        let lps = self.teacher_force(&cache, &logits, s, ids)?;
+                        let total: f64 = lps
+                            .iter()
+                            .zip(ids)
+                            .map(|(lp, &t)| f64::from(lp[t as usize]))
+                            .sum();
+                        Ok(crate::llm::GoldLikelihood {
+                            total,
+                            tokens: ids.len() as u32,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            )
+        };
+        let fidelity = match asks.reference {
+            None => None,
+            Some(r) if cell.is_exact() => Some(crate::llm::Fidelity {
+                kl: vec![0.0; r.tokens.len()],
+                top1_agree: vec![true; r.tokens.len()],
+                first_divergence: None,
+                basis: "exact".into(),
+            }),
+            Some(r) => {
+                let lps = self.teacher_force(&cache, &logits, s, &r.tokens)?;
+                let kl: Vec<f32> = lps
+                    .iter()
+                    .zip(&r.dists)
+                    .map(|(q, p)| crate::llm::kl_divergence(p, q) as f32)
+                    .collect();
+                let top1_agree: Vec<bool> = lps
+                    .iter()
+                    .zip(&r.tokens)
+                    .map(|(q, &t)| argmax(q) == t)
+                    .collect();
+                Some(crate::llm::Fidelity {
+                    first_divergence: top1_agree.iter().position(|a| !a).map(|i| i as u32),
+                    kl,
+                    top1_agree,
+                    basis: "exact".into(),
+                })
+            }
+        };
+        let decoded = self.decode(&mut cache, logits, s, asks.max_new, asks.logprobs, false)?;
+        let out = decoded.ids;
+        let finish = decoded.finish;
+        let decode_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        self.counters
+            .decode_tokens
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        self.counters
+            .kv_bytes_last
+            .store(kv_bytes, Ordering::Relaxed);
+        Ok(NativeAnswer {
+            text: self.tok.decode(&out)?,
+            finish_reason: finish.into(),
+            prompt_tokens: s as u64,
+            completion_tokens: out.len() as u64,
+            compressed_tokens: k_len as u64,
+            kept_per_layer,
+            kept_total,
+            full_total: (s * g * hp.n_layer) as u64,
+            kv_bytes,
+            prefill_ms: pf.ms,
+            decode_ms,
+            prefill_reused: false,
+            kept_share: if asks.record_kept {
+                Some(self.kept_share(&pf.tokens[..k_len], &positions)?)
+            } else {
+                None
+            },
+            kept_positions: asks.record_kept.then_some(positions),
+            logprobs: (asks.logprobs > 0).then_some(decoded.logprobs),
+            gold_loglik,
+            fidelity,
+        })
+    }
+
+    /// The cell's compressed cache from the prefill, the question run on it
+    /// where the context alone was compressed: (cache, logits of the first
+    /// answer token, compressed span length, kept positions when recorded).
+    #[allow(clippy::type_complexity)]
+    fn compress(
         &self,
         pf: &Prefill,
         cell: &Cell,
-        max_new: usize,
         record_kept: bool,
-    ) -> Result<NativeAnswer> {
+    ) -> Result<(KvCache, Vec<f32>, usize, Vec<Vec<Vec<u32>>>)> {
         let hp = &self.model.hp;
         let s = pf.tokens.len();
         let (g, d) = (hp.n_kv_head, hp.head_dim);
@@ -424,7 +701,6 @@ impl NativeEngine {
         } else {
             (pf.split, pf.at_split.as_ref().expect("split observer"))
         };
-        let t0 = Instant::now();
         let mut cache = KvCache {
             layers: Vec::with_capacity(hp.n_layer),
             quant: cell.quant,
@@ -476,58 +752,31 @@ impl NativeEngine {
         }
         // The first token: from the prefill's own logits when the whole prompt is
         // cached; otherwise the question runs on the compressed context first.
-        let mut logits = if whole {
+        let logits = if whole {
             pf.last_logits.clone()
         } else {
             self.model
                 .forward(&pf.tokens[pf.split..], pf.split, &mut cache, &mut [])?
         };
-        // Entries in the cache when decoding starts (the question's included).
-        let kept_per_layer: Vec<u64> = cache.layers.iter().map(|l| (l.len * g) as u64).collect();
-        let kept_total: u64 = kept_per_layer.iter().sum();
-        let kv_bytes = kept_total * 2 * cell.quant.bytes(d) as u64;
-        let mut out = Vec::new();
-        let mut finish = "length";
-        for (i, pos) in (0..max_new).zip(s..) {
-            let next = argmax(&logits);
-            if self.tok.stop.contains(&next) {
-                finish = "stop";
-                break;
-            }
-            out.push(next);
-            if i + 1 == max_new {
-                break;
-            }
-            logits = self.model.forward(&[next], pos, &mut cache, &mut [])?;
-        }
-        let decode_ms = t0.elapsed().as_secs_f64() * 1000.0;
-        self.counters
-            .decode_tokens
-            .fetch_add(out.len() as u64, Ordering::Relaxed);
-        self.counters
-            .kv_bytes_last
-            .store(kv_bytes, Ordering::Relaxed);
-        Ok(NativeAnswer {
-            text: self.tok.decode(&out)?,
-            finish_reason: finish.into(),
-            prompt_tokens: s as u64,
-            completion_tokens: out.len() as u64,
-            compressed_tokens: k_len as u64,
-            kept_per_layer,
-            kept_total,
-            full_total: (s * g * hp.n_layer) as u64,
-            kv_bytes,
-            prefill_ms: pf.ms,
-            decode_ms,
-            prefill_reused: false,
-            kept_share: if record_kept {
-                Some(self.kept_share(&pf.tokens[..k_len], &positions)?)
-            } else {
-                None
-            },
-            kept_positions: record_kept.then_some(positions),
-        })
+        Ok((cache, logits, k_len, positions))
     }
+}
+
+/// What a request asks of each cell beyond its answer.
+struct Asks<'a> {
+    max_new: usize,
+    record_kept: bool,
+    logprobs: usize,
+    golds: &'a [Vec<u32>],
+    reference: Option<&'a Trajectory>,
+}
+
+struct Decoded {
+    ids: Vec<u32>,
+    finish: &'static str,
+    stop_id: u32,
+    logprobs: Vec<crate::llm::TokenLogprob>,
+    dists: Vec<Vec<f32>>,
 }
 
 impl NativeEngine {
@@ -616,4 +865,7 @@ pub fn telemetry_into(a: &NativeAnswer, o: &mut crate::llm::Outcome) {
     o.prefill_reused = Some(a.prefill_reused);
     o.kept_positions = a.kept_positions.clone();
     o.kept_share = a.kept_share.clone();
+    o.logprobs = a.logprobs.clone();
+    o.gold_loglik = a.gold_loglik.clone();
+    o.fidelity = a.fidelity.clone();
 }

@@ -271,6 +271,29 @@ impl Llama {
         cache: &mut KvCache,
         observers: &mut [&mut Observer],
     ) -> Result<Vec<f32>> {
+        let mut rows = self.run(tokens, pos0, cache, observers, false)?;
+        Ok(rows.pop().unwrap_or_default())
+    }
+
+    /// [`Llama::forward`] returning every new token's logits, in order
+    /// (teacher forcing: the gold answer and the full cache's answer).
+    pub fn forward_all(
+        &self,
+        tokens: &[u32],
+        pos0: usize,
+        cache: &mut KvCache,
+    ) -> Result<Vec<Vec<f32>>> {
+        self.run(tokens, pos0, cache, &mut [], true)
+    }
+
+    fn run(
+        &self,
+        tokens: &[u32],
+        pos0: usize,
+        cache: &mut KvCache,
+        observers: &mut [&mut Observer],
+        all: bool,
+    ) -> Result<Vec<Vec<f32>>> {
         let hp = &self.hp;
         let t = tokens.len();
         if t == 0 {
@@ -347,10 +370,10 @@ impl Llama {
             let ff = (candle_nn::ops::silu(&layer.gate.forward(&xn)?)? * layer.up.forward(&xn)?)?;
             x = (x + layer.down.forward(&ff)?)?;
         }
-        let last = x.narrow(0, t - 1, 1)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, hp.eps)?;
-        let logits = self.output.forward(&last)?.squeeze(0)?;
-        Ok(logits.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+        let rows = if all { x } else { x.narrow(0, t - 1, 1)? };
+        let rows = candle_nn::ops::rms_norm(&rows, &self.norm, hp.eps)?;
+        let logits = self.output.forward(&rows)?;
+        Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
     }
 }
 
