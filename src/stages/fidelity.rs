@@ -33,7 +33,9 @@ pub struct FidelityStat {
     pub mean: Option<f64>,
     pub ci_lo: Option<f64>,
     pub ci_hi: Option<f64>,
-    /// One-sided Student-t bounds on the mean loss (the verdict's evidence).
+    /// One-sided Student-t bounds on the mean loss (the verdict's evidence):
+    /// the lower at the CI's one-sided level, the upper at the stricter
+    /// level "safe" uses (`stats::selective::safe_level`).
     pub lower: Option<f64>,
     pub upper: Option<f64>,
     /// Share of the full cache's answer tokens the cell ranks first (KL rows).
@@ -210,7 +212,9 @@ pub fn fidelity(
                 let (lo, hi) = boot(vals.len(), iters, a.bootstrap.ci, &label, seed, |idx| {
                     idx.iter().map(|&i| vals[i]).sum::<f64>() / idx.len() as f64
                 });
-                let bounds = sel::t_bounds(vals, conf);
+                let bounds = sel::t_bounds(vals, conf)
+                    .zip(sel::t_bounds(vals, sel::safe_level(conf)))
+                    .map(|(fails, safe)| (fails.0, safe.1));
                 let verdict = if vals.is_empty() {
                     "unavailable"
                 } else if is_reference {
