@@ -127,6 +127,15 @@ fn agreement_prompt(i: usize, words: usize) -> (String, String) {
 }
 
 fn chat_text(addr: &str, body: &serde_json::Value) -> String {
+    chat_with_logprobs(addr, body).0
+}
+
+/// The answer and its per-token (token, logprob, top-1 token) from the
+/// standard `logprobs` field.
+fn chat_with_logprobs(
+    addr: &str,
+    body: &serde_json::Value,
+) -> (String, Vec<(String, f64, String)>) {
     let (st, text) = http(
         addr,
         "POST",
@@ -135,10 +144,30 @@ fn chat_text(addr: &str, body: &serde_json::Value) -> String {
     );
     assert_eq!(st, 200, "{text}");
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    let lps = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|t| {
+                    (
+                        t["token"].as_str().unwrap_or("").to_string(),
+                        t["logprob"].as_f64().unwrap_or(f64::NAN),
+                        t["top_logprobs"][0]["token"]
+                            .as_str()
+                            .unwrap_or("")
+                            .to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+        lps,
+    )
 }
 
 #[test]
@@ -200,6 +229,9 @@ fn native_full_cache_agrees_with_llamacpp() {
     let mut same_first = 0;
     let mut found = 0;
     let mut rows = Vec::new();
+    // Token log-probabilities along each answer, up to where the answers part.
+    let (mut steps, mut top1_same, mut abs_diff) = (0usize, 0usize, 0.0f64);
+    let mut top1_same_in_equal_answers = true;
     for i in 0..20 {
         // 100 to 1,000 tokens (about 1.3 tokens a word here).
         let (prompt, value) = agreement_prompt(i, 70 + i * 37);
@@ -208,10 +240,26 @@ fn native_full_cache_agrees_with_llamacpp() {
             {"role": "user", "content": prompt},
         ]);
         let body = serde_json::json!({"model": "m", "messages": messages, "max_tokens": 16,
-            "temperature": 0.0, "cache_prompt": false, "kvt": {"policy": "full", "budget": 1.0,
+            "temperature": 0.0, "cache_prompt": false, "logprobs": true, "top_logprobs": 5,
+            "kvt": {"policy": "full", "budget": 1.0,
             "sink_tokens": 4, "window": 64, "pool_kernel": 5, "seed": 0}});
-        let ours = chat_text(&kvt.addr, &body);
-        let theirs = chat_text(&addr, &body);
+        let (ours, our_lps) = chat_with_logprobs(&kvt.addr, &body);
+        let (theirs, their_lps) = chat_with_logprobs(&addr, &body);
+        assert!(
+            !our_lps.is_empty() && !their_lps.is_empty(),
+            "{our_lps:?} {their_lps:?}"
+        );
+        for (a, b) in our_lps.iter().zip(&their_lps) {
+            steps += 1;
+            top1_same += usize::from(a.2 == b.2);
+            if ours == theirs && a.2 != b.2 {
+                top1_same_in_equal_answers = false;
+            }
+            abs_diff += (a.1 - b.1).abs();
+            if a.0 != b.0 {
+                break;
+            }
+        }
         let first = |t: &str| -> u64 {
             let (_, toks) = http(
                 &kvt.addr,
@@ -228,11 +276,18 @@ fn native_full_cache_agrees_with_llamacpp() {
         rows.push(format!("{i}: kvt {ours:?} | llama.cpp {theirs:?}"));
     }
     let table = rows.join("\n");
+    let mean_diff = abs_diff / steps.max(1) as f64;
     eprintln!(
-        "{table}\nsame answer {same}/20, same first token {same_first}/20, needle found {found}/20"
+        "{table}\nsame answer {same}/20, same first token {same_first}/20, needle found {found}/20\n\
+         log-probabilities (kvt: the Q4_1 weights on candle's kernels; llama.cpp: the same file): \
+         {steps} steps compared up to where answers part, same top-1 token at {top1_same}, \
+         mean |Δ logprob| {mean_diff:.4} nats"
     );
     assert!(same >= 18, "{table}");
     assert_eq!(same_first, 20, "{table}");
+    assert!(top1_same_in_equal_answers, "{table}");
+    assert!(steps >= 100, "{steps}");
+    assert!(mean_diff <= 0.05, "mean |Δ logprob| {mean_diff}");
     // The process this test started, by its id, is gone after the guard drops.
     drop(_llama);
     assert!(
