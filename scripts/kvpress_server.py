@@ -24,6 +24,16 @@ scores: kvpress's default) or `prompt` (the whole prompt is compressed). The
 question starts at the prompt's last line beginning with `Question:`, as in
 kvt's native engine.
 
+Log-probabilities as kvt's native engine gives them: `logprobs: true` with
+`top_logprobs: K` returns each answer token's log-probability and its top K
+(the standard `logprobs.content` field, and `kvt.native.logprobs`);
+`kvt_golds` (a list of gold answers) teacher-forces each after the cell's
+compressed prompt on a copy of its own cache (no second prefill) and returns
+their log-likelihoods; `kvt_fidelity: true` teacher-forces the full cache's own
+greedy answer (computed once per prompt and kept) under the cell and returns
+the exact KL(full || cell) per token, top-1 agreement and the first step
+where they part.
+
 Each response carries `kvt.native` (prompt tokens, KV entries kept per layer
 and in total, prefill and decode time) in the form kvt reads from its native
 engine, and `kvt.peak_memory_bytes` (the device's peak, or the process's
@@ -31,7 +41,10 @@ peak RSS on a CPU). An unknown press or a bad parameter is a 400 with a
 message, which kvt records as a final failure.
 """
 import argparse
+import collections
+import copy
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
@@ -113,6 +126,9 @@ class Engine:
                 stops.add(i)
         self.stops = stops
         self.lock = threading.Lock()
+        # The full cache's greedy answers for fidelity: (prompt digest, max
+        # new tokens) -> (token ids, log-probabilities per step), a few kept.
+        self.references = collections.OrderedDict()
         self.defaults = {"policy": a.policy, "budget": a.budget, "compress": a.compress}
         if a.press_params:
             self.defaults["press_params"] = json.loads(a.press_params)
@@ -176,6 +192,99 @@ class Engine:
             self.model.set_attn_implementation(impl)
             self.attn = impl
 
+    # -- log-probabilities ----------------------------------------------
+    def log_softmax(self, logits):
+        return self.torch.log_softmax(logits.float(), dim=-1)
+
+    def token_entry(self, lp, tok_id, k):
+        top = self.torch.topk(lp, k)
+        return {
+            "t": self.tok.decode([tok_id]),
+            "lp": float(lp[tok_id]),
+            "top": [[self.tok.decode([int(i)]), float(v)] for v, i in zip(top.values, top.indices)],
+        }
+
+    def teacher_force(self, cache, first_lp, pos, ids):
+        """Log-probabilities at each of `ids` after the prompt: the first from
+        `first_lp`, the rest from one forward pass of ids[:-1] on a copy of
+        the cache (the cell's own compressed cache)."""
+        torch = self.torch
+        out = [first_lp]
+        if len(ids) > 1:
+            c = copy.deepcopy(cache)
+            dev = self.model.device
+            o = self.model(input_ids=torch.tensor([ids[:-1]], device=dev), past_key_values=c,
+                           position_ids=torch.arange(pos, pos + len(ids) - 1, device=dev).unsqueeze(0))
+            out.extend(self.log_softmax(o.logits[0, i]) for i in range(len(ids) - 1))
+        return out[: len(ids)]
+
+    def greedy(self, cache, out, pos, max_new, on_token=None, keep=False, k=0):
+        """Greedy decoding from `out` (the logits after the prompt): token ids,
+        why it stopped, the per-token entries (k > 0), the stop token (or
+        None) and, with `keep`, every step's log-probabilities."""
+        torch = self.torch
+        dev = self.model.device
+        generated, entries, dists = [], [], []
+        finish, stop = "length", None
+        nxt = int(out.logits[0, -1].argmax())
+        while True:
+            if k or keep:
+                lp = self.log_softmax(out.logits[0, -1])
+                if keep:
+                    dists.append(lp)
+                if k and nxt not in self.stops:
+                    entries.append(self.token_entry(lp, nxt, k))
+            if nxt in self.stops:
+                finish, stop = "stop", nxt
+                break
+            generated.append(nxt)
+            if on_token is not None:
+                on_token(generated)
+            if len(generated) >= max_new:
+                break
+            out = self.model(input_ids=torch.tensor([[nxt]], device=dev), past_key_values=cache,
+                             position_ids=torch.tensor([[pos]], device=dev))
+            pos += 1
+            nxt = int(out.logits[0, -1].argmax())
+        return generated, finish, entries, stop, dists
+
+    def prefill(self, ids, split, press):
+        """The cache after the prompt (the compressed span under `press`,
+        then the question on it) and the last forward's output."""
+        torch = self.torch
+        cache = self.DynamicCache(config=self.model.config)
+        dev = self.model.device
+        x = torch.tensor([ids], device=dev)
+        if press is not None:
+            with press(self.model):
+                out = self.model(input_ids=x[:, :split], past_key_values=cache,
+                                 position_ids=torch.arange(0, split, device=dev).unsqueeze(0), logits_to_keep=1)
+        else:
+            out = self.model(input_ids=x[:, :split], past_key_values=cache,
+                             position_ids=torch.arange(0, split, device=dev).unsqueeze(0), logits_to_keep=1)
+        if split < len(ids):
+            out = self.model(input_ids=x[:, split:], past_key_values=cache,
+                             position_ids=torch.arange(split, len(ids), device=dev).unsqueeze(0), logits_to_keep=1)
+        return cache, out
+
+    def reference(self, ids, max_new):
+        """The full cache's greedy answer for this prompt (stop token
+        included when it stopped) and its per-step log-probabilities."""
+        key = (hashlib.blake2b(json.dumps(ids).encode()).hexdigest(), max_new)
+        if key in self.references:
+            self.references.move_to_end(key)
+            return self.references[key]
+        self.set_attn("sdpa")
+        cache, out = self.prefill(ids, len(ids), None)
+        generated, _, _, stop, dists = self.greedy(cache, out, len(ids), max_new, keep=True)
+        if stop is not None:
+            generated = generated + [stop]
+        ref = (generated, dists)
+        self.references[key] = ref
+        while len(self.references) > 8:
+            self.references.popitem(last=False)
+        return ref
+
     # -- answering -------------------------------------------------------
     def answer(self, body, on_token=None):
         torch = self.torch
@@ -202,52 +311,60 @@ class Engine:
             split = len(ids)
         press, press_name = self.press_for(p, split)
 
+        k = 0
+        if body.get("logprobs") is True:
+            k = max(1, min(20, int(body.get("top_logprobs") or 1)))
+        golds = body.get("kvt_golds") or []
+        if not isinstance(golds, list) or not all(isinstance(g, str) for g in golds):
+            raise BadRequest("`kvt_golds` must be a list of strings")
+        fidelity = body.get("kvt_fidelity") is True
+        gold_ll = fid = None
         with self.lock:
-            self.set_attn("eager" if press_name == "ObservedAttentionPress" else "sdpa")
-            if self.device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            cache = DynamicCache(config=self.model.config)
-            dev = self.model.device
-            x = torch.tensor([ids], device=dev)
+            self.DynamicCache = DynamicCache
             with torch.inference_mode():
+                # The full cache's answer first (its own prefill, once per prompt).
+                ref = self.reference(ids, max_new) if fidelity and press is not None else None
+                self.set_attn("eager" if press_name == "ObservedAttentionPress" else "sdpa")
+                if self.device.startswith("cuda"):
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
                 # Prefill: the compressed span under the press (it acts on the
                 # first forward only), then the question on the compressed cache.
-                if press is not None:
-                    try:
-                        with press(self.model):
-                            out = self.model(input_ids=x[:, :split], past_key_values=cache,
-                                             position_ids=torch.arange(0, split, device=dev).unsqueeze(0), logits_to_keep=1)
-                    except AssertionError as e:
-                        # A press's precondition on this prompt (SnapKV: a span
-                        # longer than its window): the request's fault, not
-                        # the server's, so a 400 that kvt does not retry.
-                        raise BadRequest(f"{press_name} cannot compress this prompt ({split} tokens): {e}")
-                else:
-                    out = self.model(input_ids=x[:, :split], past_key_values=cache,
-                                     position_ids=torch.arange(0, split, device=dev).unsqueeze(0), logits_to_keep=1)
-                if split < len(ids):
-                    out = self.model(input_ids=x[:, split:], past_key_values=cache,
-                                     position_ids=torch.arange(split, len(ids), device=dev).unsqueeze(0), logits_to_keep=1)
+                try:
+                    cache, out = self.prefill(ids, split, press)
+                except AssertionError as e:
+                    # A press's precondition on this prompt (SnapKV: a span
+                    # longer than its window): the request's fault, not
+                    # the server's, so a 400 that kvt does not retry.
+                    raise BadRequest(f"{press_name} cannot compress this prompt ({split} tokens): {e}")
                 kept = [int(cache.layers[i].keys.shape[-2]) * self.kv_heads for i in range(self.n_layers)]
                 t1 = time.perf_counter()
-                generated = []
-                finish = "length"
-                pos = len(ids)
-                nxt = int(out.logits[0, -1].argmax())
-                while True:
-                    if nxt in self.stops:
-                        finish = "stop"
-                        break
-                    generated.append(nxt)
-                    if on_token is not None:
-                        on_token(generated)
-                    if len(generated) >= max_new:
-                        break
-                    out = self.model(input_ids=torch.tensor([[nxt]], device=dev), past_key_values=cache,
-                                     position_ids=torch.tensor([[pos]], device=dev))
-                    pos += 1
-                    nxt = int(out.logits[0, -1].argmax())
+                first_lp = self.log_softmax(out.logits[0, -1]) if golds or fidelity else None
+                if golds:
+                    gold_ll = []
+                    for g in golds:
+                        gids = self.tok(g, add_special_tokens=False)["input_ids"]
+                        if not gids:
+                            continue
+                        lps = self.teacher_force(cache, first_lp, len(ids), gids)
+                        gold_ll.append({"total": float(sum(float(lp[t]) for lp, t in zip(lps, gids))), "tokens": len(gids)})
+                if fidelity:
+                    if ref is None:
+                        # The full cache itself: its KL is exactly 0.
+                        n_ref = None
+                    else:
+                        rids, rdists = ref
+                        lps = self.teacher_force(cache, first_lp, len(ids), rids)
+                        kl = [float(torch.sum(p.exp() * (p - q)).clamp(min=0.0)) for p, q in zip(rdists, lps)]
+                        agree = [int(q.argmax()) == t for q, t in zip(lps, rids)]
+                        fid = {"kl": kl, "top1_agree": agree, "basis": "exact"}
+                        first = next((i for i, a in enumerate(agree) if not a), None)
+                        if first is not None:
+                            fid["first_divergence"] = first
+                generated, finish, entries, stop, _ = self.greedy(cache, out, len(ids), max_new, on_token, k=k)
+                if fidelity and ref is None:
+                    n_ref = len(generated) + (1 if stop is not None else 0)
+                    fid = {"kl": [0.0] * n_ref, "top1_agree": [True] * n_ref, "basis": "exact"}
                 t2 = time.perf_counter()
             if self.device.startswith("cuda"):
                 peak = int(torch.cuda.max_memory_allocated())
@@ -270,6 +387,12 @@ class Engine:
             "decode_ms": (t2 - t1) * 1000.0,
             "prefill_reused": False,
         }
+        if k:
+            native["logprobs"] = entries
+        if gold_ll is not None:
+            native["gold_loglik"] = gold_ll
+        if fid is not None:
+            native["fidelity"] = fid
         retained = round(kept_total / full_total * len(ids)) if full_total else 0
         return answer, finish, native, {
             "engine": f"kvpress:{press_name}",
@@ -279,6 +402,12 @@ class Engine:
             "native": native,
             "peak_memory_bytes": peak,
         }
+
+
+def standard_logprobs(entries):
+    """kvt's per-token entries as the OpenAI `logprobs` field."""
+    return {"content": [{"token": e["t"], "logprob": e["lp"],
+                         "top_logprobs": [{"token": t, "logprob": v} for t, v in e["top"]]} for e in entries]}
 
 
 def make_handler(engine):
@@ -340,10 +469,12 @@ def make_handler(engine):
                 answer, finish, native, kvt = engine.answer(body)
                 usage = {"prompt_tokens": native["prompt_tokens"], "completion_tokens": native["completion_tokens"],
                          "total_tokens": native["prompt_tokens"] + native["completion_tokens"]}
+                choice = {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": finish}
+                if "logprobs" in native:
+                    choice["logprobs"] = standard_logprobs(native["logprobs"])
                 self.send_json(200, {
                     "id": rid, "object": "chat.completion", "created": int(time.time()), "model": engine.name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": finish}],
-                    "usage": usage, "kvt": kvt,
+                    "choices": [choice], "usage": usage, "kvt": kvt,
                 })
                 return
             # Streaming: the headers go once the prompt is accepted; a bad
@@ -382,7 +513,11 @@ def make_handler(engine):
             start()
             if len(answer) > len(sent[0]):
                 chunk({"content": answer[len(sent[0]):]})
-            chunk({}, finish)
+            last = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": engine.name,
+                    "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
+            if "logprobs" in native:
+                last["choices"][0]["logprobs"] = standard_logprobs(native["logprobs"])
+            event(last)
             if (body.get("stream_options") or {}).get("include_usage"):
                 event({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": engine.name,
                        "choices": [], "usage": {"prompt_tokens": native["prompt_tokens"], "completion_tokens": native["completion_tokens"],

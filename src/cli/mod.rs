@@ -133,6 +133,10 @@ pub struct ServeArgs {
     /// Native engine: memory for recent prefills shared between requests (MiB).
     #[arg(long, default_value_t = 1024)]
     prefill_cache_mib: usize,
+    /// Native engine: run every weight matrix in f32, dequantised at load (to
+    /// compare with f32 implementations such as transformers).
+    #[arg(long)]
+    dequantize: bool,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -489,6 +493,7 @@ fn run(cli: Cli, registry: &OpRegistry) -> Result<()> {
             exit_on_stdin_eof: a.exit_on_stdin_eof,
             model_file: a.model_file,
             prefill_cache_mib: a.prefill_cache_mib,
+            dequantize: a.dequantize,
         })
         .map_err(|e| KvtError::usage(format!("kvt serve: {e:#}")).into()),
         Command::Graph {

@@ -46,6 +46,8 @@ pub struct ServeOptions {
     /// A GGUF file: answer with the native engine instead of the simulator.
     pub model_file: Option<std::path::PathBuf>,
     pub prefill_cache_mib: usize,
+    /// Native engine: weights in f32, dequantised at load.
+    pub dequantize: bool,
 }
 
 struct AppState {
@@ -554,7 +556,7 @@ pub fn router(opts: ServeOptions) -> anyhow::Result<Router> {
         Some(f) => Some(crate::llm::native::NativeEngine::shared(
             f,
             opts.prefill_cache_mib,
-            false,
+            opts.dequantize,
         )?),
         None => None,
     };

@@ -171,7 +171,7 @@ struct Settings {
     dequantize: bool,
     /// Top-k log-probabilities asked for (0: none, and always 0 for the simulator).
     logprobs: usize,
-    /// Gold and full-cache teacher forcing (only with a model file).
+    /// Gold and full-cache teacher forcing (a model file, or `send_kv`).
     fidelity: bool,
     /// The reference simulator answers (its identity enters request keys).
     simulator: bool,
@@ -225,9 +225,9 @@ fn shape(s: &Settings) -> Result<Shape> {
     if s.model_file.is_some() {
         base["kvt_cohort"] = serde_json::to_value(&s.cohort)?;
         base["kvt_record_kept"] = json!(s.record_kept);
-        if s.fidelity {
-            base["kvt_fidelity"] = json!(true);
-        }
+    }
+    if s.fidelity {
+        base["kvt_fidelity"] = json!(true);
     }
     if s.logprobs > 0 {
         // The standard fields: chat takes a flag and a count, the
@@ -289,9 +289,9 @@ fn build_requests(
         if s.record_kept {
             identity["record_kept"] = json!(true);
         }
-        if s.fidelity {
-            identity["fidelity"] = json!(true);
-        }
+    }
+    if s.fidelity {
+        identity["fidelity"] = json!(true);
     }
     if s.logprobs > 0 {
         // Asking for log-probabilities changes what the engine is asked.
@@ -813,7 +813,9 @@ impl Op for Infer {
             send_kv: u.send_kv,
             dequantize: u.dequantize,
             logprobs: if simulator { 0 } else { u.logprobs as usize },
-            fidelity: native && u.fidelity,
+            // kvt's native engine, and servers that take kvt's per-request
+            // fields (`send_kv`: scripts/kvpress_server.py).
+            fidelity: (native || u.send_kv) && u.fidelity,
             simulator,
             transport: t,
         };

@@ -298,3 +298,82 @@ pub fn assert_secret_nowhere(root: &Path, secret: &str) -> usize {
     }
     files
 }
+
+/// A prompt of roughly `words` words with one fact in it, varied by `i`.
+#[allow(dead_code)]
+pub fn agreement_prompt(i: usize, words: usize) -> (String, String) {
+    const NAMES: &[&str] = &["Velo", "Marn", "Tessa", "Quill", "Orsk", "Bramble", "Ithen"];
+    const THINGS: &[&str] = &[
+        "access code",
+        "locker number",
+        "room number",
+        "ticket number",
+    ];
+    const FILLER: &[&str] = &[
+        "The ferry crossed the estuary twice an hour, carrying bicycles and crates.",
+        "A retired surveyor kept a notebook of every bridge he had crossed.",
+        "In late autumn the orchard smelled of wet leaves and forgotten apples.",
+        "The library's reading room was quiet except for the ticking radiator.",
+        "Fog settled in the valley overnight and lifted by noon.",
+    ];
+    let name = NAMES[i % NAMES.len()];
+    let thing = THINGS[i % THINGS.len()];
+    let value = 104_729 * (i + 3) % 900_000 + 100_000;
+    let mut body = Vec::new();
+    let mut n = 0;
+    let mut k = i;
+    while n < words {
+        let s = FILLER[k % FILLER.len()];
+        n += s.split_whitespace().count();
+        body.push(s.to_string());
+        k += 2;
+    }
+    let at = (i * 7) % body.len().max(1);
+    body.insert(at, format!("The {thing} assigned to {name} is {value}."));
+    let prompt = format!(
+        "Here is a document.\n\n{}\n\nQuestion: What is the {thing} assigned to {name}?\nAnswer:",
+        body.join(" ")
+    );
+    (prompt, value.to_string())
+}
+
+#[allow(dead_code)]
+/// The answer and its per-token (token, logprob, top-1 token) from the
+/// standard `logprobs` field.
+pub fn chat_with_logprobs(
+    addr: &str,
+    body: &serde_json::Value,
+) -> (String, Vec<(String, f64, String)>) {
+    let (st, text) = http(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&body.to_string()),
+    );
+    assert_eq!(st, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let lps = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|t| {
+                    (
+                        t["token"].as_str().unwrap_or("").to_string(),
+                        t["logprob"].as_f64().unwrap_or(f64::NAN),
+                        t["top_logprobs"][0]["token"]
+                            .as_str()
+                            .unwrap_or("")
+                            .to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+        lps,
+    )
+}

@@ -865,7 +865,15 @@ pub fn telemetry_into(a: &NativeAnswer, o: &mut crate::llm::Outcome) {
     o.prefill_reused = Some(a.prefill_reused);
     o.kept_positions = a.kept_positions.clone();
     o.kept_share = a.kept_share.clone();
-    o.logprobs = a.logprobs.clone();
-    o.gold_loglik = a.gold_loglik.clone();
-    o.fidelity = a.fidelity.clone();
+    // Where the answer carries them (a server may give log-probabilities
+    // only in the standard field, already read).
+    if a.logprobs.is_some() {
+        o.logprobs = a.logprobs.clone();
+    }
+    if a.gold_loglik.is_some() {
+        o.gold_loglik = a.gold_loglik.clone();
+    }
+    if a.fidelity.is_some() {
+        o.fidelity = a.fidelity.clone();
+    }
 }
