@@ -89,6 +89,14 @@ pub struct SelectiveStat {
     pub d_confidently_wrong: Option<f64>,
     pub d_confidently_wrong_lo: Option<f64>,
     pub d_confidently_wrong_hi: Option<f64>,
+    /// The test answers' risk–coverage curve at coverage 0.1, 0.2, … 1.0:
+    /// `[coverage, selective risk, CI low, CI high]`.
+    #[serde(default)]
+    pub rc_curve: Vec<Vec<f64>>,
+    /// The reliability diagram on test: per tenth of exp(confidence) that
+    /// holds answers, `[bin start, mean exp(confidence), accuracy, answers]`.
+    #[serde(default)]
+    pub reliability: Vec<Vec<f64>>,
 }
 
 fn opt(x: f64) -> Option<f64> {
@@ -318,6 +326,29 @@ pub fn fidelity(
                     st.cov_at_risk_05 = at_risk(0.05);
                     st.cov_at_risk_10 = at_risk(0.10);
                 }
+                let risk_at = |x: &[Scored], c: f64| {
+                    let rc = sel::risk_coverage(x);
+                    let k = ((c * rc.len() as f64).ceil() as usize).clamp(1, rc.len());
+                    rc[k - 1].1
+                };
+                st.rc_curve = (1..=10)
+                    .map(|d| {
+                        let c = d as f64 / 10.0;
+                        let (lo, hi) = boot(
+                            test.len(),
+                            iters,
+                            a.bootstrap.ci,
+                            &format!("{label}/rc/{d}"),
+                            seed,
+                            |idx| risk_at(&pick(idx), c),
+                        );
+                        vec![c, risk_at(&test, c), lo, hi]
+                    })
+                    .collect();
+                st.reliability = sel::reliability(&test, 10)
+                    .into_iter()
+                    .map(|(p, acc, k)| vec![((p * 10.0).floor().min(9.0)) / 10.0, p, acc, k as f64])
+                    .collect();
                 let (nll, brier, ece) = sel::calibration(&test, 10);
                 (st.nll, st.brier, st.ece) = (opt(nll), opt(brier), opt(ece));
                 if let Some(t) = threshold {

@@ -220,6 +220,164 @@ pub fn figures(stats: &[BinStat], metric: &str, floor: f64) -> Vec<(&'static str
     ]
 }
 
+/// The log-probability figures, where the engine gave log-probabilities:
+/// KL and gold log-likelihood drop by length bin (per policy, a line per
+/// budget, 95 % CI bands, failing bins ringed), risk–coverage curves per
+/// budget with CI bands, and a reliability diagram (test split).
+pub fn fidelity_figures(
+    fid: &[crate::stages::fidelity::FidelityStat],
+    selective: &[crate::stages::fidelity::SelectiveStat],
+) -> Vec<(&'static str, Figure)> {
+    let mut out = Vec::new();
+    let mut labels: Vec<(i64, String)> = fid
+        .iter()
+        .map(|f| (f.bin_idx, format!("{}–{}", f.bin_lo, f.bin_hi)))
+        .collect();
+    labels.sort();
+    labels.dedup();
+    let mut policies: Vec<&str> = fid.iter().map(|f| f.policy.as_str()).collect();
+    policies.sort();
+    policies.dedup();
+    let mut budgets: Vec<f64> = fid.iter().map(|f| f.budget).collect();
+    sort_budgets(&mut budgets);
+    budgets.dedup();
+    let rank = |b: f64| budgets.iter().position(|x| *x == b).unwrap_or(0);
+    for (name, metric, title) in [
+        (
+            "kl_by_bin",
+            "kl",
+            "KL(full ‖ cell) per answer token by prompt length, 95% CI",
+        ),
+        (
+            "gold_ll_drop_by_bin",
+            "gold_ll_drop",
+            "Drop in the gold answer's log-likelihood per token, 95% CI",
+        ),
+    ] {
+        let rows: Vec<_> = fid
+            .iter()
+            .filter(|f| f.metric == metric && f.available)
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let top = rows
+            .iter()
+            .filter_map(|f| f.ci_hi.or(f.mean))
+            .fold(0.0f64, f64::max);
+        let panels = policies
+            .iter()
+            .map(|p| Panel {
+                title: format!("policy: {p}"),
+                series: budgets
+                    .iter()
+                    .filter(|b| rows.iter().any(|f| f.policy == *p && f.budget == **b))
+                    .map(|&b| Series {
+                        name: format!("budget {}", budget_label(b)),
+                        color: budget_color(b),
+                        marker: rank(b),
+                        points: labels
+                            .iter()
+                            .map(|(i, _)| {
+                                let f = rows
+                                    .iter()
+                                    .find(|f| f.policy == *p && f.budget == b && f.bin_idx == *i);
+                                Point {
+                                    y: f.and_then(|f| f.mean),
+                                    band: f.and_then(|f| f.ci_lo.zip(f.ci_hi)),
+                                    flagged: f.is_some_and(|f| f.verdict == "fails"),
+                                }
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .filter(|p: &Panel| !p.series.is_empty())
+            .collect();
+        out.push((
+            name,
+            Figure::Lines(LinePlot {
+                title: title.into(),
+                y_label: "nats per token".into(),
+                x_labels: labels.iter().map(|l| l.1.clone()).collect(),
+                y_range: (0.0, (top * 1.15).max(0.1)),
+                panels,
+            }),
+        ));
+    }
+    let whole: Vec<_> = selective
+        .iter()
+        .filter(|s| s.bin_idx == -1 && s.available)
+        .collect();
+    if !whole.is_empty() {
+        let panels =
+            |pick: &dyn Fn(&crate::stages::fidelity::SelectiveStat) -> Vec<Point>| -> Vec<Panel> {
+                policies
+                    .iter()
+                    .map(|p| Panel {
+                        title: format!("policy: {p} (test split)"),
+                        series: budgets
+                            .iter()
+                            .filter_map(|&b| whole.iter().find(|s| s.policy == *p && s.budget == b))
+                            .map(|s| Series {
+                                name: format!("budget {}", budget_label(s.budget)),
+                                color: budget_color(s.budget),
+                                marker: rank(s.budget),
+                                points: pick(s),
+                            })
+                            .collect(),
+                    })
+                    .filter(|p: &Panel| !p.series.is_empty())
+                    .collect()
+            };
+        out.push((
+            "risk_coverage",
+            Figure::Lines(LinePlot {
+                title: "Selective risk by coverage (most confident answers first), 95% CI".into(),
+                y_label: "risk (share wrong)".into(),
+                x_labels: (1..=10)
+                    .map(|d| format!("{:.1}", d as f64 / 10.0))
+                    .collect(),
+                y_range: (0.0, 1.0),
+                panels: panels(&|s| {
+                    s.rc_curve
+                        .iter()
+                        .map(|r| Point {
+                            y: r.get(1).copied(),
+                            band: r.get(2).copied().zip(r.get(3).copied()),
+                            flagged: false,
+                        })
+                        .collect()
+                }),
+            }),
+        ));
+        out.push((
+            "reliability",
+            Figure::Lines(LinePlot {
+                title: "Reliability: accuracy by confidence exp(mean logprob), test split".into(),
+                y_label: "accuracy".into(),
+                x_labels: (0..10)
+                    .map(|d| format!("{:.1}–{:.1}", d as f64 / 10.0, (d + 1) as f64 / 10.0))
+                    .collect(),
+                y_range: (0.0, 1.0),
+                panels: panels(&|s| {
+                    (0..10)
+                        .map(|d| Point {
+                            y: s.reliability
+                                .iter()
+                                .find(|r| (r[0] * 10.0).round() as i64 == d)
+                                .map(|r| r[2]),
+                            band: None,
+                            flagged: false,
+                        })
+                        .collect()
+                }),
+            }),
+        ));
+    }
+    out
+}
+
 /// What `plots` reads (its stage's `uses`, exactly).
 #[derive(serde::Deserialize)]
 struct Uses {
@@ -264,8 +422,9 @@ impl Op for Plots {
     fn name(&self) -> &'static str {
         "plots"
     }
+    /// 6: the log-probability figures.
     fn version(&self) -> u32 {
-        5
+        6
     }
     fn check(
         &self,
@@ -285,7 +444,12 @@ impl Op for Plots {
         // Figures are independent: rendered on all cores, stored in order.
         // A figure drawn before from the same data (an analysis change that
         // moves only some figures) is taken from the store instead.
-        let figs = figures(&stats, &metric, floor);
+        let fid: Vec<crate::stages::fidelity::FidelityStat> =
+            table::read_owned(ctx.input("analyze", "fidelity_stats")?)?;
+        let selective: Vec<crate::stages::fidelity::SelectiveStat> =
+            table::read_owned(ctx.input("analyze", "selective_stats")?)?;
+        let mut figs = figures(&stats, &metric, floor);
+        figs.extend(fidelity_figures(&fid, &selective));
         let memo = Memo {
             dir: ctx.cache_root.join("v1").join("memo").join("plots"),
             store: ctx.store,
