@@ -190,6 +190,24 @@ struct ExplorerCell<'a> {
     score: f64,
     setting: String,
     spans: Option<Vec<(String, bool)>>,
+    /// The gold answer's log-likelihood per token under this cell.
+    gold_ll: Option<f64>,
+    /// Mean KL(full ‖ cell) per token of the full cache's answer.
+    kl: Option<f64>,
+    /// Where this cell's answer left the full cache's: (the tokens both
+    /// chose, the rest), when the engine gave the tokens.
+    diverged: Option<(String, String)>,
+}
+
+/// A cell's answer cut where its top-1 first left the full cache's answer
+/// (greedy answers agree token for token up to there).
+fn divergence(o: &crate::llm::Outcome) -> Option<(String, String)> {
+    let at = o.fidelity.as_ref()?.first_divergence? as usize;
+    let toks = o.logprobs.as_ref()?;
+    let at = at.min(toks.len());
+    let join =
+        |t: &[crate::llm::TokenLogprob]| t.iter().map(|t| t.token.as_str()).collect::<String>();
+    Some((join(&toks[..at]), join(&toks[at..])))
 }
 
 /// The example explorer's data: every example with each cell's answer, as
@@ -252,6 +270,9 @@ pub fn explorer(manifest: &ManifestView, scores: &[ScoreRow], bins: &[Bin]) -> S
                         score: r.score,
                         setting: setting(&r.policy, r.budget),
                         spans: r.response.kept_share.as_ref().map(|v| spans(v)),
+                        gold_ll: r.probs.gold_ll,
+                        kl: r.probs.kl_mean,
+                        diverged: divergence(&r.response),
                     })
                     .collect(),
                 example_id: id,
