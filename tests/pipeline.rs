@@ -121,12 +121,15 @@ fn report_end_to_end_then_nothing_then_analysis_only() {
             .unwrap_or_else(|| panic!("no row for {setting} in\n{report}"))
             .to_string()
     };
-    // Streaming eviction at 30 % loses needles outside its window; SnapKV keeps them.
-    // Needles sit at any depth, so the loss does not depend on length.
+    // Streaming eviction at 30 % loses needles outside its window; SnapKV
+    // keeps them. But 4–5 losses of 6 are not yet evidence of a loss above δ
+    // at the level "safe" needs (a bound on the net loss, not a bootstrap
+    // that collapses at small n): the report asks for more examples.
     assert!(
-        row("streaming | 0.3").contains("**fails at every length**"),
+        row("streaming | 0.3").contains("insufficient data"),
         "{report}"
     );
+    assert!(!row("streaming | 0.3").contains("fails"), "{report}");
     // Six of six right is not evidence of safety: it asks for more examples.
     assert!(
         row("snapkv | 0.3").contains("insufficient data: about 36 paired examples per bin"),
@@ -155,7 +158,7 @@ fn report_end_to_end_then_nothing_then_analysis_only() {
         report.contains("| setting | 0–600 | 600–2000 |"),
         "{report}"
     );
-    assert!(row("streaming @ 0.3").contains(" ✗ |"), "{report}");
+    assert!(row("streaming @ 0.3").contains(" ? |"), "{report}");
     // The evicted needle makes the reader abstain: labelled as such.
     assert!(report.contains("## Provenance") && report.contains("ABSTAINED"));
     let c = db(&p);

@@ -48,6 +48,9 @@ pub struct BinStat {
     /// fails only when it lies above δ (`stats::net_loss_lower`).
     #[serde(default)]
     pub net_loss_lb: Option<f64>,
+    /// Mean gain against the full cache (per example `max(0, cell − ref)`).
+    #[serde(default)]
+    pub gain: Option<f64>,
     /// The full cache's mean on the paired examples.
     #[serde(default)]
     pub reference_mean: Option<f64>,
@@ -348,6 +351,7 @@ pub fn analyze(
             loss: opt(ev.loss),
             loss_ub: (ev.n > 0).then_some(ev.loss_ub),
             net_loss_lb: opt(ev.net_loss_lb),
+            gain: opt(ev.gain),
             reference_mean: opt(ev.reference_mean),
             verdict: verdict.into(),
             n_failed: failed as i64,
@@ -399,6 +403,7 @@ pub fn analyze(
                     loss: s.loss.unwrap_or(f64::NAN),
                     loss_ub: s.loss_ub.unwrap_or(1.0),
                     net_loss_lb: s.net_loss_lb.unwrap_or(f64::NEG_INFINITY),
+                    gain: s.gain.unwrap_or(f64::NAN),
                     reference_mean: s.reference_mean.unwrap_or(f64::NAN),
                 })
                 .collect();

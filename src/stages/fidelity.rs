@@ -197,7 +197,19 @@ pub fn fidelity(
             continue;
         };
         let reference = &cells[&(rp.to_string(), rb.to_bits())];
-        let is_reference = rp == policy && rb == budget;
+        // Every plain policy's own full budget is the full cache (one request).
+        let own_full = cells
+            .keys()
+            .filter(|(p, _)| p == policy)
+            .map(|(_, b)| f64::from_bits(*b))
+            .fold(f64::MIN, f64::max);
+        let own_full = if cells.contains_key(&(policy.clone(), 1f64.to_bits())) {
+            1.0
+        } else {
+            own_full
+        };
+        let is_reference =
+            (rp == policy && rb == budget) || (!policy.contains('+') && budget == own_full);
         let ref_by_id: BTreeMap<&str, &ScoreCell> = reference
             .iter()
             .map(|r| (r.example_id.as_str(), *r))
@@ -539,6 +551,23 @@ mod tests {
             .find(|s| s.budget == 0.5 && s.bin_idx == -1)
             .unwrap();
         assert!(whole.d_augrc.is_some() && whole.augrc.is_some());
+        // Another plain policy's full budget is the same full cache: a
+        // reference too, never a "safe" verdict of its own.
+        let mut two = rows(false);
+        let extra: Vec<ScoreCell> = two
+            .iter()
+            .filter(|r| r.budget == 1.0)
+            .map(|r| ScoreCell {
+                policy: "streaming".into(),
+                ..r.clone()
+            })
+            .collect();
+        two.extend(extra);
+        let (fid2, _) = fidelity(&bins(), &two, &analysis(0.5));
+        assert!(fid2
+            .iter()
+            .filter(|f| f.budget == 1.0)
+            .all(|f| f.verdict == "reference"));
         // No log-probabilities: unavailable, never a number.
         let bare: Vec<ScoreCell> = rows(false)
             .into_iter()

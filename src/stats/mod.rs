@@ -314,6 +314,8 @@ pub struct BinEvidence {
     /// One-sided lower bound on the mean net loss (`ref − cell`, gains
     /// offsetting losses): a bin fails only when it lies above δ.
     pub net_loss_lb: f64,
+    /// The observed mean gain (per example `max(0, cell − ref)`).
+    pub gain: f64,
     /// The full cache's mean in this bin.
     pub reference_mean: f64,
 }
@@ -563,6 +565,7 @@ fn evidence(
             loss_ub: 1.0,
             loss: f64::NAN,
             net_loss_lb: f64::NEG_INFINITY,
+            gain: f64::NAN,
             reference_mean: f64::NAN,
             ..Default::default()
         };
@@ -579,6 +582,7 @@ fn evidence(
         loss_ub: clopper_pearson_upper(losses, n, conf),
         loss: losses / n as f64,
         net_loss_lb: net_loss_lower(losses, gains, n, conf),
+        gain: gains / n as f64,
         reference_mean: mean(a),
     }
 }
@@ -602,6 +606,34 @@ pub fn verdict(e: &BinEvidence, delta: f64, floor: f64) -> BinVerdict {
         return BinVerdict::Safe;
     }
     BinVerdict::Insufficient
+}
+
+/// The paired examples per bin that would show a bin failing at these loss
+/// and gain rates (the smallest n whose net-loss bound rises above `delta`),
+/// if any would.
+pub fn n_to_show_fails(loss: f64, gain: f64, delta: f64, ci: f64) -> Option<usize> {
+    if !(loss.is_finite() && gain.is_finite() && loss - gain > delta) {
+        return None;
+    }
+    let conf = 1.0 - (1.0 - ci) / 2.0;
+    let ok = |n: usize| net_loss_lower(loss * n as f64, gain * n as f64, n, conf) > delta;
+    let mut hi = MIN_N;
+    while !ok(hi) {
+        hi *= 2;
+        if hi > 1 << 20 {
+            return None;
+        }
+    }
+    let mut lo = hi / 2;
+    while lo + 1 < hi {
+        let mid = (lo + hi) / 2;
+        if ok(mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Some(hi)
 }
 
 /// The paired examples per bin that would show a bin safe at this loss rate
@@ -696,7 +728,10 @@ pub fn summarize(
         .collect();
     t.n_needed = unsettled
         .iter()
-        .map(|&i| n_to_show_safe(bins[i].loss, delta, ci))
+        .map(|&i| {
+            n_to_show_safe(bins[i].loss, delta, ci)
+                .or_else(|| n_to_show_fails(bins[i].loss, bins[i].gain, delta, ci))
+        })
         .collect::<Option<Vec<usize>>>()
         .and_then(|v| v.into_iter().max())
         .map(|n| n as i64);
@@ -922,6 +957,7 @@ mod tests {
             loss_ub,
             // What the bound would show for such a CI.
             net_loss_lb: -hi,
+            gain: 0.0,
             reference_mean: 0.9,
         }
     }
@@ -1132,6 +1168,11 @@ mod tests {
             })
             .unwrap();
         assert_eq!(first, 8);
+        assert_eq!(n_to_show_fails(1.0, 0.0, 0.1, 0.95), Some(8));
+        // 5 losses of 6 would fail from 12 examples at the same rate.
+        let n = n_to_show_fails(5.0 / 6.0, 0.0, 0.1, 0.95).unwrap();
+        assert!((7..=40).contains(&n), "{n}");
+        assert_eq!(n_to_show_fails(0.1, 0.0, 0.1, 0.95), None);
         // Gains offset losses: 10 losses and 10 gains of 40 is no net loss.
         let a: Vec<f64> = (0..40).map(|i| f64::from(i < 30)).collect();
         let b: Vec<f64> = (0..40).map(|i| f64::from((10..40).contains(&i))).collect();
