@@ -289,6 +289,9 @@ impl PolicySpec {
     }
 }
 
+/// The question line the reference engine looks for in the last user message.
+pub const QUESTION_MARKER: &str = "Question:";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,6 +332,3 @@ mod tests {
         assert_eq!(g.per_token(), -1.5);
     }
 }
-
-/// The question line the reference engine looks for in the last user message.
-pub const QUESTION_MARKER: &str = "Question:";

@@ -202,11 +202,13 @@ pub struct NativeEngine {
     /// tokens, record, what else was asked).
     ready: Mutex<HashMap<ReadyKey, NativeAnswer>>,
     /// The full cache's answers for fidelity, by (prefill key, max new tokens).
-    references: Mutex<VecDeque<((blake3::Hash, usize), Arc<Trajectory>)>>,
+    references: Mutex<VecDeque<(ReferenceKey, Arc<Trajectory>)>>,
     pub counters: Counters,
 }
 
 type ReadyKey = (blake3::Hash, String, usize, bool, String);
+/// A full-cache answer's key: (prefill key, max new tokens).
+type ReferenceKey = (blake3::Hash, usize);
 
 /// Where the question starts in a rendered prompt (kvt's templates put it on a
 /// line starting with `Question:`).
