@@ -488,14 +488,24 @@ impl NativeEngine {
             quant: KvQuant::F16,
             ..like.clone()
         };
-        let (mut cache, logits) = self.cell_cache(pf, &full)?;
-        let mut decoded = self.decode(&mut cache, logits, pf.tokens.len(), max_new, 0, true)?;
+        let (cache, logits) = self.cell_cache(pf, &full)?;
+        let mut decoded = self.decode(
+            &mut cache.clone(),
+            logits.clone(),
+            pf.tokens.len(),
+            max_new,
+            0,
+        )?;
         if decoded.finish == "stop" {
             decoded.ids.push(decoded.stop_id);
         }
+        // Its distributions by teacher forcing, as every cell's are computed
+        // (a batched pass rounds a little differently from single-token
+        // decoding: compared like with like, an unchanged cache has KL 0).
+        let dists = self.teacher_force(&cache, &logits, pf.tokens.len(), &decoded.ids)?;
         let t = Arc::new(Trajectory {
             tokens: decoded.ids,
-            dists: decoded.dists,
+            dists,
         });
         let mut q = self.references.lock().expect("references");
         q.push_back((key, t.clone()));
@@ -506,8 +516,7 @@ impl NativeEngine {
     }
 
     /// Greedy decoding from `logits` at position `pos`: the tokens (stop
-    /// token excluded), why it ended, each step's top-k log-probabilities,
-    /// and with `keep` each step's whole log-probability vector.
+    /// token excluded), why it ended and each step's top-k log-probabilities.
     fn decode(
         &self,
         cache: &mut KvCache,
@@ -515,32 +524,25 @@ impl NativeEngine {
         pos: usize,
         max_new: usize,
         k: usize,
-        keep: bool,
     ) -> Result<Decoded> {
         let mut d = Decoded {
             ids: Vec::new(),
             finish: "length",
             stop_id: 0,
             logprobs: Vec::new(),
-            dists: Vec::new(),
         };
         for (i, pos) in (0..max_new).zip(pos..) {
             let next = argmax(&logits);
-            if k > 0 || keep {
+            if k > 0 && !self.tok.stop.contains(&next) {
                 let lp = crate::llm::log_softmax(&logits);
-                if k > 0 && !self.tok.stop.contains(&next) {
-                    d.logprobs.push(crate::llm::TokenLogprob {
-                        token: self.tok.decode(&[next])?,
-                        logprob: lp[next as usize],
-                        top: crate::llm::top_k(&lp, k)
-                            .into_iter()
-                            .map(|(t, v)| Ok((self.tok.decode(&[t as u32])?, v)))
-                            .collect::<Result<_>>()?,
-                    });
-                }
-                if keep {
-                    d.dists.push(lp);
-                }
+                d.logprobs.push(crate::llm::TokenLogprob {
+                    token: self.tok.decode(&[next])?,
+                    logprob: lp[next as usize],
+                    top: crate::llm::top_k(&lp, k)
+                        .into_iter()
+                        .map(|(t, v)| Ok((self.tok.decode(&[t as u32])?, v)))
+                        .collect::<Result<_>>()?,
+                });
             }
             if self.tok.stop.contains(&next) {
                 d.finish = "stop";
@@ -646,7 +648,7 @@ impl NativeEngine {
                 })
             }
         };
-        let decoded = self.decode(&mut cache, logits, s, asks.max_new, asks.logprobs, false)?;
+        let decoded = self.decode(&mut cache, logits, s, asks.max_new, asks.logprobs)?;
         let out = decoded.ids;
         let finish = decoded.finish;
         let decode_ms = t0.elapsed().as_secs_f64() * 1000.0;
@@ -778,7 +780,6 @@ struct Decoded {
     finish: &'static str,
     stop_id: u32,
     logprobs: Vec<crate::llm::TokenLogprob>,
-    dists: Vec<Vec<f32>>,
 }
 
 impl NativeEngine {
