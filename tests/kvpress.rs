@@ -279,44 +279,13 @@ analysis: {bootstrap: {iters: 50}}
 fn native_f32_logprobs_agree_with_transformers() {
     let python = std::env::var("KVT_TEST_KVPRESS_PYTHON").expect("set KVT_TEST_KVPRESS_PYTHON");
     let model = std::env::var("KVT_MODEL").expect("set KVT_MODEL");
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut server = std::process::Command::new(&python)
-        .arg(repo.join("scripts/kvpress_server.py"))
-        .args([
-            "--port",
-            &port.to_string(),
-            "--threads",
-            "2",
-            "--model",
-            &model,
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let addr = format!("127.0.0.1:{port}");
-    let t0 = std::time::Instant::now();
-    while http_ok(&addr).is_none() {
-        assert!(
-            server.try_wait().unwrap().is_none(),
-            "kvpress server exited"
-        );
-        assert!(t0.elapsed().as_secs() < 300, "kvpress server did not start");
-        std::thread::sleep(std::time::Duration::from_millis(250));
-    }
-    let _server = Kill(server);
+    let server = PyServer::start(
+        &python,
+        "kvpress_server.py",
+        &["--threads", "2", "--model", &model],
+        300,
+    );
+    let addr = server.addr.clone();
     let kvt = Served::start(&["--model-file", &model, "--dequantize"]);
     let (mut steps, mut worst, mut sum, mut same_answers) = (0usize, 0.0f64, 0.0f64, 0);
     let mut rows = Vec::new();
@@ -348,9 +317,4 @@ fn native_f32_logprobs_agree_with_transformers() {
     assert_eq!(same_answers, 20, "{table}");
     assert!(steps >= 100, "{steps}");
     assert!(worst <= 1e-3, "worst |Δ logprob| {worst}");
-}
-
-fn http_ok(addr: &str) -> Option<()> {
-    std::net::TcpStream::connect(addr).ok()?;
-    (http(addr, "GET", "/health", None).0 == 200).then_some(())
 }

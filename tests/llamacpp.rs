@@ -94,55 +94,13 @@ fn llamacpp_kv_quantisation_report() {
 fn native_full_cache_agrees_with_llamacpp() {
     let python = std::env::var("KVT_PYTHON").expect("set KVT_PYTHON");
     let model = std::env::var("KVT_MODEL").expect("set KVT_MODEL");
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut llama = std::process::Command::new(&python)
-        .arg(repo.join("scripts/xllamacpp_server.py"))
-        .args([
-            "--port",
-            &port.to_string(),
-            "--cache-type",
-            "f16",
-            "--ctx",
-            "2048",
-        ])
-        .args(["--model", &model])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let llama_pid = llama.id();
-    let addr = format!("127.0.0.1:{port}");
-    let t0 = std::time::Instant::now();
-    loop {
-        if let Ok(s) = std::net::TcpStream::connect(&addr) {
-            drop(s);
-            if http(&addr, "GET", "/health", None).0 == 200 {
-                break;
-            }
-        }
-        assert!(
-            llama.try_wait().unwrap().is_none(),
-            "llama.cpp server exited"
-        );
-        assert!(
-            t0.elapsed().as_secs() < 120,
-            "llama.cpp server did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    let _llama = Kill(llama);
+    let llama = PyServer::start(
+        &python,
+        "xllamacpp_server.py",
+        &["--cache-type", "f16", "--ctx", "2048", "--model", &model],
+        120,
+    );
+    let (addr, llama_pid) = (llama.addr.clone(), llama.pid);
     let kvt = Served::start(&["--model-file", &model]);
     let mut same = 0;
     let mut same_first = 0;
@@ -208,7 +166,7 @@ fn native_full_cache_agrees_with_llamacpp() {
     assert!(steps >= 100, "{steps}");
     assert!(mean_diff <= 0.05, "mean |Δ logprob| {mean_diff}");
     // The process this test started, by its id, is gone after the guard drops.
-    drop(_llama);
+    drop(llama);
     assert!(
         !std::path::Path::new(&format!("/proc/{llama_pid}")).exists() || {
             let stat =

@@ -608,15 +608,9 @@ pub fn verdict(e: &BinEvidence, delta: f64, floor: f64) -> BinVerdict {
     BinVerdict::Insufficient
 }
 
-/// The paired examples per bin that would show a bin failing at these loss
-/// and gain rates (the smallest n whose net-loss bound rises above `delta`),
-/// if any would.
-pub fn n_to_show_fails(loss: f64, gain: f64, delta: f64, ci: f64) -> Option<usize> {
-    if !(loss.is_finite() && gain.is_finite() && loss - gain > delta) {
-        return None;
-    }
-    let conf = 1.0 - (1.0 - ci) / 2.0;
-    let ok = |n: usize| net_loss_lower(loss * n as f64, gain * n as f64, n, conf) > delta;
+/// The smallest n from [`MIN_N`] at which `ok` holds, for an `ok` that stays
+/// true once it holds (doubling, then bisection); None past 2^20.
+fn smallest_n(ok: impl Fn(usize) -> bool) -> Option<usize> {
     let mut hi = MIN_N;
     while !ok(hi) {
         hi *= 2;
@@ -636,6 +630,18 @@ pub fn n_to_show_fails(loss: f64, gain: f64, delta: f64, ci: f64) -> Option<usiz
     Some(hi)
 }
 
+/// The paired examples per bin that would show a bin failing at these loss
+/// and gain rates (the smallest n whose net-loss bound rises above `delta`),
+/// if any would.
+pub fn n_to_show_fails(loss: f64, gain: f64, delta: f64, ci: f64) -> Option<usize> {
+    if !(loss.is_finite() && gain.is_finite() && loss - gain > delta) {
+        return None;
+    }
+    let conf = 1.0 - (1.0 - ci) / 2.0;
+    let ok = |n: usize| net_loss_lower(loss * n as f64, gain * n as f64, n, conf) > delta;
+    smallest_n(ok)
+}
+
 /// The paired examples per bin that would show a bin safe at this loss rate
 /// (the smallest n whose loss bound falls below `delta`), if any would.
 pub fn n_to_show_safe(loss: f64, delta: f64, ci: f64) -> Option<usize> {
@@ -644,23 +650,7 @@ pub fn n_to_show_safe(loss: f64, delta: f64, ci: f64) -> Option<usize> {
     }
     let conf = 1.0 - (1.0 - ci) / 2.0;
     let ok = |n: usize| clopper_pearson_upper(loss * n as f64, n, conf) < delta;
-    let mut hi = MIN_N;
-    while !ok(hi) {
-        hi *= 2;
-        if hi > 1 << 20 {
-            return None;
-        }
-    }
-    let mut lo = hi / 2;
-    while lo + 1 < hi {
-        let mid = (lo + hi) / 2;
-        if ok(mid) {
-            hi = mid;
-        } else {
-            lo = mid;
-        }
-    }
-    Some(hi)
+    smallest_n(ok)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

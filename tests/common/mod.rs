@@ -377,3 +377,56 @@ pub fn chat_with_logprobs(
         lps,
     )
 }
+
+/// A Python server script of the repository (`scripts/…`) on a free loopback
+/// port, started by this test and killed (by its own handle) when dropped.
+#[allow(dead_code)]
+pub struct PyServer {
+    child: std::process::Child,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    pub pid: u32,
+}
+
+#[allow(dead_code)]
+impl PyServer {
+    /// Starts `python scripts/<script> --port P <args>` and returns once its
+    /// `/health` answers 200 (panics if it exits or takes over `limit_s`).
+    pub fn start(python: &str, script: &str, args: &[&str], limit_s: u64) -> PyServer {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = std::process::Command::new(python)
+            .arg(repo.join("scripts").join(script))
+            .args(["--port", &port.to_string()])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr = format!("127.0.0.1:{port}");
+        let t0 = std::time::Instant::now();
+        loop {
+            if std::net::TcpStream::connect(&addr).is_ok()
+                && http(&addr, "GET", "/health", None).0 == 200
+            {
+                break;
+            }
+            assert!(child.try_wait().unwrap().is_none(), "{script} exited");
+            assert!(t0.elapsed().as_secs() < limit_s, "{script} did not start");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let pid = child.id();
+        PyServer { child, addr, pid }
+    }
+}
+
+impl Drop for PyServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
