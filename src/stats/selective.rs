@@ -93,8 +93,23 @@ pub fn t_cdf(t: f64, df: f64) -> f64 {
     }
 }
 
-/// The `p` quantile of Student's t (bisection on the CDF).
+/// The `p` quantile of Student's t (bisection on the CDF), remembered per
+/// (p, df) in this thread: an analysis asks for the same few many times.
 pub fn t_quantile(p: f64, df: f64) -> f64 {
+    thread_local! {
+        static SEEN: std::cell::RefCell<std::collections::HashMap<(u64, u64), f64>> =
+            Default::default();
+    }
+    let key = (p.to_bits(), df.to_bits());
+    if let Some(q) = SEEN.with(|m| m.borrow().get(&key).copied()) {
+        return q;
+    }
+    let q = t_quantile_uncached(p, df);
+    SEEN.with(|m| m.borrow_mut().insert(key, q));
+    q
+}
+
+fn t_quantile_uncached(p: f64, df: f64) -> f64 {
     let (mut lo, mut hi) = (-1e3, 1e3);
     for _ in 0..200 {
         let mid = 0.5 * (lo + hi);
@@ -443,8 +458,8 @@ mod tests {
         let expo = |r: &mut crate::data::SplitMix64| -0.1 * r.unit().max(1e-12).ln();
         let mut worst_fail = 0.0f64;
         for n in [3, 5, 10, 20, 36, 50] {
-            let (fn_, sn) = continuous_rates(n, 4000, n as u64, normal);
-            let (fe, se) = continuous_rates(n, 4000, 100 + n as u64, expo);
+            let (fn_, sn) = continuous_rates(n, 20000, n as u64, normal);
+            let (fe, se) = continuous_rates(n, 20000, 100 + n as u64, expo);
             eprintln!(
                 "n={n}: at mean loss δ, normal: P(fails)={fn_:.4} P(safe)={sn:.4}; exponential: P(fails)={fe:.4} P(safe)={se:.4}"
             );
