@@ -90,6 +90,8 @@ pub struct Panel {
 pub struct LinePlot {
     pub title: String,
     pub y_label: String,
+    /// The x axis's caption (None: prompt length bins).
+    pub x_label: Option<String>,
     pub x_labels: Vec<String>,
     pub y_range: (f64, f64),
     pub panels: Vec<Panel>,
@@ -180,7 +182,7 @@ fn draw_lines<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, p: &LinePlot) -
                     format!("{v:.1}")
                 }
             })
-            .x_desc("prompt length bin (tokens)")
+            .x_desc(p.x_label.as_deref().unwrap_or("prompt length bin (tokens)"))
             .y_desc(&p.y_label)
             .label_style((FONT, 14))
             .axis_desc_style((FONT, 16))
@@ -488,6 +490,7 @@ mod tests {
         let fig = Figure::Lines(LinePlot {
             title: "t".into(),
             y_label: "y".into(),
+            x_label: None,
             x_labels: vec!["a".into(), "b".into()],
             y_range: (0.0, 1.0),
             panels: vec![Panel {

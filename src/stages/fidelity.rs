@@ -426,20 +426,28 @@ pub fn fidelity(
 
 /// How many (cell, bin) verdicts each metric decides (safe or fails):
 /// accuracy's from `bin_stats`, the continuous ones from `fidelity_stats`.
+/// Counted over the cells that differ from the full cache: the full cache
+/// itself and `full` at a smaller budget (the same request under another
+/// name, trivially "safe" on a continuous metric) are left out.
 pub fn decided_counts(
     accuracy: &[crate::stages::analyze::BinStat],
     fid: &[FidelityStat],
 ) -> Vec<(String, usize, usize)> {
     let decided = |v: &str| v == BinVerdict::Safe.name() || v == BinVerdict::Fails.name();
+    let counted = |policy: &str, verdict: &str| verdict != "reference" && policy != "full";
+    let acc: Vec<_> = accuracy
+        .iter()
+        .filter(|s| counted(&s.policy, &s.verdict))
+        .collect();
     let mut out = vec![(
         "accuracy".to_string(),
-        accuracy.iter().filter(|s| decided(&s.verdict)).count(),
-        accuracy.iter().filter(|s| s.verdict != "reference").count(),
+        acc.iter().filter(|s| decided(&s.verdict)).count(),
+        acc.len(),
     )];
     for m in ["gold_ll_drop", "kl"] {
         let rows: Vec<&FidelityStat> = fid
             .iter()
-            .filter(|f| f.metric == m && f.available && f.verdict != "reference")
+            .filter(|f| f.metric == m && f.available && counted(&f.policy, &f.verdict))
             .collect();
         out.push((
             m.to_string(),

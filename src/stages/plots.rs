@@ -335,6 +335,7 @@ pub fn fidelity_figures(
             Figure::Lines(LinePlot {
                 title: "Selective risk by coverage (most confident answers first), 95% CI".into(),
                 y_label: "risk (share wrong)".into(),
+                x_label: Some("coverage (share of answers kept)".into()),
                 x_labels: (1..=10)
                     .map(|d| format!("{:.1}", d as f64 / 10.0))
                     .collect(),
@@ -356,6 +357,7 @@ pub fn fidelity_figures(
             Figure::Lines(LinePlot {
                 title: "Reliability: accuracy by confidence exp(mean logprob), test split".into(),
                 y_label: "accuracy".into(),
+                x_label: Some("confidence".into()),
                 x_labels: (0..10)
                     .map(|d| format!("{:.1}–{:.1}", d as f64 / 10.0, (d + 1) as f64 / 10.0))
                     .collect(),

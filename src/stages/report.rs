@@ -144,7 +144,11 @@ pub fn fidelity_context(
                 "d_augrc": ci3(s.d_augrc, s.d_augrc_lo, s.d_augrc_hi),
                 "cw": match (s.confidently_wrong, s.confidently_wrong_lo, s.confidently_wrong_hi) {
                     (Some(a), Some(l), Some(h)) => format!("{a:.2} [{l:.2}, {h:.2}]"),
-                    (a, _, _) => f3(a),
+                    (Some(a), _, _) => f3(Some(a)),
+                    // No confidence keeps the full cache's calibration
+                    // answers within the risk: nothing counts as confident.
+                    (None, _, _) if s.available => "no threshold".into(),
+                    (None, _, _) => "–".into(),
                 },
                 "d_cw": ci3(s.d_confidently_wrong, s.d_confidently_wrong_lo, s.d_confidently_wrong_hi),
                 "risk80": f3(s.risk_at_cov_80),
