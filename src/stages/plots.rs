@@ -156,6 +156,7 @@ pub fn figures(stats: &[BinStat], metric: &str, floor: f64) -> Vec<(&'static str
             Figure::Lines(LinePlot {
                 title: format!("Score ({metric}) by prompt length, 95% CI"),
                 y_label: format!("mean {metric}"),
+                x_label: None,
                 x_labels: labels.clone(),
                 y_range: (0.0, 1.0),
                 panels: lines(&|s| Point {
@@ -170,6 +171,7 @@ pub fn figures(stats: &[BinStat], metric: &str, floor: f64) -> Vec<(&'static str
             Figure::Lines(LinePlot {
                 title: "Failure rate by prompt length (Wilson 95% CI)".into(),
                 y_label: "failure rate".into(),
+                x_label: None,
                 x_labels: labels.clone(),
                 y_range: (0.0, 1.0),
                 panels: lines(&|s| Point {
@@ -184,6 +186,7 @@ pub fn figures(stats: &[BinStat], metric: &str, floor: f64) -> Vec<(&'static str
             Figure::Lines(LinePlot {
                 title: "Median latency by prompt length".into(),
                 y_label: "latency p50 (ms)".into(),
+                x_label: None,
                 x_labels: labels.clone(),
                 y_range: (0.0, (max_lat * 1.15).max(1.0)),
                 panels: lines(&|s| Point {
@@ -299,6 +302,7 @@ pub fn fidelity_figures(
             Figure::Lines(LinePlot {
                 title: title.into(),
                 y_label: "nats per token".into(),
+                x_label: None,
                 x_labels: labels.iter().map(|l| l.1.clone()).collect(),
                 y_range: (0.0, (top * 1.15).max(0.1)),
                 panels,
