@@ -146,7 +146,7 @@ pub struct Fidelity {
     pub top1_agree: Vec<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_divergence: Option<u32>,
-    /// `exact` (the whole vocabulary) or `top_k` (the union of both top-k sets).
+    /// How the KL was computed: `exact` (over the whole vocabulary).
     pub basis: String,
 }
 
@@ -198,53 +198,6 @@ pub fn top_k(lp: &[f32], k: usize) -> Vec<(usize, f32)> {
         }
     }
     idx
-}
-
-/// KL(full ‖ cell) over the union of two top-k lists (servers that give only
-/// the top-k): each side's mass outside its list is spread evenly over the
-/// union's tokens it did not list, floored at the smallest listed
-/// probability. An approximation, marked `top_k` wherever it is used.
-pub fn kl_top_k(full: &[(String, f32)], cell: &[(String, f32)]) -> f64 {
-    let mut union: Vec<&str> = full.iter().map(|t| t.0.as_str()).collect();
-    for (t, _) in cell {
-        if !union.contains(&t.as_str()) {
-            union.push(t);
-        }
-    }
-    let dist = |list: &[(String, f32)]| -> Vec<f64> {
-        let listed: f64 = list.iter().map(|t| f64::from(t.1).exp()).sum();
-        let floor = list
-            .iter()
-            .map(|t| f64::from(t.1).exp())
-            .fold(f64::INFINITY, f64::min);
-        let missing = union
-            .iter()
-            .filter(|u| !list.iter().any(|t| t.0 == **u))
-            .count();
-        let fill = if missing > 0 {
-            ((1.0 - listed).max(0.0) / missing as f64)
-                .min(floor)
-                .max(1e-9)
-        } else {
-            0.0
-        };
-        let v: Vec<f64> = union
-            .iter()
-            .map(|u| {
-                list.iter()
-                    .find(|t| t.0 == *u)
-                    .map_or(fill, |t| f64::from(t.1).exp())
-            })
-            .collect();
-        let z: f64 = v.iter().sum();
-        v.into_iter().map(|x| x / z).collect()
-    };
-    let (p, q) = (dist(full), dist(cell));
-    p.iter()
-        .zip(&q)
-        .map(|(&a, &b)| if a > 0.0 { a * (a / b).ln() } else { 0.0 })
-        .sum::<f64>()
-        .max(0.0)
 }
 
 /// A policy as written in `kv.policies`: an eviction policy, optionally with a
@@ -310,17 +263,6 @@ mod tests {
         // KL([1, 0] ‖ [0.9, 0.1]) = ln(1/0.9).
         let kl = kl_divergence(&[0.0, f32::NEG_INFINITY], &[0.9f32.ln(), 0.1f32.ln()]);
         assert!((kl - (1.0f64 / 0.9).ln()).abs() < 1e-6, "{kl}");
-        // Top-k over the union, both lists complete: the exact KL.
-        let full = vec![
-            ("a".to_string(), 0.5f32.ln()),
-            ("b".to_string(), 0.5f32.ln()),
-        ];
-        let cell = vec![
-            ("b".to_string(), 0.75f32.ln()),
-            ("a".to_string(), 0.25f32.ln()),
-        ];
-        assert!((kl_top_k(&full, &cell) - 0.143_841_04).abs() < 1e-6);
-        assert_eq!(kl_top_k(&full, &full), 0.0);
         assert_eq!(
             top_k(&[0.1, 0.5, 0.5, -1.0, 0.7], 3),
             vec![(4, 0.7), (1, 0.5), (2, 0.5)]
