@@ -534,3 +534,69 @@ fn a_pipeline_whose_uses_disagree_with_its_op_exits_2_before_any_stage() {
     );
     assert!(!p.path("cache/v1/objects").exists(), "a stage ran");
 }
+
+/// Values whose types hold them but whose ranges do not: each is refused by
+/// `kvt validate` with exit 2, the file, the key and what is allowed
+/// (#26: `max_response_mib: 0` turned every answer into a final error;
+/// `budgets: [1.5]` became a budget of one token; temperature −1, top_p 2
+/// and a focus bin that does not exist were accepted silently).
+#[test]
+fn regression_out_of_range_values_are_refused_by_validate() {
+    let p = Project::new();
+    for (yaml, key, says) in [
+        (
+            "engine: {max_response_mib: 0}",
+            "engine.max_response_mib",
+            "at least 1",
+        ),
+        (
+            "kv: {budgets: [1.0, 1.5]}",
+            "kv.budgets",
+            "not a whole number",
+        ),
+        (
+            "decoding: {temperature: -1}",
+            "decoding.temperature",
+            "0 (greedy) or more",
+        ),
+        ("decoding: {top_p: 2}", "decoding.top_p", "(0, 1]"),
+        (
+            "sampling: {focus_bins: [99]}",
+            "sampling.focus_bins",
+            "bin 99 does not exist",
+        ),
+        ("engine: {logprobs: 50}", "engine.logprobs", "more than 20"),
+        (
+            "analysis: {fidelity: {delta_nats: 0}}",
+            "analysis.fidelity.delta_nats",
+            "positive",
+        ),
+        (
+            "analysis: {splits: {calibration: 1.0, seed: 0}}",
+            "analysis.splits.calibration",
+            "[0, 1)",
+        ),
+        (
+            "analysis: {selective: {confidence: mean, confident_risk: 2}}",
+            "analysis.selective.confident_risk",
+            "[0, 1]",
+        ),
+    ] {
+        p.write(
+            "config/experiments/bad.yaml",
+            &format!("pipeline: test\noutput: {{exp_group_id: b}}\n{yaml}\n"),
+        );
+        let out = validate(&p, "config/experiments/bad.yaml", &[]);
+        expect_usage_error(
+            &out,
+            &["config/experiments/bad.yaml", &format!("`{key}`"), says],
+        );
+    }
+    // A whole token count above 1 and a fraction are both fine.
+    p.write(
+        "config/experiments/ok.yaml",
+        "pipeline: test\noutput: {exp_group_id: b}\nkv: {budgets: [1.0, 0.5, 1024]}\n",
+    );
+    let out = validate(&p, "config/experiments/ok.yaml", &[]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+}

@@ -905,6 +905,78 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
     if c.analysis.bootstrap.iters == 0 {
         return Err(bad("analysis.bootstrap.iters", "must be at least 1".into()));
     }
+    check_ranges(c, &bad)
+}
+
+/// Ranges of numbers the types cannot express (one pass with the checks
+/// above: `kvt validate` finds them before any stage runs).
+fn check_ranges(c: &Config, bad: &dyn Fn(&str, String) -> anyhow::Error) -> Result<()> {
+    if c.engine.max_response_mib == 0 {
+        return Err(bad(
+            "engine.max_response_mib",
+            "must be at least 1 (MiB): 0 would refuse every answer".into(),
+        ));
+    }
+    if !(c.decoding.temperature.is_finite() && c.decoding.temperature >= 0.0) {
+        return Err(bad(
+            "decoding.temperature",
+            format!("{} must be 0 (greedy) or more", c.decoding.temperature),
+        ));
+    }
+    if !(c.decoding.top_p > 0.0 && c.decoding.top_p <= 1.0) {
+        return Err(bad(
+            "decoding.top_p",
+            format!("{} must be in (0, 1]", c.decoding.top_p),
+        ));
+    }
+    let n_bins = match &c.binning.edges {
+        Some(e) => e.len().saturating_sub(1) as u32,
+        None => c.binning.n_bins,
+    };
+    if let Some(b) = c.sampling.focus_bins.iter().find(|b| **b >= n_bins) {
+        return Err(bad(
+            "sampling.focus_bins",
+            format!(
+                "bin {b} does not exist: bins are numbered 0 ..= {}",
+                n_bins.saturating_sub(1)
+            ),
+        ));
+    }
+    // A budget ≤ 1 is a fraction of the prompt; above 1 a whole number of
+    // tokens. 1.5 is neither.
+    if let Some(b) = c.kv.budgets.iter().find(|b| **b > 1.0 && b.fract() != 0.0) {
+        return Err(bad(
+            "kv.budgets",
+            format!("budget {b} is above 1 but not a whole number: a budget ≤ 1 is the fraction of the prompt kept (0.5), above 1 the number of tokens kept (1024)"),
+        ));
+    }
+    if c.engine.logprobs > 20 {
+        return Err(bad(
+            "engine.logprobs",
+            format!("{} is more than 20 (OpenAI-compatible servers give at most 20 top log-probabilities)", c.engine.logprobs),
+        ));
+    }
+    let d = c.analysis.fidelity.delta_nats;
+    if !(d.is_finite() && d > 0.0) {
+        return Err(bad(
+            "analysis.fidelity.delta_nats",
+            format!("{d} must be a positive number of nats per token"),
+        ));
+    }
+    let share = c.analysis.splits.calibration;
+    if !(0.0..1.0).contains(&share) {
+        return Err(bad(
+            "analysis.splits.calibration",
+            format!("{share} must be in [0, 1): the share of examples that choose thresholds (the rest are the test split)"),
+        ));
+    }
+    let r = c.analysis.selective.confident_risk;
+    if !(0.0..=1.0).contains(&r) {
+        return Err(bad(
+            "analysis.selective.confident_risk",
+            format!("{r} must be in [0, 1]"),
+        ));
+    }
     Ok(())
 }
 
