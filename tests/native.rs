@@ -38,14 +38,7 @@ fn ask(addr: &str, prompt: &str, kv: &Value, cohort: &[Value]) -> Value {
         "kvt": kv,
         "kvt_cohort": cohort,
     });
-    let (st, text) = http(
-        addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&body.to_string()),
-    );
-    assert_eq!(st, 200, "{text}");
-    serde_json::from_str(&text).unwrap()
+    post_chat(addr, &body)
 }
 
 fn metric(addr: &str, name: &str) -> u64 {
@@ -258,14 +251,7 @@ fn gold_likelihood_and_kl_by_teacher_forcing_match_decoding() {
             "max_tokens": 16, "temperature": 0.0, "logprobs": true, "top_logprobs": 5,
             "kvt": kv, "kvt_golds": golds, "kvt_fidelity": true,
         });
-        let (st, text) = http(
-            &s.addr,
-            "POST",
-            "/v1/chat/completions",
-            Some(&body.to_string()),
-        );
-        assert_eq!(st, 200, "{text}");
-        serde_json::from_str::<Value>(&text).unwrap()
+        post_chat(&s.addr, &body)
     };
     let full = with(&cell("full", 1.0), &[]);
     let answer = full["choices"][0]["message"]["content"]

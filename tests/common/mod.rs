@@ -337,13 +337,9 @@ pub fn agreement_prompt(i: usize, words: usize) -> (String, String) {
     (prompt, value.to_string())
 }
 
+/// POSTs a chat completion and returns the reply's JSON (asserting 200).
 #[allow(dead_code)]
-/// The answer and its per-token (token, logprob, top-1 token) from the
-/// standard `logprobs` field.
-pub fn chat_with_logprobs(
-    addr: &str,
-    body: &serde_json::Value,
-) -> (String, Vec<(String, f64, String)>) {
+pub fn post_chat(addr: &str, body: &serde_json::Value) -> serde_json::Value {
     let (st, text) = http(
         addr,
         "POST",
@@ -351,7 +347,17 @@ pub fn chat_with_logprobs(
         Some(&body.to_string()),
     );
     assert_eq!(st, 200, "{text}");
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[allow(dead_code)]
+/// The answer and its per-token (token, logprob, top-1 token) from the
+/// standard `logprobs` field.
+pub fn chat_with_logprobs(
+    addr: &str,
+    body: &serde_json::Value,
+) -> (String, Vec<(String, f64, String)>) {
+    let v = post_chat(addr, body);
     let lps = v["choices"][0]["logprobs"]["content"]
         .as_array()
         .map(|a| {
