@@ -4,6 +4,29 @@
 //! validates the layered YAML configuration, `stages` holds kvt's ops, and
 //! `cli` wires them to the command line.
 
+// kvt's own `println!` and `eprintln!` for every module below: a write to a
+// closed stdout or stderr (`kvt build … 2>&1 | head -1`) is dropped instead
+// of panicking, so the build goes on and records what it answers (std's
+// macros panic on EPIPE).
+macro_rules! println {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+macro_rules! eprintln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+macro_rules! print {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 pub mod cli;
 pub mod config;
 pub mod data;

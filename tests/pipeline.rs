@@ -797,3 +797,42 @@ analysis: {bootstrap: {iters: 200}}
         .unwrap();
     assert!(config.contains("\"iters\":250"), "{config}");
 }
+
+/// #26: `kvt build … 2>&1 | head -1` exited 101, a panic on the closed
+/// pipe. With both of its outputs closed before it writes, a build goes on,
+/// records everything and exits 0.
+#[test]
+fn regression_a_closed_stdout_and_stderr_never_panic() {
+    let p = small_project();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvt"))
+        .current_dir(p.root())
+        .env_remove("KVT_LOG")
+        .args([
+            "build",
+            "report",
+            "-v",
+            "-c",
+            "config/experiments/small.yaml",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(p.path("runs/small/report.md").exists());
+    // And a command that prints to stdout (`kvt graph`) as well.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvt"))
+        .current_dir(p.root())
+        .env_remove("KVT_LOG")
+        .args(["graph", "-c", "config/experiments/small.yaml"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}

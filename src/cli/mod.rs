@@ -365,6 +365,9 @@ fn init_logging(verbose: u8, quiet: bool) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .without_time()
+        // Its own report of a failed write goes through std's `eprintln!`,
+        // which panics when stderr is closed (`… 2>&1 | head -1`).
+        .log_internal_errors(false)
         .try_init();
 }
 
