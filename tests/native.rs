@@ -223,6 +223,27 @@ fn native_in_process_and_kvt_serve_give_the_same_answers() {
     // the prompt's kept and evicted spans for the compressed cells.
     let report = a.read("runs/n/report.md");
     assert!(report.contains("snapkv"), "{report}");
+    // The fidelity table (KL and gold log-likelihood drop per bin), its
+    // plots, the risk–coverage curves and the reliability diagram.
+    let row = report
+        .lines()
+        .find(|l| l.starts_with("| snapkv @ 0.25 | KL "))
+        .unwrap_or_else(|| panic!("no fidelity row in {report}"));
+    assert!(row.contains("ΔLL") && !row.contains("unavailable"), "{row}");
+    assert!(report.contains("## Fidelity to the full cache"), "{report}");
+    for plot in [
+        "kl_by_bin",
+        "gold_ll_drop_by_bin",
+        "risk_coverage",
+        "reliability",
+    ] {
+        let png = std::fs::read(a.path(&format!("runs/n/plots/{plot}.png"))).unwrap();
+        assert_eq!(&png[1..4], b"PNG", "{plot}");
+        assert!(
+            report.contains(&format!("plots/{plot}.png")),
+            "{plot} not linked"
+        );
+    }
     let html = a.read("runs/n/report.html");
     assert!(html.contains("\"spans\":[["), "kept spans in the page");
     assert!(

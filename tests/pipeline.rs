@@ -804,35 +804,30 @@ analysis: {bootstrap: {iters: 200}}
 #[test]
 fn regression_a_closed_stdout_and_stderr_never_panic() {
     let p = small_project();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvt"))
-        .current_dir(p.root())
-        .env_remove("KVT_LOG")
-        .args([
-            "build",
-            "report",
-            "-v",
-            "-c",
-            "config/experiments/small.yaml",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    drop(child.stderr.take());
-    let status = child.wait().unwrap();
+    // The command, both of its outputs closed before it writes anything.
+    let closed = |args: &[&str]| {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvt"))
+            .current_dir(p.root())
+            .env_remove("KVT_LOG")
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        drop(child.stderr.take());
+        child.wait().unwrap()
+    };
+    let status = closed(&[
+        "build",
+        "report",
+        "-v",
+        "-c",
+        "config/experiments/small.yaml",
+    ]);
     assert_eq!(status.code(), Some(0), "{status:?}");
     assert!(p.path("runs/small/report.md").exists());
     // And a command that prints to stdout (`kvt graph`) as well.
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvt"))
-        .current_dir(p.root())
-        .env_remove("KVT_LOG")
-        .args(["graph", "-c", "config/experiments/small.yaml"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    drop(child.stderr.take());
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let status = closed(&["graph", "-c", "config/experiments/small.yaml"]);
+    assert_eq!(status.code(), Some(0), "{status:?}");
 }

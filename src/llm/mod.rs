@@ -186,6 +186,16 @@ pub fn kl_divergence(lp: &[f32], lq: &[f32]) -> f64 {
         .max(0.0)
 }
 
+/// The log-likelihood of a continuation from its teacher-forced steps: the
+/// sum over `ids` of each step's log-probability of that token.
+pub fn continuation_loglik(steps: &[Vec<f32>], ids: &[u32]) -> f64 {
+    steps
+        .iter()
+        .zip(ids)
+        .map(|(lp, &t)| f64::from(lp[t as usize]))
+        .sum()
+}
+
 /// The `k` largest entries of `lp` as (index, value), best first (ties to the
 /// lower index).
 pub fn top_k(lp: &[f32], k: usize) -> Vec<(usize, f32)> {

@@ -396,9 +396,12 @@ pub struct PyServer {
 
 #[allow(dead_code)]
 impl PyServer {
-    /// Starts `python scripts/<script> --port P <args>` and returns once its
-    /// `/health` answers 200 (panics if it exits or takes over `limit_s`).
+    /// Starts `python scripts/<script> --port P <args>` and returns once it
+    /// has printed its readiness line (`… listening on …`, written once the
+    /// model is loaded and the port bound) and `/health` answers 200; panics
+    /// if it exits first or takes over `limit_s`.
     pub fn start(python: &str, script: &str, args: &[&str], limit_s: u64) -> PyServer {
+        use std::io::BufRead;
         let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -409,22 +412,32 @@ impl PyServer {
             .arg(repo.join("scripts").join(script))
             .args(["--port", &port.to_string()])
             .args(args)
-            .stdout(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let addr = format!("127.0.0.1:{port}");
-        let t0 = std::time::Instant::now();
-        loop {
-            if std::net::TcpStream::connect(&addr).is_ok()
-                && http(&addr, "GET", "/health", None).0 == 200
-            {
-                break;
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("listening") {
+                    let _ = tx.send(());
+                }
             }
-            assert!(child.try_wait().unwrap().is_none(), "{script} exited");
-            assert!(t0.elapsed().as_secs() < limit_s, "{script} did not start");
-            std::thread::sleep(std::time::Duration::from_millis(200));
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(limit_s)) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("{script} exited before it was ready")
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                panic!("{script} did not start within {limit_s} s")
+            }
         }
+        let addr = format!("127.0.0.1:{port}");
+        assert_eq!(http(&addr, "GET", "/health", None).0, 200, "{script}");
         let pid = child.id();
         PyServer { child, addr, pid }
     }

@@ -607,13 +607,8 @@ impl NativeEngine {
                     .iter()
                     .map(|ids| {
                         let lps = self.teacher_force(&cache, &logits, s, ids)?;
-                        let total: f64 = lps
-                            .iter()
-                            .zip(ids)
-                            .map(|(lp, &t)| f64::from(lp[t as usize]))
-                            .sum();
                         Ok(crate::llm::GoldLikelihood {
-                            total,
+                            total: crate::llm::continuation_loglik(&lps, ids),
                             tokens: ids.len() as u32,
                         })
                     })
