@@ -377,16 +377,19 @@ struct NativeExtras {
 
 impl NativeExtras {
     fn of(body: &Value) -> NativeExtras {
-        let asked = body.get("logprobs").and_then(Value::as_bool) == Some(true);
+        // Chat asks with `logprobs: true` and `top_logprobs: K`, the
+        // completions API with `logprobs: K`.
+        let k = match body.get("logprobs") {
+            Some(Value::Bool(true)) => body
+                .get("top_logprobs")
+                .and_then(Value::as_u64)
+                .unwrap_or(1)
+                .max(1),
+            Some(v) => v.as_u64().unwrap_or(0),
+            None => 0,
+        };
         NativeExtras {
-            logprobs: if asked {
-                body.get("top_logprobs")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(1)
-                    .clamp(1, 20) as usize
-            } else {
-                0
-            },
+            logprobs: k.min(20) as usize,
             golds: body
                 .get("kvt_golds")
                 .and_then(|g| serde_json::from_value(g.clone()).ok())

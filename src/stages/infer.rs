@@ -318,19 +318,10 @@ fn build_requests(
             } else {
                 Vec::new()
             };
-            let mut key = keys.key(&s.prompt.system, &user);
-            if !golds.is_empty() {
-                // The golds are part of what the engine is asked.
-                let mut h = blake3::Hasher::new();
-                h.update(key.as_bytes());
-                h.update(b"\0golds\0");
-                h.update(&serde_json::to_vec(&golds)?);
-                key = h.finalize().to_hex().to_string();
-            }
             Ok(Request {
                 truncated_from,
                 example_id: en.example_id.clone(),
-                key,
+                key: keys.key_with_golds(&s.prompt.system, &user, &golds),
                 question: ex.question.clone(),
                 user,
                 golds,
@@ -386,6 +377,21 @@ impl KeyHasher {
         h.update(before);
         h.update(&turns);
         h.update(after);
+        h.finalize().to_hex().to_string()
+    }
+
+    /// [`KeyHasher::key`], with the gold answers the engine teacher-forces
+    /// folded in when there are any (they are part of what it is asked);
+    /// without golds the key is the plain one.
+    fn key_with_golds(&self, system: &str, user: &str, golds: &[String]) -> String {
+        let key = self.key(system, user);
+        if golds.is_empty() {
+            return key;
+        }
+        let mut h = blake3::Hasher::new();
+        h.update(key.as_bytes());
+        h.update(b"\0golds\0");
+        h.update(&serde_json::to_vec(golds).expect("strings serialize"));
         h.finalize().to_hex().to_string()
     }
 
