@@ -284,3 +284,105 @@ fn two_experiments_sharing_a_dataset_name_alternate_noop_builds_with_zero_work()
     let after: Vec<_> = files.iter().map(|f| stamp(f)).collect();
     assert_eq!(before, after, "a no-op build rewrote an export");
 }
+
+/// A tokenizer.json counting whitespace-separated words (offline, tiny).
+fn word_tokenizer(p: &Project) {
+    p.write(
+        "tok/tokenizer.json",
+        &serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": {"[UNK]": 0}, "unk_token": "[UNK]"}
+        })
+        .to_string(),
+    );
+}
+
+/// Issue #26, finding 1: bytes flipped inside stored counts (the SQLite file
+/// stays well-formed) once moved examples to other bins. Now every row
+/// carries a checksum: the damaged rows are recounted, the bins and the
+/// report do not move, and `cache verify` names the damage.
+#[test]
+fn regression_flipped_bytes_in_the_token_count_cache_change_no_bin() {
+    let p = project();
+    word_tokenizer(&p);
+    let hf = [
+        "--set",
+        "tokenizer.kind=hf",
+        "--set",
+        "tokenizer.name=tok/tokenizer.json",
+    ];
+    let run = |extra: &[&str]| {
+        let out = p
+            .kvt()
+            .args(["build", "report", "-c", "config/experiments/small.yaml"])
+            .args(hf)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        out
+    };
+    run(&[]);
+    let manifest = p.manifest("synthetic__needle");
+    let report = p.read("runs/small/report.md");
+    let db_path = p.path("cache/v1/token_counts.sqlite");
+    let digests: Vec<String> = {
+        let db = rusqlite::Connection::open(&db_path).unwrap();
+        let mut st = db.prepare("SELECT digest FROM counts2").unwrap();
+        let rows = st.query_map([], |r| r.get(0)).unwrap();
+        rows.map(Result::unwrap).collect()
+    };
+    assert!(digests.len() >= 6, "{} counts stored", digests.len());
+    // Flip the high byte of the stored count in each table row: the row is
+    // digest (64 hex characters), count (a 2-byte integer), checksum (hex).
+    let mut bytes = std::fs::read(&db_path).unwrap();
+    let mut flipped = 0;
+    for d in &digests {
+        let needle = d.as_bytes();
+        let mut at = 0;
+        while let Some(i) = bytes[at..]
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .map(|i| i + at)
+        {
+            let end = i + needle.len();
+            at = end;
+            let after = bytes.get(end + 2..end + 18).unwrap_or_default();
+            if after.len() == 16 && after.iter().all(u8::is_ascii_hexdigit) {
+                bytes[end] ^= 0x01;
+                flipped += 1;
+            }
+        }
+    }
+    assert!(flipped >= 6, "only {flipped} counts found to flip");
+    std::fs::write(&db_path, &bytes).unwrap();
+    // The file is still well-formed SQLite, and the values did change.
+    {
+        let db = rusqlite::Connection::open(&db_path).unwrap();
+        let ok: String = db
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ok, "ok");
+    }
+    let out = p.kvt().args(["cache", "verify"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stdout_of(&out));
+    let text = stdout_of(&out);
+    assert!(
+        text.contains("damaged: token-count cache") && text.contains("fail their checksum"),
+        "{text}"
+    );
+    let out = run(&["--force", "prepare"]);
+    assert!(
+        stderr_of(&out).contains("damaged entr"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert_eq!(p.manifest("synthetic__needle"), manifest);
+    assert_eq!(p.manifest_dirs("synthetic__needle").len(), 1);
+    assert_eq!(p.read("runs/small/report.md"), report);
+    // The recount rewrote the rows: the cache verifies clean again.
+    let out = p.kvt().args(["cache", "verify"]).output().unwrap();
+    assert!(out.status.success(), "{}", stdout_of(&out));
+}

@@ -864,6 +864,8 @@ struct SideDb {
     label: &'static str,
     path: PathBuf,
     recovery: &'static str,
+    /// A per-row check beyond SQLite's own: (rows read, rows damaged).
+    rows: Option<fn(&Path) -> Result<(usize, usize)>>,
 }
 
 impl SideDb {
@@ -890,6 +892,13 @@ impl SideDb {
         )?;
         let verdict: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
         anyhow::ensure!(verdict == "ok", "{verdict}");
+        if let Some(rows) = self.rows {
+            let (read, bad) = rows(&self.path)?;
+            anyhow::ensure!(
+                bad == 0,
+                "{bad} of {read} entries fail their checksum (builds ignore and recount them)"
+            );
+        }
         Ok(())
     }
 }
@@ -901,11 +910,13 @@ fn side_databases(cache: &Path) -> Vec<SideDb> {
             label: "request journal",
             path: crate::stages::infer::journal_path(cache),
             recovery: "it holds answers: copy it aside, try `sqlite3 <file> .recover`, or move it away to start over (infer outputs already cached are kept)",
+            rows: None,
         },
         SideDb {
             label: "token-count cache",
             path: cache.join("v1").join("token_counts.sqlite"),
             recovery: "only a cache: delete it (builds already count without it)",
+            rows: Some(crate::data::tokenize::verify_count_cache),
         },
     ]
 }

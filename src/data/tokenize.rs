@@ -8,7 +8,10 @@
 //!   in the model's own tokens.
 //!
 //! Counts of the slower kinds are cached per (tokenizer identity, text digest)
-//! in `cache/v1/token_counts.sqlite`.
+//! in `cache/v1/token_counts.sqlite`. Every row carries a checksum of its own
+//! fields: a row whose bytes were damaged is a miss that is counted again and
+//! rewritten, never a value (SQLite checks its pages' structure, not the
+//! numbers in them). `kvt cache verify` checks every row.
 
 use super::pretok;
 use crate::config::schema::TokenizerKind;
@@ -330,13 +333,26 @@ impl Tok {
             .iter()
             .map(|t| blake3::hash(t.as_bytes()).to_hex().to_string())
             .collect();
+        let mut damaged = 0usize;
         let mut out: Vec<Option<usize>> = match &cache {
             Some(c) => digests
                 .iter()
-                .map(|d| c.get(&id, d).unwrap_or(None))
+                .map(|d| match c.get(&id, d) {
+                    Ok(n) => n,
+                    Err(_) => {
+                        damaged += 1;
+                        None
+                    }
+                })
                 .collect(),
             None => vec![None; texts.len()],
         };
+        if damaged > 0 {
+            tracing::warn!(
+                "token-count cache: {damaged} damaged entr{} ignored and counted again (`kvt cache verify` lists them)",
+                if damaged == 1 { "y" } else { "ies" }
+            );
+        }
         let todo: Vec<usize> = (0..texts.len()).filter(|&i| out[i].is_none()).collect();
         if !todo.is_empty() {
             let todo_texts: Vec<&str> = todo.iter().map(|&i| texts[i]).collect();
@@ -409,7 +425,53 @@ fn warn_count_cache(path: &Path, e: &anyhow::Error) {
     );
 }
 
-/// Cached token counts: (tokenizer identity, text digest) → count.
+/// The checksum a count row carries: its own fields, hashed.
+fn row_check(tok: &str, digest: &str, n: i64) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(b"kvt token count v2\0");
+    h.update(tok.as_bytes());
+    h.update(b"\0");
+    h.update(digest.as_bytes());
+    h.update(b"\0");
+    h.update(&n.to_le_bytes());
+    h.finalize().to_hex()[..16].to_string()
+}
+
+/// What `kvt cache verify` finds in the token-count cache: the rows read
+/// and how many of them fail their checksum. SQLite errors (a damaged page)
+/// are errors.
+pub fn verify_count_cache(path: &Path) -> Result<(usize, usize)> {
+    let c =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let has_table: bool = c.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'counts2'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_table {
+        return Ok((0, 0));
+    }
+    let mut st = c.prepare("SELECT tokenizer, digest, n, \"check\" FROM counts2")?;
+    let mut rows = st.query([])?;
+    let (mut read, mut bad) = (0, 0);
+    while let Some(r) = rows.next()? {
+        read += 1;
+        let ok = (|| -> rusqlite::Result<bool> {
+            let (tok, digest, n, check): (String, String, i64, String) =
+                (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+            Ok(row_check(&tok, &digest, n) == check)
+        })()
+        .unwrap_or(false);
+        if !ok {
+            bad += 1;
+        }
+    }
+    Ok((read, bad))
+}
+
+/// Cached token counts: (tokenizer identity, text digest) → count, each row
+/// with its checksum. (Rows of the first layout, table `counts`, had none and
+/// are not read.)
 struct CountCache(rusqlite::Connection);
 
 impl CountCache {
@@ -422,26 +484,46 @@ impl CountCache {
         // Reading the schema is where a damaged file shows itself.
         c.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0))?;
         c.execute_batch(
-            "CREATE TABLE IF NOT EXISTS counts (tokenizer TEXT NOT NULL, digest TEXT NOT NULL,
-             n INTEGER NOT NULL, PRIMARY KEY (tokenizer, digest));",
+            "CREATE TABLE IF NOT EXISTS counts2 (tokenizer TEXT NOT NULL, digest TEXT NOT NULL,
+             n INTEGER NOT NULL, \"check\" TEXT NOT NULL, PRIMARY KEY (tokenizer, digest));",
         )?;
         Ok(CountCache(c))
     }
+    /// A count, `None` when absent; an error when the row fails its checksum
+    /// or cannot be read.
     fn get(&self, tok: &str, digest: &str) -> Result<Option<usize>> {
         use rusqlite::OptionalExtension;
-        Ok(self
+        let row = self
             .0
-            .prepare_cached("SELECT n FROM counts WHERE tokenizer = ?1 AND digest = ?2")?
-            .query_row([tok, digest], |r| r.get::<_, i64>(0))
-            .optional()?
-            .map(|n| n as usize))
+            .prepare_cached(
+                "SELECT tokenizer, digest, n, \"check\" FROM counts2 WHERE tokenizer = ?1 AND digest = ?2",
+            )?
+            .query_row([tok, digest], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })
+            .optional()?;
+        let Some((t, d, n, check)) = row else {
+            return Ok(None);
+        };
+        anyhow::ensure!(
+            t == tok && d == digest && n >= 0 && row_check(&t, &d, n) == check,
+            "token-count row for {digest} fails its checksum"
+        );
+        Ok(Some(n as usize))
     }
     fn put_many<'a>(&self, tok: &str, rows: impl Iterator<Item = (&'a str, usize)>) -> Result<()> {
         let tx = self.0.unchecked_transaction()?;
         {
-            let mut st = tx.prepare_cached("INSERT OR REPLACE INTO counts VALUES (?1, ?2, ?3)")?;
+            let mut st =
+                tx.prepare_cached("INSERT OR REPLACE INTO counts2 VALUES (?1, ?2, ?3, ?4)")?;
             for (d, n) in rows {
-                st.execute(rusqlite::params![tok, d, n as i64])?;
+                let n = n as i64;
+                st.execute(rusqlite::params![tok, d, n, row_check(tok, d, n)])?;
             }
         }
         tx.commit()?;
