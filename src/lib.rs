@@ -33,6 +33,7 @@ pub mod data;
 pub mod engine;
 pub mod llm;
 pub mod metrics;
+pub mod redact;
 pub mod render;
 pub mod stages;
 pub mod stats;

@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use std::io::{Read, Write};
+use std::io::Write;
 
 const SMALL: &str = "\
 output:
@@ -46,20 +46,6 @@ fn run(p: &Project, args: &[&str]) -> std::process::Output {
 }
 
 /// The bundle's entries, by name.
-fn entries(path: &std::path::Path) -> Vec<(String, Vec<u8>)> {
-    let dec = zstd::Decoder::new(std::fs::File::open(path).unwrap()).unwrap();
-    let mut tar = tar::Archive::new(dec);
-    let mut out = Vec::new();
-    for e in tar.entries().unwrap() {
-        let mut e = e.unwrap();
-        let name = e.path().unwrap().to_string_lossy().to_string();
-        let mut b = Vec::new();
-        e.read_to_end(&mut b).unwrap();
-        out.push((name, b));
-    }
-    out
-}
-
 fn write_entries(path: &std::path::Path, entries: &[(String, Vec<u8>)]) {
     let enc = zstd::Encoder::new(std::fs::File::create(path).unwrap(), 3).unwrap();
     let mut tar = tar::Builder::new(enc);
@@ -96,7 +82,10 @@ fn a_bundle_round_trips_into_an_empty_cache_with_zero_requests() {
         stderr_of(&out)
     );
     let bundle = a.path("out/run.tar.zst");
-    let names: Vec<String> = entries(&bundle).into_iter().map(|(n, _)| n).collect();
+    let names: Vec<String> = bundle_entries(&bundle)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     for want in [
         "kvt-bundle.json",
         "config.json",
@@ -110,7 +99,10 @@ fn a_bundle_round_trips_into_an_empty_cache_with_zero_requests() {
     assert!(names.iter().any(|n| n.starts_with("actions/")));
     assert!(names.iter().any(|n| n.starts_with("objects/")));
     // The config is in it, its secret is not (only the variable's name).
-    let all: Vec<u8> = entries(&bundle).into_iter().flat_map(|(_, b)| b).collect();
+    let all: Vec<u8> = bundle_entries(&bundle)
+        .into_iter()
+        .flat_map(|(_, b)| b)
+        .collect();
     let secret = b"sk-SENTINEL-bundle-0f3a";
     assert!(!all.windows(secret.len()).any(|w| w == secret));
 
@@ -169,7 +161,7 @@ fn a_changed_or_damaged_bundle_is_refused_and_nothing_is_imported() {
         ],
     );
     assert!(out.status.success(), "{}", stderr_of(&out));
-    let good = entries(&a.path("run.tar.zst"));
+    let good = bundle_entries(&a.path("run.tar.zst"));
 
     let b = Project::new();
     let refused = |label: &str, entries: &[(String, Vec<u8>)], want: &str| {

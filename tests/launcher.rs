@@ -267,3 +267,66 @@ fn an_env_prefixed_launch_command_works_and_its_secret_is_in_no_file() {
     }
     none_alive(&p);
 }
+
+/// Issue #26, finding 2: a launch command's secrets, written each way a user
+/// would, reached `kvt bundle`'s config, `resolve --print-config` and `-v`
+/// logs. Every file a build, `bundle` and `resolve` write, and stderr at
+/// `-vv`, are searched for each sentinel: none is found.
+#[test]
+fn regression_launch_secrets_reach_no_file_log_bundle_or_resolve() {
+    // Substituted by `${KVT_SERVE_KEY}`, and sent as `Authorization: Bearer`.
+    const SUBST: &str = "kvt-subst-sentinel-93b1";
+    // The second word of a quoted assignment.
+    const QUOTED: &str = "kvtq2sentinel";
+    // A literal value after `--api-key`, in no environment variable.
+    const LITERAL: &str = "kvt-literal-sentinel-77aa";
+    let p = project_with(
+        &format!("true --api-key {LITERAL} && SERVER_API_KEY='kvtq1sentinel {QUOTED}' "),
+        "kvt-launch-secret",
+        "--api-key ${KVT_SERVE_KEY}",
+    );
+    let config = "config/experiments/l.yaml";
+    let key_env = ["--set", "engine.api_key_env=KVT_SERVE_KEY"];
+    let run = |args: &[&str]| {
+        p.kvt()
+            .args(args)
+            .args(key_env)
+            .env("KVT_SERVE_KEY", SUBST)
+            .output()
+            .unwrap()
+    };
+    let built = run(&["-vv", "build", "report", "-c", config]);
+    assert!(built.status.success(), "{}", stderr_of(&built));
+    none_alive(&p);
+    // Every request was answered: the key reached the server that required it.
+    assert_eq!(p.read("served.log").lines().count(), 16);
+    let resolved = run(&["-vv", "resolve", "--print-config", "-c", config]);
+    assert!(resolved.status.success(), "{}", stderr_of(&resolved));
+    assert!(
+        stdout_of(&resolved).contains("--api-key ***"),
+        "{}",
+        stdout_of(&resolved)
+    );
+    let bundled = run(&["-vv", "bundle", "-c", config, "-o", "out/b.tar.zst"]);
+    assert!(bundled.status.success(), "{}", stderr_of(&bundled));
+    let bundle: Vec<u8> = bundle_entries(&p.path("out/b.tar.zst"))
+        .into_iter()
+        .flat_map(|(n, b)| n.into_bytes().into_iter().chain(b))
+        .collect();
+    let stderr = [&built, &resolved, &bundled]
+        .iter()
+        .map(|o| stderr_of(o) + &stdout_of(o))
+        .collect::<String>();
+    assert!(stderr.contains("launching"), "{stderr}");
+    for secret in [SUBST, QUOTED, LITERAL] {
+        assert!(!stderr.contains(secret), "{secret} in stderr:\n{stderr}");
+        assert!(
+            !bundle.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{secret} in the bundle"
+        );
+        // Every file but the experiment the user wrote it in.
+        std::fs::remove_file(p.path(config)).ok();
+        let files = assert_secret_nowhere(p.root(), secret);
+        assert!(files > 20, "searched {files} files");
+    }
+}

@@ -98,6 +98,32 @@ fn health_models_and_chat_completions() {
 }
 
 #[test]
+fn an_api_key_is_required_where_given_and_health_stays_open() {
+    let s = Served::start(&["--api-key", "k-serve-test-1"]);
+    let body = chat("full", 1.0, false);
+    let (st, out) = http(&s.addr, "POST", "/v1/chat/completions", Some(&body));
+    assert_eq!(st, 401, "{out}");
+    assert!(out.contains("engine.api_key_env"), "{out}");
+    let (st, _) = http_with(
+        &s.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&body),
+        &["Authorization: Bearer wrong"],
+    );
+    assert_eq!(st, 401);
+    let (st, out) = http_with(
+        &s.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&body),
+        &["Authorization: Bearer k-serve-test-1"],
+    );
+    assert_eq!(st, 200, "{out}");
+    assert_eq!(http(&s.addr, "GET", "/health", None).0, 200);
+}
+
+#[test]
 fn plain_completions() {
     let s = Served::start(&[]);
     let filler = "The ferry crossed the estuary twice an hour. ".repeat(40);

@@ -137,6 +137,9 @@ pub struct ServeArgs {
     /// compare with f32 implementations such as transformers).
     #[arg(long)]
     dequantize: bool,
+    /// Require `Authorization: Bearer KEY` on /v1/* and /tokenize.
+    #[arg(long, env = "KVT_SERVE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -341,9 +344,9 @@ pub fn main_with(register: fn(&mut OpRegistry)) -> i32 {
     match run(cli, &registry) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", crate::redact::text(&e.to_string()));
             for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+                eprintln!("  caused by: {}", crate::redact::text(&cause.to_string()));
             }
             exit_code_for(&e)
         }
@@ -361,7 +364,7 @@ fn init_logging(verbose: u8, quiet: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(crate::redact::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .without_time()
@@ -497,6 +500,7 @@ fn run(cli: Cli, registry: &OpRegistry) -> Result<()> {
             model_file: a.model_file,
             prefill_cache_mib: a.prefill_cache_mib,
             dequantize: a.dequantize,
+            api_key: a.api_key.filter(|k| !k.is_empty()),
         })
         .map_err(|e| KvtError::usage(format!("kvt serve: {e:#}")).into()),
         Command::Graph {
@@ -859,13 +863,16 @@ fn load_config(path: &Path, sets: &[String]) -> Result<config::LoadedConfig> {
     Ok(loaded)
 }
 
+/// Checks a side database's rows: (rows read, rows damaged).
+type RowCheck = fn(&Path) -> Result<(usize, usize)>;
+
 /// A SQLite file kvt keeps in the cache beside the content store.
 struct SideDb {
     label: &'static str,
     path: PathBuf,
     recovery: &'static str,
     /// A per-row check beyond SQLite's own: (rows read, rows damaged).
-    rows: Option<fn(&Path) -> Result<(usize, usize)>>,
+    rows: Option<RowCheck>,
 }
 
 impl SideDb {

@@ -17,15 +17,6 @@ use std::path::{Path, PathBuf};
 /// `config/default.yaml` of its own.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/default.yaml");
 
-/// Keys whose values are secrets and are never printed.
-const SECRET_KEYS: &[&str] = &[
-    "api_key",
-    "secret",
-    "password",
-    "auth_token",
-    "bearer_token",
-];
-
 /// The config paths that define a prepared dataset: two experiments that agree
 /// on them prepare the same examples, bins and sample.
 pub const DATASET_IDENTITY_KEYS: &[&str] = &[
@@ -145,7 +136,7 @@ impl LoadedConfig {
     /// The merged configuration with secret values replaced by `***`.
     pub fn redacted(&self) -> Value {
         let mut v = self.value.clone();
-        redact(&mut v);
+        crate::redact::value(&mut v);
         v
     }
 }
@@ -184,23 +175,6 @@ pub fn project_remote(root: &Path) -> Option<String> {
     get_path(&v, "cache.remote")
         .and_then(Value::as_str)
         .map(String::from)
-}
-
-fn redact(v: &mut Value) {
-    match v {
-        Value::Object(m) => {
-            for (k, val) in m.iter_mut() {
-                let lower = k.to_ascii_lowercase();
-                if SECRET_KEYS.iter().any(|s| lower.ends_with(s)) && !val.is_null() {
-                    *val = Value::String("***".into());
-                } else {
-                    redact(val);
-                }
-            }
-        }
-        Value::Array(a) => a.iter_mut().for_each(redact),
-        _ => {}
-    }
 }
 
 /// Paths are shown relative to the working directory when they are below it.
@@ -496,7 +470,12 @@ fn substitute_env(
                 };
                 let value = match (lookup(name), default) {
                     (Some(val), Some(d)) if val.is_empty() => d.to_string(),
-                    (Some(val), _) => val,
+                    (Some(val), _) => {
+                        if crate::redact::is_secret_name(name) {
+                            crate::redact::remember(&val);
+                        }
+                        val
+                    }
                     (None, Some(d)) => d.to_string(),
                     (None, None) => {
                         return Err(usage(format!(
@@ -1095,14 +1074,5 @@ mod tests {
         );
         assert_eq!(parse_set("a.b=no").unwrap().1, serde_json::json!("no"));
         assert!(parse_set("a..b=1").is_err());
-    }
-
-    #[test]
-    fn redacts_secret_keys_but_not_env_names() {
-        let mut v =
-            serde_json::json!({"engine": {"api_key": "sk-1", "api_key_env": "OPENAI_API_KEY"}});
-        redact(&mut v);
-        assert_eq!(v["engine"]["api_key"], "***");
-        assert_eq!(v["engine"]["api_key_env"], "OPENAI_API_KEY");
     }
 }

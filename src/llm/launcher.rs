@@ -64,37 +64,9 @@ pub fn render(template: &str, vars: &BTreeMap<String, String>) -> Result<String>
     Ok(out)
 }
 
-/// A launch command as it may be shown (logs, errors): the values of
-/// environment assignments (`HF_TOKEN=… vllm serve`, `export K=…;`) and any
-/// value of a secret-looking environment variable (`*TOKEN*`, `*KEY*`,
-/// `*SECRET*`, `*PASSWORD*`) — which `${VAR}` substitution may have put in the
-/// command — become `***`.
+/// A launch command as it may be shown (logs, errors): [`crate::redact::text`].
 pub fn redact_command(command: &str) -> String {
-    let mut out: Vec<String> = Vec::new();
-    for word in command.split(' ') {
-        match word.split_once('=') {
-            Some((name, value))
-                if !name.is_empty()
-                    && !value.is_empty()
-                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-                    && !name.starts_with('-') =>
-            {
-                out.push(format!("{name}=***"));
-            }
-            _ => out.push(word.to_string()),
-        }
-    }
-    let mut shown = out.join(" ");
-    for (name, value) in std::env::vars() {
-        let upper = name.to_ascii_uppercase();
-        let secret = ["TOKEN", "KEY", "SECRET", "PASSWORD"]
-            .iter()
-            .any(|s| upper.contains(s));
-        if secret && value.len() >= 6 && shown.contains(&value) {
-            shown = shown.replace(&value, "***");
-        }
-    }
-    shown
+    crate::redact::text(command)
 }
 
 /// What `sh -c` runs for a launch command: `exec` for a simple command

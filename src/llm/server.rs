@@ -48,6 +48,9 @@ pub struct ServeOptions {
     pub prefill_cache_mib: usize,
     /// Native engine: weights in f32, dequantised at load.
     pub dequantize: bool,
+    /// Requests to `/v1/*` and `/tokenize` must carry `Authorization:
+    /// Bearer <key>` (as llama-server's and vLLM's `--api-key`).
+    pub api_key: Option<String>,
 }
 
 struct AppState {
@@ -563,6 +566,7 @@ pub fn router(opts: ServeOptions) -> anyhow::Result<Router> {
         )?),
         None => None,
     };
+    let api_key = opts.api_key.clone();
     let st = Arc::new(AppState {
         opts,
         served: AtomicU64::new(0),
@@ -577,6 +581,27 @@ pub fn router(opts: ServeOptions) -> anyhow::Result<Router> {
         .route("/health", get(health))
         .route("/tokenize", post(tokenize))
         .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let api_key = api_key.clone();
+                async move {
+                    let guarded = req.uri().path().starts_with("/v1/") || req.uri().path() == "/tokenize";
+                    if let (Some(k), true) = (&api_key, guarded) {
+                        let sent = req
+                            .headers()
+                            .get(axum::http::header::AUTHORIZATION)
+                            .and_then(|v| v.to_str().ok());
+                        if sent.and_then(|s| s.strip_prefix("Bearer ")) != Some(k.as_str()) {
+                            return error(
+                                StatusCode::UNAUTHORIZED,
+                                "this server needs `Authorization: Bearer <key>` (kvt: set `engine.api_key_env`)",
+                            );
+                        }
+                    }
+                    next.run(req).await
+                }
+            },
+        ))
         .with_state(st))
 }
 

@@ -189,13 +189,25 @@ pub fn built_nodes(out: &std::process::Output) -> Vec<String> {
 
 /// A plain HTTP/1.1 exchange on loopback: returns (status, body).
 pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    http_with(addr, method, path, body, &[])
+}
+
+/// [`http`] with extra header lines (`"Authorization: Bearer k"`).
+pub fn http_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[&str],
+) -> (u16, String) {
     use std::io::{Read, Write};
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     let host = addr.trim_start_matches("http://");
     let mut s = std::net::TcpStream::connect(host).unwrap();
     let body = body.unwrap_or("");
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -448,4 +460,21 @@ impl Drop for PyServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The files in a `kvt bundle` archive (tar, zstd), by name.
+#[allow(dead_code)]
+pub fn bundle_entries(path: &Path) -> Vec<(String, Vec<u8>)> {
+    use std::io::Read;
+    let dec = zstd::Decoder::new(std::fs::File::open(path).unwrap()).unwrap();
+    let mut tar = tar::Archive::new(dec);
+    let mut out = Vec::new();
+    for e in tar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().to_string_lossy().to_string();
+        let mut b = Vec::new();
+        e.read_to_end(&mut b).unwrap();
+        out.push((name, b));
+    }
+    out
 }
