@@ -351,9 +351,13 @@ pub fn build(
     let mut summary = BuildSummary::default();
     let mut blocked: BTreeSet<NodeIndex> = BTreeSet::new();
     // Producers running again because a consumer found their output damaged:
-    // producer → the consumer that waits for it (each consumer heals once).
-    let mut reruns: BTreeMap<NodeIndex, NodeIndex> = BTreeMap::new();
-    let mut healed: BTreeMap<NodeIndex, NodeIndex> = BTreeMap::new();
+    // producer → the consumers that wait for it. Healing is coordinated here,
+    // in the one thread that schedules: a damaged object is quarantined once,
+    // its producer queued once, and every consumer that needs it waits.
+    let mut reruns: BTreeMap<NodeIndex, Vec<NodeIndex>> = BTreeMap::new();
+    // (consumer, producer) pairs healed in this build: each heals once, so a
+    // producer that keeps writing damaged bytes cannot loop.
+    let mut healed: BTreeSet<(NodeIndex, NodeIndex)> = BTreeSet::new();
     let mut stop = false;
 
     reporter.start(n);
@@ -370,7 +374,12 @@ pub fn build(
             while running < jobs && !stop {
                 let Some(ix) = ready.pop_front() else { break };
                 let spec = &plan.graph[ix];
-                let ups = upstream_of(plan, ix, &records).expect("ready nodes have all inputs");
+                let Some(ups) = upstream_of(plan, ix, &records) else {
+                    // A producer of this node is running again (a sibling
+                    // found its output damaged): wait for it too.
+                    wait_for_reruns(plan, ix, &records, &mut reruns, &mut waiting);
+                    continue;
+                };
                 let keyed = match key_node(ws, spec, &ups) {
                     Ok(k) => k,
                     Err(e) => {
@@ -430,6 +439,27 @@ pub fn build(
                         );
                     }
                     NodeState::Stale(reasons) => {
+                        // Check the inputs before running: a damaged one is
+                        // quarantined and its producer runs again first.
+                        let damaged = damaged_inputs(ws, plan, ix, &ups, &healed);
+                        if !damaged.is_empty() {
+                            for (p, d, artifact) in &damaged {
+                                let _ = ws.store.quarantine(d);
+                                healed.insert((ix, *p));
+                                reporter.note(&format!(
+                                    "`{}`: input `{artifact}` from `{}` is corrupt or missing in the cache; quarantined, rebuilding it first",
+                                    spec.id, plan.graph[*p].id
+                                ));
+                                let p_id = &plan.graph[*p].id;
+                                summary.fresh.retain(|f| f != p_id);
+                                summary.built.retain(|f| f != p_id);
+                                if records[p.index()].take().is_some() {
+                                    ready.push_front(*p);
+                                }
+                            }
+                            wait_for_reruns(plan, ix, &records, &mut reruns, &mut waiting);
+                            continue;
+                        }
                         for r in &reasons {
                             if let StaleReason::OutputCorrupt { artifact } = r {
                                 tracing::warn!("`{}`: output `{artifact}` is corrupt; quarantined and rebuilding", spec.id);
@@ -479,10 +509,12 @@ pub fn build(
                         &rank,
                     );
                 }
-                Err(e) if !healed.contains_key(&ix) && damaged_object(&e).is_some() => {
-                    // An input object was damaged on disk: it is quarantined;
-                    // its producer runs again (same bytes), then this node.
-                    let Some(p) = heal_input(ws, plan, ix, &e, &mut records, &mut healed) else {
+                Err(e) if damaged_object(&e).is_some() => {
+                    // An input object was damaged on disk while the node ran:
+                    // it is quarantined; its producer runs again (same
+                    // bytes), then this node.
+                    let Some(p) = heal_input(ws, plan, ix, &e, &mut records, &mut healed, &reruns)
+                    else {
                         reporter.finished(&id, Err(&error_chain(&e)));
                         summary.failed.push((id, error_chain(&e)));
                         blocked.extend(descendants(plan, ix));
@@ -495,9 +527,10 @@ pub fn build(
                     ));
                     summary.fresh.retain(|f| *f != plan.graph[p].id);
                     summary.built.retain(|f| *f != plan.graph[p].id);
-                    reruns.insert(p, ix);
-                    waiting[ix.index()] = 1;
-                    ready.push_front(p);
+                    if !reruns.contains_key(&p) {
+                        ready.push_front(p);
+                    }
+                    wait_for_reruns(plan, ix, &records, &mut reruns, &mut waiting);
                 }
                 Err(e) if e.downcast_ref::<super::error::Unfinished>().is_some() => {
                     reporter.note(&format!("`{id}`: {e}"));
@@ -553,30 +586,89 @@ fn damaged_output(
         .map(|o| (o.digest, o.name.clone()))
 }
 
+/// The inputs of `ix` whose objects are corrupt or missing, with their
+/// producer, digest and artifact name; pairs healed before are skipped (the
+/// node then fails reading, with the object named).
+fn damaged_inputs(
+    ws: &Workspace,
+    plan: &Plan,
+    ix: NodeIndex,
+    ups: &[super::op::Upstream],
+    healed: &BTreeSet<(NodeIndex, NodeIndex)>,
+) -> Vec<(NodeIndex, super::digest::Digest, String)> {
+    let mut out = Vec::new();
+    for p in plan.deps(ix) {
+        if healed.contains(&(ix, p)) {
+            continue;
+        }
+        let Some(up) = ups.iter().find(|u| u.node == plan.graph[p].id) else {
+            continue;
+        };
+        for (name, d) in &up.outputs {
+            if ws.store.verify(d).is_err() {
+                out.push((p, *d, format!("{}/{name}", up.node)));
+            }
+        }
+    }
+    out
+}
+
+/// Makes `ix` wait for every producer of it that is running again (its
+/// record forgotten): it joins their waiters and is queued when all finish.
+fn wait_for_reruns(
+    plan: &Plan,
+    ix: NodeIndex,
+    records: &[Option<ActionRecord>],
+    reruns: &mut BTreeMap<NodeIndex, Vec<NodeIndex>>,
+    waiting: &mut [usize],
+) {
+    let mut n = 0;
+    for p in plan.deps(ix) {
+        if records[p.index()].is_none() {
+            let waiters = reruns.entry(p).or_default();
+            if !waiters.contains(&ix) {
+                waiters.push(ix);
+            }
+            n += 1;
+        }
+    }
+    waiting[ix.index()] = n;
+}
+
 /// When node `ix` failed reading a damaged input object produced by one of
-/// its dependencies, and has not been healed before in this build:
-/// quarantines the object, forgets the producer's record so that it is
-/// decided again (and runs, its output being gone), and remembers the pair.
+/// its dependencies, and that pair has not been healed before in this
+/// build: quarantines the object and forgets the producer's record so that
+/// it is decided again (and runs, its output being gone). A producer already
+/// running again (its record forgotten by a sibling's heal) is found too.
 fn heal_input(
     ws: &Workspace,
     plan: &Plan,
     ix: NodeIndex,
     e: &anyhow::Error,
     records: &mut [Option<ActionRecord>],
-    healed: &mut BTreeMap<NodeIndex, NodeIndex>,
+    healed: &mut BTreeSet<(NodeIndex, NodeIndex)>,
+    reruns: &BTreeMap<NodeIndex, Vec<NodeIndex>>,
 ) -> Option<NodeIndex> {
-    if healed.contains_key(&ix) {
-        return None;
-    }
     let hex = damaged_object(e)?;
-    let (producer, d) = plan.deps(ix).into_iter().find_map(|p| {
+    let deps = plan.deps(ix);
+    let found = deps.iter().find_map(|&p| {
         let r = records[p.index()].as_ref()?;
         let o = r.outputs.iter().find(|o| o.digest.hex() == hex)?;
-        Some((p, o.digest))
+        Some((p, Some(o.digest)))
+    });
+    // Not among the known records: a producer already queued to run again.
+    let (producer, d) = found.or_else(|| {
+        deps.iter()
+            .find(|p| reruns.contains_key(p))
+            .map(|&p| (p, None))
     })?;
-    let _ = ws.store.quarantine(&d);
+    if !healed.insert((ix, producer)) {
+        return None;
+    }
+    if let Some(d) = d {
+        let _ = ws.store.quarantine(&d);
+    }
     records[producer.index()] = None;
-    healed.insert(ix, producer);
     Some(producer)
 }
 
@@ -586,16 +678,20 @@ fn heal_input(
 fn complete(
     plan: &Plan,
     ix: NodeIndex,
-    reruns: &mut BTreeMap<NodeIndex, NodeIndex>,
+    reruns: &mut BTreeMap<NodeIndex, Vec<NodeIndex>>,
     waiting: &mut [usize],
     ready: &mut VecDeque<NodeIndex>,
     blocked: &BTreeSet<NodeIndex>,
     rank: &[usize],
 ) {
     match reruns.remove(&ix) {
-        Some(consumer) => {
-            waiting[consumer.index()] = 0;
-            ready.push_front(consumer);
+        Some(consumers) => {
+            for c in consumers {
+                waiting[c.index()] = waiting[c.index()].saturating_sub(1);
+                if waiting[c.index()] == 0 && !ready.contains(&c) {
+                    ready.push_front(c);
+                }
+            }
         }
         None => release(plan, ix, waiting, ready, blocked, rank),
     }
