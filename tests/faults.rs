@@ -524,3 +524,70 @@ fn an_event_stream_in_one_byte_chunks_is_read_whole() {
         .collect();
     assert!(texts.iter().all(|t| t == "42"), "{texts:?}");
 }
+
+/// Issue #26, finding 5: the full cache's request (one key for every
+/// policy) was sent by each infer node that needed it when it failed
+/// transiently: 10 attempts with `max_retries: 4`, and two different
+/// outcomes for one key in one build. Now one node sends it; the other takes
+/// its outcome, even a failure (the next build retries it).
+#[test]
+fn regression_a_key_shared_by_two_infer_nodes_is_sent_by_one() {
+    let p = Project::new();
+    p.write(
+        "config/experiments/f.yaml",
+        &EXP.replace(
+            "policies: [snapkv], budgets: [1.0]",
+            "policies: [snapkv, streaming], budgets: [1.0, 0.5]",
+        ),
+    );
+    // Keys starting 0–7 fail every attempt; the rest succeed at once.
+    let s = FaultServer::start(Fault::Status500, 0);
+    s.st.persistent.store(true, Ordering::SeqCst);
+    let max_retries = 1;
+    let out = p
+        .kvt()
+        .args([
+            "build",
+            "report",
+            "-j",
+            "2",
+            "-c",
+            "config/experiments/f.yaml",
+        ])
+        .args(["--set", &format!("engine.base_url={}/v1", s.addr)])
+        .args(["--set", &format!("engine.max_retries={max_retries}")])
+        .env("KVT_BACKOFF_MS", "5")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let attempts = s.attempts();
+    let most = attempts.values().map(Vec::len).max().unwrap();
+    assert!(
+        most <= max_retries + 1,
+        "a key was sent {most} times (max_retries {max_retries})"
+    );
+    assert!(
+        attempts.values().any(|a| a.len() == max_retries + 1),
+        "no key failed through its retries: the test lost its point"
+    );
+    let c = rusqlite::Connection::open(p.path("runs/f/kv_transition.sqlite")).unwrap();
+    let shared: i64 = c
+        .query_row(
+            "SELECT COUNT(*) FROM (SELECT request_key FROM requests
+             GROUP BY request_key HAVING COUNT(DISTINCT run_id) > 1)",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(shared as usize, N, "the full cache's keys are shared");
+    let split: i64 = c
+        .query_row(
+            "SELECT COUNT(*) FROM (SELECT q.request_key FROM requests q JOIN responses r USING (request_id)
+             GROUP BY q.request_key
+             HAVING COUNT(DISTINCT COALESCE(r.error, '') || '|' || r.text) > 1)",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(split, 0, "keys with two outcomes in one build");
+}

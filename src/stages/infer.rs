@@ -71,9 +71,13 @@ impl Request {
     }
 }
 
-/// Keys some node of this process has a final answer for (recorded before
-/// the key leaves the in-flight set).
-fn answered_here() -> &'static Mutex<HashSet<String>> {
+/// Keys some node of this process has an outcome for — an answer or a
+/// failure after its retries — recorded before the key leaves the in-flight
+/// set. A key is sent by one node per build: another node that needs it
+/// takes that outcome from the journal, even a failure (the next build
+/// retries it), so it is sent at most `max_retries + 1` times and has one
+/// outcome.
+fn attempted_here() -> &'static Mutex<HashSet<String>> {
     static DONE: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
     DONE.get_or_init(Default::default)
 }
@@ -1024,9 +1028,9 @@ impl Infer {
         // Claim keys; those another node is sending are waited for, not resent.
         let (mine, theirs): (Vec<&Request>, Vec<&Request>) = {
             let mut set = inflight().lock().expect("inflight");
-            let done = answered_here().lock().expect("answered");
-            // A key another node answered since this one read the journal
-            // is theirs too: its answer is the journal's, not sent again.
+            let done = attempted_here().lock().expect("attempted");
+            // A key another node sent since this one read the journal is
+            // theirs too: its outcome is the journal's, not sent again.
             pending
                 .iter()
                 .partition(|r| !done.contains(&r.key) && set.insert(r.key.clone()))
@@ -1047,11 +1051,10 @@ impl Infer {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            let done = journal
-                .lock()
-                .expect("journal")
-                .get(&r.key)?
-                .is_some_and(|o| o.is_final);
+            // The owner's outcome, answer or failure, stands for this build;
+            // only a key the owner never got to (its server did not start,
+            // say) is sent here.
+            let done = attempted_here().lock().expect("attempted").contains(&r.key);
             if !done {
                 self.send_claimed(ctx, s, shape, &[r], journal, answered)?;
             }
@@ -1086,12 +1089,10 @@ impl Infer {
                 .lock()
                 .expect("journal")
                 .record_json(key, o.is_final, text)?;
-            if o.is_final {
-                answered_here()
-                    .lock()
-                    .expect("answered")
-                    .insert(key.to_string());
-            }
+            attempted_here()
+                .lock()
+                .expect("attempted")
+                .insert(key.to_string());
             answered
                 .fresh
                 .lock()
