@@ -600,3 +600,53 @@ fn regression_out_of_range_values_are_refused_by_validate() {
     let out = validate(&p, "config/experiments/ok.yaml", &[]);
     assert!(out.status.success(), "{}", stderr_of(&out));
 }
+
+/// Issue #26, finding 6: `db.path` wrote the results database wherever it
+/// pointed (an absolute path, `../..`). Now a path outside the project is
+/// refused before anything runs (exit 2, naming the key), and nothing is
+/// written there.
+#[test]
+fn regression_db_path_outside_the_project_is_refused() {
+    let p = Project::new();
+    let outside = tempfile::tempdir().unwrap();
+    let abs = outside.path().join("escaped.sqlite");
+    p.write(
+        "config/experiments/k.yaml",
+        "output: {exp_group_id: k}\ndataset: {lengths: [256], per_length: 2}\nbinning: {n_bins: 1}\n\
+         sampling: {n_per_bin: 2}\nengine: {kind: reference}\nkv: {policies: [streaming], budgets: [1.0, 0.5]}\n",
+    );
+    for path in [
+        abs.to_str().unwrap(),
+        "../escaped.sqlite",
+        "runs/../../x.sqlite",
+        "",
+    ] {
+        let set = format!("db.path={path}");
+        let out = p
+            .kvt()
+            .args([
+                "build",
+                "report",
+                "-c",
+                "config/experiments/k.yaml",
+                "--set",
+                &set,
+            ])
+            .output()
+            .unwrap();
+        expect_usage_error(&out, &["`db.path`", "outside the project"]);
+        assert!(!abs.exists());
+        assert!(!p.root().parent().unwrap().join("escaped.sqlite").exists());
+        let out = validate(&p, "config/experiments/t.yaml", &["--set", &set]);
+        expect_usage_error(&out, &["`db.path`"]);
+    }
+    // Inside the project, any folder is fine.
+    let out = p
+        .kvt()
+        .args(["build", "report", "-c", "config/experiments/k.yaml"])
+        .args(["--set", "db.path=results/k.sqlite"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(p.path("results/k.sqlite").is_file());
+}

@@ -714,6 +714,24 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
             format!("`{shown}` is not a safe single path component; use up to 100 letters, digits, `-`, `_` and `.` (no `/`, no `..`)"),
         ));
     }
+    if c.db.path != "auto" {
+        let p = Path::new(&c.db.path);
+        let inside = !c.db.path.is_empty()
+            && !p.is_absolute()
+            && p.components().all(|c| {
+                matches!(
+                    c,
+                    std::path::Component::Normal(_) | std::path::Component::CurDir
+                )
+            });
+        if !inside {
+            let shown: String = c.db.path.chars().take(80).collect();
+            return Err(bad(
+                "db.path",
+                format!("`{shown}` is outside the project: kvt writes only inside it; give a relative path without `..` (e.g. `runs/{id}/results.sqlite`), or `auto` for `runs/{id}/kv_transition.sqlite`"),
+            ));
+        }
+    }
     for (key, v) in [
         ("pipeline", &c.pipeline),
         ("dataset.name", &c.dataset.name),
