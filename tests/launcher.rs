@@ -330,3 +330,48 @@ fn regression_launch_secrets_reach_no_file_log_bundle_or_resolve() {
         assert!(files > 20, "searched {files} files");
     }
 }
+
+/// The largest server memory (KiB) recorded for any request of a build.
+fn server_rss(p: &Project) -> f64 {
+    let c = rusqlite::Connection::open(p.path("runs/l/kv_transition.sqlite")).unwrap();
+    c.query_row("SELECT MAX(server_rss_kib) FROM telemetry", [], |r| {
+        r.get::<_, Option<f64>>(0)
+    })
+    .unwrap()
+    .unwrap_or(0.0)
+}
+
+/// Issue #26, finding 7: a launch command that detaches (`setsid …`)
+/// "exited before it was healthy" and left its server running. The
+/// supervisor is now a child subreaper: the detached server stays its
+/// descendant, is health-checked, used, and stopped with the build.
+#[test]
+fn regression_a_detaching_launch_command_is_tracked_and_stopped() {
+    let p = project_with("setsid ", "kvt-launch-setsid", "");
+    let out = build(&p, &[]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(p.read("served.log").lines().count(), 16);
+    assert!(server_rss(&p) > 1000.0, "{}", server_rss(&p));
+    none_alive(&p);
+}
+
+/// Issue #26, finding 8: with a compound launch command the memory measured
+/// was the shell's (2 MiB against 21 MiB for the same server launched as a
+/// simple command). Now it is the server's, however it was launched.
+#[test]
+fn regression_a_compound_launch_command_measures_the_server_not_the_shell() {
+    let simple = project("kvt-launch-mem-simple", "");
+    assert!(build(&simple, &[]).status.success());
+    let compound = project_with("cd sub && ", "kvt-launch-mem-compound", "");
+    compound.write("sub/README", "the launched server runs here\n");
+    let out = build(&compound, &[]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let (s, c) = (server_rss(&simple), server_rss(&compound));
+    assert!(s > 1000.0, "simple: {s} KiB");
+    assert!(
+        c > 0.8 * s && c < 1.5 * s,
+        "compound {c} KiB against simple {s} KiB"
+    );
+    none_alive(&simple);
+    none_alive(&compound);
+}

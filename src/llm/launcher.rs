@@ -88,11 +88,59 @@ pub fn shell_script(command: &str) -> String {
     }
 }
 
+/// Every live descendant of `pid` (children, their children, …), from the
+/// parent links in `/proc/*/stat`.
+pub fn descendants(pid: i32) -> Vec<i32> {
+    let mut children: std::collections::HashMap<i32, Vec<i32>> = Default::default();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+                continue;
+            };
+            // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+            let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+                continue;
+            };
+            if let Some(ppid) = after.split_whitespace().nth(1).and_then(|v| v.parse().ok()) {
+                children.entry(ppid).or_default().push(child);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![pid];
+    while let Some(p) = stack.pop() {
+        for &c in children.get(&p).map(Vec::as_slice).unwrap_or(&[]) {
+            out.push(c);
+            stack.push(c);
+        }
+    }
+    out
+}
+
+/// Sends `sig` to the process group `pgid` and to every descendant of this
+/// process (those that left the group: `setsid`, daemons).
+fn signal_all(pgid: i32, sig: i32) {
+    // SAFETY: kill(2) on the process group this process created and on its
+    // own descendants; no memory is touched.
+    unsafe {
+        libc::kill(-pgid, sig);
+        for d in descendants(std::process::id() as i32) {
+            libc::kill(d, sig);
+        }
+    }
+}
+
 /// `kvt launch-supervisor --log LOG -- SCRIPT`: runs `sh -c SCRIPT` in a new
 /// process group with its output appended to LOG, prints the group id on
-/// stdout, then waits. It exits with the server's status when the server
-/// exits; when its standard input closes (kvt is gone, or stops the server)
-/// it stops the group — SIGTERM, then SIGKILL after 3 s — and exits.
+/// stdout, then waits. It is a child subreaper (`PR_SET_CHILD_SUBREAPER`):
+/// a server that detaches (`setsid`, a daemonising fork) is re-parented to
+/// it, not to init, so it stays tracked. It exits when the last process it
+/// started has exited, with the shell's status; when its standard input
+/// closes (kvt is gone, or stops the server) it stops the group and every
+/// descendant — SIGTERM, then SIGKILL after 3 s — and exits.
 pub fn supervise(log: &Path, script: &str) -> Result<i32> {
     use std::io::{Read, Write};
     let out = std::fs::OpenOptions::new()
@@ -101,6 +149,10 @@ pub fn supervise(log: &Path, script: &str) -> Result<i32> {
         .open(log)
         .with_context(|| format!("opening the server log {}", log.display()))?;
     let err = out.try_clone()?;
+    // SAFETY: prctl(2) with an integer argument; affects only this process.
+    unsafe {
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    }
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(script)
@@ -112,7 +164,7 @@ pub fn supervise(log: &Path, script: &str) -> Result<i32> {
     // starting us), the server must still be stopped, not left behind by a
     // panic on a closed pipe.
     let mut stdout = std::io::stdout();
-    let mut child = match cmd.spawn() {
+    let child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
             let _ = writeln!(stdout, "cannot run sh: {e}");
@@ -131,27 +183,43 @@ pub fn supervise(log: &Path, script: &str) -> Result<i32> {
         let _ = eof.send(None);
     });
     std::thread::spawn(move || {
-        let code = child.wait().ok().and_then(|s| s.code()).unwrap_or(1);
-        let _ = tx.send(Some(code));
+        // Reap every child, re-parented ones included, until none is left.
+        let mut code = None;
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid(2) writes only the status integer it is given.
+            let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+            if pid < 0 {
+                if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                break;
+            }
+            if pid == pgid {
+                code = Some(if libc::WIFEXITED(status) {
+                    libc::WEXITSTATUS(status)
+                } else {
+                    1
+                });
+            }
+        }
+        let _ = tx.send(Some(code.unwrap_or(1)));
     });
     match rx.recv() {
-        // The server exited by itself: the supervisor follows with its code.
+        // Everything it started has exited: the supervisor follows with the
+        // shell's code.
         Ok(Some(code)) => Ok(code),
-        // kvt closed the pipe (or died): stop the whole group.
+        // kvt closed the pipe (or died): stop the group and every descendant.
         _ => {
-            // SAFETY: kill(2) on the process group this process created.
-            unsafe {
-                libc::kill(-pgid, libc::SIGTERM);
-            }
+            signal_all(pgid, libc::SIGTERM);
             let t0 = Instant::now();
-            // SAFETY: signal 0 only checks that the group still exists.
-            while t0.elapsed() < Duration::from_secs(3) && unsafe { libc::kill(-pgid, 0) } == 0 {
+            while t0.elapsed() < Duration::from_secs(3)
+                && !descendants(std::process::id() as i32).is_empty()
+            {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            // SAFETY: as above; reaches processes that ignored SIGTERM.
-            unsafe {
-                libc::kill(-pgid, libc::SIGKILL);
-            }
+            // Reaches processes that ignored SIGTERM.
+            signal_all(pgid, libc::SIGKILL);
             Ok(0)
         }
     }
@@ -166,6 +234,9 @@ pub struct Launched {
     /// The server's process group (and the pid of its shell, or of the
     /// server itself for a simple command, which `exec`s).
     pgid: i32,
+    /// Whether `pgid` is a shell that runs the server (a compound command),
+    /// not the server: its memory is not the server's.
+    shell_stays: bool,
     pub base_url: String,
     pub log: std::path::PathBuf,
 }
@@ -230,6 +301,7 @@ impl Launched {
             child,
             _pipe: pipe,
             pgid,
+            shell_stays: !shell_script(command).starts_with("exec "),
             base_url: format!("http://127.0.0.1:{port}{api_path}"),
             log: log.to_path_buf(),
         })
@@ -272,37 +344,52 @@ impl Launched {
         }
     }
 
-    /// Peak and current resident memory of the server process (KiB), from /proc.
+    /// Peak and current resident memory of the server (KiB), from /proc:
+    /// the sum over every process the supervisor tracks (a detached server
+    /// and a server's workers included), less the shell of a compound
+    /// command. The peak is the sum of each process's own peak.
     pub fn memory_kib(&self) -> Option<(u64, u64)> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pgid)).ok()?;
-        let field = |name: &str| {
+        let field = |status: &str, name: &str| -> Option<u64> {
             status
                 .lines()
                 .find(|l| l.starts_with(name))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         };
-        Some((field("VmHWM:")?, field("VmRSS:")?))
+        let mut total: Option<(u64, u64)> = None;
+        for pid in descendants(self.child.id() as i32) {
+            if self.shell_stays && pid == self.pgid {
+                continue;
+            }
+            let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+                continue;
+            };
+            if let (Some(hwm), Some(rss)) = (field(&status, "VmHWM:"), field(&status, "VmRSS:")) {
+                let t = total.get_or_insert((0, 0));
+                t.0 += hwm;
+                t.1 += rss;
+            }
+        }
+        total
     }
 
-    /// Stops the whole process group: SIGTERM, then SIGKILL after a grace period.
+    /// Stops the server: the supervisor, once its pipe closes, signals the
+    /// group and every descendant (SIGTERM, then SIGKILL after 3 s). Should
+    /// the supervisor not finish, the group is killed from here.
     pub fn stop(&mut self) {
-        // SAFETY: signals a process group this process created.
-        unsafe {
-            libc::kill(-self.pgid, libc::SIGTERM);
-        }
+        self._pipe = None;
         let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(5) {
+        while t0.elapsed() < Duration::from_secs(6) {
             if let Ok(Some(_)) = self.child.try_wait() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        // SAFETY: as above; also reaches children that ignored SIGTERM.
+        // SAFETY: signals a process group this process created.
         unsafe {
             libc::kill(-self.pgid, libc::SIGKILL);
         }
-        self._pipe = None;
+        let _ = self.child.kill();
         let _ = self.child.wait();
         if let Ok(mut l) = live().lock() {
             l.retain(|&p| p != self.pgid);
