@@ -650,3 +650,102 @@ fn regression_db_path_outside_the_project_is_refused() {
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert!(p.path("results/k.sqlite").is_file());
 }
+
+/// A kvt experiment for the input checks: `extra` is appended.
+fn kvt_experiment(p: &Project, extra: &str) {
+    p.write(
+        "config/experiments/in.yaml",
+        &format!(
+            "output: {{exp_group_id: in}}\ndataset: {{lengths: [256], per_length: 2}}\n\
+             binning: {{n_bins: 1}}\nsampling: {{n_per_bin: 2}}\nengine: {{kind: reference}}\n\
+             kv: {{policies: [streaming], budgets: [1.0, 0.5]}}\n{extra}"
+        ),
+    );
+}
+
+/// Issue #26, findings 9 and 11: inputs a build will read passed `kvt
+/// validate` and failed later (an unknown `tokenizer.name` at `prepare`
+/// with exit 1; a `dataset.path` without an extension with no file:line; a
+/// missing `model_path`, an unset `KVT_MODEL`, a glob matching nothing).
+/// Each is now refused by `validate` itself: exit 2, file:line and key.
+#[test]
+fn regression_inputs_a_build_reads_are_checked_by_validate() {
+    let p = Project::new();
+    p.write(
+        "data/noext",
+        "{\"context\": \"c\", \"input\": \"q\", \"answers\": [\"a\"]}\n",
+    );
+    for (extra, key, says) in [
+        (
+            "tokenizer: {kind: tiktoken, name: gpt2}",
+            "tokenizer.name",
+            "not a tiktoken encoding",
+        ),
+        (
+            "tokenizer: {kind: hf, name: no/such-model}",
+            "tokenizer.name",
+            "nothing is downloaded",
+        ),
+        (
+            "dataset: {source: file, name: d, task: qa, path: data/noext}",
+            "dataset.path",
+            "not supported",
+        ),
+        (
+            "dataset: {source: file, name: d, task: qa, path: \"data/*.jsonl\"}",
+            "dataset.path",
+            "matches no file",
+        ),
+        (
+            "engine: {kind: native, model_path: models/missing.gguf}",
+            "engine.model_path",
+            "does not exist",
+        ),
+    ] {
+        // `dataset:` and `engine:` given twice would be a YAML error: the
+        // override replaces the line of the same key.
+        let top = extra.split(':').next().unwrap();
+        let base = if top == "dataset" || top == "engine" {
+            let mut text = String::new();
+            kvt_experiment(&p, "");
+            for l in p.read("config/experiments/in.yaml").lines() {
+                if !l.starts_with(top) {
+                    text.push_str(l);
+                    text.push('\n');
+                }
+            }
+            text.push_str(extra);
+            text.push('\n');
+            p.write("config/experiments/in.yaml", &text);
+            text
+        } else {
+            kvt_experiment(&p, &format!("{extra}\n"));
+            p.read("config/experiments/in.yaml")
+        };
+        let at = base.lines().position(|l| l.starts_with(top)).unwrap() + 1;
+        let out = p
+            .kvt()
+            .args(["validate", "-c", "config/experiments/in.yaml"])
+            .env_remove("KVT_MODEL")
+            .output()
+            .unwrap();
+        expect_usage_error(
+            &out,
+            &[
+                &format!("config/experiments/in.yaml:{at}"),
+                &format!("`{key}`"),
+                says,
+            ],
+        );
+    }
+    // The native engine with no model_path and no KVT_MODEL.
+    kvt_experiment(&p, "");
+    let out = p
+        .kvt()
+        .args(["validate", "-c", "config/experiments/in.yaml"])
+        .args(["--set", "engine.kind=native"])
+        .env_remove("KVT_MODEL")
+        .output()
+        .unwrap();
+    expect_usage_error(&out, &["`engine.model_path`", "KVT_MODEL"]);
+}

@@ -87,6 +87,54 @@ pub fn check_config(loaded: &LoadedConfig) -> Result<()> {
         let msg = msg.split_once(": ").map_or(msg.as_str(), |(_, m)| m);
         return Err(loaded.key_error(key, msg));
     }
+    check_inputs(loaded)
+}
+
+/// The files and environment a build will read, checked now (`kvt validate`
+/// and the start of every build) rather than found missing by a stage: the
+/// dataset's files and globs, the tokenizer, the model file.
+fn check_inputs(loaded: &LoadedConfig) -> Result<()> {
+    let c = &loaded.config;
+    let root = &loaded.root;
+    // An error from a locating function says "config `KEY`: …": that key is
+    // where it points.
+    let keyed = |e: anyhow::Error, default_key: &str| -> anyhow::Error {
+        let msg = format!("{e:#}");
+        let (key, rest) = msg
+            .strip_prefix("config `")
+            .and_then(|m| m.split_once("`: ").or_else(|| m.split_once("` ")))
+            .map_or((default_key, msg.as_str()), |(k, r)| (k, r));
+        // A format read from the file's extension is the path's problem.
+        let key = if key == "dataset.format" && c.dataset.format.is_none() {
+            "dataset.path"
+        } else {
+            key
+        };
+        loaded.key_error(key, rest)
+    };
+    prepare::locate(&c.dataset, root).map_err(|e| keyed(e, "dataset.path"))?;
+    match c.tokenizer.kind {
+        TokenizerKind::Tiktoken => {
+            if !matches!(c.tokenizer.name.as_str(), "cl100k_base" | "o200k_base") {
+                return Err(loaded.key_error(
+                    "tokenizer.name",
+                    &format!(
+                        "`{}` is not a tiktoken encoding kvt has: use `cl100k_base` or `o200k_base`, or `tokenizer.kind: hf` with a tokenizer.json",
+                        c.tokenizer.name
+                    ),
+                ));
+            }
+        }
+        TokenizerKind::Hf => {
+            crate::data::tokenize::resolve_hf(&c.tokenizer.name, root)
+                .map_err(|e| keyed(e, "tokenizer.name"))?;
+        }
+        TokenizerKind::Server => {}
+    }
+    if infer::answerer(c.engine.kind, c.engine.model_path.is_some()) == infer::Answerer::ModelFile {
+        crate::llm::native::resolve_model_path(c.engine.model_path.as_deref(), root)
+            .map_err(|e| loaded.key_error("engine.model_path", &format!("{e:#}")))?;
+    }
     Ok(())
 }
 
