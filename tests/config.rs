@@ -749,3 +749,68 @@ fn regression_inputs_a_build_reads_are_checked_by_validate() {
         .unwrap();
     expect_usage_error(&out, &["`engine.model_path`", "KVT_MODEL"]);
 }
+
+/// Issue #26, finding 10: error locations that were wrong or missing — a
+/// top-level key written `"kv.budgets"`, a missing `base_url` reported at
+/// `config/default.yaml`, invalid UTF-8 with no line (and a hint to pass
+/// `-c` although `-c` was passed), an empty dataset file with no path, a
+/// UTF-8 byte-order mark read as bad JSON.
+#[test]
+fn regression_error_locations_name_the_right_file_and_line() {
+    let p = Project::new();
+    let exp = "config/experiments/loc.yaml";
+    let run = |args: &[&str]| p.kvt().args(args).output().unwrap();
+    p.write(
+        exp,
+        "output: {exp_group_id: loc}\n\"kv.budgets\": [1.0, 0.5]\n",
+    );
+    let out = run(&["validate", "-c", exp]);
+    expect_usage_error(&out, &[&format!("{exp}:2"), "unknown key `kv.budgets`"]);
+
+    p.write(
+        exp,
+        "output: {exp_group_id: loc}\n# comment\nengine: {kind: openai}\n",
+    );
+    let out = run(&["validate", "-c", exp]);
+    expect_usage_error(&out, &[&format!("{exp}:3"), "`engine.base_url`"]);
+    assert!(
+        !stderr_of(&out).contains("default.yaml"),
+        "{}",
+        stderr_of(&out)
+    );
+
+    std::fs::write(p.path(exp), b"output: {exp_group_id: loc}\n# caf\xe9\n").unwrap();
+    let out = run(&["validate", "-c", exp]);
+    expect_usage_error(&out, &[&format!("{exp}:2"), "column 6", "UTF-8"]);
+    assert!(
+        !stderr_of(&out).contains("pass an experiment file"),
+        "{}",
+        stderr_of(&out)
+    );
+
+    let synthetic_to_file = |path: &str| {
+        format!(
+            "output: {{exp_group_id: loc}}\nengine: {{kind: reference}}\n\
+             dataset: {{source: file, name: d, task: qa, path: {path}}}\n"
+        )
+    };
+    p.write("data/empty.jsonl", "");
+    p.write(exp, &synthetic_to_file("data/empty.jsonl"));
+    let out = run(&["build", "prepare", "-c", exp]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("`empty.jsonl`"),
+        "{}",
+        stderr_of(&out)
+    );
+
+    let record = "{\"_id\": \"r1\", \"context\": \"one two three four\", \"input\": \"q\", \"answers\": [\"a\"]}\n";
+    std::fs::write(
+        p.path("data/bom.jsonl"),
+        [b"\xEF\xBB\xBF".as_slice(), record.as_bytes()].concat(),
+    )
+    .unwrap();
+    p.write(exp, &synthetic_to_file("data/bom.jsonl"));
+    let out = run(&["build", "prepare", "-c", exp]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+}

@@ -125,7 +125,8 @@ fn a_tokenizer_json_counts_tokens_from_a_path_and_from_the_hub_cache() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert_eq!(entries(&q), entries(&p));
-    // A missing one says where it looked; nothing is downloaded.
+    // A missing one says where it looked; nothing is downloaded. It is a
+    // configuration error, found before any stage runs (issue #26).
     let out = prepare(
         &p,
         &[
@@ -135,7 +136,7 @@ fn a_tokenizer_json_counts_tokens_from_a_path_and_from_the_hub_cache() {
             "tokenizer.name=acme/none",
         ],
     );
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(
         stderr_of(&out).contains("models--acme--none"),
         "{}",

@@ -500,14 +500,40 @@ fn substitute_env(
     Ok(())
 }
 
+/// A file's text, or an error naming the line and column of its first byte
+/// that is not UTF-8.
+fn utf8_or_located(bytes: Vec<u8>, path: &Path) -> Result<String> {
+    String::from_utf8(bytes).map_err(|e| {
+        let bytes = e.as_bytes();
+        let at = e.utf8_error().valid_up_to();
+        let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        let line_start = bytes[..at]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        let column = String::from_utf8_lossy(&bytes[line_start..at]).chars().count() + 1;
+        usage(format!(
+            "`{}:{line}`: byte 0x{:02X} at column {column} is not UTF-8; save the file as UTF-8 (a Latin-1 `é` is the usual cause)",
+            display_path(path),
+            bytes[at]
+        ))
+    })
+}
+
 /// Loads, merges and validates the configuration for `config_path`.
 pub fn load(config_path: &Path, sets: &[String]) -> Result<LoadedConfig> {
-    let text = std::fs::read_to_string(config_path).map_err(|e| {
+    let bytes = std::fs::read(config_path).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::NotFound {
+            "; pass an experiment file with `-c`, e.g. `-c config/experiments/demo.yaml`"
+        } else {
+            ""
+        };
         usage(format!(
-            "cannot read config file `{}`: {e}; pass an experiment file with `-c`, e.g. `-c config/experiments/demo.yaml`",
+            "cannot read config file `{}`: {e}{hint}",
             config_path.display()
         ))
     })?;
+    let text = utf8_or_located(bytes, config_path)?;
     let abs_config = std::fs::canonicalize(config_path)
         .with_context(|| format!("resolving `{}`", config_path.display()))?;
     let config_dir = abs_config
@@ -866,21 +892,21 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
         EngineKind::Reference | EngineKind::Serve | EngineKind::Native => {}
         EngineKind::Launch => {
             if c.engine.launch.command.as_deref().unwrap_or("").is_empty() {
-                return Err(bad(
-                    "engine.launch.command",
-                    "is required when `engine.kind` is `launch` (a command template with `{port}`)"
-                        .into(),
-                ));
+                return Err(usage(format!(
+                    "{}: key `engine.launch.command`: is required when `engine.kind` is `launch` (a command template with `{{port}}`)",
+                    layers.locate("engine.kind", exp_origin)
+                )));
             }
         }
         EngineKind::Openai => {
             if c.engine.base_url.as_deref().unwrap_or("").is_empty() && c.engine.replicas.is_empty()
             {
-                return Err(bad(
-                    "engine.base_url",
-                    "is required when `engine.kind` is `openai` (e.g. http://127.0.0.1:8000/v1)"
-                        .into(),
-                ));
+                // Missing, so it has no line: point at the line that chose
+                // the kind.
+                return Err(usage(format!(
+                    "{}: key `engine.base_url`: is required when `engine.kind` is `openai` (e.g. http://127.0.0.1:8000/v1)",
+                    layers.locate("engine.kind", exp_origin)
+                )));
             }
         }
     }
@@ -1019,6 +1045,11 @@ pub fn find_key_line(text: &str, path: &str) -> Option<usize> {
         }
         stack.push((indent, key.to_string()));
         if stack.len() == parts.len() && stack.iter().zip(&parts).all(|((_, k), p)| k == p) {
+            return Some(n + 1);
+        }
+        // A key that holds a dot itself (`"kv.budgets": …`).
+        let joined: Vec<&str> = stack.iter().map(|(_, k)| k.as_str()).collect();
+        if joined.join(".") == path {
             return Some(n + 1);
         }
     }

@@ -219,7 +219,10 @@ impl<'a> Collector<'a> {
     /// Every line of a JSON-lines file; blank lines are ignored. A line that
     /// is not valid UTF-8 is a bad record of its own (the rest still load).
     pub fn jsonl(&mut self, origin: &str, bytes: impl AsRef<[u8]>, stem: &str) -> Result<()> {
-        for (i, raw) in bytes.as_ref().split(|&b| b == b'\n').enumerate() {
+        // A byte-order mark (Windows editors write one) is not part of the data.
+        let bytes = bytes.as_ref();
+        let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+        for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
             let at = format!("{origin}:{}", i + 1);
             let line = match std::str::from_utf8(raw) {
                 Ok(l) => l,

@@ -331,8 +331,11 @@ impl Op for Prepare {
             }
         }
         if examples.is_empty() {
+            let from = location_label(&ds, ctx.root())
+                .map(|l| format!(" from `{l}`"))
+                .unwrap_or_default();
             bail!(
-                "the dataset has no examples ({}): check `dataset.source`, `dataset.lengths` / `dataset.per_length`, `dataset.ops`, or the data file",
+                "the dataset has no examples ({}{from}): check `dataset.source`, `dataset.lengths` / `dataset.per_length`, `dataset.ops`, or the data file",
                 if skipped > 0 { format!("{skipped} bad records skipped") } else { "none loaded".into() }
             );
         }
