@@ -161,6 +161,42 @@ fn a_failing_node_stops_its_dependents_not_its_siblings() {
     assert_eq!(p.ran(), strs(&["after", "flaky"]));
 }
 
+/// Issue #26, finding 13: nodes a stopped build never reached, though they
+/// depend on nothing that failed (the other infer nodes under `--remote
+/// required`), were listed "not run (upstream failed)". Now they are named
+/// for what happened: the build stopped, and `--keep-going` runs them.
+#[test]
+fn regression_nodes_independent_of_a_failure_are_not_called_upstream_failed() {
+    let p = Project::new();
+    p.write("pipelines/test.yaml", FAIL_PIPELINE);
+    let out = p
+        .testops()
+        .args(["build", "-c", "config/experiments/t.yaml"])
+        .args(["--set", "engine.label=fail", "-j", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    let line = |prefix: &str| {
+        err.lines()
+            .find(|l| l.trim_start().starts_with(prefix))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let upstream = line("not run (upstream failed)");
+    let stopped = line("not run (the build stopped");
+    assert!(
+        upstream.contains("after") && !upstream.contains("sibling"),
+        "{err}"
+    );
+    assert!(
+        stopped.contains("sibling[")
+            && stopped.contains("--keep-going")
+            && !stopped.contains("after"),
+        "{err}"
+    );
+}
+
 /// Starts a build whose `slow` node works for 30 s; returns once that node is running.
 fn start_slow_build(p: &Project) -> std::process::Child {
     p.write(

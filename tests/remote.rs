@@ -208,6 +208,38 @@ fn a_corrupt_remote_object_is_reported_and_never_used() {
     assert!(out.status.success(), "{}", stdout_of(&out));
 }
 
+/// Issue #26, finding 13: a corrupt remote journal batch was warned about
+/// once per infer node (four times in one build). Now once per build.
+#[test]
+fn regression_a_corrupt_journal_batch_is_warned_about_once_per_build() {
+    let s = shared();
+    let out = s.kvt("cache-a", &args(&["build", "report"], &[]));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let dir = s.remote.path().join("v1/journal");
+    let batch = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .next()
+        .unwrap();
+    let mut bytes = std::fs::read(&batch).unwrap();
+    bytes.extend_from_slice(b"tampered\n");
+    std::fs::write(&batch, bytes).unwrap();
+    // Every infer node runs, and each pulls the journal.
+    let out = s.kvt(
+        "cache-b",
+        &args(&["build", "report"], &["--force", "infer"]),
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    let name = batch.file_name().unwrap().to_str().unwrap();
+    let warnings = err
+        .lines()
+        .filter(|l| l.contains(name) && l.contains("is corrupt"))
+        .count();
+    assert_eq!(warnings, 1, "{err}");
+}
+
 #[test]
 fn two_machines_pushing_the_same_results_at_once() {
     let s = shared();

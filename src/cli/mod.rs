@@ -720,7 +720,7 @@ fn cmd_build(args: &BuildArgs, registry: &OpRegistry, quiet: bool) -> Result<()>
             summary.built.len(),
             summary.fresh.len(),
             summary.failed.len(),
-            summary.skipped.len(),
+            summary.skipped.len() + summary.stopped.len(),
             if summary.unfinished.is_empty() {
                 String::new()
             } else {

@@ -35,7 +35,11 @@ pub struct BuildSummary {
     pub failed: Vec<(String, String)>,
     /// How many of the failures were configuration errors (exit code 2).
     pub usage_failed: usize,
+    /// Not run because a node they depend on failed (or stopped short).
     pub skipped: Vec<String>,
+    /// Not run because the build stopped at a failure elsewhere (without
+    /// `--keep-going`), or was interrupted: they depend on nothing that failed.
+    pub stopped: Vec<String>,
     /// Nodes that stopped short on purpose ([`super::error::Unfinished`]), with why.
     pub unfinished: Vec<(String, String)>,
     pub interrupted: bool,
@@ -559,7 +563,11 @@ pub fn build(
             && !summary.failed.iter().any(|(f, _)| f == id)
             && !summary.unfinished.iter().any(|(u, _)| u == id)
         {
-            summary.skipped.push(plan.graph[ix].id.clone());
+            if blocked.contains(&ix) {
+                summary.skipped.push(id.clone());
+            } else {
+                summary.stopped.push(id.clone());
+            }
         }
     }
     Ok(summary)
@@ -736,7 +744,7 @@ pub fn outcome(summary: &BuildSummary) -> Result<()> {
         return Err(KvtError::interrupted(format!(
             "interrupted: {} node(s) built and cached, {} not run; run the same command again to continue",
             summary.built.len(),
-            summary.skipped.len()
+            summary.skipped.len() + summary.stopped.len()
         ))
         .into());
     }
@@ -749,6 +757,12 @@ pub fn outcome(summary: &BuildSummary) -> Result<()> {
             msg.push_str(&format!(
                 "\n  not run (upstream failed): {}",
                 summary.skipped.join(", ")
+            ));
+        }
+        if !summary.stopped.is_empty() {
+            msg.push_str(&format!(
+                "\n  not run (the build stopped at the failure; they depend on nothing that failed, and `--keep-going` runs them): {}",
+                summary.stopped.join(", ")
             ));
         }
         msg.push_str("\nfinished nodes are cached; fix the cause and run the same command again");

@@ -476,8 +476,14 @@ impl Remote {
             .collect())
     }
 
-    /// A journal batch's bytes, verified against the digest in its name.
+    /// A journal batch's bytes, verified against the digest in its name. A
+    /// corrupt one is reported once per build and not fetched again (every
+    /// infer node pulls the journal).
     pub fn journal_batch(&self, key: &str, hex: &str) -> Result<Option<Vec<u8>>> {
+        let seen = format!("{}/{key}", self.url);
+        if known_corrupt().lock().expect("corrupt set").contains(&seen) {
+            return Ok(None);
+        }
         let Some(bytes) = self.get(key)? else {
             return Ok(None);
         };
@@ -489,9 +495,20 @@ impl Remote {
             if self.required {
                 bail!("{msg}");
             }
-            tracing::warn!("{msg}");
+            // Two nodes may find it at once: the first to note it warns.
+            if known_corrupt().lock().expect("corrupt set").insert(seen) {
+                tracing::warn!("{msg}");
+            }
             return Ok(None);
         }
         Ok(Some(bytes))
     }
+}
+
+/// Remote journal batches this process found corrupt (`url/key`): skipped,
+/// and warned about once.
+fn known_corrupt() -> &'static std::sync::Mutex<std::collections::HashSet<String>> {
+    static SET: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+        std::sync::OnceLock::new();
+    SET.get_or_init(Default::default)
 }
