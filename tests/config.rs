@@ -814,3 +814,32 @@ fn regression_error_locations_name_the_right_file_and_line() {
     let out = run(&["build", "prepare", "-c", exp]);
     assert!(out.status.success(), "{}", stderr_of(&out));
 }
+
+/// Issue #26, finding 4: `engine.max_response_mib: 0` was accepted, every
+/// answer became a final `ENGINE_ERROR`, the build exited 0, and restoring
+/// the default did not bring the answers back (they were final in the
+/// journal). Now the build refuses it before anything is sent.
+#[test]
+fn regression_max_response_mib_zero_is_refused_before_any_request() {
+    let p = Project::new();
+    kvt_experiment(&p, "");
+    let out = p
+        .kvt()
+        .args(["build", "report", "-c", "config/experiments/in.yaml"])
+        .args(["--set", "engine.max_response_mib=0"])
+        .output()
+        .unwrap();
+    expect_usage_error(
+        &out,
+        &[
+            "`engine.max_response_mib`",
+            "at least 1",
+            "--set engine.max_response_mib=0",
+        ],
+    );
+    assert!(
+        !p.path("cache/v1/journal.sqlite").exists(),
+        "a request was sent"
+    );
+    assert!(!p.path("runs").exists());
+}

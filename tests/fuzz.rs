@@ -1,5 +1,5 @@
-//! Hostile inputs through the real binary: 60 mutated experiment configs and
-//! 32 mutated JSON-lines datasets. Nothing panics or aborts; every
+//! Hostile inputs through the real binary: over 100 mutated experiment
+//! configs and over 40 mutated JSON-lines datasets. Nothing panics or aborts; every
 //! configuration problem exits 2 naming the file, the line and the key; every
 //! data problem names file:line.
 
@@ -184,6 +184,236 @@ fn mutated_configs() -> Vec<(String, String, Option<&'static str>)> {
         BASE.replace("sampling:\n  n_per_bin: 2", "sampling: [2]"),
         Some("sampling"),
     ));
+    // Issue #26: values whose range `validate` once skipped, and inputs a
+    // build reads (an extra top-level section, appended to BASE).
+    let mut section = |what: &str, yaml: &str, key: &'static str| {
+        v.push((what.to_string(), format!("{BASE}{yaml}\n"), Some(key)));
+    };
+    for (what, yaml, key) in [
+        (
+            "an unknown key beside a section",
+            "decoding: {max_new_tokens: 8}\nengine_x: 1",
+            "engine_x",
+        ),
+        (
+            "temperature -1",
+            "decoding: {temperature: -1}",
+            "decoding.temperature",
+        ),
+        (
+            "temperature nan",
+            "decoding:\n  temperature: .nan",
+            "decoding.temperature",
+        ),
+        ("top_p 2", "decoding: {top_p: 2}", "decoding.top_p"),
+        ("top_p 0", "decoding: {top_p: 0}", "decoding.top_p"),
+        (
+            "max_new_tokens 0",
+            "decoding: {max_new_tokens: 0}",
+            "decoding.max_new_tokens",
+        ),
+        (
+            "max_new_tokens text",
+            "decoding: {max_new_tokens: lots}",
+            "decoding.max_new_tokens",
+        ),
+        (
+            "db.path absolute",
+            "db: {path: /tmp/kvt-fuzz.sqlite}",
+            "db.path",
+        ),
+        (
+            "db.path escaping",
+            "db: {path: ../../kvt-fuzz.sqlite}",
+            "db.path",
+        ),
+        ("db.path empty", "db: {path: \"\"}", "db.path"),
+        (
+            "unknown tiktoken",
+            "tokenizer: {kind: tiktoken, name: gpt2}",
+            "tokenizer.name",
+        ),
+        (
+            "hf tokenizer nowhere",
+            "tokenizer: {kind: hf, name: acme/none}",
+            "tokenizer.name",
+        ),
+        (
+            "tokenizer kind",
+            "tokenizer: {kind: sentencepiece}",
+            "tokenizer.kind",
+        ),
+        ("an unknown top-level key", "analysis_x: 1", "analysis_x"),
+        (
+            "an unknown key after metrics",
+            "metrics: {code_sim: difflib}\ncache_x: 1",
+            "cache_x",
+        ),
+        (
+            "code_sim unknown",
+            "metrics: {code_sim: jaro}",
+            "metrics.code_sim",
+        ),
+        (
+            "prompt max_tokens 0",
+            "prompt: {max_tokens: 0}",
+            "prompt.max_tokens",
+        ),
+        ("a quoted dotted key", "\"kv.seed\": 3", "kv.seed"),
+        ("db a list", "db: [auto]", "db"),
+    ] {
+        section(what, yaml, key);
+    }
+    // Engine values, replacing BASE's `engine:` section.
+    let mut engine = |what: &str, yaml: &str, key: &'static str| {
+        v.push((
+            what.to_string(),
+            BASE.replace("engine:\n  kind: reference\n", &format!("engine: {yaml}\n")),
+            Some(key),
+        ));
+    };
+    for (what, yaml, key) in [
+        (
+            "max_response_mib 0",
+            "{kind: reference, max_response_mib: 0}",
+            "engine.max_response_mib",
+        ),
+        (
+            "logprobs 50",
+            "{kind: reference, logprobs: 50}",
+            "engine.logprobs",
+        ),
+        (
+            "concurrency 0",
+            "{kind: reference, concurrency: 0}",
+            "engine.concurrency",
+        ),
+        (
+            "timeout 0",
+            "{kind: reference, timeout_s: 0}",
+            "engine.timeout_s",
+        ),
+        (
+            "timeout negative",
+            "{kind: reference, timeout_s: -3}",
+            "engine.timeout_s",
+        ),
+        (
+            "max_retries negative",
+            "{kind: reference, max_retries: -1}",
+            "engine.max_retries",
+        ),
+        (
+            "openai without base_url",
+            "{kind: openai}",
+            "engine.base_url",
+        ),
+        (
+            "launch without a command",
+            "{kind: launch}",
+            "engine.launch.command",
+        ),
+        (
+            "native without a model",
+            "{kind: native}",
+            "engine.model_path",
+        ),
+        (
+            "native model missing",
+            "{kind: native, model_path: models/none.gguf}",
+            "engine.model_path",
+        ),
+        (
+            "serve model missing",
+            "{kind: serve, model_path: models/none.gguf}",
+            "engine.model_path",
+        ),
+        (
+            "dequantize off native",
+            "{kind: reference, dequantize: true}",
+            "engine.dequantize",
+        ),
+    ] {
+        engine(what, yaml, key);
+    }
+    // Budgets and bins the issue found accepted.
+    for bad in ["[1.0, 1.5]", "[1.0, 2.25]", "[1.0, -0.0]"] {
+        v.push((
+            format!("kv.budgets = {bad}"),
+            mutate("budgets", bad),
+            Some("kv.budgets"),
+        ));
+    }
+    v.push((
+        "focus bin that does not exist".into(),
+        BASE.replace("  n_per_bin: 2", "  n_per_bin: 2\n  focus_bins: [99]"),
+        Some("sampling.focus_bins"),
+    ));
+    // Analysis values.
+    for (what, repl, key) in [
+        (
+            "bootstrap ci 1.5",
+            "    iters: 50\n    ci: 1.5",
+            "analysis.bootstrap.ci",
+        ),
+        (
+            "transition delta 0",
+            "    iters: 50\n  transition: {delta: 0}",
+            "analysis.transition.delta",
+        ),
+        (
+            "fidelity delta 0",
+            "    iters: 50\n  fidelity: {delta_nats: 0}",
+            "analysis.fidelity.delta_nats",
+        ),
+        (
+            "calibration 1",
+            "    iters: 50\n  splits: {calibration: 1.0}",
+            "analysis.splits.calibration",
+        ),
+        (
+            "confident_risk 2",
+            "    iters: 50\n  selective: {confident_risk: 2}",
+            "analysis.selective.confident_risk",
+        ),
+        (
+            "confidence unknown",
+            "    iters: 50\n  selective: {confidence: median}",
+            "analysis.selective.confidence",
+        ),
+    ] {
+        v.push((
+            what.to_string(),
+            BASE.replace("    iters: 50", repl),
+            Some(key),
+        ));
+    }
+    // Dataset inputs a build reads.
+    for (what, extra) in [
+        (
+            "dataset path without an extension",
+            "  source: file\n  path: data/noext",
+        ),
+        (
+            "dataset glob matching nothing",
+            "  source: file\n  path: \"data/*.nothing.jsonl\"",
+        ),
+        ("dataset path a folder", "  source: file\n  path: data"),
+        (
+            "dataset format unknown",
+            "  source: file\n  path: data/noext\n  format: csv",
+        ),
+    ] {
+        v.push((
+            what.to_string(),
+            BASE.replace("  name: synthetic", &format!("  name: synthetic\n{extra}")),
+            Some(if what.contains("format") {
+                "dataset.format"
+            } else {
+                "dataset.path"
+            }),
+        ));
+    }
     // YAML that does not parse.
     for (what, text) in [
         ("unclosed bracket", BASE.replace("[256, 512]", "[256, 512")),
@@ -203,17 +433,20 @@ fn mutated_configs() -> Vec<(String, String, Option<&'static str>)> {
 }
 
 #[test]
-fn fifty_mutated_configs_exit_2_naming_file_line_and_key() {
+fn a_hundred_mutated_configs_exit_2_naming_file_line_and_key() {
     let p = Project::new();
+    p.write("data/noext", &format!("{}\n", record(0)));
     let cases = mutated_configs();
-    assert!(cases.len() >= 50, "only {} mutated configs", cases.len());
-    let mut valid = 0;
+    assert!(cases.len() >= 100, "only {} mutated configs", cases.len());
+    let mut valid: Vec<&str> = Vec::new();
     let mut problems = Vec::new();
     for (what, text, key) in &cases {
         p.write("config/experiments/fuzz.yaml", text);
         let out = p
             .kvt()
             .args(["validate", "-c", "config/experiments/fuzz.yaml"])
+            // The model a native config falls back to must be unset here.
+            .env_remove("KVT_MODEL")
             .output()
             .unwrap();
         if !no_crash(&mut problems, &out, what) {
@@ -222,7 +455,7 @@ fn fifty_mutated_configs_exit_2_naming_file_line_and_key() {
         let err = stderr_of(&out);
         if out.status.code() == Some(0) {
             // Allowed (a value that is merely unusual); it must then build.
-            valid += 1;
+            valid.push(what);
             let out = p
                 .kvt()
                 .args(["build", "prepare", "-c", "config/experiments/fuzz.yaml"])
@@ -266,7 +499,7 @@ fn fifty_mutated_configs_exit_2_naming_file_line_and_key() {
         );
     }
     report(&problems);
-    assert!(valid <= 3, "{valid} mutations were accepted");
+    assert!(valid.len() <= 3, "mutations accepted: {valid:?}");
 }
 
 /// A valid record with `i` in its id and a context long enough to bin.
@@ -277,8 +510,9 @@ fn record(i: usize) -> String {
     )
 }
 
-/// (description, file bytes, the 1-based line an error must name; None when
-/// the mutation is harmless and the file must load).
+/// (description, file bytes, the 1-based line an error must name — 0 for an
+/// error about the whole file, which must name it; None when the mutation
+/// is harmless and the file must load).
 fn mutated_datasets() -> Vec<(String, Vec<u8>, Option<usize>)> {
     let good: Vec<String> = (0..12).map(record).collect();
     let with_line = |n: usize, line: &[u8]| -> Vec<u8> {
@@ -318,6 +552,14 @@ fn mutated_datasets() -> Vec<(String, Vec<u8>, Option<usize>)> {
         ("deeply nested", format!("{{\"id\": \"x\", \"question\": \"q\", \"context\": \"c\", \"answers\": [\"a\"], \"meta\": {}{}}}", "[".repeat(200), "]".repeat(200)).into_bytes()),
         ("unterminated string", b"{\"id\": \"x\", \"question\": \"q".to_vec()),
         ("lone surrogate escape", b"{\"id\": \"x\", \"question\": \"\\ud800\", \"context\": \"c\", \"answers\": [\"a\"]}".to_vec()),
+        ("answers null", b"{\"id\": \"x\", \"question\": \"q\", \"context\": \"c\", \"answers\": null}".to_vec()),
+        ("question null", b"{\"id\": \"x\", \"question\": null, \"context\": \"c\", \"answers\": [\"a\"]}".to_vec()),
+        ("trailing comma", b"{\"id\": \"x\", \"question\": \"q\", \"context\": \"c\", \"answers\": [\"a\"],}".to_vec()),
+        ("single quotes", b"{'id': 'x', 'question': 'q', 'context': 'c', 'answers': ['a']}".to_vec()),
+        ("a comment line", b"// a comment".to_vec()),
+        ("NaN literal", b"{\"id\": \"x\", \"question\": \"q\", \"context\": \"c\", \"answers\": [NaN]}".to_vec()),
+        ("a byte-order mark mid-file", [b"\xEF\xBB\xBF".as_slice(), b"{\"id\": \"x\"}"].concat()),
+        ("id null", b"{\"id\": null, \"question\": \"q\", \"context\": \"c\", \"answers\": [\"a\"]}".to_vec()),
     ];
     for (i, (what, line)) in bad_lines.into_iter().enumerate() {
         // Spread the bad line over the file (never line 1, which the duplicate needs).
@@ -376,6 +618,27 @@ fn mutated_datasets() -> Vec<(String, Vec<u8>, Option<usize>)> {
         .join("\n")
         .into_bytes();
     v.push(("escapes".into(), escapes, None));
+    // A byte-order mark at the start (Windows editors write one) is not data.
+    let mut bom = b"\xEF\xBB\xBF".to_vec();
+    bom.extend(good.join("\n").into_bytes());
+    v.push(("a byte-order mark".into(), bom, None));
+    let long: Vec<u8> = good
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            if i == 4 {
+                g.replace("Plain filler text. ", &"Long filler text. ".repeat(20_000))
+            } else {
+                g.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .into_bytes();
+    v.push(("a line of 360 kB".into(), long, None));
+    // An empty file: nothing to point a line at, but the file is named.
+    v.push(("an empty file".into(), Vec::new(), Some(0)));
+    v.push(("only blank lines".into(), b"\n\n  \n".to_vec(), Some(0)));
     // A number where text is expected is read as its text (LongBench has numeric answers).
     let numeric = good
         .iter()
@@ -401,11 +664,11 @@ sampling: {n_per_bin: 3}
 ";
 
 #[test]
-fn thirty_mutated_jsonl_datasets_name_file_and_line() {
+fn forty_mutated_jsonl_datasets_name_file_and_line() {
     let p = Project::new();
     p.write("config/experiments/file.yaml", FILE_EXP);
     let cases = mutated_datasets();
-    assert!(cases.len() >= 30, "only {} mutated datasets", cases.len());
+    assert!(cases.len() >= 40, "only {} mutated datasets", cases.len());
     let mut problems = Vec::new();
     for (what, bytes, line) in &cases {
         std::fs::create_dir_all(p.path("data")).unwrap();
@@ -429,11 +692,20 @@ fn thirty_mutated_jsonl_datasets_name_file_and_line() {
             "{what}: exit {:?}: {err}",
             out.status.code()
         );
+        // Line 0: an error about the whole file, which must name it.
+        let at = if *n == 0 {
+            "set.jsonl".to_string()
+        } else {
+            format!("set.jsonl:{n}")
+        };
         check!(
             problems,
-            err.contains(&format!("set.jsonl:{n}")),
-            "{what}: `set.jsonl:{n}` not named in: {err}"
+            err.contains(&at),
+            "{what}: `{at}` not named in: {err}"
         );
+        if *n == 0 {
+            continue;
+        }
         check!(
             problems,
             err.len() < 4000,

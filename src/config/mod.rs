@@ -85,6 +85,15 @@ pub struct LoadedConfig {
 impl LoadedConfig {
     /// A configuration error (exit 2) at `key`, naming the file and line the
     /// value came from: for checks that need domain knowledge the schema lacks.
+    /// An error about `key` located at the line of `at` (a missing key has
+    /// no line of its own: the line that made it needed stands in).
+    pub fn key_error_at(&self, key: &str, at: &str, msg: &str) -> anyhow::Error {
+        usage(format!(
+            "{}: key `{key}`: {msg}",
+            self.layers.locate(at, &self.exp_origin)
+        ))
+    }
+
     pub fn key_error(&self, key: &str, msg: &str) -> anyhow::Error {
         usage(format!(
             "{}: key `{key}`: {msg}",
@@ -322,6 +331,36 @@ fn record_origins(v: &Value, prefix: &str, origin: &Origin, out: &mut BTreeMap<S
     } else {
         out.insert(prefix.to_string(), origin.clone());
     }
+}
+
+/// A section that is a mapping in the defaults (`db:`, `sampling:`) must be
+/// one in a config that overrides it: serde would read a list positionally
+/// (`db: [auto]` as `db.path`), which nobody means.
+fn check_shapes(base: &Value, over: &Value, path: &str, text: &str, what: &str) -> Result<()> {
+    let (Value::Object(b), Value::Object(o)) = (base, over) else {
+        return Ok(());
+    };
+    for (k, v) in o {
+        let p = if path.is_empty() {
+            k.clone()
+        } else {
+            format!("{path}.{k}")
+        };
+        let Some(bv) = b.get(k) else { continue };
+        if bv.is_object() && !v.is_object() {
+            let at = find_key_line(text, &p).map_or(what.to_string(), |l| with_line(what, l));
+            let found = match v {
+                Value::Array(_) => "a list",
+                Value::Null => "empty",
+                _ => "a single value",
+            };
+            return Err(usage(format!(
+                "{at}: key `{p}`: must be a mapping of keys (`key: value` lines or `{{key: value}}`), not {found}"
+            )));
+        }
+        check_shapes(bv, v, &p, text, what)?;
+    }
+    Ok(())
 }
 
 fn merge(base: &mut Value, over: Value) {
@@ -571,6 +610,7 @@ pub fn load(config_path: &Path, sets: &[String]) -> Result<LoadedConfig> {
                 }
             )));
         }
+        check_shapes(&layers.value, &v, "", &t, &what)?;
         record_origins(&v, "", &origin, &mut layers.origins);
         merge(&mut layers.value, v);
         if let Origin::File(p) = origin {
@@ -944,6 +984,25 @@ fn check_ranges(c: &Config, bad: &dyn Fn(&str, String) -> anyhow::Error) -> Resu
         return Err(bad(
             "decoding.temperature",
             format!("{} must be 0 (greedy) or more", c.decoding.temperature),
+        ));
+    }
+    if c.decoding.max_new_tokens == 0 {
+        return Err(bad(
+            "decoding.max_new_tokens",
+            "must be at least 1: an answer of 0 tokens scores nothing".into(),
+        ));
+    }
+    if c.prompt.max_tokens == Some(0) {
+        return Err(bad(
+            "prompt.max_tokens",
+            "must be at least 1 (tokens kept of each prompt), or null for no limit".into(),
+        ));
+    }
+    let delta = c.analysis.transition.delta;
+    if !(delta.is_finite() && delta > 0.0) {
+        return Err(bad(
+            "analysis.transition.delta",
+            format!("{delta} must be positive: a loss below it counts as safe"),
         ));
     }
     if !(c.decoding.top_p > 0.0 && c.decoding.top_p <= 1.0) {

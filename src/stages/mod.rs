@@ -132,8 +132,15 @@ fn check_inputs(loaded: &LoadedConfig) -> Result<()> {
         TokenizerKind::Server => {}
     }
     if infer::answerer(c.engine.kind, c.engine.model_path.is_some()) == infer::Answerer::ModelFile {
+        // With no `model_path` (KVT_MODEL stands in), the line that chose
+        // the engine is where to look.
+        let at = if c.engine.model_path.is_some() {
+            "engine.model_path"
+        } else {
+            "engine.kind"
+        };
         crate::llm::native::resolve_model_path(c.engine.model_path.as_deref(), root)
-            .map_err(|e| loaded.key_error("engine.model_path", &format!("{e:#}")))?;
+            .map_err(|e| loaded.key_error_at("engine.model_path", at, &format!("{e:#}")))?;
     }
     Ok(())
 }
