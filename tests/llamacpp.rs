@@ -175,3 +175,115 @@ fn native_full_cache_agrees_with_llamacpp() {
         }
     );
 }
+
+/// The first step's top-5 (token, logprob) of a chat answer, and the answer.
+fn first_step_top5(addr: &str, body: &serde_json::Value) -> (String, Vec<(String, f64)>) {
+    let v = post_chat(addr, body);
+    let top = v["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|t| {
+                    (
+                        t["token"].as_str().unwrap_or("").to_string(),
+                        t["logprob"].as_f64().unwrap_or(f64::NAN),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    (text, top)
+}
+
+/// Issue #27: tiny random-weight GGUF files of each architecture the native
+/// engine reads (`llama`, `llama` with Llama 3's RoPE frequency factors,
+/// `qwen2`, `qwen3`; SmolLM2's tokenizer copied in) give the same greedy
+/// answers as llama.cpp on the same file, and the same first-step top-5
+/// log-probabilities to within 2e-3 nats (both caches in f32).
+#[test]
+#[ignore = "needs KVT_PYTHON with xllamacpp, and KVT_MODEL for the tokenizer (see .ci/run)"]
+fn tiny_random_models_of_each_architecture_agree_with_llamacpp() {
+    use kvt::llm::native::model::Arch;
+    let python = std::env::var("KVT_PYTHON").expect("set KVT_PYTHON");
+    let model = std::env::var("KVT_MODEL").expect("set KVT_MODEL");
+    let dir = tempfile::tempdir().unwrap();
+    let mut summary = Vec::new();
+    // kvt's first-step top-5 on the plain llama file, per prompt: the same
+    // weights as the file with RoPE factors, so their gap shows what the
+    // tolerance can tell apart.
+    let mut plain_llama: Vec<Vec<(String, f64)>> = Vec::new();
+    for (arch, rope_freqs) in [
+        (Arch::Llama, false),
+        (Arch::Llama, true),
+        (Arch::Qwen2, false),
+        (Arch::Qwen3, false),
+    ] {
+        let label = format!(
+            "{}{}",
+            arch.name(),
+            if rope_freqs { "+rope_freqs" } else { "" }
+        );
+        let file = dir.path().join(format!("{label}.gguf"));
+        kvt::llm::native::tiny::write(arch, std::path::Path::new(&model), &file, 7, rope_freqs)
+            .unwrap();
+        let file = file.to_str().unwrap();
+        let llama = PyServer::start(
+            &python,
+            "xllamacpp_server.py",
+            &["--cache-type", "f32", "--ctx", "1024", "--model", file],
+            120,
+        );
+        let kvt_server = Served::start(&["--model-file", file]);
+        let (mut same, mut worst) = (0, 0.0f64);
+        let mut rope_gap = 0.0f64;
+        let mut rows = Vec::new();
+        for i in 0..10 {
+            let (prompt, _) = agreement_prompt(i, 20 + 9 * i);
+            let body = serde_json::json!({"model": "m", "max_tokens": 8, "temperature": 0.0,
+                "cache_prompt": false, "logprobs": true, "top_logprobs": 5,
+                // A system message of our own: SmolLM2's template would add
+                // its default one, which kvt's ChatML rendering does not.
+                "messages": [{"role": "system", "content": "Answer briefly."},
+                             {"role": "user", "content": prompt}]});
+            let (ours, our_top) = first_step_top5(&kvt_server.addr, &body);
+            if arch == Arch::Llama && !rope_freqs {
+                plain_llama.push(our_top.clone());
+            } else if rope_freqs {
+                for (tok, lp) in &our_top {
+                    if let Some((_, other)) = plain_llama[i].iter().find(|(t, _)| t == tok) {
+                        rope_gap = rope_gap.max((lp - other).abs());
+                    }
+                }
+            }
+            let (theirs, their_top) = first_step_top5(&llama.addr, &body);
+            assert_eq!(their_top.len(), 5, "{label}: llama.cpp gave {their_top:?}");
+            same += usize::from(ours == theirs);
+            for (tok, lp) in &their_top {
+                let mine = our_top.iter().find(|(t, _)| t == tok).map(|(_, l)| *l);
+                let diff = mine.map_or(f64::INFINITY, |m| (m - lp).abs());
+                worst = worst.max(diff);
+            }
+            rows.push(format!(
+                "  {i}: kvt {ours:?} | llama.cpp {theirs:?}\n     kvt {our_top:?}\n     llama.cpp {their_top:?}"
+            ));
+        }
+        summary.push(format!(
+            "{label}: same answer {same}/10, worst first-step top-5 |Δ logprob| {worst:.2e}\n{}",
+            rows.join("\n")
+        ));
+        assert!(same == 10 && worst <= 2e-3, "{}", summary.join("\n"));
+        if rope_freqs {
+            // Getting the RoPE factors wrong would move log-probabilities by
+            // this much: far beyond the tolerance.
+            summary.push(format!(
+                "RoPE factors move top-5 log-probabilities by up to {rope_gap:.3}"
+            ));
+            assert!(rope_gap > 10.0 * 2e-3, "{}", summary.join("\n"));
+        }
+    }
+    eprintln!("{}", summary.join("\n"));
+}

@@ -16,6 +16,7 @@ pub mod backend;
 pub mod model;
 pub mod policy;
 pub mod quant;
+pub mod tiny;
 pub mod tokenizer;
 
 use anyhow::{anyhow, bail, Result};

@@ -1,4 +1,5 @@
-//! A llama-architecture decoder read from a GGUF file, with attention written
+//! A decoder read from a GGUF file — the `llama` architecture (Llama 2/3 with
+//! its RoPE frequency factors, SmolLM2), `qwen2` and `qwen3` — with attention written
 //! out so the prefill can hand the policies what they score: per layer the keys
 //! and values after RoPE, the attention each position received from every
 //! prefill query, and the attention rows of the last queries.
@@ -11,8 +12,45 @@ use anyhow::{anyhow, bail, Result};
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+/// The architectures the engine runs: one code path, these differences
+/// (as llama.cpp reads each from the GGUF file).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Arch {
+    /// RoPE on interleaved pairs (the GGUF converter permutes Q and K for it);
+    /// Llama 3 adds per-frequency factors (`rope_freqs.weight`).
+    Llama,
+    /// Biases on Q, K and V; RoPE on the two halves of each head (NeoX).
+    Qwen2,
+    /// An RMS norm over each head of Q and K before RoPE (NeoX); the head
+    /// size comes from `attention.key_length`.
+    Qwen3,
+}
+
+impl Arch {
+    pub fn parse(name: &str) -> Option<Arch> {
+        Some(match name {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            _ => return None,
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+        }
+    }
+    /// Whether RoPE rotates interleaved pairs (else the two halves).
+    fn interleaved_rope(self) -> bool {
+        self == Arch::Llama
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hparams {
+    pub arch: Arch,
     pub n_layer: usize,
     pub n_head: usize,
     pub n_kv_head: usize,
@@ -28,6 +66,10 @@ struct Layer {
     wq: QMatMul,
     wk: QMatMul,
     wv: QMatMul,
+    /// `qwen2`: biases added to Q, K and V.
+    bias: Option<[Tensor; 3]>,
+    /// `qwen3`: RMS-norm weights over each head of Q and of K.
+    qk_norm: Option<[Tensor; 2]>,
     wo: QMatMul,
     ffn_norm: Tensor,
     gate: QMatMul,
@@ -157,30 +199,66 @@ impl Llama {
         path: &std::path::Path,
         dequantize: bool,
     ) -> Result<Llama> {
-        let arch = md(ct, "general.architecture")?.to_string()?.clone();
-        if arch != "llama" {
+        let arch_name = md(ct, "general.architecture")?.to_string()?.clone();
+        let Some(arch) = Arch::parse(&arch_name) else {
             bail!(
-                "`{}`: architecture `{arch}` is not supported; the native engine runs llama-architecture GGUF files",
+                "`{}`: architecture `{arch_name}` is not supported; the native engine runs `llama` (Llama 2/3, SmolLM2), `qwen2` and `qwen3` GGUF files",
                 path.display()
             );
-        }
-        let u =
-            |k: &str| -> Result<usize> { Ok(md(ct, &format!("llama.{k}"))?.to_u32()? as usize) };
+        };
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let u = |k: &str| -> Result<usize> { Ok(md(ct, &key(k))?.to_u32()? as usize) };
         let hidden = u("embedding_length")?;
         let n_head = u("attention.head_count")?;
+        let head_dim = u("attention.key_length").unwrap_or(hidden / n_head);
+        if let Ok(v) = u("attention.value_length") {
+            if v != head_dim {
+                bail!(
+                    "`{}`: keys of {head_dim} and values of {v} per head are not supported",
+                    path.display()
+                );
+            }
+        }
+        if let Ok(r) = u("rope.dimension_count") {
+            if r != head_dim {
+                bail!(
+                    "`{}`: RoPE over {r} of {head_dim} dimensions per head is not supported",
+                    path.display()
+                );
+            }
+        }
         let hp = Hparams {
+            arch,
             n_layer: u("block_count")?,
             n_head,
             n_kv_head: u("attention.head_count_kv").unwrap_or(n_head),
-            head_dim: hidden / n_head,
+            head_dim,
             hidden,
-            eps: md(ct, "llama.attention.layer_norm_rms_epsilon")?.to_f32()?,
+            eps: md(ct, &key("attention.layer_norm_rms_epsilon"))?.to_f32()?,
             rope_base: ct
                 .metadata
-                .get("llama.rope.freq_base")
+                .get(&key("rope.freq_base"))
                 .and_then(|v| v.to_f32().ok())
                 .unwrap_or(10_000.0),
             context: u("context_length").unwrap_or(4096),
+        };
+        // Linear RoPE scaling divides positions by its factor.
+        let linear_scale = match ct
+            .metadata
+            .get(&key("rope.scaling.type"))
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
+        {
+            None | Some("none") => 1.0,
+            Some("linear") => ct
+                .metadata
+                .get(&key("rope.scaling.factor"))
+                .and_then(|v| v.to_f32().ok())
+                .unwrap_or(1.0),
+            Some(other) => bail!(
+                "`{}`: RoPE scaling `{other}` is not supported (only `linear`, and Llama 3's frequency factors)",
+                path.display()
+            ),
         };
         let dev = Device::Cpu;
         let mut t = |name: &str| -> Result<QTensor> {
@@ -212,12 +290,23 @@ impl Llama {
         };
         let mut layers = Vec::with_capacity(hp.n_layer);
         for i in 0..hp.n_layer {
+            let mut b = |n: &str| -> Result<Tensor> { deq(t(&format!("blk.{i}.{n}"))?) };
+            let bias = match arch {
+                Arch::Qwen2 => Some([b("attn_q.bias")?, b("attn_k.bias")?, b("attn_v.bias")?]),
+                _ => None,
+            };
+            let qk_norm = match arch {
+                Arch::Qwen3 => Some([b("attn_q_norm.weight")?, b("attn_k_norm.weight")?]),
+                _ => None,
+            };
             let mut w = |n: &str| -> Result<QTensor> { t(&format!("blk.{i}.{n}.weight")) };
             layers.push(Layer {
                 attn_norm: deq(w("attn_norm")?)?,
                 wq: matmul(w("attn_q")?)?,
                 wk: matmul(w("attn_k")?)?,
                 wv: matmul(w("attn_v")?)?,
+                bias,
+                qk_norm,
                 wo: matmul(w("attn_output")?)?,
                 ffn_norm: deq(w("ffn_norm")?)?,
                 gate: matmul(w("ffn_gate")?)?,
@@ -228,8 +317,27 @@ impl Llama {
         let norm = deq(t("output_norm.weight")?)?;
         // RoPE tables up to the model's context: `[context][D/2]`.
         let half = hp.head_dim / 2;
+        // Llama 3's frequency factors divide each frequency (llama.cpp's
+        // `rope_freqs`), as linear scaling divides them all.
+        let factors: Vec<f32> = match ct.tensor_infos.contains_key("rope_freqs.weight") {
+            true => deq(t("rope_freqs.weight")?)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+            false => vec![1.0; half],
+        };
+        if factors.len() != half {
+            bail!(
+                "`{}`: `rope_freqs.weight` has {} factors for {half} frequencies",
+                path.display(),
+                factors.len()
+            );
+        }
         let inv: Vec<f32> = (0..half)
-            .map(|i| 1.0 / hp.rope_base.powf(2.0 * i as f32 / hp.head_dim as f32))
+            .map(|i| {
+                1.0 / hp.rope_base.powf(2.0 * i as f32 / hp.head_dim as f32)
+                    / factors[i]
+                    / linear_scale
+            })
             .collect();
         let mut cos = Vec::with_capacity(hp.context * half);
         let mut sin = Vec::with_capacity(hp.context * half);
@@ -314,27 +422,38 @@ impl Llama {
         let sin = self.sin.narrow(0, pos0, t)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let xn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, hp.eps)?;
-            // [T, H·D] → [1, H, T, D], RoPE (interleaved pairs, as GGUF's llama stores Q and K).
-            let q = layer
-                .wq
-                .forward(&xn)?
-                .reshape((1, t, h, d))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let k = layer
-                .wk
-                .forward(&xn)?
-                .reshape((1, t, g, d))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let v = layer
-                .wv
-                .forward(&xn)?
-                .reshape((1, t, g, d))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
+            // [T, H·D] (+ bias) → [T, H, D] (→ per-head norm) → [1, H, T, D], RoPE.
+            let project = |w: &QMatMul,
+                           bias: Option<&Tensor>,
+                           heads: usize,
+                           norm: Option<&Tensor>|
+             -> Result<Tensor> {
+                let mut y = w.forward(&xn)?;
+                if let Some(b) = bias {
+                    y = y.broadcast_add(b)?;
+                }
+                let mut y = y.reshape((t, heads, d))?;
+                if let Some(n) = norm {
+                    y = candle_nn::ops::rms_norm(&y.contiguous()?, n, hp.eps)?;
+                }
+                Ok(y.reshape((1, t, heads, d))?.transpose(1, 2)?.contiguous()?)
+            };
+            let bias = |i: usize| layer.bias.as_ref().map(|b| &b[i]);
+            let norm = |i: usize| layer.qk_norm.as_ref().map(|n| &n[i]);
+            let q = project(&layer.wq, bias(0), h, norm(0))?;
+            let k = project(&layer.wk, bias(1), g, norm(1))?;
+            let v = project(&layer.wv, bias(2), g, None)?;
+            let (q, k) = if hp.arch.interleaved_rope() {
+                (
+                    candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
+                    candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
+                )
+            } else {
+                (
+                    candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
+                    candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
+                )
+            };
             // Append to the cache ([G][S][D] rows), quantised as the cache is.
             let kv = &mut cache.layers[li];
             let past = kv.len;
