@@ -201,9 +201,12 @@ fn first_step_top5(addr: &str, body: &serde_json::Value) -> (String, Vec<(String
 
 /// Issue #27: tiny random-weight GGUF files of each architecture the native
 /// engine reads (`llama`, `llama` with Llama 3's RoPE frequency factors,
-/// `qwen2`, `qwen3`; SmolLM2's tokenizer copied in) give the same greedy
-/// answers as llama.cpp on the same file, and the same first-step top-5
-/// log-probabilities to within 2e-3 nats (both caches in f32).
+/// `qwen2`, `qwen3`, `gemma3` with a 32-token sliding window; SmolLM2's
+/// tokenizer copied in) give the same greedy answers as llama.cpp on the
+/// same file, and the same first-step top-5 log-probabilities to within 2e-3
+/// nats (both caches in f32). The other architectures agree to about 1e-4;
+/// Gemma 3 to about 1e-3, as llama.cpp's CPU GELU reads a half-precision
+/// table.
 #[test]
 #[ignore = "needs KVT_PYTHON with xllamacpp, and KVT_MODEL for the tokenizer (see .ci/run)"]
 fn tiny_random_models_of_each_architecture_agree_with_llamacpp() {
@@ -221,6 +224,7 @@ fn tiny_random_models_of_each_architecture_agree_with_llamacpp() {
         (Arch::Llama, true),
         (Arch::Qwen2, false),
         (Arch::Qwen3, false),
+        (Arch::Gemma3, false),
     ] {
         let label = format!(
             "{}{}",

@@ -719,7 +719,12 @@ impl NativeEngine {
                 last_query: &obs.last_query[l],
                 received: &obs.received[l],
             };
-            let kept = policy::select(&o, &cell.params(), l, hp.n_layer);
+            // A sliding-window layer keeps its window's worth by masking and
+            // every position in its cache: eviction is for global layers.
+            let kept = match hp.window_of(l) {
+                Some(_) => vec![(0..k_len).collect::<Vec<usize>>(); g],
+                None => policy::select(&o, &cell.params(), l, hp.n_layer),
+            };
             let n = kept[0].len();
             let mut layer = LayerKv {
                 k: Vec::with_capacity(g * n * d),

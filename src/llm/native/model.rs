@@ -24,6 +24,11 @@ pub enum Arch {
     /// An RMS norm over each head of Q and K before RoPE (NeoX); the head
     /// size comes from `attention.key_length`.
     Qwen3,
+    /// Qwen3's Q/K norms plus: embeddings scaled by √hidden, RMS norms after
+    /// attention and after the feed-forward block, GeGLU (tanh GELU), and
+    /// sliding-window layers (five local layers with RoPE base 10,000, then
+    /// one global layer) as llama.cpp runs them.
+    Gemma3,
 }
 
 impl Arch {
@@ -32,6 +37,7 @@ impl Arch {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
+            "gemma3" => Arch::Gemma3,
             _ => return None,
         })
     }
@@ -40,6 +46,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Gemma3 => "gemma3",
         }
     }
     /// Whether RoPE rotates interleaved pairs (else the two halves).
@@ -59,6 +66,19 @@ pub struct Hparams {
     pub eps: f32,
     pub rope_base: f32,
     pub context: usize,
+    /// Sliding-window attention: (window, pattern). Layer `l` is local when
+    /// `l % pattern < pattern − 1` and sees the last `window` positions.
+    pub swa: Option<(usize, usize)>,
+    /// What scores are multiplied by before the softmax.
+    pub attn_scale: f64,
+}
+
+impl Hparams {
+    /// The window of layer `l` when it is a sliding-window layer.
+    pub fn window_of(&self, l: usize) -> Option<usize> {
+        self.swa
+            .and_then(|(w, pattern)| (l % pattern < pattern - 1).then_some(w))
+    }
 }
 
 struct Layer {
@@ -68,8 +88,11 @@ struct Layer {
     wv: QMatMul,
     /// `qwen2`: biases added to Q, K and V.
     bias: Option<[Tensor; 3]>,
-    /// `qwen3`: RMS-norm weights over each head of Q and of K.
+    /// `qwen3`, `gemma3`: RMS-norm weights over each head of Q and of K.
     qk_norm: Option<[Tensor; 2]>,
+    /// `gemma3`: RMS norms of the attention output and of the feed-forward
+    /// output, before each is added to the residual.
+    post_norms: Option<[Tensor; 2]>,
     wo: QMatMul,
     ffn_norm: Tensor,
     gate: QMatMul,
@@ -85,6 +108,8 @@ pub struct Llama {
     output: QMatMul,
     cos: Tensor,
     sin: Tensor,
+    /// Sliding-window layers' own RoPE tables (`gemma3`: base 10,000).
+    local_rope: Option<(Tensor, Tensor)>,
     dev: Device,
 }
 
@@ -241,6 +266,16 @@ impl Llama {
                 .and_then(|v| v.to_f32().ok())
                 .unwrap_or(10_000.0),
             context: u("context_length").unwrap_or(4096),
+            swa: match arch {
+                Arch::Gemma3 => Some((u("attention.sliding_window")?, 6)),
+                _ => None,
+            },
+            // Gemma 3 27B (62 layers) scales by hidden / heads, as llama.cpp does.
+            attn_scale: if arch == Arch::Gemma3 && u("block_count")? == 62 {
+                1.0 / ((hidden / n_head) as f64).sqrt()
+            } else {
+                1.0 / (head_dim as f64).sqrt()
+            },
         };
         // Linear RoPE scaling divides positions by its factor.
         let linear_scale = match ct
@@ -296,7 +331,15 @@ impl Llama {
                 _ => None,
             };
             let qk_norm = match arch {
-                Arch::Qwen3 => Some([b("attn_q_norm.weight")?, b("attn_k_norm.weight")?]),
+                Arch::Qwen3 | Arch::Gemma3 => {
+                    Some([b("attn_q_norm.weight")?, b("attn_k_norm.weight")?])
+                }
+                _ => None,
+            };
+            let post_norms = match arch {
+                Arch::Gemma3 => {
+                    Some([b("post_attention_norm.weight")?, b("post_ffw_norm.weight")?])
+                }
                 _ => None,
             };
             let mut w = |n: &str| -> Result<QTensor> { t(&format!("blk.{i}.{n}.weight")) };
@@ -307,6 +350,7 @@ impl Llama {
                 wv: matmul(w("attn_v")?)?,
                 bias,
                 qk_norm,
+                post_norms,
                 wo: matmul(w("attn_output")?)?,
                 ffn_norm: deq(w("ffn_norm")?)?,
                 gate: matmul(w("ffn_gate")?)?,
@@ -332,24 +376,31 @@ impl Llama {
                 factors.len()
             );
         }
-        let inv: Vec<f32> = (0..half)
-            .map(|i| {
-                1.0 / hp.rope_base.powf(2.0 * i as f32 / hp.head_dim as f32)
-                    / factors[i]
-                    / linear_scale
-            })
-            .collect();
-        let mut cos = Vec::with_capacity(hp.context * half);
-        let mut sin = Vec::with_capacity(hp.context * half);
-        for p in 0..hp.context {
-            for f in &inv {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
+        // `[context][D/2]` cosines and sines for a base and a divisor.
+        let tables = |base: f32, divide: &dyn Fn(usize) -> f32| -> Result<(Tensor, Tensor)> {
+            let inv: Vec<f32> = (0..half)
+                .map(|i| 1.0 / base.powf(2.0 * i as f32 / hp.head_dim as f32) / divide(i))
+                .collect();
+            let mut cos = Vec::with_capacity(hp.context * half);
+            let mut sin = Vec::with_capacity(hp.context * half);
+            for p in 0..hp.context {
+                for f in &inv {
+                    let a = p as f32 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
             }
-        }
-        let cos = Tensor::from_vec(cos, (hp.context, half), &dev)?;
-        let sin = Tensor::from_vec(sin, (hp.context, half), &dev)?;
+            Ok((
+                Tensor::from_vec(cos, (hp.context, half), &dev)?,
+                Tensor::from_vec(sin, (hp.context, half), &dev)?,
+            ))
+        };
+        let (cos, sin) = tables(hp.rope_base, &|i| factors[i] * linear_scale)?;
+        // llama.cpp gives Gemma 3's local layers base 10,000, unscaled.
+        let local_rope = match hp.swa {
+            Some(_) => Some(tables(10_000.0, &|_| 1.0)?),
+            None => None,
+        };
         Ok(Llama {
             hp,
             embed,
@@ -358,6 +409,7 @@ impl Llama {
             output: matmul(output)?,
             cos,
             sin,
+            local_rope,
             dev,
         })
     }
@@ -418,9 +470,20 @@ impl Llama {
         let group = h / g;
         let ids = Tensor::new(tokens, &self.dev)?;
         let mut x = self.embed.embedding(&ids)?; // [T, E]
-        let cos = self.cos.narrow(0, pos0, t)?;
-        let sin = self.sin.narrow(0, pos0, t)?;
+        if hp.arch == Arch::Gemma3 {
+            x = (x * (hp.hidden as f64).sqrt())?;
+        }
+        let global_rope = (self.cos.narrow(0, pos0, t)?, self.sin.narrow(0, pos0, t)?);
+        let local_rope = match &self.local_rope {
+            Some((c, s)) => Some((c.narrow(0, pos0, t)?, s.narrow(0, pos0, t)?)),
+            None => None,
+        };
         for (li, layer) in self.layers.iter().enumerate() {
+            let window = hp.window_of(li);
+            let (cos, sin) = match (&local_rope, window) {
+                (Some(r), Some(_)) => (&r.0, &r.1),
+                _ => (&global_rope.0, &global_rope.1),
+            };
             let xn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, hp.eps)?;
             // [T, H·D] (+ bias) → [T, H, D] (→ per-head norm) → [1, H, T, D], RoPE.
             let project = |w: &QMatMul,
@@ -445,13 +508,13 @@ impl Llama {
             let v = project(&layer.wv, bias(2), g, None)?;
             let (q, k) = if hp.arch.interleaved_rope() {
                 (
-                    candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
-                    candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
+                    candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
+                    candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
                 )
             } else {
                 (
-                    candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
-                    candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
+                    candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                    candle_nn::rotary_emb::rope(&k, cos, sin)?,
                 )
             };
             // Append to the cache ([G][S][D] rows), quantised as the cache is.
@@ -473,21 +536,42 @@ impl Llama {
             // Scores: [G, group·T, D] × [G, D, S] → [G, group·T, S]; query head
             // `g·group + i` reads KV head `g`.
             let qg = q.reshape((g, group * t, d))?;
-            let scale = 1.0 / (d as f64).sqrt();
-            let att = (qg.matmul(&k_all.t()?)? * scale)?;
+            let att = (qg.matmul(&k_all.t()?)? * hp.attn_scale)?;
             let att = att.reshape((g, group, t, s))?;
-            let mask = causal_mask(t, past, &self.dev)?; // [T, S]
-            let att = att.broadcast_add(&mask)?;
+            let att = match (window, t) {
+                // One new token sees every kept entry: no mask.
+                (None, 1) => att,
+                (None, _) => att.broadcast_add(&causal_mask(t, past, None, &self.dev)?)?,
+                // A sliding-window layer keeps every position (nothing is
+                // evicted there), so entry `j` is position `j`.
+                (Some(w), _) => {
+                    if past != pos0 {
+                        bail!("layer {li}: a sliding-window layer lost positions");
+                    }
+                    att.broadcast_add(&causal_mask(t, past, Some(w), &self.dev)?)?
+                }
+            };
             let p = candle_nn::ops::softmax_last_dim(&att)?; // [G, group, T, S]
             for o in observers.iter_mut() {
                 o.add(li, &p, pos0, h, t, s)?;
             }
             let y = p.reshape((g, group * t, s))?.matmul(&v_all)?; // [G, group·T, D]
             let y = y.reshape((h, t, d))?.transpose(0, 1)?.reshape((t, h * d))?;
-            x = (x + layer.wo.forward(&y)?)?;
+            let post = |y: Tensor, i: usize| -> Result<Tensor> {
+                Ok(match &layer.post_norms {
+                    Some(n) => candle_nn::ops::rms_norm(&y, &n[i], hp.eps)?,
+                    None => y,
+                })
+            };
+            x = (x + post(layer.wo.forward(&y)?, 0)?)?;
             let xn = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, hp.eps)?;
-            let ff = (candle_nn::ops::silu(&layer.gate.forward(&xn)?)? * layer.up.forward(&xn)?)?;
-            x = (x + layer.down.forward(&ff)?)?;
+            let gate = layer.gate.forward(&xn)?;
+            let gate = match hp.arch {
+                Arch::Gemma3 => gate.gelu()?,
+                _ => candle_nn::ops::silu(&gate)?,
+            };
+            let ff = (gate * layer.up.forward(&xn)?)?;
+            x = (x + post(layer.down.forward(&ff)?, 1)?)?;
         }
         let rows = if all { x } else { x.narrow(0, t - 1, 1)? };
         let rows = candle_nn::ops::rms_norm(&rows, &self.norm, hp.eps)?;
@@ -506,13 +590,16 @@ fn interleave(old: &[f32], new: &[f32], g: usize, past: usize, t: usize, d: usiz
     out
 }
 
-/// `[T, S]`: 0 where query `i` (at `past + i`) may see key `j`, −∞ elsewhere.
-fn causal_mask(t: usize, past: usize, dev: &Device) -> Result<Tensor> {
+/// `[T, S]`: 0 where query `i` (at `past + i`) may see key `j`, −∞ elsewhere;
+/// with a window, only the last `window` positions (the query's own included).
+fn causal_mask(t: usize, past: usize, window: Option<usize>, dev: &Device) -> Result<Tensor> {
     let s = past + t;
     let m: Vec<f32> = (0..t)
         .flat_map(|i| {
             (0..s).map(move |j| {
-                if j <= past + i {
+                let q = past + i;
+                let seen = j <= q && window.is_none_or(|w| q - j < w);
+                if seen {
                     0.0
                 } else {
                     f32::NEG_INFINITY

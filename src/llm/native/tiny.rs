@@ -25,12 +25,17 @@ pub struct TinyShape {
 impl TinyShape {
     pub fn for_arch(arch: Arch) -> TinyShape {
         TinyShape {
-            n_layer: 2,
+            // Gemma 3: five sliding-window layers, then a global one.
+            n_layer: if arch == Arch::Gemma3 { 6 } else { 2 },
             hidden: 64,
             n_head: 4,
             n_kv_head: 2,
             // Qwen3 decouples the head size from hidden / heads.
-            head_dim: if arch == Arch::Qwen3 { 32 } else { 16 },
+            head_dim: if matches!(arch, Arch::Qwen3 | Arch::Gemma3) {
+                32
+            } else {
+                16
+            },
             ffn: 128,
         }
     }
@@ -101,9 +106,22 @@ pub fn write(
             "attention.layer_norm_rms_epsilon",
             gguf_file::Value::F32(1e-6),
         ),
-        ("rope.freq_base", gguf_file::Value::F32(10_000.0)),
     ] {
         meta.push((format!("{name}.{k}"), v));
+    }
+    // Gemma 3's global layers use a base of a million (the local ones 10,000).
+    let base = if arch == Arch::Gemma3 {
+        1_000_000.0
+    } else {
+        10_000.0
+    };
+    meta.push((
+        format!("{name}.rope.freq_base"),
+        gguf_file::Value::F32(base),
+    ));
+    if arch == Arch::Gemma3 {
+        // A window the test prompts (100 tokens and more) run past.
+        meta.push((format!("{name}.attention.sliding_window"), u(32)));
     }
     for (k, v) in &src.metadata {
         if k.starts_with("tokenizer.") {
@@ -166,6 +184,15 @@ pub fn write(
             Arch::Qwen3 => {
                 put("attn_q_norm.weight", rng.tensor(&[s.head_dim], 0.1, 1.0)?);
                 put("attn_k_norm.weight", rng.tensor(&[s.head_dim], 0.1, 1.0)?);
+            }
+            Arch::Gemma3 => {
+                put("attn_q_norm.weight", rng.tensor(&[s.head_dim], 0.1, 1.0)?);
+                put("attn_k_norm.weight", rng.tensor(&[s.head_dim], 0.1, 1.0)?);
+                put(
+                    "post_attention_norm.weight",
+                    rng.tensor(&[s.hidden], 0.1, 1.0)?,
+                );
+                put("post_ffw_norm.weight", rng.tensor(&[s.hidden], 0.1, 1.0)?);
             }
             Arch::Llama => {}
         }
