@@ -148,7 +148,10 @@ async fn answer_http(st: Arc<AppState>, headers: HeaderMap, body: Body, plain: b
         let Some(p) = body.get("prompt").and_then(Value::as_str) else {
             return error(StatusCode::BAD_REQUEST, "missing `prompt`");
         };
-        from_prompt = vec![json!({"role": "user", "content": p})];
+        // A plain completion: the prompt as it stands (no chat template on
+        // the native engine).
+        from_prompt =
+            vec![json!({"role": crate::llm::native::tokenizer::COMPLETION_ROLE, "content": p})];
         &from_prompt
     } else {
         let Some(m) = body.get("messages").and_then(Value::as_array) else {

@@ -288,16 +288,20 @@ impl NativeEngine {
     /// The prompt's tokens and where its question starts.
     pub fn prompt_tokens(&self, messages: &[(String, String)]) -> Result<(Vec<u32>, usize)> {
         let text = self.tok.render_chat(messages);
-        let enc = self.tok.encode_with_offsets(&text)?;
-        let split = match question_offset(&text) {
-            Some(off) => enc
-                .1
+        let (mut ids, offsets) = self.tok.encode_with_offsets(&text)?;
+        let mut split = match question_offset(&text) {
+            Some(off) => offsets
                 .iter()
                 .position(|&(s, _)| s >= off)
-                .unwrap_or(enc.0.len()),
-            None => enc.0.len(),
+                .unwrap_or(ids.len()),
+            None => ids.len(),
         };
-        Ok((enc.0, split))
+        // The file's BOS, as llama.cpp puts it before every prompt.
+        if let Some(bos) = self.tok.bos {
+            ids.insert(0, bos);
+            split += 1;
+        }
+        Ok((ids, split))
     }
 
     fn prefill(

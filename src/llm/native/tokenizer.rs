@@ -1,7 +1,18 @@
-//! The model's own tokenizer and chat template, read from the GGUF file: a
-//! byte-level BPE (vocabulary, merges and control tokens from the metadata),
-//! built as a Hugging Face `tokenizers` pipeline, and ChatML rendering when the
-//! file's template is ChatML (SmolLM2, Qwen2).
+//! The model's own tokenizer and chat template, read from the GGUF file,
+//! built as a Hugging Face `tokenizers` pipeline:
+//!
+//! * `gpt2` — a byte-level BPE (vocabulary, merges and control tokens from
+//!   the metadata: SmolLM2, Qwen, Llama 3);
+//! * `llama` — SentencePiece-style BPE (Gemma, Llama 2): no merges in the
+//!   file but a score per token; as llama.cpp does, adjacent pieces merge
+//!   into the highest-scoring token they form, spaces are `▁`, and a
+//!   character outside the vocabulary falls back to its bytes (`<0xXX>`).
+//!   The merges are derived from the scores (a merge per way of splitting a
+//!   token into two tokens, ranked by the token's score), which makes the
+//!   BPE pick the same pairs in the same order.
+//!
+//! ChatML rendering when the file's template is ChatML (SmolLM2, Qwen2); a
+//! file without a chat template (a base model) gets its prompt as plain text.
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file;
@@ -11,7 +22,10 @@ pub struct GgufTokenizer {
     inner: tokenizers::Tokenizer,
     /// Tokens that end a turn (EOS and `<|im_end|>` where present).
     pub stop: Vec<u32>,
-    pub chat: ChatTemplate,
+    /// None: the file has no chat template (a base model): plain prompts.
+    pub chat: Option<ChatTemplate>,
+    /// The token put before every prompt, when the file asks for one.
+    pub bos: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -29,9 +43,59 @@ fn md<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value>
 impl GgufTokenizer {
     pub fn from_gguf(ct: &gguf_file::Content) -> Result<GgufTokenizer> {
         let model = md(ct, "tokenizer.ggml.model")?.to_string()?.clone();
-        if model != "gpt2" {
-            bail!("tokenizer `{model}` is not supported: the native engine reads byte-level BPE (`gpt2`) vocabularies");
+        let inner = match model.as_str() {
+            "gpt2" => byte_level_bpe(ct)?,
+            "llama" => sentencepiece_bpe(ct)?,
+            other => bail!("tokenizer `{other}` is not supported: the native engine reads byte-level BPE (`gpt2`) and SentencePiece-style (`llama`) vocabularies"),
+        };
+        let mut stop = Vec::new();
+        if let Some(eos) = ct.metadata.get("tokenizer.ggml.eos_token_id") {
+            stop.push(eos.to_u32()?);
         }
+        for end in ["<|im_end|>", "<end_of_turn>", "<|eot_id|>"] {
+            if let Some(id) = inner.token_to_id(end) {
+                if !stop.contains(&id) {
+                    stop.push(id);
+                }
+            }
+        }
+        let template = ct
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        let chat = if template.contains("<|im_start|>")
+            || inner.token_to_id("<|im_start|>").is_some()
+        {
+            Some(ChatTemplate::ChatMl)
+        } else if template.is_empty() {
+            None
+        } else {
+            bail!("the GGUF file's chat template is not ChatML; the native engine renders ChatML only (use `engine.api: completions` for plain prompts)");
+        };
+        // llama.cpp adds BOS unless the file says not to (`gpt2` files default to no).
+        let add_bos = ct
+            .metadata
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(model == "llama");
+        let bos = match (add_bos, ct.metadata.get("tokenizer.ggml.bos_token_id")) {
+            (true, Some(id)) => Some(id.to_u32()?),
+            _ => None,
+        };
+        Ok(GgufTokenizer {
+            inner,
+            stop,
+            chat,
+            bos,
+        })
+    }
+}
+
+/// The `gpt2` kind: byte-level BPE with the file's merges.
+fn byte_level_bpe(ct: &gguf_file::Content) -> Result<tokenizers::Tokenizer> {
+    {
         let pre = ct
             .metadata
             .get("tokenizer.ggml.pre")
@@ -83,35 +147,123 @@ impl GgufTokenizer {
                 "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
                 "ignore_merges": false, "vocab": vocab, "merges": merges},
         });
-        let inner: tokenizers::Tokenizer = spec
-            .to_string()
+        spec.to_string()
             .parse()
-            .map_err(|e| anyhow!("building the GGUF tokenizer: {e}"))?;
-        let mut stop = Vec::new();
-        if let Some(eos) = ct.metadata.get("tokenizer.ggml.eos_token_id") {
-            stop.push(eos.to_u32()?);
+            .map_err(|e| anyhow!("building the GGUF tokenizer: {e}"))
+    }
+}
+
+/// The `llama` kind: SentencePiece-style BPE from the tokens' scores.
+fn sentencepiece_bpe(ct: &gguf_file::Content) -> Result<tokenizers::Tokenizer> {
+    use tokenizers::decoders::{
+        byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence as DecSeq, DecoderWrapper,
+    };
+    use tokenizers::models::bpe::BPE;
+    use tokenizers::normalizers::{replace::Replace, NormalizerWrapper, Prepend, Sequence};
+    use tokenizers::AddedToken;
+    let tokens: Vec<String> = md(ct, "tokenizer.ggml.tokens")?
+        .to_vec()?
+        .iter()
+        .map(|t| t.to_string().cloned())
+        .collect::<std::result::Result<_, _>>()?;
+    let scores: Vec<f32> = match ct.metadata.get("tokenizer.ggml.scores") {
+        Some(v) => v
+            .to_vec()?
+            .iter()
+            .map(|x| x.to_f32().unwrap_or(0.0))
+            .collect(),
+        None => vec![0.0; tokens.len()],
+    };
+    let types: Vec<i32> = match ct.metadata.get("tokenizer.ggml.token_type") {
+        Some(v) => v
+            .to_vec()?
+            .iter()
+            .map(|t| t.to_i32().unwrap_or(1))
+            .collect(),
+        None => vec![1; tokens.len()],
+    };
+    const NORMAL: i32 = 1;
+    const CONTROL: i32 = 3;
+    const USER_DEFINED: i32 = 4;
+    let mut vocab: std::collections::HashMap<String, u32> =
+        std::collections::HashMap::with_capacity(tokens.len());
+    for (id, t) in tokens.iter().enumerate() {
+        vocab.entry(t.clone()).or_insert(id as u32);
+    }
+    let normal = |t: &str| -> bool {
+        vocab
+            .get(t)
+            .is_some_and(|&id| types.get(id as usize) == Some(&NORMAL))
+    };
+    // Every way to split a normal token into two normal tokens is a merge,
+    // ranked by the merged token's score (highest first, then by id).
+    let mut ranked: Vec<(f32, u32, usize, usize)> = Vec::new();
+    for (id, t) in tokens.iter().enumerate() {
+        if types.get(id) != Some(&NORMAL) || t.chars().nth(1).is_none() {
+            continue;
         }
-        if let Some(id) = inner.token_to_id("<|im_end|>") {
-            if !stop.contains(&id) {
-                stop.push(id);
+        for (k, _) in t.char_indices().skip(1) {
+            if normal(&t[..k]) && normal(&t[k..]) {
+                ranked.push((scores[id], id as u32, k, 0));
             }
         }
-        let template = ct
-            .metadata
-            .get("tokenizer.chat_template")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
-        let chat = if template.contains("<|im_start|>")
-            || inner.token_to_id("<|im_start|>").is_some()
-        {
-            ChatTemplate::ChatMl
-        } else {
-            bail!("the GGUF file's chat template is not ChatML; the native engine renders ChatML only (use `engine.api: completions` for plain prompts)");
-        };
-        Ok(GgufTokenizer { inner, stop, chat })
     }
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let merges: Vec<(String, String)> = ranked
+        .iter()
+        .map(|&(_, id, k, _)| {
+            let t = &tokens[id as usize];
+            (t[..k].to_string(), t[k..].to_string())
+        })
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(
+            vocab
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect::<tokenizers::models::bpe::Vocab>(),
+            merges,
+        )
+        .byte_fallback(true)
+        .build()
+        .map_err(|e| anyhow!("building the SentencePiece tokenizer: {e}"))?;
+    let mut tok = tokenizers::Tokenizer::new(bpe);
+    let prefix = ct
+        .metadata
+        .get("tokenizer.ggml.add_space_prefix")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(true);
+    let space = Replace::new(" ", "▁").map_err(|e| anyhow!("{e}"))?;
+    let mut normalizers: Vec<NormalizerWrapper> = Vec::new();
+    if prefix {
+        normalizers.push(Prepend::new("▁".into()).into());
+    }
+    normalizers.push(space.into());
+    tok.with_normalizer(Some(Sequence::new(normalizers)))
+        .map_err(|e| anyhow!("building the SentencePiece tokenizer: {e}"))?;
+    let decoders: Vec<DecoderWrapper> = vec![
+        tokenizers::decoders::DecoderWrapper::Replace(
+            tokenizers::normalizers::replace::Replace::new("▁", " ").map_err(|e| anyhow!("{e}"))?,
+        ),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ];
+    tok.with_decoder(Some(DecSeq::new(decoders)));
+    // Control tokens (`<start_of_turn>`) and user-defined ones (runs of
+    // newlines or spaces in Gemma) are matched in the raw text first, as
+    // llama.cpp does.
+    let added: Vec<AddedToken> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(id, _)| matches!(types.get(*id), Some(&CONTROL) | Some(&USER_DEFINED)))
+        .map(|(id, t)| AddedToken::from(t.clone(), types[id] == CONTROL).normalized(false))
+        .collect();
+    tok.add_special_tokens(added)
+        .map_err(|e| anyhow!("building the SentencePiece tokenizer: {e}"))?;
+    Ok(tok)
+}
 
+impl GgufTokenizer {
     /// Token ids of `text`; control tokens written in the text are recognised.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
@@ -128,10 +280,13 @@ impl GgufTokenizer {
     }
 
     /// The prompt for chat `messages` (`role`, `content`), ready for the
-    /// assistant's turn.
+    /// assistant's turn. Without a chat template (a base model), and for a
+    /// plain completion (every message of role [`COMPLETION_ROLE`]), the
+    /// contents as plain text, one paragraph each.
     pub fn render_chat(&self, messages: &[(String, String)]) -> String {
+        let plain = messages.iter().all(|(r, _)| r == COMPLETION_ROLE);
         match self.chat {
-            ChatTemplate::ChatMl => {
+            Some(ChatTemplate::ChatMl) if !plain => {
                 let mut s = String::new();
                 for (role, content) in messages {
                     s.push_str("<|im_start|>");
@@ -143,9 +298,18 @@ impl GgufTokenizer {
                 s.push_str("<|im_start|>assistant\n");
                 s
             }
+            _ => messages
+                .iter()
+                .map(|(_, c)| c.as_str())
+                .collect::<Vec<_>>()
+                .join("\n\n"),
         }
     }
 }
+
+/// The role a plain completion's prompt carries (`/v1/completions`): the
+/// text is the prompt as it stands, no chat template.
+pub const COMPLETION_ROLE: &str = "completion";
 
 /// Reads only a GGUF file's header and metadata.
 pub fn read_content(path: &std::path::Path) -> Result<(gguf_file::Content, std::fs::File)> {
