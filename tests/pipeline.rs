@@ -831,3 +831,60 @@ fn regression_a_closed_stdout_and_stderr_never_panic() {
     let status = closed(&["graph", "-c", "config/experiments/small.yaml"]);
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
+
+/// Issue #29, item 5: a long run that is not on a terminal said "built
+/// prepare" and then nothing for minutes. Each sending node now logs how
+/// many requests are answered, the rate and an estimate of the time left.
+#[test]
+fn a_slow_engine_off_a_terminal_logs_progress_with_counts_and_time_left() {
+    let p = Project::new();
+    p.write(
+        "config/experiments/slow.yaml",
+        "output: {exp_group_id: slow}\ndataset: {lengths: [256], per_length: 12}\n\
+         binning: {n_bins: 1}\nsampling: {n_per_bin: 12}\n\
+         engine: {kind: openai, concurrency: 1}\nkv: {policies: [streaming], budgets: [1.0]}\n\
+         analysis: {bootstrap: {iters: 50}}\n",
+    );
+    let server = Served::start(&["--delay-ms", "120"]);
+    let out = p
+        .kvt()
+        .args(["build", "report", "-c", "config/experiments/slow.yaml"])
+        .args(["--set", &format!("engine.base_url={}/v1", server.addr)])
+        .env("KVT_PROGRESS_SECS", "0.3")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("answered (") && l.contains("of 12"))
+        .collect();
+    assert!(lines.len() >= 2, "{err}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("left") && l.contains("/s)")),
+        "{err}"
+    );
+    // Under --quiet, nothing.
+    let out = p
+        .kvt()
+        .args([
+            "-q",
+            "build",
+            "report",
+            "-c",
+            "config/experiments/slow.yaml",
+        ])
+        .args(["--set", &format!("engine.base_url={}/v1", server.addr)])
+        .args(["--force", "infer", "--set", "engine.label=again"])
+        .env("KVT_PROGRESS_SECS", "0.3")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(
+        !stderr_of(&out).contains("answered ("),
+        "{}",
+        stderr_of(&out)
+    );
+}

@@ -5,7 +5,7 @@ mod bundle;
 mod compare;
 mod eval_preds;
 mod graph;
-mod progress;
+pub mod progress;
 
 use crate::config::{self, display_path, LoadedConfig};
 use crate::engine::{
@@ -332,6 +332,7 @@ pub fn main_with(register: fn(&mut OpRegistry)) -> i32 {
         }
     };
     init_logging(cli.verbose, cli.quiet);
+    progress::set_quiet(cli.quiet);
     let _ = ctrlc::set_handler(|| {
         if CANCEL.swap(true, Ordering::SeqCst) {
             eprintln!("kvt: interrupted twice, exiting now");

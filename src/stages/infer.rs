@@ -27,7 +27,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -97,6 +97,32 @@ struct Answered {
 fn inflight() -> &'static Mutex<HashSet<String>> {
     static SET: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
     SET.get_or_init(Default::default)
+}
+
+/// How often a sending node reports progress: `KVT_PROGRESS_SECS` (0: never),
+/// else every 30 s; never under `--quiet`.
+fn progress_every() -> Option<Duration> {
+    if crate::cli::progress::quiet() {
+        return None;
+    }
+    let secs = std::env::var("KVT_PROGRESS_SECS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(30.0);
+    (secs > 0.0 && secs.is_finite()).then(|| Duration::from_secs_f64(secs))
+}
+
+/// `  infer[…]: 12 of 48 answered (0.40/s), about 1m30s left`.
+pub fn progress_line(node: &str, done: usize, total: usize, elapsed: Duration) -> String {
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    let rate = done as f64 / secs;
+    let left = if done == 0 {
+        "time left not known yet".to_string()
+    } else {
+        let rest = (total.saturating_sub(done)) as f64 / rate;
+        format!("about {} left", crate::cli::progress::human_duration(rest))
+    };
+    format!("  {node}: {done} of {total} answered ({rate:.2}/s), {left}")
 }
 
 /// What of `prepare`'s examples a prompt is made of: `table::read` decodes
@@ -1113,6 +1139,8 @@ impl Infer {
         };
         let backend = self.backend(ctx, s, concurrency)?;
         let queries: Vec<Query<'_>> = reqs.iter().map(|r| r.query(shape)).collect();
+        // Cleared when answering ends: the progress ticker stops.
+        let answering = AtomicBool::new(true);
         let (result, pushed) = std::thread::scope(|scope| {
             let outbox = &outbox;
             let pusher = ctx.remote.map(|remote| {
@@ -1152,7 +1180,31 @@ impl Infer {
                     result
                 })
             });
+            // Progress while answering: a line every `progress_every()` with
+            // how many are answered, the rate and an estimate of what is left.
+            let ticker = progress_every().map(|every| {
+                let (answering, sent) = (&answering, &answered.sent);
+                let (node, total) = (ctx.node(), reqs.len());
+                scope.spawn(move || {
+                    let t0 = std::time::Instant::now();
+                    let base = sent.load(Ordering::Relaxed);
+                    let mut next = every;
+                    while answering.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(20).min(every));
+                        if t0.elapsed() < next {
+                            continue;
+                        }
+                        next += every;
+                        let done = sent.load(Ordering::Relaxed).saturating_sub(base);
+                        eprintln!("{}", progress_line(node, done, total, t0.elapsed()));
+                    }
+                })
+            });
             let result = backend.answer_all(&queries, concurrency, &|| ctx.is_cancelled(), &record);
+            answering.store(false, Ordering::Relaxed);
+            if let Some(t) = ticker {
+                let _ = t.join();
+            }
             // The last, partial batch; closing the channel then ends the
             // pusher once it has sent everything.
             let rest = outbox.lock().expect("outbox").take();
