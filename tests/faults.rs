@@ -591,3 +591,32 @@ fn regression_a_key_shared_by_two_infer_nodes_is_sent_by_one() {
         .unwrap();
     assert_eq!(split, 0, "keys with two outcomes in one build");
 }
+
+/// Issue #29, item 6: when every request fails because nothing answers,
+/// the error names the address the requests went to.
+#[test]
+fn an_unreachable_server_is_named_by_its_url() {
+    let p = Project::new();
+    p.write("config/experiments/f.yaml", EXP);
+    // A port that was free a moment ago: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/v1");
+    let out = p
+        .kvt()
+        .args(["build", "report", "-c", "config/experiments/f.yaml"])
+        .args(["--set", &format!("engine.base_url={url}")])
+        .args(["--set", "engine.max_retries=0"])
+        .env("KVT_BACKOFF_MS", "5")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains(&format!("is the server at `{url}` up?")),
+        "{err}"
+    );
+}

@@ -99,6 +99,15 @@ fn inflight() -> &'static Mutex<HashSet<String>> {
     SET.get_or_init(Default::default)
 }
 
+/// How a model file is told apart between builds (and shown by `kvt graph`
+/// when it changed): its size and modification time, as a person reads them.
+fn model_stamp(len: u64, modified: std::time::SystemTime) -> String {
+    format!(
+        "model file of {len} bytes, modified {}",
+        humantime::format_rfc3339_millis(modified)
+    )
+}
+
 /// How often a sending node reports progress: `KVT_PROGRESS_SECS` (0: never),
 /// else every 30 s; never under `--quiet`.
 fn progress_every() -> Option<Duration> {
@@ -722,7 +731,7 @@ impl Op for Infer {
                 .and_then(|p| {
                     let p = if p.is_absolute() { p } else { k.root.join(p) };
                     let m = std::fs::metadata(&p).ok()?;
-                    Some(format!("model {} {:?}", m.len(), m.modified().ok()?))
+                    Some(model_stamp(m.len(), m.modified().ok()?))
                 }),
             Answerer::Named => None,
         };
@@ -984,8 +993,22 @@ impl Op for Infer {
                 .and_then(|r| r.outcome.error.clone())
                 .unwrap_or_default();
             if transient == rows.len() {
+                // Name where the requests went (a launched server's address
+                // changes per run and its log is named elsewhere).
+                let at: Vec<&str> = s
+                    .transport
+                    .base_url
+                    .iter()
+                    .chain(&s.transport.replicas)
+                    .map(String::as_str)
+                    .collect();
+                let server = if s.transport.kind == EngineKind::Openai && !at.is_empty() {
+                    format!("the server at `{}`", at.join("`, `"))
+                } else {
+                    "the server".to_string()
+                };
                 bail!(
-                    "all {transient} requests failed after retries (e.g. {example}); is the server up? Nothing was lost: run the build again to retry them"
+                    "all {transient} requests failed after retries (e.g. {example}); is {server} up? Nothing was lost: run the build again to retry them"
                 );
             }
             tracing::warn!(
@@ -1473,6 +1496,15 @@ mod tests {
         let n_after = bpe.encode_ordinary(user).len();
         assert!((55..=62).contains(&n_after), "{n_after}");
         assert_ne!(cut[0].key, full[0].key, "truncation changes the request");
+    }
+
+    #[test]
+    fn a_model_stamp_reads_as_a_size_and_a_time() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_780_000_000_123);
+        assert_eq!(
+            model_stamp(1234, t),
+            "model file of 1234 bytes, modified 2026-05-28T20:26:40.123Z"
+        );
     }
 
     #[test]
