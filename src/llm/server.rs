@@ -91,7 +91,8 @@ pub fn render(messages: &[Value]) -> Result<(String, String), String> {
     let mut last_user = String::new();
     for m in messages {
         let content = text_of(m.get("content").unwrap_or(&Value::Null));
-        if m.get("role").and_then(Value::as_str) == Some("user") {
+        let role = m.get("role").and_then(Value::as_str);
+        if role == Some("user") || role == Some(crate::llm::native::tokenizer::COMPLETION_ROLE) {
             last_user = content.clone();
         }
         if !prompt.is_empty() {
