@@ -11,6 +11,7 @@ pub mod lock;
 pub mod maintenance;
 pub mod op;
 pub mod pipeline;
+pub mod progress;
 pub mod remote;
 pub mod state;
 pub mod store;

@@ -111,7 +111,7 @@ fn model_stamp(len: u64, modified: std::time::SystemTime) -> String {
 /// How often a sending node reports progress: `KVT_PROGRESS_SECS` (0: never),
 /// else every 30 s; never under `--quiet`.
 fn progress_every() -> Option<Duration> {
-    if crate::cli::progress::quiet() {
+    if crate::engine::progress::quiet() {
         return None;
     }
     let secs = std::env::var("KVT_PROGRESS_SECS")
@@ -129,7 +129,10 @@ pub fn progress_line(node: &str, done: usize, total: usize, elapsed: Duration) -
         "time left not known yet".to_string()
     } else {
         let rest = (total.saturating_sub(done)) as f64 / rate;
-        format!("about {} left", crate::cli::progress::human_duration(rest))
+        format!(
+            "about {} left",
+            crate::engine::progress::human_duration(rest)
+        )
     };
     format!("  {node}: {done} of {total} answered ({rate:.2}/s), {left}")
 }
