@@ -124,21 +124,26 @@ fn is_ident(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// Masks key-shaped strings: `sk-` or `hf_` followed by 12 or more key characters.
+/// Masks key-shaped strings: `sk-` and 20 or more key characters (OpenAI
+/// style, `-` and `_` allowed), `hf_` and 30 or more letters and digits
+/// (Hugging Face tokens) — long enough that a path such as
+/// `hf_tokenizer.json` is left alone.
 fn mask_key_shapes(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     'outer: while !rest.is_empty() {
-        for prefix in ["sk-", "hf_"] {
+        for (prefix, min, dashes) in [("sk-", 20, true), ("hf_", 30, false)] {
             if let Some(tail) = rest.strip_prefix(prefix) {
                 let boundary = out
                     .chars()
                     .last()
                     .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'));
                 let n = tail
-                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+                    .find(|c: char| {
+                        !(c.is_ascii_alphanumeric() || (dashes && (c == '_' || c == '-')))
+                    })
                     .unwrap_or(tail.len());
-                if boundary && n >= 12 {
+                if boundary && n >= min {
                     out.push_str(MASK);
                     rest = &tail[n..];
                     continue 'outer;
@@ -317,8 +322,8 @@ mod tests {
                 "curl -H 'Authorization: Bearer ***' http://x",
             ),
             ("authorization=Basic Zm9vOmJhcg==", "authorization=*** ***"),
-            ("key is sk-abcdefghijklmnop!", "key is ***!"),
-            ("hf_ABCDEFGHIJKLMNOPQRST here", "*** here"),
+            ("key is sk-proj-abcdefghijklmnop_1234!", "key is ***!"),
+            ("hf_ABCDEFGHIJKLMNOPQRSTabcdefghij1234 here", "*** here"),
         ];
         for (input, want) in cases {
             assert_eq!(text(input), want, "{input}");
@@ -329,7 +334,8 @@ mod tests {
             "--keep-alive 5 policy=streaming budget=0.5",
             "request_key=0123abcd --key file.pem",
             "sk-short is fine",
-            "task-sk-abcdefghijklmnop",
+            "task-sk-abcdefghijklmnopqrstuvwxyz",
+            "data/hf_tokenizer_for_the_tests_of_this_project.json",
         ] {
             assert_eq!(text(keep), keep);
         }
@@ -345,12 +351,15 @@ mod tests {
     fn config_values_are_masked_by_key_and_by_text() {
         let mut v = serde_json::json!({
             "engine": {"api_key": "abc", "api_key_env": "OPENAI_API_KEY",
-                       "launch": {"command": "srv --api-key sk-literal-1234567890"}},
+                       "launch": {"command": "srv --api-key sk-literal-1234567890 --model sk-abcdefghij0123456789xyz"}},
             "list": ["A_TOKEN=x y"],
         });
         value(&mut v);
         assert_eq!(v["engine"]["api_key"], "***");
-        assert_eq!(v["engine"]["launch"]["command"], "srv --api-key ***");
+        assert_eq!(
+            v["engine"]["launch"]["command"],
+            "srv --api-key *** --model ***"
+        );
         assert_eq!(v["list"][0], "A_TOKEN=*** y");
         // `api_key_env` names a variable; the name is not a secret.
         assert_eq!(v["engine"]["api_key_env"], "OPENAI_API_KEY");
