@@ -155,3 +155,17 @@ fn stale_reasons_name_dotted_keys_with_short_values() {
         "the JSON keeps the whole value"
     );
 }
+
+/// Issue #29, item 6: after builds with 5000, 2000 and 5000 again (the last
+/// one fresh from the cache), `kvt graph` with 3000 named 2000 as the
+/// previous value. The last build's value is 5000.
+#[test]
+fn the_previous_value_is_the_last_builds_even_when_it_was_fresh() {
+    let p = Project::new();
+    for iters in ["5000", "2000", "5000"] {
+        p.build(&["--set", &format!("analysis.bootstrap.iters={iters}")]);
+    }
+    let text = graph(&p, "text", &["--set", "analysis.bootstrap.iters=3000"], &[]);
+    assert!(text.contains("5000 → 3000"), "{text}");
+    assert!(!text.contains("2000 → 3000"), "{text}");
+}

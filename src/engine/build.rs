@@ -431,6 +431,11 @@ pub fn build(
                         }
                         summary.fresh.push(spec.id.clone());
                         reporter.fresh(&spec.id);
+                        // A fresh node is still what this build used: it is
+                        // the "last build" `kvt graph` compares with.
+                        if ws.actions.last(&ws.scope, &spec.id).map(|l| l.key) != Some(rec.key) {
+                            let _ = ws.actions.set_last(&ws.scope, &rec);
+                        }
                         records[ix.index()] = Some(*rec);
                         complete(
                             plan,
