@@ -197,16 +197,7 @@ fn cache_verify_names_a_damaged_journal_and_token_count_database() {
 #[test]
 fn a_damaged_token_count_database_is_a_cache_miss() {
     let p = project();
-    p.write(
-        "tok/tokenizer.json",
-        &serde_json::json!({
-            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
-            "post_processor": null, "decoder": null,
-            "model": {"type": "WordLevel", "vocab": {"[UNK]": 0}, "unk_token": "[UNK]"}
-        })
-        .to_string(),
-    );
+    word_tokenizer(&p);
     std::fs::create_dir_all(p.path("cache/v1")).unwrap();
     std::fs::write(p.path("cache/v1/token_counts.sqlite"), vec![0x5Au8; 16384]).unwrap();
     let out = p

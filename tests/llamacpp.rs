@@ -179,19 +179,7 @@ fn native_full_cache_agrees_with_llamacpp() {
 /// The first step's top-5 (token, logprob) of a chat answer, and the answer.
 fn first_step_top5(addr: &str, body: &serde_json::Value) -> (String, Vec<(String, f64)>) {
     let v = post_chat(addr, body);
-    let top = v["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|t| {
-                    (
-                        t["token"].as_str().unwrap_or("").to_string(),
-                        t["logprob"].as_f64().unwrap_or(f64::NAN),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let top = step_top(&v["choices"][0]["logprobs"]["content"][0]);
     let text = v["choices"][0]["message"]["content"]
         .as_str()
         .unwrap_or("")

@@ -64,11 +64,6 @@ pub fn render(template: &str, vars: &BTreeMap<String, String>) -> Result<String>
     Ok(out)
 }
 
-/// A launch command as it may be shown (logs, errors): [`crate::redact::text`].
-pub fn redact_command(command: &str) -> String {
-    crate::redact::text(command)
-}
-
 /// What `sh -c` runs for a launch command: `exec` for a simple command
 /// (`exec env K=V cmd …` when it starts with assignments), the command as
 /// written otherwise.
@@ -279,7 +274,7 @@ impl Launched {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .with_context(|| format!("starting `{}`", redact_command(command)))?;
+            .with_context(|| format!("starting `{}`", crate::redact::text(command)))?;
         let pipe = child.stdin.take();
         let mut line = String::new();
         {
@@ -292,7 +287,7 @@ impl Launched {
         let pgid: i32 = line.trim().parse().map_err(|_| {
             anyhow!(
                 "the launcher could not start `{}`: {}",
-                redact_command(command),
+                crate::redact::text(command),
                 line.trim()
             )
         })?;
@@ -416,7 +411,7 @@ mod tests {
         );
         assert_eq!(shell_script("cd d && vllm serve"), "cd d && vllm serve");
         assert_eq!(
-            redact_command("HF_TOKEN=abc vllm --x=1"),
+            crate::redact::text("HF_TOKEN=abc vllm --x=1"),
             "HF_TOKEN=*** vllm --x=1"
         );
     }

@@ -1057,7 +1057,7 @@ impl Infer {
         tracing::info!(
             node = ctx.node(),
             "launching: {}",
-            crate::llm::launcher::redact_command(&command)
+            crate::redact::text(&command)
         );
         let mut launched = Launched::start(&command, ctx.root(), port, &l.api_path, &log)?;
         let health = format!("http://127.0.0.1:{port}{}", l.health_path);

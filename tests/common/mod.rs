@@ -362,6 +362,24 @@ pub fn post_chat(addr: &str, body: &serde_json::Value) -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// A `logprobs.content` step's alternatives: (token, logprob), best first.
+#[allow(dead_code)]
+pub fn step_top(step: &serde_json::Value) -> Vec<(String, f64)> {
+    step["top_logprobs"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|t| {
+                    (
+                        t["token"].as_str().unwrap_or("").to_string(),
+                        t["logprob"].as_f64().unwrap_or(f64::NAN),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[allow(dead_code)]
 /// The answer and its per-token (token, logprob, top-1 token) from the
 /// standard `logprobs` field.

@@ -93,6 +93,19 @@ impl GgufTokenizer {
     }
 }
 
+/// Each token's type (1 normal, 3 control, 4 user-defined, 6 byte); all
+/// normal when the file does not say.
+fn token_types(ct: &gguf_file::Content, n: usize) -> Result<Vec<i32>> {
+    Ok(match ct.metadata.get("tokenizer.ggml.token_type") {
+        Some(v) => v
+            .to_vec()?
+            .iter()
+            .map(|t| t.to_i32().unwrap_or(1))
+            .collect(),
+        None => vec![1; n],
+    })
+}
+
 /// The `gpt2` kind: byte-level BPE with the file's merges.
 fn byte_level_bpe(ct: &gguf_file::Content) -> Result<tokenizers::Tokenizer> {
     {
@@ -103,14 +116,7 @@ fn byte_level_bpe(ct: &gguf_file::Content) -> Result<tokenizers::Tokenizer> {
             .cloned()
             .unwrap_or_default();
         let tokens = md(ct, "tokenizer.ggml.tokens")?.to_vec()?;
-        let types: Vec<i32> = match ct.metadata.get("tokenizer.ggml.token_type") {
-            Some(v) => v
-                .to_vec()?
-                .iter()
-                .map(|t| t.to_i32().unwrap_or(1))
-                .collect(),
-            None => vec![1; tokens.len()],
-        };
+        let types = token_types(ct, tokens.len())?;
         let merges = md(ct, "tokenizer.ggml.merges")?.to_vec()?;
         let mut vocab = serde_json::Map::with_capacity(tokens.len());
         let mut added = Vec::new();
@@ -174,14 +180,7 @@ fn sentencepiece_bpe(ct: &gguf_file::Content) -> Result<tokenizers::Tokenizer> {
             .collect(),
         None => vec![0.0; tokens.len()],
     };
-    let types: Vec<i32> = match ct.metadata.get("tokenizer.ggml.token_type") {
-        Some(v) => v
-            .to_vec()?
-            .iter()
-            .map(|t| t.to_i32().unwrap_or(1))
-            .collect(),
-        None => vec![1; tokens.len()],
-    };
+    let types = token_types(ct, tokens.len())?;
     const NORMAL: i32 = 1;
     const CONTROL: i32 = 3;
     const USER_DEFINED: i32 = 4;
@@ -197,21 +196,21 @@ fn sentencepiece_bpe(ct: &gguf_file::Content) -> Result<tokenizers::Tokenizer> {
     };
     // Every way to split a normal token into two normal tokens is a merge,
     // ranked by the merged token's score (highest first, then by id).
-    let mut ranked: Vec<(f32, u32, usize, usize)> = Vec::new();
+    let mut ranked: Vec<(f32, u32, usize)> = Vec::new();
     for (id, t) in tokens.iter().enumerate() {
         if types.get(id) != Some(&NORMAL) || t.chars().nth(1).is_none() {
             continue;
         }
         for (k, _) in t.char_indices().skip(1) {
             if normal(&t[..k]) && normal(&t[k..]) {
-                ranked.push((scores[id], id as u32, k, 0));
+                ranked.push((scores[id], id as u32, k));
             }
         }
     }
     ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
     let merges: Vec<(String, String)> = ranked
         .iter()
-        .map(|&(_, id, k, _)| {
+        .map(|&(_, id, k)| {
             let t = &tokens[id as usize];
             (t[..k].to_string(), t[k..].to_string())
         })
