@@ -325,6 +325,9 @@ fn build_requests(
     if let Some((_, digest)) = &s.model_file {
         // The model is the file's bytes, wherever it lies and whoever serves it.
         identity["model_file"] = json!(digest);
+        // How the engine turns messages into a prompt: a change there is a
+        // new request.
+        identity["prompt_rendering"] = json!(crate::llm::native::PROMPT_RENDERING);
         if s.dequantize {
             identity["weights"] = json!("f32");
         }

@@ -287,7 +287,7 @@ impl NativeEngine {
 
     /// The prompt's tokens and where its question starts.
     pub fn prompt_tokens(&self, messages: &[(String, String)]) -> Result<(Vec<u32>, usize)> {
-        let text = self.tok.render_chat(messages);
+        let text = self.tok.render_chat(messages)?;
         let (mut ids, offsets) = self.tok.encode_with_offsets(&text)?;
         let mut split = match question_offset(&text) {
             Some(off) => offsets
@@ -770,6 +770,10 @@ impl NativeEngine {
         Ok((cache, logits, k_len, positions))
     }
 }
+
+/// How messages become a prompt, in request identity: the file's own chat
+/// template (earlier builds rendered ChatML by hand).
+pub const PROMPT_RENDERING: &str = "gguf-chat-template";
 
 /// What a request asks of each cell beyond its answer.
 struct Asks<'a> {

@@ -11,8 +11,9 @@
 //!   token into two tokens, ranked by the token's score), which makes the
 //!   BPE pick the same pairs in the same order.
 //!
-//! ChatML rendering when the file's template is ChatML (SmolLM2, Qwen2); a
-//! file without a chat template (a base model) gets its prompt as plain text.
+//! Chat prompts are rendered from the file's own `tokenizer.chat_template`
+//! (Jinja, by minijinja with Python's string methods); a file without a chat
+//! template (a base model) gets its prompt as plain text.
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file;
@@ -28,10 +29,46 @@ pub struct GgufTokenizer {
     pub bos: Option<u32>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum ChatTemplate {
-    /// `<|im_start|>role\ncontent<|im_end|>\n` … `<|im_start|>assistant\n`.
-    ChatMl,
+/// The file's chat template (Jinja source) and the special tokens' text it
+/// may print.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatTemplate {
+    pub source: String,
+    pub bos_token: String,
+    pub eos_token: String,
+}
+
+impl ChatTemplate {
+    /// The prompt for `messages`, ready for the assistant's turn. Nothing
+    /// outside the messages enters it (no date, no tools), so a prompt renders
+    /// the same every time.
+    pub fn render(&self, messages: &[(String, String)]) -> Result<String> {
+        let mut env = minijinja::Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        let messages: Vec<Value> = messages
+            .iter()
+            .map(|(role, content)| json!({"role": role, "content": content}))
+            .collect();
+        env.render_str(
+            &self.source,
+            minijinja::context! {
+                messages => messages,
+                add_generation_prompt => true,
+                bos_token => self.bos_token,
+                eos_token => self.eos_token,
+            },
+        )
+        .map_err(|e| anyhow!("rendering the GGUF file's chat template: {e:#}"))
+    }
 }
 
 fn md<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value> {
@@ -65,15 +102,23 @@ impl GgufTokenizer {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .unwrap_or_default();
-        let chat = if template.contains("<|im_start|>")
-            || inner.token_to_id("<|im_start|>").is_some()
-        {
-            Some(ChatTemplate::ChatMl)
-        } else if template.is_empty() {
-            None
-        } else {
-            bail!("the GGUF file's chat template is not ChatML; the native engine renders ChatML only (use `engine.api: completions` for plain prompts)");
+        let token_text = |key: &str| -> String {
+            ct.metadata
+                .get(key)
+                .and_then(|v| v.to_u32().ok())
+                .and_then(|id| inner.id_to_token(id))
+                .unwrap_or_default()
         };
+        let chat = (!template.trim().is_empty()).then(|| ChatTemplate {
+            source: template,
+            bos_token: token_text("tokenizer.ggml.bos_token_id"),
+            eos_token: token_text("tokenizer.ggml.eos_token_id"),
+        });
+        if let Some(c) = &chat {
+            // A template that cannot render fails at load, not per request.
+            c.render(&[("user".into(), "hello".into())])
+                .context("the GGUF file's chat template")?;
+        }
         // llama.cpp adds BOS unless the file says not to (`gpt2` files default to no).
         let add_bos = ct
             .metadata
@@ -282,27 +327,30 @@ impl GgufTokenizer {
     /// assistant's turn. Without a chat template (a base model), and for a
     /// plain completion (every message of role [`COMPLETION_ROLE`]), the
     /// contents as plain text, one paragraph each.
-    pub fn render_chat(&self, messages: &[(String, String)]) -> String {
+    /// A template that prints the BOS token's text loses it here when the
+    /// engine puts the BOS id first anyway (no doubled BOS).
+    pub fn render_chat(&self, messages: &[(String, String)]) -> Result<String> {
         let plain = messages.iter().all(|(r, _)| r == COMPLETION_ROLE);
-        match self.chat {
-            Some(ChatTemplate::ChatMl) if !plain => {
-                let mut s = String::new();
-                for (role, content) in messages {
-                    s.push_str("<|im_start|>");
-                    s.push_str(role);
-                    s.push('\n');
-                    s.push_str(content);
-                    s.push_str("<|im_end|>\n");
-                }
-                s.push_str("<|im_start|>assistant\n");
-                s
-            }
-            _ => messages
+        match &self.chat {
+            Some(t) if !plain => Ok(without_bos(
+                t.render(messages)?,
+                &t.bos_token,
+                self.bos.is_some(),
+            )),
+            _ => Ok(messages
                 .iter()
                 .map(|(_, c)| c.as_str())
                 .collect::<Vec<_>>()
-                .join("\n\n"),
+                .join("\n\n")),
         }
+    }
+}
+
+/// `rendered` less a leading BOS text when the engine adds the BOS id itself.
+fn without_bos(rendered: String, bos_text: &str, adds_bos: bool) -> String {
+    match rendered.strip_prefix(bos_text) {
+        Some(rest) if adds_bos && !bos_text.is_empty() => rest.to_string(),
+        _ => rendered,
     }
 }
 
@@ -330,5 +378,66 @@ impl GgufTokenizer {
             .encode(text, false)
             .map_err(|e| anyhow!("tokenizing: {e}"))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msgs(m: &[(&str, &str)]) -> Vec<(String, String)> {
+        m.iter()
+            .map(|(r, c)| (r.to_string(), c.to_string()))
+            .collect()
+    }
+
+    fn template(source: &str) -> ChatTemplate {
+        ChatTemplate {
+            source: source.into(),
+            bos_token: "<s>".into(),
+            eos_token: "</s>".into(),
+        }
+    }
+
+    /// Templates of the three shapes GGUF files carry, written here: ChatML
+    /// with a default system turn, header tokens with `bos_token` and
+    /// Python string methods, and turns that refuse a role by raising.
+    const CHATML: &str = "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    const HEADERS: &str = "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content.strip() }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}";
+    const TURNS: &str = "{{ bos_token }}{% for m in messages %}{% if m.role not in ['user', 'assistant', 'system'] %}{{ raise_exception('unknown role ' ~ m.role) }}{% endif %}{% if m.role == 'system' %}{% set r = 'user' %}{% else %}{% set r = m.role %}{% endif %}<start_of_turn>{{ r }}\n{{ m.content | trim }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}";
+
+    #[test]
+    fn a_chatml_template_renders_with_its_default_system_turn() {
+        let t = template(CHATML);
+        assert_eq!(
+            t.render(&msgs(&[("user", "Hi?")])).unwrap(),
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
+        );
+        assert_eq!(
+            t.render(&msgs(&[("system", "S"), ("user", "Hi?")])).unwrap(),
+            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn python_string_methods_and_raise_exception_work_in_templates() {
+        assert_eq!(
+            template(HEADERS).render(&msgs(&[("user", "  Hi?  ")])).unwrap(),
+            "<s><|start_header_id|>user<|end_header_id|>\n\nHi?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        );
+        let t = template(TURNS);
+        assert_eq!(
+            t.render(&msgs(&[("system", "S"), ("user", "Q")])).unwrap(),
+            "<s><start_of_turn>user\nS<end_of_turn>\n<start_of_turn>user\nQ<end_of_turn>\n<start_of_turn>model\n"
+        );
+        let r = t.render(&msgs(&[("user", "Q")])).unwrap();
+        assert!(without_bos(r.clone(), "<s>", true).starts_with("<start_of_turn>"));
+        assert_eq!(without_bos(r.clone(), "<s>", false), r);
+        assert_eq!(without_bos(r.clone(), "", true), r);
+        let e = t.render(&msgs(&[("tool", "x")])).unwrap_err().to_string();
+        assert!(
+            e.contains("chat template") && e.contains("unknown role tool"),
+            "{e}"
+        );
     }
 }
