@@ -67,6 +67,10 @@ pub struct Outcome {
     /// Native engine: KV entries kept per layer (summed over KV heads), before decoding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_kept_per_layer: Option<Vec<u64>>,
+    /// Native engine: the layers whose cache the policy shrank (sliding-window
+    /// layers keep their window and are never among them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_compressed_layers: Option<Vec<u32>>,
     /// Native engine: KV entries kept over all layers and heads, and what the
     /// full cache holds for the same span.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -45,6 +45,10 @@ pub struct Facts {
     pub failures: Vec<Value>,
     /// The first failure of each type: `{label, setting, example_id, detail}`.
     pub failure_examples: Vec<Value>,
+    /// Native engine: which layers eviction reached, when not all of them
+    /// (sliding-window models), as a sentence for the report.
+    #[serde(default)]
+    pub layer_note: Option<String>,
     /// The nodes these facts come from (`{node, key}`), for the report's
     /// provenance.
     #[serde(default)]
@@ -95,6 +99,13 @@ pub fn facts(manifest: &ManifestView, scores: &[ScoreRow]) -> Facts {
     let simulator = scores
         .iter()
         .any(|r| r.response.engine.as_deref() == Some("reference"));
+    let layer_note = scores.iter().find_map(|r| {
+        let (layers, per) = (
+            r.response.kv_compressed_layers.as_ref()?,
+            r.response.kv_kept_per_layer.as_ref()?,
+        );
+        (!layers.is_empty() && layers.len() < per.len()).then(|| layer_sentence(layers, per.len()))
+    });
     let mut cut: BTreeMap<i64, usize> = BTreeMap::new();
     let mut seen = std::collections::BTreeSet::new();
     for r in scores.iter().filter(|r| r.truncated_from.is_some()) {
@@ -150,8 +161,25 @@ pub fn facts(manifest: &ManifestView, scores: &[ScoreRow]) -> Facts {
         cut,
         failures,
         failure_examples: examples.into_values().collect(),
+        layer_note,
         provenance: Vec::new(),
     }
+}
+
+/// "Eviction shrinks 3 of 18 layers (5, 11, 17); …" for a model whose other
+/// layers attend to a sliding window and keep it.
+fn layer_sentence(compressed: &[u32], total: usize) -> String {
+    let list = compressed
+        .iter()
+        .map(|l| l.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "Eviction shrinks the cache of {} of the model's {total} layers (layers {list}, counted from 0); \
+         the other {} attend to a sliding window, keep it whole, and are the same in every cell.",
+        compressed.len(),
+        total - compressed.len()
+    )
 }
 
 /// Runs of tokens kept by most (layer, KV head) pairs or evicted by most:
@@ -350,6 +378,16 @@ mod tests {
                 ..Default::default()
             },
         }
+    }
+
+    #[test]
+    fn the_layer_sentence_names_the_compressed_layers_and_the_rest() {
+        let s = super::layer_sentence(&[5, 11, 17], 18);
+        assert!(
+            s.contains("3 of the model's 18 layers (layers 5, 11, 17"),
+            "{s}"
+        );
+        assert!(s.contains("the other 15 attend to a sliding window"), "{s}");
     }
 
     #[test]

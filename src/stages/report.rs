@@ -474,6 +474,7 @@ pub fn context(
         "transitions": transitions_ctx,
         "rows": rows,
         "warnings": warnings,
+        "layer_note": facts.layer_note,
         "flags": flags,
         "bin_labels": bins.iter().map(|b| b.1.clone()).collect::<Vec<_>>(),
         "compact": compact,

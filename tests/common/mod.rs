@@ -246,8 +246,13 @@ pub struct Served {
 
 impl Served {
     pub fn start(args: &[&str]) -> Served {
+        Served::start_bin(env!("CARGO_BIN_EXE_kvt"), args)
+    }
+
+    /// `kvt serve` from another binary (an earlier build, for regressions).
+    pub fn start_bin(bin: &str, args: &[&str]) -> Served {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvt"))
+        let mut child = std::process::Command::new(bin)
             .args(["serve", "--port", "0"])
             .args(args)
             .stdout(std::process::Stdio::piped())

@@ -1,7 +1,8 @@
 //! The native engine: a real GGUF model's real attention on the CPU (candle),
 //! with each eviction policy applied to its real KV cache.
 //!
-//! * `model` — the llama decoder and its prefill observations;
+//! * `model` — the decoder and its prefill observations;
+//! * `kv` — the KV cache: a shared base and a tail written in place;
 //! * `policy` — the scorers (`KV_POLICIES.md`), pure functions;
 //! * `quant` — `q8_0` / `q4_0` round trips of kept keys and values;
 //! * `tokenizer` — the file's BPE vocabulary and chat template.
@@ -13,6 +14,7 @@
 //! are computed from the same prefill and held until asked for.
 
 pub mod backend;
+pub mod kv;
 pub mod model;
 pub mod policy;
 pub mod quant;
@@ -20,7 +22,7 @@ pub mod tiny;
 pub mod tokenizer;
 
 use anyhow::{anyhow, bail, Result};
-use model::{KvCache, LayerKv, Llama, Observer};
+use model::{KvCache, Llama, Observer};
 use policy::{LayerObservation, Policy, PolicyParams};
 use quant::KvQuant;
 use serde::{Deserialize, Serialize};
@@ -101,6 +103,10 @@ pub struct NativeAnswer {
     /// KV entries in the cache per layer, summed over KV heads, when decoding
     /// starts (kept context plus the question prefilled after it).
     pub kept_per_layer: Vec<u64>,
+    /// Layers whose cache lost entries to the policy; the others (all of
+    /// them for an exact cell, the sliding-window layers always) kept every
+    /// position.
+    pub compressed_layers: Vec<u32>,
     pub kept_total: u64,
     /// Entries the full cache holds for the same prompt.
     pub full_total: u64,
@@ -168,13 +174,7 @@ struct Prefill {
 
 impl Prefill {
     fn bytes(&self) -> usize {
-        let kv: usize = self
-            .cache
-            .layers
-            .iter()
-            .map(|l| (l.k.len() + l.v.len()) * 4)
-            .sum();
-        kv + self.at_end.bytes() + self.at_split.as_ref().map_or(0, Observer::bytes)
+        self.cache.bytes() + self.at_end.bytes() + self.at_split.as_ref().map_or(0, Observer::bytes)
     }
 }
 
@@ -320,7 +320,7 @@ impl NativeEngine {
         let t0 = Instant::now();
         let hp = self.model.hp.clone();
         let s = tokens.len();
-        let mut cache = self.model.empty_cache(KvQuant::F16);
+        let mut cache = self.model.empty_cache(KvQuant::F16, s)?;
         let mut at_end = Observer::new(hp.n_layer, hp.n_head, s, window);
         let mut at_split = (split < s).then(|| Observer::new(hp.n_layer, hp.n_head, split, window));
         let mut logits = Vec::new();
@@ -342,6 +342,8 @@ impl NativeEngine {
                 .forward(&tokens[pos..end], pos, &mut cache, &mut obs)?;
             pos = end;
         }
+        // Every cell of this prompt reads the prefill's entries from here on.
+        cache.freeze()?;
         let p = Arc::new(Prefill {
             tokens: tokens.to_vec(),
             split,
@@ -600,8 +602,11 @@ impl NativeEngine {
         let s = pf.tokens.len();
         let (g, d) = (hp.n_kv_head, hp.head_dim);
         // Entries in the cache when decoding starts (the question's included).
-        let kept_per_layer: Vec<u64> = cache.layers.iter().map(|l| (l.len * g) as u64).collect();
+        let kept_per_layer: Vec<u64> = cache.layers.iter().map(|l| (l.len() * g) as u64).collect();
         let kept_total: u64 = kept_per_layer.iter().sum();
+        let compressed_layers = (0..hp.n_layer as u32)
+            .filter(|&l| cache.layers[l as usize].len() < s)
+            .collect();
         let kv_bytes = kept_total * 2 * cell.quant.bytes(d) as u64;
         // Teacher-forced passes run on copies of the cache before decoding.
         let gold_loglik = if asks.golds.is_empty() {
@@ -665,6 +670,7 @@ impl NativeEngine {
             completion_tokens: out.len() as u64,
             compressed_tokens: k_len as u64,
             kept_per_layer,
+            compressed_layers,
             kept_total,
             full_total: (s * g * hp.n_layer) as u64,
             kv_bytes,
@@ -705,50 +711,37 @@ impl NativeEngine {
         } else {
             (pf.split, pf.at_split.as_ref().expect("split observer"))
         };
-        let mut cache = KvCache {
-            layers: Vec::with_capacity(hp.n_layer),
-            quant: cell.quant,
-        };
+        // Every layer starts as the prefill's frozen entries, shared; a layer
+        // that loses positions or is quantised gets its own kept rows in one
+        // buffer with room for the question and an answer, so attention over
+        // them is one product, as over a prefill.
+        let room = s - k_len + ANSWER_ROOM;
+        let mut cache = pf.cache.clone();
+        cache.quant = cell.quant;
         let mut positions = Vec::new();
-        for (l, full) in pf.cache.layers.iter().enumerate() {
-            let keys = full_rows(&full.k, g, s, k_len, d);
-            let o = LayerObservation {
-                n_head: hp.n_head,
-                n_kv_head: g,
-                head_dim: d,
-                k_len,
-                keys: &keys,
-                window_mean: &obs.window_mean[l],
-                window: obs.window,
-                last_query: &obs.last_query[l],
-                received: &obs.received[l],
-            };
+        for (l, layer) in cache.layers.iter_mut().enumerate() {
             // A sliding-window layer keeps its window's worth by masking and
             // every position in its cache: eviction is for global layers.
             let kept = match hp.window_of(l) {
                 Some(_) => vec![(0..k_len).collect::<Vec<usize>>(); g],
-                None => policy::select(&o, &cell.params(), l, hp.n_layer),
+                None => pf.cache.layers[l].with_keys(|keys, key_rows| {
+                    let o = LayerObservation {
+                        n_head: hp.n_head,
+                        n_kv_head: g,
+                        head_dim: d,
+                        k_len,
+                        keys,
+                        key_rows,
+                        window_mean: &obs.window_mean[l],
+                        window: obs.window,
+                        last_query: &obs.last_query[l],
+                        received: &obs.received[l],
+                    };
+                    policy::select(&o, &cell.params(), l, hp.n_layer)
+                })?,
             };
-            let n = kept[0].len();
-            let mut layer = LayerKv {
-                k: Vec::with_capacity(g * n * d),
-                v: Vec::with_capacity(g * n * d),
-                len: n,
-            };
-            for (gi, pos) in kept.iter().enumerate() {
-                if pos.len() != n {
-                    bail!("policy kept unequal counts across KV heads");
-                }
-                for &p in pos {
-                    let at = (gi * s + p) * d;
-                    layer.k.extend_from_slice(&full.k[at..at + d]);
-                    layer.v.extend_from_slice(&full.v[at..at + d]);
-                }
-            }
-            if cell.quant != KvQuant::F16 {
-                for row in layer.k.chunks_mut(d).chain(layer.v.chunks_mut(d)) {
-                    cell.quant.round_trip(row);
-                }
+            if kept[0].len() != s || cell.quant != KvQuant::F16 {
+                layer.evict(&kept, cell.quant, room)?;
             }
             if record_kept {
                 positions.push(
@@ -757,7 +750,6 @@ impl NativeEngine {
                         .collect(),
                 );
             }
-            cache.layers.push(layer);
         }
         // The first token: from the prefill's own logits when the whole prompt is
         // cached; otherwise the question runs on the compressed context first.
@@ -770,6 +762,9 @@ impl NativeEngine {
         Ok((cache, logits, k_len, positions))
     }
 }
+
+/// Entries a compressed cache leaves free for the answer (more grow by doubling).
+const ANSWER_ROOM: usize = 64;
 
 /// How messages become a prompt, in request identity: the file's own chat
 /// template (earlier builds rendered ChatML by hand).
@@ -819,16 +814,6 @@ impl NativeEngine {
     }
 }
 
-/// The first `k_len` rows of each KV head of a `[G][S][D]` array.
-fn full_rows(x: &[f32], g: usize, s: usize, k_len: usize, d: usize) -> Vec<f32> {
-    if k_len == s {
-        return x.to_vec();
-    }
-    (0..g)
-        .flat_map(|gi| x[gi * s * d..(gi * s + k_len) * d].iter().copied())
-        .collect()
-}
-
 /// Greedy choice; ties to the lower id.
 fn argmax(x: &[f32]) -> u32 {
     let mut best = 0;
@@ -865,6 +850,7 @@ pub fn telemetry_into(a: &NativeAnswer, o: &mut crate::llm::Outcome) {
     };
     o.retained_tokens = Some(retained);
     o.kv_kept_per_layer = Some(a.kept_per_layer.clone());
+    o.kv_compressed_layers = Some(a.compressed_layers.clone());
     o.kv_kept_total = Some(a.kept_total);
     o.kv_full_total = Some(a.full_total);
     o.kv_bytes = Some(a.kv_bytes);

@@ -7,6 +7,7 @@
 //! Shapes in comments: `T` new tokens, `S` cached positions, `H` query heads,
 //! `G` KV heads (`H = G × group`), `D` head dim, `E` hidden size.
 
+pub use super::kv::{KvCache, LayerKv};
 use super::quant::KvQuant;
 use anyhow::{anyhow, bail, Result};
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
@@ -111,24 +112,6 @@ pub struct Llama {
     /// Sliding-window layers' own RoPE tables (`gemma3`: base 10,000).
     local_rope: Option<(Tensor, Tensor)>,
     dev: Device,
-}
-
-/// One layer's cache: keys (after RoPE) and values, `[G][S][D]` row-major.
-#[derive(Clone, Default)]
-pub struct LayerKv {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
-    /// Positions per KV head.
-    pub len: usize,
-}
-
-/// A whole cache, one entry per layer. Every KV head of a layer holds the same
-/// number of positions (policies keep `n_kept` per head).
-#[derive(Clone, Default)]
-pub struct KvCache {
-    pub layers: Vec<LayerKv>,
-    /// Quantisation applied to every entry written from now on.
-    pub quant: KvQuant,
 }
 
 /// Attention statistics gathered while a prompt's prefix `[0, s_final)` runs:
@@ -414,11 +397,10 @@ impl Llama {
         })
     }
 
-    pub fn empty_cache(&self, quant: KvQuant) -> KvCache {
-        KvCache {
-            layers: vec![LayerKv::default(); self.hp.n_layer],
-            quant,
-        }
+    /// An empty cache with room for `cap` positions in every layer.
+    pub fn empty_cache(&self, quant: KvQuant, cap: usize) -> Result<KvCache> {
+        let hp = &self.hp;
+        KvCache::new(hp.n_layer, hp.n_kv_head, hp.head_dim, cap, quant, &self.dev)
     }
 
     /// Runs `tokens` at positions `pos0..` over `cache`, appends their keys and
@@ -478,6 +460,7 @@ impl Llama {
             Some((c, s)) => Some((c.narrow(0, pos0, t)?, s.narrow(0, pos0, t)?)),
             None => None,
         };
+        let mut masks = Masks::default();
         for (li, layer) in self.layers.iter().enumerate() {
             let window = hp.window_of(li);
             let (cos, sin) = match (&local_rope, window) {
@@ -517,45 +500,44 @@ impl Llama {
                     candle_nn::rotary_emb::rope(&k, cos, sin)?,
                 )
             };
-            // Append to the cache ([G][S][D] rows), quantised as the cache is.
+            // Append to the cache in place, quantised as the cache is.
+            let (k, v) = (k.reshape((g, t, d))?, v.reshape((g, t, d))?);
+            let (k, v) = if cache.quant == KvQuant::F16 {
+                (k, v)
+            } else {
+                let q = |x: &Tensor| -> Result<Tensor> {
+                    let mut rows = x.flatten_all()?.to_vec1::<f32>()?;
+                    for row in rows.chunks_mut(d) {
+                        cache.quant.round_trip(row);
+                    }
+                    Ok(Tensor::from_vec(rows, (g, t, d), &self.dev)?)
+                };
+                (q(&k)?, q(&v)?)
+            };
             let kv = &mut cache.layers[li];
-            let past = kv.len;
+            let past = kv.len();
             let s = past + t;
-            let mut new_k = k.flatten_all()?.to_vec1::<f32>()?;
-            let mut new_v = v.flatten_all()?.to_vec1::<f32>()?;
-            if cache.quant != KvQuant::F16 {
-                for row in new_k.chunks_mut(d).chain(new_v.chunks_mut(d)) {
-                    cache.quant.round_trip(row);
-                }
-            }
-            kv.k = interleave(&kv.k, &new_k, g, past, t, d);
-            kv.v = interleave(&kv.v, &new_v, g, past, t, d);
-            kv.len = s;
-            let k_all = Tensor::from_slice(&kv.k, (g, s, d), &self.dev)?;
-            let v_all = Tensor::from_slice(&kv.v, (g, s, d), &self.dev)?;
+            kv.append(&k, &v)?;
             // Scores: [G, group·T, D] × [G, D, S] → [G, group·T, S]; query head
             // `g·group + i` reads KV head `g`.
             let qg = q.reshape((g, group * t, d))?;
-            let att = (qg.matmul(&k_all.t()?)? * hp.attn_scale)?;
+            let att = (kv.scores(&qg)? * hp.attn_scale)?;
             let att = att.reshape((g, group, t, s))?;
             let att = match (window, t) {
                 // One new token sees every kept entry: no mask.
                 (None, 1) => att,
-                (None, _) => att.broadcast_add(&causal_mask(t, past, None, &self.dev)?)?,
                 // A sliding-window layer keeps every position (nothing is
                 // evicted there), so entry `j` is position `j`.
-                (Some(w), _) => {
-                    if past != pos0 {
-                        bail!("layer {li}: a sliding-window layer lost positions");
-                    }
-                    att.broadcast_add(&causal_mask(t, past, Some(w), &self.dev)?)?
+                (Some(_), _) if past != pos0 => {
+                    bail!("layer {li}: a sliding-window layer lost positions")
                 }
+                _ => att.broadcast_add(masks.get(t, past, window, &self.dev)?)?,
             };
             let p = candle_nn::ops::softmax_last_dim(&att)?; // [G, group, T, S]
             for o in observers.iter_mut() {
                 o.add(li, &p, pos0, h, t, s)?;
             }
-            let y = p.reshape((g, group * t, s))?.matmul(&v_all)?; // [G, group·T, D]
+            let y = kv.weighted(&p.reshape((g, group * t, s))?)?; // [G, group·T, D]
             let y = y.reshape((h, t, d))?.transpose(0, 1)?.reshape((t, h * d))?;
             let post = |y: Tensor, i: usize| -> Result<Tensor> {
                 Ok(match &layer.post_norms {
@@ -580,14 +562,29 @@ impl Llama {
     }
 }
 
-/// `old` is `[G][past][D]`, `new` is `[G][T][D]`: the result is `[G][past+T][D]`.
-fn interleave(old: &[f32], new: &[f32], g: usize, past: usize, t: usize, d: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(g * (past + t) * d);
-    for gi in 0..g {
-        out.extend_from_slice(&old[gi * past * d..(gi + 1) * past * d]);
-        out.extend_from_slice(&new[gi * t * d..(gi + 1) * t * d]);
+/// The masks of one forward pass, made once for each (entries before the
+/// new tokens, window) a layer asks for.
+#[derive(Default)]
+struct Masks(Vec<((usize, Option<usize>), Tensor)>);
+
+impl Masks {
+    fn get(
+        &mut self,
+        t: usize,
+        past: usize,
+        window: Option<usize>,
+        dev: &Device,
+    ) -> Result<&Tensor> {
+        let i = match self.0.iter().position(|(k, _)| *k == (past, window)) {
+            Some(i) => i,
+            None => {
+                self.0
+                    .push(((past, window), causal_mask(t, past, window, dev)?));
+                self.0.len() - 1
+            }
+        };
+        Ok(&self.0[i].1)
     }
-    out
 }
 
 /// `[T, S]`: 0 where query `i` (at `past + i`) may see key `j`, −∞ elsewhere;

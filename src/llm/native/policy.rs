@@ -67,8 +67,10 @@ pub struct LayerObservation<'a> {
     pub n_kv_head: usize,
     pub head_dim: usize,
     pub k_len: usize,
-    /// Keys after RoPE, `[n_kv_head][k_len][head_dim]`.
+    /// Keys after RoPE, `[n_kv_head][key_rows][head_dim]`: the first `k_len`
+    /// rows of each head are scored (a prefill's cache may hold more).
     pub keys: &'a [f32],
+    pub key_rows: usize,
     /// Mean softmax attention of the last `window` queries, `[n_head][k_len]`.
     pub window_mean: &'a [f32],
     /// The observation window those queries span.
@@ -210,7 +212,7 @@ pub fn scores(obs: &LayerObservation, p: &PolicyParams, layer: usize) -> Vec<Vec
             .map(|g| {
                 (0..n)
                     .map(|j| {
-                        let k = &obs.keys[(g * n + j) * obs.head_dim..][..obs.head_dim];
+                        let k = &obs.keys[(g * obs.key_rows + j) * obs.head_dim..][..obs.head_dim];
                         -k.iter().map(|x| x * x).sum::<f32>().sqrt()
                     })
                     .collect()
@@ -315,6 +317,7 @@ mod tests {
             head_dim: 2,
             k_len: 8,
             keys: &f.keys,
+            key_rows: 8,
             window_mean: &f.window_mean,
             window: 2,
             last_query: &f.last_query,
