@@ -376,8 +376,8 @@ fn the_in_place_cache_answers_as_the_copying_cache_did() {
         cell("streaming", 0.3),
         cell("pyramidkv", 0.5),
         with(cell("tova", 0.5), "compress", json!("prompt")),
-        with(cell("full", 1.0), "quant", json!("q8_0")),
-        with(cell("knorm", 0.7), "quant", json!("q4_0")),
+        cell("full+q8_0", 1.0),
+        cell("knorm+q4_0", 0.7),
     ];
     let mut got = Vec::new();
     for i in 0..20 {
@@ -420,7 +420,7 @@ fn the_in_place_cache_answers_as_the_copying_cache_did() {
     let mut parted = Vec::new();
     for (g, w) in got.iter().zip(&want) {
         assert_eq!(g["cell"], w["cell"]);
-        let exact = w["cell"]["policy"] == "full" && w["cell"].get("quant").is_none();
+        let exact = w["cell"]["policy"] == "full";
         if g["answer"] == w["answer"] {
             same += 1;
             same_full += usize::from(exact);

@@ -110,20 +110,26 @@ pub fn render(messages: &[Value]) -> Result<(String, String), String> {
 }
 
 fn params_for(body: &Value, defaults: &KvParams) -> Result<KvParams, String> {
-    let mut p = defaults.clone();
-    if let Some(k) = body.get("kvt") {
-        let mut merged = serde_json::to_value(&p).expect("params serialize");
-        let obj = k.as_object().ok_or("`kvt` must be an object")?;
-        for (key, v) in obj {
-            if merged.get(key).is_none() {
-                return Err(format!("unknown field `kvt.{key}`"));
-            }
-            merged[key] = v.clone();
-        }
-        p = serde_json::from_value(merged).map_err(|e| format!("`kvt`: {e}"))?;
-    }
+    let p = merged_params(body, defaults, &[])?;
     p.check().map_err(|e| e.to_string())?;
     Ok(p)
+}
+
+/// `defaults` with the fields the request's `kvt` object names; a field that
+/// is not a parameter (`also` lists optional ones) is refused by name.
+fn merged_params(body: &Value, defaults: &KvParams, also: &[&str]) -> Result<KvParams, String> {
+    let Some(k) = body.get("kvt") else {
+        return Ok(defaults.clone());
+    };
+    let mut merged = serde_json::to_value(defaults).expect("params serialize");
+    let obj = k.as_object().ok_or("`kvt` must be an object")?;
+    for (key, v) in obj {
+        if merged.get(key).is_none() && !also.contains(&key.as_str()) {
+            return Err(format!("unknown field `kvt.{key}`"));
+        }
+        merged[key] = v.clone();
+    }
+    serde_json::from_value(merged).map_err(|e| format!("`kvt`: {e}"))
 }
 
 async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
@@ -361,10 +367,7 @@ async fn answer_http(st: Arc<AppState>, headers: HeaderMap, body: Body, plain: b
 
 /// The native engine's parameters: the simulator's, plus β and the compression mode.
 fn native_params_for(body: &Value, defaults: &KvParams) -> Result<KvParams, String> {
-    let mut p = defaults.clone();
-    if let Some(k) = body.get("kvt") {
-        p = serde_json::from_value(k.clone()).map_err(|e| format!("`kvt`: {e}"))?;
-    }
+    let p = merged_params(body, defaults, &["beta", "compress"])?;
     p.native_cell().map_err(|e| e.to_string())?;
     if !(p.budget.is_finite() && p.budget > 0.0) {
         return Err(format!("KV budget {} is not positive", p.budget));
@@ -689,5 +692,16 @@ mod tests {
             .unwrap_err()
             .contains("kvt.polcy"));
         assert!(params_for(&json!({"kvt": {"policy": "lru"}}), &d).is_err());
+        // The native engine's: omitted fields take the defaults, its own two
+        // are allowed, and a field that is no parameter is named.
+        let p =
+            native_params_for(&json!({"kvt": {"policy": "snapkv+q8_0", "beta": 5.0}}), &d).unwrap();
+        assert_eq!(
+            (p.policy.as_str(), p.beta, p.window),
+            ("snapkv+q8_0", Some(5.0), d.window)
+        );
+        let e = native_params_for(&json!({"kvt": {"policy": "full", "quant": "q8_0"}}), &d)
+            .unwrap_err();
+        assert!(e.contains("`kvt.quant`"), "{e}");
     }
 }

@@ -100,21 +100,27 @@ impl LayerKv {
         Ok(())
     }
 
-    /// The parts attention reads, in position order: `(G, n, D)` views.
-    fn parts(&self) -> Result<Vec<(Tensor, Tensor)>> {
+    /// The parts attention reads, entries `from..len` in position order:
+    /// `(G, n, D)` views.
+    fn parts(&self, from: usize) -> Result<Vec<(Tensor, Tensor)>> {
         let mut parts = Vec::with_capacity(2);
-        if let Some(b) = &self.base {
-            parts.push(b.clone());
+        if let (Some((k, v)), true) = (&self.base, from < self.base_len) {
+            let n = self.base_len - from;
+            parts.push((k.narrow(1, from, n)?, v.narrow(1, from, n)?));
         }
-        if let (Some((k, v)), true) = (&self.tail, self.own > 0) {
-            parts.push((k.narrow(1, 0, self.own)?, v.narrow(1, 0, self.own)?));
+        let start = from.saturating_sub(self.base_len);
+        if let (Some((k, v)), true) = (&self.tail, start < self.own) {
+            let n = self.own - start;
+            parts.push((k.narrow(1, start, n)?, v.narrow(1, start, n)?));
         }
         Ok(parts)
     }
 
-    /// `q · Kᵀ` for `(G, M, D)` queries: `(G, M, len)`, without copying keys.
-    pub fn scores(&self, q: &Tensor) -> Result<Tensor> {
-        let parts = self.parts()?;
+    /// `q · Kᵀ` for `(G, M, D)` queries over entries `from..len`:
+    /// `(G, M, len − from)`, without copying keys. A sliding-window layer
+    /// reads only the entries its queries can see.
+    pub fn scores(&self, q: &Tensor, from: usize) -> Result<Tensor> {
+        let parts = self.parts(from)?;
         let mut s = parts
             .iter()
             .map(|(k, _)| Ok(q.matmul(&k.t()?)?))
@@ -126,9 +132,10 @@ impl LayerKv {
         })
     }
 
-    /// `p · V` for `(G, M, len)` weights: `(G, M, D)`.
-    pub fn weighted(&self, p: &Tensor) -> Result<Tensor> {
-        let parts = self.parts()?;
+    /// `p · V` for `(G, M, len − from)` weights over entries `from..len`:
+    /// `(G, M, D)`.
+    pub fn weighted(&self, p: &Tensor, from: usize) -> Result<Tensor> {
+        let parts = self.parts(from)?;
         let mut at = 0;
         let mut out: Option<Tensor> = None;
         for (_, v) in &parts {
@@ -491,8 +498,8 @@ mod tests {
         let mut roomy = LayerKv::new(G, D, 16, &dev).unwrap();
         roomy.append(&all, &vals).unwrap();
         let q = ((rows(0, 3) * 0.0001).unwrap() - 0.02).unwrap(); // (G, 3, D)
-        let a = split.scores(&q).unwrap();
-        let b = one.scores(&q).unwrap();
+        let a = split.scores(&q, 0).unwrap();
+        let b = one.scores(&q, 0).unwrap();
         assert_eq!(a.dims(), &[G, 3, 7]);
         let diff = |x: &Tensor, y: &Tensor| -> f32 {
             (x - y)
@@ -505,11 +512,50 @@ mod tests {
                 .unwrap()
         };
         assert!(diff(&a, &b) < 1e-4);
-        assert!(diff(&roomy.scores(&q).unwrap(), &b) < 1e-4);
+        assert!(diff(&roomy.scores(&q, 0).unwrap(), &b) < 1e-4);
         let p = candle_nn::ops::softmax_last_dim(&b).unwrap();
-        let y = one.weighted(&p).unwrap();
-        assert!(diff(&split.weighted(&p).unwrap(), &y) < 1e-5);
-        assert!(diff(&roomy.weighted(&p).unwrap(), &y) < 1e-5);
+        let y = one.weighted(&p, 0).unwrap();
+        assert!(diff(&split.weighted(&p, 0).unwrap(), &y) < 1e-5);
+        assert!(diff(&roomy.weighted(&p, 0).unwrap(), &y) < 1e-5);
+    }
+
+    #[test]
+    fn attention_from_an_entry_reads_only_the_entries_after_it() {
+        let dev = Device::Cpu;
+        let mut l = LayerKv::new(G, D, 3, &dev).unwrap();
+        let all = ((rows(0, 6) * 0.001).unwrap() - 0.3).unwrap();
+        l.append(&all.narrow(1, 0, 3).unwrap(), &all.narrow(1, 0, 3).unwrap())
+            .unwrap();
+        l.freeze().unwrap();
+        l.append(&all.narrow(1, 3, 3).unwrap(), &all.narrow(1, 3, 3).unwrap())
+            .unwrap();
+        let q = ((rows(0, 2) * 0.002).unwrap() + 0.1).unwrap();
+        for from in [0, 2, 3, 5] {
+            let tail = all.narrow(1, from, 6 - from).unwrap().contiguous().unwrap();
+            let want = q.matmul(&tail.t().unwrap()).unwrap();
+            let got = l.scores(&q, from).unwrap();
+            assert_eq!(got.dims(), &[G, 2, 6 - from]);
+            let diff: f32 = (&got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(diff < 1e-5, "from {from}: {diff}");
+            let p = candle_nn::ops::softmax_last_dim(&want).unwrap();
+            let y = p.matmul(&tail).unwrap();
+            let diff: f32 = (&l.weighted(&p, from).unwrap() - &y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(diff < 1e-5, "from {from}: {diff}");
+        }
     }
 
     #[test]

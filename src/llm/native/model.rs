@@ -521,23 +521,33 @@ impl Llama {
             // Scores: [G, group·T, D] × [G, D, S] → [G, group·T, S]; query head
             // `g·group + i` reads KV head `g`.
             let qg = q.reshape((g, group * t, d))?;
-            let att = (kv.scores(&qg)? * hp.attn_scale)?;
-            let att = att.reshape((g, group, t, s))?;
-            let att = match (window, t) {
-                // One new token sees every kept entry: no mask.
-                (None, 1) => att,
-                // A sliding-window layer keeps every position (nothing is
-                // evicted there), so entry `j` is position `j`.
-                (Some(_), _) if past != pos0 => {
+            // A sliding-window layer keeps every position (nothing is evicted
+            // there), so entry `j` is position `j`, and its queries see only
+            // the last `w` positions: attention reads entries `from..s`.
+            let from = match window {
+                Some(_) if past != pos0 => {
                     bail!("layer {li}: a sliding-window layer lost positions")
                 }
-                _ => att.broadcast_add(masks.get(t, past, window, &self.dev)?)?,
+                Some(w) => (past + 1).saturating_sub(w),
+                None => 0,
             };
-            let p = candle_nn::ops::softmax_last_dim(&att)?; // [G, group, T, S]
-            for o in observers.iter_mut() {
-                o.add(li, &p, pos0, h, t, s)?;
+            let seen = s - from;
+            let att = (kv.scores(&qg, from)? * hp.attn_scale)?;
+            let att = att.reshape((g, group, t, seen))?;
+            // One new token sees every entry read: no mask.
+            let att = if t == 1 {
+                att
+            } else {
+                att.broadcast_add(masks.get(t, past, window, from, &self.dev)?)?
+            };
+            let p = candle_nn::ops::softmax_last_dim(&att)?; // [G, group, T, S − from]
+                                                             // The policies score global layers only (a window layer keeps all).
+            if window.is_none() {
+                for o in observers.iter_mut() {
+                    o.add(li, &p, pos0, h, t, s)?;
+                }
             }
-            let y = kv.weighted(&p.reshape((g, group * t, s))?)?; // [G, group·T, D]
+            let y = kv.weighted(&p.reshape((g, group * t, seen))?, from)?; // [G, group·T, D]
             let y = y.reshape((h, t, d))?.transpose(0, 1)?.reshape((t, h * d))?;
             let post = |y: Tensor, i: usize| -> Result<Tensor> {
                 Ok(match &layer.post_norms {
@@ -563,9 +573,12 @@ impl Llama {
 }
 
 /// The masks of one forward pass, made once for each (entries before the
-/// new tokens, window) a layer asks for.
+/// new tokens, window, first entry read) a layer asks for.
 #[derive(Default)]
-struct Masks(Vec<((usize, Option<usize>), Tensor)>);
+struct Masks(Vec<(MaskKey, Tensor)>);
+
+/// (entries before the new tokens, window, first entry read).
+type MaskKey = (usize, Option<usize>, usize);
 
 impl Masks {
     fn get(
@@ -573,13 +586,14 @@ impl Masks {
         t: usize,
         past: usize,
         window: Option<usize>,
+        from: usize,
         dev: &Device,
     ) -> Result<&Tensor> {
-        let i = match self.0.iter().position(|(k, _)| *k == (past, window)) {
+        let key = (past, window, from);
+        let i = match self.0.iter().position(|(k, _)| *k == key) {
             Some(i) => i,
             None => {
-                self.0
-                    .push(((past, window), causal_mask(t, past, window, dev)?));
+                self.0.push((key, causal_mask(t, past, window, from, dev)?));
                 self.0.len() - 1
             }
         };
@@ -587,13 +601,20 @@ impl Masks {
     }
 }
 
-/// `[T, S]`: 0 where query `i` (at `past + i`) may see key `j`, −∞ elsewhere;
-/// with a window, only the last `window` positions (the query's own included).
-fn causal_mask(t: usize, past: usize, window: Option<usize>, dev: &Device) -> Result<Tensor> {
+/// `[T, S − from]`: 0 where query `i` (at `past + i`) may see entry `from + j`,
+/// −∞ elsewhere; with a window, only the last `window` positions (the query's
+/// own included).
+fn causal_mask(
+    t: usize,
+    past: usize,
+    window: Option<usize>,
+    from: usize,
+    dev: &Device,
+) -> Result<Tensor> {
     let s = past + t;
     let m: Vec<f32> = (0..t)
         .flat_map(|i| {
-            (0..s).map(move |j| {
+            (from..s).map(move |j| {
                 let q = past + i;
                 let seen = j <= q && window.is_none_or(|w| q - j < w);
                 if seen {
@@ -604,7 +625,7 @@ fn causal_mask(t: usize, past: usize, window: Option<usize>, dev: &Device) -> Re
             })
         })
         .collect();
-    Ok(Tensor::from_vec(m, (t, s), dev)?)
+    Ok(Tensor::from_vec(m, (t, s - from), dev)?)
 }
 
 /// The file's digest (blake3 of its bytes), for request identity.
