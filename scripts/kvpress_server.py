@@ -380,6 +380,9 @@ class Engine:
             "completion_tokens": len(generated),
             "compressed_tokens": split,
             "kept_per_layer": kept,
+            # Layers whose cache the press shrank (kept fewer entries than
+            # the prompt's positions times the KV heads).
+            "compressed_layers": [i for i, n in enumerate(kept) if n < self.kv_heads * len(ids)],
             "kept_total": kept_total,
             "full_total": full_total,
             "kv_bytes": kept_total * 2 * self.head_dim * self.bytes_per_elem,

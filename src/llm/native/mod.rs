@@ -105,7 +105,8 @@ pub struct NativeAnswer {
     pub kept_per_layer: Vec<u64>,
     /// Layers whose cache lost entries to the policy; the others (all of
     /// them for an exact cell, the sliding-window layers always) kept every
-    /// position.
+    /// position. (Absent from older servers' telemetry: none named.)
+    #[serde(default)]
     pub compressed_layers: Vec<u32>,
     pub kept_total: u64,
     /// Entries the full cache holds for the same prompt.
