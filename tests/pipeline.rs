@@ -888,3 +888,57 @@ fn a_slow_engine_off_a_terminal_logs_progress_with_counts_and_time_left() {
         stderr_of(&out)
     );
 }
+
+/// A metric that scores answers holding the gold verbatim low is named in
+/// the report, with the metric that fits: a server that answers with the
+/// whole document (the needle inside it) scores about 0 on word F1 and 1 on
+/// substring recall. Under substring recall there is no such warning.
+#[test]
+fn a_misfitting_metric_is_named_in_the_report() {
+    use axum::{routing::post, Json};
+    use serde_json::{json, Value};
+    let echo = axum::Router::new().route(
+        "/v1/chat/completions",
+        post(|Json(body): Json<Value>| async move {
+            let said = body["messages"]
+                .as_array()
+                .and_then(|m| m.last())
+                .and_then(|m| m["content"].as_str())
+                .unwrap_or("")
+                .to_string();
+            Json(json!({"choices": [{"index": 0, "finish_reason": "stop",
+                "message": {"role": "assistant", "content": said}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1}}))
+        }),
+    );
+    let (addr, _rt) = serve_router(echo);
+    let p = Project::new();
+    p.write(
+        "config/experiments/fit.yaml",
+        "output: {exp_group_id: fit}\ndataset: {lengths: [256], per_length: 6}\n\
+         binning: {n_bins: 1}\nsampling: {n_per_bin: 6}\n\
+         engine: {kind: openai, concurrency: 2}\n\
+         kv: {policies: [streaming], budgets: [1.0, 0.5]}\n\
+         analysis: {bootstrap: {iters: 50}}\n",
+    );
+    let build = |metric: &str| {
+        let out = p
+            .kvt()
+            .args(["build", "report", "-c", "config/experiments/fit.yaml", "-q"])
+            .args(["--set", &format!("dataset.metric={metric}")])
+            .args(["--set", &format!("engine.base_url={addr}/v1")])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        std::fs::read_to_string(p.path("runs/fit/report.md")).unwrap()
+    };
+    let report = build("qa_f1_score");
+    assert!(
+        report.contains("`qa_f1_score` gave less than 0.5")
+            && report
+                .contains("of the full cache's 6 answers that contain the gold answer verbatim")
+            && report.contains("`dataset.metric: substring_recall`"),
+        "{report}"
+    );
+    assert!(!build("substring_recall").contains("gave less than 0.5"));
+}

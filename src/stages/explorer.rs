@@ -45,6 +45,10 @@ pub struct Facts {
     pub failures: Vec<Value>,
     /// The first failure of each type: `{label, setting, example_id, detail}`.
     pub failure_examples: Vec<Value>,
+    /// The metric scores low answers that hold the gold answer verbatim, as
+    /// a sentence for the report naming a better-fitting metric.
+    #[serde(default)]
+    pub metric_fit: Option<String>,
     /// Native engine: which layers eviction reached, when not all of them
     /// (sliding-window models), as a sentence for the report.
     #[serde(default)]
@@ -161,9 +165,39 @@ pub fn facts(manifest: &ManifestView, scores: &[ScoreRow]) -> Facts {
         cut,
         failures,
         failure_examples: examples.into_values().collect(),
+        metric_fit: metric_fit(scores),
         layer_note,
         provenance: Vec::new(),
     }
+}
+
+/// Answers of the full cache (every policy's budget 1.0, no quantisation)
+/// that contain a gold answer verbatim (substring recall 1) yet score below
+/// 0.5 under the primary metric: when they are at least a fifth of such
+/// answers (and three or more), the metric, not the model, is what a low
+/// score measures — F1 and ROUGE divide by the answer's length.
+fn metric_fit(scores: &[ScoreRow]) -> Option<String> {
+    let metric = scores.first()?.metric.clone();
+    if matches!(metric.as_str(), "substring_recall" | "exact_match") {
+        return None;
+    }
+    let found: Vec<&ScoreRow> = scores
+        .iter()
+        .filter(|r| r.budget == 1.0 && !r.policy.contains('+') && r.recall >= 1.0)
+        .collect();
+    let low: Vec<&&ScoreRow> = found.iter().filter(|r| r.score < 0.5).collect();
+    if low.len() < 3 || low.len() * 5 < found.len() {
+        return None;
+    }
+    let mean = low.iter().map(|r| r.score).sum::<f64>() / low.len() as f64;
+    Some(format!(
+        "`{metric}` gave less than 0.5 (mean {mean:.2}) to {} of the full cache's {} answers that contain the gold answer verbatim: \
+         the answers are longer than the golds, and `{metric}` counts every extra word against them. \
+         Low scores here may measure the metric, not the model; `dataset.metric: substring_recall` \
+         scores whether the gold answer is in the answer.",
+        low.len(),
+        found.len()
+    ))
 }
 
 /// "Eviction shrinks 3 of 18 layers (5, 11, 17); …" for a model whose other
@@ -324,7 +358,8 @@ impl Op for Explorer {
         "explorer"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: facts name the layers eviction reached and a misfitting metric.
+        2
     }
     fn check(
         &self,
@@ -378,6 +413,40 @@ mod tests {
                 ..Default::default()
             },
         }
+    }
+
+    #[test]
+    fn a_metric_that_scores_verbatim_answers_low_is_named_with_a_better_fit() {
+        let with = |score: f64, recall: f64, policy: &str, budget: f64| {
+            let mut r = row(policy, budget, "…in 1999 by the river", score);
+            r.metric = "qa_f1_score".into();
+            r.recall = recall;
+            r
+        };
+        // Four full-cache answers hold the gold; three score low.
+        let mut rows: Vec<ScoreRow> = [0.06, 0.1, 0.2, 0.9]
+            .iter()
+            .map(|&s| with(s, 1.0, "full", 1.0))
+            .collect();
+        // Compressed cells and misses do not count.
+        rows.push(with(0.0, 1.0, "snapkv", 0.5));
+        rows.push(with(0.0, 0.0, "full", 1.0));
+        let note = super::metric_fit(&rows).expect("a note");
+        assert!(note.contains("3 of the full cache's 4 answers"), "{note}");
+        assert!(
+            note.contains("`qa_f1_score`") && note.contains("substring_recall"),
+            "{note}"
+        );
+        // Two low ones are not enough; neither is a low share.
+        assert!(super::metric_fit(&rows[2..]).is_none());
+        let mut many = rows.clone();
+        many.extend((0..12).map(|_| with(1.0, 1.0, "full", 1.0)));
+        assert!(super::metric_fit(&many).is_none());
+        // Containment metrics never warn.
+        let mut own = rows.clone();
+        own.iter_mut()
+            .for_each(|r| r.metric = "substring_recall".into());
+        assert!(super::metric_fit(&own).is_none());
     }
 
     #[test]

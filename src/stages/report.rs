@@ -393,6 +393,9 @@ pub fn context(
             "`{metric}` scores {chance} by guessing (one of four options): a bin is uninformative when the full cache scores below {floor:.3}, `analysis.transition.floor` above chance."
         ));
     }
+    if let Some(note) = &facts.metric_fit {
+        warnings.push(note.clone());
+    }
     if let Some(score) = facts.uniform_score {
         warnings.push(format!(
             "Every response of every cell scored {score:.2}: the metric cannot tell the budgets apart."
@@ -535,7 +538,8 @@ impl Op for Report {
     /// 9: the examples and responses come from the `explorer` stage.
     /// 10: the fidelity and selective-prediction tables.
     fn version(&self) -> u32 {
-        10
+        // 11: the layer note and the metric-fit warning.
+        11
     }
     fn check(
         &self,
