@@ -72,6 +72,10 @@ fn report_html_in_a_real_browser() {
     assert!(dom.contains("fails at every length"));
     assert!(dom.contains("fails from 1536–3072 tokens"));
     assert_eq!(dom.matches("class=\"example\"").count(), 200);
+    // The first table is narrow; each compressed cell's Δ and CI on hover.
+    let compact = &dom[dom.find("id=\"compact\"").unwrap()..dom.find("id=\"summary\"").unwrap()];
+    assert!(compact.contains("title=\"Δ "), "{compact}");
+    assert!(!compact.contains(">1.00 (Δ"), "{compact}");
 
     // A filter from the address: streaming's abstentions only.
     let dom = browse(

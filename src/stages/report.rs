@@ -307,7 +307,10 @@ pub fn context(
     for s in &sorted {
         let label = label_of(&s.policy, s.budget, s.reference_budget);
         if compact.last().map(|r: &Value| r["setting"] == json!(label)) != Some(true) {
-            compact.push(json!({"setting": label, "cells": vec![Value::Null; bins.len()]}));
+            compact.push(
+                json!({"setting": label, "cells": vec![Value::Null; bins.len()],
+                "details": vec![""; bins.len()]}),
+            );
         }
         let col = bins.iter().position(|b| b.0 == s.bin_idx).unwrap_or(0);
         let mark = match s.verdict.as_str() {
@@ -317,18 +320,22 @@ pub fn context(
             "uninformative" => " ∅",
             _ => "",
         };
+        // The first table stays narrow: the mean and the mark; the paired Δ
+        // and its CI are in the detailed table (and on hover in HTML).
         let text = match (s.mean, s.verdict.as_str()) {
             (None, _) => "–".to_string(),
             (Some(m), "reference") => format!("{m:.2}"),
-            (Some(m), _) => match (s.delta, s.delta_lo, s.delta_hi) {
-                (Some(d), Some(lo), Some(hi)) => {
-                    format!("{m:.2} (Δ {d:+.2} [{lo:+.2}, {hi:+.2}]){mark}")
-                }
-                _ => format!("{m:.2}{mark}"),
-            },
+            (Some(m), _) => format!("{m:.2}{mark}"),
+        };
+        let detail = match (s.delta, s.delta_lo, s.delta_hi) {
+            (Some(d), Some(lo), Some(hi)) if s.verdict != "reference" => {
+                format!("Δ {d:+.2} [{lo:+.2}, {hi:+.2}]")
+            }
+            _ => String::new(),
         };
         let last = compact.last_mut().expect("a row");
         last["cells"][col] = json!(text);
+        last["details"][col] = json!(detail);
     }
     for r in &mut compact {
         if let Some(cells) = r["cells"].as_array_mut() {
