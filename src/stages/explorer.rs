@@ -117,7 +117,8 @@ pub fn facts(manifest: &ManifestView, scores: &[ScoreRow]) -> Facts {
             *cut.entry(r.bin_idx).or_default() += 1;
         }
     }
-    let mut by: BTreeMap<(String, i64), BTreeMap<&str, usize>> = BTreeMap::new();
+    // Keyed in the one budget order of every table: (policy, group, value).
+    let mut by: BTreeMap<(String, u8, i64, u64), BTreeMap<&str, usize>> = BTreeMap::new();
     let mut examples: BTreeMap<&str, Value> = BTreeMap::new();
     for r in scores {
         if let Some(f) = &r.failure {
@@ -126,10 +127,16 @@ pub fn facts(manifest: &ManifestView, scores: &[ScoreRow]) -> Facts {
                 .find(|l| *l == f)
                 .copied()
                 .unwrap_or("ENGINE_ERROR");
-            *by.entry((r.policy.clone(), -(r.budget * 1e6) as i64))
-                .or_default()
-                .entry(label)
-                .or_default() += 1;
+            let (group, value) = budget_order(r.budget);
+            *by.entry((
+                r.policy.clone(),
+                group,
+                (value * 1e6) as i64,
+                r.budget.to_bits(),
+            ))
+            .or_default()
+            .entry(label)
+            .or_default() += 1;
             examples.entry(label).or_insert_with(|| {
                 let detail = r
                     .response
@@ -143,8 +150,8 @@ pub fn facts(manifest: &ManifestView, scores: &[ScoreRow]) -> Facts {
     }
     let failures = by
         .iter()
-        .map(|((p, b), m)| {
-            let budget = -(*b as f64) / 1e6;
+        .map(|((p, _, _, b), m)| {
+            let budget = f64::from_bits(*b);
             json!({
                 "setting": setting(p, budget),
                 "counts": FAILURE_LABELS.iter().map(|l| m.get(l).copied().unwrap_or(0)).collect::<Vec<_>>(),
@@ -447,6 +454,35 @@ mod tests {
         own.iter_mut()
             .for_each(|r| r.metric = "substring_recall".into());
         assert!(super::metric_fit(&own).is_none());
+    }
+
+    #[test]
+    fn failures_list_budgets_in_the_one_order_of_every_table() {
+        let rows: Vec<ScoreRow> = [1024.0, 0.2, 0.5, 1.0, 64.0]
+            .iter()
+            .map(|&b| row("snapkv", b, "no", 0.0))
+            .collect();
+        let manifest: ManifestView = serde_json::from_value(json!({
+            "dataset": {}, "tokenizer": {}, "bin_edges": [0, 10], "n_bins": 1,
+            "binning_scheme": "fixed", "entries": []
+        }))
+        .unwrap();
+        let f = facts(&manifest, &rows);
+        let order: Vec<&str> = f
+            .failures
+            .iter()
+            .map(|x| x["setting"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "snapkv @ 1.0",
+                "snapkv @ 0.5",
+                "snapkv @ 0.2",
+                "snapkv @ 64 tok",
+                "snapkv @ 1024 tok"
+            ]
+        );
     }
 
     #[test]
