@@ -368,5 +368,5 @@ fn gemma3_270m_agrees_with_llamacpp() {
         sure_and_parted.is_empty(),
         "parted where sure: {sure_and_parted:?}\n{table}"
     );
-    assert!(same >= 14, "{table}");
+    assert!(same >= 16, "{table}");
 }
