@@ -486,11 +486,7 @@ fn decoding_on_the_in_place_cache_equals_one_pass_over_the_sequence() {
             .max_by(|&a, &b| x[a].total_cmp(&x[b]).then(b.cmp(&a)))
             .unwrap()
     };
-    let lsm = |x: &[f32]| {
-        let m = x.iter().fold(f32::MIN, |a, &b| a.max(b));
-        let z = x.iter().map(|v| (v - m).exp()).sum::<f32>().ln() + m;
-        x.iter().map(|v| v - z).collect::<Vec<f32>>()
-    };
+    let lsm = kvt::llm::log_softmax;
     let (mut worst, mut worst_pass, mut same, mut same_pass) = (0f32, 0f32, 0, 0);
     for (i, &t) in ids[400..].iter().enumerate() {
         let a = lsm(&m.forward(&[t], 400 + i, &mut frozen, &mut []).unwrap());

@@ -224,11 +224,8 @@ impl LayerKv {
     pub fn evict(&mut self, kept: &[Vec<usize>], quant: KvQuant, room: usize) -> Result<()> {
         let n = self.check_kept(kept)?;
         let (mut k, mut v) = self.rows(kept)?;
-        if quant != KvQuant::F16 {
-            for row in k.chunks_mut(self.d).chain(v.chunks_mut(self.d)) {
-                quant.round_trip(row);
-            }
-        }
+        quant.round_trip_rows(&mut k, self.d);
+        quant.round_trip_rows(&mut v, self.d);
         let k = Tensor::from_vec(k, (self.g, n, self.d), &self.dev)?;
         let v = Tensor::from_vec(v, (self.g, n, self.d), &self.dev)?;
         match &self.tail {
@@ -372,10 +369,6 @@ impl KvCache {
         self.layers.iter_mut().try_for_each(LayerKv::freeze)
     }
 
-    pub fn reserve(&mut self, extra: usize) -> Result<()> {
-        self.layers.iter_mut().try_for_each(|l| l.reserve(extra))
-    }
-
     pub fn bytes(&self) -> usize {
         self.layers.iter().map(LayerKv::bytes).sum()
     }
@@ -397,6 +390,18 @@ mod tests {
             })
             .collect();
         Tensor::from_vec(x, (G, t, D), &Device::Cpu).unwrap()
+    }
+
+    /// The largest |a − b| over two tensors of one shape.
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     fn positions(l: &LayerKv) -> Vec<Vec<usize>> {
@@ -501,22 +506,12 @@ mod tests {
         let a = split.scores(&q, 0).unwrap();
         let b = one.scores(&q, 0).unwrap();
         assert_eq!(a.dims(), &[G, 3, 7]);
-        let diff = |x: &Tensor, y: &Tensor| -> f32 {
-            (x - y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
-        assert!(diff(&a, &b) < 1e-4);
-        assert!(diff(&roomy.scores(&q, 0).unwrap(), &b) < 1e-4);
+        assert!(max_diff(&a, &b) < 1e-4);
+        assert!(max_diff(&roomy.scores(&q, 0).unwrap(), &b) < 1e-4);
         let p = candle_nn::ops::softmax_last_dim(&b).unwrap();
         let y = one.weighted(&p, 0).unwrap();
-        assert!(diff(&split.weighted(&p, 0).unwrap(), &y) < 1e-5);
-        assert!(diff(&roomy.weighted(&p, 0).unwrap(), &y) < 1e-5);
+        assert!(max_diff(&split.weighted(&p, 0).unwrap(), &y) < 1e-5);
+        assert!(max_diff(&roomy.weighted(&p, 0).unwrap(), &y) < 1e-5);
     }
 
     #[test]
@@ -535,25 +530,11 @@ mod tests {
             let want = q.matmul(&tail.t().unwrap()).unwrap();
             let got = l.scores(&q, from).unwrap();
             assert_eq!(got.dims(), &[G, 2, 6 - from]);
-            let diff: f32 = (&got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let diff = max_diff(&got, &want);
             assert!(diff < 1e-5, "from {from}: {diff}");
             let p = candle_nn::ops::softmax_last_dim(&want).unwrap();
             let y = p.matmul(&tail).unwrap();
-            let diff: f32 = (&l.weighted(&p, from).unwrap() - &y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let diff = max_diff(&l.weighted(&p, from).unwrap(), &y);
             assert!(diff < 1e-5, "from {from}: {diff}");
         }
     }

@@ -507,9 +507,7 @@ impl Llama {
             } else {
                 let q = |x: &Tensor| -> Result<Tensor> {
                     let mut rows = x.flatten_all()?.to_vec1::<f32>()?;
-                    for row in rows.chunks_mut(d) {
-                        cache.quant.round_trip(row);
-                    }
+                    cache.quant.round_trip_rows(&mut rows, d);
                     Ok(Tensor::from_vec(rows, (g, t, d), &self.dev)?)
                 };
                 (q(&k)?, q(&v)?)

@@ -42,6 +42,14 @@ impl KvQuant {
             KvQuant::Q4_0 => n.div_ceil(BLOCK) * 18,
         }
     }
+    /// Quantises and restores rows of `d` values (a KV entry each); f16, the
+    /// unquantised cache, leaves them as they are.
+    pub fn round_trip_rows(self, x: &mut [f32], d: usize) {
+        if self != KvQuant::F16 {
+            x.chunks_mut(d).for_each(|row| self.round_trip(row));
+        }
+    }
+
     /// Quantises and restores `x` in place, block by block.
     pub fn round_trip(self, x: &mut [f32]) {
         for block in x.chunks_mut(BLOCK) {
