@@ -601,6 +601,66 @@ fn regression_out_of_range_values_are_refused_by_validate() {
     assert!(out.status.success(), "{}", stderr_of(&out));
 }
 
+/// Issue #29, item 1: quantisation is an axis of its own (`kv.quant`). The
+/// old suffix spelling is refused with the new one shown; an unknown
+/// quantisation, a repeated entry and a quantised cache on an engine that
+/// has none are refused by key; `kvt graph` runs the full cache once per
+/// quantisation and never a policy at 1.0.
+#[test]
+fn kv_quant_is_its_own_axis_and_the_full_cache_runs_once() {
+    let p = Project::new();
+    for (yaml, key, says) in [
+        (
+            "kv: {policies: [snapkv, full+q8_0]}",
+            "kv.policies",
+            "write `full` here and `kv.quant: [none, q8_0]`",
+        ),
+        ("kv: {quant: [none, q5_1]}", "kv.quant", "unknown KV quantisation `q5_1`"),
+        ("kv: {quant: []}", "kv.quant", "at least one"),
+        ("kv: {quant: [none, none]}", "kv.quant", "lists `none` twice"),
+        ("kv: {policies: [snapkv, snapkv]}", "kv.policies", "lists `snapkv` twice"),
+        ("kv: {quant: [q8_0]}", "kv.quant", "native engine only"),
+    ] {
+        p.write(
+            "config/experiments/bad.yaml",
+            &format!("pipeline: test\noutput: {{exp_group_id: b}}\n{yaml}\n"),
+        );
+        let out = validate(&p, "config/experiments/bad.yaml", &[]);
+        expect_usage_error(
+            &out,
+            &["config/experiments/bad.yaml", &format!("`{key}`"), says],
+        );
+    }
+    p.write(
+        "config/experiments/q.yaml",
+        "output: {exp_group_id: q}\nkv: {policies: [full, streaming, snapkv], budgets: [1.0, 0.5, 0.2]}\n",
+    );
+    let out = p
+        .kvt()
+        .args(["graph", "report", "-c", "config/experiments/q.yaml"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let text = stdout_of(&out);
+    let mut infer: Vec<&str> = text
+        .split(|c: char| c.is_whitespace() || c == '─' || c == '│' || c == '└' || c == '├')
+        .filter(|w| w.starts_with("infer["))
+        .collect();
+    infer.sort();
+    infer.dedup();
+    assert_eq!(
+        infer,
+        [
+            "infer[budget=0.2,policy=snapkv]",
+            "infer[budget=0.2,policy=streaming]",
+            "infer[budget=0.5,policy=snapkv]",
+            "infer[budget=0.5,policy=streaming]",
+            "infer[budget=1.0,policy=full]",
+        ],
+        "{text}"
+    );
+}
+
 /// Issue #26, finding 6: `db.path` wrote the results database wherever it
 /// pointed (an absolute path, `../..`). Now a path outside the project is
 /// refused before anything runs (exit 2, naming the key), and nothing is

@@ -529,15 +529,26 @@ fn an_event_stream_in_one_byte_chunks_is_read_whole() {
 /// policy) was sent by each infer node that needed it when it failed
 /// transiently: 10 attempts with `max_retries: 4`, and two different
 /// outcomes for one key in one build. Now one node sends it; the other takes
-/// its outcome, even a failure (the next build retries it).
+/// its outcome, even a failure (the next build retries it). The default
+/// pipeline runs the full cache once (`kv.cells`), so two nodes share a key
+/// only in a pipeline that crosses policies and budgets itself, as this one.
 #[test]
 fn regression_a_key_shared_by_two_infer_nodes_is_sent_by_one() {
     let p = Project::new();
+    let cross = kvt::cli::EMBEDDED_PIPELINE.replace(
+        "cells: kv.cells\n",
+        "foreach: {policy: kv.policies, budget: kv.budgets}\n",
+    );
+    assert_eq!(cross.matches("foreach").count(), 2, "{cross}");
+    p.write("pipelines/cross.yaml", &cross);
     p.write(
         "config/experiments/f.yaml",
-        &EXP.replace(
-            "policies: [snapkv], budgets: [1.0]",
-            "policies: [snapkv, streaming], budgets: [1.0, 0.5]",
+        &format!(
+            "pipeline: cross\n{}",
+            EXP.replace(
+                "policies: [snapkv], budgets: [1.0]",
+                "policies: [snapkv, streaming], budgets: [1.0, 0.5]",
+            )
         ),
     );
     // Keys starting 0–7 fail every attempt; the rest succeed at once.

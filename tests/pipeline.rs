@@ -88,7 +88,7 @@ fn count(c: &rusqlite::Connection, sql: &str) -> i64 {
 fn report_end_to_end_then_nothing_then_analysis_only() {
     let p = small_project();
     let out = build(&p, &[]);
-    assert_eq!(built_nodes(&out).len(), 15, "{}", stderr_of(&out));
+    assert_eq!(built_nodes(&out).len(), 13, "{}", stderr_of(&out));
     let s = served(&p);
     assert_eq!(s.len(), UNIQUE_REQUESTS);
     assert!(s.values().all(|&n| n == 1), "a request was sent twice");
@@ -147,7 +147,7 @@ fn report_end_to_end_then_nothing_then_analysis_only() {
     // The full cache appears once, first.
     assert_eq!(
         report
-            .matches("| all | 1.0 | full cache (reference)")
+            .matches("| full | 1.0 | full cache (reference)")
             .count(),
         1,
         "{report}"
@@ -173,7 +173,7 @@ fn report_end_to_end_then_nothing_then_analysis_only() {
     // Again: nothing runs, nothing is sent.
     let out = build(&p, &[]);
     assert!(built_nodes(&out).is_empty(), "{}", stderr_of(&out));
-    assert!(stderr_of(&out).contains("0 built, 15 fresh"));
+    assert!(stderr_of(&out).contains("0 built, 13 fresh"));
     assert_eq!(served(&p).values().sum::<usize>(), UNIQUE_REQUESTS);
 
     // Analysis change: only the analysis and its sinks rerun; zero requests.
@@ -247,16 +247,16 @@ fn sqlite_sink_schema_and_row_counts() {
     assert_eq!(count(&c, "SELECT COUNT(*) FROM examples"), n);
     assert_eq!(count(&c, "SELECT COUNT(*) FROM manifest_entries"), n);
     assert_eq!(count(&c, "SELECT COUNT(*) FROM bins"), 2);
-    assert_eq!(count(&c, "SELECT COUNT(*) FROM runs"), 4);
+    assert_eq!(count(&c, "SELECT COUNT(*) FROM runs"), 3);
     for t in ["requests", "responses", "telemetry", "scores"] {
         assert_eq!(
             count(&c, &format!("SELECT COUNT(*) FROM {t}")),
-            4 * n,
+            3 * n,
             "{t}"
         );
     }
-    assert_eq!(count(&c, "SELECT COUNT(*) FROM bin_stats"), 4 * 2);
-    assert_eq!(count(&c, "SELECT COUNT(*) FROM transition_summary"), 4);
+    assert_eq!(count(&c, "SELECT COUNT(*) FROM bin_stats"), 3 * 2);
+    assert_eq!(count(&c, "SELECT COUNT(*) FROM transition_summary"), 3);
     // Every answer without a number is a FORMAT_ERROR failure, and only those.
     assert_eq!(
         count(&c, "SELECT COUNT(*) FROM failures"),
@@ -303,7 +303,7 @@ fn in_process_and_served_engines_answer_alike() {
             .collect()
     };
     let (ra, rb) = (rows(&db(&a)), rows(&db(&b)));
-    assert_eq!(ra.len(), 48);
+    assert_eq!(ra.len(), 36);
     assert_eq!(ra, rb);
     // The plain completions API, streamed and not, gives the same answers.
     for stream in ["true", "false"] {
@@ -366,7 +366,7 @@ fn killed_during_infer_resumes_with_nothing_lost() {
         count(&j, "SELECT COUNT(*) FROM responses WHERE is_final = 1"),
         UNIQUE_REQUESTS as i64
     );
-    assert_eq!(count(&db(&p), "SELECT COUNT(*) FROM responses"), 48);
+    assert_eq!(count(&db(&p), "SELECT COUNT(*) FROM responses"), 36);
 }
 
 #[test]
@@ -428,7 +428,7 @@ fn a_rejected_request_is_final_recorded_and_not_resent() {
         &c,
         "SELECT COUNT(*) FROM failures WHERE error_type = 'ENGINE_ERROR'",
     );
-    assert_eq!(n, 48, "every request should be an ENGINE_ERROR");
+    assert_eq!(n, 36, "every request should be an ENGINE_ERROR");
     let detail: String = c
         .query_row("SELECT detail FROM failures LIMIT 1", [], |r| r.get(0))
         .unwrap();
@@ -465,8 +465,8 @@ fn lifecycle_commands_are_build_targets() {
         built_nodes(&out)
     };
     assert_eq!(run("prepare"), strs(&["prepare"]));
-    assert_eq!(run("run").len(), 4, "four infer nodes");
-    assert_eq!(run("score").len(), 4);
+    assert_eq!(run("run").len(), 3, "three infer nodes: the full cache once");
+    assert_eq!(run("score").len(), 3);
     assert_eq!(run("analyze"), strs(&["analyze"]));
     assert_eq!(
         run("report"),
@@ -531,7 +531,7 @@ fn replicas_share_the_load_and_survive_losing_one() {
             "SELECT COUNT(*) FROM responses WHERE text NOT GLOB '*[0-9]*'"
         )
     );
-    assert_eq!(count(&db(&p), "SELECT COUNT(*) FROM responses"), 48);
+    assert_eq!(count(&db(&p), "SELECT COUNT(*) FROM responses"), 36);
     // Telemetry names the replica that answered each request.
     assert_eq!(
         count(
@@ -654,7 +654,7 @@ fn request_identity_is_the_model_not_the_transport() {
         .iter()
         .filter(|n| n.starts_with("infer["))
         .count();
-    assert_eq!(infer_built, 4, "{}", stderr_of(&out));
+    assert_eq!(infer_built, 3, "{}", stderr_of(&out));
     assert_eq!(journal(), 2 * UNIQUE_REQUESTS as i64);
 }
 
@@ -752,7 +752,7 @@ analysis: {bootstrap: {iters: 200}}
         .query_row("SELECT config_json FROM experiments", [], |r| r.get(0))
         .unwrap();
     assert!(config.contains("\"iters\":300"), "{config}");
-    for (table, n) in [("examples", 400), ("requests", 2400), ("scores", 2400)] {
+    for (table, n) in [("examples", 400), ("requests", 2000), ("scores", 2000)] {
         let got: i64 = c
             .query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
             .unwrap();
@@ -761,7 +761,7 @@ analysis: {bootstrap: {iters: 200}}
     let bins: i64 = c
         .query_row("SELECT COUNT(*) FROM bin_stats", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(bins, 4 * 6);
+    assert_eq!(bins, 4 * 5);
     let fk: i64 = c
         .query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |r| {
             r.get(0)
@@ -791,7 +791,7 @@ analysis: {bootstrap: {iters: 200}}
     let bins: i64 = c
         .query_row("SELECT COUNT(*) FROM bin_stats", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(bins, 4 * 6);
+    assert_eq!(bins, 4 * 5);
     let config: String = c
         .query_row("SELECT config_json FROM experiments", [], |r| r.get(0))
         .unwrap();

@@ -630,9 +630,10 @@ pub fn load(config_path: &Path, sets: &[String]) -> Result<LoadedConfig> {
     let mut merged = layers.value.clone();
     substitute_env(&mut merged, "", &layers, &dotenv)?;
 
-    let config: Config = serde_path_to_error::deserialize(merged.clone())
+    let mut config: Config = serde_path_to_error::deserialize(merged.clone())
         .map_err(|e| usage(describe_schema_error(&e, &layers, &exp_origin)))?;
     check_values(&config, &layers, &exp_origin)?;
+    config.kv.cells = config.kv.expand_cells();
     check_paths(&config, &root, &layers, &exp_origin)?;
     let value = serde_json::to_value(&config).context("serializing the configuration")?;
     Ok(LoadedConfig {
@@ -924,6 +925,48 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
     }
     if c.kv.policies.is_empty() {
         return Err(bad("kv.policies", "needs at least one policy".into()));
+    }
+    if let Some((p, q)) = c.kv.policies.iter().find_map(|p| p.split_once('+')) {
+        return Err(bad(
+            "kv.policies",
+            format!(
+                "`{p}+{q}`: a KV quantisation is its own axis now: write `{p}` here and `kv.quant: [none, {q}]` (every policy runs with every quantisation; `full` once per quantisation)"
+            ),
+        ));
+    }
+    if c.kv.quant.is_empty() {
+        return Err(bad(
+            "kv.quant",
+            "needs at least one entry (`[none]`: no quantisation)".into(),
+        ));
+    }
+    if let Some(q) = c
+        .kv
+        .quant
+        .iter()
+        .find(|q| !["none", "q8_0", "q4_0"].contains(&q.as_str()))
+    {
+        return Err(bad(
+            "kv.quant",
+            format!("unknown KV quantisation `{q}`; use none, q8_0 or q4_0"),
+        ));
+    }
+    for (key, items) in [
+        ("kv.policies", c.kv.policies.clone()),
+        ("kv.quant", c.kv.quant.clone()),
+        (
+            "kv.budgets",
+            c.kv.budgets.iter().map(|b| b.to_string()).collect(),
+        ),
+    ] {
+        if let Some(dup) = items
+            .iter()
+            .enumerate()
+            .find(|(i, x)| items[..*i].contains(x))
+            .map(|(_, x)| x)
+        {
+            return Err(bad(key, format!("lists `{dup}` twice; list each once")));
+        }
     }
     if !(c.kv.beta.is_finite() && c.kv.beta > 0.0) {
         return Err(bad("kv.beta", format!("{} must be > 0", c.kv.beta)));

@@ -359,9 +359,17 @@ pub struct TaskPrompt {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Kv {
-    /// Eviction policies to compare; each runs at every budget.
+    /// Eviction policies to compare; each runs at every budget but 1.0 (a
+    /// policy at 1.0 keeps everything: the full cache).
     pub policies: Vec<String>,
     pub budgets: Vec<f64>,
+    /// KV quantisations to cross with the policies: `none`, `q8_0`, `q4_0`.
+    #[serde(default = "default_quant")]
+    pub quant: Vec<String>,
+    /// The cells to run, derived from `policies`, `budgets` and `quant` at
+    /// load ([`Kv::expand_cells`]); never written by a user.
+    #[serde(skip_deserializing, default)]
+    pub cells: Vec<KvCell>,
     pub sink_tokens: u32,
     pub window: u32,
     pub pool_kernel: u32,
@@ -372,6 +380,66 @@ pub struct Kv {
     /// on the compressed cache, as kvpress does) or `prompt` (compress the whole
     /// prompt, question included, as the SnapKV paper does).
     pub compress: Compress,
+}
+
+fn default_quant() -> Vec<String> {
+    vec![NO_QUANT.to_string()]
+}
+
+/// `kv.quant`'s name for the unquantised cache.
+pub const NO_QUANT: &str = "none";
+
+/// One cell of the sweep: a policy label (`snapkv`, or `snapkv+q8_0` for a
+/// quantised cache) at one budget. Its fields are the infer and score nodes'
+/// bindings, so a cell's node id reads `infer[budget=0.5,policy=snapkv]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KvCell {
+    pub policy: String,
+    pub budget: f64,
+}
+
+/// The policy that keeps every entry: every cell's reference.
+pub const FULL: &str = "full";
+
+impl Kv {
+    /// The cells a sweep runs, each once: the full cache at 1.0 first (every
+    /// cell's reference, run even when `full` is not listed), the full cache
+    /// once per other quantisation, then every other policy at every budget
+    /// but 1.0 (where it keeps everything, so it is the full cache) for each
+    /// quantisation. A quantised cell's label is `policy+quant`.
+    pub fn expand_cells(&self) -> Vec<KvCell> {
+        let label = |p: &str, q: &str| {
+            if q == NO_QUANT {
+                p.to_string()
+            } else {
+                format!("{p}+{q}")
+            }
+        };
+        let mut cells = vec![KvCell {
+            policy: FULL.into(),
+            budget: 1.0,
+        }];
+        for q in self.quant.iter().filter(|q| *q != NO_QUANT) {
+            cells.push(KvCell {
+                policy: label(FULL, q),
+                budget: 1.0,
+            });
+        }
+        for p in self.policies.iter().filter(|p| *p != FULL) {
+            for q in &self.quant {
+                for &b in self.budgets.iter().filter(|b| **b != 1.0) {
+                    let c = KvCell {
+                        policy: label(p, q),
+                        budget: b,
+                    };
+                    if !cells.contains(&c) {
+                        cells.push(c);
+                    }
+                }
+            }
+        }
+        cells
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -506,4 +574,65 @@ pub struct Cache {
     /// `file:///shared/dir` (credentials from the environment, never here).
     #[serde(default)]
     pub remote: Option<String>,
+}
+
+#[cfg(test)]
+mod cell_tests {
+    use super::*;
+
+    fn kv(policies: &[&str], budgets: &[f64], quant: &[&str]) -> Kv {
+        Kv {
+            policies: policies.iter().map(|s| s.to_string()).collect(),
+            budgets: budgets.to_vec(),
+            quant: quant.iter().map(|s| s.to_string()).collect(),
+            cells: Vec::new(),
+            sink_tokens: 4,
+            window: 32,
+            pool_kernel: 7,
+            seed: 0,
+            beta: 20.0,
+            compress: Compress::Context,
+        }
+    }
+
+    fn labels(k: &Kv) -> Vec<String> {
+        k.expand_cells()
+            .iter()
+            .map(|c| format!("{}@{}", c.policy, c.budget))
+            .collect()
+    }
+
+    #[test]
+    fn the_full_cache_runs_once_per_quantisation_and_no_policy_at_one() {
+        let k = kv(
+            &["snapkv", "full", "streaming"],
+            &[1.0, 0.5, 1024.0],
+            &["none", "q8_0"],
+        );
+        assert_eq!(
+            labels(&k),
+            [
+                "full@1",
+                "full+q8_0@1",
+                "snapkv@0.5",
+                "snapkv@1024",
+                "snapkv+q8_0@0.5",
+                "snapkv+q8_0@1024",
+                "streaming@0.5",
+                "streaming@1024",
+                "streaming+q8_0@0.5",
+                "streaming+q8_0@1024",
+            ]
+        );
+        // The reference runs even when neither `full` nor 1.0 is listed.
+        assert_eq!(
+            labels(&kv(&["snapkv"], &[0.5], &["none"])),
+            ["full@1", "snapkv@0.5"]
+        );
+        // Only the full cache: one cell per quantisation.
+        assert_eq!(
+            labels(&kv(&["full"], &[1.0, 0.5], &["none", "q4_0"])),
+            ["full@1", "full+q4_0@1"]
+        );
+    }
 }

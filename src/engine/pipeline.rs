@@ -33,6 +33,10 @@ pub struct StageDef {
     /// Variable name → config path of a list, e.g. `budget: kv.budgets`.
     #[serde(default)]
     pub foreach: BTreeMap<String, String>,
+    /// Config path of a list of mappings, each one instance's bindings
+    /// (`cells: kv.cells`): for fan-outs that are not a full cross product.
+    #[serde(default)]
+    pub cells: Option<String>,
     #[serde(default)]
     pub description: Option<String>,
 }
@@ -145,6 +149,27 @@ impl Plan {
                     ));
                 }
             }
+            if let Some(path) = &st.cells {
+                if !st.foreach.is_empty() {
+                    return Err(pipeline_error(
+                        source,
+                        format!("stage `{name}`: use `foreach` or `cells`, not both"),
+                    ));
+                }
+                let ok = match get_path(config, path) {
+                    Some(Value::Array(items)) => items.iter().all(|it| {
+                        it.as_object()
+                            .is_some_and(|o| !o.is_empty() && o.values().all(|v| !v.is_object() && !v.is_array()))
+                    }),
+                    _ => false,
+                };
+                if !ok {
+                    return Err(pipeline_error(
+                        source,
+                        format!("stage `{name}`: `cells` needs a list of mappings of plain values at `{path}`"),
+                    ));
+                }
+            }
             for (var, path) in &st.foreach {
                 match get_path(config, path) {
                     Some(Value::Array(_)) => {}
@@ -216,6 +241,27 @@ impl Plan {
             let name = sg[*si];
             let st = &stages[name];
             let mut combos: Vec<BTreeMap<String, Value>> = vec![BTreeMap::new()];
+            if let Some(path) = &st.cells {
+                combos.clear();
+                let items = get_path(config, path)
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                let mut seen = BTreeSet::new();
+                for it in items {
+                    let b: BTreeMap<String, Value> = it
+                        .as_object()
+                        .map(|o| o.clone().into_iter().collect())
+                        .unwrap_or_default();
+                    if !seen.insert(node_id("", &b)) {
+                        return Err(pipeline_error(
+                            source,
+                            format!("stage `{name}`: `{path}` lists {it} twice; list each cell once"),
+                        ));
+                    }
+                    combos.push(b);
+                }
+            }
             for (var, path) in &st.foreach {
                 let items = get_path(config, path)
                     .and_then(Value::as_array)

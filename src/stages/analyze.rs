@@ -5,7 +5,7 @@
 //! and transition detection per (policy, budget). Writes `bin_stats` and
 //! `transition_summary` as Parquet tables.
 
-use crate::config::schema::{Analysis, KvGeometry};
+use crate::config::schema::{Analysis, KvGeometry, FULL};
 use crate::data::SplitMix64;
 use crate::engine::{Op, OpContext};
 use crate::llm::reference::kv_bytes;
@@ -157,24 +157,15 @@ pub fn analyze(
     }
     let mut jobs: Vec<Job> = Vec::new();
     for (policy, budgets) in &policies {
-        // The full-cache budget: 1.0 if present, else the largest one. A
-        // quantised policy (`snapkv+q8_0`) is measured against the unquantised
-        // full cache, which every plain policy's 1.0 budget is.
-        let reference = budgets.iter().copied().fold(f64::MIN, f64::max);
-        let reference = if budgets.contains(&1.0) {
-            1.0
-        } else {
-            reference
-        };
-        let plain_full = policy.contains('+').then(|| {
-            let base = policy.split('+').next().unwrap_or(policy);
-            std::iter::once(base.to_string())
-                .chain(policies.keys().filter(|p| !p.contains('+')).cloned())
-                .find(|p| cells.contains_key(&(p.clone(), 1f64.to_bits())))
-        });
-        let ref_rows = match plain_full.flatten() {
-            Some(p) => &cells[&(p, 1f64.to_bits())],
-            None => &cells[&(policy.clone(), reference.to_bits())],
+        // Every cell is measured against the one full cache (`full` at 1.0,
+        // which the sweep always runs). Without it (a hand-made pipeline or
+        // older scores): the policy's own largest budget, 1.0 if present.
+        let own = budgets.iter().copied().fold(f64::MIN, f64::max);
+        let own = if budgets.contains(&1.0) { 1.0 } else { own };
+        let full = (FULL.to_string(), 1f64.to_bits());
+        let (reference, ref_rows) = match cells.get(&full) {
+            Some(rows) => (1.0, rows),
+            None => (own, &cells[&(policy.clone(), own.to_bits())]),
         };
         for &budget in budgets {
             let rows = &cells[&(policy.clone(), budget.to_bits())];

@@ -683,10 +683,8 @@ struct Uses {
 struct Transport {
     #[serde(rename = "engine.kind")]
     kind: EngineKind,
-    #[serde(rename = "kv.policies")]
-    policies: Vec<String>,
-    #[serde(rename = "kv.budgets")]
-    budgets: Vec<f64>,
+    #[serde(rename = "kv.cells")]
+    cells: Vec<crate::config::schema::KvCell>,
     #[serde(rename = "engine.prefill_cache_mib")]
     prefill_cache_mib: u64,
     #[serde(rename = "engine.base_url")]
@@ -806,15 +804,13 @@ impl Op for Infer {
         };
         let mut cohort = Vec::new();
         if native {
-            for p in &t.policies {
-                for b in &t.budgets {
-                    let c = cell(p.clone(), *b)?;
-                    if !cohort
-                        .iter()
-                        .any(|o: &KvParams| o.native_cell().ok() == c.native_cell().ok())
-                    {
-                        cohort.push(c);
-                    }
+            for kc in &t.cells {
+                let c = cell(kc.policy.clone(), kc.budget)?;
+                if !cohort
+                    .iter()
+                    .any(|o: &KvParams| o.native_cell().ok() == c.native_cell().ok())
+                {
+                    cohort.push(c);
                 }
             }
         }
@@ -1456,7 +1452,7 @@ mod tests {
             fidelity: false,
             simulator: true,
             transport: serde_json::from_value(json!({
-                "engine.kind": "serve", "kv.policies": ["streaming"], "kv.budgets": [1.0],
+                "engine.kind": "serve", "kv.cells": [{"policy": "streaming", "budget": 1.0}],
                 "engine.prefill_cache_mib": 64, "engine.base_url": null, "engine.replicas": [],
                 "engine.api_key_env": null, "engine.concurrency": 1, "engine.rpm": null,
                 "engine.tpm": null, "engine.timeout_s": 1.0, "engine.max_retries": 0,

@@ -26,6 +26,14 @@ pub fn check_config(loaded: &LoadedConfig) -> Result<()> {
     let c = &loaded.config;
     let answerer = infer::answerer(c.engine.kind, c.engine.model_path.is_some());
     let native_model = answerer == infer::Answerer::ModelFile;
+    for q in c.kv.quant.iter().filter(|q| *q != crate::config::schema::NO_QUANT) {
+        if !native_model {
+            return Err(loaded.key_error(
+                "kv.quant",
+                &format!("`{q}` runs on the native engine only (`engine.kind: native`, or `serve` with `engine.model_path`); use `[none]` here"),
+            ));
+        }
+    }
     for p in &c.kv.policies {
         if answerer == infer::Answerer::Named {
             // A server of the user's knows its own policies (kvpress's
@@ -46,9 +54,8 @@ pub fn check_config(loaded: &LoadedConfig) -> Result<()> {
                     .iter()
                     .map(|s| s.to_string())
                     .collect();
-                let base = p.split('+').next().unwrap_or(p);
-                let hint = closest(base, &known)
-                    .filter(|k| *k != base)
+                let hint = closest(p, &known)
+                    .filter(|k| k != p)
                     .map(|c| format!("did you mean `{c}`? "))
                     .unwrap_or_default();
                 return Err(loaded.key_error("kv.policies", &format!("{e}; {hint}")));

@@ -2,6 +2,7 @@
 //! `fail_by_bin`, `latency_p50_by_bin` and `delta_heatmap` (paired delta to the
 //! full cache), each as PNG and SVG, exported to `runs/<exp_group_id>/plots/`.
 
+use crate::config::schema::FULL;
 use crate::engine::{Op, OpContext};
 use crate::render::plots::{self, Figure, HeatMap, LinePlot, Panel, Point, Series};
 use crate::stages::analyze::BinStat;
@@ -79,6 +80,19 @@ fn by_setting(stats: &[BinStat]) -> Vec<(String, Vec<&BinStat>)> {
         .collect()
 }
 
+/// The policies that get a panel, sorted: every one but the plain full
+/// cache, which runs once and is each panel's reference (it gets a panel of
+/// its own only when it is all there is).
+fn panel_policies<'a>(all: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut policies: Vec<&str> = all.collect();
+    policies.sort();
+    policies.dedup();
+    if policies.len() > 1 {
+        policies.retain(|p| *p != FULL);
+    }
+    policies
+}
+
 /// Says when a policy's score lines cannot show a budget effect: every
 /// series at the floor, or all of them flat and equal.
 fn panel_note(stats: &[BinStat], policy: &str, floor: f64) -> &'static str {
@@ -117,9 +131,9 @@ pub fn figures(stats: &[BinStat], metric: &str, floor: f64) -> Vec<(&'static str
     let mut budgets: Vec<f64> = stats.iter().map(|s| s.budget).collect();
     sort_budgets(&mut budgets);
     budgets.dedup();
-    let mut policies: Vec<&str> = stats.iter().map(|s| s.policy.as_str()).collect();
-    policies.sort();
-    policies.dedup();
+    let policies = panel_policies(stats.iter().map(|s| s.policy.as_str()));
+    // The full cache runs once; every panel draws it as its reference line.
+    let is_reference = |s: &BinStat| s.policy == FULL && s.budget == 1.0;
     let lines = |f: &dyn Fn(&BinStat) -> Point| -> Vec<Panel> {
         policies
             .iter()
@@ -127,11 +141,17 @@ pub fn figures(stats: &[BinStat], metric: &str, floor: f64) -> Vec<(&'static str
                 title: format!("policy: {p}{}", panel_note(stats, p, floor)),
                 series: groups
                     .iter()
-                    .filter(|(_, v)| v[0].policy == *p)
+                    .filter(|(_, v)| {
+                        v[0].policy == *p || (is_reference(v[0]) && *p != FULL)
+                    })
                     .map(|(_, v)| {
                         let rank = budgets.iter().position(|b| *b == v[0].budget).unwrap_or(0);
                         Series {
-                            name: format!("budget {}", budget_label(v[0].budget)),
+                            name: if is_reference(v[0]) {
+                                "full cache".to_string()
+                            } else {
+                                format!("budget {}", budget_label(v[0].budget))
+                            },
                             color: budget_color(v[0].budget),
                             marker: rank,
                             points: v.iter().map(|s| f(s)).collect(),
@@ -238,9 +258,7 @@ pub fn fidelity_figures(
         .collect();
     labels.sort();
     labels.dedup();
-    let mut policies: Vec<&str> = fid.iter().map(|f| f.policy.as_str()).collect();
-    policies.sort();
-    policies.dedup();
+    let policies = panel_policies(fid.iter().map(|f| f.policy.as_str()));
     let mut budgets: Vec<f64> = fid.iter().map(|f| f.budget).collect();
     sort_budgets(&mut budgets);
     budgets.dedup();

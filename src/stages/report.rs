@@ -3,6 +3,7 @@
 //! the per-bin table with CIs, the plots, failures by type, what was run and
 //! provenance.
 
+use crate::config::schema::FULL;
 use crate::engine::{canonical_json, Op, OpContext};
 use crate::metrics::FAILURE_LABELS;
 use crate::stages::analyze::{BinStat, TransitionRow};
@@ -276,7 +277,7 @@ pub fn context(
                 other => other.to_string(),
             };
             json!({
-                "policy": if is_full(&t.policy, t.budget, t.reference_budget) { "all".to_string() } else { t.policy.clone() },
+                "policy": if is_full(&t.policy, t.budget, t.reference_budget) { FULL.to_string() } else { t.policy.clone() },
                 "budget": budget_label(t.budget), "outcome": outcome,
                 "first_bin": t.t.first_failing_bin.map_or("–".into(), |b| format!("{b} ({})", bin_label(b))),
                 "zone": match (t.t.zone_lo_tokens, t.t.zone_hi_tokens) {
