@@ -438,7 +438,8 @@ impl Op for Analyze {
         "analyze"
     }
     fn version(&self) -> u32 {
-        3
+        // 4: one reference for every cell, `full` at 1.0 (fidelity too).
+        4
     }
     fn check(
         &self,

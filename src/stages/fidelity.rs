@@ -197,19 +197,10 @@ pub fn fidelity(
             continue;
         };
         let reference = &cells[&(rp.to_string(), rb.to_bits())];
-        // Every plain policy's own full budget is the full cache (one request).
-        let own_full = cells
-            .keys()
-            .filter(|(p, _)| p == policy)
-            .map(|(_, b)| f64::from_bits(*b))
-            .fold(f64::MIN, f64::max);
-        let own_full = if cells.contains_key(&(policy.clone(), 1f64.to_bits())) {
-            1.0
-        } else {
-            own_full
-        };
+        // The reference cell itself, and any plain policy at 1.0 (it keeps
+        // everything: the full cache, one request), are not compared.
         let is_reference =
-            (rp == policy && rb == budget) || (!policy.contains('+') && budget == own_full);
+            (rp == policy && rb == budget) || (!policy.contains('+') && budget == 1.0);
         let ref_by_id: BTreeMap<&str, &ScoreCell> = reference
             .iter()
             .map(|r| (r.example_id.as_str(), *r))
@@ -526,6 +517,38 @@ mod tests {
                 n_selected: 30,
             })
             .collect()
+    }
+
+    /// Issue #29, item 1: with the full cache run once as `full`, a policy's
+    /// only budget (0.5) is its largest, and it was taken for the reference:
+    /// no fidelity verdict and no Δ for every unquantised cell.
+    #[test]
+    fn a_policy_without_a_budget_of_one_is_compared_with_full() {
+        let rows: Vec<ScoreCell> = rows(false)
+            .into_iter()
+            .map(|mut r| {
+                if r.budget == 1.0 {
+                    r.policy = "full".into();
+                }
+                r
+            })
+            .collect();
+        let (fid, sel_rows) = fidelity(&bins(), &rows, &analysis(0.5));
+        let kl = fid
+            .iter()
+            .find(|f| f.policy == "snapkv" && f.metric == "kl" && f.bin_idx == 0)
+            .unwrap();
+        assert_eq!(kl.verdict, "fails");
+        let full = fid
+            .iter()
+            .find(|f| f.policy == "full" && f.metric == "kl" && f.bin_idx == 0)
+            .unwrap();
+        assert_eq!(full.verdict, "reference");
+        let whole = sel_rows
+            .iter()
+            .find(|s| s.policy == "snapkv" && s.bin_idx == -1)
+            .unwrap();
+        assert!(whole.d_augrc.is_some());
     }
 
     #[test]
