@@ -452,7 +452,8 @@ pub fn render(fig: &Figure) -> Result<(Vec<u8>, String)> {
     let (w, h) = size_of(fig);
     let mut rgb = vec![0u8; w as usize * h as usize * 3];
     {
-        let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
+        let root =
+            super::kerned::Kerned(BitMapBackend::with_buffer(&mut rgb, (w, h))).into_drawing_area();
         match fig {
             Figure::Lines(p) => draw_lines(&root, p)?,
             Figure::Heat(h) => draw_heat(&root, h)?,
