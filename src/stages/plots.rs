@@ -141,9 +141,7 @@ pub fn figures(stats: &[BinStat], metric: &str, floor: f64) -> Vec<(&'static str
                 title: format!("policy: {p}{}", panel_note(stats, p, floor)),
                 series: groups
                     .iter()
-                    .filter(|(_, v)| {
-                        v[0].policy == *p || (is_reference(v[0]) && *p != FULL)
-                    })
+                    .filter(|(_, v)| v[0].policy == *p || (is_reference(v[0]) && *p != FULL))
                     .map(|(_, v)| {
                         let rank = budgets.iter().position(|b| *b == v[0].budget).unwrap_or(0);
                         Series {
@@ -448,7 +446,9 @@ impl Op for Plots {
     }
     /// 6: the log-probability figures.
     fn version(&self) -> u32 {
-        6
+        // 7: PNG text set by advance widths, bearings and kerning; the full
+        // cache drawn in every policy's panel.
+        7
     }
     fn check(
         &self,
