@@ -283,7 +283,8 @@ impl Op for Prepare {
     fn version(&self) -> u32 {
         // 5: token counts come only from checksummed rows; a preparation
         // that may have read a damaged count of the old table is redone.
-        5
+        // 6: default edges a bin per synthetic target, or rounded quantiles.
+        6
     }
     fn check(
         &self,
@@ -358,7 +359,23 @@ impl Op for Prepare {
                         }
                         e.iter().map(|&x| x as usize).collect()
                     }
-                    None => binning::quantile_edges(&lengths, n_bins),
+                    None => {
+                        // Synthetic prompts made at as many target lengths
+                        // as there are bins: a bin per target. Otherwise
+                        // quantiles, rounded where no example moves.
+                        let mut targets: Vec<usize> =
+                            ds.lengths.iter().map(|&l| l as usize).collect();
+                        targets.sort_unstable();
+                        targets.dedup();
+                        if ds.source == Source::Synthetic && targets.len() == n_bins {
+                            binning::target_edges(&targets)
+                        } else {
+                            binning::round_edges(
+                                &binning::quantile_edges(&lengths, n_bins),
+                                &lengths,
+                            )
+                        }
+                    }
                 };
                 (n_bins, edges, lengths.clone())
             }
