@@ -587,17 +587,20 @@ fn evidence(
     }
 }
 
-/// Judges one bin: uninformative when the full cache scores below `floor`;
+/// Judges one bin: uninformative when the full cache scores below `floor`
+/// (from any number of examples);
 /// fails when the net loss's lower bound lies above `delta`; safe only when
 /// the loss's upper bound lies below `delta` (both one-sided bounds at the
 /// same level); otherwise insufficient. The bootstrap CI of the delta is
 /// shown, never decided on: at small n it collapses to a point.
 pub fn verdict(e: &BinEvidence, delta: f64, floor: f64) -> BinVerdict {
+    // A full cache at the floor says so from any number of examples, as the
+    // report's warning does: the marks and the warning agree.
+    if e.n > 0 && e.reference_mean < floor {
+        return BinVerdict::Uninformative;
+    }
     if e.n < MIN_N {
         return BinVerdict::Insufficient;
-    }
-    if e.reference_mean < floor {
-        return BinVerdict::Uninformative;
     }
     if e.net_loss_lb > delta {
         return BinVerdict::Fails;
@@ -704,10 +707,13 @@ pub fn summarize(
         zone_hi_tokens: None,
         instability: (!widths.is_empty()).then(|| mean(&widths)),
         bins_with_data: with_data.len() as i64,
-        bins_uninformative: (with_data.len() - informative.len()) as i64,
+        bins_uninformative: verdicts
+            .iter()
+            .filter(|v| **v == BinVerdict::Uninformative)
+            .count() as i64,
         n_needed: None,
     };
-    if !with_data.is_empty() && informative.is_empty() {
+    if informative.is_empty() && t.bins_uninformative > 0 {
         t.status = "uninformative".into();
         return t;
     }
@@ -1004,6 +1010,19 @@ mod tests {
             e.reference_mean = 0.0;
         }
         let t = summarize(&floor, &edges, 0.1, 0.1, 0.95);
+        assert_eq!(
+            (t.status.as_str(), t.bins_uninformative),
+            ("uninformative", 2)
+        );
+        // Issue #29, item 6: two examples a bin, the full cache at 0 in both.
+        // The report warns that no verdict is possible; the bins and the
+        // outcome said "insufficient data" (fewer than MIN_N examples). Now
+        // they say uninformative, as the warning does.
+        let zero = [0.0, 0.0];
+        let few = bin_evidence(&zero, &zero, 200, 0.95, &mut SplitMix64::new(1));
+        assert!(few.n < MIN_N);
+        assert_eq!(verdict(&few, 0.1, 0.1), BinVerdict::Uninformative);
+        let t = summarize(&[few, few], &edges, 0.1, 0.1, 0.95);
         assert_eq!(
             (t.status.as_str(), t.bins_uninformative),
             ("uninformative", 2)
