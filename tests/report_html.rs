@@ -76,6 +76,59 @@ fn report_html_in_a_real_browser() {
     let compact = &dom[dom.find("id=\"compact\"").unwrap()..dom.find("id=\"summary\"").unwrap()];
     assert!(compact.contains("title=\"Δ "), "{compact}");
     assert!(!compact.contains(">1.00 (Δ"), "{compact}");
+    // Issue #29, item 3: everything report.md has. The table with CIs …
+    let ci = &dom[dom.find("id=\"ci-table\"").expect("the CI table")..];
+    let ci = &ci[..ci.find("</table>").unwrap()];
+    assert!(ci.contains("<th>mean [95% CI]</th>"), "{ci}");
+    assert!(ci.contains("<th>Δ vs full [95% CI]</th>"), "{ci}");
+    assert!(ci.contains("<td>streaming @ 0.5</td>"), "{ci}");
+    // (each compressed row carries a Δ with its interval)
+    assert!(ci.matches(", ").count() >= 5 * 6, "{ci}");
+    // … the plots, inline SVGs …
+    for name in [
+        "acc_by_bin",
+        "fail_by_bin",
+        "latency_p50_by_bin",
+        "delta_heatmap",
+    ] {
+        let at = dom
+            .find(&format!("id=\"plot-{name}\""))
+            .unwrap_or_else(|| panic!("plot {name} inline"));
+        assert!(dom[at..at + 200].contains("<svg"), "{name}");
+    }
+    // … the failures, and every column defined on the page.
+    let failures = &dom[dom.find("id=\"failures\"").unwrap()..];
+    assert!(failures[..failures.find("</table>").unwrap()].contains("ABSTAINED"));
+    for term in [
+        "instability</dt>",
+        "loss (bound)</dt>",
+        "KV memory</dt>",
+        "<b>KV kept</b>",
+    ] {
+        assert!(dom.contains(term), "{term} is defined");
+    }
+    // The needle is visible in a synthetic example's excerpt: the excerpt
+    // marks a gold answer, the very text of the example's gold line.
+    let first = &dom[dom.find("class=\"example\"").unwrap()..];
+    let first = &first[..first[1..].find("class=\"example\"").unwrap()];
+    let gold = &first[first.find("gold: ").unwrap() + 6..];
+    let gold = &gold[..gold.find('<').unwrap()];
+    let mark = &first[first
+        .find("<mark class=\"gold\"")
+        .expect("the needle is marked")..];
+    let mark = &mark[mark.find('>').unwrap() + 1..mark.find("</mark>").unwrap()];
+    assert!(
+        gold.split(" | ").any(|g| g.eq_ignore_ascii_case(mark)),
+        "marked `{mark}`, gold `{gold}`"
+    );
+    assert!(
+        dom.matches("<mark class=\"gold\"").count() >= 190,
+        "nearly every synthetic example's needle is in its excerpt"
+    );
+    assert!(
+        first.contains("whole context ("),
+        "the context is one click away"
+    );
 
     // A filter from the address: streaming's abstentions only.
     let dom = browse(

@@ -244,9 +244,84 @@ struct ExplorerExample<'a> {
     answers: &'a Value,
     bin: String,
     cells: Vec<ExplorerCell<'a>>,
+    /// The whole context, when the page can carry every example's.
+    context: Option<&'a str>,
     example_id: &'a str,
     excerpt: String,
+    /// Where a gold answer sits in `excerpt`: [start, end) in UTF-16 code
+    /// units, as the page's JavaScript indexes strings.
+    excerpt_mark: Option<(usize, usize)>,
     tokens: i64,
+}
+
+/// The most context bytes report.html embeds (all examples together).
+const MAX_EMBEDDED_CONTEXT: usize = 16 << 20;
+
+/// Characters of context shown on each side of the answer (or at each end).
+const EXCERPT_SIDE: usize = 300;
+
+/// Where the first gold answer found in `context` lies (byte range): exact
+/// first, then ignoring ASCII case.
+fn answer_span(context: &str, answers: &Value) -> Option<(usize, usize)> {
+    let mut golds: Vec<&str> = Vec::new();
+    let mut stack = vec![answers];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::String(s) if !s.trim().is_empty() => golds.push(s.trim()),
+            Value::Array(a) => stack.extend(a.iter().rev()),
+            _ => {}
+        }
+    }
+    let lower = context.to_ascii_lowercase();
+    golds
+        .iter()
+        .find_map(|g| context.find(g).map(|at| (at, at + g.len())))
+        .or_else(|| {
+            golds.iter().find_map(|g| {
+                lower
+                    .find(&g.to_ascii_lowercase())
+                    .map(|at| (at, at + g.len()))
+            })
+        })
+}
+
+/// An example's excerpt: centred on where a gold answer lies in the context
+/// (the needle of a synthetic task), else its start and end; then the
+/// question. With the answer's place in the excerpt.
+fn excerpt(e: &ExampleText) -> (String, Option<(usize, usize)>) {
+    let c = e.context.as_str();
+    let question = format!("\n\nQuestion: {}", e.question);
+    let back = |at: usize, n: usize| -> usize {
+        c[..at]
+            .char_indices()
+            .rev()
+            .nth(n.saturating_sub(1))
+            .map_or(0, |(i, _)| i)
+    };
+    let fwd = |at: usize, n: usize| -> usize {
+        c[at..]
+            .char_indices()
+            .nth(n)
+            .map_or(c.len(), |(i, _)| at + i)
+    };
+    if let Some((s, t)) = answer_span(c, &e.answers) {
+        let (from, to) = (back(s, EXCERPT_SIDE), fwd(t, EXCERPT_SIDE));
+        let lead = if from > 0 { "… " } else { "" };
+        let trail = if to < c.len() { " …" } else { "" };
+        let text = format!("{lead}{}{trail}{question}", &c[from..to]);
+        let units = |x: &str| x.encode_utf16().count();
+        let start = units(lead) + units(&c[from..s]);
+        return (text, Some((start, start + units(&c[s..t]))));
+    }
+    let n = c.chars().count();
+    let body = if n > 2 * EXCERPT_SIDE {
+        let head = fwd(0, EXCERPT_SIDE);
+        let tail = back(c.len(), EXCERPT_SIDE);
+        format!("{} … {}", &c[..head], &c[tail..])
+    } else {
+        c.to_string()
+    };
+    (format!("{body}{question}"), None)
 }
 
 #[derive(Serialize)]
@@ -291,22 +366,10 @@ pub fn explorer(manifest: &ManifestView, scores: &[ScoreRow], bins: &[Bin]) -> S
             .find(|b| b.bin_idx == i)
             .map_or(i.to_string(), |b| format!("{}–{}", b.lo, b.hi))
     };
-    let excerpt = |e: &ExampleText| -> String {
-        let c = e.context.as_str();
-        let head: String = c.chars().take(300).collect();
-        let n = c.chars().count();
-        let tail: String = if n > 600 {
-            c.chars().skip(n - 300).collect()
-        } else {
-            String::new()
-        };
-        let body = if tail.is_empty() {
-            c.chars().take(600).collect()
-        } else {
-            format!("{head} … {tail}")
-        };
-        format!("{body}\n\nQuestion: {}", e.question)
-    };
+    // The full contexts travel with the page while they stay small enough
+    // for a browser; beyond that the page points to the SQLite file.
+    let total: usize = manifest.examples.iter().map(|e| e.context.len()).sum();
+    let with_context = total <= MAX_EMBEDDED_CONTEXT;
     let order = |r: &ScoreRow| {
         let (group, value) = budget_order(r.budget);
         (r.policy.clone(), group, (value * 1e9) as i64)
@@ -320,6 +383,7 @@ pub fn explorer(manifest: &ManifestView, scores: &[ScoreRow], bins: &[Bin]) -> S
             let first = rows.first()?;
             let mut rows = rows.clone();
             rows.sort_by_key(|r| order(r));
+            let ex = excerpt(e);
             Some(ExplorerExample {
                 answers: &e.answers,
                 bin: label(first.bin_idx),
@@ -344,8 +408,10 @@ pub fn explorer(manifest: &ManifestView, scores: &[ScoreRow], bins: &[Bin]) -> S
                         diverged: divergence(&r.response),
                     })
                     .collect(),
+                context: with_context.then_some(e.context.as_str()),
                 example_id: id,
-                excerpt: excerpt(e),
+                excerpt: ex.0,
+                excerpt_mark: ex.1,
                 tokens: first.token_len,
             })
         })
@@ -366,7 +432,8 @@ impl Op for Explorer {
     }
     fn version(&self) -> u32 {
         // 2: facts name the layers eviction reached and a misfitting metric.
-        2
+        // 3: excerpts centre on the gold answer; the full context travels.
+        3
     }
     fn check(
         &self,
@@ -493,6 +560,45 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("the other 15 attend to a sliding window"), "{s}");
+    }
+
+    #[test]
+    fn the_excerpt_centres_on_the_gold_answer_and_marks_it() {
+        // The needle deep in a long context, with multi-byte filler before it.
+        let context = format!(
+            "{}The code for Velo is 918273. {}",
+            "é".repeat(2000),
+            "b".repeat(2000)
+        );
+        let e = ExampleText {
+            example_id: "e".into(),
+            question: "What is the code?".into(),
+            context,
+            answers: json!(["918273"]),
+        };
+        let (text, mark) = excerpt(&e);
+        let (s, t) = mark.unwrap();
+        let units: Vec<u16> = text.encode_utf16().collect();
+        assert_eq!(String::from_utf16(&units[s..t]).unwrap(), "918273");
+        assert!(text.starts_with("… é"), "{text}");
+        assert!(text.contains("The code for Velo is 918273. b"), "{text}");
+        assert!(
+            text.ends_with(" …\n\nQuestion: What is the code?"),
+            "{text}"
+        );
+        assert_eq!(
+            text.chars().filter(|c| *c == 'é').count(),
+            EXCERPT_SIDE - 21
+        );
+        // Found ignoring case; nested answer lists are searched too.
+        let e2 = ExampleText {
+            answers: json!([["VELO"]]),
+            ..e
+        };
+        let (text, mark) = excerpt(&e2);
+        let (s, t) = mark.unwrap();
+        let units: Vec<u16> = text.encode_utf16().collect();
+        assert_eq!(String::from_utf16(&units[s..t]).unwrap(), "Velo");
     }
 
     #[test]

@@ -29,9 +29,9 @@ const EXAMPLES_SLOT: &str = "\"__KVT_EXAMPLES__\"";
 /// report.html's page: the analysis (small, changes with every analysis
 /// setting) with a slot for the example explorer, whose data the
 /// `explorer` stage makes once per change of the data or the responses. The
-/// exported file is the page with the explorer in its slot
+/// exported file is the page with the plots and the explorer in their slots
 /// (`compose_export`).
-pub fn html_page(ctx: &Value) -> String {
+pub fn html_page(ctx: &Value, plots: &[&str]) -> String {
     let data = json!({
         "exp_group_id": ctx["exp_group_id"],
         "meta": format!("{} / {} · model {} · metric {}",
@@ -41,15 +41,52 @@ pub fn html_page(ctx: &Value) -> String {
         "bin_labels": ctx["bin_labels"],
         "compact": ctx["compact"],
         "transitions": ctx["transitions"],
+        "rows": ctx["rows"],
+        "ci_pct": ctx["ci_pct"],
+        "failure_labels": ctx["failure_labels"],
+        "failures": ctx["failures"],
         "examples": "__KVT_EXAMPLES__",
     });
     // `</` cannot appear inside the script element.
     let json = data.to_string().replace("</", "<\\/");
-    HTML.replace("__KVT_DATA__", &json)
+    // A slot per plot, in `plots` order: the SVGs the plots stage drew go in
+    // when the file is composed (stored once, by the plots node).
+    let plots: String = plots
+        .iter()
+        .map(|name| {
+            format!("<figure class=\"plot\" id=\"plot-{name}\">{SVG_SLOT}<figcaption>{name}.svg</figcaption></figure>\n")
+        })
+        .collect();
+    // The data goes in last: nothing it holds is read as a placeholder.
+    HTML.replace("__KVT_PLOTS__", &plots)
+        .replace("__KVT_DATA__", &json)
 }
 
-/// The whole report.html: the page with the explorer in its slot.
-pub fn compose_html(page: &str, explorer: &str) -> String {
+/// The figures report.html shows, in the order report.md has them.
+pub const HTML_PLOTS: &[&str] = &[
+    "acc_by_bin",
+    "fail_by_bin",
+    "latency_p50_by_bin",
+    "delta_heatmap",
+    "kl_by_bin",
+    "gold_ll_drop_by_bin",
+    "risk_coverage",
+    "reliability",
+];
+
+/// Where a plot's SVG goes in the page.
+const SVG_SLOT: &str = "__KVT_SVG__";
+
+/// The whole report.html: the page with each plot's SVG in its slot (in
+/// order; inline SVG needs no namespace declaration, and the page then names
+/// no address at all), then the explorer in its slot.
+pub fn compose_html(page: &str, explorer: &str, svgs: &[&str]) -> String {
+    let mut page = page.to_string();
+    for svg in svgs {
+        let body = svg.find("<svg").map_or(*svg, |at| &svg[at..]);
+        let body = body.replacen(" xmlns=\"http://www.w3.org/2000/svg\"", "", 1);
+        page = page.replacen(SVG_SLOT, &body, 1);
+    }
     page.replacen(EXAMPLES_SLOT, explorer, 1)
 }
 
@@ -547,7 +584,8 @@ impl Op for Report {
     /// 10: the fidelity and selective-prediction tables.
     fn version(&self) -> u32 {
         // 11: the layer note and the metric-fit warning.
-        11
+        // 12: report.html carries the CI table, the plots and the failures.
+        12
     }
     fn check(
         &self,
@@ -581,18 +619,28 @@ impl Op for Report {
         let md = render(&c)?;
         ctx.put("report", md.as_bytes())?;
         ctx.export("report", format!("runs/{exp}/report.md"));
-        ctx.put("report_html", html_page(&c).as_bytes())?;
+        // The plots go in by reference, like the explorer: report.html's
+        // page stays small in the cache.
+        let mut overlays = vec!["explorer".to_string()];
+        let mut plots = Vec::new();
+        for name in HTML_PLOTS {
+            if ctx
+                .pass_through("plots", &format!("{name}.svg"), &format!("svg_{name}"))
+                .is_ok()
+            {
+                overlays.push(format!("svg_{name}"));
+                plots.push(*name);
+            }
+        }
+        ctx.put("report_html", html_page(&c, &plots).as_bytes())?;
         ctx.pass_through("explorer", "explorer", "explorer")?;
-        ctx.export_composed(
-            "report_html",
-            &["explorer"],
-            format!("runs/{exp}/report.html"),
-        );
+        let overlays: Vec<&str> = overlays.iter().map(String::as_str).collect();
+        ctx.export_composed("report_html", &overlays, format!("runs/{exp}/report.html"));
         Ok(())
     }
     fn compose_export(&self, file: &std::path::Path, overlays: &[Vec<u8>]) -> Result<()> {
-        let [explorer] = overlays else {
-            anyhow::bail!("report.html composes one overlay, got {}", overlays.len());
+        let [explorer, svgs @ ..] = overlays else {
+            anyhow::bail!("report.html composes the explorer and the plots, got no overlay");
         };
         let page = std::fs::read_to_string(file)?;
         anyhow::ensure!(
@@ -600,7 +648,11 @@ impl Op for Report {
             "report.html's page has no slot for the example explorer"
         );
         let explorer = std::str::from_utf8(explorer)?;
-        std::fs::write(file, compose_html(&page, explorer))?;
+        let svgs = svgs
+            .iter()
+            .map(|s| std::str::from_utf8(s))
+            .collect::<std::result::Result<Vec<&str>, _>>()?;
+        std::fs::write(file, compose_html(&page, explorer, &svgs))?;
         Ok(())
     }
 }
