@@ -61,8 +61,7 @@ fn two_variants_line_up_by_cell_and_example() {
     assert_eq!(table.matches("| 12 |").count(), 6, "{table}");
     // The full cache is the same cell on both sides: no difference at all.
     assert!(
-        table.contains("| full | 1.0 | 0–600 | 12 |")
-            && table.contains("+0.00 [+0.00, +0.00]"),
+        table.contains("| full | 1.0 | 0–600 | 12 |") && table.contains("+0.00 [+0.00, +0.00]"),
         "{table}"
     );
     // The same cell on both sides agrees on every example; the 0.3 SnapKV

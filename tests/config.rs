@@ -615,10 +615,22 @@ fn kv_quant_is_its_own_axis_and_the_full_cache_runs_once() {
             "kv.policies",
             "write `full` here and `kv.quant: [none, q8_0]`",
         ),
-        ("kv: {quant: [none, q5_1]}", "kv.quant", "unknown KV quantisation `q5_1`"),
+        (
+            "kv: {quant: [none, q5_1]}",
+            "kv.quant",
+            "unknown KV quantisation `q5_1`",
+        ),
         ("kv: {quant: []}", "kv.quant", "at least one"),
-        ("kv: {quant: [none, none]}", "kv.quant", "lists `none` twice"),
-        ("kv: {policies: [snapkv, snapkv]}", "kv.policies", "lists `snapkv` twice"),
+        (
+            "kv: {quant: [none, none]}",
+            "kv.quant",
+            "lists `none` twice",
+        ),
+        (
+            "kv: {policies: [snapkv, snapkv]}",
+            "kv.policies",
+            "lists `snapkv` twice",
+        ),
         ("kv: {quant: [q8_0]}", "kv.quant", "native engine only"),
     ] {
         p.write(

@@ -465,7 +465,11 @@ fn lifecycle_commands_are_build_targets() {
         built_nodes(&out)
     };
     assert_eq!(run("prepare"), strs(&["prepare"]));
-    assert_eq!(run("run").len(), 3, "three infer nodes: the full cache once");
+    assert_eq!(
+        run("run").len(),
+        3,
+        "three infer nodes: the full cache once"
+    );
     assert_eq!(run("score").len(), 3);
     assert_eq!(run("analyze"), strs(&["analyze"]));
     assert_eq!(

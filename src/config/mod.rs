@@ -940,11 +940,10 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
             "needs at least one entry (`[none]`: no quantisation)".into(),
         ));
     }
-    if let Some(q) = c
-        .kv
-        .quant
-        .iter()
-        .find(|q| !["none", "q8_0", "q4_0"].contains(&q.as_str()))
+    if let Some(q) =
+        c.kv.quant
+            .iter()
+            .find(|q| !["none", "q8_0", "q4_0"].contains(&q.as_str()))
     {
         return Err(bad(
             "kv.quant",

@@ -158,8 +158,9 @@ impl Plan {
                 }
                 let ok = match get_path(config, path) {
                     Some(Value::Array(items)) => items.iter().all(|it| {
-                        it.as_object()
-                            .is_some_and(|o| !o.is_empty() && o.values().all(|v| !v.is_object() && !v.is_array()))
+                        it.as_object().is_some_and(|o| {
+                            !o.is_empty() && o.values().all(|v| !v.is_object() && !v.is_array())
+                        })
                     }),
                     _ => false,
                 };
@@ -256,7 +257,9 @@ impl Plan {
                     if !seen.insert(node_id("", &b)) {
                         return Err(pipeline_error(
                             source,
-                            format!("stage `{name}`: `{path}` lists {it} twice; list each cell once"),
+                            format!(
+                                "stage `{name}`: `{path}` lists {it} twice; list each cell once"
+                            ),
                         ));
                     }
                     combos.push(b);

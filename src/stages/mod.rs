@@ -26,7 +26,11 @@ pub fn check_config(loaded: &LoadedConfig) -> Result<()> {
     let c = &loaded.config;
     let answerer = infer::answerer(c.engine.kind, c.engine.model_path.is_some());
     let native_model = answerer == infer::Answerer::ModelFile;
-    for q in c.kv.quant.iter().filter(|q| *q != crate::config::schema::NO_QUANT) {
+    for q in
+        c.kv.quant
+            .iter()
+            .filter(|q| *q != crate::config::schema::NO_QUANT)
+    {
         if !native_model {
             return Err(loaded.key_error(
                 "kv.quant",
