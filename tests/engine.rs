@@ -4,7 +4,6 @@
 mod common;
 use common::*;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
 
 const ALL: &[&str] = &[
     "count",
@@ -216,14 +215,7 @@ fn start_slow_build(p: &Project) -> std::process::Child {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let t0 = Instant::now();
-    while !p.path("slow.started").exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "slow node never started"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("the slow node to start", || p.path("slow.started").exists());
     child
 }
 

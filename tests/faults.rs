@@ -119,6 +119,8 @@ async fn chat(State(st): State<Arc<Fs>>, headers: HeaderMap, body: String) -> Re
         Fault::Status500 => (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
         Fault::Status503 => (StatusCode::SERVICE_UNAVAILABLE, "overloaded").into_response(),
         Fault::Timeout => {
+            // A server slower than the client's timeout (not a wait of the
+            // test's): what is tested is kvt giving up on it.
             tokio::time::sleep(Duration::from_millis(1500)).await;
             ok_body(stream)
         }

@@ -333,11 +333,7 @@ fn killed_during_infer_resumes_with_nothing_lost() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let t0 = std::time::Instant::now();
-    while served(&p).len() < 8 {
-        assert!(t0.elapsed().as_secs() < 60, "no progress");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    wait_until("eight answered requests", || served(&p).len() >= 8);
     child.kill().unwrap(); // SIGKILL: no cleanup runs in kvt.
     child.wait().unwrap();
     let before = served(&p);
@@ -512,11 +508,7 @@ fn replicas_share_the_load_and_survive_losing_one() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let t0 = std::time::Instant::now();
-    while lines(&la) < 4 {
-        assert!(t0.elapsed().as_secs() < 60, "no progress");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    wait_until("four requests at replica A", || lines(&la) >= 4);
     drop(a); // replica A dies mid-run
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", stderr_of(&out));

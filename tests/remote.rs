@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const SMALL: &str = "\
 output:
@@ -577,6 +577,8 @@ async fn held_chat(
     *st.attempts.lock().unwrap().entry(key.clone()).or_default() += 1;
     st.busy.fetch_add(1, Ordering::SeqCst);
     if st.hold.load(Ordering::SeqCst) && st.answered.lock().unwrap().len() >= st.open {
+        // A server that holds a request (not a wait of the test's): the
+        // test kills kvt long before this ends.
         tokio::time::sleep(Duration::from_secs(120)).await;
     }
     st.answered.lock().unwrap().push(key);
@@ -606,14 +608,9 @@ fn held_server() -> (Arc<Held>, String, tokio::runtime::Runtime) {
 
 /// Waits until `n` requests have reached the held server.
 fn wait_for_requests(st: &Held, n: usize) {
-    let t0 = Instant::now();
-    while st.busy.load(Ordering::SeqCst) < n {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no requests arrived"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(&format!("{n} requests at the held server"), || {
+        st.busy.load(Ordering::SeqCst) >= n
+    });
 }
 
 #[test]
@@ -658,14 +655,14 @@ kv: {policies: [snapkv], budgets: [1.0]}
         .unwrap();
     // Three answers, then the server holds: the batch of three never fills.
     wait_for_requests(&st, 4);
-    std::thread::sleep(Duration::from_millis(500));
-    let went_up = journal.exists() && std::fs::read_dir(&journal).map_or(0, |d| d.count()) > 0;
+    // The node still runs (the server holds its fourth request): the batch
+    // reaches the remote on its wait alone, or this wait fails.
+    wait_until("a journal batch on the remote while the node runs", || {
+        std::fs::read_dir(&journal).map_or(0, |d| d.count()) > 0
+    });
+    assert!(child.try_wait().unwrap().is_none(), "the node ended");
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(
-        went_up,
-        "no journal batch reached the remote while the node ran"
-    );
 }
 
 /// Worker 0 of two is killed while its server holds requests, restarted,
@@ -710,7 +707,21 @@ analysis: {bootstrap: {iters: 20}}
         .spawn()
         .unwrap();
     wait_for_requests(&st, 5);
-    std::thread::sleep(Duration::from_millis(300));
+    // Its three answers are committed (one-answer batches, in the
+    // journal's `arrivals` until the node settles) before the kill.
+    let w0 = p.path("w0/v1/journal.sqlite");
+    wait_until("worker 0's three answers in its journal", || {
+        rusqlite::Connection::open(&w0)
+            .and_then(|c| {
+                c.query_row(
+                    "SELECT (SELECT COUNT(*) FROM arrivals WHERE is_final = 1)
+                          + (SELECT COUNT(*) FROM responses WHERE is_final = 1)",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+            })
+            .is_ok_and(|n| n >= 3)
+    });
     child.kill().unwrap();
     child.wait().unwrap();
     let answered_first = st.answered.lock().unwrap().clone();

@@ -5,7 +5,10 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// tokio's clock: the real one, or in tests a paused one that only moves
+// when every task waits (so pacing is tested without wall-clock bounds).
+use tokio::time::Instant;
 
 /// Limits as configured (`engine.concurrency`, `engine.rpm`, `engine.tpm`).
 #[derive(Debug, Clone, Default)]
@@ -179,6 +182,7 @@ mod tests {
     fn requests_per_minute_are_paced() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .start_paused(true)
             .build()
             .unwrap();
         let g = Gate::new(&Limits {
@@ -186,23 +190,23 @@ mod tests {
             rpm: Some(1200), // one start every 50 ms
             tpm: None,
         });
-        let t0 = Instant::now();
-        rt.block_on(async {
+        // The clock is paused: it moves only by the waits the gate asks
+        // for, so four gaps of 50 ms are exactly 200 ms of virtual time.
+        let e = rt.block_on(async {
+            let t0 = Instant::now();
             for _ in 0..5 {
                 drop(g.acquire(0).await);
             }
+            t0.elapsed()
         });
-        let e = t0.elapsed();
-        assert!(
-            e >= Duration::from_millis(195) && e < Duration::from_millis(600),
-            "{e:?}"
-        );
+        assert_eq!(e, Duration::from_millis(200));
     }
 
     #[test]
     fn concurrency_is_capped_by_the_current_limit() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .start_paused(true)
             .build()
             .unwrap();
         let g = Gate::new(&Limits {

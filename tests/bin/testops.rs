@@ -143,6 +143,8 @@ impl Op for Slow {
             if ctx.is_cancelled() {
                 bail!("cancelled");
             }
+            // Simulated work that checks for cancellation (not a wait on
+            // another process).
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         ctx.put("slow", &text)?;

@@ -501,3 +501,21 @@ pub fn bundle_entries(path: &Path) -> Vec<(String, Vec<u8>)> {
     }
     out
 }
+
+/// Waits until `cond` holds: checks it every 10 ms, panics naming `what`
+/// after 60 s. The one place tests wait on another process's state that no
+/// pipe or channel announces — a row it commits, a file it writes, a child it
+/// starts or a request it sends: the wait ends on that state itself, never
+/// after a fixed time, so a slow machine only makes it longer. (A readiness
+/// line on a pipe, where a process prints one, is read instead: see
+/// `Served::start`.)
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !cond() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "waited 60 s for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
