@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 
 pub struct Analyze;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BinStat {
     pub policy: String,
     pub budget: f64,

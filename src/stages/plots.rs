@@ -134,11 +134,19 @@ pub fn figures(stats: &[BinStat], metric: &str, floor: f64) -> Vec<(&'static str
     let policies = panel_policies(stats.iter().map(|s| s.policy.as_str()));
     // The full cache runs once; every panel draws it as its reference line.
     let is_reference = |s: &BinStat| s.policy == FULL && s.budget == 1.0;
-    let lines = |f: &dyn Fn(&BinStat) -> Point| -> Vec<Panel> {
+    // `scores`: the panel notes (flat, at the floor) speak of scores only.
+    let lines = |scores: bool, f: &dyn Fn(&BinStat) -> Point| -> Vec<Panel> {
         policies
             .iter()
             .map(|p| Panel {
-                title: format!("policy: {p}{}", panel_note(stats, p, floor)),
+                title: format!(
+                    "policy: {p}{}",
+                    if scores {
+                        panel_note(stats, p, floor)
+                    } else {
+                        ""
+                    }
+                ),
                 series: groups
                     .iter()
                     .filter(|(_, v)| v[0].policy == *p || (is_reference(v[0]) && *p != FULL))
@@ -177,7 +185,7 @@ pub fn figures(stats: &[BinStat], metric: &str, floor: f64) -> Vec<(&'static str
                 x_label: None,
                 x_labels: labels.clone(),
                 y_range: (0.0, 1.0),
-                panels: lines(&|s| Point {
+                panels: lines(true, &|s| Point {
                     y: s.mean,
                     band: s.ci_lo.zip(s.ci_hi),
                     flagged: s.verdict == "fails",
@@ -192,7 +200,7 @@ pub fn figures(stats: &[BinStat], metric: &str, floor: f64) -> Vec<(&'static str
                 x_label: None,
                 x_labels: labels.clone(),
                 y_range: (0.0, 1.0),
-                panels: lines(&|s| Point {
+                panels: lines(false, &|s| Point {
                     y: s.fail_rate,
                     band: s.fail_lo.zip(s.fail_hi),
                     flagged: false,
@@ -207,7 +215,7 @@ pub fn figures(stats: &[BinStat], metric: &str, floor: f64) -> Vec<(&'static str
                 x_label: None,
                 x_labels: labels.clone(),
                 y_range: (0.0, (max_lat * 1.15).max(1.0)),
-                panels: lines(&|s| Point {
+                panels: lines(false, &|s| Point {
                     y: s.latency_p50_ms,
                     band: None,
                     flagged: false,
@@ -448,7 +456,8 @@ impl Op for Plots {
     fn version(&self) -> u32 {
         // 7: PNG text set by advance widths, bearings and kerning; the full
         // cache drawn in every policy's panel.
-        7
+        // 8: panel notes (flat, at the floor) on score panels only.
+        8
     }
     fn check(
         &self,
@@ -531,6 +540,73 @@ mod tests {
         // An object gone from the store (a gc): drawn again.
         std::fs::remove_file(store.path_of(&dp)).unwrap();
         assert!(memo.get(&fig(1.0)).is_none());
+    }
+
+    /// Issue #29, item 1: the full cache runs once, so no policy has a 1.0
+    /// cell of its own: each policy's panel draws the full cache as its
+    /// reference line, the full cache gets no panel of its own, and the heat
+    /// map has no row for it. Panel notes speak of scores only.
+    #[test]
+    fn each_panel_draws_the_one_full_cache_and_notes_only_scores() {
+        let stat = |policy: &str, budget: f64, bin: i64, mean: f64| BinStat {
+            policy: policy.into(),
+            budget,
+            bin_idx: bin,
+            bin_lo: bin * 100,
+            bin_hi: (bin + 1) * 100,
+            n: 10,
+            mean: Some(mean),
+            reference_budget: 1.0,
+            latency_p50_ms: Some(5.0),
+            ..Default::default()
+        };
+        let mut stats = Vec::new();
+        for bin in 0..2 {
+            stats.push(stat("full", 1.0, bin, 1.0));
+            stats.push(stat("snapkv", 0.5, bin, 0.5));
+            stats.push(stat("snapkv", 0.2, bin, 0.5));
+            stats.push(stat("streaming", 0.5, bin, 0.2 + 0.1 * bin as f64));
+        }
+        let figs = figures(&stats, "m", 0.1);
+        let lines = |name: &str| match &figs.iter().find(|(n, _)| *n == name).unwrap().1 {
+            plots::Figure::Lines(l) => l
+                .panels
+                .iter()
+                .map(|p| {
+                    (
+                        p.title.clone(),
+                        p.series.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
+                    )
+                })
+                .collect::<Vec<_>>(),
+            _ => panic!("{name} is a line plot"),
+        };
+        assert_eq!(
+            lines("acc_by_bin"),
+            [
+                (
+                    "policy: snapkv (every budget flat and equal)".to_string(),
+                    vec![
+                        "full cache".to_string(),
+                        "budget 0.5".into(),
+                        "budget 0.2".into()
+                    ]
+                ),
+                (
+                    "policy: streaming".to_string(),
+                    vec!["full cache".to_string(), "budget 0.5".into()]
+                ),
+            ]
+        );
+        assert_eq!(lines("latency_p50_by_bin")[0].0, "policy: snapkv");
+        let plots::Figure::Heat(h) = &figs.iter().find(|(n, _)| *n == "delta_heatmap").unwrap().1
+        else {
+            panic!("a heat map")
+        };
+        assert_eq!(
+            h.row_labels,
+            ["snapkv @ 0.5", "snapkv @ 0.2", "streaming @ 0.5"]
+        );
     }
 
     #[test]
