@@ -36,8 +36,15 @@ pub fn init_fonts() -> Result<()> {
     }
 }
 
+/// The colour index of the full cache's reference line: near-black, apart
+/// from every budget's colour.
+pub const REFERENCE_COLOR: usize = usize::MAX;
+
 /// Distinct, colour-blind-friendly colours (Okabe–Ito), then a fallback palette.
 pub fn color(i: usize) -> RGBColor {
+    if i == REFERENCE_COLOR {
+        return RGBColor(0, 0, 0);
+    }
     const C: [RGBColor; 11] = [
         RGBColor(0, 114, 178),
         RGBColor(213, 94, 0),

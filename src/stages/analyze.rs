@@ -12,7 +12,7 @@ use crate::llm::reference::kv_bytes;
 use crate::stages::prepare::Bin;
 use crate::stages::score::ScoreCell;
 use crate::stages::NoTransport;
-use crate::stats::{self, BinEvidence};
+use crate::stats::{self, BinEvidence, BinVerdict};
 use crate::table;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -54,9 +54,10 @@ pub struct BinStat {
     /// The full cache's mean on the paired examples.
     #[serde(default)]
     pub reference_mean: Option<f64>,
-    /// `reference`, `uninformative`, `fails`, `safe` or `insufficient`.
+    /// Reference, uninformative, fails, safe or insufficient (written as
+    /// those words).
     #[serde(default)]
-    pub verdict: String,
+    pub verdict: BinVerdict,
     pub n_failed: i64,
     pub fail_rate: Option<f64>,
     pub fail_lo: Option<f64>,
@@ -294,14 +295,13 @@ pub fn analyze(
         let is_reference = j.budget == j.reference && !j.policy.contains('+');
         let metric = j.rows.first().map(|r| r.metric.as_str()).unwrap_or("");
         let verdict = if is_reference {
-            "reference"
+            BinVerdict::Reference
         } else {
             stats::verdict(
                 &ev,
                 a.transition.delta,
                 effective_floor(metric, a.transition.floor),
             )
-            .name()
         };
         let failed = j.rows.iter().filter(|r| r.failure.is_some()).count();
         let (flo, fhi) = stats::wilson(failed, n, a.bootstrap.ci);
@@ -344,7 +344,7 @@ pub fn analyze(
             net_loss_lb: opt(ev.net_loss_lb),
             gain: opt(ev.gain),
             reference_mean: opt(ev.reference_mean),
-            verdict: verdict.into(),
+            verdict,
             n_failed: failed as i64,
             fail_rate: (n > 0).then(|| failed as f64 / n as f64),
             fail_lo: opt(flo),

@@ -6,7 +6,7 @@
 //! as `fidelity_stats` and `selective_stats`; a metric whose engine gave no
 //! log-probabilities is a row marked unavailable, never a number.
 
-use crate::config::schema::{Analysis, ConfidenceKind};
+use crate::config::schema::{Analysis, ConfidenceKind, FULL};
 use crate::data::SplitMix64;
 use crate::stages::prepare::Bin;
 use crate::stages::score::ScoreCell;
@@ -40,8 +40,9 @@ pub struct FidelityStat {
     pub upper: Option<f64>,
     /// Share of the full cache's answer tokens the cell ranks first (KL rows).
     pub top1_agree: Option<f64>,
-    /// `reference`, `unavailable`, `fails`, `safe` or `insufficient`.
-    pub verdict: String,
+    /// Reference, unavailable, fails, safe or insufficient (written as
+    /// those words).
+    pub verdict: BinVerdict,
 }
 
 /// Selective prediction and calibration of one cell (over every bin:
@@ -227,11 +228,11 @@ pub fn fidelity(
                     .zip(sel::t_bounds(vals, sel::safe_level(conf)))
                     .map(|(fails, safe)| (fails.0, safe.1));
                 let verdict = if vals.is_empty() {
-                    "unavailable"
+                    BinVerdict::Unavailable
                 } else if is_reference {
-                    "reference"
+                    BinVerdict::Reference
                 } else {
-                    sel::continuous_verdict(vals, delta, conf).name()
+                    sel::continuous_verdict(vals, delta, conf)
                 };
                 fid.push(FidelityStat {
                     policy: policy.clone(),
@@ -248,7 +249,7 @@ pub fn fidelity(
                     lower: bounds.map(|b| b.0),
                     upper: bounds.map(|b| b.1),
                     top1_agree: (metric == "kl").then(|| opt(stats::mean(&agree))).flatten(),
-                    verdict: verdict.into(),
+                    verdict,
                 });
             }
         }
@@ -424,25 +425,25 @@ pub fn decided_counts(
     accuracy: &[crate::stages::analyze::BinStat],
     fid: &[FidelityStat],
 ) -> Vec<(String, usize, usize)> {
-    let decided = |v: &str| v == BinVerdict::Safe.name() || v == BinVerdict::Fails.name();
-    let counted = |policy: &str, verdict: &str| verdict != "reference" && policy != "full";
+    let counted =
+        |policy: &str, verdict: BinVerdict| verdict != BinVerdict::Reference && policy != FULL;
     let acc: Vec<_> = accuracy
         .iter()
-        .filter(|s| counted(&s.policy, &s.verdict))
+        .filter(|s| counted(&s.policy, s.verdict))
         .collect();
     let mut out = vec![(
         "accuracy".to_string(),
-        acc.iter().filter(|s| decided(&s.verdict)).count(),
+        acc.iter().filter(|s| s.verdict.decided()).count(),
         acc.len(),
     )];
     for m in ["gold_ll_drop", "kl"] {
         let rows: Vec<&FidelityStat> = fid
             .iter()
-            .filter(|f| f.metric == m && f.available && counted(&f.policy, &f.verdict))
+            .filter(|f| f.metric == m && f.available && counted(&f.policy, f.verdict))
             .collect();
         out.push((
             m.to_string(),
-            rows.iter().filter(|f| decided(&f.verdict)).count(),
+            rows.iter().filter(|f| f.verdict.decided()).count(),
             rows.len(),
         ));
     }
@@ -538,12 +539,12 @@ mod tests {
             .iter()
             .find(|f| f.policy == "snapkv" && f.metric == "kl" && f.bin_idx == 0)
             .unwrap();
-        assert_eq!(kl.verdict, "fails");
+        assert_eq!(kl.verdict, BinVerdict::Fails);
         let full = fid
             .iter()
             .find(|f| f.policy == "full" && f.metric == "kl" && f.bin_idx == 0)
             .unwrap();
-        assert_eq!(full.verdict, "reference");
+        assert_eq!(full.verdict, BinVerdict::Reference);
         let whole = sel_rows
             .iter()
             .find(|s| s.policy == "snapkv" && s.bin_idx == -1)
@@ -572,10 +573,10 @@ mod tests {
                 .find(|f| f.budget == b && f.metric == m && f.bin_idx == 0)
                 .unwrap()
         };
-        assert_eq!(get(1.0, "kl").verdict, "reference");
+        assert_eq!(get(1.0, "kl").verdict, BinVerdict::Reference);
         assert_eq!(get(1.0, "kl").mean, Some(0.0));
-        assert_eq!(get(0.5, "kl").verdict, "fails");
-        assert_eq!(get(0.5, "gold_ll_drop").verdict, "fails");
+        assert_eq!(get(0.5, "kl").verdict, BinVerdict::Fails);
+        assert_eq!(get(0.5, "gold_ll_drop").verdict, BinVerdict::Fails);
         assert!((get(0.5, "gold_ll_drop").mean.unwrap() - 1.0).abs() < 1e-12);
         let whole = sel_rows
             .iter()
@@ -598,7 +599,7 @@ mod tests {
         assert!(fid2
             .iter()
             .filter(|f| f.budget == 1.0)
-            .all(|f| f.verdict == "reference"));
+            .all(|f| f.verdict == BinVerdict::Reference));
         // No log-probabilities: unavailable, never a number.
         let bare: Vec<ScoreCell> = rows(false)
             .into_iter()
@@ -612,7 +613,7 @@ mod tests {
         let (fid, sel_rows) = fidelity(&bins(), &bare, &analysis(0.5));
         assert!(fid
             .iter()
-            .all(|f| !f.available && f.verdict == "unavailable" && f.mean.is_none()));
+            .all(|f| !f.available && f.verdict == BinVerdict::Unavailable && f.mean.is_none()));
         assert!(sel_rows.iter().all(|s| !s.available && s.augrc.is_none()));
     }
 }

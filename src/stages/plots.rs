@@ -7,6 +7,7 @@ use crate::engine::{Op, OpContext};
 use crate::render::plots::{self, Figure, HeatMap, LinePlot, Panel, Point, Series};
 use crate::stages::analyze::BinStat;
 use crate::stages::NoTransport;
+use crate::stats::BinVerdict;
 use crate::table;
 use anyhow::Result;
 use std::collections::BTreeMap;
@@ -104,9 +105,9 @@ fn panel_note(stats: &[BinStat], policy: &str, floor: f64) -> &'static str {
     if means.is_empty() {
         ""
     } else if means.iter().all(|m| *m < floor) {
-        " (every budget at the floor)"
+        " (all at the floor)"
     } else if means.iter().all(|m| (*m - means[0]).abs() < 1e-9) {
-        " (every budget flat and equal)"
+        " (all flat, equal)"
     } else {
         ""
     }
@@ -158,7 +159,11 @@ pub fn figures(stats: &[BinStat], metric: &str, floor: f64) -> Vec<(&'static str
                             } else {
                                 format!("budget {}", budget_label(v[0].budget))
                             },
-                            color: budget_color(v[0].budget),
+                            color: if is_reference(v[0]) {
+                                plots::REFERENCE_COLOR
+                            } else {
+                                budget_color(v[0].budget)
+                            },
                             marker: rank,
                             points: v.iter().map(|s| f(s)).collect(),
                         }
@@ -188,7 +193,7 @@ pub fn figures(stats: &[BinStat], metric: &str, floor: f64) -> Vec<(&'static str
                 panels: lines(true, &|s| Point {
                     y: s.mean,
                     band: s.ci_lo.zip(s.ci_hi),
-                    flagged: s.verdict == "fails",
+                    flagged: s.verdict == BinVerdict::Fails,
                 }),
             }),
         ),
@@ -312,7 +317,7 @@ pub fn fidelity_figures(
                                 Point {
                                     y: f.and_then(|f| f.mean),
                                     band: f.and_then(|f| f.ci_lo.zip(f.ci_hi)),
-                                    flagged: f.is_some_and(|f| f.verdict == "fails"),
+                                    flagged: f.is_some_and(|f| f.verdict == BinVerdict::Fails),
                                 }
                             })
                             .collect(),
@@ -340,19 +345,37 @@ pub fn fidelity_figures(
     if !whole.is_empty() {
         let panels =
             |pick: &dyn Fn(&crate::stages::fidelity::SelectiveStat) -> Vec<Point>| -> Vec<Panel> {
+                // The full cache's curve first in every panel: the
+                // reference each policy's curves are read against.
+                let reference = whole
+                    .iter()
+                    .find(|s| s.policy == FULL && s.budget == 1.0)
+                    .filter(|_| policies.iter().all(|p| *p != FULL));
                 policies
                     .iter()
                     .map(|p| Panel {
                         title: format!("policy: {p} (test split)"),
-                        series: budgets
-                            .iter()
-                            .filter_map(|&b| whole.iter().find(|s| s.policy == *p && s.budget == b))
+                        series: reference
+                            .into_iter()
                             .map(|s| Series {
-                                name: format!("budget {}", budget_label(s.budget)),
-                                color: budget_color(s.budget),
-                                marker: rank(s.budget),
+                                name: "full cache".into(),
+                                color: plots::REFERENCE_COLOR,
+                                marker: rank(1.0),
                                 points: pick(s),
                             })
+                            .chain(
+                                budgets
+                                    .iter()
+                                    .filter_map(|&b| {
+                                        whole.iter().find(|s| s.policy == *p && s.budget == b)
+                                    })
+                                    .map(|s| Series {
+                                        name: format!("budget {}", budget_label(s.budget)),
+                                        color: budget_color(s.budget),
+                                        marker: rank(s.budget),
+                                        points: pick(s),
+                                    }),
+                            )
                             .collect(),
                     })
                     .filter(|p: &Panel| !p.series.is_empty())
@@ -364,8 +387,15 @@ pub fn fidelity_figures(
                 title: "Selective risk by coverage (most confident answers first), 95% CI".into(),
                 y_label: "risk (share wrong)".into(),
                 x_label: Some("coverage (share of answers kept)".into()),
+                // Every other tick labelled: ten fit no narrow panel.
                 x_labels: (1..=10)
-                    .map(|d| format!("{:.1}", d as f64 / 10.0))
+                    .map(|d| {
+                        if d % 2 == 0 {
+                            format!("{:.1}", d as f64 / 10.0)
+                        } else {
+                            String::new()
+                        }
+                    })
                     .collect(),
                 y_range: (0.0, 1.0),
                 panels: panels(&|s| {
@@ -386,8 +416,15 @@ pub fn fidelity_figures(
                 title: "Reliability: accuracy by confidence exp(mean logprob), test split".into(),
                 y_label: "accuracy".into(),
                 x_label: Some("confidence".into()),
+                // Each bin by where it starts, every other one labelled.
                 x_labels: (0..10)
-                    .map(|d| format!("{:.1}–{:.1}", d as f64 / 10.0, (d + 1) as f64 / 10.0))
+                    .map(|d| {
+                        if d % 2 == 0 {
+                            format!("{:.1}–", d as f64 / 10.0)
+                        } else {
+                            String::new()
+                        }
+                    })
                     .collect(),
                 y_range: (0.0, 1.0),
                 panels: panels(&|s| {
@@ -457,7 +494,9 @@ impl Op for Plots {
         // 7: PNG text set by advance widths, bearings and kerning; the full
         // cache drawn in every policy's panel.
         // 8: panel notes (flat, at the floor) on score panels only.
-        8
+        // 9: shorter notes; the full cache's line in black, and in every
+        // risk–coverage and reliability panel; fewer tick labels there.
+        9
     }
     fn check(
         &self,
@@ -585,7 +624,7 @@ mod tests {
             lines("acc_by_bin"),
             [
                 (
-                    "policy: snapkv (every budget flat and equal)".to_string(),
+                    "policy: snapkv (all flat, equal)".to_string(),
                     vec![
                         "full cache".to_string(),
                         "budget 0.5".into(),
@@ -599,6 +638,13 @@ mod tests {
             ]
         );
         assert_eq!(lines("latency_p50_by_bin")[0].0, "policy: snapkv");
+        // The reference line has a colour of its own, never a budget's (a
+        // quantised full cache at 1.0 would look the same otherwise).
+        let plots::Figure::Lines(acc) = &figs[0].1 else {
+            panic!("a line plot")
+        };
+        assert_eq!(acc.panels[0].series[0].color, plots::REFERENCE_COLOR);
+        assert_ne!(acc.panels[0].series[1].color, plots::REFERENCE_COLOR);
         let plots::Figure::Heat(h) = &figs.iter().find(|(n, _)| *n == "delta_heatmap").unwrap().1
         else {
             panic!("a heat map")

@@ -10,6 +10,7 @@ use crate::stages::analyze::{BinStat, TransitionRow};
 use crate::stages::explorer::Facts;
 use crate::stages::plots::{budget_label, budget_order, setting, sort_budgets};
 use crate::stages::NoTransport;
+use crate::stats::BinVerdict;
 use crate::table;
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
@@ -103,6 +104,18 @@ fn ci(m: Option<f64>, lo: Option<f64>, hi: Option<f64>, signed: bool) -> String 
     }
 }
 
+/// A verdict's mark in the tables: ✓ safe, ✗ fails, ? insufficient, ∅
+/// uninformative; none for the reference (and unavailable).
+fn mark(v: BinVerdict) -> &'static str {
+    match v {
+        BinVerdict::Fails => " ✗",
+        BinVerdict::Safe => " ✓",
+        BinVerdict::Insufficient => " ?",
+        BinVerdict::Uninformative => " ∅",
+        BinVerdict::Reference | BinVerdict::Unavailable => "",
+    }
+}
+
 pub fn human_bytes(b: f64) -> String {
     crate::engine::maintenance::human_bytes(b.max(0.0).round() as u64)
 }
@@ -116,12 +129,6 @@ pub fn fidelity_context(
     selective: &[crate::stages::fidelity::SelectiveStat],
 ) -> Value {
     let available = fid.iter().any(|f| f.available);
-    let mark = |v: &str| match v {
-        "fails" => " ✗",
-        "safe" => " ✓",
-        "insufficient" => " ?",
-        _ => "",
-    };
     let mut bins: Vec<(i64, String)> = fid
         .iter()
         .map(|f| (f.bin_idx, format!("{}–{}", f.bin_lo, f.bin_hi)))
@@ -140,7 +147,7 @@ pub fn fidelity_context(
         .iter()
         .filter(|(p, b)| {
             !fid.iter()
-                .any(|f| &f.policy == p && f.budget == *b && f.verdict == "reference")
+                .any(|f| &f.policy == p && f.budget == *b && f.verdict == BinVerdict::Reference)
         })
         .map(|(p, b)| {
             let cell = |bin: i64| {
@@ -149,7 +156,7 @@ pub fn fidelity_context(
                     Some(f) if f.available => format!(
                         "{name} {}{}",
                         f.mean.map_or("–".into(), |v| format!("{v:.2}")),
-                        mark(&f.verdict)
+                        mark(f.verdict)
                     ),
                     _ => format!("{name} unavailable"),
                 };
@@ -291,7 +298,7 @@ pub fn context(
                     // bin after them is not claimed.
                     let failing: Vec<String> = stats
                         .iter()
-                        .filter(|s| s.policy == t.policy && s.budget == t.budget && s.verdict == "fails")
+                        .filter(|s| s.policy == t.policy && s.budget == t.budget && s.verdict == BinVerdict::Fails)
                         .map(|s| bin_label(s.bin_idx))
                         .collect();
                     let bins_total = stats
@@ -351,22 +358,14 @@ pub fn context(
             );
         }
         let col = bins.iter().position(|b| b.0 == s.bin_idx).unwrap_or(0);
-        let mark = match s.verdict.as_str() {
-            "fails" => " ✗",
-            "safe" => " ✓",
-            "insufficient" => " ?",
-            "uninformative" => " ∅",
-            _ => "",
-        };
         // The first table stays narrow: the mean and the mark; the paired Δ
         // and its CI are in the detailed table (and on hover in HTML).
-        let text = match (s.mean, s.verdict.as_str()) {
-            (None, _) => "–".to_string(),
-            (Some(m), "reference") => format!("{m:.2}"),
-            (Some(m), _) => format!("{m:.2}{mark}"),
+        let text = match s.mean {
+            None => "–".to_string(),
+            Some(m) => format!("{m:.2}{}", mark(s.verdict)),
         };
         let detail = match (s.delta, s.delta_lo, s.delta_hi) {
-            (Some(d), Some(lo), Some(hi)) if s.verdict != "reference" => {
+            (Some(d), Some(lo), Some(hi)) if s.verdict != BinVerdict::Reference => {
                 format!("Δ {d:+.2} [{lo:+.2}, {hi:+.2}]")
             }
             _ => String::new(),
@@ -390,9 +389,9 @@ pub fn context(
                 "bin": format!("{}–{}", s.bin_lo, s.bin_hi),
                 "n": s.n,
                 "mean": ci(s.mean, s.ci_lo, s.ci_hi, false),
-                "delta": if s.verdict == "reference" { "(reference)".into() } else { ci(s.delta, s.delta_lo, s.delta_hi, true) },
+                "delta": if s.verdict == BinVerdict::Reference { "(reference)".into() } else { ci(s.delta, s.delta_lo, s.delta_hi, true) },
                 "loss": match (s.loss, s.loss_ub) {
-                    (Some(l), Some(u)) if s.verdict != "reference" => format!("{l:.2} (≤ {u:.2})"),
+                    (Some(l), Some(u)) if s.verdict != BinVerdict::Reference => format!("{l:.2} (≤ {u:.2})"),
                     _ => "–".into(),
                 },
                 "verdict": s.verdict,
@@ -415,7 +414,10 @@ pub fn context(
         .collect();
     // Warnings that change how the whole report reads.
     let mut warnings: Vec<String> = Vec::new();
-    let full_rows: Vec<&&BinStat> = sorted.iter().filter(|s| s.verdict == "reference").collect();
+    let full_rows: Vec<&&BinStat> = sorted
+        .iter()
+        .filter(|s| s.verdict == BinVerdict::Reference)
+        .collect();
     let at_floor: Vec<&&&BinStat> = full_rows
         .iter()
         .filter(|s| s.mean.is_some_and(|m| m < floor))

@@ -502,7 +502,7 @@ pub fn write_overlay(
                 f.lower,
                 f.upper,
                 f.top1_agree,
-                f.verdict,
+                f.verdict.name(),
             ])?;
         }
         let mut ss = tx.prepare(

@@ -320,10 +320,13 @@ pub struct BinEvidence {
     pub reference_mean: f64,
 }
 
-/// The verdict for one bin.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// The verdict for one cell in one bin, as the tables, the SQLite file and
+/// the report carry it (serialized as its snake-case name).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BinVerdict {
+    /// The full cache itself: what every cell is compared with.
+    Reference,
     /// The full cache itself scores below the floor: nothing to lose.
     Uninformative,
     /// The net loss's lower bound lies above δ (as strong as "safe").
@@ -331,17 +334,27 @@ pub enum BinVerdict {
     /// The loss's upper bound is below δ: evidence that at most δ is lost.
     Safe,
     /// Neither: more examples would settle it.
+    #[default]
     Insufficient,
+    /// The engine gave nothing to judge (a fidelity metric without
+    /// log-probabilities).
+    Unavailable,
 }
 
 impl BinVerdict {
     pub fn name(self) -> &'static str {
         match self {
+            BinVerdict::Reference => "reference",
             BinVerdict::Uninformative => "uninformative",
             BinVerdict::Fails => "fails",
             BinVerdict::Safe => "safe",
             BinVerdict::Insufficient => "insufficient",
+            BinVerdict::Unavailable => "unavailable",
         }
+    }
+    /// Safe or fails: the evidence settled it.
+    pub fn decided(self) -> bool {
+        matches!(self, BinVerdict::Safe | BinVerdict::Fails)
     }
 }
 
