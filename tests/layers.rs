@@ -172,7 +172,9 @@ fn defines(text: &str, name: &str) -> bool {
 fn every_name_in_the_architecture_document_exists() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let src = root.join("src");
-    let doc = std::fs::read_to_string(root.join("docs/ARCHITECTURE.md")).unwrap();
+    let whole = std::fs::read_to_string(root.join("docs/ARCHITECTURE.md")).unwrap();
+    // A section headed "Planned" names what is not built yet.
+    let doc = whole.split("\n## Planned").next().unwrap();
     let mut files = Vec::new();
     rs_files(&src, &mut files);
     let all: Vec<String> = files
@@ -180,7 +182,7 @@ fn every_name_in_the_architecture_document_exists() {
         .map(|f| std::fs::read_to_string(f).unwrap())
         .collect();
     // Names of other crates' items the document mentions.
-    const EXTERNAL: &[&str] = &["Tensor"];
+    const EXTERNAL: &[&str] = &["Tensor", "anyhow"];
     let mut missing = Vec::new();
     let mut checked = 0;
     for span in doc.split('`').skip(1).step_by(2) {
