@@ -250,7 +250,8 @@ pub struct OpContext<'a> {
     pub store: &'a ContentStore,
     pub cache_root: &'a Path,
     pub cancel: &'a AtomicBool,
-    /// The shared remote cache, when there is one (the request journal syncs through it).
+    /// The shared remote cache, when there is one (ops may keep their own
+    /// content-named records there: kvt's request journal does).
     pub remote: Option<&'a super::remote::Remote>,
     pub(crate) outputs: Vec<OutputRef>,
     pub(crate) exports: Vec<Export>,

@@ -6,7 +6,9 @@
 //!
 //! * `v1/objects/<blake3>`: the bytes of a store object;
 //! * `v1/actions/<node key>.json`: an action record (its outputs pushed first);
-//! * `v1/journal/<blake3>.jsonl`: a batch of request-journal entries.
+//! * `<dir>/<blake3>.<ext>`: a caller's content-named objects (`put_named`;
+//!   kvt keeps its request journal's batches in `v1/journal/`, and the
+//!   engine knows nothing of what they hold).
 //!
 //! Everything pulled is verified against its digest before use: a corrupt
 //! remote object is reported and never used. Credentials come from the usual
@@ -281,7 +283,7 @@ impl Remote {
         Ok(())
     }
 
-    /// The keys under `dir` (relative to the prefix), e.g. `v1/journal`.
+    /// The keys under `dir` (relative to the prefix), e.g. `v1/actions`.
     pub fn list(&self, dir: &str) -> Result<Vec<String>> {
         let path = self.path(dir);
         let strip = if self.prefix.is_empty() {
@@ -457,29 +459,33 @@ impl Remote {
         Ok(true)
     }
 
-    /// Pushes a batch of journal entries (one JSON object per line).
-    pub fn push_journal_batch(&self, jsonl: &[u8]) -> Result<()> {
-        let name = format!("v1/journal/{}.jsonl", Digest::of(jsonl).hex());
-        self.put_create(&name, jsonl)
+    /// Puts `bytes` under `dir/<blake3 of the bytes>.ext`: a content-named
+    /// object, written once (a caller's own records, such as kvt's request
+    /// journal batches).
+    pub fn put_named(&self, dir: &str, ext: &str, bytes: &[u8]) -> Result<()> {
+        let name = format!("{dir}/{}.{ext}", Digest::of(bytes).hex());
+        self.put_create(&name, bytes)
     }
 
-    /// The journal batches on the remote: (name, digest its name claims).
-    pub fn journal_batches(&self) -> Result<Vec<(String, String)>> {
+    /// The content-named objects under `dir` with extension `ext`: (key,
+    /// the digest its name claims).
+    pub fn list_named(&self, dir: &str, ext: &str) -> Result<Vec<(String, String)>> {
+        let suffix = format!(".{ext}");
         Ok(self
-            .list("v1/journal")?
+            .list(dir)?
             .into_iter()
             .filter_map(|k| {
                 let file = k.rsplit('/').next()?.to_string();
-                let hex = file.strip_suffix(".jsonl")?.to_string();
+                let hex = file.strip_suffix(&suffix)?.to_string();
                 Some((k, hex))
             })
             .collect())
     }
 
-    /// A journal batch's bytes, verified against the digest in its name. A
-    /// corrupt one is reported once per build and not fetched again (every
-    /// infer node pulls the journal).
-    pub fn journal_batch(&self, key: &str, hex: &str) -> Result<Option<Vec<u8>>> {
+    /// A content-named object's bytes, verified against the digest in its
+    /// name. A corrupt one is reported once per process and not fetched
+    /// again (several nodes of a build may read the same objects).
+    pub fn get_named(&self, key: &str, hex: &str) -> Result<Option<Vec<u8>>> {
         let seen = format!("{}/{key}", self.url);
         if known_corrupt().lock().expect("corrupt set").contains(&seen) {
             return Ok(None);
@@ -489,7 +495,7 @@ impl Remote {
         };
         if Digest::of(&bytes).hex() != hex {
             let msg = format!(
-                "remote cache `{}`: journal batch `{key}` is corrupt; not used — delete it from the remote",
+                "remote cache `{}`: `{key}` is corrupt (its bytes do not hash to the digest in its name); not used — delete it from the remote",
                 self.url
             );
             if self.required {
@@ -505,7 +511,7 @@ impl Remote {
     }
 }
 
-/// Remote journal batches this process found corrupt (`url/key`): skipped,
+/// Content-named objects this process found corrupt (`url/key`): skipped,
 /// and warned about once.
 fn known_corrupt() -> &'static std::sync::Mutex<std::collections::HashSet<String>> {
     static SET: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<String>>> =

@@ -541,7 +541,7 @@ fn remote_batch_wait() -> Duration {
 /// (each batch verified and read once).
 pub fn pull_journal(remote: &Remote, journal: &Mutex<Journal>) -> Result<usize> {
     let mut added = 0;
-    for (name, hex) in remote.journal_batches()? {
+    for (name, hex) in remote.list_named(JOURNAL_DIR, "jsonl")? {
         if journal
             .lock()
             .expect("journal")
@@ -549,7 +549,7 @@ pub fn pull_journal(remote: &Remote, journal: &Mutex<Journal>) -> Result<usize> 
         {
             continue;
         }
-        let Some(bytes) = remote.journal_batch(&name, &hex)? else {
+        let Some(bytes) = remote.get_named(&name, &hex)? else {
             continue;
         };
         let mut rows = Vec::new();
@@ -603,8 +603,12 @@ fn push_batch(remote: &Remote, rows: &[(String, String)]) -> Result<()> {
         body.extend_from_slice(outcome.as_bytes());
         body.extend_from_slice(b"}\n");
     }
-    remote.push_journal_batch(&body)
+    remote.put_named(JOURNAL_DIR, "jsonl", &body)
 }
+
+/// Where the request journal's batches live in a remote cache (the engine
+/// stores them as content-named objects and knows nothing of journals).
+const JOURNAL_DIR: &str = "v1/journal";
 
 /// Every final answer of `keys` the remote lacks (also those a killed run
 /// never pushed).
