@@ -45,7 +45,7 @@ pub use engine::error::{EngineError as KvtError, ErrorKind};
 /// configuration and usage, 130 for an interrupt, 1 for everything else.
 pub fn exit_code_for(err: &anyhow::Error) -> i32 {
     match engine::error::kind_of(err) {
-        ErrorKind::Failed => 1,
+        ErrorKind::Failed | ErrorKind::Locked => 1,
         ErrorKind::Usage => 2,
         ErrorKind::Interrupted => 130,
     }

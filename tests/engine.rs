@@ -315,6 +315,12 @@ fn no_wait_fails_clearly_while_the_cache_is_locked() {
         "{}",
         stderr_of(&out)
     );
+    // The CLI's hint, added by the error's kind (not by matching its text).
+    assert!(
+        stderr_of(&out).contains("`--no-wait` was given; drop it to wait for the lock"),
+        "{}",
+        stderr_of(&out)
+    );
 }
 
 #[test]

@@ -929,10 +929,11 @@ fn side_databases(cache: &Path) -> Vec<SideDb> {
     ]
 }
 
-/// Adds kvt's own words to the engine's "cache is locked" error.
+/// Adds kvt's own words to the engine's "cache is locked" error (known by
+/// its kind, not its text).
 fn no_wait_hint(e: anyhow::Error) -> anyhow::Error {
-    if e.to_string().contains("is locked by") {
-        let kind = crate::engine::error::kind_of(&e);
+    let kind = crate::engine::error::kind_of(&e);
+    if kind == crate::engine::error::ErrorKind::Locked {
         let message = format!("{e} (`--no-wait` was given; drop it to wait for the lock)");
         return crate::engine::EngineError { kind, message }.into();
     }

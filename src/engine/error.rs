@@ -10,6 +10,9 @@ pub enum ErrorKind {
     Usage,
     /// The user interrupted; finished work is kept.
     Interrupted,
+    /// The cache is locked by another process and waiting was declined
+    /// (`no_wait`): a failure, which a caller may explain in its own words.
+    Locked,
 }
 
 /// An error that carries its kind. Any other error counts as `Failed`.
@@ -30,6 +33,12 @@ impl EngineError {
     pub fn failed(message: impl Into<String>) -> Self {
         Self {
             kind: ErrorKind::Failed,
+            message: message.into(),
+        }
+    }
+    pub fn locked(message: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::Locked,
             message: message.into(),
         }
     }

@@ -46,7 +46,7 @@ pub fn acquire(
                 other.to_string()
             };
             if no_wait {
-                return Err(KvtError::failed(format!(
+                return Err(KvtError::locked(format!(
                     "the cache `{}` is locked by {other}; wait for it to finish, or run again and let it wait",
                     cache_root.display()
                 ))
