@@ -60,9 +60,12 @@ const TRIP_AFTER: u32 = 3;
 /// How long it stays out before it is tried again.
 const COOLDOWN_MS: u64 = 5_000;
 
+/// The taxonomy's transport labels an attempt can fail with.
+use super::Failure as Kind;
+
 /// Why an attempt failed, and whether trying again may help.
 struct Failure {
-    kind: &'static str,
+    kind: Kind,
     message: String,
     status: Option<u16>,
     transient: bool,
@@ -76,7 +79,7 @@ impl Failure {
     }
 }
 
-fn fail(kind: &'static str, message: String, status: Option<u16>, transient: bool) -> Failure {
+fn fail(kind: Kind, message: String, status: Option<u16>, transient: bool) -> Failure {
     Failure {
         kind,
         message,
@@ -195,7 +198,7 @@ impl Client {
             drop(permit);
             match &r {
                 Ok(_) => self.gate.succeeded(),
-                Err(f) if f.kind == "RATE_LIMITED" => self.gate.rate_limited(),
+                Err(f) if f.kind == Kind::RateLimited => self.gate.rate_limited(),
                 Err(_) => {}
             }
             match r {
@@ -209,7 +212,7 @@ impl Client {
                         return Outcome {
                             latency_ms: t0.elapsed().as_secs_f64() * 1000.0,
                             retries,
-                            error_kind: Some(f.kind.to_string()),
+                            error_kind: Some(f.kind),
                             error: Some(f.message),
                             http_status: f.status,
                             is_final: !f.transient,
@@ -224,7 +227,7 @@ impl Client {
                         .retry_after
                         .map(|d| d.as_secs_f64())
                         .unwrap_or((base * jitter).min(8.0));
-                    tracing::debug!(key, kind = f.kind, wait, "retrying: {}", f.message);
+                    tracing::debug!(key, kind = f.kind.label(), wait, "retrying: {}", f.message);
                     tokio::time::sleep(Duration::from_secs_f64(wait)).await;
                     retries += 1;
                 }
@@ -245,7 +248,7 @@ impl Client {
         {
             Ok(r) => r,
             Err(_) => Err(fail(
-                "TIMEOUT",
+                Kind::Timeout,
                 format!(
                     "request timed out after {} s (`engine.timeout_s`)",
                     self.opts.timeout.as_secs_f64()
@@ -255,7 +258,7 @@ impl Client {
             )),
         };
         ep.outstanding.fetch_sub(1, Ordering::Relaxed);
-        let transport_failed = matches!(&r, Err(f) if f.transient && f.kind != "RATE_LIMITED");
+        let transport_failed = matches!(&r, Err(f) if f.transient && f.kind != Kind::RateLimited);
         self.record_health(ep, transport_failed);
         match r {
             Ok(mut o) => {
@@ -325,7 +328,7 @@ impl Client {
                 // transient, so the requests are asked again once the
                 // address is fixed.
                 300..=399 => fail(
-                    "ENGINE_ERROR",
+                    Kind::EngineError,
                     format!(
                         "HTTP {code}: the server redirects to `{}`; set `engine.base_url` to the address it points to (kvt does not follow redirects)",
                         location.unwrap_or_default()
@@ -333,10 +336,10 @@ impl Client {
                     Some(code),
                     true,
                 ),
-                429 => fail("RATE_LIMITED", msg, Some(code), true),
-                408 => fail("TIMEOUT", msg, Some(code), true),
-                500..=599 => fail("ENGINE_ERROR", msg, Some(code), true),
-                _ => fail("ENGINE_ERROR", msg, Some(code), false),
+                429 => fail(Kind::RateLimited, msg, Some(code), true),
+                408 => fail(Kind::Timeout, msg, Some(code), true),
+                500..=599 => fail(Kind::EngineError, msg, Some(code), true),
+                _ => fail(Kind::EngineError, msg, Some(code), false),
             };
             f.retry_after = retry_after;
             return Err(f);
@@ -353,7 +356,7 @@ impl Client {
             let latency = t0.elapsed().as_secs_f64() * 1000.0;
             let v: Answer = serde_json::from_slice(&bytes).map_err(|e| {
                 fail(
-                    "ENGINE_ERROR",
+                    Kind::EngineError,
                     format!("malformed JSON response: {e}"),
                     Some(status),
                     true,
@@ -361,7 +364,7 @@ impl Client {
             })?;
             let choice = v.choices.get(0).ok_or_else(|| {
                 fail(
-                    "ENGINE_ERROR",
+                    Kind::EngineError,
                     "response has no choices".into(),
                     Some(200),
                     true,
@@ -408,7 +411,7 @@ fn truncate(s: &str, n: usize) -> String {
 
 fn transport_failure(e: &reqwest::Error) -> Failure {
     if e.is_timeout() {
-        return fail("TIMEOUT", format!("request timed out: {e}"), None, true);
+        return fail(Kind::Timeout, format!("request timed out: {e}"), None, true);
     }
     connection_failure(&super::direct::error_chain(e))
 }
@@ -416,7 +419,7 @@ fn transport_failure(e: &reqwest::Error) -> Failure {
 /// Connection refused or reset, a body cut off: the server may recover.
 fn connection_failure(msg: &str) -> Failure {
     fail(
-        "ENGINE_ERROR",
+        Kind::EngineError,
         format!("connection error: {msg}"),
         None,
         true,
@@ -582,7 +585,7 @@ async fn read_limited(resp: &mut Reply, limit: u64) -> Result<Vec<u8>, Failure> 
 
 fn too_large(limit: u64) -> Failure {
     fail(
-        "ENGINE_ERROR",
+        Kind::EngineError,
         format!(
             "the response is larger than {} MiB (`engine.max_response_mib`); kvt stopped reading it",
             limit / (1 << 20)
@@ -637,7 +640,7 @@ async fn read_stream(mut resp: Reply, t0: Instant, limit: u64) -> Result<Outcome
                 }
                 let v: Value = serde_json::from_str(data).map_err(|e| {
                     fail(
-                        "ENGINE_ERROR",
+                        Kind::EngineError,
                         format!("malformed stream chunk: {e}"),
                         Some(status),
                         true,
@@ -645,7 +648,7 @@ async fn read_stream(mut resp: Reply, t0: Instant, limit: u64) -> Result<Outcome
                 })?;
                 if let Some(err) = v.get("error") {
                     return Err(fail(
-                        "ENGINE_ERROR",
+                        Kind::EngineError,
                         format!("error in stream: {err}"),
                         Some(status),
                         true,
@@ -676,7 +679,7 @@ async fn read_stream(mut resp: Reply, t0: Instant, limit: u64) -> Result<Outcome
     o.latency_ms = t0.elapsed().as_secs_f64() * 1000.0;
     if !done {
         return Err(fail(
-            "ENGINE_ERROR",
+            Kind::EngineError,
             "the stream ended before [DONE]".into(),
             Some(status),
             true,
@@ -684,7 +687,7 @@ async fn read_stream(mut resp: Reply, t0: Instant, limit: u64) -> Result<Outcome
     }
     if !saw_choice {
         return Err(fail(
-            "ENGINE_ERROR",
+            Kind::EngineError,
             "the stream carried no choices".into(),
             Some(status),
             true,

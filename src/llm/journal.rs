@@ -518,7 +518,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::open(&dir.path().join("j.sqlite")).unwrap();
         let transient = Outcome {
-            error_kind: Some("TIMEOUT".into()),
+            error_kind: Some(crate::llm::Failure::Timeout),
             ..Default::default()
         };
         j.record("k", &transient).unwrap();

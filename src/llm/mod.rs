@@ -18,6 +18,70 @@ pub mod spawned;
 
 use serde::{Deserialize, Serialize};
 
+/// The failure taxonomy: every failed request gets exactly one label, written
+/// as its upper-case name (`ENGINE_ERROR`) in the journal, the tables, the
+/// SQLite file and the report. A name kvt does not know (from another
+/// version's journal) reads as `EngineError`, as it always has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(from = "String", into = "&'static str")]
+pub enum Failure {
+    EmptyOutput,
+    Truncated,
+    FormatError,
+    Refusal,
+    Timeout,
+    EngineError,
+    RateLimited,
+    Abstained,
+}
+
+impl Failure {
+    /// Every label, in the order of the report's failure table.
+    pub const ALL: [Failure; 8] = [
+        Failure::EmptyOutput,
+        Failure::Truncated,
+        Failure::FormatError,
+        Failure::Refusal,
+        Failure::Timeout,
+        Failure::EngineError,
+        Failure::RateLimited,
+        Failure::Abstained,
+    ];
+    pub fn label(self) -> &'static str {
+        match self {
+            Failure::EmptyOutput => "EMPTY_OUTPUT",
+            Failure::Truncated => "TRUNCATED",
+            Failure::FormatError => "FORMAT_ERROR",
+            Failure::Refusal => "REFUSAL",
+            Failure::Timeout => "TIMEOUT",
+            Failure::EngineError => "ENGINE_ERROR",
+            Failure::RateLimited => "RATE_LIMITED",
+            Failure::Abstained => "ABSTAINED",
+        }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(s: String) -> Failure {
+        Failure::ALL
+            .into_iter()
+            .find(|f| f.label() == s)
+            .unwrap_or(Failure::EngineError)
+    }
+}
+
+impl From<Failure> for &'static str {
+    fn from(f: Failure) -> &'static str {
+        f.label()
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
 /// The outcome of one request, as recorded in the journal and the `responses`
 /// artifact (fields that hold nothing are left out of both: they read back
 /// as none). `error_kind` uses the failure taxonomy's transport labels
@@ -40,7 +104,7 @@ pub struct Outcome {
     pub ttft_ms: Option<f64>,
     pub retries: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error_kind: Option<String>,
+    pub error_kind: Option<Failure>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

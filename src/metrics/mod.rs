@@ -167,17 +167,7 @@ pub fn score(pred: &str, golds: &[String]) -> Scores {
     }
 }
 
-/// The failure taxonomy. Every failed request gets exactly one label.
-pub const FAILURE_LABELS: &[&str] = &[
-    "EMPTY_OUTPUT",
-    "TRUNCATED",
-    "FORMAT_ERROR",
-    "REFUSAL",
-    "TIMEOUT",
-    "ENGINE_ERROR",
-    "RATE_LIMITED",
-    "ABSTAINED",
-];
+pub use crate::llm::Failure;
 
 /// Phrases of a model saying the text does not hold the answer (lower case,
 /// anywhere in the answer). Not a format error: the model answered, with "I
@@ -214,33 +204,33 @@ const REFUSALS: &[&str] = &[
 /// (the synthetic tasks all ask for a number). `None` means a normal answer,
 /// right or wrong.
 pub fn classify(
-    error_kind: Option<&str>,
+    error_kind: Option<Failure>,
     text: &str,
     finish_reason: Option<&str>,
     expect_number: bool,
-) -> Option<&'static str> {
+) -> Option<Failure> {
     if let Some(k) = error_kind {
+        // A transport failure is one of the three transport labels.
         return Some(match k {
-            "RATE_LIMITED" => "RATE_LIMITED",
-            "TIMEOUT" => "TIMEOUT",
-            _ => "ENGINE_ERROR",
+            Failure::RateLimited | Failure::Timeout => k,
+            _ => Failure::EngineError,
         });
     }
     if text.trim().is_empty() {
-        return Some("EMPTY_OUTPUT");
+        return Some(Failure::EmptyOutput);
     }
     if finish_reason == Some("length") {
-        return Some("TRUNCATED");
+        return Some(Failure::Truncated);
     }
     let lower = text.to_lowercase();
     if REFUSALS.iter().any(|r| lower.starts_with(r)) {
-        return Some("REFUSAL");
+        return Some(Failure::Refusal);
     }
     if ABSTENTIONS.iter().any(|a| lower.contains(a)) {
-        return Some("ABSTAINED");
+        return Some(Failure::Abstained);
     }
     if expect_number && !text.chars().any(|c| c.is_ascii_digit()) {
-        return Some("FORMAT_ERROR");
+        return Some(Failure::FormatError);
     }
     None
 }
@@ -337,36 +327,39 @@ mod tests {
     #[test]
     fn taxonomy_priorities() {
         assert_eq!(
-            classify(Some("RATE_LIMITED"), "", None, true),
-            Some("RATE_LIMITED")
+            classify(Some(Failure::RateLimited), "", None, true),
+            Some(Failure::RateLimited)
         );
-        assert_eq!(classify(Some("TIMEOUT"), "", None, true), Some("TIMEOUT"));
         assert_eq!(
-            classify(Some("ENGINE_ERROR"), "", None, true),
-            Some("ENGINE_ERROR")
+            classify(Some(Failure::Timeout), "", None, true),
+            Some(Failure::Timeout)
+        );
+        assert_eq!(
+            classify(Some(Failure::EngineError), "", None, true),
+            Some(Failure::EngineError)
         );
         assert_eq!(
             classify(None, "  ", Some("stop"), true),
-            Some("EMPTY_OUTPUT")
+            Some(Failure::EmptyOutput)
         );
         assert_eq!(
             classify(None, "12", Some("length"), true),
-            Some("TRUNCATED")
+            Some(Failure::Truncated)
         );
         assert_eq!(
             classify(None, "I'm sorry, but no", Some("stop"), false),
-            Some("REFUSAL")
+            Some(Failure::Refusal)
         );
         assert_eq!(
             classify(None, "no idea", Some("stop"), true),
-            Some("FORMAT_ERROR")
+            Some(Failure::FormatError)
         );
         assert_eq!(classify(None, "no idea", Some("stop"), false), None);
         assert_eq!(classify(None, "41", Some("stop"), true), None);
         // Saying the text does not hold the answer is an abstention, not a format error.
         assert_eq!(
             classify(None, crate::llm::reference::NOT_FOUND, Some("stop"), true),
-            Some("ABSTAINED")
+            Some(Failure::Abstained)
         );
         assert_eq!(
             classify(
@@ -375,10 +368,19 @@ mod tests {
                 Some("stop"),
                 false
             ),
-            Some("ABSTAINED")
+            Some(Failure::Abstained)
         );
-        for l in FAILURE_LABELS {
-            assert_eq!(l.to_uppercase(), *l);
+        // Labels are upper case and read back as themselves; a name kvt
+        // does not know reads as ENGINE_ERROR, as the old string code did.
+        for f in Failure::ALL {
+            assert_eq!(f.label().to_uppercase(), f.label());
+            let json = serde_json::to_string(&f).unwrap();
+            assert_eq!(json, format!("\"{}\"", f.label()));
+            assert_eq!(serde_json::from_str::<Failure>(&json).unwrap(), f);
         }
+        assert_eq!(
+            serde_json::from_str::<Failure>("\"SOMETHING_NEW\"").unwrap(),
+            Failure::EngineError
+        );
     }
 }

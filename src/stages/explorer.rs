@@ -11,7 +11,7 @@
 //! `report` reads these instead of the manifest and every score table.
 
 use crate::engine::{Op, OpContext};
-use crate::metrics::FAILURE_LABELS;
+use crate::llm::Failure;
 use crate::stages::plots::{budget_label, budget_order, setting};
 use crate::stages::prepare::Bin;
 use crate::stages::score::ScoreRow;
@@ -121,12 +121,8 @@ pub fn facts(manifest: &ManifestView, scores: &[ScoreRow]) -> Facts {
     let mut by: BTreeMap<(String, u8, i64, u64), BTreeMap<&str, usize>> = BTreeMap::new();
     let mut examples: BTreeMap<&str, Value> = BTreeMap::new();
     for r in scores {
-        if let Some(f) = &r.failure {
-            let label = FAILURE_LABELS
-                .iter()
-                .find(|l| *l == f)
-                .copied()
-                .unwrap_or("ENGINE_ERROR");
+        if let Some(f) = r.failure {
+            let label = f.label();
             let (group, value) = budget_order(r.budget);
             *by.entry((
                 r.policy.clone(),
@@ -154,7 +150,7 @@ pub fn facts(manifest: &ManifestView, scores: &[ScoreRow]) -> Facts {
             let budget = f64::from_bits(*b);
             json!({
                 "setting": setting(p, budget),
-                "counts": FAILURE_LABELS.iter().map(|l| m.get(l).copied().unwrap_or(0)).collect::<Vec<_>>(),
+                "counts": Failure::ALL.iter().map(|f| m.get(f.label()).copied().unwrap_or(0)).collect::<Vec<_>>(),
                 "total": m.values().sum::<usize>(),
             })
         })
@@ -328,7 +324,7 @@ fn excerpt(e: &ExampleText) -> (String, Option<(usize, usize)>) {
 struct ExplorerCell<'a> {
     answer: &'a str,
     budget: String,
-    failure: &'a Option<String>,
+    failure: Option<Failure>,
     kept: String,
     policy: &'a str,
     score: f64,
@@ -392,7 +388,7 @@ pub fn explorer(manifest: &ManifestView, scores: &[ScoreRow], bins: &[Bin]) -> S
                     .map(|r| ExplorerCell {
                         answer: &r.response.text,
                         budget: budget_label(r.budget),
-                        failure: &r.failure,
+                        failure: r.failure,
                         kept: match (r.response.kv_kept_total, r.response.kv_full_total) {
                             (Some(k), Some(f)) if f > 0 => {
                                 format!("{k} of {f} entries ({:.0} %)", 100.0 * k as f64 / f as f64)
@@ -476,7 +472,7 @@ mod tests {
             em: score,
             f1: score,
             recall: score,
-            failure: (score == 0.0).then(|| "WRONG".to_string()),
+            failure: (score == 0.0).then_some(crate::llm::Failure::FormatError),
             truncated_from: None,
             probs: Default::default(),
             response: crate::llm::Outcome {

@@ -977,7 +977,7 @@ impl Op for Infer {
         let mut transient = 0;
         for r in &requests {
             let o = got.get(&r.key).cloned().unwrap_or_else(|| Outcome {
-                error_kind: Some("ENGINE_ERROR".into()),
+                error_kind: Some(crate::llm::Failure::EngineError),
                 error: Some("no response recorded".into()),
                 ..Default::default()
             });

@@ -5,7 +5,7 @@
 
 use crate::config::schema::FULL;
 use crate::engine::{canonical_json, Op, OpContext};
-use crate::metrics::FAILURE_LABELS;
+use crate::llm::Failure;
 use crate::stages::analyze::{BinStat, TransitionRow};
 use crate::stages::explorer::Facts;
 use crate::stages::plots::{budget_label, budget_order, setting, sort_budgets};
@@ -529,7 +529,7 @@ pub fn context(
         "bin_labels": bins.iter().map(|b| b.1.clone()).collect::<Vec<_>>(),
         "compact": compact,
         "floor": floor,
-        "failure_labels": FAILURE_LABELS,
+        "failure_labels": Failure::ALL.map(Failure::label),
         "failures": facts.failures,
         "examples_of_failures": facts.failure_examples,
         "geometry": format!("{} layers × {} KV heads × head dim {} × 2 (K, V) × {} bytes",

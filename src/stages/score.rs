@@ -4,7 +4,7 @@
 
 use crate::data::{Example, Gold};
 use crate::engine::{Op, OpContext};
-use crate::llm::Outcome;
+use crate::llm::{Failure, Outcome};
 use crate::metrics;
 use crate::metrics::longbench as lb;
 use crate::stages::infer::ResponseRow;
@@ -142,7 +142,7 @@ pub struct ScoreRow {
     pub em: f64,
     pub f1: f64,
     pub recall: f64,
-    pub failure: Option<String>,
+    pub failure: Option<Failure>,
     /// Prompt tokens before middle truncation (`prompt.max_tokens`), if cut.
     #[serde(default)]
     pub truncated_from: Option<u64>,
@@ -211,7 +211,7 @@ pub struct ScoreCell {
     pub budget: f64,
     pub metric: String,
     pub score: f64,
-    pub failure: Option<String>,
+    pub failure: Option<Failure>,
     pub latency_ms: f64,
     pub ttft_ms: Option<f64>,
     pub prompt_tokens: Option<u64>,
@@ -246,7 +246,7 @@ impl From<&ScoreRow> for ScoreCell {
             budget: r.budget,
             metric: r.metric.clone(),
             score: r.score,
-            failure: r.failure.clone(),
+            failure: r.failure,
             latency_ms: r.response.latency_ms,
             ttft_ms: r.response.ttft_ms,
             prompt_tokens: r.response.prompt_tokens,
@@ -330,12 +330,12 @@ impl Op for Score {
                 .iter()
                 .all(|a| !a.is_empty() && a.chars().all(|c| c.is_ascii_digit()));
             let failure = metrics::classify(
-                o.error_kind.as_deref(),
+                o.error_kind,
                 &o.text,
                 o.finish_reason.as_deref(),
                 expect_number,
             );
-            let primary = if failure.is_some_and(|f| f != "TRUNCATED") {
+            let primary = if failure.is_some_and(|f| f != Failure::Truncated) {
                 0.0
             } else {
                 value(&metric, &u.task, &o.text, e, &s, u.code_sim)
@@ -352,7 +352,7 @@ impl Op for Score {
                 em: s.em,
                 f1: s.f1,
                 recall: s.recall,
-                failure: failure.map(str::to_string),
+                failure,
                 truncated_from: r.truncated_from,
                 probs: Probs::of(&r.outcome),
                 response: r.outcome,

@@ -369,7 +369,7 @@ pub fn write_base(path: &std::path::Path, s: &BaseInput) -> Result<serde_json::M
                     .error
                     .clone()
                     .or_else(|| Some(r.response.text.clone()));
-                fa.execute(params![id, f, detail])?;
+                fa.execute(params![id, f.label(), detail])?;
             }
             sc.execute(params![
                 id,

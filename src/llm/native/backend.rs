@@ -45,7 +45,7 @@ impl Backend for NativeBackend {
             let o = match self.engine.answer(&req) {
                 Ok(a) => super::outcome(&a),
                 Err(e) => Outcome {
-                    error_kind: Some("ENGINE_ERROR".into()),
+                    error_kind: Some(crate::llm::Failure::EngineError),
                     error: Some(format!("{e:#}")),
                     latency_ms: t0.elapsed().as_secs_f64() * 1000.0,
                     is_final: true,
