@@ -92,10 +92,28 @@ closed_set!(
     Strategy { Uniform => "uniform", FocusTransition => "focus_transition" }
 );
 
-closed_set!(
-    /// `kv.compress` (native engine).
-    Compress { Context => "context", Prompt => "prompt" }
-);
+/// `kv.compress`: what part of the prompt a policy compresses (native
+/// engine and the kvpress server). One type from the config file to the
+/// engine's cell and the request's `kvt` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compress {
+    /// The context only; the question is prefilled afterwards on the
+    /// compressed cache and never enters the scores (kvpress's default).
+    #[default]
+    Context,
+    /// The whole prompt, question included (the SnapKV paper's setting).
+    Prompt,
+}
+
+impl Compress {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compress::Context => "context",
+            Compress::Prompt => "prompt",
+        }
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

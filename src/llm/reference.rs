@@ -43,7 +43,7 @@ pub struct KvParams {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub beta: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub compress: Option<String>,
+    pub compress: Option<crate::config::schema::Compress>,
 }
 
 impl KvParams {
@@ -76,7 +76,7 @@ impl KvParams {
     /// The native engine's cell for these parameters (the full cache is one
     /// cell whatever policy names it).
     pub fn native_cell(&self) -> Result<crate::llm::native::Cell> {
-        use crate::llm::native::{policy::Policy, Cell, Compress};
+        use crate::llm::native::{policy::Policy, Cell};
         let spec = crate::llm::PolicySpec::parse(&self.policy).map_err(anyhow::Error::msg)?;
         let exact = spec.policy == Policy::Full || self.budget == 1.0;
         Ok(Cell {
@@ -88,10 +88,7 @@ impl KvParams {
             kernel: self.pool_kernel as usize,
             beta: self.beta.unwrap_or(20.0),
             seed: self.seed,
-            compress: match self.compress.as_deref() {
-                Some("prompt") => Compress::Prompt,
-                _ => Compress::Context,
-            },
+            compress: self.compress.unwrap_or_default(),
         })
     }
     /// Tokens kept for a prompt of `n` tokens.

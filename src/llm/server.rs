@@ -703,5 +703,13 @@ mod tests {
         let e = native_params_for(&json!({"kvt": {"policy": "full", "quant": "q8_0"}}), &d)
             .unwrap_err();
         assert!(e.contains("`kvt.quant`"), "{e}");
+        // The compression mode is one typed value: an unknown one is refused
+        // (it used to mean `context` silently).
+        let p = native_params_for(&json!({"kvt": {"compress": "prompt"}}), &d).unwrap();
+        assert_eq!(p.compress, Some(crate::config::schema::Compress::Prompt));
+        // Written as the string it was, so request identity is unchanged.
+        assert_eq!(serde_json::to_value(&p).unwrap()["compress"], "prompt");
+        let e = native_params_for(&json!({"kvt": {"compress": "question"}}), &d).unwrap_err();
+        assert!(e.contains("question"), "{e}");
     }
 }

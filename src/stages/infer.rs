@@ -782,7 +782,7 @@ impl Op for Infer {
                 pool_kernel: u.pool_kernel,
                 seed: u.seed,
                 beta: (native || u.send_kv).then_some(u.beta),
-                compress: (native || u.send_kv).then(|| u.compress.as_str().to_string()),
+                compress: (native || u.send_kv).then_some(u.compress),
             })
         };
         let mut kv = cell(ctx.item("policy")?, ctx.item("budget")?)?;

@@ -33,17 +33,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 use tokenizer::GgufTokenizer;
 
-/// What part of the prompt a policy compresses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Compress {
-    /// The context only; the question is prefilled afterwards on the
-    /// compressed cache and never enters the scores (kvpress's default).
-    #[default]
-    Context,
-    /// The whole prompt, question included (the SnapKV paper's setting).
-    Prompt,
-}
+pub use crate::config::schema::Compress;
 
 /// One cell of an experiment as the engine runs it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
