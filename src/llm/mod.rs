@@ -309,14 +309,10 @@ impl PolicySpec {
     /// True when the reference simulator implements it.
     pub fn reference_can_run(&self) -> bool {
         self.quant == native::quant::KvQuant::F16
-            && reference::POLICIES.contains(&self.policy_name())
+            && reference::policies().contains(&self.policy_name())
     }
     pub fn policy_name(&self) -> &'static str {
-        native::policy::POLICY_NAMES
-            .iter()
-            .copied()
-            .find(|n| native::policy::Policy::parse(n) == Some(self.policy))
-            .expect("every policy has a name")
+        self.policy.name()
     }
 }
 

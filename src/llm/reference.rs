@@ -24,7 +24,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use tiktoken_rs::CoreBPE;
 
-pub const POLICIES: &[&str] = &["full", "streaming", "snapkv", "h2o", "random"];
+/// The policies the simulator runs (from the one list in
+/// `llm::native::policy`).
+pub fn policies() -> Vec<&'static str> {
+    crate::llm::native::policy::simulated_names()
+}
 
 /// What the reader says when the surviving text does not hold the answer.
 pub const NOT_FOUND: &str = "I cannot find the answer in the text I still have.";
@@ -48,11 +52,11 @@ pub struct KvParams {
 
 impl KvParams {
     pub fn check(&self) -> Result<()> {
-        if !POLICIES.contains(&self.policy.as_str()) {
+        if !policies().contains(&self.policy.as_str()) {
             bail!(
                 "unknown KV policy `{}`; choose one of: {}",
                 self.policy,
-                POLICIES.join(", ")
+                policies().join(", ")
             );
         }
         self.check_budget()

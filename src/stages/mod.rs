@@ -68,7 +68,7 @@ pub fn check_config(loaded: &LoadedConfig) -> Result<()> {
         if !native_model && !spec.reference_can_run() {
             return Err(loaded.key_error(
                 "kv.policies",
-                &format!("`{p}` runs on the native engine only (`engine.kind: native`, or `serve` with `engine.model_path`); the reference simulator knows {}", crate::llm::reference::POLICIES.join(", ")),
+                &format!("`{p}` runs on the native engine only (`engine.kind: native`, or `serve` with `engine.model_path`); the reference simulator knows {}", crate::llm::reference::policies().join(", ")),
             ));
         }
     }

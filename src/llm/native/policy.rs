@@ -21,31 +21,46 @@ pub enum Policy {
     Random,
 }
 
-pub const POLICY_NAMES: &[&str] = &[
-    "full",
-    "streaming",
-    "snapkv",
-    "pyramidkv",
-    "h2o",
-    "tova",
-    "knorm",
-    "random",
+/// The one list of policies: each with its name in configs and requests and
+/// whether kvt's reference simulator runs it too (the native engine runs all).
+const POLICIES: [(Policy, &str, bool); 8] = [
+    (Policy::Full, "full", true),
+    (Policy::Streaming, "streaming", true),
+    (Policy::Snapkv, "snapkv", true),
+    (Policy::Pyramidkv, "pyramidkv", false),
+    (Policy::H2o, "h2o", true),
+    (Policy::Tova, "tova", false),
+    (Policy::Knorm, "knorm", false),
+    (Policy::Random, "random", true),
 ];
+
+/// Every policy's name, in the list's order.
+pub const POLICY_NAMES: [&str; POLICIES.len()] = {
+    let mut names = [""; POLICIES.len()];
+    let mut i = 0;
+    while i < POLICIES.len() {
+        names[i] = POLICIES[i].1;
+        i += 1;
+    }
+    names
+};
 
 impl Policy {
     pub fn parse(s: &str) -> Option<Policy> {
-        Some(match s {
-            "full" => Policy::Full,
-            "streaming" => Policy::Streaming,
-            "snapkv" => Policy::Snapkv,
-            "pyramidkv" => Policy::Pyramidkv,
-            "h2o" => Policy::H2o,
-            "tova" => Policy::Tova,
-            "knorm" => Policy::Knorm,
-            "random" => Policy::Random,
-            _ => return None,
-        })
+        POLICIES.iter().find(|p| p.1 == s).map(|p| p.0)
     }
+    pub fn name(self) -> &'static str {
+        POLICIES
+            .iter()
+            .find(|p| p.0 == self)
+            .map(|p| p.1)
+            .expect("every policy is in the list")
+    }
+}
+
+/// The policies kvt's reference simulator runs, by name.
+pub fn simulated_names() -> Vec<&'static str> {
+    POLICIES.iter().filter(|p| p.2).map(|p| p.1).collect()
 }
 
 /// Policy parameters (kvpress's defaults in `KvParams`).
@@ -253,6 +268,22 @@ fn avg_pool(x: &[f32], kernel: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The one list: names round-trip, are the serde names request identity
+    /// holds, and the simulator's subset is the one it always had.
+    #[test]
+    fn every_policy_has_one_name_everywhere() {
+        for name in POLICY_NAMES {
+            let p = Policy::parse(name).unwrap();
+            assert_eq!(p.name(), name);
+            assert_eq!(serde_json::to_value(p).unwrap(), name);
+        }
+        assert_eq!(Policy::parse("lru"), None);
+        assert_eq!(
+            simulated_names(),
+            ["full", "streaming", "snapkv", "h2o", "random"]
+        );
+    }
 
     fn params(policy: Policy, budget: f64) -> PolicyParams {
         PolicyParams {
