@@ -99,6 +99,13 @@ fn inflight() -> &'static Mutex<HashSet<String>> {
     SET.get_or_init(Default::default)
 }
 
+/// Signalled whenever keys leave [`inflight`]: a node waiting for another's
+/// key wakes when it is released, not on a timer.
+fn inflight_released() -> &'static std::sync::Condvar {
+    static CV: OnceLock<std::sync::Condvar> = OnceLock::new();
+    CV.get_or_init(Default::default)
+}
+
 /// How a model file is told apart between builds (and shown by `kvt graph`
 /// when it changed): its size and modification time, as a person reads them.
 fn model_stamp(len: u64, modified: std::time::SystemTime) -> String {
@@ -1095,17 +1102,25 @@ impl Infer {
             for r in rs {
                 set.remove(&r.key);
             }
+            inflight_released().notify_all();
         };
         let result = self.send_claimed(ctx, s, shape, &mine, journal, answered);
         release(&mine);
         result?;
         for r in theirs {
-            while inflight().lock().expect("inflight").contains(&r.key) {
+            let mut set = inflight().lock().expect("inflight");
+            while set.contains(&r.key) {
                 if ctx.is_cancelled() {
                     return Ok(());
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                // Woken by the owner's release; the timeout only bounds how
+                // long an interrupt (which signals nothing here) goes unseen.
+                set = inflight_released()
+                    .wait_timeout(set, Duration::from_millis(250))
+                    .expect("inflight")
+                    .0;
             }
+            drop(set);
             // The owner's outcome, answer or failure, stands for this build;
             // only a key the owner never got to (its server did not start,
             // say) is sent here.
