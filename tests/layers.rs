@@ -274,3 +274,29 @@ fn every_name_in_the_architecture_document_exists() {
         "docs/ARCHITECTURE.md names what the sources do not have: {missing:?}"
     );
 }
+
+/// Issue #30, item 3: ops read their configuration as typed `Uses` /
+/// `Transport` slices, not the raw config map. The two places that hash the
+/// raw slice as an identity (the journal's node slice id, the dataset id)
+/// are the only ones allowed to touch it.
+#[test]
+fn no_op_reads_the_raw_config_map() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/stages");
+    let mut files = Vec::new();
+    rs_files(&root, &mut files);
+    const HASHED_AS_IDENTITY: &[(&str, usize)] = &[("infer.rs", 1), ("prepare.rs", 1)];
+    let mut found = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let n = text.matches("k.config").count() + text.matches("key.config").count();
+        let name = f.file_name().unwrap().to_string_lossy().to_string();
+        let allowed = HASHED_AS_IDENTITY
+            .iter()
+            .find(|(file, _)| *file == name)
+            .map_or(0, |(_, n)| *n);
+        if n > allowed {
+            found.push(format!("{name}: {n} reads of the raw config"));
+        }
+    }
+    assert!(found.is_empty(), "{found:?}");
+}

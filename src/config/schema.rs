@@ -385,8 +385,10 @@ pub struct Kv {
     #[serde(default = "default_quant")]
     pub quant: Vec<String>,
     /// The cells to run, derived from `policies`, `budgets` and `quant` at
-    /// load ([`Kv::expand_cells`]); never written by a user.
-    #[serde(skip_deserializing, default)]
+    /// load ([`Kv::expand_cells`]), which overwrites whatever was read; a
+    /// config file naming it is refused as an unknown key (it is not in
+    /// `config/default.yaml`). Read back by ops that take `kv` whole.
+    #[serde(default)]
     pub cells: Vec<KvCell>,
     pub sink_tokens: u32,
     pub window: u32,

@@ -3,7 +3,7 @@
 //! the per-bin table with CIs, the plots, failures by type, what was run and
 //! provenance.
 
-use crate::config::schema::FULL;
+use crate::config::schema::{self, FULL};
 use crate::engine::{canonical_json, Op, OpContext};
 use crate::llm::Failure;
 use crate::stages::analyze::{BinStat, TransitionRow};
@@ -14,7 +14,6 @@ use crate::stats::BinVerdict;
 use crate::table;
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
 
 pub struct Report;
 
@@ -214,15 +213,14 @@ pub fn fidelity_context(
 
 /// Everything the template needs, as JSON.
 pub fn context(
-    cfg: &BTreeMap<String, Value>,
+    u: &Uses,
     facts: &Facts,
     stats: &[BinStat],
     transitions: &[TransitionRow],
     db_rows: &Value,
 ) -> Value {
-    let get = |k: &str| cfg.get(k).cloned().unwrap_or(Value::Null);
-    let (analysis, output) = (get("analysis"), get("output"));
-    let exp = output["exp_group_id"].as_str().unwrap_or("").to_string();
+    let analysis = &u.analysis;
+    let exp = u.output.exp_group_id.clone();
     let metric = stats
         .iter()
         .map(|s| s.metric.clone())
@@ -239,11 +237,8 @@ pub fn context(
             .find(|s| s.bin_idx == i)
             .map_or(i.to_string(), |s| format!("{}–{}", s.bin_lo, s.bin_hi))
     };
-    let delta = analysis["transition"]["delta"].as_f64().unwrap_or(0.1);
-    let floor = crate::stages::analyze::effective_floor(
-        &metric,
-        analysis["transition"]["floor"].as_f64().unwrap_or(0.1),
-    );
+    let delta = analysis.transition.delta;
+    let floor = crate::stages::analyze::effective_floor(&metric, analysis.transition.floor);
     let order = |p: &str, b: f64| {
         (
             p.to_string(),
@@ -448,10 +443,10 @@ pub fn context(
             "Every response of every cell scored {score:.2}: the metric cannot tell the budgets apart."
         ));
     }
-    if facts.simulator && get("dataset")["source"] != json!("synthetic") {
+    if facts.simulator && u.dataset.source != schema::Source::Synthetic {
         warnings.push("**These scores measure kvt's reference simulator, not a model.** Its reader only answers kvt's own synthetic key–value questions; on other data it scores 0 at any budget. Use a real engine (`engine.kind: native`, `openai` or `launch`).".to_string());
     }
-    let n_per_bin = get("sampling")["n_per_bin"].as_i64().unwrap_or(0);
+    let n_per_bin = i64::from(u.sampling.n_per_bin);
     let mut flags: Vec<String> = Vec::new();
     let thin: Vec<String> = full_rows
         .iter()
@@ -490,7 +485,7 @@ pub fn context(
         flags.push(format!(
             "Bin lengths count each example's context in `{}` tokens (not the question, the system message or the template){}.",
             facts.tokenizer.as_str().unwrap_or("?"),
-            if get("prompt")["max_tokens"].is_null() { "" } else { ", before middle truncation by `prompt.max_tokens`" }
+            if u.prompt.max_tokens.is_none() { "" } else { ", before middle truncation by `prompt.max_tokens`" }
         ));
     }
     let mut policies: Vec<String> = stats.iter().map(|s| s.policy.clone()).collect();
@@ -500,11 +495,13 @@ pub fn context(
     let mut budgets: Vec<f64> = stats.iter().map(|s| s.budget).collect();
     sort_budgets(&mut budgets);
     budgets.dedup();
-    let geom = &get("model.kv_geometry");
-    let config_digest = blake3::hash(&canonical_json(&json!(cfg)))
-        .to_hex()
-        .to_string();
-    let ci_level = analysis["bootstrap"]["ci"].as_f64().unwrap_or(0.95);
+    let geom = &u.geometry;
+    let config_digest = blake3::hash(&canonical_json(
+        &serde_json::to_value(u).expect("the report's configuration serializes"),
+    ))
+    .to_hex()
+    .to_string();
+    let ci_level = analysis.bootstrap.ci;
     json!({
         "exp_group_id": exp,
         "dataset": facts.dataset,
@@ -512,13 +509,13 @@ pub fn context(
         "bin_edges": edges.to_string(),
         "n_examples": facts.n_examples,
         "n_bins": facts.n_bins,
-        "model": get("model.name"),
+        "model": u.model,
         "policies": policies,
         "budgets": budgets.iter().map(|b| budget_label(*b)).collect::<Vec<_>>(),
         "metric": metric,
-        "delta": analysis["transition"]["delta"],
-        "iters": analysis["bootstrap"]["iters"],
-        "seed": analysis["bootstrap"]["seed"],
+        "delta": analysis.transition.delta,
+        "iters": analysis.bootstrap.iters,
+        "seed": analysis.bootstrap.seed,
         "ci_pct": format!("{}", (ci_level * 100.0).round()),
         "ci_one_sided_pct": format!("{}", (1.0 - (1.0 - ci_level) / 2.0) * 100.0),
         "transitions": transitions_ctx,
@@ -533,9 +530,9 @@ pub fn context(
         "failures": facts.failures,
         "examples_of_failures": facts.failure_examples,
         "geometry": format!("{} layers × {} KV heads × head dim {} × 2 (K, V) × {} bytes",
-            geom["layers"], geom["kv_heads"], geom["head_dim"], geom["bytes_per_elem"]),
-        "decoding": String::from_utf8_lossy(&canonical_json(&get("decoding"))),
-        "db_path": if get("db.path") == json!("auto") { "kv_transition.sqlite".to_string() } else { get("db.path").as_str().unwrap_or("").to_string() },
+            geom.layers, geom.kv_heads, geom.head_dim, geom.bytes_per_elem),
+        "decoding": String::from_utf8_lossy(&canonical_json(&serde_json::to_value(&u.decoding).expect("decoding serializes"))),
+        "db_path": if u.db_path == "auto" { "kv_transition.sqlite".to_string() } else { u.db_path.clone() },
         "db_rows": db_rows.as_object().map(|m| m.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")).unwrap_or_default(),
         "kvt_version": env!("CARGO_PKG_VERSION"),
         "config_digest": config_digest,
@@ -551,31 +548,31 @@ pub fn render(ctx: &Value) -> Result<String> {
     Ok(hb.render("report", ctx)?)
 }
 
-/// What `report` reads: it records the experiment's configuration, so it
-/// takes these sections whole (its stage's `uses`, exactly).
-#[derive(serde::Deserialize)]
-#[allow(dead_code)]
-struct Uses {
+/// What `report` reads, typed: it records the experiment's configuration,
+/// so it takes these sections whole (its stage's `uses`, exactly). Written
+/// back as the same JSON for the configuration's digest.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct Uses {
     #[serde(rename = "output.exp_group_id")]
-    exp: String,
+    pub exp: String,
     #[serde(rename = "db.path")]
-    db_path: String,
+    pub db_path: String,
     #[serde(rename = "model.name")]
-    model: String,
+    pub model: String,
     #[serde(rename = "model.kv_geometry")]
-    geometry: serde_json::Value,
-    dataset: serde_json::Value,
+    pub geometry: schema::KvGeometry,
+    pub dataset: schema::Dataset,
     #[serde(rename = "tokenizer.kind")]
-    tokenizer_kind: serde_json::Value,
+    pub tokenizer_kind: schema::TokenizerKind,
     #[serde(rename = "tokenizer.name")]
-    tokenizer_name: serde_json::Value,
-    binning: serde_json::Value,
-    sampling: serde_json::Value,
-    kv: serde_json::Value,
-    decoding: serde_json::Value,
-    prompt: serde_json::Value,
-    analysis: serde_json::Value,
-    output: serde_json::Value,
+    pub tokenizer_name: String,
+    pub binning: schema::Binning,
+    pub sampling: schema::Sampling,
+    pub kv: schema::Kv,
+    pub decoding: schema::Decoding,
+    pub prompt: schema::Prompt,
+    pub analysis: schema::Analysis,
+    pub output: schema::Output,
 }
 
 impl Op for Report {
@@ -597,7 +594,8 @@ impl Op for Report {
         crate::engine::check_slices::<Uses, NoTransport>(uses, transport)
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
-        let Uses { exp, .. } = ctx.key.slice()?;
+        let u: Uses = ctx.key.slice()?;
+        let exp = u.exp.clone();
         let facts: Facts = serde_json::from_slice(&ctx.input("explorer", "facts")?)?;
         let stats: Vec<BinStat> = table::read_owned(ctx.input("analyze", "bin_stats")?)?;
         let transitions: Vec<TransitionRow> =
@@ -607,7 +605,7 @@ impl Op for Report {
             table::read_owned(ctx.input("analyze", "fidelity_stats")?)?;
         let selective: Vec<crate::stages::fidelity::SelectiveStat> =
             table::read_owned(ctx.input("analyze", "selective_stats")?)?;
-        let mut c = context(ctx.key.config, &facts, &stats, &transitions, &db_rows);
+        let mut c = context(&u, &facts, &stats, &transitions, &db_rows);
         c["fidelity"] = fidelity_context(&stats, &fid, &selective);
         let mut prov: Vec<Value> = ctx
             .upstream

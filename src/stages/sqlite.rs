@@ -12,6 +12,7 @@
 //!   failed sink never leaves a half-written database behind and the cache
 //!   never holds a full copy per analysis version.
 
+use crate::config::schema;
 use crate::data::Example;
 use crate::engine::{canonical_json, Op, OpContext};
 use crate::metrics::normalize;
@@ -181,6 +182,7 @@ pub struct BaseInput<'a> {
 /// What the analysis overlay holds.
 pub struct OverlayInput<'a> {
     pub exp_group_id: &'a str,
+    pub model: &'a str,
     pub config: &'a Value,
     pub bin_stats: &'a [BinStat],
     pub transitions: &'a [TransitionRow],
@@ -426,10 +428,7 @@ pub fn write_overlay(
             blake3::hash(config_text.as_bytes()).to_hex().to_string(),
             config_text,
             env!("CARGO_PKG_VERSION"),
-            s.config
-                .pointer("/model.name")
-                .and_then(Value::as_str)
-                .unwrap_or(""),
+            s.model,
         ],
     )?;
     {
@@ -659,8 +658,7 @@ impl Op for SqliteBase {
 
 /// What `sqlite` reads: it records the experiment's configuration, so it
 /// takes these sections whole (its stage's `uses`, exactly).
-#[derive(serde::Deserialize)]
-#[allow(dead_code)]
+#[derive(serde::Serialize, serde::Deserialize)]
 struct Uses {
     #[serde(rename = "output.exp_group_id")]
     exp: String,
@@ -668,17 +666,17 @@ struct Uses {
     db_path: String,
     #[serde(rename = "model.name")]
     model: String,
-    dataset: serde_json::Value,
+    dataset: schema::Dataset,
     #[serde(rename = "tokenizer.kind")]
-    tokenizer_kind: serde_json::Value,
+    tokenizer_kind: schema::TokenizerKind,
     #[serde(rename = "tokenizer.name")]
-    tokenizer_name: serde_json::Value,
-    binning: serde_json::Value,
-    sampling: serde_json::Value,
-    kv: serde_json::Value,
-    decoding: serde_json::Value,
-    prompt: serde_json::Value,
-    analysis: serde_json::Value,
+    tokenizer_name: String,
+    binning: schema::Binning,
+    sampling: schema::Sampling,
+    kv: schema::Kv,
+    decoding: schema::Decoding,
+    prompt: schema::Prompt,
+    analysis: schema::Analysis,
 }
 
 impl Op for Sqlite {
@@ -698,8 +696,11 @@ impl Op for Sqlite {
         crate::engine::check_slices::<Uses, NoTransport>(uses, transport)
     }
     fn run(&self, ctx: &mut OpContext) -> Result<()> {
-        let Uses { exp, db_path, .. } = ctx.key.slice()?;
-        let config = Value::Object(ctx.key.config.clone().into_iter().collect());
+        let u: Uses = ctx.key.slice()?;
+        // The experiment's configuration as recorded: the typed sections
+        // written back (the same JSON, so the same digest).
+        let config = serde_json::to_value(&u).context("serializing the configuration")?;
+        let (exp, db_path) = (u.exp.clone(), u.db_path.clone());
         let bin_stats: Vec<BinStat> = table::read_owned(ctx.input("analyze", "bin_stats")?)?;
         let transitions: Vec<TransitionRow> =
             table::read_owned(ctx.input("analyze", "transition_summary")?)?;
@@ -715,6 +716,7 @@ impl Op for Sqlite {
                 &file,
                 &OverlayInput {
                     exp_group_id: &exp,
+                    model: &u.model,
                     config: &config,
                     bin_stats: &bin_stats,
                     transitions: &transitions,
