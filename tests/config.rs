@@ -632,6 +632,11 @@ fn kv_quant_is_its_own_axis_and_the_full_cache_runs_once() {
             "lists `snapkv` twice",
         ),
         ("kv: {quant: [q8_0]}", "kv.quant", "native engine only"),
+        (
+            "kv: {cells: [{policy: snapkv, budget: 0.5}]}",
+            "kv.cells",
+            "is derived from `kv.policies`",
+        ),
     ] {
         p.write(
             "config/experiments/bad.yaml",

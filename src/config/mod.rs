@@ -773,6 +773,12 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
             layers.locate(path, exp_origin)
         ))
     };
+    if !c.kv.cells.is_empty() {
+        return Err(bad(
+            "kv.cells",
+            "is derived from `kv.policies`, `kv.budgets` and `kv.quant` (the full cache once per quantisation, every other policy at every budget but 1.0): remove it and set those instead".into(),
+        ));
+    }
     let id = &c.output.exp_group_id;
     if !is_safe_component(id) {
         let shown: String = id.chars().take(60).collect();
