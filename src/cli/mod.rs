@@ -485,7 +485,7 @@ fn run(cli: Cli, registry: &OpRegistry) -> Result<()> {
             host: a.host,
             port: a.port,
             model: a.model,
-            defaults: crate::llm::reference::KvParams {
+            defaults: crate::llm::KvParams {
                 policy: a.policy,
                 budget: a.budget,
                 sink_tokens: a.sink_tokens,

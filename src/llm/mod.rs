@@ -8,6 +8,7 @@ pub mod client;
 pub mod direct;
 pub mod http;
 pub mod journal;
+pub mod kv_params;
 pub mod launcher;
 pub mod limits;
 pub mod metrics_scrape;
@@ -16,6 +17,7 @@ pub mod reference;
 pub mod server;
 pub mod spawned;
 
+pub use kv_params::KvParams;
 use serde::{Deserialize, Serialize};
 
 /// The failure taxonomy: every failed request gets exactly one label, written

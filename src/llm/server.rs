@@ -14,8 +14,8 @@
 //! key (`x-kvt-request-key`), and a request whose key is already there — sent
 //! again after the client crashed — is replayed from it, not answered twice.
 
-use super::reference::{self, KvParams};
 use super::QUESTION_MARKER;
+use super::{reference, KvParams};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
