@@ -631,7 +631,7 @@ fn kv_quant_is_its_own_axis_and_the_full_cache_runs_once() {
             "kv.policies",
             "lists `snapkv` twice",
         ),
-        ("kv: {quant: [q8_0]}", "kv.quant", "native engine only"),
+        ("kv: {quant: [q8_0]}", "kv.quant", "or on a launched server"),
         (
             "kv: {cells: [{policy: snapkv, budget: 0.5}]}",
             "kv.cells",

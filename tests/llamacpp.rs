@@ -31,14 +31,14 @@ fn llamacpp_kv_quantisation_report() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr_of(&out));
-    // Three budgets, three servers, each with its log; all stopped.
+    // Three quantisations, three servers, each with its log; all stopped.
     assert_eq!(
         std::fs::read_dir(p.path("runs/llamacpp-kvquant/logs"))
             .unwrap()
             .count(),
         3
     );
-    let log = p.read("runs/llamacpp-kvquant/logs/infer_budget_0.25_policy_full_.log");
+    let log = p.read("runs/llamacpp-kvquant/logs/infer_budget_1.0_policy_full+q4_0_.log");
     assert!(log.contains("q4_0 KV cache"), "{log}");
     let c =
         rusqlite::Connection::open(p.path("runs/llamacpp-kvquant/kv_transition.sqlite")).unwrap();
@@ -81,7 +81,7 @@ fn llamacpp_kv_quantisation_report() {
     assert_eq!(timed, 36);
     let report = p.read("runs/llamacpp-kvquant/report.md");
     assert!(
-        report.contains("full @ 0.25") && report.contains("MiB"),
+        report.contains("full+q4_0 @ 1.0") && report.contains("MiB"),
         "{report}"
     );
     // No server this build launched survives (they ran in the project root).

@@ -340,10 +340,11 @@ pub struct Engine {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Launch {
-    /// Run by `sh -c`; `{port}`, `{model}`, `{policy}`, `{budget}` and the
-    /// budget's `vars` are filled in.
+    /// Run by `sh -c`; `{port}`, `{model}`, `{policy}`, `{budget}`,
+    /// `{quant}` and the cell's `vars` are filled in.
     pub command: Option<String>,
-    /// Per budget (as written in `kv.budgets`, e.g. "0.5"): extra template variables.
+    /// Per budget (as written in `kv.budgets`, e.g. "0.5") and per KV
+    /// quantisation (`none`, `q8_0`, `q4_0`; these win): extra template variables.
     pub vars: BTreeMap<String, BTreeMap<String, String>>,
     pub health_path: String,
     /// Path of the OpenAI-compatible API under the server's root.

@@ -5,7 +5,7 @@
 //! through a supervisor process that outlives kvt, if kvt itself is killed.
 //!
 //! Template variables: `{port}`, `{model}`, `{policy}`, `{budget}`, and any
-//! per-budget variable from `engine.launch.vars` (e.g. `{cache_type}` for
+//! per-budget (or per-quantisation) variable from `engine.launch.vars` (e.g. `{cache_type}` for
 //! llama.cpp's `-ctk {cache_type} -ctv {cache_type}`).
 
 use anyhow::{anyhow, bail, Context, Result};

@@ -92,6 +92,29 @@ struct Answered {
     fresh: Mutex<std::collections::HashMap<String, Outcome>>,
 }
 
+/// A cell label's policy and KV quantisation (`snapkv+q8_0` → `snapkv`,
+/// `q8_0`; `snapkv` → `snapkv`, `none`).
+fn policy_and_quant(label: &str) -> (&str, &str) {
+    label
+        .split_once('+')
+        .unwrap_or((label, crate::config::schema::NO_QUANT))
+}
+
+/// A launched server's own variables for a cell (`engine.launch.vars`):
+/// those of its budget as written (`"0.5"`), then those of its quantisation
+/// (`none`, `q8_0`, `q4_0`), which win. They enter request identity: they are
+/// what the cell means to that server.
+fn cell_launch_vars(
+    vars: &BTreeMap<String, BTreeMap<String, String>>,
+    kv: &KvParams,
+) -> BTreeMap<String, String> {
+    let budget = crate::engine::pipeline::format_binding(&json!(kv.budget));
+    let (_, quant) = policy_and_quant(&kv.policy);
+    let mut out = vars.get(&budget).cloned().unwrap_or_default();
+    out.extend(vars.get(quant).cloned().unwrap_or_default());
+    out
+}
+
 /// Request keys being sent by some node of this process right now: identical
 /// requests of two nodes (the full-cache budget of two policies) go out once.
 fn inflight() -> &'static Mutex<HashSet<String>> {
@@ -848,10 +871,7 @@ impl Op for Infer {
             }
             None => None,
         };
-        let launch_vars: BTreeMap<String, String> = {
-            let key = crate::engine::pipeline::format_binding(&json!(kv.budget));
-            u.launch_vars.get(&key).cloned().unwrap_or_default()
-        };
+        let launch_vars = cell_launch_vars(&u.launch_vars, &kv);
         let s = Settings {
             api: u.api,
             launch_vars,
@@ -1049,14 +1069,14 @@ impl Infer {
         let template = l.command.clone().unwrap_or_default();
         let port = free_port()?;
         let budget_key = crate::engine::pipeline::format_binding(&json!(s.kv.budget));
+        let (policy, quant) = policy_and_quant(&s.kv.policy);
         let mut vars: BTreeMap<String, String> = BTreeMap::new();
         vars.insert("port".into(), port.to_string());
         vars.insert("model".into(), s.model.clone());
-        vars.insert("policy".into(), s.kv.policy.clone());
-        vars.insert("budget".into(), budget_key.clone());
-        if let Some(extra) = l.vars.get(&budget_key) {
-            vars.extend(extra.clone());
-        }
+        vars.insert("policy".into(), policy.to_string());
+        vars.insert("quant".into(), quant.to_string());
+        vars.insert("budget".into(), budget_key);
+        vars.extend(s.launch_vars.clone());
         let command =
             render(&template, &vars).map_err(|e| crate::KvtError::usage(e.to_string()))?;
         let exp = &s.transport.exp_group_id;
@@ -1390,6 +1410,35 @@ impl Infer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_launched_cell_gets_its_budgets_then_its_quantisations_vars() {
+        let vars: BTreeMap<String, BTreeMap<String, String>> = serde_json::from_value(json!({
+            "0.5": {"cache_type": "f16", "ctx": "2048"},
+            "q8_0": {"cache_type": "q8_0"},
+            "none": {"cache_type": "f16"}
+        }))
+        .unwrap();
+        let kv = |policy: &str, budget: f64| KvParams {
+            policy: policy.into(),
+            budget,
+            sink_tokens: 4,
+            window: 32,
+            pool_kernel: 7,
+            seed: 0,
+            beta: None,
+            compress: None,
+        };
+        let got = cell_launch_vars(&vars, &kv("snapkv+q8_0", 0.5));
+        assert_eq!(got["cache_type"], "q8_0", "the quantisation's wins");
+        assert_eq!(got["ctx"], "2048");
+        assert_eq!(
+            cell_launch_vars(&vars, &kv("full", 1.0))["cache_type"],
+            "f16"
+        );
+        assert_eq!(policy_and_quant("snapkv+q4_0"), ("snapkv", "q4_0"));
+        assert_eq!(policy_and_quant("snapkv"), ("snapkv", "none"));
+    }
 
     #[test]
     fn keys_hashed_around_the_messages_are_the_whole_identitys() {

@@ -26,15 +26,19 @@ pub fn check_config(loaded: &LoadedConfig) -> Result<()> {
     let c = &loaded.config;
     let answerer = infer::answerer(c.engine.kind, c.engine.model_path.is_some());
     let native_model = answerer == infer::Answerer::ModelFile;
+    // A launched server quantises its own cache (its command gets `{quant}`
+    // and the quantisation's `engine.launch.vars`); the native engine does
+    // it itself; nothing else can.
+    let launched = c.engine.kind == crate::config::schema::EngineKind::Launch;
     for q in
         c.kv.quant
             .iter()
             .filter(|q| *q != crate::config::schema::NO_QUANT)
     {
-        if !native_model {
+        if !native_model && !launched {
             return Err(loaded.key_error(
                 "kv.quant",
-                &format!("`{q}` runs on the native engine only (`engine.kind: native`, or `serve` with `engine.model_path`); use `[none]` here"),
+                &format!("`{q}` runs on the native engine (`engine.kind: native`, or `serve` with `engine.model_path`) or on a launched server that quantises its own cache (`engine.kind: launch`, `{{quant}}` in its command); use `[none]` here"),
             ));
         }
     }
