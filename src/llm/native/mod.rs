@@ -866,3 +866,109 @@ pub fn telemetry_into(a: &NativeAnswer, o: &mut crate::llm::Outcome) {
         o.fidelity = a.fidelity.clone();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(policy: Policy, budget: f64, quant: KvQuant) -> Cell {
+        Cell {
+            policy,
+            budget,
+            quant,
+            sinks: 4,
+            window: 32,
+            kernel: 7,
+            beta: 20.0,
+            seed: 0,
+            compress: Compress::Context,
+        }
+    }
+
+    /// Every name for the full cache is one request; a quantised or evicting
+    /// cell is its own, with the parameters it uses.
+    #[test]
+    fn cells_that_keep_everything_share_one_identity() {
+        let full = cell(Policy::Full, 1.0, KvQuant::F16).identity();
+        assert_eq!(cell(Policy::Full, 0.5, KvQuant::F16).identity(), full);
+        assert_eq!(cell(Policy::Snapkv, 1.0, KvQuant::F16).identity(), full);
+        let mut other_window = cell(Policy::Snapkv, 1.0, KvQuant::F16);
+        other_window.window = 8;
+        assert_eq!(other_window.identity(), full, "unused parameters left out");
+        assert!(cell(Policy::Full, 1.0, KvQuant::F16).is_exact());
+        let q8 = cell(Policy::Full, 1.0, KvQuant::Q8_0);
+        assert!(!q8.is_exact());
+        assert_ne!(q8.identity(), full);
+        assert_eq!(q8.identity()["compress"], "context");
+        let snap = cell(Policy::Snapkv, 0.5, KvQuant::F16);
+        assert!(!snap.is_exact());
+        assert_ne!(
+            snap.identity(),
+            cell(Policy::Knorm, 0.5, KvQuant::F16).identity()
+        );
+        assert_eq!(snap.identity()["window"], 32);
+    }
+
+    #[test]
+    fn the_question_starts_at_the_last_question_line_and_ties_go_low() {
+        let p = "Doc: Question: not this one\nmore\nQuestion: where?\nAnswer:";
+        assert_eq!(
+            &p[question_offset(p).unwrap()..],
+            "Question: where?\nAnswer:"
+        );
+        assert_eq!(question_offset("no question here"), None);
+        assert_eq!(argmax(&[0.1, 0.9, 0.9, -1.0]), 1);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, -3.0]), 1);
+    }
+
+    /// A cell's latency is its own prefill and decode; retained tokens are
+    /// the kept share of the prompt.
+    #[test]
+    fn an_answer_becomes_an_outcome_with_its_proof_of_compression() {
+        let a = NativeAnswer {
+            text: "918273".into(),
+            finish_reason: "stop".into(),
+            prompt_tokens: 400,
+            completion_tokens: 3,
+            compressed_tokens: 380,
+            kept_per_layer: vec![300, 300],
+            compressed_layers: vec![0, 1],
+            kept_total: 600,
+            full_total: 800,
+            kv_bytes: 12_345,
+            prefill_ms: 40.0,
+            decode_ms: 15.0,
+            prefill_reused: true,
+            kept_positions: None,
+            kept_share: None,
+            logprobs: None,
+            gold_loglik: None,
+            fidelity: None,
+        };
+        let o = outcome(&a);
+        assert_eq!(o.text, "918273");
+        assert_eq!(o.retained_tokens, Some(300));
+        assert_eq!(o.latency_ms, 55.0);
+        assert_eq!((o.kv_kept_total, o.kv_full_total), (Some(600), Some(800)));
+        assert_eq!(o.kv_compressed_layers, Some(vec![0, 1]));
+        assert_eq!(o.prefill_reused, Some(true));
+        assert!(o.is_final && o.error_kind.is_none());
+    }
+
+    #[test]
+    fn a_missing_model_file_is_named_with_what_to_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = resolve_model_path(Some("models/nope.gguf"), dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("models/nope.gguf") && e.contains("engine.model_path"),
+            "{e}"
+        );
+        std::fs::write(dir.path().join("m.gguf"), b"GGUF").unwrap();
+        assert_eq!(
+            resolve_model_path(Some("m.gguf"), dir.path()).unwrap(),
+            dir.path().join("m.gguf")
+        );
+    }
+}
