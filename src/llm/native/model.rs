@@ -630,3 +630,69 @@ fn causal_mask(
 pub fn file_digest(path: &std::path::Path) -> Result<String> {
     crate::engine::digest::files_digest(&[path])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn architectures_round_trip_and_only_llama_interleaves_rope() {
+        for a in [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Gemma3] {
+            assert_eq!(Arch::parse(a.name()), Some(a));
+            assert_eq!(a.interleaved_rope(), a == Arch::Llama);
+        }
+        assert_eq!(Arch::parse("mistral"), None);
+    }
+
+    /// Gemma 3's pattern: five sliding-window layers, then a global one.
+    #[test]
+    fn every_sixth_layer_is_global_in_a_window_pattern_of_six() {
+        let hp = Hparams {
+            arch: Arch::Gemma3,
+            n_layer: 18,
+            n_head: 4,
+            n_kv_head: 1,
+            head_dim: 256,
+            hidden: 640,
+            eps: 1e-6,
+            rope_base: 1e6,
+            context: 32768,
+            swa: Some((512, 6)),
+            attn_scale: 1.0 / 16.0,
+        };
+        let global: Vec<usize> = (0..18).filter(|&l| hp.window_of(l).is_none()).collect();
+        assert_eq!(global, [5, 11, 17]);
+        assert_eq!(hp.window_of(0), Some(512));
+        let dense = Hparams { swa: None, ..hp };
+        assert!((0..18).all(|l| dense.window_of(l).is_none()));
+    }
+
+    /// Causal, from an offset, and within a window (the query's own
+    /// position included).
+    #[test]
+    fn the_mask_sees_the_past_within_the_window() {
+        let dev = Device::Cpu;
+        let seen = |m: &Tensor| -> Vec<Vec<bool>> {
+            m.to_vec2::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(|r| r.into_iter().map(|v| v == 0.0).collect())
+                .collect()
+        };
+        // Two queries at positions 2 and 3, every entry from 0.
+        let m = causal_mask(2, 2, None, 0, &dev).unwrap();
+        assert_eq!(
+            seen(&m),
+            [[true, true, true, false], [true, true, true, true]]
+        );
+        // A window of 2: position 3 sees 2 and 3 only.
+        let m = causal_mask(2, 2, Some(2), 0, &dev).unwrap();
+        assert_eq!(
+            seen(&m),
+            [[false, true, true, false], [false, false, true, true]]
+        );
+        // From entry 2 on: the columns before it are not there.
+        let m = causal_mask(2, 2, Some(2), 2, &dev).unwrap();
+        assert_eq!(seen(&m), [[true, false], [true, true]]);
+    }
+}
