@@ -12,6 +12,22 @@ fn validate(p: &Project, file: &str, extra: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Each `(yaml, key, says)` as a test experiment: `kvt validate` exits 2
+/// naming the file, the key and what is wrong.
+fn expect_key_errors(p: &Project, cases: &[(&str, &str, &str)]) {
+    for (yaml, key, says) in cases {
+        p.write(
+            "config/experiments/bad.yaml",
+            &format!("pipeline: test\noutput: {{exp_group_id: b}}\n{yaml}\n"),
+        );
+        let out = validate(p, "config/experiments/bad.yaml", &[]);
+        expect_usage_error(
+            &out,
+            &["config/experiments/bad.yaml", &format!("`{key}`"), says],
+        );
+    }
+}
+
 fn expect_usage_error(out: &std::process::Output, needles: &[&str]) {
     assert_eq!(out.status.code(), Some(2), "stderr: {}", stderr_of(out));
     let err = stderr_of(out);
@@ -543,55 +559,48 @@ fn a_pipeline_whose_uses_disagree_with_its_op_exits_2_before_any_stage() {
 #[test]
 fn regression_out_of_range_values_are_refused_by_validate() {
     let p = Project::new();
-    for (yaml, key, says) in [
-        (
-            "engine: {max_response_mib: 0}",
-            "engine.max_response_mib",
-            "at least 1",
-        ),
-        (
-            "kv: {budgets: [1.0, 1.5]}",
-            "kv.budgets",
-            "not a whole number",
-        ),
-        (
-            "decoding: {temperature: -1}",
-            "decoding.temperature",
-            "0 (greedy) or more",
-        ),
-        ("decoding: {top_p: 2}", "decoding.top_p", "(0, 1]"),
-        (
-            "sampling: {focus_bins: [99]}",
-            "sampling.focus_bins",
-            "bin 99 does not exist",
-        ),
-        ("engine: {logprobs: 50}", "engine.logprobs", "more than 20"),
-        (
-            "analysis: {fidelity: {delta_nats: 0}}",
-            "analysis.fidelity.delta_nats",
-            "positive",
-        ),
-        (
-            "analysis: {splits: {calibration: 1.0, seed: 0}}",
-            "analysis.splits.calibration",
-            "[0, 1)",
-        ),
-        (
-            "analysis: {selective: {confidence: mean, confident_risk: 2}}",
-            "analysis.selective.confident_risk",
-            "[0, 1]",
-        ),
-    ] {
-        p.write(
-            "config/experiments/bad.yaml",
-            &format!("pipeline: test\noutput: {{exp_group_id: b}}\n{yaml}\n"),
-        );
-        let out = validate(&p, "config/experiments/bad.yaml", &[]);
-        expect_usage_error(
-            &out,
-            &["config/experiments/bad.yaml", &format!("`{key}`"), says],
-        );
-    }
+    expect_key_errors(
+        &p,
+        &[
+            (
+                "engine: {max_response_mib: 0}",
+                "engine.max_response_mib",
+                "at least 1",
+            ),
+            (
+                "kv: {budgets: [1.0, 1.5]}",
+                "kv.budgets",
+                "not a whole number",
+            ),
+            (
+                "decoding: {temperature: -1}",
+                "decoding.temperature",
+                "0 (greedy) or more",
+            ),
+            ("decoding: {top_p: 2}", "decoding.top_p", "(0, 1]"),
+            (
+                "sampling: {focus_bins: [99]}",
+                "sampling.focus_bins",
+                "bin 99 does not exist",
+            ),
+            ("engine: {logprobs: 50}", "engine.logprobs", "more than 20"),
+            (
+                "analysis: {fidelity: {delta_nats: 0}}",
+                "analysis.fidelity.delta_nats",
+                "positive",
+            ),
+            (
+                "analysis: {splits: {calibration: 1.0, seed: 0}}",
+                "analysis.splits.calibration",
+                "[0, 1)",
+            ),
+            (
+                "analysis: {selective: {confidence: mean, confident_risk: 2}}",
+                "analysis.selective.confident_risk",
+                "[0, 1]",
+            ),
+        ],
+    );
     // A whole token count above 1 and a fraction are both fine.
     p.write(
         "config/experiments/ok.yaml",
@@ -609,45 +618,38 @@ fn regression_out_of_range_values_are_refused_by_validate() {
 #[test]
 fn kv_quant_is_its_own_axis_and_the_full_cache_runs_once() {
     let p = Project::new();
-    for (yaml, key, says) in [
-        (
-            "kv: {policies: [snapkv, full+q8_0]}",
-            "kv.policies",
-            "write `full` here and `kv.quant: [none, q8_0]`",
-        ),
-        (
-            "kv: {quant: [none, q5_1]}",
-            "kv.quant",
-            "unknown KV quantisation `q5_1`",
-        ),
-        ("kv: {quant: []}", "kv.quant", "at least one"),
-        (
-            "kv: {quant: [none, none]}",
-            "kv.quant",
-            "lists `none` twice",
-        ),
-        (
-            "kv: {policies: [snapkv, snapkv]}",
-            "kv.policies",
-            "lists `snapkv` twice",
-        ),
-        ("kv: {quant: [q8_0]}", "kv.quant", "or on a launched server"),
-        (
-            "kv: {cells: [{policy: snapkv, budget: 0.5}]}",
-            "kv.cells",
-            "is derived from `kv.policies`",
-        ),
-    ] {
-        p.write(
-            "config/experiments/bad.yaml",
-            &format!("pipeline: test\noutput: {{exp_group_id: b}}\n{yaml}\n"),
-        );
-        let out = validate(&p, "config/experiments/bad.yaml", &[]);
-        expect_usage_error(
-            &out,
-            &["config/experiments/bad.yaml", &format!("`{key}`"), says],
-        );
-    }
+    expect_key_errors(
+        &p,
+        &[
+            (
+                "kv: {policies: [snapkv, full+q8_0]}",
+                "kv.policies",
+                "write `full` here and `kv.quant: [none, q8_0]`",
+            ),
+            (
+                "kv: {quant: [none, q5_1]}",
+                "kv.quant",
+                "unknown KV quantisation `q5_1`",
+            ),
+            ("kv: {quant: []}", "kv.quant", "at least one"),
+            (
+                "kv: {quant: [none, none]}",
+                "kv.quant",
+                "lists `none` twice",
+            ),
+            (
+                "kv: {policies: [snapkv, snapkv]}",
+                "kv.policies",
+                "lists `snapkv` twice",
+            ),
+            ("kv: {quant: [q8_0]}", "kv.quant", "or on a launched server"),
+            (
+                "kv: {cells: [{policy: snapkv, budget: 0.5}]}",
+                "kv.cells",
+                "is derived from `kv.policies`",
+            ),
+        ],
+    );
     p.write(
         "config/experiments/q.yaml",
         "output: {exp_group_id: q}\nkv: {policies: [full, streaming, snapkv], budgets: [1.0, 0.5, 0.2]}\n",

@@ -23,6 +23,8 @@ fn none_alive(p: &Project) {
         if alive(p, None).is_empty() {
             return;
         }
+        // No signal: a process cannot announce its own death to us (not
+        // our child), so its absence from /proc is polled.
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let cmds: Vec<String> = alive(p, None)

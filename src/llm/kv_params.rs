@@ -82,3 +82,21 @@ impl KvParams {
         k.min(n)
     }
 }
+
+#[cfg(test)]
+impl KvParams {
+    /// A cell with `config/default.yaml`'s parameters (sinks 4, window 32,
+    /// kernel 7, seed 0), for tests.
+    pub fn for_test(policy: &str, budget: f64) -> KvParams {
+        KvParams {
+            policy: policy.into(),
+            budget,
+            sink_tokens: 4,
+            window: 32,
+            pool_kernel: 7,
+            seed: 0,
+            beta: None,
+            compress: None,
+        }
+    }
+}

@@ -676,16 +676,7 @@ mod tests {
 
     #[test]
     fn request_fields_override_server_defaults() {
-        let d = KvParams {
-            policy: "full".into(),
-            budget: 1.0,
-            sink_tokens: 4,
-            window: 32,
-            pool_kernel: 7,
-            seed: 0,
-            beta: None,
-            compress: None,
-        };
+        let d = KvParams::for_test("full", 1.0);
         let p = params_for(&json!({"kvt": {"policy": "snapkv", "budget": 0.2}}), &d).unwrap();
         assert_eq!((p.policy.as_str(), p.budget, p.window), ("snapkv", 0.2, 32));
         assert!(params_for(&json!({"kvt": {"polcy": "x"}}), &d)

@@ -516,6 +516,7 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
             t0.elapsed() < std::time::Duration::from_secs(60),
             "waited 60 s for {what}"
         );
+        // No signal exists for this state (see above): poll it, briefly.
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }

@@ -900,16 +900,7 @@ mod tests {
             "none": {"cache_type": "f16"}
         }))
         .unwrap();
-        let kv = |policy: &str, budget: f64| KvParams {
-            policy: policy.into(),
-            budget,
-            sink_tokens: 4,
-            window: 32,
-            pool_kernel: 7,
-            seed: 0,
-            beta: None,
-            compress: None,
-        };
+        let kv = KvParams::for_test;
         let got = cell_launch_vars(&vars, &kv("snapkv+q8_0", 0.5));
         assert_eq!(got["cache_type"], "q8_0", "the quantisation's wins");
         assert_eq!(got["ctx"], "2048");
@@ -957,16 +948,7 @@ mod tests {
             token_len: 500,
         };
         let settings = |max: Option<usize>| Settings {
-            kv: KvParams {
-                policy: "snapkv".into(),
-                budget: 0.5,
-                sink_tokens: 4,
-                window: 32,
-                pool_kernel: 7,
-                seed: 0,
-                beta: None,
-                compress: None,
-            },
+            kv: KvParams::for_test("snapkv", 0.5),
             model: "m".into(),
             decoding: Decoding {
                 temperature: 0.0,
