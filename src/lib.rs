@@ -44,7 +44,7 @@ pub use engine::error::{EngineError as KvtError, ErrorKind};
 /// The exit code for an error chain (part of kvt's interface): 2 for
 /// configuration and usage, 130 for an interrupt, 1 for everything else.
 pub fn exit_code_for(err: &anyhow::Error) -> i32 {
-    match engine::error::kind_of(err) {
+    match engine::error::kind_of(err.as_ref()) {
         ErrorKind::Failed | ErrorKind::Locked => 1,
         ErrorKind::Usage => 2,
         ErrorKind::Interrupted => 130,

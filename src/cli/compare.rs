@@ -93,7 +93,7 @@ pub fn load_side(
             let out = rec
                 .output(artifact)
                 .with_context(|| format!("`{}` has no artifact `{artifact}`", spec.id))?;
-            ws.store.get(&out.digest)
+            Ok(ws.store.get(&out.digest)?)
         };
         match spec.stage.as_str() {
             "prepare" => bins = table::read(&read("bins")?)?,

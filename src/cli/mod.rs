@@ -730,7 +730,7 @@ fn cmd_build(args: &BuildArgs, registry: &OpRegistry, quiet: bool) -> Result<()>
             t0.elapsed().as_secs_f64() * 1000.0
         );
     }
-    engine::build::outcome(&summary)
+    Ok(engine::build::outcome(&summary)?)
 }
 
 /// `I/N` (0-based I < N) or `auto` from the scheduler's environment.
@@ -931,13 +931,12 @@ fn side_databases(cache: &Path) -> Vec<SideDb> {
 
 /// Adds kvt's own words to the engine's "cache is locked" error (known by
 /// its kind, not its text).
-fn no_wait_hint(e: anyhow::Error) -> anyhow::Error {
-    let kind = crate::engine::error::kind_of(&e);
-    if kind == crate::engine::error::ErrorKind::Locked {
+fn no_wait_hint(e: crate::engine::EngineError) -> anyhow::Error {
+    if e.kind() == crate::engine::error::ErrorKind::Locked {
         let message = format!("{e} (`--no-wait` was given; drop it to wait for the lock)");
-        return crate::engine::EngineError { kind, message }.into();
+        return crate::engine::EngineError::Locked(message).into();
     }
-    e
+    e.into()
 }
 
 /// The remote for `kvt cache push|pull|du --remote`: the URL given, else

@@ -190,7 +190,7 @@ pub fn resolve_hf(name: &str, root: &Path) -> Result<PathBuf> {
 
 /// blake3 of a file's bytes, as hex.
 pub fn file_digest(path: &Path) -> Result<String> {
-    crate::engine::digest::files_digest(&[path])
+    Ok(crate::engine::digest::files_digest(&[path])?)
 }
 
 /// What identifies a configured tokenizer's files, for node keys: the bytes

@@ -3,8 +3,8 @@
 //! a node is stale: what its config slice, inputs and op version were last time.
 
 use super::digest::Digest;
+use super::error::{Context, Result};
 use super::store::{write_atomic, STORE_FORMAT};
-use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs;

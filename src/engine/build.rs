@@ -4,13 +4,13 @@
 //! node stops its dependents; every finished node stays cached.
 
 use super::action::{ActionRecord, Export};
-use super::error::EngineError as KvtError;
 use super::error::Reporter;
+use super::error::{Context, Result};
+use super::error::{EngineError, EngineError as KvtError};
 use super::op::{KeyContext, OpContext};
 use super::pipeline::Plan;
 use super::state::{decide, key_node, upstream_of, NodeState, StaleReason, Workspace};
 use super::store::write_atomic_named;
-use anyhow::{Context, Result};
 use petgraph::graph::NodeIndex;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -115,7 +115,7 @@ impl Stamp {
 
 /// Keeps exported files (sinks outside the cache) equal to their artifacts,
 /// or to the op's composition of an artifact and its overlays.
-pub fn materialize(ws: &Workspace, rec: &ActionRecord, op: &dyn super::op::Op) -> Result<()> {
+pub fn materialize(ws: &Workspace, rec: &ActionRecord, op: &dyn super::op::AnyOp) -> Result<()> {
     for Export {
         artifact,
         path,
@@ -316,11 +316,8 @@ fn run_node(
     Ok(rec)
 }
 
-fn error_chain(e: &anyhow::Error) -> String {
-    e.chain()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(": ")
+fn error_chain(e: &EngineError) -> String {
+    super::error::chain_text(e)
 }
 
 /// Builds the plan: fresh nodes are reused, stale ones run. Fails (exit 1) when
@@ -541,7 +538,7 @@ pub fn build(
                     }
                     wait_for_reruns(plan, ix, &records, &mut reruns, &mut waiting);
                 }
-                Err(e) if e.downcast_ref::<super::error::Unfinished>().is_some() => {
+                Err(e) if e.find::<super::error::Unfinished>().is_some() => {
                     reporter.note(&format!("`{id}`: {e}"));
                     summary.unfinished.push((id, e.to_string()));
                     blocked.extend(descendants(plan, ix));
@@ -579,19 +576,15 @@ pub fn build(
 }
 
 /// The object (hex digest) an error chain says is damaged, corrupt or missing.
-fn damaged_object(e: &anyhow::Error) -> Option<String> {
-    e.chain()
-        .find_map(|c| match c.downcast_ref::<super::store::ObjectError>()? {
-            super::store::ObjectError::Corrupt { digest, .. }
-            | super::store::ObjectError::Missing(digest) => Some(digest.clone()),
-        })
+fn damaged_object(e: &EngineError) -> Option<String> {
+    super::error::chain(e).find_map(|c| match c.downcast_ref::<super::store::ObjectError>()? {
+        super::store::ObjectError::Corrupt { digest, .. }
+        | super::store::ObjectError::Missing(digest) => Some(digest.clone()),
+    })
 }
 
 /// A damaged object that is one of `rec`'s own outputs: (digest, artifact).
-fn damaged_output(
-    e: &anyhow::Error,
-    rec: &ActionRecord,
-) -> Option<(super::digest::Digest, String)> {
+fn damaged_output(e: &EngineError, rec: &ActionRecord) -> Option<(super::digest::Digest, String)> {
     let hex = damaged_object(e)?;
     rec.outputs
         .iter()
@@ -657,7 +650,7 @@ fn heal_input(
     ws: &Workspace,
     plan: &Plan,
     ix: NodeIndex,
-    e: &anyhow::Error,
+    e: &EngineError,
     records: &mut [Option<ActionRecord>],
     healed: &mut BTreeSet<(NodeIndex, NodeIndex)>,
     reruns: &BTreeMap<NodeIndex, Vec<NodeIndex>>,
@@ -750,8 +743,7 @@ pub fn outcome(summary: &BuildSummary) -> Result<()> {
             "interrupted: {} node(s) built and cached, {} not run; run the same command again to continue",
             summary.built.len(),
             summary.skipped.len() + summary.stopped.len()
-        ))
-        .into());
+        )));
     }
     if !summary.failed.is_empty() {
         let mut msg = format!("{} node(s) failed:", summary.failed.len());
@@ -773,9 +765,9 @@ pub fn outcome(summary: &BuildSummary) -> Result<()> {
         msg.push_str("\nfinished nodes are cached; fix the cause and run the same command again");
         // Only configuration errors (a missing data file, say): exit 2, like any bad config.
         if summary.usage_failed == summary.failed.len() {
-            return Err(KvtError::usage(msg).into());
+            return Err(KvtError::usage(msg));
         }
-        return Err(KvtError::failed(msg).into());
+        return Err(KvtError::failed(msg));
     }
     Ok(())
 }

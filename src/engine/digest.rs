@@ -53,8 +53,8 @@ impl<'de> Deserialize<'de> for Digest {
 
 /// The blake3 of the bytes of `files`, one after another (hex); an error
 /// names the file that could not be read.
-pub fn files_digest<P: AsRef<std::path::Path>>(files: &[P]) -> anyhow::Result<String> {
-    use anyhow::Context;
+pub fn files_digest<P: AsRef<std::path::Path>>(files: &[P]) -> super::error::Result<String> {
+    use super::error::Context;
     let mut h = blake3::Hasher::new();
     for path in files {
         let path = path.as_ref();
@@ -75,7 +75,7 @@ pub fn files_digest<P: AsRef<std::path::Path>>(files: &[P]) -> anyhow::Result<St
 pub fn files_digest_cached(
     cache_root: &std::path::Path,
     files: &[std::path::PathBuf],
-) -> anyhow::Result<String> {
+) -> super::error::Result<String> {
     use std::os::unix::fs::MetadataExt;
     let read = || files_digest(files);
     let (mut names, mut stamp, mut newest) = (String::new(), String::new(), 0i64);

@@ -15,47 +15,185 @@ pub enum ErrorKind {
     Locked,
 }
 
-/// An error that carries its kind. Any other error counts as `Failed`.
+/// Any error, boxed: what an op returns (kvt's ops use `anyhow`, whose
+/// errors convert with `?`; the engine itself does not depend on it).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The engine's results.
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// What an op's methods return: any error, boxed.
+pub type OpResult<T = ()> = std::result::Result<T, BoxError>;
+
+/// The engine's error: the variants a caller branches on, plus the causes
+/// below them. [`EngineError::kind`] says which kind a chain is.
 #[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct EngineError {
-    pub kind: ErrorKind,
-    pub message: String,
+pub enum EngineError {
+    /// A node or check failed.
+    #[error("{0}")]
+    Failed(String),
+    /// Bad configuration, pipeline definition or usage.
+    #[error("{0}")]
+    Usage(String),
+    /// The user interrupted; finished work is kept.
+    #[error("{0}")]
+    Interrupted(String),
+    /// The cache is locked by another process and waiting was declined.
+    #[error("{0}")]
+    Locked(String),
+    /// What the engine was doing when `source` happened (reading a file,
+    /// keying a node): the kind is the source's.
+    #[error("{what}")]
+    Context {
+        what: String,
+        #[source]
+        source: BoxError,
+    },
+    /// An op's own error, as the op returned it (its kind is found inside).
+    #[error(transparent)]
+    Op(BoxError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// A cache object that is corrupt or missing.
+    #[error(transparent)]
+    Object(#[from] super::store::ObjectError),
+    /// The remote cache's object store failed.
+    #[error(transparent)]
+    Remote(#[from] object_store::Error),
+}
+
+impl From<BoxError> for EngineError {
+    fn from(e: BoxError) -> Self {
+        match e.downcast::<EngineError>() {
+            Ok(own) => *own,
+            Err(other) => EngineError::Op(other),
+        }
+    }
 }
 
 impl EngineError {
     pub fn usage(message: impl Into<String>) -> Self {
-        Self {
-            kind: ErrorKind::Usage,
-            message: message.into(),
-        }
+        Self::Usage(message.into())
     }
     pub fn failed(message: impl Into<String>) -> Self {
-        Self {
-            kind: ErrorKind::Failed,
-            message: message.into(),
-        }
+        Self::Failed(message.into())
     }
     pub fn locked(message: impl Into<String>) -> Self {
-        Self {
-            kind: ErrorKind::Locked,
-            message: message.into(),
-        }
+        Self::Locked(message.into())
     }
     pub fn interrupted(message: impl Into<String>) -> Self {
-        Self {
-            kind: ErrorKind::Interrupted,
-            message: message.into(),
+        Self::Interrupted(message.into())
+    }
+    /// `source`, explained by what the engine was doing.
+    pub fn context(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Context {
+            what: what.into(),
+            source: source.into(),
         }
+    }
+    /// The kind of this error: a wrapper's is its cause's.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Failed(_) | Self::Io(_) | Self::Json(_) | Self::Object(_) | Self::Remote(_) => {
+                ErrorKind::Failed
+            }
+            Self::Usage(_) => ErrorKind::Usage,
+            Self::Interrupted(_) => ErrorKind::Interrupted,
+            Self::Locked(_) => ErrorKind::Locked,
+            Self::Context { source, .. } | Self::Op(source) => kind_of(source.as_ref()),
+        }
+    }
+    /// The error a transparent variant stands for (it has no words of its own).
+    fn transparent(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Op(e) => Some(e.as_ref()),
+            Self::Io(e) => Some(e),
+            Self::Json(e) => Some(e),
+            Self::Object(e) => Some(e),
+            Self::Remote(e) => Some(e),
+            _ => None,
+        }
+    }
+    /// Whether this error or a cause of it is a `T`.
+    pub fn find<T: std::error::Error + 'static>(&self) -> Option<&T> {
+        chain(self).find_map(|c| c.downcast_ref::<T>())
     }
 }
 
-/// The kind of an error chain: the first `EngineError` in it decides.
-pub fn kind_of(err: &anyhow::Error) -> ErrorKind {
-    err.chain()
-        .find_map(|c| c.downcast_ref::<EngineError>().map(|e| e.kind))
+/// The kind of an error chain: the first `EngineError` in it decides (any
+/// other error counts as `Failed`).
+pub fn kind_of(err: &(dyn std::error::Error + 'static)) -> ErrorKind {
+    chain(err)
+        .find_map(|c| c.downcast_ref::<EngineError>().map(EngineError::kind))
         .unwrap_or(ErrorKind::Failed)
 }
+
+/// An error and its causes, outermost first; an op's error wrapped by the
+/// engine is seen as itself (the wrapper says nothing of its own).
+pub fn chain<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    fn unwrap<'a>(
+        mut e: &'a (dyn std::error::Error + 'static),
+    ) -> &'a (dyn std::error::Error + 'static) {
+        while let Some(inner) = e
+            .downcast_ref::<EngineError>()
+            .and_then(EngineError::transparent)
+        {
+            e = inner;
+        }
+        e
+    }
+    std::iter::successors(Some(unwrap(err)), |e| e.source().map(unwrap))
+}
+
+/// An error chain as one line, causes joined by ": ".
+pub fn chain_text(err: &(dyn std::error::Error + 'static)) -> String {
+    chain(err)
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// `anyhow`-like context for the engine's own results.
+pub trait Context<T> {
+    fn context(self, what: impl std::fmt::Display) -> Result<T>;
+    fn with_context<D: std::fmt::Display>(self, what: impl FnOnce() -> D) -> Result<T>;
+}
+
+impl<T, E: Into<BoxError>> Context<T> for std::result::Result<T, E> {
+    fn context(self, what: impl std::fmt::Display) -> Result<T> {
+        self.map_err(|e| EngineError::context(what.to_string(), e))
+    }
+    fn with_context<D: std::fmt::Display>(self, what: impl FnOnce() -> D) -> Result<T> {
+        self.map_err(|e| EngineError::context(what().to_string(), e))
+    }
+}
+
+impl<T> Context<T> for Option<T> {
+    fn context(self, what: impl std::fmt::Display) -> Result<T> {
+        self.ok_or_else(|| EngineError::Failed(what.to_string()))
+    }
+    fn with_context<D: std::fmt::Display>(self, what: impl FnOnce() -> D) -> Result<T> {
+        self.ok_or_else(|| EngineError::Failed(what().to_string()))
+    }
+}
+
+/// Returns early with an [`EngineError::Failed`] made from a format string.
+macro_rules! bail {
+    ($($arg:tt)*) => {
+        return Err($crate::engine::error::EngineError::Failed(format!($($arg)*)).into())
+    };
+}
+/// An [`EngineError::Failed`] made from a format string.
+macro_rules! failure {
+    ($($arg:tt)*) => {
+        $crate::engine::error::EngineError::Failed(format!($($arg)*))
+    };
+}
+pub(crate) use {bail, failure};
 
 /// The candidate closest to `word` by edit distance, if close enough to be a
 /// plausible typo (used for "did you mean" hints).

@@ -4,8 +4,8 @@
 
 use super::error::EngineError as KvtError;
 use super::error::Reporter;
+use super::error::{Context, Result};
 use super::store::STORE_FORMAT;
-use anyhow::{Context, Result};
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::path::Path;
@@ -49,8 +49,7 @@ pub fn acquire(
                 return Err(KvtError::locked(format!(
                     "the cache `{}` is locked by {other}; wait for it to finish, or run again and let it wait",
                     cache_root.display()
-                ))
-                .into());
+                )));
             }
             reporter.note(&format!("waiting for the cache lock held by {other} ..."));
             file.lock().context("waiting for the cache lock")?;

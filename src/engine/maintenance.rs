@@ -4,8 +4,8 @@
 
 use super::action::ActionCache;
 use super::digest::Digest;
+use super::error::Result;
 use super::store::ContentStore;
-use anyhow::Result;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -4,8 +4,8 @@
 
 use super::action::{Export, OutputRef};
 use super::digest::Digest;
+use super::error::{bail, failure, Context, OpResult, Result};
 use super::store::ContentStore;
-use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -13,24 +13,41 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// A unit of work. Implementations must be deterministic functions of what the
-/// context exposes: the same config slice and input bytes give the same output
-/// bytes. Bump `version` whenever that function changes.
-pub trait Op: Send + Sync {
+/// A unit of work. Implementations must be deterministic functions of what
+/// they are given: the same config slice and input bytes give the same
+/// output bytes. Bump `version` whenever that function changes.
+///
+/// An op reads its configuration only as `Uses` (its stage's `uses` list:
+/// hashed into the node key) and `Transport` (the stage's `transport` list:
+/// how to reach things, not hashed), each a struct whose field names are the
+/// dotted config paths (`#[serde(rename = "engine.api")]`, see
+/// [`typed_slice`]). The engine checks both against the stage's lists when
+/// the plan is built (a mismatch is a usage error, exit 2) and hands them to
+/// the op typed: no op walks the raw configuration.
+pub trait Op: Send + Sync + 'static {
+    /// The stage's `uses` values.
+    type Uses: DeserializeOwned;
+    /// The stage's `transport` values ([`NoTransport`] for none).
+    type Transport: DeserializeOwned;
     fn name(&self) -> &'static str;
     fn version(&self) -> u32;
     /// Extra key material for inputs that live outside the cache (a dataset
     /// file, say): returned text enters the node key and the staleness report.
-    fn fingerprint(&self, _ctx: &KeyContext) -> Result<Option<String>> {
+    fn fingerprint(
+        &self,
+        _ctx: &KeyContext,
+        _uses: &Self::Uses,
+        _transport: &Self::Transport,
+    ) -> OpResult<Option<String>> {
         Ok(None)
     }
-    fn run(&self, ctx: &mut OpContext) -> Result<()>;
+    fn run(&self, ctx: &mut OpContext, uses: Self::Uses, transport: Self::Transport) -> OpResult;
     /// Writes a composed export: `file` is a private copy of the exported
     /// artifact, to be changed in place by applying `overlays` (their bytes,
     /// in the order the export names them). Only ops that call
     /// [`OpContext::export_composed`] need it.
-    fn compose_export(&self, _file: &Path, _overlays: &[Vec<u8>]) -> Result<()> {
-        bail!("op `{}` does not compose exports", self.name())
+    fn compose_export(&self, _file: &Path, _overlays: &[Vec<u8>]) -> OpResult {
+        Err(failure!("op `{}` does not compose exports", self.name()).into())
     }
     /// Updates a composed export in place: `file` already holds this op's
     /// composition of the same base artifact with earlier overlays, exactly
@@ -38,19 +55,69 @@ pub trait Op: Send + Sync {
     /// atomically (a crash leaves the old composition or the new one), and
     /// returns true; returns false when the op can only compose from a
     /// fresh copy of the base.
-    fn recompose_in_place(&self, _file: &Path, _overlays: &[Vec<u8>]) -> Result<bool> {
+    fn recompose_in_place(&self, _file: &Path, _overlays: &[Vec<u8>]) -> OpResult<bool> {
         Ok(false)
     }
-    /// Called for every node when the plan is built, before anything runs:
-    /// an op that reads its configuration as typed slices checks here that
-    /// the stage's `uses` and `transport` lists give exactly what it reads
-    /// (see [`typed_slice`]). A mismatch is a usage error (exit 2).
+}
+
+/// The `Transport` of an op that reads no transport values.
+#[derive(serde::Deserialize)]
+pub struct NoTransport {}
+
+/// The face of an [`Op`] the engine keeps (object-safe: the typed slices
+/// are parsed here, from the node's config maps).
+pub trait AnyOp: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn version(&self) -> u32;
+    /// The plan-time check: the stage's `uses` and `transport` lists give
+    /// exactly what the op reads (a mismatch is a usage error).
     fn check(
         &self,
-        _uses: &BTreeMap<String, Value>,
-        _transport: &BTreeMap<String, Value>,
+        uses: &BTreeMap<String, Value>,
+        transport: &BTreeMap<String, Value>,
+    ) -> Result<()>;
+    fn fingerprint(&self, ctx: &KeyContext) -> Result<Option<String>>;
+    fn run(&self, ctx: &mut OpContext) -> Result<()>;
+    fn compose_export(&self, file: &Path, overlays: &[Vec<u8>]) -> Result<()>;
+    fn recompose_in_place(&self, file: &Path, overlays: &[Vec<u8>]) -> Result<bool>;
+}
+
+fn slices<O: Op>(ctx: &KeyContext) -> Result<(O::Uses, O::Transport)> {
+    let uses = typed_slice(ctx.config, "uses").with_context(|| format!("node `{}`", ctx.node))?;
+    let transport =
+        typed_slice(ctx.transport, "transport").with_context(|| format!("node `{}`", ctx.node))?;
+    Ok((uses, transport))
+}
+
+impl<O: Op> AnyOp for O {
+    fn name(&self) -> &'static str {
+        Op::name(self)
+    }
+    fn version(&self) -> u32 {
+        Op::version(self)
+    }
+    fn check(
+        &self,
+        uses: &BTreeMap<String, Value>,
+        transport: &BTreeMap<String, Value>,
     ) -> Result<()> {
+        typed_slice::<O::Uses>(uses, "uses")?;
+        typed_slice::<O::Transport>(transport, "transport")?;
         Ok(())
+    }
+    fn fingerprint(&self, ctx: &KeyContext) -> Result<Option<String>> {
+        let (uses, transport) = slices::<O>(ctx)?;
+        Ok(Op::fingerprint(self, ctx, &uses, &transport)?)
+    }
+    fn run(&self, ctx: &mut OpContext) -> Result<()> {
+        let (uses, transport) = slices::<O>(&ctx.key)?;
+        Ok(Op::run(self, ctx, uses, transport)?)
+    }
+    fn compose_export(&self, file: &Path, overlays: &[Vec<u8>]) -> Result<()> {
+        Ok(Op::compose_export(self, file, overlays)?)
+    }
+    fn recompose_in_place(&self, file: &Path, overlays: &[Vec<u8>]) -> Result<bool> {
+        Ok(Op::recompose_in_place(self, file, overlays)?)
     }
 }
 
@@ -88,24 +155,11 @@ pub fn typed_slice<T: DeserializeOwned>(map: &BTreeMap<String, Value>, list: &st
         return Err(super::error::EngineError::usage(format!(
             "the stage's `{list}` list and its op disagree: {}; list exactly the config paths the op reads",
             why.join("; ")
-        ))
-        .into());
+        )));
     }
     let obj = Value::Object(map.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
-    serde_json::from_value(obj).map_err(|e| {
-        super::error::EngineError::usage(format!("the stage's `{list}` values: {e}")).into()
-    })
-}
-
-/// [`Op::check`] for an op that reads its `uses` as `U` and its `transport`
-/// as `T` (see [`typed_slice`]).
-pub fn check_slices<U: DeserializeOwned, T: DeserializeOwned>(
-    uses: &BTreeMap<String, Value>,
-    transport: &BTreeMap<String, Value>,
-) -> Result<()> {
-    typed_slice::<U>(uses, "uses")?;
-    typed_slice::<T>(transport, "transport")?;
-    Ok(())
+    serde_json::from_value(obj)
+        .map_err(|e| super::error::EngineError::usage(format!("the stage's `{list}` values: {e}")))
 }
 
 /// The field names a derived `Deserialize` struct asks for (serde passes
@@ -154,17 +208,17 @@ fn struct_fields<T: DeserializeOwned>() -> &'static [&'static str] {
 /// The registry of ops by name.
 #[derive(Default, Clone)]
 pub struct OpRegistry {
-    ops: BTreeMap<String, Arc<dyn Op>>,
+    ops: BTreeMap<String, Arc<dyn AnyOp>>,
 }
 
 impl OpRegistry {
     pub fn new() -> Self {
         Self::default()
     }
-    pub fn register(&mut self, op: impl Op + 'static) {
-        self.ops.insert(op.name().to_string(), Arc::new(op));
+    pub fn register(&mut self, op: impl Op) {
+        self.ops.insert(Op::name(&op).to_string(), Arc::new(op));
     }
-    pub fn get(&self, name: &str) -> Option<Arc<dyn Op>> {
+    pub fn get(&self, name: &str) -> Option<Arc<dyn AnyOp>> {
         self.ops.get(name).cloned()
     }
     pub fn names(&self) -> Vec<String> {
@@ -177,11 +231,12 @@ pub struct KeyContext<'a> {
     pub node: &'a str,
     /// The cache directory (for ops that keep state beside the store).
     pub cache_root: &'a Path,
+    /// The stage's `uses` values as a raw map: for hashing as an identity
+    /// only (ops read them typed, as their `Op::Uses`).
     pub config: &'a BTreeMap<String, Value>,
     pub bindings: &'a BTreeMap<String, Value>,
-    /// The stage's `transport` values: readable (a fingerprint may derive an
-    /// identity from them, e.g. which engine answers), never hashed as such.
-    pub transport: &'a BTreeMap<String, Value>,
+    /// The stage's `transport` values (ops read them as `Op::Transport`).
+    pub(crate) transport: &'a BTreeMap<String, Value>,
     pub root: &'a Path,
 }
 
@@ -191,42 +246,13 @@ fn typed<T: DeserializeOwned>(v: &Value, what: &str) -> Result<T> {
 }
 
 impl KeyContext<'_> {
-    /// The stage's `uses` values as the op's typed struct (see [`typed_slice`]).
-    pub fn slice<T: DeserializeOwned>(&self) -> Result<T> {
-        typed_slice(self.config, "uses").with_context(|| format!("node `{}`", self.node))
-    }
-    /// The stage's `transport` values as the op's typed struct.
-    pub fn transport_slice<T: DeserializeOwned>(&self) -> Result<T> {
-        typed_slice(self.transport, "transport").with_context(|| format!("node `{}`", self.node))
-    }
-    /// A config value at a dotted path listed in the stage's `uses`.
-    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let v = self.config.get(path).ok_or_else(|| {
-            anyhow!(
-                "node `{}` read config `{path}`, which its stage does not list in `uses`",
-                self.node
-            )
-        })?;
-        typed(v, &format!("config `{path}`"))
-    }
     /// The value of a `foreach` variable for this node.
     pub fn item<T: DeserializeOwned>(&self, var: &str) -> Result<T> {
         let v = self
             .bindings
             .get(var)
-            .ok_or_else(|| anyhow!("node `{}` has no `foreach` variable `{var}`", self.node))?;
+            .ok_or_else(|| failure!("node `{}` has no `foreach` variable `{var}`", self.node))?;
         typed(v, &format!("`foreach` variable `{var}`"))
-    }
-    /// A config value at a path listed in the stage's `transport`: usable,
-    /// but not part of the node key (server address, concurrency, timeouts).
-    pub fn transport<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let v = self.transport.get(path).ok_or_else(|| {
-            anyhow!(
-                "node `{}` read config `{path}`, which its stage does not list in `transport`",
-                self.node
-            )
-        })?;
-        typed(v, &format!("config `{path}`"))
     }
 }
 
@@ -265,15 +291,8 @@ impl<'a> OpContext<'a> {
     pub fn root(&self) -> &Path {
         self.key.root
     }
-    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        self.key.get(path)
-    }
     pub fn item<T: DeserializeOwned>(&self, var: &str) -> Result<T> {
         self.key.item(var)
-    }
-    /// A config value at a path listed in the stage's `transport` (see [`KeyContext::transport`]).
-    pub fn transport<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        self.key.transport(path)
     }
     /// True once the user pressed Ctrl-C: long ops should stop and return an error.
     pub fn is_cancelled(&self) -> bool {
@@ -307,7 +326,7 @@ impl<'a> OpContext<'a> {
         let d = up
             .outputs
             .get(artifact)
-            .ok_or_else(|| anyhow!("upstream `{}` has no artifact `{artifact}`", up.node))?;
+            .ok_or_else(|| failure!("upstream `{}` has no artifact `{artifact}`", up.node))?;
         self.store
             .get(d)
             .with_context(|| format!("reading artifact `{artifact}` of `{}`", up.node))
@@ -360,7 +379,7 @@ impl<'a> OpContext<'a> {
         let digest = *up
             .outputs
             .get(artifact)
-            .ok_or_else(|| anyhow::anyhow!("`{}` has no artifact `{artifact}`", up.node))?;
+            .ok_or_else(|| failure!("`{}` has no artifact `{artifact}`", up.node))?;
         let size = std::fs::metadata(self.store.path_of(&digest))
             .map(|m| m.len())
             .map_err(|_| super::store::ObjectError::Missing(digest.hex()))?;

@@ -3,8 +3,8 @@
 //! `uses`, and optionally `foreach` variables that fan it out over config lists.
 
 use super::error::EngineError as KvtError;
-use super::op::{Op, OpRegistry};
-use anyhow::Result;
+use super::error::Result;
+use super::op::{AnyOp, OpRegistry};
 use petgraph::algo::{tarjan_scc, toposort};
 use petgraph::graph::{DiGraph, NodeIndex};
 use serde::Deserialize;
@@ -46,7 +46,7 @@ impl PipelineDef {
     pub fn parse(text: &str, source: &str) -> Result<Self> {
         let opts = serde_saphyr::options! { strict_booleans: true };
         serde_saphyr::from_str_with_options(text, opts)
-            .map_err(|e| KvtError::usage(format!("pipeline `{source}` is invalid:\n{e}")).into())
+            .map_err(|e| KvtError::usage(format!("pipeline `{source}` is invalid:\n{e}")))
     }
 }
 
@@ -54,7 +54,7 @@ impl PipelineDef {
 pub struct NodeSpec {
     pub id: String,
     pub stage: String,
-    pub op: Arc<dyn Op>,
+    pub op: Arc<dyn AnyOp>,
     pub bindings: BTreeMap<String, Value>,
     /// `uses` path → value, the part of the config that enters the key.
     pub config: BTreeMap<String, Value>,
@@ -69,8 +69,8 @@ pub struct Plan {
     pub order: Vec<NodeIndex>,
 }
 
-fn pipeline_error(source: &str, msg: String) -> anyhow::Error {
-    KvtError::usage(format!("pipeline `{source}`: {msg}")).into()
+fn pipeline_error(source: &str, msg: String) -> super::error::EngineError {
+    KvtError::usage(format!("pipeline `{source}`: {msg}"))
 }
 
 /// How a bound value appears in a node id: strings bare, anything else as JSON.
@@ -223,8 +223,7 @@ impl Plan {
                 return Err(KvtError::usage(format!(
                     "unknown target `{t}`: {hint}stages in `{source}`: {}",
                     known.join(", ")
-                ))
-                .into());
+                )));
             }
             wanted_stages.insert(stage.to_string());
             if t.contains('[') {
@@ -358,8 +357,7 @@ impl Plan {
                     return Err(KvtError::usage(format!(
                         "unknown target `{id}`; instances of `{s}`: {}",
                         have.join(", ")
-                    ))
-                    .into());
+                    )));
                 }
             }
         }

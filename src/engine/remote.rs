@@ -20,8 +20,8 @@
 
 use super::action::ActionRecord;
 use super::digest::Digest;
+use super::error::{bail, failure, Context, EngineError, Result};
 use super::store::ContentStore;
-use anyhow::{anyhow, bail, Context, Result};
 use futures_util::TryStreamExt;
 use object_store::path::Path as RPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
@@ -90,7 +90,7 @@ fn client_options() -> object_store::ClientOptions {
 fn store_for(url: &str, root: &std::path::Path) -> Result<(Arc<dyn ObjectStore>, String)> {
     let (scheme, rest) = url
         .split_once("://")
-        .ok_or_else(|| anyhow!("`{url}` is not a URL (s3://bucket/prefix, file:///dir, …)"))?;
+        .ok_or_else(|| failure!("`{url}` is not a URL (s3://bucket/prefix, file:///dir, …)"))?;
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     let prefix = prefix.trim_matches('/').to_string();
     match scheme {
@@ -168,10 +168,11 @@ impl Remote {
     }
 
     /// Keeps the first error a caller could not return.
-    pub fn note_error(&self, e: anyhow::Error) {
-        tracing::error!("{e:#}");
+    pub fn note_error(&self, e: impl Into<super::error::BoxError>) {
+        let text = super::error::chain_text(e.into().as_ref());
+        tracing::error!("{text}");
         let mut slot = self.error.lock().expect("remote error");
-        slot.get_or_insert_with(|| format!("{e:#}"));
+        slot.get_or_insert(text);
     }
 
     /// The first error kept by [`Remote::note_error`].
@@ -222,9 +223,10 @@ impl Remote {
         }
         match f() {
             Ok(v) => Ok(Some(v)),
-            Err(e) if self.required => {
-                Err(e.context(format!("remote cache `{}`: {what}", self.url)))
-            }
+            Err(e) if self.required => Err(EngineError::context(
+                format!("remote cache `{}`: {what}", self.url),
+                e,
+            )),
             Err(e) => {
                 self.down.store(true, Ordering::Relaxed);
                 if !self.warned.swap(true, Ordering::Relaxed) {

@@ -5,10 +5,10 @@
 
 use super::action::{ActionCache, ActionRecord};
 use super::digest::{canonical_json, hash_field, Digest};
+use super::error::{Context, Result};
 use super::op::{KeyContext, Upstream};
 use super::pipeline::{NodeSpec, Plan};
 use super::store::ContentStore;
-use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;

@@ -3,7 +3,7 @@
 //! place; reads re-hash and refuse an object whose bytes do not match its name.
 
 use super::digest::Digest;
-use anyhow::{bail, Context, Result};
+use super::error::{bail, Context, Result};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -205,7 +205,7 @@ mod tests {
         fs::write(store.path_of(&d), b"hellp").unwrap();
         let err = store.get(&d).unwrap_err();
         assert!(matches!(
-            err.downcast_ref::<ObjectError>(),
+            err.find::<ObjectError>(),
             Some(ObjectError::Corrupt { .. })
         ));
         store.quarantine(&d).unwrap();

@@ -7,7 +7,7 @@
 
 use crate::config::schema::{Analysis, KvGeometry, FULL};
 use crate::data::SplitMix64;
-use crate::engine::{Op, OpContext};
+use crate::engine::OpContext;
 use crate::llm::reference::kv_bytes;
 use crate::stages::prepare::Bin;
 use crate::stages::score::ScoreCell;
@@ -427,13 +427,13 @@ pub fn analyze(
 
 /// What `analyze` reads (its stage's `uses`, exactly).
 #[derive(serde::Deserialize)]
-struct Uses {
+pub struct Uses {
     analysis: Analysis,
     #[serde(rename = "model.kv_geometry")]
     geometry: KvGeometry,
 }
 
-impl Op for Analyze {
+impl crate::stages::Stage for Analyze {
     fn name(&self) -> &'static str {
         "analyze"
     }
@@ -441,18 +441,13 @@ impl Op for Analyze {
         // 4: one reference for every cell, `full` at 1.0 (fidelity too).
         4
     }
-    fn check(
-        &self,
-        uses: &std::collections::BTreeMap<String, serde_json::Value>,
-        transport: &std::collections::BTreeMap<String, serde_json::Value>,
-    ) -> Result<()> {
-        crate::engine::check_slices::<Uses, NoTransport>(uses, transport)
-    }
-    fn run(&self, ctx: &mut OpContext) -> Result<()> {
+    type Uses = Uses;
+    type Transport = NoTransport;
+    fn run(&self, ctx: &mut OpContext, uses: Self::Uses, _: Self::Transport) -> Result<()> {
         let Uses {
             analysis: a,
             geometry: geom,
-        } = ctx.key.slice()?;
+        } = uses;
         let bins: Vec<Bin> = table::read_owned(ctx.input("prepare", "bins")?)?;
         let scores = crate::stages::score::read_all::<ScoreCell>(ctx)?;
         let (bin_stats, transitions) = analyze(&bins, &scores, &a, &geom)?;

@@ -10,7 +10,7 @@
 //!
 //! `report` reads these instead of the manifest and every score table.
 
-use crate::engine::{Op, OpContext};
+use crate::engine::OpContext;
 use crate::llm::Failure;
 use crate::stages::plots::{budget_label, budget_order, setting};
 use crate::stages::prepare::Bin;
@@ -420,9 +420,9 @@ pub fn explorer(manifest: &ManifestView, scores: &[ScoreRow], bins: &[Bin]) -> S
 
 /// `explorer` reads no configuration: everything comes from its inputs.
 #[derive(serde::Deserialize)]
-struct Uses {}
+pub struct Uses {}
 
-impl Op for Explorer {
+impl crate::stages::Stage for Explorer {
     fn name(&self) -> &'static str {
         "explorer"
     }
@@ -431,14 +431,9 @@ impl Op for Explorer {
         // 3: excerpts centre on the gold answer; the full context travels.
         3
     }
-    fn check(
-        &self,
-        uses: &BTreeMap<String, Value>,
-        transport: &BTreeMap<String, Value>,
-    ) -> Result<()> {
-        crate::engine::check_slices::<Uses, NoTransport>(uses, transport)
-    }
-    fn run(&self, ctx: &mut OpContext) -> Result<()> {
+    type Uses = Uses;
+    type Transport = NoTransport;
+    fn run(&self, ctx: &mut OpContext, _: Self::Uses, _: Self::Transport) -> Result<()> {
         let manifest: ManifestView =
             serde_json::from_slice(&ctx.input("prepare", "manifest_json")?)?;
         let bins: Vec<Bin> = table::read_owned(ctx.input("prepare", "bins")?)?;

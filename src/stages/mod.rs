@@ -15,8 +15,11 @@ pub mod sqlite;
 
 use crate::config::schema::TokenizerKind;
 use crate::config::{closest, LoadedConfig};
-use crate::engine::OpRegistry;
+use crate::engine::error::{EngineError, Unfinished};
+use crate::engine::store::ObjectError;
+use crate::engine::{BoxError, KeyContext, Op, OpContext, OpRegistry, OpResult};
 use anyhow::Result;
+use std::path::Path;
 
 /// The configuration checks that need kvt's domain vocabulary (policy names,
 /// which engine runs which policy, which metric a task is scored with). Every
@@ -160,19 +163,132 @@ fn check_inputs(loaded: &LoadedConfig) -> Result<()> {
     Ok(())
 }
 
-/// The `transport` slice of an op that reads no transport values.
-#[derive(serde::Deserialize)]
-pub struct NoTransport {}
+pub use crate::engine::NoTransport;
 
 /// Registers every kvt op.
 pub fn register(reg: &mut OpRegistry) {
-    reg.register(prepare::Prepare);
-    reg.register(infer::Infer);
-    reg.register(score::Score);
-    reg.register(analyze::Analyze);
-    reg.register(plots::Plots);
-    reg.register(sqlite::SqliteBase);
-    reg.register(sqlite::Sqlite);
-    reg.register(explorer::Explorer);
-    reg.register(report::Report);
+    reg.register(AsOp(prepare::Prepare));
+    reg.register(AsOp(infer::Infer));
+    reg.register(AsOp(score::Score));
+    reg.register(AsOp(analyze::Analyze));
+    reg.register(AsOp(plots::Plots));
+    reg.register(AsOp(sqlite::SqliteBase));
+    reg.register(AsOp(sqlite::Sqlite));
+    reg.register(AsOp(explorer::Explorer));
+    reg.register(AsOp(report::Report));
+}
+
+/// A kvt stage: an engine [`Op`] written with `anyhow`, as the rest of the
+/// binary is. [`AsOp`] hands its errors to the engine with their types
+/// intact (see [`op_error`]); the methods mean what `Op`'s do.
+pub trait Stage: Send + Sync + 'static {
+    type Uses: serde::de::DeserializeOwned;
+    type Transport: serde::de::DeserializeOwned;
+    fn name(&self) -> &'static str;
+    fn version(&self) -> u32;
+    fn fingerprint(
+        &self,
+        _ctx: &KeyContext,
+        _uses: &Self::Uses,
+        _transport: &Self::Transport,
+    ) -> Result<Option<String>> {
+        Ok(None)
+    }
+    fn run(&self, ctx: &mut OpContext, uses: Self::Uses, transport: Self::Transport) -> Result<()>;
+    fn compose_export(&self, _file: &Path, _overlays: &[Vec<u8>]) -> Result<()> {
+        anyhow::bail!("stage `{}` does not compose exports", self.name())
+    }
+    fn recompose_in_place(&self, _file: &Path, _overlays: &[Vec<u8>]) -> Result<bool> {
+        Ok(false)
+    }
+}
+
+/// A [`Stage`] as the engine's [`Op`].
+pub struct AsOp<S>(pub S);
+
+impl<S: Stage> Op for AsOp<S> {
+    type Uses = S::Uses;
+    type Transport = S::Transport;
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn version(&self) -> u32 {
+        self.0.version()
+    }
+    fn fingerprint(
+        &self,
+        ctx: &KeyContext,
+        uses: &S::Uses,
+        transport: &S::Transport,
+    ) -> OpResult<Option<String>> {
+        self.0.fingerprint(ctx, uses, transport).map_err(op_error)
+    }
+    fn run(&self, ctx: &mut OpContext, uses: S::Uses, transport: S::Transport) -> OpResult {
+        self.0.run(ctx, uses, transport).map_err(op_error)
+    }
+    fn compose_export(&self, file: &Path, overlays: &[Vec<u8>]) -> OpResult {
+        self.0.compose_export(file, overlays).map_err(op_error)
+    }
+    fn recompose_in_place(&self, file: &Path, overlays: &[Vec<u8>]) -> OpResult<bool> {
+        self.0.recompose_in_place(file, overlays).map_err(op_error)
+    }
+}
+
+/// An `anyhow` error as the engine's boxed error. anyhow's own conversion
+/// boxes its outermost error inside a private type the engine cannot
+/// downcast, so an error without context that the engine branches on (its
+/// kinds, an unfinished shard, a damaged object) is handed over as itself.
+/// Context keeps its causes visible: they are the chain's sources.
+pub fn op_error(e: anyhow::Error) -> BoxError {
+    if e.chain().nth(1).is_some() {
+        return e.into();
+    }
+    let e = match e.downcast::<EngineError>() {
+        Ok(own) => return Box::new(own),
+        Err(e) => e,
+    };
+    let e = match e.downcast::<Unfinished>() {
+        Ok(u) => return Box::new(u),
+        Err(e) => e,
+    };
+    match e.downcast::<ObjectError>() {
+        Ok(o) => Box::new(o),
+        Err(e) => e.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::error::{kind_of, ErrorKind};
+    use anyhow::Context as _;
+
+    /// Regression: anyhow's own conversion to a boxed error hides its
+    /// outermost error's type, so a usage error returned by a stage read as
+    /// a failure (exit 1 instead of 2) until `op_error` handed it over.
+    #[test]
+    fn regression_a_stage_errors_kind_survives_the_way_to_the_engine() {
+        let plain = anyhow::Error::from(EngineError::usage("bad template"));
+        let hidden: BoxError = anyhow::Error::from(EngineError::usage("bad template")).into();
+        assert_eq!(
+            kind_of(hidden.as_ref()),
+            ErrorKind::Failed,
+            "anyhow's conversion"
+        );
+        assert_eq!(kind_of(op_error(plain).as_ref()), ErrorKind::Usage);
+        let wrapped = Err::<(), _>(EngineError::usage("bad template"))
+            .context("node `infer`")
+            .unwrap_err();
+        let boxed = op_error(wrapped);
+        assert_eq!(kind_of(boxed.as_ref()), ErrorKind::Usage);
+        assert_eq!(
+            crate::engine::error::chain_text(boxed.as_ref()),
+            "node `infer`: bad template"
+        );
+        let unfinished = op_error(Unfinished("shard 1/2".into()).into());
+        let e = EngineError::from(unfinished);
+        assert!(e.find::<Unfinished>().is_some());
+        let damaged = op_error(ObjectError::Missing("ab".into()).into());
+        assert!(EngineError::from(damaged).find::<ObjectError>().is_some());
+    }
 }

@@ -3,7 +3,7 @@
 //! full cache), each as PNG and SVG, exported to `runs/<exp_group_id>/plots/`.
 
 use crate::config::schema::FULL;
-use crate::engine::{Op, OpContext};
+use crate::engine::OpContext;
 use crate::render::plots::{self, Figure, HeatMap, LinePlot, Panel, Point, Series};
 use crate::stages::analyze::BinStat;
 use crate::stages::NoTransport;
@@ -447,7 +447,7 @@ pub fn fidelity_figures(
 
 /// What `plots` reads (its stage's `uses`, exactly).
 #[derive(serde::Deserialize)]
-struct Uses {
+pub struct Uses {
     #[serde(rename = "output.exp_group_id")]
     exp: String,
     #[serde(rename = "analysis.transition.floor")]
@@ -485,7 +485,7 @@ impl Memo<'_> {
     }
 }
 
-impl Op for Plots {
+impl crate::stages::Stage for Plots {
     fn name(&self) -> &'static str {
         "plots"
     }
@@ -498,15 +498,10 @@ impl Op for Plots {
         // risk–coverage and reliability panel; fewer tick labels there.
         9
     }
-    fn check(
-        &self,
-        uses: &std::collections::BTreeMap<String, serde_json::Value>,
-        transport: &std::collections::BTreeMap<String, serde_json::Value>,
-    ) -> Result<()> {
-        crate::engine::check_slices::<Uses, NoTransport>(uses, transport)
-    }
-    fn run(&self, ctx: &mut OpContext) -> Result<()> {
-        let Uses { exp, floor } = ctx.key.slice()?;
+    type Uses = Uses;
+    type Transport = NoTransport;
+    fn run(&self, ctx: &mut OpContext, uses: Self::Uses, _: Self::Transport) -> Result<()> {
+        let Uses { exp, floor } = uses;
         let stats: Vec<BinStat> = table::read_owned(ctx.input("analyze", "bin_stats")?)?;
         let metric = stats
             .iter()

@@ -5,8 +5,8 @@
 
 use crate::config::schema::{BinScheme, Binning, Dataset, Sampling, Source, Strategy, Tokenizer};
 use crate::data::{binning, longbench, records, synthetic, tokenize, Example};
-use crate::engine::{KeyContext, Op, OpContext};
-use anyhow::{bail, Context, Result};
+use crate::engine::{KeyContext, OpContext};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::Path;
@@ -226,7 +226,7 @@ pub fn metric_fit(ds: &Dataset, root: &Path) -> Option<String> {
 
 /// What `prepare` reads (its stage's `uses`, exactly).
 #[derive(serde::Deserialize)]
-struct Uses {
+pub struct Uses {
     dataset: Dataset,
     #[serde(rename = "tokenizer.kind")]
     tokenizer_kind: crate::config::schema::TokenizerKind,
@@ -248,20 +248,19 @@ impl Uses {
 
 /// The servers `prepare` may ask for token counts (transport, not identity).
 #[derive(serde::Deserialize)]
-struct Transport {
+pub struct Transport {
     #[serde(rename = "tokenizer.url")]
     tokenizer_url: Option<String>,
     #[serde(rename = "engine.base_url")]
     engine_url: Option<String>,
 }
 
-impl Op for Prepare {
+impl crate::stages::Stage for Prepare {
     fn name(&self) -> &'static str {
         "prepare"
     }
     /// A file-backed dataset enters the key by the digest of its bytes.
-    fn fingerprint(&self, ctx: &KeyContext) -> Result<Option<String>> {
-        let u: Uses = ctx.slice()?;
+    fn fingerprint(&self, ctx: &KeyContext, u: &Uses, _: &Transport) -> Result<Option<String>> {
         let (ds, tok) = (&u.dataset, u.tokenizer());
         // A Hugging Face tokenizer.json counts by its bytes, not its name.
         let tok_id = tokenize::file_identity(&tok, ctx.root)?;
@@ -286,16 +285,11 @@ impl Op for Prepare {
         // 6: default edges a bin per synthetic target, or rounded quantiles.
         6
     }
-    fn check(
-        &self,
-        uses: &std::collections::BTreeMap<String, serde_json::Value>,
-        transport: &std::collections::BTreeMap<String, serde_json::Value>,
-    ) -> Result<()> {
-        crate::engine::check_slices::<Uses, Transport>(uses, transport)
-    }
-    fn run(&self, ctx: &mut OpContext) -> Result<()> {
-        let u: Uses = ctx.key.slice()?;
-        let t: Transport = ctx.key.transport_slice()?;
+    type Uses = Uses;
+    type Transport = Transport;
+    fn run(&self, ctx: &mut OpContext, uses: Self::Uses, transport: Self::Transport) -> Result<()> {
+        let u = uses;
+        let t = transport;
         let tok = u.tokenizer();
         let Uses {
             dataset: ds,
@@ -337,7 +331,7 @@ impl Op for Prepare {
             let from = location_label(&ds, ctx.root())
                 .map(|l| format!(" from `{l}`"))
                 .unwrap_or_default();
-            bail!(
+            anyhow::bail!(
                 "the dataset has no examples ({}{from}): check `dataset.source`, `dataset.lengths` / `dataset.per_length`, `dataset.ops`, or the data file",
                 if skipped > 0 { format!("{skipped} bad records skipped") } else { "none loaded".into() }
             );
@@ -355,7 +349,7 @@ impl Op for Prepare {
                 let edges: Vec<usize> = match &bins.edges {
                     Some(e) => {
                         if e.len() != n_bins + 1 || e.windows(2).any(|w| w[0] >= w[1]) {
-                            bail!("config `binning.edges`: expected {} increasing edges for {n_bins} bins, got {e:?}", n_bins + 1);
+                            anyhow::bail!("config `binning.edges`: expected {} increasing edges for {n_bins} bins, got {e:?}", n_bins + 1);
                         }
                         e.iter().map(|&x| x as usize).collect()
                     }

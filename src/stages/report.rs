@@ -4,7 +4,7 @@
 //! provenance.
 
 use crate::config::schema::{self, FULL};
-use crate::engine::{canonical_json, Op, OpContext};
+use crate::engine::{canonical_json, OpContext};
 use crate::llm::Failure;
 use crate::stages::analyze::{BinStat, TransitionRow};
 use crate::stages::explorer::Facts;
@@ -575,7 +575,7 @@ pub struct Uses {
     pub output: schema::Output,
 }
 
-impl Op for Report {
+impl crate::stages::Stage for Report {
     fn name(&self) -> &'static str {
         "report"
     }
@@ -586,15 +586,10 @@ impl Op for Report {
         // 12: report.html carries the CI table, the plots and the failures.
         12
     }
-    fn check(
-        &self,
-        uses: &std::collections::BTreeMap<String, serde_json::Value>,
-        transport: &std::collections::BTreeMap<String, serde_json::Value>,
-    ) -> Result<()> {
-        crate::engine::check_slices::<Uses, NoTransport>(uses, transport)
-    }
-    fn run(&self, ctx: &mut OpContext) -> Result<()> {
-        let u: Uses = ctx.key.slice()?;
+    type Uses = Uses;
+    type Transport = NoTransport;
+    fn run(&self, ctx: &mut OpContext, uses: Self::Uses, _: Self::Transport) -> Result<()> {
+        let u = uses;
         let exp = u.exp.clone();
         let facts: Facts = serde_json::from_slice(&ctx.input("explorer", "facts")?)?;
         let stats: Vec<BinStat> = table::read_owned(ctx.input("analyze", "bin_stats")?)?;
@@ -640,7 +635,9 @@ impl Op for Report {
     }
     fn compose_export(&self, file: &std::path::Path, overlays: &[Vec<u8>]) -> Result<()> {
         let [explorer, svgs @ ..] = overlays else {
-            anyhow::bail!("report.html composes the explorer and the plots, got no overlay");
+            return Err(anyhow::anyhow!(
+                "report.html composes the explorer and the plots, got no overlay"
+            ));
         };
         let page = std::fs::read_to_string(file)?;
         anyhow::ensure!(

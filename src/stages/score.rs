@@ -3,7 +3,7 @@
 //! synthetic tasks is substring recall; EM and F1 are kept beside it.
 
 use crate::data::{Example, Gold};
-use crate::engine::{Op, OpContext};
+use crate::engine::OpContext;
 use crate::llm::{Failure, Outcome};
 use crate::metrics;
 use crate::metrics::longbench as lb;
@@ -276,7 +276,7 @@ pub fn read_all<T: serde::de::DeserializeOwned>(ctx: &OpContext) -> Result<Vec<T
 
 /// What `score` reads (its stage's `uses`, exactly).
 #[derive(serde::Deserialize)]
-struct Uses {
+pub struct Uses {
     #[serde(rename = "dataset.source")]
     source: crate::config::schema::Source,
     #[serde(rename = "dataset.task")]
@@ -287,7 +287,7 @@ struct Uses {
     code_sim: lb::CodeSim,
 }
 
-impl Op for Score {
+impl crate::stages::Stage for Score {
     fn name(&self) -> &'static str {
         "score"
     }
@@ -295,17 +295,12 @@ impl Op for Score {
     fn version(&self) -> u32 {
         6
     }
-    fn check(
-        &self,
-        uses: &std::collections::BTreeMap<String, serde_json::Value>,
-        transport: &std::collections::BTreeMap<String, serde_json::Value>,
-    ) -> Result<()> {
-        crate::engine::check_slices::<Uses, NoTransport>(uses, transport)
-    }
-    fn run(&self, ctx: &mut OpContext) -> Result<()> {
+    type Uses = Uses;
+    type Transport = NoTransport;
+    fn run(&self, ctx: &mut OpContext, uses: Self::Uses, _: Self::Transport) -> Result<()> {
         let policy: String = ctx.item("policy")?;
         let budget: f64 = ctx.item("budget")?;
-        let u: Uses = ctx.key.slice()?;
+        let u = uses;
         let metric = metric_for(u.source.as_str(), &u.task, u.metric.as_deref())?;
         let examples: Vec<Gold> = table::read_owned(ctx.input("prepare", "examples")?)?;
         let entries: Vec<Entry> = table::read_owned(ctx.input("prepare", "manifest")?)?;

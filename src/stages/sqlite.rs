@@ -14,7 +14,7 @@
 
 use crate::config::schema;
 use crate::data::Example;
-use crate::engine::{canonical_json, Op, OpContext};
+use crate::engine::{canonical_json, OpContext};
 use crate::metrics::normalize;
 use crate::stages::analyze::{BinStat, TransitionRow};
 use crate::stages::prepare::{Bin, Entry};
@@ -596,7 +596,7 @@ pub fn compose(file: &std::path::Path, overlay: &std::path::Path, in_place: bool
 
 /// What `sqlite_base` reads (its stage's `uses`, exactly).
 #[derive(serde::Deserialize)]
-struct BaseUses {
+pub struct BaseUses {
     #[serde(rename = "output.exp_group_id")]
     exp: String,
 }
@@ -605,7 +605,7 @@ struct BaseUses {
 /// the responses.
 pub struct SqliteBase;
 
-impl Op for SqliteBase {
+impl crate::stages::Stage for SqliteBase {
     fn name(&self) -> &'static str {
         "sqlite_base"
     }
@@ -613,15 +613,10 @@ impl Op for SqliteBase {
     fn version(&self) -> u32 {
         3
     }
-    fn check(
-        &self,
-        uses: &std::collections::BTreeMap<String, serde_json::Value>,
-        transport: &std::collections::BTreeMap<String, serde_json::Value>,
-    ) -> Result<()> {
-        crate::engine::check_slices::<BaseUses, NoTransport>(uses, transport)
-    }
-    fn run(&self, ctx: &mut OpContext) -> Result<()> {
-        let BaseUses { exp } = ctx.key.slice()?;
+    type Uses = BaseUses;
+    type Transport = NoTransport;
+    fn run(&self, ctx: &mut OpContext, uses: Self::Uses, _: Self::Transport) -> Result<()> {
+        let BaseUses { exp } = uses;
         // Only the header of `manifest.json`: its examples are skipped, not
         // parsed into a tree (they come from the `examples` table).
         #[derive(serde::Deserialize)]
@@ -659,7 +654,7 @@ impl Op for SqliteBase {
 /// What `sqlite` reads: it records the experiment's configuration, so it
 /// takes these sections whole (its stage's `uses`, exactly).
 #[derive(serde::Serialize, serde::Deserialize)]
-struct Uses {
+pub struct Uses {
     #[serde(rename = "output.exp_group_id")]
     exp: String,
     #[serde(rename = "db.path")]
@@ -679,7 +674,7 @@ struct Uses {
     analysis: schema::Analysis,
 }
 
-impl Op for Sqlite {
+impl crate::stages::Stage for Sqlite {
     fn name(&self) -> &'static str {
         "sqlite"
     }
@@ -688,15 +683,10 @@ impl Op for Sqlite {
     fn version(&self) -> u32 {
         4
     }
-    fn check(
-        &self,
-        uses: &std::collections::BTreeMap<String, serde_json::Value>,
-        transport: &std::collections::BTreeMap<String, serde_json::Value>,
-    ) -> Result<()> {
-        crate::engine::check_slices::<Uses, NoTransport>(uses, transport)
-    }
-    fn run(&self, ctx: &mut OpContext) -> Result<()> {
-        let u: Uses = ctx.key.slice()?;
+    type Uses = Uses;
+    type Transport = NoTransport;
+    fn run(&self, ctx: &mut OpContext, uses: Self::Uses, _: Self::Transport) -> Result<()> {
+        let u = uses;
         // The experiment's configuration as recorded: the typed sections
         // written back (the same JSON, so the same digest).
         let config = serde_json::to_value(&u).context("serializing the configuration")?;
@@ -748,7 +738,8 @@ impl Op for Sqlite {
     /// The analysis tables are replaced in one transaction: an analysis
     /// change never copies the base.
     fn recompose_in_place(&self, file: &std::path::Path, overlays: &[Vec<u8>]) -> Result<bool> {
-        apply(file, overlays, true).map(|()| true)
+        apply(file, overlays, true)?;
+        Ok(true)
     }
 }
 

@@ -2,11 +2,11 @@
 //! own stages. The engine's integration tests drive it as a real process; its
 //! ops do real work on real files and log each run to `<root>/oplog.txt`.
 
-use anyhow::{bail, Result};
-use kvt::engine::{KeyContext, Op, OpContext, OpRegistry};
+use kvt::engine::{KeyContext, NoTransport, Op, OpContext, OpRegistry, OpResult};
+use serde::Deserialize;
 use std::io::Write;
 
-fn log_run(ctx: &OpContext) -> Result<()> {
+fn log_run(ctx: &OpContext) -> std::io::Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -25,24 +25,42 @@ fn version_from_env(var: &str) -> u32 {
 
 /// Reads the text file at `dataset.path`; its content enters the key.
 struct Read;
+/// What `Read` reads.
+#[derive(Deserialize)]
+pub struct ReadUses {
+    /// Optional here so that `kvt validate` of a project without a data
+    /// file passes the plan-time check; reading it then fails.
+    #[serde(rename = "dataset.path")]
+    path: Option<String>,
+}
 impl Op for Read {
+    type Uses = ReadUses;
+    type Transport = NoTransport;
     fn name(&self) -> &'static str {
         "t_read"
     }
     fn version(&self) -> u32 {
         1
     }
-    fn fingerprint(&self, ctx: &KeyContext) -> Result<Option<String>> {
-        let path: String = ctx.get("dataset.path")?;
-        let bytes = std::fs::read(ctx.root.join(&path))?;
+    fn fingerprint(
+        &self,
+        ctx: &KeyContext,
+        u: &ReadUses,
+        _: &NoTransport,
+    ) -> OpResult<Option<String>> {
+        let path = u
+            .path
+            .as_deref()
+            .ok_or("config `dataset.path` is not set")?;
+        let bytes = std::fs::read(ctx.root.join(path))?;
         Ok(Some(format!(
             "{path} blake3={}",
             &blake3::hash(&bytes).to_hex()[..12]
         )))
     }
-    fn run(&self, ctx: &mut OpContext) -> Result<()> {
+    fn run(&self, ctx: &mut OpContext, u: Self::Uses, _: NoTransport) -> OpResult {
         log_run(ctx)?;
-        let path: String = ctx.get("dataset.path")?;
+        let path = u.path.ok_or("config `dataset.path` is not set")?;
         let bytes = std::fs::read(ctx.root().join(path))?;
         ctx.put("text", &bytes)?;
         Ok(())
@@ -51,17 +69,25 @@ impl Op for Read {
 
 /// Keeps the first `budget` fraction of the words, cased by `model.name`.
 struct Scale;
+/// What `Scale` reads.
+#[derive(Deserialize)]
+pub struct ScaleUses {
+    #[serde(rename = "model.name")]
+    policy: String,
+}
 impl Op for Scale {
+    type Uses = ScaleUses;
+    type Transport = NoTransport;
     fn name(&self) -> &'static str {
         "t_scale"
     }
     fn version(&self) -> u32 {
         1
     }
-    fn run(&self, ctx: &mut OpContext) -> Result<()> {
+    fn run(&self, ctx: &mut OpContext, u: Self::Uses, _: NoTransport) -> OpResult {
         log_run(ctx)?;
         let budget: f64 = ctx.item("budget")?;
-        let policy: String = ctx.get("model.name")?;
+        let policy = u.policy;
         let text = String::from_utf8(ctx.input("read", "text")?)?;
         let words: Vec<&str> = text.split_whitespace().collect();
         let keep = ((words.len() as f64) * budget).ceil() as usize;
@@ -78,16 +104,24 @@ impl Op for Scale {
 
 /// Counts the words of every `scale` instance; version from `KVT_TESTOPS_COUNT_VERSION`.
 struct Count;
+/// What `Count` reads.
+#[derive(Deserialize)]
+pub struct CountUses {
+    #[serde(rename = "analysis.bootstrap.iters")]
+    iters: u64,
+}
 impl Op for Count {
+    type Uses = CountUses;
+    type Transport = NoTransport;
     fn name(&self) -> &'static str {
         "t_count"
     }
     fn version(&self) -> u32 {
         version_from_env("KVT_TESTOPS_COUNT_VERSION")
     }
-    fn run(&self, ctx: &mut OpContext) -> Result<()> {
+    fn run(&self, ctx: &mut OpContext, u: Self::Uses, _: NoTransport) -> OpResult {
         log_run(ctx)?;
-        let iters: u64 = ctx.get("analysis.bootstrap.iters")?;
+        let iters = u.iters;
         let mut lines = Vec::new();
         for up in ctx.upstream("scale") {
             let words = String::from_utf8(ctx.read(up, "words")?)?;
@@ -105,16 +139,24 @@ impl Op for Count {
 
 /// Writes the counts to `runs/<exp>/out.txt` through an export.
 struct Report;
+/// What `Report` reads.
+#[derive(Deserialize)]
+pub struct ReportUses {
+    #[serde(rename = "output.exp_group_id")]
+    exp: String,
+}
 impl Op for Report {
+    type Uses = ReportUses;
+    type Transport = NoTransport;
     fn name(&self) -> &'static str {
         "t_report"
     }
     fn version(&self) -> u32 {
         1
     }
-    fn run(&self, ctx: &mut OpContext) -> Result<()> {
+    fn run(&self, ctx: &mut OpContext, u: Self::Uses, _: NoTransport) -> OpResult {
         log_run(ctx)?;
-        let exp: String = ctx.get("output.exp_group_id")?;
+        let exp = u.exp;
         let counts = ctx.input("count", "counts")?;
         let mut report = b"counts:\n".to_vec();
         report.extend_from_slice(&counts);
@@ -126,22 +168,30 @@ impl Op for Report {
 
 /// Announces itself in `<root>/slow.started`, then works for `engine.timeout_s` seconds.
 struct Slow;
+/// What `Slow` reads.
+#[derive(Deserialize)]
+pub struct SlowUses {
+    #[serde(rename = "engine.timeout_s")]
+    secs: f64,
+}
 impl Op for Slow {
+    type Uses = SlowUses;
+    type Transport = NoTransport;
     fn name(&self) -> &'static str {
         "t_slow"
     }
     fn version(&self) -> u32 {
         1
     }
-    fn run(&self, ctx: &mut OpContext) -> Result<()> {
+    fn run(&self, ctx: &mut OpContext, u: Self::Uses, _: NoTransport) -> OpResult {
         log_run(ctx)?;
-        let secs: f64 = ctx.get("engine.timeout_s")?;
+        let secs = u.secs;
         let text = ctx.input("read", "text")?;
         std::fs::write(ctx.root().join("slow.started"), b"1")?;
         let until = std::time::Instant::now() + std::time::Duration::from_secs_f64(secs);
         while std::time::Instant::now() < until {
             if ctx.is_cancelled() {
-                bail!("cancelled");
+                return Err("cancelled".into());
             }
             // Simulated work that checks for cancellation (not a wait on
             // another process).
@@ -154,18 +204,26 @@ impl Op for Slow {
 
 /// Fails when `engine.label` is `fail`, to test failure isolation.
 struct MaybeFail;
+/// What `MaybeFail` reads.
+#[derive(Deserialize)]
+pub struct MaybeFailUses {
+    #[serde(rename = "engine.label")]
+    label: Option<String>,
+}
 impl Op for MaybeFail {
+    type Uses = MaybeFailUses;
+    type Transport = NoTransport;
     fn name(&self) -> &'static str {
         "t_maybe_fail"
     }
     fn version(&self) -> u32 {
         1
     }
-    fn run(&self, ctx: &mut OpContext) -> Result<()> {
+    fn run(&self, ctx: &mut OpContext, u: Self::Uses, _: NoTransport) -> OpResult {
         log_run(ctx)?;
-        let label: Option<String> = ctx.get("engine.label")?;
+        let label = u.label;
         if label.as_deref() == Some("fail") {
-            bail!("planted failure: engine.label is `fail`");
+            return Err("planted failure: engine.label is `fail`".into());
         }
         ctx.put("ok", b"ok")?;
         Ok(())

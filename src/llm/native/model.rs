@@ -628,7 +628,7 @@ fn causal_mask(
 
 /// The file's digest (blake3 of its bytes), for request identity.
 pub fn file_digest(path: &std::path::Path) -> Result<String> {
-    crate::engine::digest::files_digest(&[path])
+    Ok(crate::engine::digest::files_digest(&[path])?)
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@
 
 use crate::config::schema::{Api, Decoding, EngineKind, Prompt};
 use crate::engine::remote::Remote;
-use crate::engine::{canonical_json, Op, OpContext};
+use crate::engine::{canonical_json, OpContext};
 use crate::llm::backend::{Backend, Query, Shape};
 use crate::llm::client::{Client, ClientOptions};
 use crate::llm::http::HttpBackend;
@@ -23,7 +23,7 @@ use crate::llm::Outcome;
 use crate::llm::{reference, KvParams};
 use crate::stages::prepare::Entry;
 use crate::table;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
@@ -493,7 +493,7 @@ fn slice_id(k: &crate::engine::KeyContext) -> String {
 
 /// What `infer` reads into its key (its stage's `uses`, exactly).
 #[derive(Deserialize)]
-struct Uses {
+pub struct Uses {
     #[serde(rename = "model.name")]
     model: String,
     #[serde(rename = "kv.sink_tokens")]
@@ -541,7 +541,7 @@ struct Uses {
 /// How `infer` reaches its engine (its stage's `transport`, exactly): never
 /// part of the key.
 #[derive(Deserialize)]
-struct Transport {
+pub struct Transport {
     #[serde(rename = "engine.kind")]
     kind: EngineKind,
     #[serde(rename = "kv.cells")]
@@ -574,20 +574,25 @@ struct Transport {
     exp_group_id: String,
 }
 
-impl Op for Infer {
+impl crate::stages::Stage for Infer {
     fn name(&self) -> &'static str {
         "infer"
     }
     /// Requests that failed transiently last time make the node stale, so the
     /// next build retries them (and only them).
-    fn fingerprint(&self, k: &crate::engine::KeyContext) -> Result<Option<String>> {
+    fn fingerprint(
+        &self,
+        k: &crate::engine::KeyContext,
+        u: &Uses,
+        t: &Transport,
+    ) -> Result<Option<String>> {
         // Which model answers is identity; how it is reached is not. The
         // simulator is one model whether in process or behind `kvt serve`; a
         // model file is its bytes (size and mtime stand for the digest here,
         // cheaply; the digest is in every request key); a remote server's
         // model is `model.name`, already in the key.
-        let kind = k.transport_slice::<Transport>()?.kind;
-        let model = k.slice::<Uses>()?.model_path;
+        let kind = t.kind;
+        let model = u.model_path.clone();
         let stamp = match answerer(kind, model.is_some()) {
             Answerer::Simulator => Some(format!("model {SIMULATOR_ID}")),
             Answerer::ModelFile => model
@@ -616,16 +621,11 @@ impl Op for Infer {
     fn version(&self) -> u32 {
         2
     }
-    fn check(
-        &self,
-        uses: &BTreeMap<String, Value>,
-        transport: &BTreeMap<String, Value>,
-    ) -> Result<()> {
-        crate::engine::check_slices::<Uses, Transport>(uses, transport)
-    }
-    fn run(&self, ctx: &mut OpContext) -> Result<()> {
-        let u: Uses = ctx.key.slice()?;
-        let t: Transport = ctx.key.transport_slice()?;
+    type Uses = Uses;
+    type Transport = Transport;
+    fn run(&self, ctx: &mut OpContext, uses: Self::Uses, transport: Self::Transport) -> Result<()> {
+        let u = uses;
+        let t = transport;
         let kind = t.kind;
         let model_path = u.model_path.clone();
         let simulator = answerer(kind, model_path.is_some()) == Answerer::Simulator;
@@ -798,7 +798,7 @@ impl Op for Infer {
             push_journal(remote, journal, &earlier)?;
         }
         if ctx.is_cancelled() {
-            bail!("interrupted: answered requests are kept in the journal; run the build again to finish");
+            anyhow::bail!("interrupted: answered requests are kept in the journal; run the build again to finish");
         }
         if let (Some((i, n)), false) = (shard, others.is_empty()) {
             return Err(crate::engine::error::Unfinished(format!(
@@ -867,7 +867,7 @@ impl Op for Infer {
                 } else {
                     "the server".to_string()
                 };
-                bail!(
+                anyhow::bail!(
                     "all {transient} requests failed after retries (e.g. {example}); is {server} up? Nothing was lost: run the build again to retry them"
                 );
             }

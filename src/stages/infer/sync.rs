@@ -142,7 +142,7 @@ pub(super) fn push_batch(remote: &Remote, rows: &[(String, String)]) -> Result<(
         body.extend_from_slice(outcome.as_bytes());
         body.extend_from_slice(b"}\n");
     }
-    remote.put_named(JOURNAL_DIR, "jsonl", &body)
+    Ok(remote.put_named(JOURNAL_DIR, "jsonl", &body)?)
 }
 
 /// Where the request journal's batches live in a remote cache (the engine
