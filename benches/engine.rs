@@ -1,6 +1,8 @@
 //! Engine benchmarks: a no-op `build` as a whole process (50 and 200 nodes),
 //! node-key computation, and content-store writes.
-//! Run: `cargo bench --bench engine`. Figures go in benches/README.md.
+//! Run: `cargo build --release -p kvt-testops && cargo bench --bench engine`
+//! (the whole-process bench drives the `kvt-testops` crate's binary).
+//! Figures go in benches/README.md.
 
 use std::path::Path;
 use std::process::Command;
@@ -47,8 +49,22 @@ fn project(n: usize) -> tempfile::TempDir {
     dir
 }
 
+/// `kvt-testops`, built by `cargo build --release -p kvt-testops` beside the
+/// bench binary's target directory (its own crate: test ops are never
+/// installed with kvt).
+fn testops() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("kvt-testops");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --release -p kvt-testops` first",
+        bin.display()
+    );
+    bin
+}
+
 fn build(root: &Path) -> std::process::ExitStatus {
-    Command::new(env!("CARGO_BIN_EXE_kvt-testops"))
+    Command::new(testops())
         .current_dir(root)
         .args(["build", "-q", "-c", "config/experiments/bench.yaml"])
         .status()

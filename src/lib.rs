@@ -29,8 +29,9 @@ macro_rules! print {
 
 pub mod cli;
 pub mod config;
+/// The build engine (the `kvt-engine` crate), under its old path.
+pub use kvt_engine as engine;
 pub mod data;
-pub mod engine;
 pub mod llm;
 pub mod metrics;
 pub mod redact;

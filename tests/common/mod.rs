@@ -4,6 +4,40 @@
 use assert_cmd::Command;
 use std::path::{Path, PathBuf};
 
+/// A binary of the workspace beside this test's own: tests run from
+/// `target/<profile>/deps/`, binaries are built into `target/<profile>/`.
+fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is missing: `cargo test` at the workspace root builds it (with `-p`, build it first: `cargo build -p {name}`)",
+        bin.display()
+    );
+    bin
+}
+
+/// The repository's root (these helpers serve the root crate's tests and
+/// the `kvt-testops` crate's).
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .find(|a| a.join("config/default.yaml").exists())
+        .expect("the repository root")
+}
+
+/// The `kvt` binary (Cargo names it for the root crate's own tests).
+pub fn kvt_bin() -> PathBuf {
+    option_env!("CARGO_BIN_EXE_kvt").map_or_else(|| workspace_bin("kvt"), PathBuf::from)
+}
+
+/// The test-ops binary (the `kvt-testops` crate: kvt plus the `t_*` ops).
+pub fn testops_bin() -> PathBuf {
+    option_env!("CARGO_BIN_EXE_kvt-testops")
+        .map_or_else(|| workspace_bin("kvt-testops"), PathBuf::from)
+}
+
 pub const TEST_PIPELINE: &str = "\
 stages:
   read: {op: t_read, uses: [dataset.path]}
@@ -21,7 +55,7 @@ impl Project {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let p = Project { dir };
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let repo = repo_root();
         p.write(
             "config/default.yaml",
             &std::fs::read_to_string(repo.join("config/default.yaml")).unwrap(),
@@ -40,7 +74,7 @@ impl Project {
 
     /// Copies files from the repository into the project, same relative paths.
     pub fn copy_from_repo(&self, files: &[&str]) {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let repo = repo_root();
         for f in files {
             self.write(f, &std::fs::read_to_string(repo.join(f)).unwrap());
         }
@@ -109,7 +143,7 @@ impl Project {
 
     /// The test-ops binary (kvt plus the `t_*` ops), run in the project root.
     pub fn testops(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_kvt-testops"));
+        let mut c = Command::new(testops_bin());
         c.current_dir(self.root())
             .env_remove("KVT_LOG")
             .env_remove("KVT_CACHE_DIR")
@@ -119,7 +153,7 @@ impl Project {
 
     /// The real `kvt` binary, run in the project root.
     pub fn kvt(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_kvt"));
+        let mut c = Command::new(kvt_bin());
         c.current_dir(self.root())
             .env_remove("KVT_LOG")
             .env_remove("KVT_CACHE_DIR")
@@ -246,7 +280,7 @@ pub struct Served {
 
 impl Served {
     pub fn start(args: &[&str]) -> Served {
-        Served::start_bin(env!("CARGO_BIN_EXE_kvt"), args)
+        Served::start_bin(kvt_bin().to_str().unwrap(), args)
     }
 
     /// `kvt serve` from another binary (an earlier build, for regressions).
@@ -437,7 +471,7 @@ impl PyServer {
     /// if it exits first or takes over `limit_s`.
     pub fn start(python: &str, script: &str, args: &[&str], limit_s: u64) -> PyServer {
         use std::io::BufRead;
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let repo = repo_root();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()

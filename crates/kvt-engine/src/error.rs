@@ -184,13 +184,13 @@ impl<T> Context<T> for Option<T> {
 /// Returns early with an [`EngineError::Failed`] made from a format string.
 macro_rules! bail {
     ($($arg:tt)*) => {
-        return Err($crate::engine::error::EngineError::Failed(format!($($arg)*)).into())
+        return Err($crate::error::EngineError::Failed(format!($($arg)*)).into())
     };
 }
 /// An [`EngineError::Failed`] made from a format string.
 macro_rules! failure {
     ($($arg:tt)*) => {
-        $crate::engine::error::EngineError::Failed(format!($($arg)*))
+        $crate::error::EngineError::Failed(format!($($arg)*))
     };
 }
 pub(crate) use {bail, failure};

@@ -1,6 +1,8 @@
 //! The engine through the real binary: incremental builds, early cutoff,
 //! fan-out, failures, crashes, concurrency, corruption and gc.
 
+// The helpers every kvt integration test shares.
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 use common::*;
 use std::process::Stdio;
@@ -202,7 +204,7 @@ fn start_slow_build(p: &Project) -> std::process::Child {
         "pipelines/test.yaml",
         "stages:\n  read: {op: t_read, uses: [dataset.path]}\n  slow: {op: t_slow, needs: [read], uses: [engine.timeout_s]}\n",
     );
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_kvt-testops"))
+    let child = std::process::Command::new(common::testops_bin())
         .current_dir(p.root())
         .args([
             "build",
@@ -281,7 +283,7 @@ fn a_flipped_byte_is_detected_reported_and_rebuilt() {
 fn two_concurrent_builds_leave_a_consistent_cache() {
     let p = Project::new();
     let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_kvt-testops"))
+        std::process::Command::new(common::testops_bin())
             .current_dir(p.root())
             .args(["build", "-c", "config/experiments/t.yaml"])
             .stdout(Stdio::null())
@@ -361,7 +363,7 @@ fn moving_the_project_keeps_everything_fresh() {
     let moved = tempfile::tempdir().unwrap();
     let dest = moved.path().join("elsewhere");
     std::fs::rename(p.root(), &dest).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvt-testops"))
+    let out = std::process::Command::new(common::testops_bin())
         .current_dir(&dest)
         .args(["build", "-c", "config/experiments/t.yaml"])
         .output()
