@@ -363,3 +363,25 @@ fn no_op_reads_the_raw_config_map() {
     }
     assert!(found.is_empty(), "{found:?}");
 }
+
+/// Issue #30, item 5: `kvt serve` answers through the backends `kvt build`
+/// uses (`llm::backend::InProcess::backend`), never by calling an engine
+/// itself; `tests/pipeline.rs::in_process_and_served_engines_answer_alike`
+/// and `tests/native.rs::native_in_process_and_kvt_serve_give_the_same_answers`
+/// check that both give the same answers.
+#[test]
+fn kvt_serve_answers_through_the_build_backends() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let server = std::fs::read_to_string(root.join("src/llm/server.rs")).unwrap();
+    assert!(server.contains(".backend(") && server.contains("answer_one("));
+    for direct in ["reference::answer(", "NativeRequest", ".answer(&req"] {
+        assert!(
+            !server.contains(direct),
+            "src/llm/server.rs calls an engine directly (`{direct}`)"
+        );
+    }
+    let infer = std::fs::read_to_string(root.join("src/stages/infer/backend.rs")).unwrap();
+    assert!(
+        infer.contains("InProcess::Reference.backend(") && infer.contains("InProcess::Native(")
+    );
+}

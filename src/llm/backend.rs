@@ -57,6 +57,7 @@ impl Shape {
 }
 
 /// One request as a backend sees it.
+#[derive(Clone, Copy)]
 pub struct Query<'a> {
     /// The request's identity (the journal key; sent as `x-kvt-request-key`).
     pub key: &'a str,
@@ -67,19 +68,31 @@ pub struct Query<'a> {
     /// Gold answers for the engine to teacher-force (sent as `kvt_golds`).
     pub golds: &'a [String],
     pub shape: &'a Shape,
+    /// The whole conversation, when it is not kvt's two turns (`kvt serve`
+    /// answers what it was sent); `user` and the shape's system turn are
+    /// then unused.
+    pub conversation: Option<&'a [Value]>,
 }
 
 impl Query<'_> {
-    /// Chat messages (`role`, `content`): the system turn, then the user's.
+    /// Chat messages (`role`, `content`): the system turn, then the user's
+    /// (or the conversation as given).
     pub fn messages(&self) -> Vec<Value> {
-        messages(&self.shape.system, self.user)
+        match self.conversation {
+            Some(c) => c.to_vec(),
+            None => messages(&self.shape.system, self.user),
+        }
     }
 
     /// [`Query::body`], serialized: the shared head once per node, then this
     /// request's turns written straight into the buffer (no JSON tree, the
     /// prompt copied once).
     pub fn body_bytes(&self) -> Vec<u8> {
-        let Some(head) = self.shape.head.get_or_init(|| self.shape.head_bytes()) else {
+        let head = match self.conversation {
+            None => self.shape.head.get_or_init(|| self.shape.head_bytes()),
+            Some(_) => &None,
+        };
+        let Some(head) = head else {
             return serde_json::to_vec(&self.body()).unwrap_or_default();
         };
         let system = &self.shape.system;
@@ -107,7 +120,9 @@ impl Query<'_> {
     /// The OpenAI-compatible request body (HTTP backends).
     pub fn body(&self) -> Value {
         let mut body = self.shape.base.clone();
-        if self.shape.completions {
+        if self.conversation.is_some() {
+            body["messages"] = Value::Array(self.messages());
+        } else if self.shape.completions {
             body["prompt"] = Value::String(format!("{}\n\n{}", self.shape.system, self.user));
         } else {
             body["messages"] = Value::Array(self.messages());
@@ -139,6 +154,14 @@ pub fn messages(system: &str, user: &str) -> Vec<Value> {
 /// answers in flight.
 pub type Record<'a> = dyn Fn(&str, &Outcome) -> Result<()> + Sync + 'a;
 
+/// One answer whole: the outcome `kvt build` records, and what only an
+/// in-process engine has beside it (the native engine's full answer, which
+/// `kvt serve` returns as `kvt.native`).
+pub struct Answer {
+    pub outcome: Outcome,
+    pub native: Option<super::native::NativeAnswer>,
+}
+
 pub trait Backend: Send + Sync {
     /// Answers `queries` with up to `concurrency` in flight, calling `record`
     /// for each; stops starting new ones once `cancelled()` is true. A failed
@@ -152,6 +175,80 @@ pub trait Backend: Send + Sync {
         cancelled: &(dyn Fn() -> bool + Sync),
         record: &Record<'_>,
     ) -> Result<()>;
+
+    /// One query, answered whole (`kvt serve` sends it back): by default
+    /// through [`Backend::answer_all`], so both commands take one path.
+    fn answer_one(&self, q: &Query<'_>) -> Result<Answer> {
+        let got = std::sync::Mutex::new(None);
+        self.answer_all(std::slice::from_ref(q), 1, &|| false, &|_, o| {
+            *got.lock().expect("answer slot") = Some(o.clone());
+            Ok(())
+        })?;
+        let outcome = got
+            .into_inner()
+            .expect("answer slot")
+            .ok_or_else(|| anyhow::anyhow!("the engine gave no answer"))?;
+        Ok(Answer {
+            outcome,
+            native: None,
+        })
+    }
+}
+
+/// An engine kvt runs in its own process: the simulator, or a GGUF model on
+/// the native engine. `kvt build` (`engine.kind: reference | native`) and
+/// `kvt serve` (per request) get their [`Backend`] from it, so a request is
+/// answered the same way by either command.
+#[derive(Clone)]
+pub enum InProcess {
+    Reference,
+    Native(std::sync::Arc<super::native::NativeEngine>),
+}
+
+/// What an in-process backend needs beyond a cell's KV parameters.
+#[derive(Default)]
+pub struct CellOptions {
+    pub max_new_tokens: usize,
+    /// Every cell answered from the same prefill (native engine).
+    pub cohort: Vec<super::KvParams>,
+    pub record_kept: bool,
+    /// Top-k log-probabilities per generated token (native engine).
+    pub logprobs: usize,
+    pub fidelity: bool,
+}
+
+impl InProcess {
+    /// The name answers carry (`engine` in the outcome and in `kvt serve`'s
+    /// `kvt` field).
+    pub fn name(&self) -> &'static str {
+        match self {
+            InProcess::Reference => "reference",
+            InProcess::Native(_) => "native",
+        }
+    }
+
+    /// The backend that answers `kv`'s cell.
+    pub fn backend(&self, kv: &super::KvParams, o: CellOptions) -> Result<Box<dyn Backend>> {
+        Ok(match self {
+            InProcess::Reference => Box::new(super::reference::ReferenceBackend {
+                kv: kv.clone(),
+                max_new_tokens: o.max_new_tokens,
+            }),
+            InProcess::Native(engine) => Box::new(super::native::backend::NativeBackend {
+                engine: engine.clone(),
+                cell: kv.native_cell()?,
+                cohort: o
+                    .cohort
+                    .iter()
+                    .map(super::KvParams::native_cell)
+                    .collect::<Result<_>>()?,
+                record_kept: o.record_kept,
+                logprobs: o.logprobs,
+                fidelity: o.fidelity,
+                max_new_tokens: o.max_new_tokens,
+            }),
+        })
+    }
 }
 
 /// Chat messages as (role, text) pairs.
@@ -196,6 +293,7 @@ mod tests {
                     question: "q",
                     golds: if completions { &golds } else { &[] },
                     shape: &shape,
+                    conversation: None,
                 };
                 let sent: Value = serde_json::from_slice(&q.body_bytes()).unwrap();
                 assert_eq!(sent, q.body(), "completions {completions}, extra {extra}");
@@ -217,6 +315,7 @@ mod tests {
             question: "",
             golds: &[],
             shape: &shape,
+            conversation: None,
         };
         let sent: Value = serde_json::from_slice(&q.body_bytes()).unwrap();
         assert_eq!(sent, q.body());

@@ -14,6 +14,7 @@
 //! key (`x-kvt-request-key`), and a request whose key is already there — sent
 //! again after the client crashed — is replayed from it, not answered twice.
 
+use super::backend::{CellOptions, InProcess, Query, Shape};
 use super::QUESTION_MARKER;
 use super::{reference, KvParams};
 use axum::body::Body;
@@ -61,7 +62,8 @@ struct AppState {
     /// request log at start: a request sent again after a crash is replayed,
     /// not answered twice.
     replay: Mutex<std::collections::HashMap<String, reference::RefAnswer>>,
-    native: Option<Arc<crate::llm::native::NativeEngine>>,
+    /// What answers: the build's own in-process backends, one per request's cell.
+    engine: InProcess,
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -166,13 +168,13 @@ async fn answer_http(st: Arc<AppState>, headers: HeaderMap, body: Body, plain: b
         };
         m
     };
-    let (prompt, question) = match render(messages) {
+    let (_, question) = match render(messages) {
         Ok(x) => x,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    let params = match &st.native {
-        None => params_for(&body, &st.opts.defaults),
-        Some(_) => native_params_for(&body, &st.opts.defaults),
+    let params = match &st.engine {
+        InProcess::Reference => params_for(&body, &st.opts.defaults),
+        InProcess::Native(_) => native_params_for(&body, &st.opts.defaults),
     };
     let params = match params {
         Ok(p) => p,
@@ -208,42 +210,37 @@ async fn answer_http(st: Arc<AppState>, headers: HeaderMap, body: Body, plain: b
     let ans = match replayed {
         Some(a) => a,
         None => {
-            let native = st.native.clone();
+            let engine = st.engine.clone();
             let cohort = body.get("kvt_cohort").cloned();
             let record_kept = body
                 .get("kvt_record_kept")
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
             let extras = NativeExtras::of(&body);
-            let pairs: Vec<(String, String)> = messages
+            // The conversation as sent, each content as its text.
+            let conversation: Vec<Value> = messages
                 .iter()
                 .map(|m| {
                     let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
-                    (
-                        role.to_string(),
-                        text_of(m.get("content").unwrap_or(&Value::Null)),
-                    )
+                    json!({"role": role, "content": text_of(m.get("content").unwrap_or(&Value::Null))})
                 })
                 .collect();
-            let computed = tokio::task::spawn_blocking(move || match native {
-                Some(engine) => native_answer(
+            let computed = tokio::task::spawn_blocking(move || {
+                answer_through_backend(
                     &engine,
-                    pairs,
+                    &conversation,
+                    &question,
                     &params,
                     cohort,
                     record_kept,
                     max_new,
                     extras,
-                ),
-                None => {
-                    let bpe = crate::data::tokenize::encoding("cl100k_base")?;
-                    reference::answer(bpe, &prompt, &question, &params, max_new)
-                }
+                )
             })
             .await;
             match computed {
                 Ok(Ok(a)) => a,
-                Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+                Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("{e:#}")),
                 Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             }
         }
@@ -271,11 +268,7 @@ async fn answer_http(st: Arc<AppState>, headers: HeaderMap, body: Body, plain: b
         "completion_tokens": ans.completion_tokens,
         "total_tokens": ans.prompt_tokens + ans.completion_tokens,
     });
-    let engine = if st.native.is_some() {
-        "native"
-    } else {
-        "reference"
-    };
+    let engine = st.engine.name();
     let mut kvt = json!({"retained_tokens": ans.retained_tokens, "policy": st_policy(&body, &st), "engine": engine});
     if let Some(n) = &ans.native {
         kvt["native"] = json!(n);
@@ -417,9 +410,13 @@ fn logprobs_json(lps: &[crate::llm::TokenLogprob]) -> Value {
     })).collect::<Vec<_>>()})
 }
 
-fn native_answer(
-    engine: &crate::llm::native::NativeEngine,
-    messages: Vec<(String, String)>,
+/// One request answered by the backend `kvt build` would use for the same
+/// cell ([`InProcess::backend`]), as the request log keeps it.
+#[allow(clippy::too_many_arguments)]
+fn answer_through_backend(
+    engine: &InProcess,
+    conversation: &[Value],
+    question: &str,
     params: &KvParams,
     cohort: Option<Value>,
     record_kept: bool,
@@ -430,28 +427,42 @@ fn native_answer(
         Some(c) => serde_json::from_value(c).map_err(|e| anyhow::anyhow!("`kvt_cohort`: {e}"))?,
         None => Vec::new(),
     };
-    let req = crate::llm::native::NativeRequest {
-        messages,
-        max_new_tokens: max_new,
-        cell: params.native_cell()?,
-        record_kept,
-        cohort: cohort
-            .iter()
-            .map(KvParams::native_cell)
-            .collect::<anyhow::Result<_>>()?,
-        logprobs: extras.logprobs,
-        golds: extras.golds,
-        fidelity: extras.fidelity,
+    let backend = engine.backend(
+        params,
+        CellOptions {
+            max_new_tokens: max_new,
+            cohort,
+            record_kept,
+            logprobs: extras.logprobs,
+            fidelity: extras.fidelity,
+        },
+    )?;
+    let shape = Shape {
+        system: String::new(),
+        completions: false,
+        base: Value::Null,
+        extra: Default::default(),
+        head: Default::default(),
     };
-    let a = engine.answer(&req)?;
-    let o = crate::llm::native::outcome(&a);
+    let a = backend.answer_one(&Query {
+        key: "",
+        user: "",
+        question,
+        golds: &extras.golds,
+        shape: &shape,
+        conversation: Some(conversation),
+    })?;
+    let o = a.outcome;
+    if let Some(e) = o.error {
+        anyhow::bail!("{e}");
+    }
     Ok(reference::RefAnswer {
-        text: a.text.clone(),
-        finish_reason: a.finish_reason.clone(),
-        prompt_tokens: a.prompt_tokens as usize,
-        completion_tokens: a.completion_tokens as usize,
+        text: o.text,
+        finish_reason: o.finish_reason.unwrap_or_default(),
+        prompt_tokens: o.prompt_tokens.unwrap_or(0) as usize,
+        completion_tokens: o.completion_tokens.unwrap_or(0) as usize,
         retained_tokens: o.retained_tokens.unwrap_or(0) as usize,
-        native: Some(a),
+        native: a.native,
     })
 }
 
@@ -487,10 +498,12 @@ async fn tokenize(State(st): State<Arc<AppState>>, body: Body) -> Response {
     else {
         return error(StatusCode::BAD_REQUEST, "missing `content` (or `prompt`)");
     };
-    let native = st.native.clone();
-    let toks = tokio::task::spawn_blocking(move || match native {
-        Some(e) => e.tokenize(&text),
-        None => crate::data::tokenize::encoding("cl100k_base").map(|b| b.encode_ordinary(&text)),
+    let engine = st.engine.clone();
+    let toks = tokio::task::spawn_blocking(move || match engine {
+        InProcess::Native(e) => e.tokenize(&text),
+        InProcess::Reference => {
+            crate::data::tokenize::encoding("cl100k_base").map(|b| b.encode_ordinary(&text))
+        }
     })
     .await;
     match toks {
@@ -507,7 +520,7 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         "# TYPE kvt_requests_served counter\nkvt_requests_served {}\n",
         st.served.load(Ordering::Relaxed)
     );
-    if let Some(e) = &st.native {
+    if let InProcess::Native(e) = &st.engine {
         let c = &e.counters;
         for (name, v) in [
             ("kvt_native_prefills", c.prefills.load(Ordering::Relaxed)),
@@ -565,13 +578,13 @@ pub fn router(opts: ServeOptions) -> anyhow::Result<Router> {
             }
         }
     }
-    let native = match &opts.model_file {
-        Some(f) => Some(crate::llm::native::NativeEngine::shared(
+    let engine = match &opts.model_file {
+        Some(f) => InProcess::Native(crate::llm::native::NativeEngine::shared(
             f,
             opts.prefill_cache_mib,
             opts.dequantize,
         )?),
-        None => None,
+        None => InProcess::Reference,
     };
     let api_key = opts.api_key.clone();
     let st = Arc::new(AppState {
@@ -579,7 +592,7 @@ pub fn router(opts: ServeOptions) -> anyhow::Result<Router> {
         served: AtomicU64::new(0),
         log,
         replay: Mutex::new(replay),
-        native,
+        engine,
     });
     Ok(Router::new()
         .route("/v1/chat/completions", post(chat))

@@ -3,7 +3,7 @@
 //! answer taken from the prompt's shared prefill when the cohort has run it.
 
 use super::{Cell, NativeEngine, NativeRequest};
-use crate::llm::backend::{chat_pairs, Backend, Query, Record};
+use crate::llm::backend::{chat_pairs, Answer, Backend, Query, Record};
 use crate::llm::Outcome;
 use anyhow::Result;
 use std::sync::Arc;
@@ -32,18 +32,8 @@ impl Backend for NativeBackend {
                 break;
             }
             let t0 = std::time::Instant::now();
-            let req = NativeRequest {
-                messages: chat_pairs(&q.messages()),
-                max_new_tokens: self.max_new_tokens,
-                cell: self.cell.clone(),
-                record_kept: self.record_kept,
-                cohort: self.cohort.clone(),
-                logprobs: self.logprobs,
-                golds: q.golds.to_vec(),
-                fidelity: self.fidelity,
-            };
-            let o = match self.engine.answer(&req) {
-                Ok(a) => super::outcome(&a),
+            let o = match self.answer_one(q) {
+                Ok(a) => a.outcome,
                 Err(e) => Outcome {
                     error_kind: Some(crate::llm::Failure::EngineError),
                     error: Some(format!("{e:#}")),
@@ -55,5 +45,25 @@ impl Backend for NativeBackend {
             record(q.key, &o)?;
         }
         Ok(())
+    }
+
+    /// The engine's whole answer; an engine error is an `Err` here (a
+    /// failed outcome in [`Backend::answer_all`]).
+    fn answer_one(&self, q: &Query<'_>) -> Result<Answer> {
+        let req = NativeRequest {
+            messages: chat_pairs(&q.messages()),
+            max_new_tokens: self.max_new_tokens,
+            cell: self.cell.clone(),
+            record_kept: self.record_kept,
+            cohort: self.cohort.clone(),
+            logprobs: self.logprobs,
+            golds: q.golds.to_vec(),
+            fidelity: self.fidelity,
+        };
+        let a = self.engine.answer(&req)?;
+        Ok(Answer {
+            outcome: super::outcome(&a),
+            native: Some(a),
+        })
     }
 }

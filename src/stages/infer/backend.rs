@@ -2,6 +2,7 @@
 //! server a launched engine runs per node.
 
 use super::*;
+use crate::llm::backend::{CellOptions, InProcess};
 
 impl Infer {
     /// Starts the configured server for this node and waits until it is healthy.
@@ -52,34 +53,25 @@ impl Infer {
         concurrency: usize,
     ) -> Result<Box<dyn Backend>> {
         let max_new_tokens = s.decoding.max_new_tokens as usize;
+        let options = || CellOptions {
+            max_new_tokens,
+            cohort: s.cohort.clone(),
+            record_kept: s.record_kept,
+            logprobs: s.logprobs,
+            fidelity: s.fidelity,
+        };
         match s.kind {
-            EngineKind::Reference => Ok(Box::new(reference::ReferenceBackend {
-                kv: s.kv.clone(),
-                max_new_tokens,
-            })),
+            // The same backends `kvt serve` answers through, per request.
+            EngineKind::Reference => InProcess::Reference.backend(&s.kv, options()),
             EngineKind::Native => {
                 let (path, _) = s
                     .model_file
                     .as_ref()
                     .expect("native engine has a model file");
                 let mib = s.transport.prefill_cache_mib;
-                Ok(Box::new(crate::llm::native::backend::NativeBackend {
-                    engine: crate::llm::native::NativeEngine::shared(
-                        path,
-                        mib as usize,
-                        s.dequantize,
-                    )?,
-                    cell: s.kv.native_cell()?,
-                    cohort: s
-                        .cohort
-                        .iter()
-                        .map(KvParams::native_cell)
-                        .collect::<Result<_>>()?,
-                    record_kept: s.record_kept,
-                    logprobs: s.logprobs,
-                    fidelity: s.fidelity,
-                    max_new_tokens,
-                }))
+                let engine =
+                    crate::llm::native::NativeEngine::shared(path, mib as usize, s.dequantize)?;
+                InProcess::Native(engine).backend(&s.kv, options())
             }
             EngineKind::Serve | EngineKind::Launch | EngineKind::Openai => {
                 self.http_backend(ctx, s, concurrency)

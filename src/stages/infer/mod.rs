@@ -19,8 +19,8 @@ use crate::llm::client::{Client, ClientOptions};
 use crate::llm::http::HttpBackend;
 use crate::llm::journal::Journal;
 use crate::llm::spawned::{shared_model_server, SpawnedServer};
+use crate::llm::KvParams;
 use crate::llm::Outcome;
-use crate::llm::{reference, KvParams};
 use crate::stages::prepare::Entry;
 use crate::table;
 use anyhow::{anyhow, Context, Result};
@@ -67,6 +67,7 @@ impl Request {
             question: &self.question,
             golds: &self.golds,
             shape,
+            conversation: None,
         }
     }
 }
