@@ -36,7 +36,7 @@ pub struct Counts {
 
 /// Writes the experiment `loaded` describes, which must be built, to `out`.
 pub fn bundle(loaded: &LoadedConfig, registry: &OpRegistry, out: &Path) -> Result<Counts> {
-    let (plan, ws) = super::plan_for(loaded, registry, &[])?;
+    let (plan, ws) = super::plan_for(loaded, registry, &[], super::RemoteArg::Optional)?;
     let reports = engine::explain(&ws, &plan, &|_| false)?;
     let stale: Vec<&str> = reports
         .iter()

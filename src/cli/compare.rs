@@ -78,7 +78,12 @@ pub fn load_side(
     loaded: LoadedConfig,
     registry: &OpRegistry,
 ) -> Result<Side> {
-    let (plan, ws) = super::plan_for(&loaded, registry, &["score".to_string()])?;
+    let (plan, ws) = super::plan_for(
+        &loaded,
+        registry,
+        &["score".to_string()],
+        super::RemoteArg::Optional,
+    )?;
     let reports = engine::explain(&ws, &plan, &|_| false)?;
     let mut bins: Vec<Bin> = Vec::new();
     let mut rows: Vec<ScoreCell> = Vec::new();

@@ -332,7 +332,6 @@ pub fn main_with(register: fn(&mut OpRegistry)) -> i32 {
         }
     };
     init_logging(cli.verbose, cli.quiet);
-    progress::set_quiet(cli.quiet);
     let _ = ctrlc::set_handler(|| {
         if CANCEL.swap(true, Ordering::SeqCst) {
             eprintln!("kvt: interrupted twice, exiting now");
@@ -510,7 +509,7 @@ fn run(cli: Cli, registry: &OpRegistry) -> Result<()> {
             format,
         } => {
             let loaded = load_config(&cfg.config, &cfg.set)?;
-            let (plan, ws) = plan_for(&loaded, registry, &targets)?;
+            let (plan, ws) = plan_for(&loaded, registry, &targets, RemoteArg::Optional)?;
             let reports = engine::explain(&ws, &plan, &|_| false)?;
             let color = format == GraphFormat::Text && std::io::stdout().is_terminal();
             print!("{}", graph::render(&plan, &reports, format, color));
@@ -599,15 +598,17 @@ fn load_pipeline(loaded: &LoadedConfig, registry: &OpRegistry) -> Result<(Pipeli
     Ok((def, source))
 }
 
+/// The plan and workspace for `targets`; `mode` is `--remote` (how
+/// `cache.remote` is used; commands without the flag pass `Optional`).
 fn plan_for(
     loaded: &LoadedConfig,
     registry: &OpRegistry,
     targets: &[String],
+    mode: RemoteArg,
 ) -> Result<(Plan, Workspace)> {
     let (def, source) = load_pipeline(loaded, registry)?;
     let plan = Plan::new(&def, &source, &loaded.value, registry, targets)?;
     let mut ws = Workspace::new(&loaded.root, &loaded.cache_dir(), loaded.exp_group_id());
-    let mode = *REMOTE_MODE.lock().expect("remote mode");
     let url = std::env::var("KVT_REMOTE")
         .ok()
         .filter(|u| !u.is_empty())
@@ -629,19 +630,14 @@ fn plan_for(
     Ok((plan, ws))
 }
 
-/// How `plan_for` treats `cache.remote` (set from `--remote`).
-static REMOTE_MODE: std::sync::Mutex<RemoteArg> = std::sync::Mutex::new(RemoteArg::Optional);
-
 fn cmd_build(args: &BuildArgs, registry: &OpRegistry, quiet: bool) -> Result<()> {
     let t0 = Instant::now();
     let loaded = load_config(&args.cfg.config, &args.cfg.set)?;
-    *REMOTE_MODE.lock().expect("remote mode") = args.remote;
     let shard = match &args.shard {
         Some(s) => Some(parse_shard(s)?),
         None => None,
     };
-    crate::stages::infer::set_shard(shard);
-    let (plan, ws) = plan_for(&loaded, registry, &args.targets)?;
+    let (plan, ws) = plan_for(&loaded, registry, &args.targets, args.remote)?;
     for w in loaded.warnings() {
         eprintln!("warning: {w}");
     }
@@ -699,6 +695,13 @@ fn cmd_build(args: &BuildArgs, registry: &OpRegistry, quiet: bool) -> Result<()>
         keep_going: args.keep_going,
         force: args.force.clone(),
         producer_version: env!("CARGO_PKG_VERSION").to_string(),
+        shared: Some(engine::Shared(std::sync::Arc::new(
+            crate::stages::BuildEnv {
+                shard,
+                quiet,
+                ..Default::default()
+            },
+        ))),
     };
     let summary = engine::build(&ws, &plan, &opts, &CANCEL, &reporter)?;
     if let Some(e) = ws.remote.as_ref().and_then(|r| r.take_error()) {

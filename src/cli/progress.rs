@@ -7,7 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::Mutex;
 use std::time::Duration;
 
-pub use crate::engine::progress::{human_duration, quiet, set_quiet};
+pub use crate::engine::progress::human_duration;
 
 pub struct TermReporter {
     quiet: bool,

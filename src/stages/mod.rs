@@ -178,6 +178,31 @@ pub fn register(reg: &mut OpRegistry) {
     reg.register(AsOp(report::Report));
 }
 
+/// What one `kvt build` hands its stages (through the engine's
+/// [`crate::engine::BuildOptions::shared`], not process globals): the
+/// command line's options and the state the nodes of one build share.
+#[derive(Default)]
+pub struct BuildEnv {
+    /// `--shard I/N`: `infer` sends only shard I's requests (by request key).
+    pub shard: Option<(u64, u64)>,
+    /// `--quiet`: stages print no progress lines.
+    pub quiet: bool,
+    /// Which request keys are being sent, and which have an outcome, in this build.
+    pub(crate) sending: infer::Sending,
+}
+
+impl BuildEnv {
+    /// The build's environment, as the CLI shared it.
+    pub fn of<'a>(ctx: &'a OpContext) -> Result<&'a BuildEnv> {
+        ctx.shared::<BuildEnv>().ok_or_else(|| {
+            anyhow::anyhow!(
+                "node `{}`: this build was started without kvt's build environment (`stages::BuildEnv`)",
+                ctx.node()
+            )
+        })
+    }
+}
+
 /// A kvt stage: an engine [`Op`] written with `anyhow`, as the rest of the
 /// binary is. [`AsOp`] hands its errors to the engine with their types
 /// intact (see [`op_error`]); the methods mean what `Op`'s do.

@@ -26,6 +26,21 @@ pub struct BuildOptions {
     /// Recorded in every action record as the version of the program that
     /// produced it (provenance only; it never enters a key).
     pub producer_version: String,
+    /// What the caller hands every op of this build (its own options and
+    /// the state its nodes share, opaque to the engine): ops read it with
+    /// [`OpContext::shared`]. Never part of a key.
+    pub shared: Option<Shared>,
+}
+
+/// A caller's value shared by every op of one build (see
+/// [`BuildOptions::shared`]).
+#[derive(Clone)]
+pub struct Shared(pub std::sync::Arc<dyn std::any::Any + Send + Sync>);
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Shared(..)")
+    }
 }
 
 #[derive(Debug, Default)]
@@ -277,6 +292,10 @@ fn run_node(
         cache_root: &ws.cache_root,
         cancel,
         remote: ws.remote.as_deref(),
+        shared: opts
+            .shared
+            .as_ref()
+            .map(|s| &*s.0 as &(dyn std::any::Any + Send + Sync)),
         outputs: Vec::new(),
         exports: Vec::new(),
         scratch,

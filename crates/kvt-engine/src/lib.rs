@@ -17,7 +17,7 @@ pub mod state;
 pub mod store;
 
 pub use action::{ActionCache, ActionRecord};
-pub use build::{build, BuildOptions, BuildSummary};
+pub use build::{build, BuildOptions, BuildSummary, Shared};
 pub use digest::{canonical_json, Digest};
 pub use error::{BoxError, OpResult};
 pub use error::{EngineError, ErrorKind, Reporter};

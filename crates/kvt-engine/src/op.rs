@@ -279,6 +279,8 @@ pub struct OpContext<'a> {
     /// The shared remote cache, when there is one (ops may keep their own
     /// content-named records there: kvt's request journal does).
     pub remote: Option<&'a super::remote::Remote>,
+    /// The caller's value for this build ([`super::build::BuildOptions::shared`]).
+    pub(crate) shared: Option<&'a (dyn std::any::Any + Send + Sync)>,
     pub(crate) outputs: Vec<OutputRef>,
     pub(crate) exports: Vec<Export>,
     pub(crate) scratch: PathBuf,
@@ -293,6 +295,10 @@ impl<'a> OpContext<'a> {
     }
     pub fn item<T: DeserializeOwned>(&self, var: &str) -> Result<T> {
         self.key.item(var)
+    }
+    /// The value the caller shares with every op of this build, if it is a `T`.
+    pub fn shared<T: std::any::Any>(&self) -> Option<&T> {
+        self.shared?.downcast_ref::<T>()
     }
     /// True once the user pressed Ctrl-C: long ops should stop and return an error.
     pub fn is_cancelled(&self) -> bool {

@@ -1,18 +1,5 @@
-//! What stages need to report progress themselves (an `infer` node's answered
-//! count): whether `--quiet` was given, and durations as people read them.
-//! The CLI sets the flag; drawing stays in `cli::progress`.
-
-static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Whether `--quiet` was given (progress lines from stages are then not shown).
-pub fn quiet() -> bool {
-    QUIET.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-/// Set once by the CLI.
-pub fn set_quiet(q: bool) {
-    QUIET.store(q, std::sync::atomic::Ordering::Relaxed);
-}
+//! Durations as people read them, for progress lines (an `infer` node's
+//! answered count); drawing stays with the caller.
 
 /// Seconds as a person reads them: `45s`, `3m05s`, `1h02m`.
 pub fn human_duration(secs: f64) -> String {

@@ -116,8 +116,8 @@ fn model_stamp(len: u64, modified: std::time::SystemTime) -> String {
 
 /// How often a sending node reports progress: `KVT_PROGRESS_SECS` (0: never),
 /// else every 30 s; never under `--quiet`.
-fn progress_every() -> Option<Duration> {
-    if crate::engine::progress::quiet() {
+fn progress_every(quiet: bool) -> Option<Duration> {
+    if quiet {
         return None;
     }
     let secs = std::env::var("KVT_PROGRESS_SECS")
@@ -478,8 +478,9 @@ fn digest_cached(path: &std::path::Path) -> Result<String> {
 mod backend;
 mod send;
 mod sync;
-pub use sync::{pull_journal, push_entries, set_shard, shard_of};
-use sync::{push_batch, push_journal, remote_batch, remote_batch_wait, Outbox, SHARD};
+pub use send::Sending;
+pub use sync::{pull_journal, push_entries, shard_of};
+use sync::{push_batch, push_journal, remote_batch, remote_batch_wait, Outbox};
 
 /// The request journal inside a cache directory.
 pub fn journal_path(cache_root: &std::path::Path) -> std::path::PathBuf {
@@ -768,7 +769,9 @@ impl crate::stages::Stage for Infer {
             .iter()
             .filter(|r| !known.get(&r.key).is_some_and(|o| o.is_final))
             .collect();
-        let shard = *SHARD.lock().expect("shard");
+        // `--shard I/N`: only shard I's requests are sent here; the node
+        // stays unfinished while other shards' requests lack answers.
+        let shard = crate::stages::BuildEnv::of(ctx)?.shard;
         let (to_send, others): (Vec<&Request>, Vec<&Request>) = match shard {
             Some((i, n)) => pending.iter().partition(|r| shard_of(&r.key, n) == i),
             None => (pending, Vec::new()),

@@ -4,29 +4,23 @@
 
 use super::*;
 
-/// Keys some node of this process has an outcome for — an answer or a
-/// failure after its retries — recorded before the key leaves the in-flight
-/// set. A key is sent by one node per build: another node that needs it
-/// takes that outcome from the journal, even a failure (the next build
-/// retries it), so it is sent at most `max_retries + 1` times and has one
-/// outcome.
-fn attempted_here() -> &'static Mutex<HashSet<String>> {
-    static DONE: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
-    DONE.get_or_init(Default::default)
-}
-
-/// Request keys being sent by some node of this process right now: identical
-/// requests of two nodes (the full-cache budget of two policies) go out once.
-fn inflight() -> &'static Mutex<HashSet<String>> {
-    static SET: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
-    SET.get_or_init(Default::default)
-}
-
-/// Signalled whenever keys leave [`inflight`]: a node waiting for another's
-/// key wakes when it is released, not on a timer.
-fn inflight_released() -> &'static std::sync::Condvar {
-    static CV: OnceLock<std::sync::Condvar> = OnceLock::new();
-    CV.get_or_init(Default::default)
+/// Request keys in one build: those being sent, those with an outcome, and
+/// the signal that some left the first set. Part of [`crate::stages::BuildEnv`].
+#[derive(Default)]
+pub struct Sending {
+    /// Keys some node of this build has an outcome for — an answer or a
+    /// failure after its retries — recorded before the key leaves
+    /// `inflight`. A key is sent by one node per build: another node that
+    /// needs it takes that outcome from the journal, even a failure (the
+    /// next build retries it), so it is sent at most `max_retries + 1` times
+    /// and has one outcome.
+    attempted: Mutex<HashSet<String>>,
+    /// Keys being sent by some node right now: identical requests of two
+    /// nodes (the full-cache budget of two policies) go out once.
+    inflight: Mutex<HashSet<String>>,
+    /// Signalled whenever keys leave `inflight`: a node waiting for
+    /// another's key wakes when it is released, not on a timer.
+    released: std::sync::Condvar,
 }
 
 impl Infer {
@@ -39,10 +33,11 @@ impl Infer {
         journal: &Mutex<Journal>,
         answered: &Answered,
     ) -> Result<()> {
+        let sending = &crate::stages::BuildEnv::of(ctx)?.sending;
         // Claim keys; those another node is sending are waited for, not resent.
         let (mine, theirs): (Vec<&Request>, Vec<&Request>) = {
-            let mut set = inflight().lock().expect("inflight");
-            let done = attempted_here().lock().expect("attempted");
+            let mut set = sending.inflight.lock().expect("inflight");
+            let done = sending.attempted.lock().expect("attempted");
             // A key another node sent since this one read the journal is
             // theirs too: its outcome is the journal's, not sent again.
             pending
@@ -50,24 +45,25 @@ impl Infer {
                 .partition(|r| !done.contains(&r.key) && set.insert(r.key.clone()))
         };
         let release = |rs: &[&Request]| {
-            let mut set = inflight().lock().expect("inflight");
+            let mut set = sending.inflight.lock().expect("inflight");
             for r in rs {
                 set.remove(&r.key);
             }
-            inflight_released().notify_all();
+            sending.released.notify_all();
         };
         let result = self.send_claimed(ctx, s, shape, &mine, journal, answered);
         release(&mine);
         result?;
         for r in theirs {
-            let mut set = inflight().lock().expect("inflight");
+            let mut set = sending.inflight.lock().expect("inflight");
             while set.contains(&r.key) {
                 if ctx.is_cancelled() {
                     return Ok(());
                 }
                 // Woken by the owner's release; the timeout only bounds how
                 // long an interrupt (which signals nothing here) goes unseen.
-                set = inflight_released()
+                set = sending
+                    .released
                     .wait_timeout(set, Duration::from_millis(250))
                     .expect("inflight")
                     .0;
@@ -76,7 +72,11 @@ impl Infer {
             // The owner's outcome, answer or failure, stands for this build;
             // only a key the owner never got to (its server did not start,
             // say) is sent here.
-            let done = attempted_here().lock().expect("attempted").contains(&r.key);
+            let done = sending
+                .attempted
+                .lock()
+                .expect("attempted")
+                .contains(&r.key);
             if !done {
                 self.send_claimed(ctx, s, shape, &[r], journal, answered)?;
             }
@@ -96,6 +96,8 @@ impl Infer {
         if reqs.is_empty() {
             return Ok(());
         }
+        let env = crate::stages::BuildEnv::of(ctx)?;
+        let sending = &env.sending;
         let concurrency = s.transport.concurrency.max(1) as usize;
         // New final answers waiting to go to the remote cache as one batch;
         // full batches go to a pusher thread, so answering never waits on
@@ -111,7 +113,8 @@ impl Infer {
                 .lock()
                 .expect("journal")
                 .record_json(key, o.is_final, text)?;
-            attempted_here()
+            sending
+                .attempted
                 .lock()
                 .expect("attempted")
                 .insert(key.to_string());
@@ -176,9 +179,9 @@ impl Infer {
                     result
                 })
             });
-            // Progress while answering: a line every `progress_every()` with
+            // Progress while answering: a line every `progress_every` with
             // how many are answered, the rate and an estimate of what is left.
-            let ticker = progress_every().map(|every| {
+            let ticker = progress_every(env.quiet).map(|every| {
                 let (answering, sent) = (&answering, &answered.sent);
                 let (node, total) = (ctx.node(), reqs.len());
                 scope.spawn(move || {

@@ -4,15 +4,6 @@
 
 use super::*;
 
-/// `--shard I/N` for this process's builds: infer sends only the requests
-/// of shard I (by request key) and leaves the node unfinished while other
-/// shards' requests lack answers.
-pub(super) static SHARD: Mutex<Option<(u64, u64)>> = Mutex::new(None);
-
-pub fn set_shard(shard: Option<(u64, u64)>) {
-    *SHARD.lock().expect("shard") = shard;
-}
-
 /// The shard (of `n`) a request key belongs to: stable on every machine.
 pub fn shard_of(key: &str, n: u64) -> u64 {
     let d = crate::engine::Digest::of(key.as_bytes());
