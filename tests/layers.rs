@@ -385,3 +385,69 @@ fn kvt_serve_answers_through_the_build_backends() {
         infer.contains("InProcess::Reference.backend(") && infer.contains("InProcess::Native(")
     );
 }
+
+/// Issue #30, item 4: verdicts, transition outcomes and failure kinds are
+/// enums end to end, and errors are classed by kind: no source compares
+/// their names as strings, except the one place each enum names itself.
+#[test]
+fn no_string_compares_for_verdicts_failure_kinds_or_error_classes() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rs_files(&root.join("src"), &mut files);
+    for krate in ["kvt-engine", "kvt-testops"] {
+        rs_files(&root.join("crates").join(krate).join("src"), &mut files);
+    }
+    const NAMES: &[&str] = &[
+        // stats::BinVerdict and stats::TransitionStatus
+        "reference",
+        "uninformative",
+        "fails",
+        "safe",
+        "insufficient",
+        "unavailable",
+        "insufficient_data",
+        "fails_every_length",
+        "fails_from_shortest",
+        "transition",
+        "fails_after_unclear",
+        // llm::Failure
+        "EMPTY_OUTPUT",
+        "TRUNCATED",
+        "FORMAT_ERROR",
+        "REFUSAL",
+        "TIMEOUT",
+        "ENGINE_ERROR",
+        "RATE_LIMITED",
+        "ABSTAINED",
+    ];
+    // Where each enum maps itself to its names (and back).
+    const DEFINING: &[&str] = &["src/stats/mod.rs", "src/llm/mod.rs"];
+    let mut found = Vec::new();
+    assert!(files.len() > 50, "{files:?}");
+    for f in files {
+        let rel = f.strip_prefix(root).unwrap().to_string_lossy().to_string();
+        let text = std::fs::read_to_string(&f).unwrap();
+        for name in NAMES {
+            for pat in [
+                format!("== \"{name}\""),
+                format!("!= \"{name}\""),
+                format!("Some(\"{name}\")"),
+                format!("\"{name}\" =>"),
+            ] {
+                if text.contains(&pat) && !DEFINING.contains(&rel.as_str()) {
+                    found.push(format!("{rel}: `{pat}`"));
+                }
+            }
+        }
+        for pat in [
+            "status.as_str()",
+            "verdict.as_str()",
+            "contains(\"is locked",
+        ] {
+            if text.contains(pat) {
+                found.push(format!("{rel}: `{pat}`"));
+            }
+        }
+    }
+    assert!(found.is_empty(), "string compares: {found:?}");
+}

@@ -377,7 +377,7 @@ impl super::backend::Backend for ReferenceBackend {
                                 prompt_tokens: Some(a.prompt_tokens as u64),
                                 completion_tokens: Some(a.completion_tokens as u64),
                                 retained_tokens: Some(a.retained_tokens as u64),
-                                engine: Some("reference".into()),
+                                engine: Some(super::backend::InProcess::Reference.name().into()),
                                 latency_ms: ms,
                                 ttft_ms: Some(ms),
                                 is_final: true,

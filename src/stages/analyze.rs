@@ -411,7 +411,7 @@ pub fn analyze(
                 a.bootstrap.ci,
             );
             if budget == reference && !policy.contains('+') {
-                t.status = "reference".into();
+                t.status = stats::TransitionStatus::Reference;
             }
             transitions.push(TransitionRow {
                 policy: policy.clone(),

@@ -11,6 +11,7 @@
 //! `report` reads these instead of the manifest and every score table.
 
 use crate::engine::OpContext;
+use crate::llm::backend::InProcess;
 use crate::llm::Failure;
 use crate::stages::plots::{budget_label, budget_order, setting};
 use crate::stages::prepare::Bin;
@@ -102,7 +103,7 @@ pub fn facts(manifest: &ManifestView, scores: &[ScoreRow]) -> Facts {
     });
     let simulator = scores
         .iter()
-        .any(|r| r.response.engine.as_deref() == Some("reference"));
+        .any(|r| r.response.engine.as_deref() == Some(InProcess::Reference.name()));
     let layer_note = scores.iter().find_map(|r| {
         let (layers, per) = (
             r.response.kv_compressed_layers.as_ref()?,

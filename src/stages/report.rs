@@ -10,7 +10,7 @@ use crate::stages::analyze::{BinStat, TransitionRow};
 use crate::stages::explorer::Facts;
 use crate::stages::plots::{budget_label, budget_order, setting, sort_budgets};
 use crate::stages::NoTransport;
-use crate::stats::BinVerdict;
+use crate::stats::{BinVerdict, TransitionStatus};
 use crate::table;
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
@@ -31,20 +31,18 @@ const EXAMPLES_SLOT: &str = "\"__KVT_EXAMPLES__\"";
 /// `explorer` stage makes once per change of the data or the responses. The
 /// exported file is the page with the plots and the explorer in their slots
 /// (`compose_export`).
-pub fn html_page(ctx: &Value, plots: &[&str]) -> String {
+pub fn html_page(ctx: &ReportContext, plots: &[&str]) -> String {
     let data = json!({
-        "exp_group_id": ctx["exp_group_id"],
-        "meta": format!("{} / {} · model {} · metric {}",
-            ctx["dataset"]["name"].as_str().unwrap_or(""), ctx["dataset"]["task"].as_str().unwrap_or(""),
-            ctx["model"].as_str().unwrap_or(""), ctx["metric"].as_str().unwrap_or("")),
-        "warnings": ctx["warnings"],
-        "bin_labels": ctx["bin_labels"],
-        "compact": ctx["compact"],
-        "transitions": ctx["transitions"],
-        "rows": ctx["rows"],
-        "ci_pct": ctx["ci_pct"],
-        "failure_labels": ctx["failure_labels"],
-        "failures": ctx["failures"],
+        "exp_group_id": ctx.exp_group_id,
+        "meta": ctx.meta,
+        "warnings": ctx.warnings,
+        "bin_labels": ctx.bin_labels,
+        "compact": ctx.compact,
+        "transitions": ctx.transitions,
+        "rows": ctx.rows,
+        "ci_pct": ctx.ci_pct,
+        "failure_labels": ctx.failure_labels,
+        "failures": ctx.failures,
         "examples": "__KVT_EXAMPLES__",
     });
     // `</` cannot appear inside the script element.
@@ -211,6 +209,52 @@ pub fn fidelity_context(
     })
 }
 
+/// What `templates/report.md.hbs` and report.html read: one typed context
+/// (the nested tables are rows of JSON made above it).
+#[derive(serde::Serialize)]
+pub struct ReportContext {
+    pub exp_group_id: String,
+    /// The manifest's dataset section, as prepared.
+    pub dataset: Value,
+    pub tokenizer: Value,
+    /// "dataset / task · model M · metric X": report.html's subtitle.
+    pub meta: String,
+    pub bin_edges: String,
+    pub n_examples: usize,
+    pub n_bins: Value,
+    pub model: String,
+    pub policies: Vec<String>,
+    pub budgets: Vec<String>,
+    pub metric: String,
+    pub delta: f64,
+    pub iters: u32,
+    pub seed: u64,
+    pub ci_pct: String,
+    pub ci_one_sided_pct: String,
+    pub transitions: Vec<Value>,
+    pub rows: Vec<Value>,
+    pub warnings: Vec<String>,
+    pub layer_note: Option<String>,
+    pub flags: Vec<String>,
+    pub bin_labels: Vec<String>,
+    pub compact: Vec<Value>,
+    pub floor: f64,
+    pub failure_labels: Vec<&'static str>,
+    pub failures: Vec<Value>,
+    pub examples_of_failures: Vec<Value>,
+    pub geometry: String,
+    pub decoding: String,
+    pub db_path: String,
+    pub db_rows: String,
+    pub kvt_version: &'static str,
+    pub config_digest: String,
+    /// The fidelity section ([`fidelity_context`]).
+    pub fidelity: Value,
+    /// Every input node and its key.
+    pub provenance: Vec<Value>,
+    pub node_key: String,
+}
+
 /// Everything the template needs, as JSON.
 pub fn context(
     u: &Uses,
@@ -218,7 +262,7 @@ pub fn context(
     stats: &[BinStat],
     transitions: &[TransitionRow],
     db_rows: &Value,
-) -> Value {
+) -> ReportContext {
     let analysis = &u.analysis;
     let exp = u.output.exp_group_id.clone();
     let metric = stats
@@ -275,20 +319,20 @@ pub fn context(
         .iter()
         .map(|t| {
             let first = t.t.first_failing_bin.map(bin_label).unwrap_or_default();
-            let outcome = match t.t.status.as_str() {
-                "reference" => "full cache (reference)".to_string(),
-                "uninformative" => format!(
+            let outcome = match t.t.status {
+                TransitionStatus::Reference => "full cache (reference)".to_string(),
+                TransitionStatus::Uninformative => format!(
                     "**uninformative**: the full cache scores below {floor} in every bin"
                 ),
-                "safe" => format!("safe in every bin (loss < {delta} shown)"),
-                "insufficient_data" => match t.t.n_needed {
+                TransitionStatus::Safe => format!("safe in every bin (loss < {delta} shown)"),
+                TransitionStatus::InsufficientData => match t.t.n_needed {
                     Some(n) => format!(
                         "insufficient data: about {n} paired examples per bin would settle it"
                     ),
                     None => "insufficient data".to_string(),
                 },
-                "fails_every_length" => "**fails at every length**".to_string(),
-                "fails_from_shortest" => {
+                TransitionStatus::FailsEveryLength => "**fails at every length**".to_string(),
+                TransitionStatus::FailsFromShortest => {
                     // Only the bins decided failing are named: an undecided
                     // bin after them is not claimed.
                     let failing: Vec<String> = stats
@@ -309,18 +353,17 @@ pub fn context(
                         )
                     }
                 }
-                "transition" => format!("**fails** from {first} tokens"),
-                "fails_after_unclear" => {
+                TransitionStatus::Transition => format!("**fails** from {first} tokens"),
+                TransitionStatus::FailsAfterUnclear => {
                     format!("**fails** from {first} tokens (no shorter bin shown safe)")
                 }
-                other => other.to_string(),
             };
             json!({
                 "policy": if is_full(&t.policy, t.budget, t.reference_budget) { FULL.to_string() } else { t.policy.clone() },
                 "budget": budget_label(t.budget), "outcome": outcome,
                 "first_bin": t.t.first_failing_bin.map_or("–".into(), |b| format!("{b} ({})", bin_label(b))),
                 "zone": match (t.t.zone_lo_tokens, t.t.zone_hi_tokens) {
-                    (Some(a), Some(b)) if t.t.status == "transition" => format!("{a}–{b}"),
+                    (Some(a), Some(b)) if t.t.status == TransitionStatus::Transition => format!("{a}–{b}"),
                     _ => "–".into(),
                 },
                 "instability": f2(t.t.instability),
@@ -502,44 +545,72 @@ pub fn context(
     .to_hex()
     .to_string();
     let ci_level = analysis.bootstrap.ci;
-    json!({
-        "exp_group_id": exp,
-        "dataset": facts.dataset,
-        "tokenizer": facts.tokenizer,
-        "bin_edges": edges.to_string(),
-        "n_examples": facts.n_examples,
-        "n_bins": facts.n_bins,
-        "model": u.model,
-        "policies": policies,
-        "budgets": budgets.iter().map(|b| budget_label(*b)).collect::<Vec<_>>(),
-        "metric": metric,
-        "delta": analysis.transition.delta,
-        "iters": analysis.bootstrap.iters,
-        "seed": analysis.bootstrap.seed,
-        "ci_pct": format!("{}", (ci_level * 100.0).round()),
-        "ci_one_sided_pct": format!("{}", (1.0 - (1.0 - ci_level) / 2.0) * 100.0),
-        "transitions": transitions_ctx,
-        "rows": rows,
-        "warnings": warnings,
-        "layer_note": facts.layer_note,
-        "flags": flags,
-        "bin_labels": bins.iter().map(|b| b.1.clone()).collect::<Vec<_>>(),
-        "compact": compact,
-        "floor": floor,
-        "failure_labels": Failure::ALL.map(Failure::label),
-        "failures": facts.failures,
-        "examples_of_failures": facts.failure_examples,
-        "geometry": format!("{} layers × {} KV heads × head dim {} × 2 (K, V) × {} bytes",
-            geom.layers, geom.kv_heads, geom.head_dim, geom.bytes_per_elem),
-        "decoding": String::from_utf8_lossy(&canonical_json(&serde_json::to_value(&u.decoding).expect("decoding serializes"))),
-        "db_path": if u.db_path == "auto" { "kv_transition.sqlite".to_string() } else { u.db_path.clone() },
-        "db_rows": db_rows.as_object().map(|m| m.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")).unwrap_or_default(),
-        "kvt_version": env!("CARGO_PKG_VERSION"),
-        "config_digest": config_digest,
-    })
+    let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let meta = format!(
+        "{} / {} · model {} · metric {metric}",
+        text(&facts.dataset, "name"),
+        text(&facts.dataset, "task"),
+        u.model
+    );
+    ReportContext {
+        exp_group_id: exp,
+        dataset: facts.dataset.clone(),
+        tokenizer: facts.tokenizer.clone(),
+        meta,
+        bin_edges: edges.to_string(),
+        n_examples: facts.n_examples,
+        n_bins: facts.n_bins.clone(),
+        model: u.model.clone(),
+        policies,
+        budgets: budgets.iter().map(|b| budget_label(*b)).collect(),
+        metric,
+        delta: analysis.transition.delta,
+        iters: analysis.bootstrap.iters,
+        seed: analysis.bootstrap.seed,
+        ci_pct: format!("{}", (ci_level * 100.0).round()),
+        ci_one_sided_pct: format!("{}", (1.0 - (1.0 - ci_level) / 2.0) * 100.0),
+        transitions: transitions_ctx,
+        rows,
+        warnings,
+        layer_note: facts.layer_note.clone(),
+        flags,
+        bin_labels: bins.iter().map(|b| b.1.clone()).collect(),
+        compact,
+        floor,
+        failure_labels: Failure::ALL.map(Failure::label).to_vec(),
+        failures: facts.failures.clone(),
+        examples_of_failures: facts.failure_examples.clone(),
+        geometry: format!(
+            "{} layers × {} KV heads × head dim {} × 2 (K, V) × {} bytes",
+            geom.layers, geom.kv_heads, geom.head_dim, geom.bytes_per_elem
+        ),
+        decoding: String::from_utf8_lossy(&canonical_json(
+            &serde_json::to_value(&u.decoding).expect("decoding serializes"),
+        ))
+        .to_string(),
+        db_path: if u.db_path == "auto" {
+            "kv_transition.sqlite".to_string()
+        } else {
+            u.db_path.clone()
+        },
+        db_rows: db_rows
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default(),
+        kvt_version: env!("CARGO_PKG_VERSION"),
+        config_digest,
+        fidelity: Value::Null,
+        provenance: Vec::new(),
+        node_key: String::new(),
+    }
 }
 
-pub fn render(ctx: &Value) -> Result<String> {
+pub fn render(ctx: &ReportContext) -> Result<String> {
     let mut hb = handlebars::Handlebars::new();
     hb.set_strict_mode(true);
     hb.register_escape_fn(handlebars::no_escape);
@@ -601,7 +672,7 @@ impl crate::stages::Stage for Report {
         let selective: Vec<crate::stages::fidelity::SelectiveStat> =
             table::read_owned(ctx.input("analyze", "selective_stats")?)?;
         let mut c = context(&u, &facts, &stats, &transitions, &db_rows);
-        c["fidelity"] = fidelity_context(&stats, &fid, &selective);
+        c.fidelity = fidelity_context(&stats, &fid, &selective);
         let mut prov: Vec<Value> = ctx
             .upstream
             .iter()
@@ -609,8 +680,8 @@ impl crate::stages::Stage for Report {
             .chain(facts.provenance.iter().cloned())
             .collect();
         prov.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
-        c["provenance"] = json!(prov);
-        c["node_key"] = json!(ctx.node_key.to_string());
+        c.provenance = prov;
+        c.node_key = ctx.node_key.to_string();
         let md = render(&c)?;
         ctx.put("report", md.as_bytes())?;
         ctx.export("report", format!("runs/{exp}/report.md"));

@@ -474,7 +474,7 @@ pub fn write_overlay(
                 run_id(&t.policy, t.budget),
                 t.reference_budget,
                 t.delta_threshold,
-                t.t.status,
+                t.t.status.name(),
                 t.t.first_failing_bin,
                 t.t.last_safe_bin,
                 t.t.zone_lo_tokens,

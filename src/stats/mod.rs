@@ -669,13 +669,49 @@ pub fn n_to_show_safe(loss: f64, delta: f64, ci: f64) -> Option<usize> {
     smallest_n(ok)
 }
 
+/// A budget's outcome over its length bins, as the tables, the SQLite file
+/// and the report carry it (serialized as its snake-case name).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransitionStatus {
+    /// The full cache itself.
+    Reference,
+    /// The full cache scores below the floor in every bin with data.
+    Uninformative,
+    /// Shown safe in every bin.
+    Safe,
+    /// Some bin is undecided and none fails.
+    #[default]
+    InsufficientData,
+    /// Every informative bin fails.
+    FailsEveryLength,
+    /// The shortest informative bin fails already.
+    FailsFromShortest,
+    /// A bin shown safe, then a failing one: the transition zone.
+    Transition,
+    /// A failing bin with no bin before it shown safe.
+    FailsAfterUnclear,
+}
+
+impl TransitionStatus {
+    /// The name the tables and the SQLite file store.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Reference => "reference",
+            Self::Uninformative => "uninformative",
+            Self::Safe => "safe",
+            Self::InsufficientData => "insufficient_data",
+            Self::FailsEveryLength => "fails_every_length",
+            Self::FailsFromShortest => "fails_from_shortest",
+            Self::Transition => "transition",
+            Self::FailsAfterUnclear => "fails_after_unclear",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Transition {
-    /// `reference`, `uninformative`, `safe`, `insufficient_data`,
-    /// `fails_every_length`, `fails_from_shortest`, `transition` (a safe bin,
-    /// then a failing one) or `fails_after_unclear` (a failing bin with no bin
-    /// before it shown safe).
-    pub status: String,
+    pub status: TransitionStatus,
     pub first_failing_bin: Option<i64>,
     pub last_safe_bin: Option<i64>,
     /// The zone (tokens) where the budget stops being safe: (zone_lo, zone_hi].
@@ -713,7 +749,7 @@ pub fn summarize(
         .filter(|&i| verdicts[i] != BinVerdict::Uninformative)
         .collect();
     let mut t = Transition {
-        status: "insufficient_data".into(),
+        status: TransitionStatus::InsufficientData,
         first_failing_bin: None,
         last_safe_bin: None,
         zone_lo_tokens: None,
@@ -727,7 +763,7 @@ pub fn summarize(
         n_needed: None,
     };
     if informative.is_empty() && t.bins_uninformative > 0 {
-        t.status = "uninformative".into();
+        t.status = TransitionStatus::Uninformative;
         return t;
     }
     let unsettled: Vec<usize> = informative
@@ -749,7 +785,7 @@ pub fn summarize(
         .find(|&&i| verdicts[i] == BinVerdict::Fails)
     else {
         if !informative.is_empty() && unsettled.is_empty() && with_data.len() == bins.len() {
-            t.status = "safe".into();
+            t.status = TransitionStatus::Safe;
         }
         return t;
     };
@@ -759,11 +795,11 @@ pub fn summarize(
         .iter()
         .all(|&i| verdicts[i] == BinVerdict::Fails)
     {
-        t.status = "fails_every_length".into();
+        t.status = TransitionStatus::FailsEveryLength;
         return t;
     }
     if informative.first() == Some(&f) {
-        t.status = "fails_from_shortest".into();
+        t.status = TransitionStatus::FailsFromShortest;
         return t;
     }
     let safe = informative
@@ -772,11 +808,11 @@ pub fn summarize(
         .rfind(|&i| i < f && verdicts[i] == BinVerdict::Safe);
     match safe {
         Some(s) => {
-            t.status = "transition".into();
+            t.status = TransitionStatus::Transition;
             t.last_safe_bin = Some(s as i64);
             t.zone_lo_tokens = Some(edges[s + 1]);
         }
-        None => t.status = "fails_after_unclear".into(),
+        None => t.status = TransitionStatus::FailsAfterUnclear,
     }
     t
 }
@@ -784,6 +820,54 @@ pub fn summarize(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue #30, item 4: the status was a string; as an enum it is stored
+    /// under the same names (Parquet, SQLite, JSON), so tables written
+    /// before read back and the SQLite sink's `status` column is unchanged.
+    #[test]
+    fn transition_statuses_keep_the_names_they_were_stored_under() {
+        let all = [
+            (TransitionStatus::Reference, "reference"),
+            (TransitionStatus::Uninformative, "uninformative"),
+            (TransitionStatus::Safe, "safe"),
+            (TransitionStatus::InsufficientData, "insufficient_data"),
+            (TransitionStatus::FailsEveryLength, "fails_every_length"),
+            (TransitionStatus::FailsFromShortest, "fails_from_shortest"),
+            (TransitionStatus::Transition, "transition"),
+            (TransitionStatus::FailsAfterUnclear, "fails_after_unclear"),
+        ];
+        for (status, name) in all {
+            assert_eq!(status.name(), name);
+            assert_eq!(serde_json::to_value(status).unwrap(), name);
+            let back: TransitionStatus = serde_json::from_value(name.into()).unwrap();
+            assert_eq!(back, status);
+        }
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct Row {
+            status: TransitionStatus,
+        }
+        let rows: Vec<Row> = all
+            .iter()
+            .map(|(status, _)| Row { status: *status })
+            .collect();
+        let bytes = crate::table::write(&rows).unwrap();
+        assert_eq!(
+            crate::table::read_owned::<Row>(bytes.clone()).unwrap(),
+            rows
+        );
+        // The column holds the names, as when the field was a string.
+        #[derive(Deserialize)]
+        struct Stored {
+            status: String,
+        }
+        let stored: Vec<String> = crate::table::read_owned::<Stored>(bytes)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.status)
+            .collect();
+        let names: Vec<&str> = all.iter().map(|(_, n)| *n).collect();
+        assert_eq!(stored, names);
+    }
 
     #[test]
     fn shared_resamples_give_the_bootstrap_interval_and_count_as_integers() {
@@ -983,7 +1067,7 @@ mod tests {
     fn a_real_zone_runs_from_the_last_safe_bin_to_the_first_failing_one() {
         let edges = [0, 100, 200, 300, 400];
         let t = summarize(&evs(&[SAFE, SAFE, FAIL, FAIL]), &edges, 0.1, 0.1, 0.95);
-        assert_eq!(t.status, "transition");
+        assert_eq!(t.status, TransitionStatus::Transition);
         assert_eq!((t.last_safe_bin, t.first_failing_bin), (Some(1), Some(2)));
         assert_eq!((t.zone_lo_tokens, t.zone_hi_tokens), (Some(200), Some(300)));
     }
@@ -992,7 +1076,7 @@ mod tests {
     fn a_loss_in_every_bin_is_length_independent_not_a_transition() {
         let edges = [0, 100, 200, 300];
         let t = summarize(&evs(&[FAIL, FAIL, FAIL]), &edges, 0.1, 0.1, 0.95);
-        assert_eq!(t.status, "fails_every_length");
+        assert_eq!(t.status, TransitionStatus::FailsEveryLength);
         assert_eq!(t.zone_lo_tokens, None);
     }
 
@@ -1000,11 +1084,11 @@ mod tests {
     fn failing_from_the_shortest_bin_has_no_zone() {
         let edges = [0, 100, 200, 300];
         let t = summarize(&evs(&[FAIL, UNSURE, FAIL]), &edges, 0.1, 0.1, 0.95);
-        assert_eq!(t.status, "fails_from_shortest");
+        assert_eq!(t.status, TransitionStatus::FailsFromShortest);
         assert_eq!((t.first_failing_bin, t.zone_lo_tokens), (Some(0), None));
         // A failing bin after bins never shown safe: no zone start either.
         let t = summarize(&evs(&[UNSURE, FAIL, FAIL]), &edges, 0.1, 0.1, 0.95);
-        assert_eq!(t.status, "fails_after_unclear");
+        assert_eq!(t.status, TransitionStatus::FailsAfterUnclear);
         assert_eq!(t.zone_lo_tokens, None);
     }
 
@@ -1013,10 +1097,10 @@ mod tests {
         let edges = [0, 100, 200];
         assert_eq!(
             summarize(&evs(&[SAFE, SAFE]), &edges, 0.1, 0.1, 0.95).status,
-            "safe"
+            TransitionStatus::Safe
         );
         let t = summarize(&evs(&[SAFE, UNSURE]), &edges, 0.1, 0.1, 0.95);
-        assert_eq!(t.status, "insufficient_data");
+        assert_eq!(t.status, TransitionStatus::InsufficientData);
         assert!(t.n_needed.unwrap() > 40, "{t:?}");
         let mut floor = evs(&[SAFE, SAFE]);
         for e in &mut floor {
@@ -1024,8 +1108,8 @@ mod tests {
         }
         let t = summarize(&floor, &edges, 0.1, 0.1, 0.95);
         assert_eq!(
-            (t.status.as_str(), t.bins_uninformative),
-            ("uninformative", 2)
+            (t.status, t.bins_uninformative),
+            (TransitionStatus::Uninformative, 2)
         );
         // Issue #29, item 6: two examples a bin, the full cache at 0 in both.
         // The report warns that no verdict is possible; the bins and the
@@ -1037,8 +1121,8 @@ mod tests {
         assert_eq!(verdict(&few, 0.1, 0.1), BinVerdict::Uninformative);
         let t = summarize(&[few, few], &edges, 0.1, 0.1, 0.95);
         assert_eq!(
-            (t.status.as_str(), t.bins_uninformative),
-            ("uninformative", 2)
+            (t.status, t.bins_uninformative),
+            (TransitionStatus::Uninformative, 2)
         );
     }
 
