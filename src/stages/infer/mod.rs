@@ -45,33 +45,6 @@ pub struct ResponseRow {
     pub outcome: Outcome,
 }
 
-/// One prepared request. The prompt is kept once, as text; its JSON is
-/// built when it is sent (`Query::body`).
-pub struct Request {
-    /// Prompt tokens before middle truncation, when it applied.
-    pub truncated_from: Option<u64>,
-    pub example_id: String,
-    pub key: String,
-    pub question: String,
-    /// The user turn.
-    pub user: String,
-    /// Gold answers the engine teacher-forces (`engine.fidelity`), else none.
-    pub golds: Vec<String>,
-}
-
-impl Request {
-    pub fn query<'a>(&'a self, shape: &'a Shape) -> Query<'a> {
-        Query {
-            key: &self.key,
-            user: &self.user,
-            question: &self.question,
-            golds: &self.golds,
-            shape,
-            conversation: None,
-        }
-    }
-}
-
 /// What this node's sending produced: how many answers arrived, and each
 /// one as the journal recorded it (its JSON), so the artifact is built
 /// without reading them back.
@@ -143,53 +116,6 @@ pub fn progress_line(node: &str, done: usize, total: usize, elapsed: Duration) -
     format!("  {node}: {done} of {total} answered ({rate:.2}/s), {left}")
 }
 
-/// What of `prepare`'s examples a prompt is made of: `table::read` decodes
-/// only these columns (not the answers and metadata).
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct PromptSource {
-    pub example_id: String,
-    pub question: String,
-    pub context: String,
-    #[serde(default)]
-    pub extra: BTreeMap<String, String>,
-    /// The gold answers (read only when the engine teacher-forces them).
-    #[serde(default)]
-    pub answers: Vec<String>,
-}
-
-/// Fills `{context}`, `{question}` and the extra fields (`{options}`) in a
-/// template, in one pass (a context that itself contains `{question}` stays
-/// as it is). Braces around anything else are left alone; the configuration
-/// check has already refused unknown placeholders.
-pub fn fill(template: &str, ex: &PromptSource) -> String {
-    let mut out = String::with_capacity(template.len() + ex.context.len() + ex.question.len());
-    let mut rest = template;
-    while let Some(i) = rest.find('{') {
-        out.push_str(&rest[..i]);
-        let tail = &rest[i..];
-        let value = crate::config::placeholder_at(tail).and_then(|name| {
-            let v = match name {
-                "context" => Some(ex.context.as_str()),
-                "question" => Some(ex.question.as_str()),
-                other => ex.extra.get(other).map(String::as_str),
-            };
-            v.map(|v| (v, name.len() + 2))
-        });
-        match value {
-            Some((v, used)) => {
-                out.push_str(v);
-                rest = &tail[used..];
-            }
-            None => {
-                out.push('{');
-                rest = &tail[1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
 struct Settings {
     kv: KvParams,
     model: String,
@@ -227,257 +153,12 @@ struct Settings {
     transport: Transport,
 }
 
-/// The identity of kvt's reference simulator as a model (bump when its
-/// answers change).
-pub const SIMULATOR_ID: &str = "kvt-reference-simulator/1";
-
-/// Who answers a request, for identity: transport never enters it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Answerer {
-    /// kvt's simulator, in process (`reference`) or behind `kvt serve`.
-    Simulator,
-    /// A GGUF file run by the native engine, in process or behind `kvt serve`.
-    ModelFile,
-    /// A server kvt does not control (`openai`, `launch`): `model.name`.
-    Named,
-}
-
-pub fn answerer(kind: EngineKind, has_model_path: bool) -> Answerer {
-    match kind {
-        EngineKind::Reference => Answerer::Simulator,
-        EngineKind::Native => Answerer::ModelFile,
-        EngineKind::Serve if has_model_path => Answerer::ModelFile,
-        EngineKind::Serve => Answerer::Simulator,
-        EngineKind::Launch | EngineKind::Openai => Answerer::Named,
-    }
-}
-
-/// The body fields every request of the node shares.
-fn shape(s: &Settings) -> Result<Shape> {
-    let mut base = json!({
-        "model": s.model,
-        "temperature": s.decoding.temperature, "top_p": s.decoding.top_p,
-        "max_tokens": s.decoding.max_new_tokens, "stream": s.stream,
-    });
-    if s.stream {
-        base["stream_options"] = json!({"include_usage": true});
-    }
-    if s.send_kv
-        || matches!(
-            s.kind,
-            EngineKind::Reference | EngineKind::Serve | EngineKind::Native
-        )
-    {
-        base["kvt"] = serde_json::to_value(&s.kv)?;
-    }
-    if s.model_file.is_some() {
-        base["kvt_cohort"] = serde_json::to_value(&s.cohort)?;
-        base["kvt_record_kept"] = json!(s.record_kept);
-    }
-    if s.fidelity {
-        base["kvt_fidelity"] = json!(true);
-    }
-    if s.logprobs > 0 {
-        // The standard fields: chat takes a flag and a count, the
-        // completions API the count itself.
-        if s.api == Api::Completions {
-            base["logprobs"] = json!(s.logprobs);
-        } else {
-            base["logprobs"] = json!(true);
-            base["top_logprobs"] = json!(s.logprobs);
-        }
-    }
-    Ok(Shape {
-        system: s.prompt.system.clone(),
-        completions: s.api == Api::Completions,
-        base,
-        extra: s.extra.clone(),
-        head: Default::default(),
-    })
-}
-
-fn build_requests(
-    s: &Settings,
-    examples: &[PromptSource],
-    entries: &[Entry],
-) -> Result<Vec<Request>> {
-    let by_id: BTreeMap<&str, &PromptSource> = examples
-        .iter()
-        .map(|e| (e.example_id.as_str(), e))
-        .collect();
-    let kv_identity = if s.model_file.is_some() {
-        // The native engine: the cell as it runs, whatever it was called.
-        s.kv.native_cell()?.identity()
-    } else if s.send_kv {
-        // What the server is sent is what it runs.
-        json!({"sent": s.kv, "launch_vars": s.launch_vars})
-    } else if s.kind == EngineKind::Launch {
-        // A launched server's KV setup comes from the budget's template
-        // variables (e.g. a cache type): they are the identity.
-        json!({"policy": s.kv.policy, "budget": s.kv.budget, "launch_vars": s.launch_vars})
-    } else if s.kv.is_full() {
-        json!({"policy": "full"})
-    } else {
-        serde_json::to_value(&s.kv)?
-    };
-    // Everything in a key but the messages, once; each request adds its own.
-    let mut identity = json!({
-        "model": s.model, "kv": kv_identity, "api": s.api,
-        "decoding": s.decoding, "label": s.label, "extra_body": s.extra,
-    });
-    if s.simulator {
-        identity["engine"] = json!(SIMULATOR_ID);
-    }
-    if let Some((_, digest)) = &s.model_file {
-        // The model is the file's bytes, wherever it lies and whoever serves it.
-        identity["model_file"] = json!(digest);
-        // How the engine turns messages into a prompt: a change there is a
-        // new request.
-        identity["prompt_rendering"] = json!(crate::llm::native::PROMPT_RENDERING);
-        if s.dequantize {
-            identity["weights"] = json!("f32");
-        }
-        if s.record_kept {
-            identity["record_kept"] = json!(true);
-        }
-    }
-    if s.fidelity {
-        identity["fidelity"] = json!(true);
-    }
-    if s.logprobs > 0 {
-        // Asking for log-probabilities changes what the engine is asked.
-        identity["logprobs"] = json!(s.logprobs);
-    }
-    let keys = KeyHasher::new(identity);
-    entries
-        .iter()
-        .map(|en| {
-            let ex = by_id
-                .get(en.example_id.as_str())
-                .ok_or_else(|| anyhow!("manifest entry `{}` has no example", en.example_id))?;
-            let mut user = fill(&s.template, ex);
-            let mut truncated_from = None;
-            if let Some((max, tok)) = &s.truncate {
-                // LongBench's rule, in the configured tokenizer's tokens.
-                if let Some((cut, n)) = tok.truncate_middle(&user, *max)? {
-                    truncated_from = Some(n as u64);
-                    user = cut;
-                }
-            }
-            let golds = if s.fidelity {
-                ex.answers.clone()
-            } else {
-                Vec::new()
-            };
-            Ok(Request {
-                truncated_from,
-                example_id: en.example_id.clone(),
-                key: keys.key_with_golds(&s.prompt.system, &user, &golds),
-                question: ex.question.clone(),
-                user,
-                golds,
-            })
-        })
-        .collect()
-}
-
-/// Request keys: blake3 of the canonical JSON of the identity with the
-/// request's `messages` in it. The identity's bytes around `messages` are
-/// made once; each key hashes them with the two turns written in between,
-/// the same bytes `canonical_json` gives for the whole.
-struct KeyHasher {
-    identity: Value,
-    /// The canonical bytes before and after the messages' value.
-    around: Option<(Vec<u8>, Vec<u8>)>,
-}
-
-impl KeyHasher {
-    /// A string no config holds, to find where the messages go.
-    const MARK: &'static str = "\u{0}kvt:messages\u{0}";
-
-    fn new(mut identity: Value) -> KeyHasher {
-        identity["messages"] = Value::String(Self::MARK.into());
-        let whole = canonical_json(&identity);
-        let mark = serde_json::to_vec(Self::MARK).expect("a string serializes");
-        let found: Vec<usize> = whole
-            .windows(mark.len())
-            .enumerate()
-            .filter(|(_, w)| *w == mark.as_slice())
-            .map(|(i, _)| i)
-            .collect();
-        let around = match found[..] {
-            [at] => Some((whole[..at].to_vec(), whole[at + mark.len()..].to_vec())),
-            _ => None,
-        };
-        KeyHasher { identity, around }
-    }
-
-    fn key(&self, system: &str, user: &str) -> String {
-        let Some((before, after)) = &self.around else {
-            return self.key_whole(system, user);
-        };
-        // `messages()` as canonical JSON: each turn's keys sorted.
-        let mut turns = Vec::with_capacity(system.len() + user.len() + 64);
-        let string = crate::llm::backend::push_json_str;
-        turns.extend_from_slice(br#"[{"content":"#);
-        string(&mut turns, system);
-        turns.extend_from_slice(br#","role":"system"},{"content":"#);
-        string(&mut turns, user);
-        turns.extend_from_slice(br#","role":"user"}]"#);
-        let mut h = blake3::Hasher::new();
-        h.update(before);
-        h.update(&turns);
-        h.update(after);
-        h.finalize().to_hex().to_string()
-    }
-
-    /// [`KeyHasher::key`], with the gold answers the engine teacher-forces
-    /// folded in when there are any (they are part of what it is asked);
-    /// without golds the key is the plain one.
-    fn key_with_golds(&self, system: &str, user: &str, golds: &[String]) -> String {
-        let key = self.key(system, user);
-        if golds.is_empty() {
-            return key;
-        }
-        let mut h = blake3::Hasher::new();
-        h.update(key.as_bytes());
-        h.update(b"\0golds\0");
-        h.update(&serde_json::to_vec(golds).expect("strings serialize"));
-        h.finalize().to_hex().to_string()
-    }
-
-    /// The key from the whole identity, built as a JSON tree.
-    fn key_whole(&self, system: &str, user: &str) -> String {
-        let mut identity = self.identity.clone();
-        identity["messages"] = Value::Array(crate::llm::backend::messages(system, user));
-        blake3::hash(&canonical_json(&identity))
-            .to_hex()
-            .to_string()
-    }
-}
-
-/// blake3 of a model file, remembered per (path, size, mtime) for this process.
-fn digest_cached(path: &std::path::Path) -> Result<String> {
-    static SEEN: OnceLock<Mutex<BTreeMap<String, String>>> = OnceLock::new();
-    let meta = std::fs::metadata(path).with_context(|| format!("reading `{}`", path.display()))?;
-    let stamp = format!(
-        "{}|{}|{:?}",
-        path.display(),
-        meta.len(),
-        meta.modified().ok()
-    );
-    let seen = SEEN.get_or_init(Default::default);
-    if let Some(d) = seen.lock().expect("digests").get(&stamp) {
-        return Ok(d.clone());
-    }
-    let d = crate::llm::native::model::file_digest(path)?;
-    seen.lock().expect("digests").insert(stamp, d.clone());
-    Ok(d)
-}
-
 mod backend;
+mod identity;
 mod send;
 mod sync;
+pub use identity::{answerer, fill, Answerer, PromptSource, Request, SIMULATOR_ID};
+use identity::{build_requests, digest_cached, shape, slice_id};
 pub use send::Sending;
 pub use sync::{pull_journal, push_entries, shard_of};
 use sync::{push_batch, push_journal, remote_batch, remote_batch_wait, Outbox};
@@ -485,12 +166,6 @@ use sync::{push_batch, push_journal, remote_batch, remote_batch_wait, Outbox};
 /// The request journal inside a cache directory.
 pub fn journal_path(cache_root: &std::path::Path) -> std::path::PathBuf {
     cache_root.join("v1").join("journal.sqlite")
-}
-
-/// Identifies a node's configuration (slice and bindings) in the journal.
-fn slice_id(k: &crate::engine::KeyContext) -> String {
-    let v = json!({"config": k.config, "bindings": k.bindings});
-    blake3::hash(&canonical_json(&v)).to_hex().to_string()
 }
 
 /// What `infer` reads into its key (its stage's `uses`, exactly).
@@ -914,26 +589,6 @@ mod tests {
         );
         assert_eq!(policy_and_quant("snapkv+q4_0"), ("snapkv", "q4_0"));
         assert_eq!(policy_and_quant("snapkv"), ("snapkv", "none"));
-    }
-
-    #[test]
-    fn keys_hashed_around_the_messages_are_the_whole_identitys() {
-        let identity = json!({"model": "m", "kv": {"policy": "full"}, "api": "chat",
-            "decoding": {"max_new_tokens": 8}, "label": "l", "extra_body": {"z": [1, "é"]},
-            "model_file": "abc", "weights": "f32"});
-        let keys = KeyHasher::new(identity);
-        assert!(keys.around.is_some());
-        for (system, user) in [
-            ("", ""),
-            ("Be brief.", "word ".repeat(300).as_str()),
-            ("quote \" and \\", "line\nbreak\ttab \u{1} \u{2028} 東京 😀"),
-        ] {
-            assert_eq!(keys.key(system, user), keys.key_whole(system, user));
-        }
-        // A config string holding the marker falls back to the whole tree.
-        let odd = KeyHasher::new(json!({"label": KeyHasher::MARK}));
-        assert!(odd.around.is_none());
-        assert_eq!(odd.key("s", "u"), odd.key_whole("s", "u"));
     }
 
     #[test]
