@@ -351,7 +351,6 @@ impl super::backend::Backend for ReferenceBackend {
         record: &super::backend::Record<'_>,
     ) -> Result<()> {
         use std::sync::atomic::{AtomicUsize, Ordering};
-        let bpe = crate::data::tokenize::encoding("cl100k_base")?;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let next = AtomicUsize::new(0);
         std::thread::scope(|sc| {
@@ -364,32 +363,39 @@ impl super::backend::Backend for ReferenceBackend {
                                 return Ok(());
                             }
                             let q = &queries[i];
-                            let t0 = std::time::Instant::now();
-                            let prompt = super::server::render(&q.messages())
-                                .map_err(|e| anyhow::anyhow!(e))?
-                                .0;
-                            let a =
-                                answer(bpe, &prompt, q.question, &self.kv, self.max_new_tokens)?;
-                            let ms = t0.elapsed().as_secs_f64() * 1000.0;
-                            let o = super::Outcome {
-                                text: a.text,
-                                finish_reason: Some(a.finish_reason),
-                                prompt_tokens: Some(a.prompt_tokens as u64),
-                                completion_tokens: Some(a.completion_tokens as u64),
-                                retained_tokens: Some(a.retained_tokens as u64),
-                                engine: Some(super::backend::InProcess::Reference.name().into()),
-                                latency_ms: ms,
-                                ttft_ms: Some(ms),
-                                is_final: true,
-                                ..Default::default()
-                            };
-                            record(q.key, &o)?;
+                            record(q.key, &self.answer_one(q)?.outcome)?;
                         }
                     })
                 })
                 .collect();
             hs.into_iter()
                 .try_for_each(|h| h.join().expect("reference worker"))
+        })
+    }
+
+    /// One answer, on the calling thread (`kvt serve` asks one at a time).
+    fn answer_one(&self, q: &super::backend::Query<'_>) -> Result<super::backend::Answer> {
+        let bpe = crate::data::tokenize::encoding("cl100k_base")?;
+        let t0 = std::time::Instant::now();
+        let prompt = super::server::render(&q.messages())
+            .map_err(|e| anyhow::anyhow!(e))?
+            .0;
+        let a = answer(bpe, &prompt, q.question, &self.kv, self.max_new_tokens)?;
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        Ok(super::backend::Answer {
+            outcome: super::Outcome {
+                text: a.text,
+                finish_reason: Some(a.finish_reason),
+                prompt_tokens: Some(a.prompt_tokens as u64),
+                completion_tokens: Some(a.completion_tokens as u64),
+                retained_tokens: Some(a.retained_tokens as u64),
+                engine: Some(super::backend::InProcess::Reference.name().into()),
+                latency_ms: ms,
+                ttft_ms: Some(ms),
+                is_final: true,
+                ..Default::default()
+            },
+            native: None,
         })
     }
 }
