@@ -28,13 +28,14 @@ macro_rules! print {
 }
 
 pub mod cli;
-pub mod config;
+/// The configuration layer (the `kvt-config` crate), under its old path.
+pub use kvt_config as config;
 /// The build engine (the `kvt-engine` crate), under its old path.
 pub use kvt_engine as engine;
 pub mod data;
 pub mod llm;
 pub mod metrics;
-pub mod redact;
+pub use kvt_config::redact;
 pub mod render;
 pub mod stages;
 pub mod stats;
@@ -45,9 +46,24 @@ pub use engine::error::{EngineError as KvtError, ErrorKind};
 /// The exit code for an error chain (part of kvt's interface): 2 for
 /// configuration and usage, 130 for an interrupt, 1 for everything else.
 pub fn exit_code_for(err: &anyhow::Error) -> i32 {
-    match engine::error::kind_of(err.as_ref()) {
+    match kind_of(err) {
         ErrorKind::Failed | ErrorKind::Locked => 1,
         ErrorKind::Usage => 2,
         ErrorKind::Interrupted => 130,
     }
+}
+
+/// The kind of an error chain: the first engine or configuration error in
+/// it decides (a configuration file, key or value at fault is usage).
+pub fn kind_of(err: &anyhow::Error) -> ErrorKind {
+    err.chain()
+        .find_map(|c| {
+            c.downcast_ref::<config::ConfigError>()
+                .map(|c| match c {
+                    config::ConfigError::Invalid(_) => ErrorKind::Usage,
+                    _ => ErrorKind::Failed,
+                })
+                .or_else(|| c.downcast_ref::<KvtError>().map(KvtError::kind))
+        })
+        .unwrap_or(ErrorKind::Failed)
 }

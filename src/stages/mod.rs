@@ -42,7 +42,7 @@ pub fn check_config(loaded: &LoadedConfig) -> Result<()> {
             return Err(loaded.key_error(
                 "kv.quant",
                 &format!("`{q}` runs on the native engine (`engine.kind: native`, or `serve` with `engine.model_path`) or on a launched server that quantises its own cache (`engine.kind: launch`, `{{quant}}` in its command); use `[none]` here"),
-            ));
+            ).into());
         }
     }
     for p in &c.kv.policies {
@@ -51,10 +51,12 @@ pub fn check_config(loaded: &LoadedConfig) -> Result<()> {
             // presses by class name, say): it answers an unknown one with
             // an error that kvt records.
             if p.is_empty() || p.contains(char::is_whitespace) {
-                return Err(loaded.key_error(
-                    "kv.policies",
-                    &format!("`{p}` is not a policy name (one word, no spaces)"),
-                ));
+                return Err(loaded
+                    .key_error(
+                        "kv.policies",
+                        &format!("`{p}` is not a policy name (one word, no spaces)"),
+                    )
+                    .into());
             }
             continue;
         }
@@ -69,27 +71,29 @@ pub fn check_config(loaded: &LoadedConfig) -> Result<()> {
                     .filter(|k| k != p)
                     .map(|c| format!("did you mean `{c}`? "))
                     .unwrap_or_default();
-                return Err(loaded.key_error("kv.policies", &format!("{e}; {hint}")));
+                return Err(loaded
+                    .key_error("kv.policies", &format!("{e}; {hint}"))
+                    .into());
             }
         };
         if !native_model && !spec.reference_can_run() {
             return Err(loaded.key_error(
                 "kv.policies",
                 &format!("`{p}` runs on the native engine only (`engine.kind: native`, or `serve` with `engine.model_path`); the reference simulator knows {}", crate::llm::reference::policies().join(", ")),
-            ));
+            ).into());
         }
     }
     if c.engine.dequantize && c.engine.kind != crate::config::schema::EngineKind::Native {
         return Err(loaded.key_error(
             "engine.dequantize",
             "f32 weights are a setting of the in-process native engine: use `engine.kind: native`, or `false` here",
-        ));
+        ).into());
     }
     if c.prompt.max_tokens.is_some() && c.tokenizer.kind == TokenizerKind::Server {
         return Err(loaded.key_error(
             "prompt.max_tokens",
             "cutting prompts needs a local tokenizer (`tokenizer.kind: tiktoken` or `hf`); a server tokenizer only counts. Use `null` here, or a local tokenizer",
-        ));
+        ).into());
     }
     if let Err(e) = score::metric_for(
         c.dataset.source.as_str(),
@@ -103,7 +107,7 @@ pub fn check_config(loaded: &LoadedConfig) -> Result<()> {
         };
         let msg = e.to_string();
         let msg = msg.split_once(": ").map_or(msg.as_str(), |(_, m)| m);
-        return Err(loaded.key_error(key, msg));
+        return Err(loaded.key_error(key, msg).into());
     }
     check_inputs(loaded)
 }
@@ -128,7 +132,7 @@ fn check_inputs(loaded: &LoadedConfig) -> Result<()> {
         } else {
             key
         };
-        loaded.key_error(key, rest)
+        loaded.key_error(key, rest).into()
     };
     prepare::locate(&c.dataset, root).map_err(|e| keyed(e, "dataset.path"))?;
     match c.tokenizer.kind {
@@ -140,7 +144,7 @@ fn check_inputs(loaded: &LoadedConfig) -> Result<()> {
                         "`{}` is not a tiktoken encoding kvt has: use `cl100k_base` or `o200k_base`, or `tokenizer.kind: hf` with a tokenizer.json",
                         c.tokenizer.name
                     ),
-                ));
+                ).into());
             }
         }
         TokenizerKind::Hf => {
@@ -265,6 +269,11 @@ impl<S: Stage> Op for AsOp<S> {
 /// kinds, an unfinished shard, a damaged object) is handed over as itself.
 /// Context keeps its causes visible: they are the chain's sources.
 pub fn op_error(e: anyhow::Error) -> BoxError {
+    // A configuration error inside a stage is usage (exit 2), which the
+    // engine, below the configuration layer, knows only as its own kind.
+    if crate::kind_of(&e) == crate::ErrorKind::Usage && !e.chain().any(|c| c.is::<EngineError>()) {
+        return Box::new(EngineError::usage(format!("{e:#}")));
+    }
     if e.chain().nth(1).is_some() {
         return e.into();
     }
@@ -315,5 +324,12 @@ mod tests {
         assert!(e.find::<Unfinished>().is_some());
         let damaged = op_error(ObjectError::Missing("ab".into()).into());
         assert!(EngineError::from(damaged).find::<ObjectError>().is_some());
+        // A configuration error met inside a stage stays usage, words and all.
+        let bad = Err::<(), _>(crate::config::ConfigError::Invalid("key `x`: no".into()))
+            .context("node `prepare`")
+            .unwrap_err();
+        let boxed = op_error(bad);
+        assert_eq!(kind_of(boxed.as_ref()), ErrorKind::Usage);
+        assert_eq!(boxed.to_string(), "node `prepare`: key `x`: no");
     }
 }

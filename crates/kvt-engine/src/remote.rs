@@ -87,6 +87,11 @@ fn client_options() -> object_store::ClientOptions {
     o
 }
 
+// Without a cloud feature the bucket and prefix have no store to go to.
+#[cfg_attr(
+    not(any(feature = "s3", feature = "gcs", feature = "azure")),
+    allow(unused_variables)
+)]
 fn store_for(url: &str, root: &std::path::Path) -> Result<(Arc<dyn ObjectStore>, String)> {
     let (scheme, rest) = url
         .split_once("://")

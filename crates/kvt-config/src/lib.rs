@@ -4,10 +4,32 @@
 //! error names the file (and line when it can be found), the dotted key and what
 //! was expected, and exits 2.
 
+pub mod redact;
 pub mod schema;
 
-use crate::KvtError;
-use anyhow::{Context, Result};
+use std::result::Result as StdResult;
+
+/// The configuration layer's error. Every problem with a file, key or
+/// value is `Invalid` (exit 2), its message naming the file, line and key;
+/// the others are failures to read or write what was valid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Fix the configuration: the message says where and what.
+    #[error("{0}")]
+    Invalid(String),
+    /// A file could not be read or resolved.
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
+/// The configuration layer's results.
+pub type Result<T, E = ConfigError> = StdResult<T, E>;
 use schema::{Config, EngineKind, Source};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -15,7 +37,7 @@ use std::path::{Path, PathBuf};
 
 /// The defaults shipped inside the binary, used when the project has no
 /// `config/default.yaml` of its own.
-pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/default.yaml");
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../../config/default.yaml");
 
 /// The config paths that define a prepared dataset: two experiments that agree
 /// on them prepare the same examples, bins and sample.
@@ -87,14 +109,14 @@ impl LoadedConfig {
     /// value came from: for checks that need domain knowledge the schema lacks.
     /// An error about `key` located at the line of `at` (a missing key has
     /// no line of its own: the line that made it needed stands in).
-    pub fn key_error_at(&self, key: &str, at: &str, msg: &str) -> anyhow::Error {
+    pub fn key_error_at(&self, key: &str, at: &str, msg: &str) -> ConfigError {
         usage(format!(
             "{}: key `{key}`: {msg}",
             self.layers.locate(at, &self.exp_origin)
         ))
     }
 
-    pub fn key_error(&self, key: &str, msg: &str) -> anyhow::Error {
+    pub fn key_error(&self, key: &str, msg: &str) -> ConfigError {
         usage(format!(
             "{}: key `{key}`: {msg}",
             self.layers.locate(key, &self.exp_origin)
@@ -197,8 +219,8 @@ pub fn display_path(p: &Path) -> String {
     p.display().to_string()
 }
 
-fn usage(msg: String) -> anyhow::Error {
-    KvtError::usage(msg).into()
+fn usage(msg: String) -> ConfigError {
+    ConfigError::Invalid(msg)
 }
 
 /// Finds the project root: the nearest ancestor of `start` with `config/default.yaml`.
@@ -573,8 +595,10 @@ pub fn load(config_path: &Path, sets: &[String]) -> Result<LoadedConfig> {
         ))
     })?;
     let text = utf8_or_located(bytes, config_path)?;
-    let abs_config = std::fs::canonicalize(config_path)
-        .with_context(|| format!("resolving `{}`", config_path.display()))?;
+    let abs_config = std::fs::canonicalize(config_path).map_err(|source| ConfigError::Io {
+        what: format!("resolving `{}`", config_path.display()),
+        source,
+    })?;
     let config_dir = abs_config
         .parent()
         .map(Path::to_path_buf)
@@ -635,7 +659,7 @@ pub fn load(config_path: &Path, sets: &[String]) -> Result<LoadedConfig> {
     check_values(&config, &layers, &exp_origin)?;
     config.kv.cells = config.kv.expand_cells();
     check_paths(&config, &root, &layers, &exp_origin)?;
-    let value = serde_json::to_value(&config).context("serializing the configuration")?;
+    let value = serde_json::to_value(&config)?;
     Ok(LoadedConfig {
         config,
         value,
@@ -1021,7 +1045,7 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
 
 /// Ranges of numbers the types cannot express (one pass with the checks
 /// above: `kvt validate` finds them before any stage runs).
-fn check_ranges(c: &Config, bad: &dyn Fn(&str, String) -> anyhow::Error) -> Result<()> {
+fn check_ranges(c: &Config, bad: &dyn Fn(&str, String) -> ConfigError) -> Result<()> {
     if c.engine.max_response_mib == 0 {
         return Err(bad(
             "engine.max_response_mib",
@@ -1110,7 +1134,7 @@ fn check_ranges(c: &Config, bad: &dyn Fn(&str, String) -> anyhow::Error) -> Resu
     Ok(())
 }
 
-pub use crate::engine::error::closest;
+pub use kvt_engine::error::closest;
 
 /// The placeholder name at the start of `s` when `s` starts with
 /// `{identifier}` (letters, digits, `_`; not starting with a digit).
