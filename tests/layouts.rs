@@ -419,3 +419,130 @@ fn a_glob_matching_nothing_or_a_list_for_longbench_exits_2() {
         );
     }
 }
+
+/// The repository's LongBench v2 experiment on a fixture in LongBench v2's
+/// layout (one JSON array: `_id`, `domain`, `sub_domain`, `difficulty`,
+/// `length`, `question`, `choice_A`…`choice_D`, `answer`, `context`).
+fn longbench_v2_project() -> Project {
+    let p = Project::new();
+    let repo = repo_root();
+    p.write(
+        "config/experiments/longbench-v2.yaml",
+        &std::fs::read_to_string(repo.join("config/experiments/longbench-v2.yaml")).unwrap(),
+    );
+    p.write(
+        "data/raw/longbench_v2/data.json",
+        &std::fs::read_to_string(repo.join("tests/fixtures/longbench_v2/data.json")).unwrap(),
+    );
+    p
+}
+
+/// Issue #31, item 3: LongBench v2's `data.json` read record by record, the
+/// four choices in the prompt, answers scored by the letter they name, and
+/// the difficulty and length class kept in each example's meta.
+#[test]
+fn longbench_v2_shows_four_choices_and_scores_letters() {
+    let p = longbench_v2_project();
+    let s = serve(&[
+        ("rec-0", "The correct answer is (C)"),
+        ("rec-1", "(B)"),
+        ("rec-2", "The correct answer is (A)."),
+        ("rec-3", "A"),
+        (
+            "rec-4",
+            "The correct answer is (B) because the client owns it.",
+        ),
+        ("rec-5", "D"),
+    ]);
+    let out = p
+        .kvt()
+        .args([
+            "build",
+            "sqlite",
+            "-c",
+            "config/experiments/longbench-v2.yaml",
+        ])
+        .args(["--set", "engine.kind=openai"])
+        .args(["--set", &format!("engine.base_url={}", s.url)])
+        .args([
+            "--set",
+            "kv.policies=[streaming]",
+            "--set",
+            "kv.budgets=[1.0]",
+        ])
+        .args(["--set", "analysis.bootstrap.iters=20"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let db = rusqlite::Connection::open(p.path("runs/longbench_v2/kv_transition.sqlite")).unwrap();
+    let scores: HashMap<String, f64> = db
+        .prepare("SELECT q.example_id, s.score FROM scores s JOIN requests q USING (request_id)")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let want = [1.0, 1.0, 0.0, 1.0, 1.0, 0.0];
+    for (i, w) in want.iter().enumerate() {
+        let id = format!("lbv2-{i:03}");
+        assert_eq!(scores.get(&id), Some(w), "{id}: {scores:?}");
+    }
+    let metric: String = db
+        .query_row("SELECT DISTINCT metric FROM scores", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(metric, "multiple_choice");
+    let meta: String = db
+        .query_row(
+            "SELECT meta_json FROM examples WHERE example_id = 'lbv2-004'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let meta: Value = serde_json::from_str(&meta).unwrap();
+    assert_eq!(meta["difficulty"], "hard");
+    assert_eq!(meta["length"], "long");
+    assert_eq!(meta["sub_domain"], "Code repo QA");
+    assert_eq!(meta["source_record"], "data.json:record 5");
+    let prompts = s.st.prompts.lock().unwrap().clone();
+    assert_eq!(prompts.len(), 6);
+    let p0 = prompts.iter().find(|p| p.contains("[[rec-0]]")).unwrap();
+    assert!(
+        p0.contains("Question: Which harbour did the survey ship leave from?\n(A) Northgate\n(B) Eastmoor\n(C) Westfall\n(D) Southmere\n"),
+        "{p0}"
+    );
+}
+
+/// Issue #31, item 3: the same fixture builds end to end on the reference
+/// engine (which cannot read such questions: every letter it gives scores
+/// 0 against the gold letters, and the report says the scores measure the
+/// simulator).
+#[test]
+fn longbench_v2_builds_end_to_end_on_the_reference_engine() {
+    let p = longbench_v2_project();
+    let out = p
+        .kvt()
+        .args([
+            "build",
+            "report",
+            "-c",
+            "config/experiments/longbench-v2.yaml",
+        ])
+        .args(["--set", "analysis.bootstrap.iters=20"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let report = p.read("runs/longbench_v2/report.md");
+    assert!(report.contains("multiple_choice"), "{report}");
+    assert!(
+        report.contains("reference simulator, not a model"),
+        "{report}"
+    );
+    let db = rusqlite::Connection::open(p.path("runs/longbench_v2/kv_transition.sqlite")).unwrap();
+    let (n, metric): (i64, String) = db
+        .query_row("SELECT COUNT(*), MAX(metric) FROM scores", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    // Six questions × (the full cache + two policies at two budgets).
+    assert_eq!((n, metric.as_str()), (6 * 5, "multiple_choice"));
+}

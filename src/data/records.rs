@@ -218,10 +218,15 @@ impl<'a> Collector<'a> {
 
     /// Every line of a JSON-lines file; blank lines are ignored. A line that
     /// is not valid UTF-8 is a bad record of its own (the rest still load).
+    /// A file that is one JSON array of records (LongBench v2's `data.json`)
+    /// goes to [`Collector::json_array`].
     pub fn jsonl(&mut self, origin: &str, bytes: impl AsRef<[u8]>, stem: &str) -> Result<()> {
         // A byte-order mark (Windows editors write one) is not part of the data.
         let bytes = bytes.as_ref();
         let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+            return self.json_array(origin, bytes, stem);
+        }
         for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
             let at = format!("{origin}:{}", i + 1);
             let line = match std::str::from_utf8(raw) {
@@ -244,6 +249,53 @@ impl<'a> Collector<'a> {
             self.record(&at, rec, &format!("{stem}-{}", i + 1))?;
         }
         Ok(())
+    }
+
+    /// Every element of a file that is one JSON array of records
+    /// (`origin:record N` in errors, counting from 1), read one record at a
+    /// time: a file of hundreds of megabytes is never one tree in memory.
+    /// The array itself must be valid JSON (an error names its line and
+    /// column); a bad record inside it follows `dataset.on_bad_record`.
+    pub fn json_array(&mut self, origin: &str, bytes: &[u8], stem: &str) -> Result<()> {
+        use serde::de::{Deserializer as _, Error as _, SeqAccess, Visitor};
+        struct Each<'c, 'a> {
+            c: &'c mut Collector<'a>,
+            origin: &'c str,
+            stem: &'c str,
+            stopped: &'c mut Option<anyhow::Error>,
+        }
+        impl<'de> Visitor<'de> for Each<'_, '_> {
+            type Value = ();
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of records")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+                let mut i = 0;
+                while let Some(v) = seq.next_element::<Value>()? {
+                    i += 1;
+                    let at = format!("{}:record {i}", self.origin);
+                    let id = format!("{}-{i}", self.stem);
+                    if let Err(e) = self.c.record(&at, Ok(v), &id) {
+                        *self.stopped = Some(e);
+                        return Err(A::Error::custom("stopped"));
+                    }
+                }
+                Ok(())
+            }
+        }
+        let mut stopped = None;
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let read = de.deserialize_seq(Each {
+            c: self,
+            origin,
+            stem,
+            stopped: &mut stopped,
+        });
+        if let Some(e) = stopped {
+            return Err(e);
+        }
+        read.and_then(|()| de.end())
+            .map_err(|e| anyhow!("`{origin}`: not a valid JSON array of records ({e})"))
     }
 
     /// Every row of a Parquet file (`origin:row N` in errors, counting from 1).
@@ -491,5 +543,48 @@ mod tests {
         c.jsonl("d.jsonl", format!("{line}\n{line}\n"), "d")
             .unwrap();
         assert_eq!(c.out.examples[1].example_id, "d-2");
+    }
+
+    /// LongBench v2 ships one JSON array (`data.json`): its records load one
+    /// at a time, bad ones follow `on_bad_record`, and a broken array names
+    /// the file.
+    #[test]
+    fn a_json_array_file_loads_record_by_record() {
+        let f = fields();
+        let rec = |id: &str| serde_json::json!({"_id": id, "input": "q", "context": "c", "answers": ["x"]});
+        let text = format!(
+            "\u{feff}\n [{}, {}, {{\"_id\": \"bad\"}}]",
+            rec("a"),
+            rec("b")
+        );
+        let mut c = Collector::new(&f, "skip").unwrap();
+        c.jsonl("data.json", &text, "data").unwrap();
+        let ids: Vec<&str> = c
+            .out
+            .examples
+            .iter()
+            .map(|e| e.example_id.as_str())
+            .collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert_eq!(c.out.skipped, 1);
+        assert!(
+            c.out
+                .first_skip
+                .as_deref()
+                .unwrap()
+                .starts_with("data.json:record 3"),
+            "{:?}",
+            c.out.first_skip
+        );
+        // Failing on the bad record names it; a broken array names the file.
+        let mut c = Collector::new(&f, "fail").unwrap();
+        let err = c.jsonl("data.json", &text, "data").unwrap_err().to_string();
+        assert!(err.contains("data.json:record 3"), "{err}");
+        let mut c = Collector::new(&f, "fail").unwrap();
+        let err = c
+            .jsonl("data.json", format!("[{}, ", rec("a")), "data")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`data.json`: not a valid JSON array"), "{err}");
     }
 }

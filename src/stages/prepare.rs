@@ -107,7 +107,7 @@ pub fn locate(ds: &Dataset, root: &Path) -> Result<Option<longbench::Source>> {
                     "parquet" => longbench::Source::Parquet(vec![p]),
                     other => {
                         return Err(usage(format!(
-                            "config `dataset.format`: `{other}` (of `{}`) is not supported; use `jsonl` or `parquet`",
+                            "config `dataset.format`: `{other}` (of `{}`) is not supported; use `jsonl`, `json` (lines or one array of records) or `parquet`",
                             p.display()
                         )))
                     }

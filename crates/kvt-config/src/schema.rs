@@ -148,7 +148,8 @@ pub struct Dataset {
     /// A file or directory; for `source: file` also a glob (`data/*.jsonl`)
     /// or a list of files and globs, read in order.
     pub path: Option<PathSpec>,
-    /// `jsonl` or `parquet` for `source: file`; null: from the file extension.
+    /// `jsonl`, `json` (JSON lines or one array of records) or `parquet` for
+    /// `source: file`; null: from the file extension.
     pub format: Option<String>,
     /// Which record fields become the example's id, question, context, answers and meta.
     pub fields: Fields,
