@@ -32,7 +32,13 @@ compressed prompt on a copy of its own cache (no second prefill) and returns
 their log-likelihoods; `kvt_fidelity: true` teacher-forces the full cache's own
 greedy answer (computed once per prompt and kept) under the cell and returns
 the exact KL(full || cell) per token, top-1 agreement and the first step
-where they part.
+where they part. `kvt_record_kept: true` returns the positions each layer
+and KV head kept (`kvt.native.kept_positions`).
+
+Where a press's scores tie, the kept entries are the lower positions (a
+stable sort instead of kvpress's `topk`, whose choice among equal scores is
+the kernel's), as in kvt's native engine: two runs and two engines keep the
+same entries.
 
 Each response carries `kvt.native` (prompt tokens, KV entries kept per layer
 and in total, prefill and decode time) in the form kvt reads from its native
@@ -79,6 +85,41 @@ PARAMS = {
 KNOWN = {"policy", "budget", "sink_tokens", "window", "pool_kernel", "seed", "beta", "compress", "press_params"}
 
 
+def kept_order(torch, scores, n_kept):
+    """The positions a press keeps, per head: the `n_kept` highest scores,
+    ties to the lower position (a stable sort), in position order. kvt's
+    native engine breaks ties the same way; `topk`'s choice among equal
+    scores is the kernel's, so two runs or two devices could keep different
+    entries where scores tie (common in bf16)."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n_kept]
+    return order.sort(dim=-1).values
+
+
+def deterministic_ties(on_kept):
+    """Every scoring press selects with `kept_order` (kvpress's ScorerPress
+    and PyramidKVPress use `topk`); `on_kept(layer, indices)` sees each
+    layer's kept positions `[batch][kv head][n_kept]`."""
+    import kvpress
+    from kvpress.utils import compute_n_kept
+
+    def compress_with(n_kept_of):
+        def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+            if self.compression_ratio == 0:
+                return keys, values
+            scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
+            import torch
+
+            idx = kept_order(torch, scores, n_kept_of(self, module, keys.shape[2]))
+            on_kept(getattr(module, "layer_idx", None), idx)
+            idx = idx.unsqueeze(-1).expand(-1, -1, -1, module.head_dim)
+            return keys.gather(2, idx).contiguous(), values.gather(2, idx).contiguous()
+
+        return compress
+
+    kvpress.ScorerPress.compress = compress_with(lambda self, m, k: compute_n_kept(k, self.compression_ratio))
+    kvpress.PyramidKVPress.compress = compress_with(lambda self, m, k: self.get_layer_budget(m, k))
+
+
 class BadRequest(Exception):
     pass
 
@@ -108,6 +149,9 @@ class Engine:
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation="sdpa", **kw)
         self.model.to(a.device).eval()
         self.device = a.device
+        # Kept positions per layer while a request asks for them (`kvt_record_kept`).
+        self.kept = None
+        deterministic_ties(self.note_kept)
         self.name = a.served_name or os.path.basename(a.model or "SmolLM2-135M-Instruct-Q4_1")
         self.attn = "sdpa"
         cfg = self.model.config
@@ -186,6 +230,10 @@ class Engine:
         except Exception as e:  # a press checks its own parameters
             raise BadRequest(f"{cls_name}({args}): {e}")
         return press, cls_name
+
+    def note_kept(self, layer, idx):
+        if self.kept is not None and layer is not None:
+            self.kept[int(layer)] = [[int(p) for p in head] for head in idx[0].tolist()]
 
     def set_attn(self, impl):
         if impl != self.attn:
@@ -318,6 +366,7 @@ class Engine:
         if not isinstance(golds, list) or not all(isinstance(g, str) for g in golds):
             raise BadRequest("`kvt_golds` must be a list of strings")
         fidelity = body.get("kvt_fidelity") is True
+        record_kept = body.get("kvt_record_kept") is True
         gold_ll = fid = None
         with self.lock:
             self.DynamicCache = DynamicCache
@@ -330,6 +379,7 @@ class Engine:
                 t0 = time.perf_counter()
                 # Prefill: the compressed span under the press (it acts on the
                 # first forward only), then the question on the compressed cache.
+                self.kept = {} if record_kept else None
                 try:
                     cache, out = self.prefill(ids, split, press)
                 except AssertionError as e:
@@ -338,6 +388,13 @@ class Engine:
                     # the server's, so a 400 that kvt does not retry.
                     raise BadRequest(f"{press_name} cannot compress this prompt ({split} tokens): {e}")
                 kept = [int(cache.layers[i].keys.shape[-2]) * self.kv_heads for i in range(self.n_layers)]
+                kept_positions = None
+                if record_kept:
+                    # The compressed span's kept positions, as the native
+                    # engine reports them: every one where nothing was evicted.
+                    every = [list(range(split)) for _ in range(self.kv_heads)]
+                    kept_positions = [self.kept.get(i, every) for i in range(self.n_layers)]
+                self.kept = None
                 t1 = time.perf_counter()
                 first_lp = self.log_softmax(out.logits[0, -1]) if golds or fidelity else None
                 if golds:
@@ -390,6 +447,8 @@ class Engine:
             "decode_ms": (t2 - t1) * 1000.0,
             "prefill_reused": False,
         }
+        if kept_positions is not None:
+            native["kept_positions"] = kept_positions
         if k:
             native["logprobs"] = entries
         if gold_ll is not None:

@@ -423,6 +423,27 @@ mod tests {
         assert_eq!(kept, vec![vec![3, 6, 7]]);
     }
 
+    /// Issue #31, item 4: where scores tie exactly, the kept set is the
+    /// lower positions, the same on every run (kvpress's `topk` leaves the
+    /// choice to the kernel; `scripts/kvpress_server.py` now breaks ties as
+    /// here, checked by `tests/kvpress.rs`).
+    #[test]
+    fn exact_ties_keep_the_lower_positions_on_every_run() {
+        let tied = [0.5, 1.0, 1.0, 0.2, 1.0, 1.0, 0.5, 0.5];
+        assert_eq!(top_positions(&tied, 3), vec![1, 2, 4]);
+        assert_eq!(top_positions(&tied, 5), vec![0, 1, 2, 4, 5]);
+        assert_eq!(top_positions(&[0.0; 6], 2), vec![0, 1]);
+        // Key norms that tie (equal keys, as a bf16 model gives often):
+        // knorm keeps the first of them, run after run.
+        let mut f = fixture();
+        f.keys = [1.0f32, 0.0].repeat(8);
+        let first = select(&obs(&f), &params(Policy::Knorm, 3.0), 0, 1);
+        assert_eq!(first, vec![vec![0, 1, 2]]);
+        for _ in 0..20 {
+            assert_eq!(select(&obs(&f), &params(Policy::Knorm, 3.0), 0, 1), first);
+        }
+    }
+
     #[test]
     fn random_is_seeded_and_full_keeps_all() {
         let f = fixture();
