@@ -922,3 +922,40 @@ fn regression_max_response_mib_zero_is_refused_before_any_request() {
     );
     assert!(!p.path("runs").exists());
 }
+
+/// Issue #31, item 2: `kv.decode` is checked by key — its interval, target
+/// and policy, and that the engine is the native one (exit 2).
+#[test]
+fn kv_decode_is_checked_by_key() {
+    let p = Project::new();
+    expect_key_errors(
+        &p,
+        &[
+            (
+                "engine: {kind: native}\nkv: {decode: {interval: 0, target: 64}}",
+                "kv.decode.interval",
+                "at least 1",
+            ),
+            (
+                "engine: {kind: native}\nkv: {decode: {interval: 8, target: -1}}",
+                "kv.decode.target",
+                "must be positive",
+            ),
+            (
+                "engine: {kind: native}\nkv: {decode: {interval: 8, target: 64, policy: snapkv}}",
+                "kv.decode.policy",
+                "streaming, knorm, random",
+            ),
+            (
+                "engine: {kind: reference}\nkv: {decode: {interval: 8, target: 64}}",
+                "kv.decode",
+                "runs on the native engine",
+            ),
+            (
+                "engine: {kind: native}\nkv: {decode: {interval: 8, target: 64, every: 2}}",
+                "kv.decode.every",
+                "valid keys here: interval, target, policy",
+            ),
+        ],
+    );
+}

@@ -744,3 +744,97 @@ decoding: {{max_new_tokens: 2}}
     );
     insta::assert_snapshot!("graph_model_touched", text);
 }
+
+/// A request that asks for a long answer (a numbered list the model goes on
+/// writing), as `ask` but with `max_tokens` of its own.
+fn ask_long(addr: &str, kv: &Value, max_tokens: u32) -> Value {
+    let prompt = format!(
+        "{}\n\nQuestion: Continue the list below with the next items, one per line.\nAnswer:\n1. apples\n2. pears\n3. plums\n",
+        "The market opened at dawn and the stalls filled with fruit. ".repeat(12)
+    );
+    let body = json!({
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "kvt": kv,
+    });
+    post_chat(addr, &body)
+}
+
+/// Issue #31, item 2: with `kv.decode` the native engine cuts the cache
+/// back to its target when decoding starts and every `interval` generated
+/// tokens, so it never holds more than target + interval entries a head
+/// while a long answer is written; with a target above the prompt and the
+/// answer together nothing is cut and the answer is the uncompressed one.
+#[test]
+#[ignore = "needs KVT_MODEL (see .ci/run)"]
+fn compression_while_decoding_caps_the_cache_at_its_target() {
+    let s = Served::start(&["--model-file", &model(), "--model", "smollm2"]);
+    let plain = ask_long(&s.addr, &cell("full", 1.0), 64);
+    let plain_text = plain["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let plain_native = &plain["kvt"]["native"];
+    let prompt_tokens = plain_native["prompt_tokens"].as_u64().unwrap();
+    let generated = plain_native["completion_tokens"].as_u64().unwrap();
+    assert!(generated >= 32, "a long answer: {plain_text:?}");
+    assert!(plain_native.get("decode_entries").is_none());
+
+    // Cut back to 40 entries fewer than the prompt's every 8 tokens,
+    // streaming's way (the sinks and the most recent: the list goes on).
+    let (interval, target) = (8u64, prompt_tokens - 40);
+    let mut kv = cell("full", 1.0);
+    kv["decode"] = json!({"interval": interval, "target": target as f64, "policy": "streaming"});
+    let cut = ask_long(&s.addr, &kv, 64);
+    let entries: Vec<u64> = cut["kvt"]["native"]["decode_entries"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no decode_entries in {cut}"))
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert!(prompt_tokens > target, "{prompt_tokens}");
+    // Cut when decoding starts, then after each interval of generated tokens.
+    assert_eq!(entries[0], target, "{entries:?}");
+    assert!(
+        entries.len() as u64 > 3 * interval,
+        "several cuts: {entries:?}"
+    );
+    for (i, &e) in entries.iter().enumerate() {
+        assert!(e < target + interval, "step {i}: {e} entries, {entries:?}");
+        if i > 0 && (i as u64).is_multiple_of(interval) {
+            assert_eq!(e, target, "just cut at step {i}: {entries:?}");
+        }
+    }
+    // The model kept writing on the capped cache.
+    let cut_native = &cut["kvt"]["native"];
+    assert!(
+        cut_native["completion_tokens"].as_u64().unwrap() >= 16,
+        "{cut}"
+    );
+
+    // A target above everything the request can hold cuts nothing: the
+    // answer is the uncompressed one, token for token.
+    let mut kv = cell("full", 1.0);
+    kv["decode"] = json!({"interval": 4, "target": (prompt_tokens + 200) as f64});
+    let roomy = ask_long(&s.addr, &kv, 64);
+    assert_eq!(
+        roomy["choices"][0]["message"]["content"],
+        plain_text.as_str()
+    );
+    let entries = roomy["kvt"]["native"]["decode_entries"].as_array().unwrap();
+    assert_eq!(entries[0].as_u64().unwrap(), prompt_tokens);
+    // On top of prefill eviction: a snapkv cell, then streaming while decoding.
+    let mut kv = cell("snapkv", 0.5);
+    kv["decode"] = json!({"interval": 8, "target": 0.5, "policy": "knorm"});
+    let both = ask_long(&s.addr, &kv, 32);
+    let n = &both["kvt"]["native"];
+    let at_start = n["kept_per_layer"][0].as_u64().unwrap() / 3;
+    let first = n["decode_entries"][0].as_u64().unwrap();
+    assert_eq!(
+        first,
+        at_start.div_ceil(2),
+        "half the cache when decoding starts: {n}"
+    );
+}

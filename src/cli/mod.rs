@@ -493,6 +493,7 @@ fn run(cli: Cli, registry: &OpRegistry) -> Result<()> {
                 seed: a.seed,
                 beta: None,
                 compress: None,
+                decode: None,
             },
             delay_ms: a.delay_ms,
             request_log: a.request_log,

@@ -22,6 +22,9 @@ pub struct KvParams {
     pub beta: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compress: Option<crate::config::schema::Compress>,
+    /// Compression while the answer is generated (`kv.decode`; native engine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode: Option<crate::config::schema::DecodeCompression>,
 }
 
 impl KvParams {
@@ -67,6 +70,7 @@ impl KvParams {
             beta: self.beta.unwrap_or(20.0),
             seed: self.seed,
             compress: self.compress.unwrap_or_default(),
+            decode: self.decode.clone(),
         })
     }
     /// Tokens kept for a prompt of `n` tokens.
@@ -97,6 +101,7 @@ impl KvParams {
             seed: 0,
             beta: None,
             compress: None,
+            decode: None,
         }
     }
 }

@@ -147,6 +147,10 @@ pub struct Outcome {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_bytes: Option<u64>,
     /// Native engine: prefill and decode time (ms) and whether the prefill was shared.
+    /// Native engine with `kv.decode`: entries a head in the largest global
+    /// layer when decoding starts and after each generated token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_decode_entries: Option<Vec<u32>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefill_ms: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

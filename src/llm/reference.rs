@@ -414,6 +414,7 @@ mod tests {
             seed: 7,
             beta: None,
             compress: None,
+            decode: None,
         }
     }
 

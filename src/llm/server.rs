@@ -360,7 +360,7 @@ async fn answer_http(st: Arc<AppState>, headers: HeaderMap, body: Body, plain: b
 
 /// The native engine's parameters: the simulator's, plus β and the compression mode.
 fn native_params_for(body: &Value, defaults: &KvParams) -> Result<KvParams, String> {
-    let p = merged_params(body, defaults, &["beta", "compress"])?;
+    let p = merged_params(body, defaults, &["beta", "compress", "decode"])?;
     p.native_cell().map_err(|e| e.to_string())?;
     if !(p.budget.is_finite() && p.budget > 0.0) {
         return Err(format!("KV budget {} is not positive", p.budget));

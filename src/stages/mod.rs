@@ -83,6 +83,15 @@ pub fn check_config(loaded: &LoadedConfig) -> Result<()> {
             ).into());
         }
     }
+    // Compression while decoding runs where kvt runs the model itself.
+    if c.kv.decode.is_some() && answerer != infer::Answerer::ModelFile {
+        return Err(loaded
+            .key_error(
+                "kv.decode",
+                "compression while decoding runs on the native engine (`engine.kind: native`, or `serve` with `engine.model_path`); use `null` here",
+            )
+            .into());
+    }
     if c.engine.dequantize && c.engine.kind != crate::config::schema::EngineKind::Native {
         return Err(loaded.key_error(
             "engine.dequantize",

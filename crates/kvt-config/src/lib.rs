@@ -1046,6 +1046,33 @@ fn check_values(c: &Config, layers: &Layers, exp_origin: &Origin) -> Result<()> 
 /// Ranges of numbers the types cannot express (one pass with the checks
 /// above: `kvt validate` finds them before any stage runs).
 fn check_ranges(c: &Config, bad: &dyn Fn(&str, String) -> ConfigError) -> Result<()> {
+    if let Some(d) = &c.kv.decode {
+        if d.interval == 0 {
+            return Err(bad(
+                "kv.decode.interval",
+                "must be at least 1 (generated tokens between two compressions)".into(),
+            ));
+        }
+        if !(d.target.is_finite() && d.target > 0.0) {
+            return Err(bad(
+                "kv.decode.target",
+                format!(
+                    "{} must be positive: entries a head (> 1) or a fraction of the cache when decoding starts (<= 1)",
+                    d.target
+                ),
+            ));
+        }
+        if !schema::DecodeCompression::POLICIES.contains(&d.policy.as_str()) {
+            return Err(bad(
+                "kv.decode.policy",
+                format!(
+                    "`{}` cannot score a cache while it decodes (it needs the prompt's attention); use {}",
+                    d.policy,
+                    schema::DecodeCompression::POLICIES.join(", ")
+                ),
+            ));
+        }
+    }
     if c.engine.max_response_mib == 0 {
         return Err(bad(
             "engine.max_response_mib",

@@ -402,6 +402,43 @@ pub struct Kv {
     /// on the compressed cache, as kvpress does) or `prompt` (compress the whole
     /// prompt, question included, as the SnapKV paper does).
     pub compress: Compress,
+    /// Compression while the answer is generated (native engine); null: none.
+    pub decode: Option<DecodeCompression>,
+}
+
+/// `kv.decode`: while an answer is generated, every `interval` new tokens
+/// the cache is cut back to `target` entries a head (as kvpress's
+/// `DecodingPress` does), on top of whatever the cell's policy evicted at
+/// prefill. Sliding-window layers keep their window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeCompression {
+    /// Generated tokens between two compressions (the first when decoding starts).
+    pub interval: u32,
+    /// Entries a head to cut back to: a token count (> 1), or a fraction
+    /// (≤ 1) of the cache when decoding starts.
+    pub target: f64,
+    /// Which entries stay: `streaming` (the first `sink_tokens` and the
+    /// most recent; the default), `knorm` (the smallest keys) or `random`
+    /// (seeded by `kv.seed`): scores that need no attention statistics.
+    #[serde(default = "DecodeCompression::default_policy")]
+    pub policy: String,
+}
+
+impl DecodeCompression {
+    /// The policies that can score a cache while it decodes.
+    pub const POLICIES: &'static [&'static str] = &["streaming", "knorm", "random"];
+    fn default_policy() -> String {
+        "streaming".into()
+    }
+    /// Entries a head to keep when the cache held `at_start` as decoding began.
+    pub fn target_entries(&self, at_start: usize) -> usize {
+        if self.target > 1.0 {
+            self.target as usize
+        } else {
+            ((self.target * at_start as f64).ceil() as usize).max(1)
+        }
+    }
 }
 
 fn default_quant() -> Vec<String> {
@@ -614,6 +651,7 @@ mod cell_tests {
             seed: 0,
             beta: 20.0,
             compress: Compress::Context,
+            decode: None,
         }
     }
 

@@ -47,6 +47,9 @@ pub struct Cell {
     pub beta: f64,
     pub seed: u64,
     pub compress: Compress,
+    /// Compression while the answer is generated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode: Option<crate::config::schema::DecodeCompression>,
 }
 
 impl Cell {
@@ -74,8 +77,12 @@ impl Cell {
     pub fn identity(&self) -> serde_json::Value {
         let evicts = !(self.policy == Policy::Full || self.budget == 1.0);
         if !evicts {
-            return serde_json::json!({"policy": "full", "quant": self.quant,
+            let mut id = serde_json::json!({"policy": "full", "quant": self.quant,
                 "compress": if self.quant == KvQuant::F16 { None } else { Some(self.compress) }});
+            if let Some(d) = &self.decode {
+                id["decode"] = serde_json::json!(d);
+            }
+            return id;
         }
         serde_json::to_value(self).expect("cell serializes")
     }
@@ -120,6 +127,10 @@ pub struct NativeAnswer {
     pub gold_loglik: Option<Vec<crate::llm::GoldLikelihood>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fidelity: Option<crate::llm::Fidelity>,
+    /// With `kv.decode`: entries a head in the largest global layer when
+    /// decoding starts (after the first cut) and after each generated token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_entries: Option<Vec<u32>>,
 }
 
 /// A request: chat messages (role, content), greedy decoding.
@@ -484,6 +495,7 @@ impl NativeEngine {
             policy: Policy::Full,
             budget: 1.0,
             quant: KvQuant::F16,
+            decode: None,
             ..like.clone()
         };
         let (cache, logits) = self.cell_cache(pf, &full)?;
@@ -493,6 +505,7 @@ impl NativeEngine {
             pf.tokens.len(),
             max_new,
             0,
+            None,
         )?;
         if decoded.finish == "stop" {
             decoded.ids.push(decoded.stop_id);
@@ -515,6 +528,8 @@ impl NativeEngine {
 
     /// Greedy decoding from `logits` at position `pos`: the tokens (stop
     /// token excluded), why it ended and each step's top-k log-probabilities.
+    /// With `cell.decode`, the cache is cut back to its target when decoding
+    /// starts and every `interval` generated tokens after.
     fn decode(
         &self,
         cache: &mut KvCache,
@@ -522,13 +537,29 @@ impl NativeEngine {
         pos: usize,
         max_new: usize,
         k: usize,
+        cell: Option<&Cell>,
     ) -> Result<Decoded> {
         let mut d = Decoded {
             ids: Vec::new(),
             finish: "length",
             stop_id: 0,
             logprobs: Vec::new(),
+            entries: Vec::new(),
         };
+        let during = cell.and_then(|c| Some((c, c.decode.as_ref()?)));
+        // Each layer's target, from its size when decoding starts.
+        let targets: Vec<usize> = match during {
+            Some((_, dc)) => cache
+                .layers
+                .iter()
+                .map(|l| dc.target_entries(l.len()))
+                .collect(),
+            None => Vec::new(),
+        };
+        if let Some((c, dc)) = during {
+            self.cut_back(cache, c, dc, &targets)?;
+            d.entries.push(self.largest_global(cache));
+        }
         for (i, pos) in (0..max_new).zip(pos..) {
             let next = argmax(&logits);
             if k > 0 && !self.tok.stop.contains(&next) {
@@ -552,8 +583,76 @@ impl NativeEngine {
                 break;
             }
             logits = self.model.forward(&[next], pos, cache, &mut [])?;
+            if let Some((c, dc)) = during {
+                if d.ids.len().is_multiple_of(dc.interval.max(1) as usize) {
+                    self.cut_back(cache, c, dc, &targets)?;
+                }
+                d.entries.push(self.largest_global(cache));
+            }
         }
         Ok(d)
+    }
+
+    /// Entries a head in the largest layer eviction may shrink (a
+    /// sliding-window layer keeps its window).
+    fn largest_global(&self, cache: &KvCache) -> u32 {
+        let hp = &self.model.hp;
+        (0..hp.n_layer)
+            .filter(|&l| hp.window_of(l).is_none())
+            .map(|l| cache.layers[l].len() as u32)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Cuts every global layer above its target back to it, keeping what
+    /// `dc.policy` scores highest (streaming, knorm and random need no
+    /// attention statistics); ties to the lower position, as at prefill.
+    fn cut_back(
+        &self,
+        cache: &mut KvCache,
+        cell: &Cell,
+        dc: &crate::config::schema::DecodeCompression,
+        targets: &[usize],
+    ) -> Result<()> {
+        let hp = &self.model.hp;
+        let (g, d) = (hp.n_kv_head, hp.head_dim);
+        let scorer = Policy::parse(&dc.policy)
+            .filter(|p| matches!(p, Policy::Streaming | Policy::Knorm | Policy::Random))
+            .ok_or_else(|| {
+                anyhow!(
+                    "`kv.decode.policy` is `{}`; while decoding kvt scores with {}",
+                    dc.policy,
+                    crate::config::schema::DecodeCompression::POLICIES.join(", ")
+                )
+            })?;
+        for (l, layer) in cache.layers.iter_mut().enumerate() {
+            let n = layer.len();
+            let target = targets[l].max(2);
+            if hp.window_of(l).is_some() || n <= target {
+                continue;
+            }
+            let (keys, _) = layer.to_rows()?;
+            let obs = LayerObservation {
+                n_head: hp.n_head,
+                n_kv_head: g,
+                head_dim: d,
+                k_len: n,
+                keys: &keys,
+                key_rows: n,
+                window_mean: &[],
+                window: 0,
+                last_query: &[],
+                received: &[],
+            };
+            let params = PolicyParams {
+                policy: scorer,
+                budget: target as f64,
+                ..cell.params()
+            };
+            let kept = policy::select(&obs, &params, l, hp.n_layer);
+            layer.evict(&kept, cell.quant, dc.interval as usize + 1)?;
+        }
+        Ok(())
     }
 
     /// Teacher-forces `tokens` after the cell's prompt (`cache` and `logits`
@@ -644,7 +743,14 @@ impl NativeEngine {
                 })
             }
         };
-        let decoded = self.decode(&mut cache, logits, s, asks.max_new, asks.logprobs)?;
+        let decoded = self.decode(
+            &mut cache,
+            logits,
+            s,
+            asks.max_new,
+            asks.logprobs,
+            Some(cell),
+        )?;
         let out = decoded.ids;
         let finish = decoded.finish;
         let decode_ms = t0.elapsed().as_secs_f64() * 1000.0;
@@ -677,6 +783,7 @@ impl NativeEngine {
             logprobs: (asks.logprobs > 0).then_some(decoded.logprobs),
             gold_loglik,
             fidelity,
+            decode_entries: cell.decode.is_some().then_some(decoded.entries),
         })
     }
 
@@ -775,6 +882,9 @@ struct Decoded {
     finish: &'static str,
     stop_id: u32,
     logprobs: Vec<crate::llm::TokenLogprob>,
+    /// With compression while decoding: entries a head in the largest
+    /// global layer after each generated token (and once before the first).
+    entries: Vec<u32>,
 }
 
 impl NativeEngine {
@@ -845,6 +955,7 @@ pub fn telemetry_into(a: &NativeAnswer, o: &mut crate::llm::Outcome) {
     o.kv_kept_total = Some(a.kept_total);
     o.kv_full_total = Some(a.full_total);
     o.kv_bytes = Some(a.kv_bytes);
+    o.kv_decode_entries = a.decode_entries.clone();
     // A cell's latency is what it would cost alone — its prefill and its
     // decode — not the wall time of the request that computed the whole cohort
     // (or found its answer ready).
@@ -882,6 +993,7 @@ mod tests {
             beta: 20.0,
             seed: 0,
             compress: Compress::Context,
+            decode: None,
         }
     }
 
@@ -944,6 +1056,7 @@ mod tests {
             logprobs: None,
             gold_loglik: None,
             fidelity: None,
+            decode_entries: None,
         };
         let o = outcome(&a);
         assert_eq!(o.text, "918273");

@@ -185,6 +185,8 @@ pub struct Uses {
     beta: f64,
     #[serde(rename = "kv.compress")]
     compress: crate::config::schema::Compress,
+    #[serde(rename = "kv.decode")]
+    decode: Option<crate::config::schema::DecodeCompression>,
     decoding: Decoding,
     prompt: Prompt,
     #[serde(rename = "dataset.task")]
@@ -317,6 +319,7 @@ impl crate::stages::Stage for Infer {
                 seed: u.seed,
                 beta: (native || u.send_kv).then_some(u.beta),
                 compress: (native || u.send_kv).then_some(u.compress),
+                decode: u.decode.clone(),
             })
         };
         let mut kv = cell(ctx.item("policy")?, ctx.item("budget")?)?;
