@@ -5,21 +5,26 @@
 # the old one's cache fresh, answers `infer` again from the old journal
 # without sending a request, and writes the same report.md, report.html and
 # SQLite rows.
-#   bash benches/before_after.sh OLD_BIN NEW_BIN [ROUNDS]
+#   bash benches/before_after.sh OLD_BIN NEW_BIN [ROUNDS] [OLD_REV]
+# OLD_REV (a commit; default HEAD) gives the projects their config files:
+# the old binary must read the configuration it was built with.
 set -euo pipefail
-old=$(realpath "$1"); new=$(realpath "$2"); rounds=${3:-3}
+old=$(realpath "$1"); new=$(realpath "$2"); rounds=${3:-3}; rev=${4:-HEAD}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 project() {
   mkdir -p "$1/config/experiments"
-  cp "$repo/config/default.yaml" "$1/config/"
-  cp "$repo/config/experiments/demo.yaml" "$1/config/experiments/"
+  git -C "$repo" show "$rev:config/default.yaml" > "$1/config/default.yaml"
+  git -C "$repo" show "$rev:config/experiments/demo.yaml" > "$1/config/experiments/demo.yaml"
 }
 secs() { # BIN DIR ARGS… → wall seconds of `BIN build report -q …` in DIR
   local bin=$1 dir=$2 t0 t1; shift 2
   t0=$(date +%s%N)
-  (cd "$dir" && "$bin" build report -q -c config/experiments/demo.yaml "$@" >/dev/null)
+  if ! (cd "$dir" && "$bin" build report -q -c config/experiments/demo.yaml "$@" >/dev/null 2>"$dir/err.log"); then
+    echo "$bin failed in $dir: $(cat "$dir/err.log")" >&2
+    exit 1
+  fi
   t1=$(date +%s%N)
   awk -v ns=$((t1 - t0)) 'BEGIN {printf "%.4f", ns / 1e9}'
 }

@@ -402,7 +402,11 @@ pub struct Kv {
     /// on the compressed cache, as kvpress does) or `prompt` (compress the whole
     /// prompt, question included, as the SnapKV paper does).
     pub compress: Compress,
-    /// Compression while the answer is generated (native engine); null: none.
+    /// Compression while the answer is generated (native engine); null:
+    /// none. Left out of the configuration as ops see it when null, so the
+    /// `kv` section and the keys of experiments without it are unchanged
+    /// (`infer` lists it as optional: `kv.decode?`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decode: Option<DecodeCompression>,
 }
 

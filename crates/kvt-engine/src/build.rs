@@ -282,6 +282,7 @@ fn run_node(
             cache_root: &ws.cache_root,
             node: &spec.id,
             config: &spec.config,
+            optional: &spec.optional,
             bindings: &spec.bindings,
             transport: &spec.transport,
             root: &ws.root,

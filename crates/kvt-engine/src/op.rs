@@ -82,8 +82,22 @@ pub trait AnyOp: Send + Sync {
     fn recompose_in_place(&self, file: &Path, overlays: &[Vec<u8>]) -> Result<bool>;
 }
 
+/// A node's `uses` values as its op reads them: the optional paths that
+/// are not set (and so not in the key) as null.
+pub(crate) fn with_optional(
+    config: &BTreeMap<String, Value>,
+    optional: &[String],
+) -> BTreeMap<String, Value> {
+    let mut all = config.clone();
+    for p in optional {
+        all.entry(p.clone()).or_insert(Value::Null);
+    }
+    all
+}
+
 fn slices<O: Op>(ctx: &KeyContext) -> Result<(O::Uses, O::Transport)> {
-    let uses = typed_slice(ctx.config, "uses").with_context(|| format!("node `{}`", ctx.node))?;
+    let config = with_optional(ctx.config, ctx.optional);
+    let uses = typed_slice(&config, "uses").with_context(|| format!("node `{}`", ctx.node))?;
     let transport =
         typed_slice(ctx.transport, "transport").with_context(|| format!("node `{}`", ctx.node))?;
     Ok((uses, transport))
@@ -234,6 +248,8 @@ pub struct KeyContext<'a> {
     /// The stage's `uses` values as a raw map: for hashing as an identity
     /// only (ops read them typed, as their `Op::Uses`).
     pub config: &'a BTreeMap<String, Value>,
+    /// Optional `uses` paths (`path?`), null for the op when not in `config`.
+    pub(crate) optional: &'a [String],
     pub bindings: &'a BTreeMap<String, Value>,
     /// The stage's `transport` values (ops read them as `Op::Transport`).
     pub(crate) transport: &'a BTreeMap<String, Value>,

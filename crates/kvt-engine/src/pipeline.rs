@@ -24,6 +24,10 @@ pub struct StageDef {
     pub op: String,
     #[serde(default)]
     pub needs: Vec<String>,
+    /// Config paths that enter the key. A path ending in `?` is optional:
+    /// it enters the key only when set (not null), so adding one to a stage
+    /// leaves the keys of every configuration without it unchanged; the op
+    /// still reads it (null when unset).
     #[serde(default)]
     pub uses: Vec<String>,
     /// Config paths the op may read that do NOT enter the key: transport
@@ -56,8 +60,12 @@ pub struct NodeSpec {
     pub stage: String,
     pub op: Arc<dyn AnyOp>,
     pub bindings: BTreeMap<String, Value>,
-    /// `uses` path → value, the part of the config that enters the key.
+    /// `uses` path → value, the part of the config that enters the key
+    /// (an optional path only when set).
     pub config: BTreeMap<String, Value>,
+    /// The stage's optional `uses` paths (`path?`): the op reads each, null
+    /// when it is not in `config`.
+    pub optional: Vec<String>,
     /// `transport` path → value: readable by the op, never part of the key.
     pub transport: BTreeMap<String, Value>,
 }
@@ -141,11 +149,24 @@ impl Plan {
                 };
                 sg.add_edge(from, idx[name.as_str()], ());
             }
-            for path in st.uses.iter().chain(&st.transport) {
+            for listed in st.uses.iter().chain(&st.transport) {
+                // An optional path may be absent; its section may not.
+                let (path, what) = match listed.strip_suffix('?') {
+                    Some(p) => (
+                        p.rsplit_once('.').map_or(p, |(parent, _)| parent),
+                        "whose section",
+                    ),
+                    None => (listed.as_str(), "which"),
+                };
                 if get_path(config, path).is_none() {
+                    let section = if listed.ends_with('?') {
+                        format!(" `{path}`")
+                    } else {
+                        String::new()
+                    };
                     return Err(pipeline_error(
                         source,
-                        format!("stage `{name}` uses config path `{path}`, which is not in the config schema"),
+                        format!("stage `{name}` uses config path `{listed}`, {what}{section} is not in the config schema"),
                     ));
                 }
             }
@@ -291,11 +312,22 @@ impl Plan {
             for bindings in combos {
                 let id = node_id(name, &bindings);
                 let mut cfg = BTreeMap::new();
+                let mut optional = Vec::new();
                 for p in &st.uses {
-                    cfg.insert(
-                        p.clone(),
-                        get_path(config, p).cloned().unwrap_or(Value::Null),
-                    );
+                    match p.strip_suffix('?') {
+                        Some(p) => {
+                            if let Some(v) = get_path(config, p).filter(|v| !v.is_null()) {
+                                cfg.insert(p.to_string(), v.clone());
+                            }
+                            optional.push(p.to_string());
+                        }
+                        None => {
+                            cfg.insert(
+                                p.clone(),
+                                get_path(config, p).cloned().unwrap_or(Value::Null),
+                            );
+                        }
+                    }
                 }
                 let transport = st
                     .transport
@@ -307,15 +339,17 @@ impl Plan {
                         )
                     })
                     .collect();
-                op.check(&cfg, &transport).map_err(|e| {
-                    KvtError::usage(format!("pipeline stage `{name}` (op `{}`): {e:#}", st.op))
-                })?;
+                op.check(&super::op::with_optional(&cfg, &optional), &transport)
+                    .map_err(|e| {
+                        KvtError::usage(format!("pipeline stage `{name}` (op `{}`): {e:#}", st.op))
+                    })?;
                 let ix = graph.add_node(NodeSpec {
                     id,
                     stage: name.to_string(),
                     op: op.clone(),
                     bindings: bindings.clone(),
                     config: cfg,
+                    optional,
                     transport,
                 });
                 for need in &st.needs {
@@ -411,5 +445,69 @@ impl Plan {
         d.sort_by(|a, b| self.graph[*a].id.cmp(&self.graph[*b].id));
         d.dedup();
         d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::op::{NoTransport, Op, OpContext, OpRegistry};
+    use crate::state::key_slice;
+
+    /// An op that reads one optional value.
+    struct Reads;
+    #[derive(serde::Deserialize)]
+    struct Uses {
+        #[serde(rename = "a.b")]
+        _b: u32,
+        #[serde(rename = "a.extra")]
+        _extra: Option<u32>,
+    }
+    impl Op for Reads {
+        type Uses = Uses;
+        type Transport = NoTransport;
+        fn name(&self) -> &'static str {
+            "reads"
+        }
+        fn version(&self) -> u32 {
+            1
+        }
+        fn run(&self, _: &mut OpContext, _: Uses, _: NoTransport) -> crate::error::OpResult {
+            Ok(())
+        }
+    }
+
+    fn slice(pipeline: &str, config: Value) -> Result<BTreeMap<String, Value>> {
+        let mut reg = OpRegistry::new();
+        reg.register(Reads);
+        let def = PipelineDef::parse(pipeline, "p")?;
+        let plan = Plan::new(&def, "p", &config, &reg, &[])?;
+        Ok(key_slice(&plan.graph[plan.order[0]]))
+    }
+
+    /// An optional `uses` path (`a.extra?`) enters the key only when set:
+    /// adding one to a stage leaves every configuration without it keyed
+    /// as before; the op still reads it (null when unset).
+    #[test]
+    fn an_optional_path_enters_the_key_only_when_set() {
+        let p = "stages:\n  s: {op: reads, uses: [a.b, a.extra?]}\n";
+        let unset = slice(p, serde_json::json!({"a": {"b": 1}})).unwrap();
+        let null = slice(p, serde_json::json!({"a": {"b": 1, "extra": null}})).unwrap();
+        let set = slice(p, serde_json::json!({"a": {"b": 1, "extra": 5}})).unwrap();
+        assert_eq!(unset, null);
+        assert_eq!(unset.keys().collect::<Vec<_>>(), ["a.b"]);
+        assert_eq!(set.get("a.extra"), Some(&Value::from(5)));
+        // A plain path is keyed as null when unset; the typed check still
+        // holds for the optional one (it is part of the op's `Uses`).
+        let plain = "stages:\n  s: {op: reads, uses: [a.b, a.extra]}\n";
+        let keyed = slice(plain, serde_json::json!({"a": {"b": 1, "extra": null}})).unwrap();
+        assert_eq!(keyed.get("a.extra"), Some(&Value::Null));
+        // The optional path's section must exist.
+        let e = slice(
+            "stages:\n  s: {op: reads, uses: [a.b, x.extra?]}\n",
+            serde_json::json!({"a": {"b": 1}}),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("`x.extra?`"), "{e}");
     }
 }

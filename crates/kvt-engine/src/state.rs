@@ -246,6 +246,7 @@ pub fn key_node(ws: &Workspace, spec: &NodeSpec, ups: &[Upstream]) -> Result<Key
         cache_root: &ws.cache_root,
         node: &spec.id,
         config: &spec.config,
+        optional: &spec.optional,
         bindings: &spec.bindings,
         transport: &spec.transport,
         root: &ws.root,
