@@ -53,6 +53,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import resource
 import signal
@@ -82,7 +83,9 @@ PARAMS = {
     "PyramidKVPress": {"window": "window_size", "pool_kernel": "kernel_size", "beta": "beta"},
     "RandomPress": {"seed": "seed"},
 }
-KNOWN = {"policy", "budget", "sink_tokens", "window", "pool_kernel", "seed", "beta", "compress", "press_params"}
+KNOWN = {"policy", "budget", "sink_tokens", "window", "pool_kernel", "seed", "beta", "compress", "press_params", "decode"}
+# Presses that score a cache while it decodes (no attention statistics needed).
+DECODE_POLICIES = ("streaming", "knorm", "random")
 
 
 def kept_order(torch, scores, n_kept):
@@ -266,7 +269,7 @@ class Engine:
             out.extend(self.log_softmax(o.logits[0, i]) for i in range(len(ids) - 1))
         return out[: len(ids)]
 
-    def greedy(self, cache, out, pos, max_new, on_token=None, keep=False, k=0):
+    def greedy(self, cache, out, pos, max_new, on_token=None, keep=False, k=0, after_step=None):
         """Greedy decoding from `out` (the logits after the prompt): token ids,
         why it stopped, the per-token entries (k > 0), the stop token (or
         None) and, with `keep`, every step's log-probabilities."""
@@ -293,8 +296,69 @@ class Engine:
             out = self.model(input_ids=torch.tensor([[nxt]], device=dev), past_key_values=cache,
                              position_ids=torch.tensor([[pos]], device=dev))
             pos += 1
+            if after_step is not None:
+                after_step(cache, len(generated))
             nxt = int(out.logits[0, -1].argmax())
         return generated, finish, entries, stop, dists
+
+    # -- compression while decoding ---------------------------------------
+    def decoding(self, p, decode):
+        """`kvt.decode` ({interval, target, policy}) as kvt's native engine
+        applies it: each layer cut back to its target when decoding starts
+        and every `interval` generated tokens, by a kvpress scorer press
+        (StreamingLLMPress, KnormPress or RandomPress; ties to the lower
+        position). Returns (start, after_step, entries): call `start(cache)`
+        before decoding; `entries` gets the largest layer's entries a head
+        after the first cut and after each generated token."""
+        import kvpress
+
+        if not isinstance(decode, dict):
+            raise BadRequest("`decode` must be an object: {interval, target, policy}")
+        unknown = set(decode) - {"interval", "target", "policy"}
+        if unknown:
+            raise BadRequest(f"unknown field `decode.{sorted(unknown)[0]}`")
+        interval, target = decode.get("interval"), decode.get("target")
+        policy = decode.get("policy") or "streaming"
+        if not isinstance(interval, int) or interval < 1:
+            raise BadRequest("`decode.interval` must be a whole number of tokens, at least 1")
+        if not isinstance(target, (int, float)) or not target > 0:
+            raise BadRequest("`decode.target` must be positive: entries a head (> 1) or a fraction (<= 1)")
+        if policy not in DECODE_POLICIES:
+            raise BadRequest(f"`decode.policy` `{policy}` cannot score while decoding; use {', '.join(DECODE_POLICIES)}")
+        args = {}
+        if policy == "streaming" and p.get("sink_tokens") is not None:
+            args["n_sink"] = p["sink_tokens"]
+        if policy == "random" and p.get("seed") is not None:
+            args["seed"] = p["seed"]
+        press = getattr(kvpress, NAMES[policy])(**args)
+        targets, entries = [], []
+
+        def cut(cache):
+            for i in range(self.n_layers):
+                layer = cache.layers[i]
+                k_len = int(layer.keys.shape[-2])
+                t = max(2, targets[i])
+                if k_len <= t:
+                    continue
+                # compute_n_kept(k_len, ratio) = int(k_len * (1 - ratio)) = t
+                press.compression_ratio = 1.0 - (t + 0.5) / k_len
+                attn = self.model.model.layers[i].self_attn
+                layer.keys, layer.values = press.compress(attn, None, layer.keys, layer.values, None, {})
+            entries.append(max(int(cache.layers[i].keys.shape[-2]) for i in range(self.n_layers)))
+
+        def start(cache):
+            for i in range(self.n_layers):
+                n = int(cache.layers[i].keys.shape[-2])
+                targets.append(int(target) if target > 1 else max(1, math.ceil(n * target)))
+            cut(cache)
+
+        def after_step(cache, n_generated):
+            if n_generated % interval == 0:
+                cut(cache)
+            else:
+                entries.append(max(int(cache.layers[i].keys.shape[-2]) for i in range(self.n_layers)))
+
+        return start, after_step, entries
 
     def prefill(self, ids, split, press):
         """The cache after the prompt (the compressed span under `press`,
@@ -418,7 +482,13 @@ class Engine:
                         first = next((i for i, a in enumerate(agree) if not a), None)
                         if first is not None:
                             fid["first_divergence"] = first
-                generated, finish, entries, stop, _ = self.greedy(cache, out, len(ids), max_new, on_token, k=k)
+                decode = p.get("decode")
+                after_step = decode_entries = None
+                if decode is not None:
+                    start, after_step, decode_entries = self.decoding(p, decode)
+                    start(cache)
+                generated, finish, entries, stop, _ = self.greedy(
+                    cache, out, len(ids), max_new, on_token, k=k, after_step=after_step)
                 if fidelity and ref is None:
                     n_ref = len(generated) + (1 if stop is not None else 0)
                     fid = {"kl": [0.0] * n_ref, "top1_agree": [True] * n_ref, "basis": "exact"}
@@ -449,6 +519,8 @@ class Engine:
         }
         if kept_positions is not None:
             native["kept_positions"] = kept_positions
+        if decode_entries is not None:
+            native["decode_entries"] = decode_entries
         if k:
             native["logprobs"] = entries
         if gold_ll is not None:

@@ -952,6 +952,11 @@ fn kv_decode_is_checked_by_key() {
                 "runs on the native engine",
             ),
             (
+                "engine: {kind: openai, base_url: \"http://127.0.0.1:9/v1\"}\nkv: {decode: {interval: 8, target: 64}}",
+                "kv.decode",
+                "engine.send_kv: true",
+            ),
+            (
                 "engine: {kind: native}\nkv: {decode: {interval: 8, target: 64, every: 2}}",
                 "kv.decode.every",
                 "valid keys here: interval, target, policy",

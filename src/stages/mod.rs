@@ -83,12 +83,14 @@ pub fn check_config(loaded: &LoadedConfig) -> Result<()> {
             ).into());
         }
     }
-    // Compression while decoding runs where kvt runs the model itself.
-    if c.kv.decode.is_some() && answerer != infer::Answerer::ModelFile {
+    // Compression while decoding: the native engine, or a server that gets
+    // each cell's parameters (`scripts/kvpress_server.py` applies it).
+    let sends_kv = answerer == infer::Answerer::Named && c.engine.send_kv;
+    if c.kv.decode.is_some() && answerer != infer::Answerer::ModelFile && !sends_kv {
         return Err(loaded
             .key_error(
                 "kv.decode",
-                "compression while decoding runs on the native engine (`engine.kind: native`, or `serve` with `engine.model_path`); use `null` here",
+                "compression while decoding runs on the native engine (`engine.kind: native`, or `serve` with `engine.model_path`) or on a server sent each cell's parameters (`engine.send_kv: true`, e.g. scripts/kvpress_server.py); use `null` here",
             )
             .into());
     }
