@@ -114,6 +114,30 @@ fn report_end_to_end_then_nothing_then_analysis_only() {
             .contains("<svg"));
     }
     let report = p.read("runs/small/report.md");
+    // Issue #31: each cell's mean answer length beside its score, in the
+    // detailed table (the simulator's answers are a few tokens long).
+    let header = report
+        .lines()
+        .find(|l| l.starts_with("| setting | bin (tokens) |"))
+        .unwrap_or_else(|| panic!("no detailed table in\n{report}"));
+    let col = header
+        .split('|')
+        .position(|c| c.trim() == "answer tokens (mean)")
+        .unwrap_or_else(|| panic!("no answer column in {header}"));
+    let detailed: Vec<&str> = report
+        .lines()
+        .skip_while(|l| *l != header)
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    assert!(detailed.len() >= 6, "{report}");
+    for line in &detailed {
+        let cell = line.split('|').nth(col).unwrap().trim();
+        let mean: f64 = cell
+            .parse()
+            .unwrap_or_else(|_| panic!("`{cell}` in {line}"));
+        assert!(mean > 0.0 && mean <= 32.0, "{line}");
+    }
     let row = |setting: &str| {
         report
             .lines()

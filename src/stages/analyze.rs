@@ -67,6 +67,10 @@ pub struct BinStat {
     pub ttft_p50_ms: Option<f64>,
     pub prompt_tokens_mean: Option<f64>,
     pub retained_tokens_mean: Option<f64>,
+    /// Mean answer length (generated tokens): compression can make answers
+    /// longer (reasoning traces) or cut them short.
+    #[serde(default)]
+    pub completion_tokens_mean: Option<f64>,
     pub kv_bytes_mean: Option<f64>,
     /// Peak resident memory of a launched server while answering this cell (MiB).
     #[serde(default)]
@@ -359,6 +363,12 @@ pub fn analyze(
                     .collect(),
             ),
             retained_tokens_mean: mean_of(retained),
+            completion_tokens_mean: mean_of(
+                j.rows
+                    .iter()
+                    .filter_map(|r| r.completion_tokens.map(|x| x as f64))
+                    .collect(),
+            ),
             kv_bytes_mean: mean_of(kv),
             server_rss_peak_mib: j
                 .rows
@@ -439,7 +449,8 @@ impl crate::stages::Stage for Analyze {
     }
     fn version(&self) -> u32 {
         // 4: one reference for every cell, `full` at 1.0 (fidelity too).
-        4
+        // 5: mean answer length per cell and bin.
+        5
     }
     type Uses = Uses;
     type Transport = NoTransport;

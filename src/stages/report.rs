@@ -440,6 +440,7 @@ pub fn context(
                 "latency": format!("{} / {}", f2(s.latency_p50_ms), f2(s.latency_p95_ms)),
                 "ttft": f2(s.ttft_p50_ms),
                 "retained": s.retained_tokens_mean.map_or("–".into(), |r| format!("{r:.0} of {:.0}", s.prompt_tokens_mean.unwrap_or(f64::NAN))),
+                "answer": s.completion_tokens_mean.map_or("–".into(), |a| format!("{a:.1}")),
                 "kv": s.kv_bytes_mean.map_or("–".into(), human_bytes),
                 "rss": match (s.server_rss_peak_mib, s.kv_cache_usage_peak) {
                     (Some(m), Some(u)) => format!("{m:.0} MiB; KV cache {:.0} % used", u * 100.0),
@@ -655,7 +656,8 @@ impl crate::stages::Stage for Report {
     fn version(&self) -> u32 {
         // 11: the layer note and the metric-fit warning.
         // 12: report.html carries the CI table, the plots and the failures.
-        12
+        // 13: mean answer length beside each bin's score.
+        13
     }
     type Uses = Uses;
     type Transport = NoTransport;

@@ -217,6 +217,8 @@ pub struct ScoreCell {
     pub prompt_tokens: Option<u64>,
     pub retained_tokens: Option<u64>,
     #[serde(default)]
+    pub completion_tokens: Option<u64>,
+    #[serde(default)]
     pub kv_bytes: Option<u64>,
     #[serde(default)]
     pub server_rss_kib: Option<u64>,
@@ -251,6 +253,7 @@ impl From<&ScoreRow> for ScoreCell {
             ttft_ms: r.response.ttft_ms,
             prompt_tokens: r.response.prompt_tokens,
             retained_tokens: r.response.retained_tokens,
+            completion_tokens: r.response.completion_tokens,
             kv_bytes: r.response.kv_bytes,
             server_rss_kib: r.response.server_rss_kib,
             kv_cache_usage: r.response.kv_cache_usage,
