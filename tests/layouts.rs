@@ -70,20 +70,33 @@ fn serve(answers: &[(&str, &str)]) -> Server {
 /// Builds the experiment against the server; returns (example id → score,
 /// example id → meta) from the SQLite sink.
 fn build(p: &Project, s: &Server, name: &str) -> (HashMap<String, f64>, HashMap<String, Value>) {
-    let out = p
-        .kvt()
-        .args([
-            "build",
-            "sqlite",
-            "-c",
-            &format!("config/experiments/{name}.yaml"),
-        ])
-        .args(["--set", &format!("engine.base_url={}", s.url)])
-        .output()
-        .unwrap();
+    build_with(p, s, name, name, &[])
+}
+
+/// [`build`] with more `--set` arguments, for an experiment whose file
+/// names another engine; `exp` is its `output.exp_group_id`.
+fn build_with(
+    p: &Project,
+    s: &Server,
+    name: &str,
+    exp: &str,
+    sets: &[&str],
+) -> (HashMap<String, f64>, HashMap<String, Value>) {
+    let mut c = p.kvt();
+    c.args([
+        "build",
+        "sqlite",
+        "-c",
+        &format!("config/experiments/{name}.yaml"),
+    ])
+    .args(["--set", &format!("engine.base_url={}", s.url)]);
+    for set in sets {
+        c.args(["--set", set]);
+    }
+    let out = c.output().unwrap();
     assert!(out.status.success(), "{}", stderr_of(&out));
     let db =
-        rusqlite::Connection::open(p.path(&format!("runs/{name}/kv_transition.sqlite"))).unwrap();
+        rusqlite::Connection::open(p.path(&format!("runs/{exp}/kv_transition.sqlite"))).unwrap();
     let scores = db
         .prepare("SELECT q.example_id, s.score FROM scores s JOIN requests q USING (request_id)")
         .unwrap()
@@ -454,51 +467,29 @@ fn longbench_v2_shows_four_choices_and_scores_letters() {
         ),
         ("rec-5", "D"),
     ]);
-    let out = p
-        .kvt()
-        .args([
-            "build",
-            "sqlite",
-            "-c",
-            "config/experiments/longbench-v2.yaml",
-        ])
-        .args(["--set", "engine.kind=openai"])
-        .args(["--set", &format!("engine.base_url={}", s.url)])
-        .args([
-            "--set",
+    let (scores, meta) = build_with(
+        &p,
+        &s,
+        "longbench-v2",
+        "longbench_v2",
+        &[
+            "engine.kind=openai",
             "kv.policies=[streaming]",
-            "--set",
             "kv.budgets=[1.0]",
-        ])
-        .args(["--set", "analysis.bootstrap.iters=20"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr_of(&out));
-    let db = rusqlite::Connection::open(p.path("runs/longbench_v2/kv_transition.sqlite")).unwrap();
-    let scores: HashMap<String, f64> = db
-        .prepare("SELECT q.example_id, s.score FROM scores s JOIN requests q USING (request_id)")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+            "analysis.bootstrap.iters=20",
+        ],
+    );
     let want = [1.0, 1.0, 0.0, 1.0, 1.0, 0.0];
     for (i, w) in want.iter().enumerate() {
         let id = format!("lbv2-{i:03}");
         assert_eq!(scores.get(&id), Some(w), "{id}: {scores:?}");
     }
+    let db = rusqlite::Connection::open(p.path("runs/longbench_v2/kv_transition.sqlite")).unwrap();
     let metric: String = db
         .query_row("SELECT DISTINCT metric FROM scores", [], |r| r.get(0))
         .unwrap();
     assert_eq!(metric, "multiple_choice");
-    let meta: String = db
-        .query_row(
-            "SELECT meta_json FROM examples WHERE example_id = 'lbv2-004'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    let meta: Value = serde_json::from_str(&meta).unwrap();
+    let meta = &meta["lbv2-004"];
     assert_eq!(meta["difficulty"], "hard");
     assert_eq!(meta["length"], "long");
     assert_eq!(meta["sub_domain"], "Code repo QA");

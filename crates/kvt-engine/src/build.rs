@@ -5,8 +5,8 @@
 
 use super::action::{ActionRecord, Export};
 use super::error::Reporter;
+use super::error::{chain_text, EngineError};
 use super::error::{Context, Result};
-use super::error::{EngineError, EngineError as KvtError};
 use super::op::{KeyContext, OpContext};
 use super::pipeline::Plan;
 use super::state::{decide, key_node, upstream_of, NodeState, StaleReason, Workspace};
@@ -336,10 +336,6 @@ fn run_node(
     Ok(rec)
 }
 
-fn error_chain(e: &EngineError) -> String {
-    super::error::chain_text(e)
-}
-
 /// Builds the plan: fresh nodes are reused, stale ones run. Fails (exit 1) when
 /// any node failed, after every node that could run has finished.
 pub fn build(
@@ -404,7 +400,7 @@ pub fn build(
                 let keyed = match key_node(ws, spec, &ups) {
                     Ok(k) => k,
                     Err(e) => {
-                        summary.failed.push((spec.id.clone(), error_chain(&e)));
+                        summary.failed.push((spec.id.clone(), chain_text(&e)));
                         if super::error::kind_of(&e) == super::error::ErrorKind::Usage {
                             summary.usage_failed += 1;
                         }
@@ -438,7 +434,7 @@ pub fn build(
                 match state {
                     NodeState::Fresh(rec) => {
                         if let Some(e) = export_error {
-                            summary.failed.push((spec.id.clone(), error_chain(&e)));
+                            summary.failed.push((spec.id.clone(), chain_text(&e)));
                             if super::error::kind_of(&e) == super::error::ErrorKind::Usage {
                                 summary.usage_failed += 1;
                             }
@@ -541,8 +537,8 @@ pub fn build(
                     // bytes), then this node.
                     let Some(p) = heal_input(ws, plan, ix, &e, &mut records, &mut healed, &reruns)
                     else {
-                        reporter.finished(&id, Err(&error_chain(&e)));
-                        summary.failed.push((id, error_chain(&e)));
+                        reporter.finished(&id, Err(&chain_text(&e)));
+                        summary.failed.push((id, chain_text(&e)));
                         blocked.extend(descendants(plan, ix));
                         stop = !opts.keep_going;
                         continue;
@@ -564,8 +560,8 @@ pub fn build(
                     blocked.extend(descendants(plan, ix));
                 }
                 Err(e) => {
-                    reporter.finished(&id, Err(&error_chain(&e)));
-                    summary.failed.push((id, error_chain(&e)));
+                    reporter.finished(&id, Err(&chain_text(&e)));
+                    summary.failed.push((id, chain_text(&e)));
                     if super::error::kind_of(&e) == super::error::ErrorKind::Usage {
                         summary.usage_failed += 1;
                     }
@@ -759,7 +755,7 @@ fn descendants(plan: &Plan, ix: NodeIndex) -> Vec<NodeIndex> {
 /// The error a build with failed nodes ends with (exit 1), or the interrupt (130).
 pub fn outcome(summary: &BuildSummary) -> Result<()> {
     if summary.interrupted {
-        return Err(KvtError::interrupted(format!(
+        return Err(EngineError::interrupted(format!(
             "interrupted: {} node(s) built and cached, {} not run; run the same command again to continue",
             summary.built.len(),
             summary.skipped.len() + summary.stopped.len()
@@ -785,9 +781,9 @@ pub fn outcome(summary: &BuildSummary) -> Result<()> {
         msg.push_str("\nfinished nodes are cached; fix the cause and run the same command again");
         // Only configuration errors (a missing data file, say): exit 2, like any bad config.
         if summary.usage_failed == summary.failed.len() {
-            return Err(KvtError::usage(msg));
+            return Err(EngineError::usage(msg));
         }
-        return Err(KvtError::failed(msg));
+        return Err(EngineError::failed(msg));
     }
     Ok(())
 }
