@@ -83,6 +83,7 @@ fn fields() -> Fields {
         answers: "answers".into(),
         meta: vec!["length".into(), "dataset".into()],
         extra: Default::default(),
+        group: None,
     }
 }
 

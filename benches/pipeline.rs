@@ -84,6 +84,7 @@ fn rows(budgets: &[f64], bins: i64, per_bin: i64) -> (Vec<Bin>, Vec<ScoreRow>) {
                     recall: score,
                     failure: None,
                     truncated_from: None,
+                    turn: None,
                     probs: Default::default(),
                     response: kvt::llm::Outcome {
                         finish_reason: Some("stop".into()),

@@ -27,6 +27,46 @@ pub struct Example {
     pub extra: std::collections::BTreeMap<String, String>,
 }
 
+/// `meta` keys of a question asked about a shared context: the context's
+/// group (examples with the same value share one context) and the question's
+/// turn within it (1, 2, …).
+pub const GROUP: &str = "group";
+pub const TURN: &str = "turn";
+
+impl Example {
+    /// The context group this example's question belongs to, if any.
+    pub fn group(&self) -> Option<&str> {
+        self.meta.get(GROUP).and_then(|v| v.as_str())
+    }
+}
+
+/// Numbers the turns of every group in the order its examples come (a
+/// turn already set, as synthetic tasks set it, is kept), and checks that a
+/// group's examples share their context: they are one context's questions.
+pub fn number_turns(examples: &mut [Example]) -> anyhow::Result<()> {
+    let mut seen: std::collections::HashMap<String, (u64, usize)> = Default::default();
+    for i in 0..examples.len() {
+        let Some(g) = examples[i].group().map(str::to_string) else {
+            continue;
+        };
+        let entry = seen.entry(g.clone()).or_insert((0, i));
+        entry.0 += 1;
+        let (turn, first) = *entry;
+        if examples[first].context != examples[i].context {
+            anyhow::bail!(
+                "examples `{}` and `{}` are in group `{g}` but their contexts differ: a group's questions share one context (check `dataset.fields.group`)",
+                examples[first].example_id,
+                examples[i].example_id
+            );
+        }
+        examples[i]
+            .meta
+            .entry(TURN)
+            .or_insert_with(|| serde_json::Value::from(turn));
+    }
+    Ok(())
+}
+
 /// What scoring reads of an example: its answers and metadata, never the
 /// context (`table::read` decodes only these columns).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -76,6 +116,44 @@ impl SplitMix64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ex(id: &str, group: Option<&str>, context: &str) -> Example {
+        let mut meta = serde_json::Map::new();
+        if let Some(g) = group {
+            meta.insert(GROUP.into(), g.into());
+        }
+        Example {
+            example_id: id.into(),
+            question: format!("q {id}"),
+            context: context.into(),
+            answers: vec!["a".into()],
+            meta,
+            extra: Default::default(),
+        }
+    }
+
+    #[test]
+    fn turns_are_numbered_per_group_in_order_and_groups_share_a_context() {
+        let mut v = vec![
+            ex("a1", Some("A"), "ctx A"),
+            ex("b1", Some("B"), "ctx B"),
+            ex("x", None, "ctx X"),
+            ex("a2", Some("A"), "ctx A"),
+            ex("a3", Some("A"), "ctx A"),
+        ];
+        number_turns(&mut v).unwrap();
+        let turns: Vec<Option<u64>> = v
+            .iter()
+            .map(|e| e.meta.get(TURN).and_then(|t| t.as_u64()))
+            .collect();
+        assert_eq!(turns, [Some(1), Some(1), None, Some(2), Some(3)]);
+        let mut bad = vec![ex("a1", Some("A"), "one"), ex("a2", Some("A"), "two")];
+        let e = number_turns(&mut bad).unwrap_err().to_string();
+        assert!(
+            e.contains("`a1`") && e.contains("`a2`") && e.contains("group `A`"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn splitmix_sequence_is_pinned() {

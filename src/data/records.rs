@@ -129,6 +129,13 @@ pub fn to_example(
             meta.insert(m.clone(), v.clone());
         }
     }
+    if let Some(g) = &f.group {
+        let v = field(g, "group")?;
+        let g = text_of(v)
+            .or_else(|| v.as_i64().map(|n| n.to_string()))
+            .ok_or_else(|| format!("field `{g}` (the group) is neither a string nor an integer"))?;
+        meta.insert(super::GROUP.into(), Value::from(g));
+    }
     Ok(Example {
         example_id,
         question,
@@ -401,6 +408,7 @@ mod tests {
             answers: "answers".into(),
             meta: vec!["length".into(), "all_classes".into()],
             extra: Default::default(),
+            group: None,
         }
     }
 
@@ -495,6 +503,7 @@ mod tests {
                 ("all".to_string(), "topics".to_string()),
             ]
             .into(),
+            group: None,
         };
         let ex = to_example(&rec, &f, "r-1").unwrap();
         assert_eq!(ex.example_id, "7");

@@ -1,15 +1,20 @@
 //! Built-in synthetic long-context tasks, generated deterministically from a
 //! seed at any target length: `needle` (one key → value fact at a chosen
 //! depth), `multikey` (several facts, one asked for, the others distractors)
-//! and `vartrack` (a chain of assignments to follow). The filler prose and the
-//! templates are kvt's own.
+//! and `vartrack` (a chain of assignments to follow), and `multiquestion`
+//! (several facts, each asked in a question of its own: one context's turns,
+//! `meta.group` and `meta.turn`, for `kv.compress: shared`). The filler prose
+//! and the templates are kvt's own.
 
 use super::{Example, SplitMix64};
 use anyhow::{bail, Result};
 use serde_json::{json, Map, Value};
 use tiktoken_rs::CoreBPE;
 
-pub const TASKS: &[&str] = &["needle", "multikey", "vartrack"];
+pub const TASKS: &[&str] = &["needle", "multikey", "vartrack", "multiquestion"];
+
+/// Questions `multiquestion` asks of each context.
+pub const QUESTIONS_PER_CONTEXT: usize = 3;
 
 /// Neutral filler prose written for kvt: long enough to bury a fact, dull
 /// enough never to answer a question.
@@ -116,7 +121,31 @@ pub fn generate(
             meta.insert("task".into(), json!(task));
             meta.insert("target_tokens".into(), json!(len));
             meta.insert("depth".into(), json!((depth * 1000.0).round() / 1000.0));
+            let mut turns: Vec<(String, String, f64)> = Vec::new();
             let (facts, question, answer) = match task {
+                "multiquestion" => {
+                    // Facts at depths spread over the context, asked in
+                    // an order of their own so turn and depth do not align.
+                    let n = QUESTIONS_PER_CONTEXT;
+                    let mut facts = Vec::new();
+                    for k in 0..n {
+                        let (key, value) = (word(&mut rng), number(&mut rng));
+                        let d = (k as f64 + 0.5) / n as f64;
+                        facts.push((
+                            d,
+                            format!("Archive note: the access code assigned to {key} is {value}."),
+                        ));
+                        turns.push((
+                            format!("What is the access code assigned to {key}?"),
+                            value,
+                            d,
+                        ));
+                    }
+                    let shift = rng.below(n as u64) as usize;
+                    turns.rotate_left(shift);
+                    meta.insert("n_questions".into(), json!(n));
+                    (facts, String::new(), String::new())
+                }
                 "needle" => {
                     let (key, value) = (word(&mut rng), number(&mut rng));
                     let fact =
@@ -184,14 +213,33 @@ pub fn generate(
             .map(str::to_string)
             .collect();
             insert_at_depths(&mut sentences, facts);
-            out.push(Example {
-                example_id: format!("{task}-{len}-{i:03}"),
-                question,
-                context: sentences.join(" "),
-                answers: vec![answer],
-                meta,
-                extra: Default::default(),
-            });
+            let context = sentences.join(" ");
+            let id = format!("{task}-{len}-{i:03}");
+            if turns.is_empty() {
+                out.push(Example {
+                    example_id: id,
+                    question,
+                    context,
+                    answers: vec![answer],
+                    meta,
+                    extra: Default::default(),
+                });
+                continue;
+            }
+            for (t, (question, answer, depth)) in turns.into_iter().enumerate() {
+                let mut meta = meta.clone();
+                meta.insert("depth".into(), json!((depth * 1000.0).round() / 1000.0));
+                meta.insert(super::GROUP.into(), json!(id));
+                meta.insert(super::TURN.into(), json!(t + 1));
+                out.push(Example {
+                    example_id: format!("{id}-q{}", t + 1),
+                    question,
+                    context: context.clone(),
+                    answers: vec![answer],
+                    meta,
+                    extra: Default::default(),
+                });
+            }
         }
     }
     Ok(out)
@@ -208,7 +256,12 @@ mod tests {
             let a = generate(bpe, task, 1, &[300, 1200], 3).unwrap();
             let b = generate(bpe, task, 1, &[300, 1200], 3).unwrap();
             assert_eq!(a, b);
-            assert_eq!(a.len(), 6);
+            let per_context = if *task == "multiquestion" {
+                QUESTIONS_PER_CONTEXT
+            } else {
+                1
+            };
+            assert_eq!(a.len(), 6 * per_context);
             for ex in &a {
                 assert!(
                     ex.context.contains(&ex.answers[0]),
@@ -224,6 +277,32 @@ mod tests {
             let c = generate(bpe, task, 2, &[300], 1).unwrap();
             assert_ne!(c[0], a[0]);
         }
+    }
+
+    #[test]
+    fn multiquestion_asks_each_fact_of_one_context_in_turn() {
+        let bpe = crate::data::tokenize::encoding("cl100k_base").unwrap();
+        let v = generate(bpe, "multiquestion", 7, &[600], 2).unwrap();
+        assert_eq!(v.len(), 2 * QUESTIONS_PER_CONTEXT);
+        for group in v.chunks(QUESTIONS_PER_CONTEXT) {
+            let g = group[0].group().unwrap();
+            let mut answers = std::collections::BTreeSet::new();
+            for (t, ex) in group.iter().enumerate() {
+                assert_eq!(ex.group(), Some(g));
+                assert_eq!(ex.meta[crate::data::TURN], json!(t + 1));
+                assert_eq!(ex.example_id, format!("{g}-q{}", t + 1));
+                assert_eq!(ex.context, group[0].context);
+                assert!(ex.context.contains(&ex.answers[0]));
+                assert!(ex.question.starts_with("What is the access code"));
+                answers.insert(ex.answers[0].clone());
+            }
+            assert_eq!(
+                answers.len(),
+                QUESTIONS_PER_CONTEXT,
+                "one fact per question"
+            );
+        }
+        assert_ne!(v[0].context, v[QUESTIONS_PER_CONTEXT].context);
     }
 
     #[test]

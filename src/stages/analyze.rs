@@ -80,6 +80,61 @@ pub struct BinStat {
     pub kv_cache_usage_peak: Option<f64>,
 }
 
+/// One cell's score on one turn of the questions asked of a shared context,
+/// in one length bin (`bin_idx` −1: every bin).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TurnStat {
+    pub policy: String,
+    pub budget: f64,
+    pub bin_idx: i64,
+    pub turn: i64,
+    pub n: i64,
+    pub mean: Option<f64>,
+    pub ci_lo: Option<f64>,
+    pub ci_hi: Option<f64>,
+}
+
+/// Accuracy by turn (examples with `meta.turn`), per cell and bin and over
+/// every bin, each with its interval (Wilson for right/wrong scores, else a
+/// seeded bootstrap). Empty when no example has a turn.
+pub fn turn_stats(scores: &[ScoreCell], a: &Analysis) -> Vec<TurnStat> {
+    let mut groups: BTreeMap<(String, u64, i64, i64), Vec<f64>> = BTreeMap::new();
+    for r in scores {
+        let Some(turn) = r.turn else { continue };
+        for bin in [r.bin_idx, -1] {
+            groups
+                .entry((r.policy.clone(), r.budget.to_bits(), bin, turn))
+                .or_default()
+                .push(r.score);
+        }
+    }
+    groups
+        .into_iter()
+        .map(|((policy, budget, bin_idx, turn), vals)| {
+            let budget = f64::from_bits(budget);
+            let label = format!("turn/{policy}/{budget}/{bin_idx}/{turn}");
+            let (lo, hi) = stats::mean_ci(
+                &vals,
+                a.bootstrap.iters as usize,
+                a.bootstrap.ci,
+                &mut SplitMix64::for_cell(a.bootstrap.seed, &label),
+            );
+            let mean = stats::mean(&vals);
+            // Wilson's bounds at 0 or 1 may land a rounding error inside.
+            TurnStat {
+                policy,
+                budget,
+                bin_idx,
+                turn,
+                n: vals.len() as i64,
+                mean: opt(mean),
+                ci_lo: opt(lo.min(mean)),
+                ci_hi: opt(hi.max(mean)),
+            }
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TransitionRow {
     pub policy: String,
@@ -450,7 +505,8 @@ impl crate::stages::Stage for Analyze {
     fn version(&self) -> u32 {
         // 4: one reference for every cell, `full` at 1.0 (fidelity too).
         // 5: mean answer length per cell and bin.
-        5
+        // 6: accuracy by turn (`turn_stats`).
+        6
     }
     type Uses = Uses;
     type Transport = NoTransport;
@@ -467,6 +523,7 @@ impl crate::stages::Stage for Analyze {
         ctx.put("transition_summary", &table::write(&transitions)?)?;
         ctx.put("fidelity_stats", &table::write(&fid)?)?;
         ctx.put("selective_stats", &table::write(&selective)?)?;
+        ctx.put("turn_stats", &table::write(&turn_stats(&scores, &a))?)?;
         Ok(())
     }
 }
@@ -475,6 +532,63 @@ impl crate::stages::Stage for Analyze {
 mod tests {
     use super::*;
     use crate::config::schema::{Bootstrap, Transition};
+
+    #[test]
+    fn turn_stats_give_each_turn_its_mean_and_interval_per_bin_and_overall() {
+        let mut scores = Vec::new();
+        for (i, turn) in (0..30).flat_map(|i| (1..=3).map(move |t| (i, t))) {
+            scores.push(ScoreCell {
+                example_id: format!("g{i:02}-q{turn}"),
+                bin_idx: i64::from(i >= 15),
+                policy: "snapkv".into(),
+                budget: 0.5,
+                metric: "substring_recall".into(),
+                // Turn 1 always right, turn 3 right one time in three.
+                score: f64::from(turn == 1 || (turn == 2 && i % 2 == 0) || i % 3 == 0),
+                turn: Some(turn),
+                ..Default::default()
+            });
+        }
+        // A row without a turn is left out.
+        scores.push(ScoreCell {
+            example_id: "solo".into(),
+            policy: "snapkv".into(),
+            budget: 0.5,
+            score: 1.0,
+            ..Default::default()
+        });
+        let a = Analysis {
+            bootstrap: Bootstrap {
+                iters: 200,
+                seed: 1,
+                ci: 0.95,
+            },
+            transition: Transition {
+                delta: 0.1,
+                floor: 0.1,
+            },
+            fidelity: Default::default(),
+            splits: Default::default(),
+            selective: Default::default(),
+        };
+        let t = turn_stats(&scores, &a);
+        // 3 turns × (2 bins + every bin).
+        assert_eq!(t.len(), 9);
+        let all = |turn| {
+            t.iter()
+                .find(|s| s.bin_idx == -1 && s.turn == turn)
+                .unwrap()
+        };
+        assert_eq!(all(1).n, 30);
+        assert_eq!(all(1).mean, Some(1.0));
+        assert_eq!(all(3).mean, Some(10.0 / 30.0));
+        for s in &t {
+            let (m, lo, hi) = (s.mean.unwrap(), s.ci_lo.unwrap(), s.ci_hi.unwrap());
+            assert!(lo <= m && m <= hi && hi - lo < 1.0, "{s:?}");
+        }
+        assert!(all(3).ci_hi.unwrap() < all(1).ci_lo.unwrap());
+        assert!(turn_stats(&scores[90..], &a).is_empty());
+    }
 
     #[test]
     fn graded_scores_take_their_mean_interval_from_the_bins_shared_draws() {

@@ -470,6 +470,7 @@ mod tests {
             recall: score,
             failure: (score == 0.0).then_some(crate::llm::Failure::FormatError),
             truncated_from: None,
+            turn: None,
             probs: Default::default(),
             response: crate::llm::Outcome {
                 text: text.into(),

@@ -318,8 +318,9 @@ impl crate::stages::Stage for Prepare {
         if let Some(first) = &loaded.first_skip {
             tracing::warn!("skipped {skipped} bad record(s); the first: {first}");
         }
-        let examples =
+        let mut examples =
             crate::data::ops::apply(examples, &ds.ops).context("config `dataset.ops`")?;
+        crate::data::number_turns(&mut examples).context("config `dataset.fields.group`")?;
         if let Ok(metric) =
             crate::stages::score::metric_for(ds.source.as_str(), &ds.task, ds.metric.as_deref())
         {
@@ -388,8 +389,46 @@ impl crate::stages::Stage for Prepare {
                 _ => sampling.n_per_bin as usize,
             }
         };
-        let chosen = binning::sample(&items, n_bins, &per_bin, &sampling.pinned, sampling.seed)
-            .context("config `sampling.pinned`")?;
+        // A context's questions are sampled together: the unit drawn is the
+        // group (`n_per_bin` contexts), and a pinned question pins its group.
+        let unit_of = |e: &Example| e.group().unwrap_or(&e.example_id).to_string();
+        let units: std::collections::BTreeMap<String, String> = examples
+            .iter()
+            .map(|e| (e.example_id.clone(), unit_of(e)))
+            .collect();
+        let grouped = examples.iter().any(|e| e.group().is_some());
+        let chosen = if grouped {
+            // A group's questions share their context, so its bin.
+            let unit_items: Vec<(String, usize)> = items
+                .iter()
+                .map(|(id, b)| (units[id].clone(), *b))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let pinned: Vec<String> = sampling
+                .pinned
+                .iter()
+                .map(|p| {
+                    units.get(p).cloned().ok_or_else(|| {
+                        anyhow::anyhow!("pinned example `{p}` is not in the dataset")
+                    })
+                })
+                .collect::<Result<_>>()
+                .context("config `sampling.pinned`")?;
+            let picked: std::collections::BTreeSet<String> =
+                binning::sample(&unit_items, n_bins, &per_bin, &pinned, sampling.seed)?
+                    .into_iter()
+                    .map(|(u, _)| u)
+                    .collect();
+            items
+                .iter()
+                .filter(|(id, _)| picked.contains(&units[id]))
+                .cloned()
+                .collect()
+        } else {
+            binning::sample(&items, n_bins, &per_bin, &sampling.pinned, sampling.seed)
+                .context("config `sampling.pinned`")?
+        };
 
         let by_id: std::collections::BTreeMap<&str, (&Example, usize)> = examples
             .iter()

@@ -209,6 +209,73 @@ pub fn fidelity_context(
     })
 }
 
+/// The by-turn section (questions asked of one shared context): a row per
+/// cell and turn, the full cache first, a column per length bin and one for
+/// every bin, each `mean [CI] (n)`. Null when no example has a turn.
+pub fn turns_context(stats: &[BinStat], turns: &[crate::stages::analyze::TurnStat]) -> Value {
+    if turns.is_empty() {
+        return Value::Null;
+    }
+    let mut bins: Vec<(i64, String)> = stats
+        .iter()
+        .map(|s| (s.bin_idx, format!("{}–{}", s.bin_lo, s.bin_hi)))
+        .collect();
+    bins.sort();
+    bins.dedup();
+    bins.push((-1, "every bin".into()));
+    let mut rows: Vec<(bool, String, (u8, f64), i64)> = turns
+        .iter()
+        .map(|t| {
+            let full = t.policy == crate::config::schema::FULL && t.budget == 1.0;
+            (!full, t.policy.clone(), budget_order(t.budget), t.turn)
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        (a.0, &a.1, a.2 .0)
+            .cmp(&(b.0, &b.1, b.2 .0))
+            .then(a.2 .1.total_cmp(&b.2 .1))
+            .then(a.3.cmp(&b.3))
+    });
+    rows.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1 && a.2 == b.2 && a.3 == b.3);
+    let f2 = |x: Option<f64>| x.map_or("–".into(), |v| format!("{v:.2}"));
+    let rows: Vec<Value> = rows
+        .iter()
+        .map(|(_, policy, order, turn)| {
+            let of = |t: &&crate::stages::analyze::TurnStat| {
+                &t.policy == policy && budget_order(t.budget) == *order && t.turn == *turn
+            };
+            let budget = turns.iter().find(of).map_or(1.0, |t| t.budget);
+            let label = if policy == crate::config::schema::FULL && budget == 1.0 {
+                "full cache".to_string()
+            } else {
+                setting(policy, budget)
+            };
+            let cells: Vec<String> =
+                bins.iter()
+                    .map(|(b, _)| {
+                        turns.iter().filter(of).find(|t| t.bin_idx == *b).map_or(
+                            "–".into(),
+                            |t| {
+                                format!(
+                                    "{} [{}, {}] ({})",
+                                    f2(t.mean),
+                                    f2(t.ci_lo),
+                                    f2(t.ci_hi),
+                                    t.n
+                                )
+                            },
+                        )
+                    })
+                    .collect();
+            json!({"setting": label, "turn": turn, "cells": cells})
+        })
+        .collect();
+    json!({
+        "bin_labels": bins.iter().map(|b| b.1.clone()).collect::<Vec<_>>(),
+        "rows": rows,
+    })
+}
+
 /// What `templates/report.md.hbs` and report.html read: one typed context
 /// (the nested tables are rows of JSON made above it).
 #[derive(serde::Serialize)]
@@ -250,6 +317,8 @@ pub struct ReportContext {
     pub config_digest: String,
     /// The fidelity section ([`fidelity_context`]).
     pub fidelity: Value,
+    /// Accuracy by turn ([`turns_context`]); null without turns.
+    pub turns: Value,
     /// Every input node and its key.
     pub provenance: Vec<Value>,
     pub node_key: String,
@@ -606,6 +675,7 @@ pub fn context(
         kvt_version: env!("CARGO_PKG_VERSION"),
         config_digest,
         fidelity: Value::Null,
+        turns: Value::Null,
         provenance: Vec::new(),
         node_key: String::new(),
     }
@@ -657,7 +727,8 @@ impl crate::stages::Stage for Report {
         // 11: the layer note and the metric-fit warning.
         // 12: report.html carries the CI table, the plots and the failures.
         // 13: mean answer length beside each bin's score.
-        13
+        // 14: accuracy by turn.
+        14
     }
     type Uses = Uses;
     type Transport = NoTransport;
@@ -675,6 +746,9 @@ impl crate::stages::Stage for Report {
             table::read_owned(ctx.input("analyze", "selective_stats")?)?;
         let mut c = context(&u, &facts, &stats, &transitions, &db_rows);
         c.fidelity = fidelity_context(&stats, &fid, &selective);
+        let turns: Vec<crate::stages::analyze::TurnStat> =
+            table::read_owned(ctx.input("analyze", "turn_stats")?)?;
+        c.turns = turns_context(&stats, &turns);
         let mut prov: Vec<Value> = ctx
             .upstream
             .iter()

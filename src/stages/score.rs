@@ -146,6 +146,10 @@ pub struct ScoreRow {
     /// Prompt tokens before middle truncation (`prompt.max_tokens`), if cut.
     #[serde(default)]
     pub truncated_from: Option<u64>,
+    /// The question's turn when several are asked of one context
+    /// (`meta.turn`: 1, 2, …).
+    #[serde(default)]
+    pub turn: Option<i64>,
     /// The response's log-probability figures, as the analysis reads them.
     #[serde(flatten)]
     pub probs: Probs,
@@ -237,6 +241,8 @@ pub struct ScoreCell {
     pub kl_mean: Option<f64>,
     #[serde(default)]
     pub top1_agree: Option<f64>,
+    #[serde(default)]
+    pub turn: Option<i64>,
 }
 
 impl From<&ScoreRow> for ScoreCell {
@@ -263,6 +269,7 @@ impl From<&ScoreRow> for ScoreCell {
             gold_ll_best: r.probs.gold_ll_best,
             kl_mean: r.probs.kl_mean,
             top1_agree: r.probs.top1_agree,
+            turn: r.turn,
         }
     }
 }
@@ -295,8 +302,9 @@ impl crate::stages::Stage for Score {
         "score"
     }
     /// 5: jieba splits non-Chinese runs as Python jieba does.
+    /// 7: each row's turn (`meta.turn`).
     fn version(&self) -> u32 {
-        6
+        7
     }
     type Uses = Uses;
     type Transport = NoTransport;
@@ -352,6 +360,7 @@ impl crate::stages::Stage for Score {
                 recall: s.recall,
                 failure,
                 truncated_from: r.truncated_from,
+                turn: e.meta.get(crate::data::TURN).and_then(|t| t.as_i64()),
                 probs: Probs::of(&r.outcome),
                 response: r.outcome,
             });

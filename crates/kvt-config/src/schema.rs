@@ -104,6 +104,11 @@ pub enum Compress {
     Context,
     /// The whole prompt, question included (the SnapKV paper's setting).
     Prompt,
+    /// The context once, without any question, for every question asked of
+    /// it (a dataset's turns: `meta.group`, `meta.turn`): one prefill and
+    /// one compressed cache per context and cell, each question prefilled
+    /// after it on a copy (SCBench's shared-context mode).
+    Shared,
 }
 
 impl Compress {
@@ -111,6 +116,7 @@ impl Compress {
         match self {
             Compress::Context => "context",
             Compress::Prompt => "prompt",
+            Compress::Shared => "shared",
         }
     }
 }
@@ -222,6 +228,11 @@ pub struct Fields {
     /// Optional, so a mapping written whole (`--set dataset.fields={...}`) may omit it.
     #[serde(default)]
     pub extra: BTreeMap<String, String>,
+    /// Records sharing this field's value are several questions (turns, in
+    /// file order) about one context: `meta.group` and `meta.turn`, sampled
+    /// together, asked of one compressed cache under `kv.compress: shared`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -392,23 +392,42 @@ impl NativeEngine {
         }
         let window = req.cell.window;
         let extras = req.extras_id();
-        let key_of = |cell: &Cell, pf_key: blake3::Hash| {
+        let key_of = |cell: &Cell, prompt_key: blake3::Hash| {
             (
-                pf_key,
+                prompt_key,
                 cell.id(),
                 req.max_new_tokens,
                 req.record_kept,
                 extras.clone(),
             )
         };
-        let pf_key = {
+        let hash = |tokens: &[u32], marker: &[u8]| {
             let mut h = blake3::Hasher::new();
-            for t in &tokens {
+            for t in tokens {
                 h.update(&t.to_le_bytes());
             }
             h.update(&(split as u64).to_le_bytes());
             h.update(&(window as u64).to_le_bytes());
+            h.update(marker);
             h.finalize()
+        };
+        // The whole prompt names the answers; the prefill is the whole
+        // prompt's, or under `shared` the context's alone, so every question
+        // asked of one context finds the same prefill.
+        let prompt_key = hash(&tokens, b"");
+        let shared = req.cell.compress == Compress::Shared;
+        if shared && split >= tokens.len() {
+            bail!("`kv.compress: shared` asks each question after the context: the prompt needs its question on a line starting with `Question:` after the context (see `prompt.template`)");
+        }
+        let (pf_tokens, tail) = if shared {
+            tokens.split_at(split)
+        } else {
+            (&tokens[..], &[][..])
+        };
+        let pf_key = if shared {
+            hash(pf_tokens, b"shared context")
+        } else {
+            prompt_key
         };
         // One computation per prompt at a time: a request that arrives while
         // another computes its prompt's cohort waits, then finds its answer.
@@ -425,15 +444,15 @@ impl NativeEngine {
             .ready
             .lock()
             .expect("ready")
-            .get(&key_of(&req.cell, pf_key))
+            .get(&key_of(&req.cell, prompt_key))
             .cloned()
         {
             self.counters.answers.fetch_add(1, Ordering::Relaxed);
             return Ok(a);
         }
-        let (pf, reused) = self.prefill(pf_key, &tokens, split, window)?;
+        let (pf, reused) = self.prefill(pf_key, pf_tokens, split, window)?;
         let reference = if req.fidelity {
-            Some(self.reference(pf_key, &pf, &req.cell, req.max_new_tokens)?)
+            Some(self.reference(prompt_key, &pf, tail, &req.cell, req.max_new_tokens)?)
         } else {
             None
         };
@@ -448,6 +467,7 @@ impl NativeEngine {
             logprobs: req.logprobs,
             golds: &golds,
             reference: reference.as_deref(),
+            tail,
         };
         let mut mine = self.run_cell(&pf, &req.cell, &asks)?;
         mine.prefill_reused = reused;
@@ -455,7 +475,7 @@ impl NativeEngine {
             if c == &req.cell || c.window != window {
                 continue;
             }
-            let k = key_of(c, pf_key);
+            let k = key_of(c, prompt_key);
             if self.ready.lock().expect("ready").contains_key(&k) {
                 continue;
             }
@@ -476,12 +496,13 @@ impl NativeEngine {
     /// prompt and answer length, kept for the few most recent prompts).
     fn reference(
         &self,
-        pf_key: blake3::Hash,
+        prompt_key: blake3::Hash,
         pf: &Prefill,
+        tail: &[u32],
         like: &Cell,
         max_new: usize,
     ) -> Result<Arc<Trajectory>> {
-        let key = (pf_key, max_new);
+        let key = (prompt_key, max_new);
         if let Some((_, t)) = self
             .references
             .lock()
@@ -498,22 +519,16 @@ impl NativeEngine {
             decode: None,
             ..like.clone()
         };
-        let (cache, logits) = self.cell_cache(pf, &full)?;
-        let mut decoded = self.decode(
-            &mut cache.clone(),
-            logits.clone(),
-            pf.tokens.len(),
-            max_new,
-            0,
-            None,
-        )?;
+        let (cache, logits, _, _) = self.compress(pf, &full, false, tail)?;
+        let s = pf.tokens.len() + tail.len();
+        let mut decoded = self.decode(&mut cache.clone(), logits.clone(), s, max_new, 0, None)?;
         if decoded.finish == "stop" {
             decoded.ids.push(decoded.stop_id);
         }
         // Its distributions by teacher forcing, as every cell's are computed
         // (a batched pass rounds a little differently from single-token
         // decoding: compared like with like, an unchanged cache has KL 0).
-        let dists = self.teacher_force(&cache, &logits, pf.tokens.len(), &decoded.ids)?;
+        let dists = self.teacher_force(&cache, &logits, s, &decoded.ids)?;
         let t = Arc::new(Trajectory {
             tokens: decoded.ids,
             dists,
@@ -678,18 +693,13 @@ impl NativeEngine {
         Ok(out)
     }
 
-    /// The cell's cache where decoding starts, and the logits of the first
-    /// answer token.
-    fn cell_cache(&self, pf: &Prefill, cell: &Cell) -> Result<(KvCache, Vec<f32>)> {
-        let (cache, logits, _, _) = self.compress(pf, cell, false)?;
-        Ok((cache, logits))
-    }
-
     fn run_cell(&self, pf: &Prefill, cell: &Cell, asks: &Asks) -> Result<NativeAnswer> {
         let t0 = Instant::now();
-        let (mut cache, logits, k_len, positions) = self.compress(pf, cell, asks.record_kept)?;
+        let (mut cache, logits, k_len, positions) =
+            self.compress(pf, cell, asks.record_kept, asks.tail)?;
         let hp = &self.model.hp;
-        let s = pf.tokens.len();
+        // The prompt: the prefill's tokens and a shared context's question.
+        let s = pf.tokens.len() + asks.tail.len();
         let (g, d) = (hp.n_kv_head, hp.head_dim);
         // Entries in the cache when decoding starts (the question's included).
         let kept_per_layer: Vec<u64> = cache.layers.iter().map(|l| (l.len() * g) as u64).collect();
@@ -790,22 +800,28 @@ impl NativeEngine {
     /// The cell's compressed cache from the prefill, the question run on it
     /// where the context alone was compressed: (cache, logits of the first
     /// answer token, compressed span length, kept positions when recorded).
+    /// `tail`: the question after a shared context's prefill (empty when
+    /// the prefill holds the whole prompt).
     #[allow(clippy::type_complexity)]
     fn compress(
         &self,
         pf: &Prefill,
         cell: &Cell,
         record_kept: bool,
+        tail: &[u32],
     ) -> Result<(KvCache, Vec<f32>, usize, Vec<Vec<Vec<u32>>>)> {
         let hp = &self.model.hp;
-        let s = pf.tokens.len();
+        let s = pf.tokens.len() + tail.len();
         let (g, d) = (hp.n_kv_head, hp.head_dim);
         // An exact cell decodes on the prefill's own cache: the full-cache
         // reference. A quantised cell without eviction runs the question on its
-        // quantised context, so quantisation reaches the first token too.
-        let whole = cell.is_exact() || cell.compress == Compress::Prompt || pf.at_split.is_none();
-        let (k_len, obs) = if whole {
-            (s, &pf.at_end)
+        // quantised context, so quantisation reaches the first token too. A
+        // shared context (the prefill ends where the question starts) is
+        // scored on its own statistics, and every cell runs the question.
+        let whole = tail.is_empty()
+            && (cell.is_exact() || cell.compress == Compress::Prompt || pf.at_split.is_none());
+        let (k_len, obs) = if whole || !tail.is_empty() {
+            (pf.tokens.len(), &pf.at_end)
         } else {
             (pf.split, pf.at_split.as_ref().expect("split observer"))
         };
@@ -838,7 +854,7 @@ impl NativeEngine {
                     policy::select(&o, &cell.params(), l, hp.n_layer)
                 })?,
             };
-            if kept[0].len() != s || cell.quant != KvQuant::F16 {
+            if kept[0].len() != pf.tokens.len() || cell.quant != KvQuant::F16 {
                 layer.evict(&kept, cell.quant, room)?;
             }
             if record_kept {
@@ -854,8 +870,8 @@ impl NativeEngine {
         let logits = if whole {
             pf.last_logits.clone()
         } else {
-            self.model
-                .forward(&pf.tokens[pf.split..], pf.split, &mut cache, &mut [])?
+            let question: Vec<u32> = pf.tokens[k_len..].iter().chain(tail).copied().collect();
+            self.model.forward(&question, k_len, &mut cache, &mut [])?
         };
         Ok((cache, logits, k_len, positions))
     }
@@ -875,6 +891,8 @@ struct Asks<'a> {
     logprobs: usize,
     golds: &'a [Vec<u32>],
     reference: Option<&'a Trajectory>,
+    /// The question after a shared context's prefill (else empty).
+    tail: &'a [u32],
 }
 
 struct Decoded {
