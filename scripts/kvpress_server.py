@@ -20,9 +20,12 @@ and any other kvpress class by its name (`ExpectedAttentionPress`), with its
 parameters from `press_params`. A budget <= 1 is the fraction kept
 (`compression_ratio = 1 - budget`); above 1 a token count. `compress` is
 `context` (the question is prefilled after compression and never enters the
-scores: kvpress's default) or `prompt` (the whole prompt is compressed). The
-question starts at the prompt's last line beginning with `Question:`, as in
-kvt's native engine.
+scores: kvpress's default), `prompt` (the whole prompt is compressed) or
+`shared` (the context is prefilled and compressed once, without any question,
+and kept: every later question about the same context, under the same press,
+is prefilled on a copy of that compressed cache — `kvt.native.prefill_reused`
+says which answers found it). The question starts at the prompt's last line
+beginning with `Question:`, as in kvt's native engine.
 
 Log-probabilities as kvt's native engine gives them: `logprobs: true` with
 `top_logprobs: K` returns each answer token's log-probability and its top K
@@ -176,6 +179,9 @@ class Engine:
         # The full cache's greedy answers for fidelity: (prompt digest, max
         # new tokens) -> (token ids, log-probabilities per step), a few kept.
         self.references = collections.OrderedDict()
+        # Shared contexts: (context digest, press parameters) -> (compressed
+        # cache, kept positions, prefill seconds), the few most recent kept.
+        self.contexts = collections.OrderedDict()
         self.defaults = {"policy": a.policy, "budget": a.budget, "compress": a.compress}
         if a.press_params:
             self.defaults["press_params"] = json.loads(a.press_params)
@@ -411,14 +417,16 @@ class Engine:
                 raise BadRequest(f"unknown field `kvt.{k}`")
         p.update({k: v for k, v in kvt.items() if v is not None})
         compress = p.get("compress") or "context"
-        if compress not in ("context", "prompt"):
-            raise BadRequest(f"`compress` must be `context` or `prompt`, not `{compress}`")
+        if compress not in ("context", "prompt", "shared"):
+            raise BadRequest(f"`compress` must be `context`, `prompt` or `shared`, not `{compress}`")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise BadRequest("missing `messages`")
         max_new = int(body.get("max_tokens") or body.get("max_completion_tokens") or 32)
         text = self.render(messages)
         ids, split = self.encode(text)
+        if compress == "shared" and split >= len(ids):
+            raise BadRequest("`compress: shared` needs the question after the context, on a line starting with `Question:`")
         if compress == "prompt" or split >= len(ids):
             split = len(ids)
         press, press_name = self.press_for(p, split)
@@ -443,22 +451,52 @@ class Engine:
                 t0 = time.perf_counter()
                 # Prefill: the compressed span under the press (it acts on the
                 # first forward only), then the question on the compressed cache.
-                self.kept = {} if record_kept else None
-                try:
-                    cache, out = self.prefill(ids, split, press)
-                except AssertionError as e:
-                    # A press's precondition on this prompt (SnapKV: a span
-                    # longer than its window): the request's fault, not
-                    # the server's, so a 400 that kvt does not retry.
-                    raise BadRequest(f"{press_name} cannot compress this prompt ({split} tokens): {e}")
-                kept = [int(cache.layers[i].keys.shape[-2]) * self.kv_heads for i in range(self.n_layers)]
-                kept_positions = None
-                if record_kept:
+                ctx_key = None
+                if compress == "shared":
+                    params = {k: v for k, v in p.items() if k != "decode"}
+                    ctx_key = (hashlib.blake2b(json.dumps(ids[:split]).encode()).hexdigest(),
+                               json.dumps(params, sort_keys=True, default=str))
+                reused = ctx_key in self.contexts
+                if reused:
+                    # The compressed context as it was kept: the question
+                    # runs on a copy, so the next question finds it unchanged.
+                    self.contexts.move_to_end(ctx_key)
+                    stored, kept_positions, prefill_s = self.contexts[ctx_key]
+                    cache = copy.deepcopy(stored)
+                    dev = self.model.device
+                    out = self.model(input_ids=torch.tensor([ids[split:]], device=dev), past_key_values=cache,
+                                     position_ids=torch.arange(split, len(ids), device=dev).unsqueeze(0), logits_to_keep=1)
+                else:
+                    self.kept = {}
+                    try:
+                        if ctx_key is not None:
+                            # The context alone under the press, kept; then
+                            # the question on a copy.
+                            stored, _ = self.prefill(ids[:split], split, press)
+                            prefill_s = time.perf_counter() - t0
+                            cache = copy.deepcopy(stored)
+                            dev = self.model.device
+                            out = self.model(input_ids=torch.tensor([ids[split:]], device=dev), past_key_values=cache,
+                                             position_ids=torch.arange(split, len(ids), device=dev).unsqueeze(0), logits_to_keep=1)
+                        else:
+                            cache, out = self.prefill(ids, split, press)
+                    except AssertionError as e:
+                        # A press's precondition on this prompt (SnapKV: a span
+                        # longer than its window): the request's fault, not
+                        # the server's, so a 400 that kvt does not retry.
+                        raise BadRequest(f"{press_name} cannot compress this prompt ({split} tokens): {e}")
                     # The compressed span's kept positions, as the native
                     # engine reports them: every one where nothing was evicted.
                     every = [list(range(split)) for _ in range(self.kv_heads)]
                     kept_positions = [self.kept.get(i, every) for i in range(self.n_layers)]
-                self.kept = None
+                    self.kept = None
+                    if ctx_key is not None:
+                        self.contexts[ctx_key] = (stored, kept_positions, prefill_s)
+                        while len(self.contexts) > 8:
+                            self.contexts.popitem(last=False)
+                if not record_kept:
+                    kept_positions = None
+                kept = [int(cache.layers[i].keys.shape[-2]) * self.kv_heads for i in range(self.n_layers)]
                 t1 = time.perf_counter()
                 first_lp = self.log_softmax(out.logits[0, -1]) if golds or fidelity else None
                 if golds:
@@ -515,7 +553,7 @@ class Engine:
             "kv_bytes": kept_total * 2 * self.head_dim * self.bytes_per_elem,
             "prefill_ms": (t1 - t0) * 1000.0,
             "decode_ms": (t2 - t1) * 1000.0,
-            "prefill_reused": False,
+            "prefill_reused": reused,
         }
         if kept_positions is not None:
             native["kept_positions"] = kept_positions
@@ -674,7 +712,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
     ap.add_argument("--policy", default="full", help="the policy when a request names none (kvt's name or a kvpress class)")
     ap.add_argument("--budget", type=float, default=1.0, help="the budget when a request names none")
-    ap.add_argument("--compress", default="context", choices=["context", "prompt"])
+    ap.add_argument("--compress", default="context", choices=["context", "prompt", "shared"])
     ap.add_argument("--press-params", default=None, help="JSON object of extra press parameters")
     a = ap.parse_args()
     engine = Engine(a)

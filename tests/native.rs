@@ -838,3 +838,160 @@ fn compression_while_decoding_caps_the_cache_at_its_target() {
         "half the cache when decoding starts: {n}"
     );
 }
+
+/// Three questions about one document, each fact at its own depth.
+fn three_questions() -> (String, [(&'static str, &'static str); 3]) {
+    let filler = "The ferry crossed the estuary twice an hour, carrying bicycles and crates. ";
+    let doc = format!(
+        "Here is a document.\n\n{f}The access code assigned to Velo is 918273. {f}The access code assigned to Marn is 402816. {f}The access code assigned to Tesk is 775104. {f}",
+        f = filler.repeat(6)
+    );
+    (
+        doc,
+        [
+            ("What is the access code assigned to Velo?", "918273"),
+            ("What is the access code assigned to Marn?", "402816"),
+            ("What is the access code assigned to Tesk?", "775104"),
+        ],
+    )
+}
+
+/// Issue #31, item 1: under `kv.compress: shared` the native engine
+/// prefills a context once and asks each question of its compressed cache:
+/// one prefill for three questions (`context` needs one per prompt), and the
+/// same answers as compressing the context anew for each question (both
+/// score the context without its question).
+#[test]
+#[ignore = "needs KVT_MODEL (see .ci/run)"]
+fn shared_context_answers_three_questions_from_one_prefill() {
+    let (doc, questions) = three_questions();
+    let answers = |mode: &str| -> (Vec<Value>, u64) {
+        let s = Served::start(&["--model-file", &model(), "--model", "smollm2"]);
+        let mut out = Vec::new();
+        for kv in [cell("snapkv", 0.5), cell("knorm", 0.5), cell("full", 1.0)] {
+            let mut kv = kv;
+            kv["compress"] = json!(mode);
+            for (q, _) in &questions {
+                out.push(ask(
+                    &s.addr,
+                    &format!("{doc}\n\nQuestion: {q}\nAnswer:"),
+                    &kv,
+                    &[],
+                ));
+            }
+        }
+        (out, metric(&s.addr, "kvt_native_prefills"))
+    };
+    let (shared, shared_prefills) = answers("shared");
+    let (context, context_prefills) = answers("context");
+    assert_eq!(shared_prefills, 1, "one prefill of the context");
+    assert_eq!(context_prefills, 3, "one prefill per prompt");
+    let native = |a: &Value| a["kvt"]["native"].clone();
+    for (i, (s, c)) in shared.iter().zip(&context).enumerate() {
+        let (ns, nc) = (native(s), native(c));
+        assert_eq!(ns["prefill_reused"], json!(i > 0), "{i}: {ns}");
+        assert_eq!(
+            s["choices"][0]["message"]["content"], c["choices"][0]["message"]["content"],
+            "question {i}: shared and per-prompt compression answer alike"
+        );
+        assert_eq!(ns["kept_per_layer"], nc["kept_per_layer"], "{i}");
+        assert_eq!(ns["prompt_tokens"], nc["prompt_tokens"], "{i}");
+    }
+    // The compressed cells kept fewer entries; the full cache finds each fact.
+    assert!(native(&shared[0])["kept_total"].as_u64() < native(&shared[6])["kept_total"].as_u64());
+    for (a, (_, code)) in shared[6..].iter().zip(&questions) {
+        let text = a["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(text.contains(code), "{text}");
+    }
+    // A prompt without a question on its own line cannot share its context.
+    let s = Served::start(&["--model-file", &model(), "--model", "smollm2"]);
+    let mut kv = cell("snapkv", 0.5);
+    kv["compress"] = json!("shared");
+    let body = json!({"model": "smollm2", "max_tokens": 4,
+        "messages": [{"role": "user", "content": doc}], "kvt": kv});
+    let (st, text) = http(
+        &s.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&body.to_string()),
+    );
+    assert!(st >= 400 && text.contains("Question:"), "{st} {text}");
+}
+
+/// Issue #31, item 1, through `kvt build`: the repository's
+/// shared-context experiment (shrunk) asks each context's three questions
+/// with one prefill per context, and the report shows accuracy by turn.
+#[test]
+#[ignore = "needs KVT_MODEL (see .ci/run)"]
+fn the_shared_context_experiment_reports_accuracy_by_turn() {
+    let p = Project::new();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for f in [
+        "pipelines/default.yaml",
+        "config/experiments/shared-context.yaml",
+    ] {
+        p.write(f, &std::fs::read_to_string(repo.join(f)).unwrap());
+    }
+    let out = p
+        .kvt()
+        .args([
+            "build",
+            "report",
+            "-q",
+            "-c",
+            "config/experiments/shared-context.yaml",
+        ])
+        .args([
+            "--set",
+            "dataset.lengths=[250,500]",
+            "--set",
+            "dataset.per_length=2",
+        ])
+        .args(["--set", "sampling.n_per_bin=2", "--set", "binning.n_bins=2"])
+        .args([
+            "--set",
+            "binning.edges=[0,375,750]",
+            "--set",
+            "decoding.max_new_tokens=8",
+        ])
+        .args([
+            "--set",
+            "kv.policies=[full,snapkv]",
+            "--set",
+            "kv.budgets=[1.0,0.5]",
+        ])
+        .args(["--set", "analysis.bootstrap.iters=200"])
+        .env("KVT_MODEL", model())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let db =
+        rusqlite::Connection::open(p.path("runs/shared-context/kv_transition.sqlite")).unwrap();
+    let count = |sql: &str| -> i64 { db.query_row(sql, [], |r| r.get(0)).unwrap() };
+    // 4 contexts × 3 questions × 2 cells, one prefill per context.
+    assert_eq!(count("SELECT COUNT(*) FROM telemetry"), 24);
+    assert_eq!(
+        count("SELECT COUNT(*) FROM telemetry WHERE prefill_reused = 0"),
+        4
+    );
+    let report = p.read("runs/shared-context/report.md");
+    let section = &report[report
+        .find("## Score by turn")
+        .unwrap_or_else(|| panic!("no by-turn section:\n{report}"))..];
+    let section = &section[..section.find("## Plots").unwrap()];
+    for row in [
+        "| full cache | 1 |",
+        "| full cache | 3 |",
+        "| snapkv @ 0.5 | 1 |",
+        "| snapkv @ 0.5 | 2 |",
+        "| snapkv @ 0.5 | 3 |",
+    ] {
+        let line = section
+            .lines()
+            .find(|l| l.starts_with(row))
+            .unwrap_or_else(|| panic!("no `{row}` in\n{section}"));
+        // Two bins and every bin, each `mean [lo, hi] (n)`.
+        assert_eq!(line.matches(" (2) |").count(), 2, "{line}");
+        assert!(line.ends_with(" (4) |"), "{line}");
+    }
+}
