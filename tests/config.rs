@@ -964,3 +964,40 @@ fn kv_decode_is_checked_by_key() {
         ],
     );
 }
+
+/// Issue #31, item 1: `kv.compress: shared` needs an engine that keeps a
+/// compressed context between questions: refused by key on an
+/// OpenAI-compatible server (exit 2), accepted on the native engine's and
+/// kvpress's roads and on the simulator.
+#[test]
+fn kv_compress_shared_needs_an_engine_that_keeps_a_context() {
+    let p = Project::new();
+    expect_key_errors(
+        &p,
+        &[
+            (
+                "engine: {kind: openai, base_url: \"http://127.0.0.1:9/v1\"}\nkv: {compress: shared}",
+                "kv.compress",
+                "cannot compress a context once and keep it",
+            ),
+            (
+                "engine: {kind: reference}\nkv: {compress: once}",
+                "kv.compress",
+                "shared",
+            ),
+        ],
+    );
+    for engine in [
+        "{kind: openai, base_url: \"http://127.0.0.1:9/v1\", send_kv: true}",
+        "{kind: reference}",
+    ] {
+        p.write(
+            "config/experiments/ok.yaml",
+            &format!(
+                "pipeline: test\noutput: {{exp_group_id: b}}\nengine: {engine}\nkv: {{compress: shared}}\n"
+            ),
+        );
+        let out = validate(&p, "config/experiments/ok.yaml", &[]);
+        assert!(out.status.success(), "{engine}: {}", stderr_of(&out));
+    }
+}

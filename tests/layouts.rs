@@ -537,3 +537,81 @@ fn longbench_v2_builds_end_to_end_on_the_reference_engine() {
     // Six questions × (the full cache + two policies at two budgets).
     assert_eq!((n, metric.as_str()), (6 * 5, "multiple_choice"));
 }
+
+/// Issue #31, item 1: records sharing a context id (`dataset.fields.group`)
+/// are one context's questions: turns numbered in file order (records of
+/// groups interleaved), sampled by whole groups, each question sent with
+/// its context; a group whose contexts differ is refused by name.
+#[test]
+fn grouped_records_are_turns_of_one_context_sampled_whole() {
+    let p = Project::new();
+    let doc = |g: &str| format!("Report {g}. {} [[rec-{g}]]", filler(20));
+    let mut lines = Vec::new();
+    for (g, q, a) in [
+        ("A", "Who wrote it?", "Ann"),
+        ("B", "Who wrote it?", "Bo"),
+        ("A", "When?", "May"),
+        ("C", "Who wrote it?", "Cy"),
+        ("A", "Where?", "Leeds"),
+        ("B", "When?", "June"),
+        ("C", "When?", "July"),
+    ] {
+        lines.push(
+            json!({"doc": g, "text": doc(g), "q": q, "gold": [a], "id": format!("{g}-{q}")})
+                .to_string(),
+        );
+    }
+    p.write("data/grouped.jsonl", &(lines.join("\n") + "\n"));
+    p.write(
+        "config/experiments/grouped.yaml",
+        &experiment(
+            "grouped",
+            "  source: file\n  path: data/grouped.jsonl\n  task: grouped\n  metric: substring_recall\n  fields: {id: id, question: q, context: text, answers: gold, meta: [], group: doc}",
+            "{context}\n\nQuestion: {question}\nAnswer:",
+        ),
+    );
+    let s = serve(&[("rec-A", "Ann"), ("rec-B", "June"), ("rec-C", "Cy")]);
+    let (scores, meta) = build_with(&p, &s, "grouped", "grouped", &["sampling.n_per_bin=2"]);
+    // Two whole groups of three, out of A (3 questions), B (2) and C (2).
+    let groups: std::collections::BTreeSet<&str> =
+        meta.values().map(|m| m["group"].as_str().unwrap()).collect();
+    assert_eq!(groups.len(), 2, "{meta:?}");
+    for g in &groups {
+        let want = if *g == "A" { 3 } else { 2 };
+        let turns: Vec<i64> = {
+            let mut t: Vec<i64> = meta
+                .values()
+                .filter(|m| m["group"] == *g)
+                .map(|m| m["turn"].as_i64().unwrap())
+                .collect();
+            t.sort();
+            t
+        };
+        assert_eq!(turns, (1..=want).collect::<Vec<_>>(), "group {g}");
+    }
+    if groups.contains("A") {
+        assert_eq!(meta["A-Where?"]["turn"], 3);
+        assert_eq!(scores["A-Who wrote it?"], 1.0);
+        assert_eq!(scores["A-When?"], 0.0);
+    }
+    let prompts = s.st.prompts.lock().unwrap().clone();
+    assert_eq!(prompts.len(), meta.len());
+    // A group whose records disagree on the context is no group.
+    lines.push(
+        json!({"doc": "A", "text": "another text", "q": "Why?", "gold": ["x"], "id": "A-Why?"})
+            .to_string(),
+    );
+    p.write("data/grouped.jsonl", &(lines.join("\n") + "\n"));
+    let out = p
+        .kvt()
+        .args(["build", "sqlite", "-c", "config/experiments/grouped.yaml"])
+        .args(["--set", &format!("engine.base_url={}", s.url)])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("dataset.fields.group") && err.contains("`A-Who wrote it?`") && err.contains("`A-Why?`"),
+        "{err}"
+    );
+}
