@@ -41,7 +41,9 @@ and KV head kept (`kvt.native.kept_positions`).
 Where a press's scores tie, the kept entries are the lower positions (a
 stable sort instead of kvpress's `topk`, whose choice among equal scores is
 the kernel's), as in kvt's native engine: two runs and two engines keep the
-same entries.
+same entries. `score_dtype` (`bf16`, `f16`; kvt's `kv.score_dtype`) rounds
+each press's scores to that precision first, as kvt's native engine does, so
+scores equal but for their last bits (a repeated token's key norm) tie.
 
 Each response carries `kvt.native` (prompt tokens, KV entries kept per layer
 and in total, prefill and decode time) in the form kvt reads from its native
@@ -86,7 +88,9 @@ PARAMS = {
     "PyramidKVPress": {"window": "window_size", "pool_kernel": "kernel_size", "beta": "beta"},
     "RandomPress": {"seed": "seed"},
 }
-KNOWN = {"policy", "budget", "sink_tokens", "window", "pool_kernel", "seed", "beta", "compress", "press_params", "decode"}
+KNOWN = {"policy", "budget", "sink_tokens", "window", "pool_kernel", "seed", "beta", "compress", "press_params", "decode", "score_dtype"}
+# `score_dtype`: the precision scores are compared at (kvt's `kv.score_dtype`).
+SCORE_DTYPES = ("f32", "bf16", "f16")
 # Presses that score a cache while it decodes (no attention statistics needed).
 DECODE_POLICIES = ("streaming", "knorm", "random")
 
@@ -101,10 +105,12 @@ def kept_order(torch, scores, n_kept):
     return order.sort(dim=-1).values
 
 
-def deterministic_ties(on_kept):
+def deterministic_ties(on_kept, score_dtype):
     """Every scoring press selects with `kept_order` (kvpress's ScorerPress
     and PyramidKVPress use `topk`); `on_kept(layer, indices)` sees each
-    layer's kept positions `[batch][kv head][n_kept]`."""
+    layer's kept positions `[batch][kv head][n_kept]`; `score_dtype()` names
+    the precision the request compares scores at (rounded by a cast, as kvt's
+    native engine rounds them)."""
     import kvpress
     from kvpress.utils import compute_n_kept
 
@@ -114,6 +120,10 @@ def deterministic_ties(on_kept):
                 return keys, values
             scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
             import torch
+
+            dt = {"bf16": torch.bfloat16, "f16": torch.float16}.get(score_dtype())
+            if dt is not None:
+                scores = scores.to(dt).to(torch.float32)
 
             idx = kept_order(torch, scores, n_kept_of(self, module, keys.shape[2]))
             on_kept(getattr(module, "layer_idx", None), idx)
@@ -157,7 +167,8 @@ class Engine:
         self.device = a.device
         # Kept positions per layer while a request asks for them (`kvt_record_kept`).
         self.kept = None
-        deterministic_ties(self.note_kept)
+        self.score_dtype = None
+        deterministic_ties(self.note_kept, lambda: self.score_dtype)
         self.name = a.served_name or os.path.basename(a.model or "SmolLM2-135M-Instruct-Q4_1")
         self.attn = "sdpa"
         cfg = self.model.config
@@ -425,6 +436,8 @@ class Engine:
         max_new = int(body.get("max_tokens") or body.get("max_completion_tokens") or 32)
         text = self.render(messages)
         ids, split = self.encode(text)
+        if p.get("score_dtype") not in (None,) + SCORE_DTYPES:
+            raise BadRequest(f"`score_dtype` must be one of {', '.join(SCORE_DTYPES)}, not `{p.get('score_dtype')}`")
         if compress == "shared" and split >= len(ids):
             raise BadRequest("`compress: shared` needs the question after the context, on a line starting with `Question:`")
         if compress == "prompt" or split >= len(ids):
@@ -442,6 +455,7 @@ class Engine:
         gold_ll = fid = None
         with self.lock:
             self.DynamicCache = DynamicCache
+            self.score_dtype = p.get("score_dtype")
             with torch.inference_mode():
                 # The full cache's answer first (its own prefill, once per prompt).
                 ref = self.reference(ids, max_new) if fidelity and press is not None else None

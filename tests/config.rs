@@ -1001,3 +1001,25 @@ fn kv_compress_shared_needs_an_engine_that_keeps_a_context() {
         assert!(out.status.success(), "{engine}: {}", stderr_of(&out));
     }
 }
+
+/// Issue #31, item 4: `kv.score_dtype` names a precision kvt knows and an
+/// engine that rounds scores (the native one, or a server sent `kvt`).
+#[test]
+fn kv_score_dtype_is_checked_by_key() {
+    let p = Project::new();
+    expect_key_errors(
+        &p,
+        &[
+            (
+                "engine: {kind: native}\nkv: {score_dtype: fp8}",
+                "kv.score_dtype",
+                "bf16",
+            ),
+            (
+                "engine: {kind: reference}\nkv: {score_dtype: bf16}",
+                "kv.score_dtype",
+                "setting of the native engine",
+            ),
+        ],
+    );
+}

@@ -573,8 +573,10 @@ fn grouped_records_are_turns_of_one_context_sampled_whole() {
     let s = serve(&[("rec-A", "Ann"), ("rec-B", "June"), ("rec-C", "Cy")]);
     let (scores, meta) = build_with(&p, &s, "grouped", "grouped", &["sampling.n_per_bin=2"]);
     // Two whole groups of three, out of A (3 questions), B (2) and C (2).
-    let groups: std::collections::BTreeSet<&str> =
-        meta.values().map(|m| m["group"].as_str().unwrap()).collect();
+    let groups: std::collections::BTreeSet<&str> = meta
+        .values()
+        .map(|m| m["group"].as_str().unwrap())
+        .collect();
     assert_eq!(groups.len(), 2, "{meta:?}");
     for g in &groups {
         let want = if *g == "A" { 3 } else { 2 };
@@ -611,7 +613,9 @@ fn grouped_records_are_turns_of_one_context_sampled_whole() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
     let err = stderr_of(&out);
     assert!(
-        err.contains("dataset.fields.group") && err.contains("`A-Who wrote it?`") && err.contains("`A-Why?`"),
+        err.contains("dataset.fields.group")
+            && err.contains("`A-Who wrote it?`")
+            && err.contains("`A-Why?`"),
         "{err}"
     );
 }

@@ -494,6 +494,7 @@ fn run(cli: Cli, registry: &OpRegistry) -> Result<()> {
                 beta: None,
                 compress: None,
                 decode: None,
+                score_dtype: None,
             },
             delay_ms: a.delay_ms,
             request_log: a.request_log,

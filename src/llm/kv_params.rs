@@ -25,6 +25,9 @@ pub struct KvParams {
     /// Compression while the answer is generated (`kv.decode`; native engine).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decode: Option<crate::config::schema::DecodeCompression>,
+    /// The precision scores are compared at (`kv.score_dtype`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score_dtype: Option<crate::config::schema::ScoreDtype>,
 }
 
 impl KvParams {
@@ -71,6 +74,9 @@ impl KvParams {
             seed: self.seed,
             compress: self.compress.unwrap_or_default(),
             decode: self.decode.clone(),
+            score_dtype: self
+                .score_dtype
+                .unwrap_or(crate::config::schema::ScoreDtype::F32),
         })
     }
     /// Tokens kept for a prompt of `n` tokens.
@@ -102,6 +108,7 @@ impl KvParams {
             beta: None,
             compress: None,
             decode: None,
+            score_dtype: None,
         }
     }
 }

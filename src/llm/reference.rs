@@ -415,6 +415,7 @@ mod tests {
             beta: None,
             compress: None,
             decode: None,
+            score_dtype: None,
         }
     }
 

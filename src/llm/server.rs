@@ -358,9 +358,14 @@ async fn answer_http(st: Arc<AppState>, headers: HeaderMap, body: Body, plain: b
     resp
 }
 
-/// The native engine's parameters: the simulator's, plus β and the compression mode.
+/// The native engine's parameters: the simulator's, plus β, the compression
+/// mode, compression while decoding and the precision scores are compared at.
 fn native_params_for(body: &Value, defaults: &KvParams) -> Result<KvParams, String> {
-    let p = merged_params(body, defaults, &["beta", "compress", "decode"])?;
+    let p = merged_params(
+        body,
+        defaults,
+        &["beta", "compress", "decode", "score_dtype"],
+    )?;
     p.native_cell().map_err(|e| e.to_string())?;
     if !(p.budget.is_finite() && p.budget > 0.0) {
         return Err(format!("KV budget {} is not positive", p.budget));

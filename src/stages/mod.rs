@@ -108,6 +108,14 @@ pub fn check_config(loaded: &LoadedConfig) -> Result<()> {
             )
             .into());
     }
+    if c.kv.score_dtype.is_some() && answerer != infer::Answerer::ModelFile && !sends_kv {
+        return Err(loaded
+            .key_error(
+                "kv.score_dtype",
+                "the precision of policy scores is a setting of the native engine (`engine.kind: native`, or `serve` with `engine.model_path`) or of a server sent each cell's parameters (`engine.send_kv: true`, scripts/kvpress_server.py); use `null` here",
+            )
+            .into());
+    }
     if c.engine.dequantize && c.engine.kind != crate::config::schema::EngineKind::Native {
         return Err(loaded.key_error(
             "engine.dequantize",

@@ -92,6 +92,15 @@ closed_set!(
     Strategy { Uniform => "uniform", FocusTransition => "focus_transition" }
 );
 
+closed_set!(
+    /// `kv.score_dtype`: the precision a policy's scores are compared at
+    /// before the kept entries are chosen. `bf16` and `f16` round each score
+    /// as an engine computing in that format would, so near-equal scores
+    /// (the same token's key norm at two positions) tie exactly, and ties go
+    /// to the lower position in every engine.
+    ScoreDtype { F32 => "f32", Bf16 => "bf16", F16 => "f16" }
+);
+
 /// `kv.compress`: what part of the prompt a policy compresses (native
 /// engine and the kvpress server). One type from the config file to the
 /// engine's cell and the request's `kvt` field.
@@ -419,6 +428,11 @@ pub struct Kv {
     /// (`infer` lists it as optional: `kv.decode?`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decode: Option<DecodeCompression>,
+    /// The precision scores are compared at (native engine and servers sent
+    /// `engine.send_kv`); null: as computed (f32). Left out when null, so
+    /// keys without it are unchanged (`kv.score_dtype?`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score_dtype: Option<ScoreDtype>,
 }
 
 /// `kv.decode`: while an answer is generated, every `interval` new tokens
@@ -667,6 +681,7 @@ mod cell_tests {
             beta: 20.0,
             compress: Compress::Context,
             decode: None,
+            score_dtype: None,
         }
     }
 

@@ -50,6 +50,20 @@ pub struct Cell {
     /// Compression while the answer is generated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decode: Option<crate::config::schema::DecodeCompression>,
+    /// The precision scores are compared at; f32 (as computed) is left out
+    /// of the cell's identity, so cells without it keep their ids.
+    #[serde(default = "f32_scores", skip_serializing_if = "is_f32")]
+    pub score_dtype: ScoreDtype,
+}
+
+use crate::config::schema::ScoreDtype;
+
+fn f32_scores() -> ScoreDtype {
+    ScoreDtype::F32
+}
+
+fn is_f32(d: &ScoreDtype) -> bool {
+    *d == ScoreDtype::F32
 }
 
 impl Cell {
@@ -62,6 +76,7 @@ impl Cell {
             kernel: self.kernel,
             beta: self.beta,
             seed: self.seed,
+            score_dtype: self.score_dtype,
         }
     }
     /// Nothing evicted and nothing quantised.
@@ -1012,6 +1027,7 @@ mod tests {
             seed: 0,
             compress: Compress::Context,
             decode: None,
+            score_dtype: ScoreDtype::F32,
         }
     }
 

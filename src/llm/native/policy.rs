@@ -74,6 +74,8 @@ pub struct PolicyParams {
     pub kernel: usize,
     pub beta: f64,
     pub seed: u64,
+    /// The precision scores are compared at before the kept set is chosen.
+    pub score_dtype: crate::config::schema::ScoreDtype,
 }
 
 /// What the prefill saw in one layer, for `k_len` cached positions.
@@ -141,8 +143,26 @@ pub fn select(
     if p.policy == Policy::Full || keep >= k_len {
         return vec![(0..k_len).collect(); obs.n_kv_head];
     }
-    let scores = scores(obs, p, layer);
+    let mut scores = scores(obs, p, layer);
+    for row in &mut scores {
+        round_scores(row, p.score_dtype);
+    }
     scores.iter().map(|s| top_positions(s, keep)).collect()
+}
+
+/// Rounds scores to the precision they are compared at (to nearest, ties
+/// to even, as a cast to bf16 or f16 does).
+pub fn round_scores(row: &mut [f32], dtype: crate::config::schema::ScoreDtype) {
+    use crate::config::schema::ScoreDtype;
+    match dtype {
+        ScoreDtype::F32 => {}
+        ScoreDtype::Bf16 => row
+            .iter_mut()
+            .for_each(|x| *x = half::bf16::from_f32(*x).to_f32()),
+        ScoreDtype::F16 => row
+            .iter_mut()
+            .for_each(|x| *x = half::f16::from_f32(*x).to_f32()),
+    }
 }
 
 /// The `k` highest scores' positions, ties to the lower position, sorted.
@@ -294,6 +314,7 @@ mod tests {
             kernel: 1,
             beta: 20.0,
             seed: 7,
+            score_dtype: crate::config::schema::ScoreDtype::F32,
         }
     }
 
@@ -442,6 +463,35 @@ mod tests {
         for _ in 0..20 {
             assert_eq!(select(&obs(&f), &params(Policy::Knorm, 3.0), 0, 1), first);
         }
+    }
+
+    /// `kv.score_dtype`: key norms that differ only in their last bits
+    /// (the same key rotated to two positions) tie once rounded to bf16, and
+    /// the tie keeps the lower positions; in f32 the rounding noise decides.
+    #[test]
+    fn bf16_scores_turn_near_ties_into_ties_kept_by_position() {
+        use crate::config::schema::ScoreDtype;
+        let mut row = [1.0f32, 1.000_000_1, 0.999_999_9, 1.5, 1.000_000_2];
+        let near = row;
+        round_scores(&mut row, ScoreDtype::Bf16);
+        assert_eq!(row, [1.0, 1.0, 1.0, 1.5, 1.0]);
+        assert_eq!(top_positions(&near, 3), vec![1, 3, 4]);
+        assert_eq!(top_positions(&row, 3), vec![0, 1, 3]);
+        let mut h = [1.0f32, 1.000_3, 65_519.0];
+        round_scores(&mut h, ScoreDtype::F16);
+        assert_eq!(h, [1.0, 1.0, 65_504.0]);
+        // Through `select`: knorm over keys whose norms differ by rounding
+        // noise keeps the first ones once scores are bf16.
+        let mut f = fixture();
+        f.keys = (0..8)
+            .flat_map(|i| [1.0f32 + (i % 3) as f32 * 1e-7, 0.0])
+            .collect();
+        let mut p = params(Policy::Knorm, 3.0);
+        let f32_kept = select(&obs(&f), &p, 0, 1);
+        p.score_dtype = ScoreDtype::Bf16;
+        let bf16_kept = select(&obs(&f), &p, 0, 1);
+        assert_eq!(bf16_kept, vec![vec![0, 1, 2]]);
+        assert_ne!(f32_kept, bf16_kept, "in f32 the noise chose");
     }
 
     #[test]

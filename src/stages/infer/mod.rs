@@ -187,6 +187,8 @@ pub struct Uses {
     compress: crate::config::schema::Compress,
     #[serde(rename = "kv.decode")]
     decode: Option<crate::config::schema::DecodeCompression>,
+    #[serde(rename = "kv.score_dtype")]
+    score_dtype: Option<crate::config::schema::ScoreDtype>,
     decoding: Decoding,
     prompt: Prompt,
     #[serde(rename = "dataset.task")]
@@ -320,6 +322,7 @@ impl crate::stages::Stage for Infer {
                 beta: (native || u.send_kv).then_some(u.beta),
                 compress: (native || u.send_kv).then_some(u.compress),
                 decode: u.decode.clone(),
+                score_dtype: u.score_dtype,
             })
         };
         let mut kv = cell(ctx.item("policy")?, ctx.item("budget")?)?;
