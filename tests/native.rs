@@ -995,3 +995,69 @@ fn the_shared_context_experiment_reports_accuracy_by_turn() {
         assert!(line.ends_with(" (4) |"), "{line}");
     }
 }
+
+/// Issue #31, item 2: the long-answer task shows what compression while
+/// decoding does. The repository's decode-compression experiment (shrunk
+/// to the full cache on three short documents): without `kv.decode` the
+/// model lists the six codes; cut back to half its cache while it writes,
+/// it loses them. Both answers are long, and the report shows their length.
+#[test]
+#[ignore = "needs KVT_MODEL (see .ci/run)"]
+fn a_long_answer_loses_what_compression_while_decoding_evicts() {
+    let p = Project::new();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for f in [
+        "pipelines/default.yaml",
+        "config/experiments/decode-compression.yaml",
+    ] {
+        p.write(f, &std::fs::read_to_string(repo.join(f)).unwrap());
+    }
+    let run = |exp: &str, extra: &[&str]| -> (f64, f64) {
+        let out = p
+            .kvt()
+            .args([
+                "build",
+                "report",
+                "-q",
+                "-c",
+                "config/experiments/decode-compression.yaml",
+            ])
+            .args([
+                "--set",
+                "dataset.lengths=[250]",
+                "--set",
+                "dataset.per_length=3",
+            ])
+            .args(["--set", "sampling.n_per_bin=3", "--set", "binning.n_bins=1"])
+            .args(["--set", "binning.edges=null", "--set", "kv.policies=[full]"])
+            .args([
+                "--set",
+                "kv.budgets=[1.0]",
+                "--set",
+                "analysis.bootstrap.iters=200",
+            ])
+            .args(["--set", &format!("output.exp_group_id={exp}")])
+            .args(extra)
+            .env("KVT_MODEL", model())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        let db = rusqlite::Connection::open(p.path(&format!("runs/{exp}/kv_transition.sqlite")))
+            .unwrap();
+        let got = db
+            .query_row(
+                "SELECT AVG(s.score), AVG(t.completion_tokens) FROM scores s JOIN telemetry t USING (request_id)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        let report = p.read(&format!("runs/{exp}/report.md"));
+        assert!(report.contains("answer tokens (mean)"), "{report}");
+        got
+    };
+    let (off, off_len) = run("dc-off", &["--set", "kv.decode=null"]);
+    let (on, on_len) = run("dc-on", &[]);
+    assert!(off >= 2.0 / 3.0, "uncompressed: {off}");
+    assert!(on <= off - 0.5, "compressed while decoding: {on} vs {off}");
+    assert!(off_len > 40.0 && on_len > 40.0, "{off_len} {on_len}");
+}

@@ -3,15 +3,32 @@
 //! depth), `multikey` (several facts, one asked for, the others distractors)
 //! and `vartrack` (a chain of assignments to follow), and `multiquestion`
 //! (several facts, each asked in a question of its own: one context's turns,
-//! `meta.group` and `meta.turn`, for `kv.compress: shared`). The filler prose
-//! and the templates are kvt's own.
+//! `meta.group` and `meta.turn`, for `kv.compress: shared`), and `listcodes`
+//! (every access code in the document, listed in order: a long answer, for
+//! compression while decoding; scored by the share of codes listed). The
+//! filler prose and the templates are kvt's own.
 
 use super::{Example, SplitMix64};
 use anyhow::{bail, Result};
 use serde_json::{json, Map, Value};
 use tiktoken_rs::CoreBPE;
 
-pub const TASKS: &[&str] = &["needle", "multikey", "vartrack", "multiquestion"];
+pub const TASKS: &[&str] = &[
+    "needle",
+    "multikey",
+    "vartrack",
+    "multiquestion",
+    "listcodes",
+];
+
+/// Codes `listcodes` hides in each context (each answer lists them all).
+pub const LISTED_CODES: usize = 6;
+
+/// Synthetic tasks whose answer is several values, all of which count
+/// (scored by `string_match_all`: the share of them in the answer).
+pub fn answers_all(task: &str) -> bool {
+    task == "listcodes"
+}
 
 /// Questions `multiquestion` asks of each context.
 pub const QUESTIONS_PER_CONTEXT: usize = 3;
@@ -122,7 +139,28 @@ pub fn generate(
             meta.insert("target_tokens".into(), json!(len));
             meta.insert("depth".into(), json!((depth * 1000.0).round() / 1000.0));
             let mut turns: Vec<(String, String, f64)> = Vec::new();
+            let mut all_answers: Vec<String> = Vec::new();
             let (facts, question, answer) = match task {
+                "listcodes" => {
+                    // Codes at depths spread over the context, in order.
+                    let n = LISTED_CODES;
+                    let mut facts = Vec::new();
+                    for k in 0..n {
+                        let (key, value) = (word(&mut rng), number(&mut rng));
+                        let d = (k as f64 + 0.5) / n as f64;
+                        facts.push((
+                            d,
+                            format!("Archive note: the access code assigned to {key} is {value}."),
+                        ));
+                        all_answers.push(value);
+                    }
+                    meta.insert("n_codes".into(), json!(n));
+                    (
+                        facts,
+                        format!("List every access code in the document, in the order they appear, one per line ({n} codes)."),
+                        String::new(),
+                    )
+                }
                 "multiquestion" => {
                     // Facts at depths spread over the context, asked in
                     // an order of their own so turn and depth do not align.
@@ -216,11 +254,16 @@ pub fn generate(
             let context = sentences.join(" ");
             let id = format!("{task}-{len}-{i:03}");
             if turns.is_empty() {
+                let answers = if all_answers.is_empty() {
+                    vec![answer]
+                } else {
+                    all_answers
+                };
                 out.push(Example {
                     example_id: id,
                     question,
                     context,
-                    answers: vec![answer],
+                    answers,
                     meta,
                     extra: Default::default(),
                 });
@@ -303,6 +346,32 @@ mod tests {
             );
         }
         assert_ne!(v[0].context, v[QUESTIONS_PER_CONTEXT].context);
+    }
+
+    #[test]
+    fn listcodes_hides_its_codes_in_order_and_asks_for_all() {
+        let bpe = crate::data::tokenize::encoding("cl100k_base").unwrap();
+        let v = generate(bpe, "listcodes", 3, &[800], 2).unwrap();
+        assert_eq!(v.len(), 2);
+        for ex in &v {
+            assert_eq!(ex.answers.len(), LISTED_CODES);
+            let at: Vec<usize> = ex
+                .answers
+                .iter()
+                .map(|a| ex.context.find(a.as_str()).expect("code in the context"))
+                .collect();
+            assert!(at.windows(2).all(|w| w[0] < w[1]), "in order: {at:?}");
+            assert!(ex.question.contains("every access code"));
+        }
+        assert!(answers_all("listcodes") && !answers_all("needle"));
+        // Scored by the share of the codes the answer lists.
+        let metric = crate::stages::score::metric_for("synthetic", "listcodes", None).unwrap();
+        assert_eq!(metric, "string_match_all");
+        let half = format!(
+            "1. {}\n2. {}\n3. {}",
+            v[0].answers[0], v[0].answers[1], v[0].answers[2]
+        );
+        assert_eq!(crate::metrics::string_match_all(&half, &v[0].answers), 0.5);
     }
 
     #[test]

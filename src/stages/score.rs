@@ -78,7 +78,11 @@ pub fn metric_for(source: &str, task: &str, explicit: Option<&str>) -> Result<St
         return Ok(m.to_string());
     }
     Ok(match source {
-        "synthetic" if crate::data::ruler::is_task(task) => "string_match_all".to_string(),
+        "synthetic"
+            if crate::data::ruler::is_task(task) || crate::data::synthetic::answers_all(task) =>
+        {
+            "string_match_all".to_string()
+        }
         "synthetic" => SYNTHETIC_METRIC.to_string(),
         "longbench" => {
             let base = task.strip_suffix("_e").unwrap_or(task);
