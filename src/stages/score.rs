@@ -373,3 +373,42 @@ impl crate::stages::Stage for Score {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `listcodes` is scored by the share of its codes the answer lists.
+    #[test]
+    fn listcodes_scores_the_share_of_codes_listed() {
+        assert_eq!(
+            metric_for("synthetic", "listcodes", None).unwrap(),
+            "string_match_all"
+        );
+        assert_eq!(
+            metric_for("synthetic", "needle", None).unwrap(),
+            SYNTHETIC_METRIC
+        );
+        let bpe = crate::data::tokenize::encoding("cl100k_base").unwrap();
+        let ex = &crate::data::synthetic::generate(bpe, "listcodes", 3, &[400], 1).unwrap()[0];
+        let gold = Gold {
+            example_id: ex.example_id.clone(),
+            answers: ex.answers.clone(),
+            meta: ex.meta.clone(),
+        };
+        let half = format!(
+            "1. {}\n2. {}\n3. {}",
+            gold.answers[0], gold.answers[1], gold.answers[2]
+        );
+        let s = metrics::score(&half, &gold.answers);
+        let v = value(
+            "string_match_all",
+            "listcodes",
+            &half,
+            &gold,
+            &s,
+            lb::CodeSim::Difflib,
+        );
+        assert_eq!(v, 0.5);
+    }
+}
