@@ -24,7 +24,11 @@ scores: kvpress's default), `prompt` (the whole prompt is compressed) or
 `shared` (the context is prefilled and compressed once, without any question,
 and kept: every later question about the same context, under the same press,
 is prefilled on a copy of that compressed cache — `kvt.native.prefill_reused`
-says which answers found it). The question starts at the prompt's last line
+says which answers found it) or `multi_turn` (as `shared`, and a request's
+`kvt_history` — the user messages of the questions asked before it about the
+same context — puts those questions and the model's own answers to them,
+computed under the same press and kept, between the compressed context and
+this question, as a multi-turn chat does). The question starts at the prompt's last line
 beginning with `Question:`, as in kvt's native engine.
 
 Log-probabilities as kvt's native engine gives them: `logprobs: true` with
@@ -193,6 +197,8 @@ class Engine:
         # Shared contexts: (context digest, press parameters) -> (compressed
         # cache, kept positions, prefill seconds), the few most recent kept.
         self.contexts = collections.OrderedDict()
+        # Multi-turn answers: (conversation, cell, max new tokens) -> text.
+        self.turns = collections.OrderedDict()
         self.defaults = {"policy": a.policy, "budget": a.budget, "compress": a.compress}
         if a.press_params:
             self.defaults["press_params"] = json.loads(a.press_params)
@@ -415,7 +421,48 @@ class Engine:
         return ref
 
     # -- answering -------------------------------------------------------
-    def answer(self, body, on_token=None):
+    # -- multi-turn ------------------------------------------------------
+    @staticmethod
+    def turn_key(conversation, kvt, max_new):
+        pairs = [[m.get("role"), m.get("content")] for m in conversation]
+        return json.dumps([pairs, kvt, max_new], sort_keys=True, default=str)
+
+    def remember_turn(self, key, answer):
+        self.turns[key] = answer
+        while len(self.turns) > 1000:
+            self.turns.popitem(last=False)
+
+    def conversation(self, body, messages, history, max_new):
+        """`multi_turn`: the conversation up to this request's question — the
+        first turn whole, then each earlier turn's answer under this cell (the
+        model's own, computed once and kept) and the next turn's question
+        (its user message from the `Question:` line on) — as token ids, and
+        where the shared context ends (the first turn's question)."""
+        system = [m for m in messages if m.get("role") == "system"][:1]
+        users = [m for m in messages if m.get("role") == "user"]
+        first = system + [{"role": "user", "content": history[0]}]
+        first_ids, split = self.encode(self.render(first))
+        conv = list(first)
+        for turn in history[1:] + [users[-1].get("content", "") if users else ""]:
+            key = self.turn_key(conv, body.get("kvt"), max_new)
+            answer = self.turns.get(key)
+            if answer is None:
+                sub = {"messages": conv, "max_tokens": max_new, "kvt": body.get("kvt")}
+                answer = self.answer(sub, split_at=split)[0]
+                self.remember_turn(key, answer)
+            conv.append({"role": "assistant", "content": answer})
+            at = turn.rfind("\nQuestion:")
+            if at < 0:
+                raise BadRequest("`compress: multi_turn`: a turn has no question on a line starting with `Question:`")
+            conv.append({"role": "user", "content": turn[at + 1:]})
+        ids, _ = self.encode(self.render(conv))
+        if ids[:split] != first_ids[:split]:
+            raise BadRequest("a later turn does not begin with the first turn's context as tokens")
+        return ids, split
+
+    def answer(self, body, on_token=None, split_at=None):
+        """`split_at`: where the context ends, when the prompt is a
+        conversation whose first turn holds it (`multi_turn`'s earlier turns)."""
         torch = self.torch
         from transformers import DynamicCache
 
@@ -428,18 +475,28 @@ class Engine:
                 raise BadRequest(f"unknown field `kvt.{k}`")
         p.update({k: v for k, v in kvt.items() if v is not None})
         compress = p.get("compress") or "context"
-        if compress not in ("context", "prompt", "shared"):
-            raise BadRequest(f"`compress` must be `context`, `prompt` or `shared`, not `{compress}`")
+        if compress not in ("context", "prompt", "shared", "multi_turn"):
+            raise BadRequest(f"`compress` must be `context`, `prompt`, `shared` or `multi_turn`, not `{compress}`")
+        shares = compress in ("shared", "multi_turn")
+        history = body.get("kvt_history") or []
+        if not isinstance(history, list) or not all(isinstance(h, str) for h in history):
+            raise BadRequest("`kvt_history` must be a list of strings")
+        if history and compress != "multi_turn":
+            raise BadRequest(f"`kvt_history` (earlier turns) is read under `compress: multi_turn`, not `{compress}`")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise BadRequest("missing `messages`")
         max_new = int(body.get("max_tokens") or body.get("max_completion_tokens") or 32)
-        text = self.render(messages)
-        ids, split = self.encode(text)
+        if history:
+            ids, split = self.conversation(body, messages, history, max_new)
+        else:
+            ids, split = self.encode(self.render(messages))
+            if split_at is not None:
+                split = split_at
         if p.get("score_dtype") not in (None,) + SCORE_DTYPES:
             raise BadRequest(f"`score_dtype` must be one of {', '.join(SCORE_DTYPES)}, not `{p.get('score_dtype')}`")
-        if compress == "shared" and split >= len(ids):
-            raise BadRequest("`compress: shared` needs the question after the context, on a line starting with `Question:`")
+        if shares and split >= len(ids):
+            raise BadRequest(f"`compress: {compress}` needs the question after the context, on a line starting with `Question:`")
         if compress == "prompt" or split >= len(ids):
             split = len(ids)
         press, press_name = self.press_for(p, split)
@@ -466,7 +523,7 @@ class Engine:
                 # Prefill: the compressed span under the press (it acts on the
                 # first forward only), then the question on the compressed cache.
                 ctx_key = None
-                if compress == "shared":
+                if shares:
                     params = {k: v for k, v in p.items() if k != "decode"}
                     ctx_key = (hashlib.blake2b(json.dumps(ids[:split]).encode()).hexdigest(),
                                json.dumps(params, sort_keys=True, default=str))
@@ -580,6 +637,9 @@ class Engine:
         if fid is not None:
             native["fidelity"] = fid
         retained = round(kept_total / full_total * len(ids)) if full_total else 0
+        if compress == "multi_turn" and not history and split_at is None:
+            # A first turn's answer is the next turn's history.
+            self.remember_turn(self.turn_key(messages, body.get("kvt"), max_new), answer)
         return answer, finish, native, {
             "engine": f"kvpress:{press_name}",
             "press": press_name,
@@ -726,7 +786,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
     ap.add_argument("--policy", default="full", help="the policy when a request names none (kvt's name or a kvpress class)")
     ap.add_argument("--budget", type=float, default=1.0, help="the budget when a request names none")
-    ap.add_argument("--compress", default="context", choices=["context", "prompt", "shared"])
+    ap.add_argument("--compress", default="context", choices=["context", "prompt", "shared", "multi_turn"])
     ap.add_argument("--press-params", default=None, help="JSON object of extra press parameters")
     a = ap.parse_args()
     engine = Engine(a)

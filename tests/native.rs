@@ -924,46 +924,53 @@ fn shared_context_answers_three_questions_from_one_prefill() {
 #[test]
 #[ignore = "needs KVT_MODEL (see .ci/run)"]
 fn the_shared_context_experiment_reports_accuracy_by_turn() {
-    let p = Project::new();
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    for f in [
-        "pipelines/default.yaml",
-        "config/experiments/shared-context.yaml",
-    ] {
-        p.write(f, &std::fs::read_to_string(repo.join(f)).unwrap());
-    }
-    let out = p
-        .kvt()
-        .args([
-            "build",
-            "report",
-            "-q",
-            "-c",
+    let project = || {
+        let p = Project::new();
+        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        for f in [
+            "pipelines/default.yaml",
             "config/experiments/shared-context.yaml",
-        ])
-        .args([
-            "--set",
-            "dataset.lengths=[250,500]",
-            "--set",
-            "dataset.per_length=2",
-        ])
-        .args(["--set", "sampling.n_per_bin=2", "--set", "binning.n_bins=2"])
-        .args([
-            "--set",
-            "binning.edges=[0,375,750]",
-            "--set",
-            "decoding.max_new_tokens=8",
-        ])
-        .args([
-            "--set",
-            "kv.policies=[full,snapkv]",
-            "--set",
-            "kv.budgets=[1.0,0.5]",
-        ])
-        .args(["--set", "analysis.bootstrap.iters=200"])
-        .env("KVT_MODEL", model())
-        .output()
-        .unwrap();
+        ] {
+            p.write(f, &std::fs::read_to_string(repo.join(f)).unwrap());
+        }
+        p
+    };
+    let build = |p: &Project, extra: &[&str]| {
+        p.kvt()
+            .args([
+                "build",
+                "report",
+                "-q",
+                "-c",
+                "config/experiments/shared-context.yaml",
+            ])
+            .args([
+                "--set",
+                "dataset.lengths=[250,500]",
+                "--set",
+                "dataset.per_length=2",
+            ])
+            .args(["--set", "sampling.n_per_bin=2", "--set", "binning.n_bins=2"])
+            .args([
+                "--set",
+                "binning.edges=[0,375,750]",
+                "--set",
+                "decoding.max_new_tokens=8",
+            ])
+            .args([
+                "--set",
+                "kv.policies=[full,snapkv]",
+                "--set",
+                "kv.budgets=[1.0,0.5]",
+            ])
+            .args(["--set", "analysis.bootstrap.iters=200"])
+            .args(extra)
+            .env("KVT_MODEL", model())
+            .output()
+            .unwrap()
+    };
+    let p = project();
+    let out = build(&p, &[]);
     assert!(out.status.success(), "{}", stderr_of(&out));
     let db =
         rusqlite::Connection::open(p.path("runs/shared-context/kv_transition.sqlite")).unwrap();
@@ -994,6 +1001,38 @@ fn the_shared_context_experiment_reports_accuracy_by_turn() {
         assert_eq!(line.matches(" (2) |").count(), 2, "{line}");
         assert!(line.ends_with(" (4) |"), "{line}");
     }
+    // As a multi-turn chat: every later turn's prompt holds the earlier
+    // questions and answers (longer than the first turn's), the context
+    // still prefilled once (a project of its own: the full cache's first
+    // turns are the same requests under `shared`, already answered here).
+    let p = project();
+    let out = build(
+        &p,
+        &[
+            "--set",
+            "kv.compress=multi_turn",
+            "--set",
+            "output.exp_group_id=mt",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let db = rusqlite::Connection::open(p.path("runs/mt/kv_transition.sqlite")).unwrap();
+    let count = |sql: &str| -> i64 { db.query_row(sql, [], |r| r.get(0)).unwrap() };
+    assert_eq!(count("SELECT COUNT(*) FROM telemetry"), 24);
+    assert_eq!(
+        count("SELECT COUNT(*) FROM telemetry WHERE prefill_reused = 0"),
+        4
+    );
+    assert_eq!(
+        count(
+            "SELECT COUNT(*) FROM telemetry a JOIN telemetry b
+             ON b.request_id = substr(a.request_id, 1, length(a.request_id) - 1) || '1'
+             WHERE a.request_id LIKE '%-q3' AND a.prompt_tokens > b.prompt_tokens + 8"
+        ),
+        8,
+        "every third turn is longer than its first"
+    );
+    assert!(p.read("runs/mt/report.md").contains("| snapkv @ 0.5 | 3 |"));
 }
 
 /// Issue #31, item 2: the long-answer task shows what compression while
@@ -1060,4 +1099,93 @@ fn a_long_answer_loses_what_compression_while_decoding_evicts() {
     assert!(off >= 2.0 / 3.0, "uncompressed: {off}");
     assert!(on <= off - 0.5, "compressed while decoding: {on} vs {off}");
     assert!(off_len > 40.0 && on_len > 40.0, "{off_len} {on_len}");
+}
+
+/// Issue #31, item 1, as in a multi-turn chat (`kv.compress: multi_turn`):
+/// each question follows the earlier questions and the model's own
+/// answers, kept in the cache after the context compressed once. One
+/// prefill of the context for three turns; the conversation grows by each
+/// earlier turn; and for the full cache the third turn answers as the
+/// same conversation sent whole does.
+#[test]
+#[ignore = "needs KVT_MODEL (see .ci/run)"]
+fn multi_turn_keeps_the_earlier_turns_after_the_compressed_context() {
+    let (doc, questions) = three_questions();
+    let s = Served::start(&["--model-file", &model(), "--model", "smollm2"]);
+    let system = "Answer with the exact value asked for.";
+    let users: Vec<String> = questions
+        .iter()
+        .map(|(q, _)| format!("{doc}\n\nQuestion: {q}\nAnswer:"))
+        .collect();
+    let turn = |kv: &Value, k: usize| -> Value {
+        let mut kv = kv.clone();
+        kv["compress"] = json!("multi_turn");
+        post_chat(
+            &s.addr,
+            &json!({"model": "smollm2", "max_tokens": 16, "temperature": 0.0,
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": users[k]}],
+                "kvt": kv, "kvt_history": users[..k]}),
+        )
+    };
+    let text = |a: &Value| {
+        a["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let native = |a: &Value| a["kvt"]["native"].clone();
+    let snap: Vec<Value> = (0..3).map(|k| turn(&cell("snapkv", 0.5), k)).collect();
+    assert_eq!(
+        metric(&s.addr, "kvt_native_prefills"),
+        1,
+        "one prefill of the context"
+    );
+    let tokens: Vec<u64> = snap
+        .iter()
+        .map(|a| native(a)["prompt_tokens"].as_u64().unwrap())
+        .collect();
+    assert!(tokens[0] < tokens[1] && tokens[1] < tokens[2], "{tokens:?}");
+    for a in &snap {
+        // The context is compressed once and only: the span scored is the
+        // first turn's context in every turn.
+        assert_eq!(
+            native(a)["compressed_tokens"],
+            native(&snap[0])["compressed_tokens"]
+        );
+    }
+    assert!(native(&snap[2])["kept_total"].as_u64() < native(&snap[2])["full_total"].as_u64());
+    // The full cache: turn 3 equals the conversation sent whole (the
+    // earlier answers as the engine gave them).
+    let full: Vec<Value> = (0..3).map(|k| turn(&cell("full", 1.0), k)).collect();
+    let q_line = |k: usize| format!("Question: {}\nAnswer:", questions[k].0);
+    let whole = post_chat(
+        &s.addr,
+        &json!({"model": "smollm2", "max_tokens": 16, "temperature": 0.0,
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": users[0]},
+                {"role": "assistant", "content": text(&full[0])},
+                {"role": "user", "content": q_line(1)},
+                {"role": "assistant", "content": text(&full[1])},
+                {"role": "user", "content": q_line(2)}],
+            "kvt": cell("full", 1.0)}),
+    );
+    assert_eq!(
+        native(&whole)["prompt_tokens"],
+        native(&full[2])["prompt_tokens"]
+    );
+    assert_eq!(text(&whole), text(&full[2]));
+    // Earlier turns under another mode are refused, not ignored.
+    let (st, body) = http(
+        &s.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(
+            &json!({"model": "smollm2", "max_tokens": 4,
+                "messages": [{"role": "user", "content": users[1]}],
+                "kvt": cell("snapkv", 0.5), "kvt_history": users[..1]})
+            .to_string(),
+        ),
+    );
+    assert!(st >= 400 && body.contains("multi_turn"), "{st} {body}");
 }

@@ -72,6 +72,10 @@ pub struct Query<'a> {
     /// answers what it was sent); `user` and the shape's system turn are
     /// then unused.
     pub conversation: Option<&'a [Value]>,
+    /// Under `kv.compress: multi_turn`: the user turns of the questions
+    /// asked before this one about the same context, first first (sent as
+    /// `kvt_history`); empty otherwise.
+    pub history: &'a [String],
 }
 
 impl Query<'_> {
@@ -82,6 +86,25 @@ impl Query<'_> {
             Some(c) => c.to_vec(),
             None => messages(&self.shape.system, self.user),
         }
+    }
+
+    /// The earlier turns ([`Query::history`]), each as it would be sent
+    /// alone: this request's system turn and that turn's user message.
+    pub fn history_messages(&self) -> Vec<Vec<Value>> {
+        let system = match self.conversation {
+            Some(c) => c.iter().find(|m| m["role"] == "system").cloned(),
+            None => Some(serde_json::json!({"role": "system", "content": self.shape.system})),
+        };
+        self.history
+            .iter()
+            .map(|u| {
+                system
+                    .iter()
+                    .cloned()
+                    .chain([serde_json::json!({"role": "user", "content": u})])
+                    .collect()
+            })
+            .collect()
     }
 
     /// [`Query::body`], serialized: the shared head once per node, then this
@@ -113,6 +136,10 @@ impl Query<'_> {
             out.extend_from_slice(br#","kvt_golds":"#);
             serde_json::to_writer(&mut out, self.golds).expect("writing JSON to memory");
         }
+        if !self.history.is_empty() {
+            out.extend_from_slice(br#","kvt_history":"#);
+            serde_json::to_writer(&mut out, self.history).expect("writing JSON to memory");
+        }
         out.push(b'}');
         out
     }
@@ -129,6 +156,9 @@ impl Query<'_> {
         }
         if !self.golds.is_empty() {
             body["kvt_golds"] = serde_json::json!(self.golds);
+        }
+        if !self.history.is_empty() {
+            body["kvt_history"] = serde_json::json!(self.history);
         }
         for (k, v) in &self.shape.extra {
             body[k] = v.clone();
@@ -294,6 +324,7 @@ mod tests {
                     golds: if completions { &golds } else { &[] },
                     shape: &shape,
                     conversation: None,
+                    history: if completions { &[] } else { &golds },
                 };
                 let sent: Value = serde_json::from_slice(&q.body_bytes()).unwrap();
                 assert_eq!(sent, q.body(), "completions {completions}, extra {extra}");
@@ -316,6 +347,7 @@ mod tests {
             golds: &[],
             shape: &shape,
             conversation: None,
+            history: &[],
         };
         let sent: Value = serde_json::from_slice(&q.body_bytes()).unwrap();
         assert_eq!(sent, q.body());

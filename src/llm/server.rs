@@ -381,6 +381,8 @@ struct NativeExtras {
     logprobs: usize,
     golds: Vec<String>,
     fidelity: bool,
+    /// `kvt_history`: the earlier turns' user messages (`multi_turn`).
+    history: Vec<String>,
 }
 
 impl NativeExtras {
@@ -403,6 +405,10 @@ impl NativeExtras {
                 .and_then(|g| serde_json::from_value(g.clone()).ok())
                 .unwrap_or_default(),
             fidelity: body.get("kvt_fidelity").and_then(Value::as_bool) == Some(true),
+            history: body
+                .get("kvt_history")
+                .and_then(|g| serde_json::from_value(g.clone()).ok())
+                .unwrap_or_default(),
         }
     }
 }
@@ -456,6 +462,7 @@ fn answer_through_backend(
         golds: &extras.golds,
         shape: &shape,
         conversation: Some(conversation),
+        history: &extras.history,
     })?;
     let o = a.outcome;
     if let Some(e) = o.error {

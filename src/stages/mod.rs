@@ -97,14 +97,11 @@ pub fn check_config(loaded: &LoadedConfig) -> Result<()> {
     // One compressed context for several questions: the engine must keep
     // a cache between requests, which an OpenAI-compatible server does not
     // let a client ask for (the simulator runs it as context compression).
-    if c.kv.compress == crate::config::schema::Compress::Shared
-        && answerer == infer::Answerer::Named
-        && !sends_kv
-    {
+    if c.kv.compress.shares_context() && answerer == infer::Answerer::Named && !sends_kv {
         return Err(loaded
             .key_error(
                 "kv.compress",
-                "`shared` (one compressed context, many questions) runs on the native engine (`engine.kind: native`, or `serve` with `engine.model_path`) or on a server sent each cell's parameters (`engine.send_kv: true`, scripts/kvpress_server.py); an OpenAI-compatible server cannot compress a context once and keep it for the next question. Use `context` here",
+                "`shared` and `multi_turn` (one compressed context, many questions) run on the native engine (`engine.kind: native`, or `serve` with `engine.model_path`) or on a server sent each cell's parameters (`engine.send_kv: true`, scripts/kvpress_server.py); an OpenAI-compatible server cannot compress a context once and keep it for the next question. Use `context` here",
             )
             .into());
     }

@@ -118,6 +118,17 @@ pub enum Compress {
     /// one compressed cache per context and cell, each question prefilled
     /// after it on a copy (SCBench's shared-context mode).
     Shared,
+    /// As `shared`, and each question follows the earlier turns' questions
+    /// and the model's own answers, kept in the cache after the compressed
+    /// context as in a multi-turn chat (SCBench's multi-turn mode).
+    MultiTurn,
+}
+
+impl Compress {
+    /// One compressed context for several questions (`shared`, `multi_turn`).
+    pub fn shares_context(self) -> bool {
+        matches!(self, Compress::Shared | Compress::MultiTurn)
+    }
 }
 
 impl Compress {
@@ -126,6 +137,7 @@ impl Compress {
             Compress::Context => "context",
             Compress::Prompt => "prompt",
             Compress::Shared => "shared",
+            Compress::MultiTurn => "multi_turn",
         }
     }
 }

@@ -59,6 +59,7 @@ impl Backend for NativeBackend {
             logprobs: self.logprobs,
             golds: q.golds.to_vec(),
             fidelity: self.fidelity,
+            history: q.history_messages().iter().map(|m| chat_pairs(m)).collect(),
         };
         let a = self.engine.answer(&req)?;
         Ok(Answer {

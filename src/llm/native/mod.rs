@@ -162,6 +162,11 @@ pub struct NativeRequest {
     pub golds: Vec<String>,
     /// Teacher-force the full cache's greedy answer under each cell (KL, top-1).
     pub fidelity: bool,
+    /// Under `kv.compress: multi_turn`: the earlier turns of this context,
+    /// each as it would be sent alone (system and user messages), first
+    /// turn first. Empty: the request is its context's first turn, or
+    /// stands alone.
+    pub history: Vec<Vec<(String, String)>>,
 }
 
 impl NativeRequest {
@@ -221,6 +226,10 @@ pub struct NativeEngine {
     ready: Mutex<HashMap<ReadyKey, NativeAnswer>>,
     /// The full cache's answers for fidelity, by (prefill key, max new tokens).
     references: Mutex<VecDeque<(ReferenceKey, Arc<Trajectory>)>>,
+    /// Multi-turn answers, by (conversation, cell, max new tokens): an
+    /// earlier turn's answer under a cell is computed once for its later
+    /// turns (bounded; recomputed if dropped, with the same result).
+    turns: Mutex<HashMap<blake3::Hash, String>>,
     pub counters: Counters,
 }
 
@@ -270,6 +279,7 @@ impl NativeEngine {
             busy: Mutex::new(HashMap::new()),
             ready: Mutex::new(HashMap::new()),
             references: Mutex::new(VecDeque::new()),
+            turns: Mutex::new(HashMap::new()),
             counters: Counters::default(),
         })
     }
@@ -401,7 +411,110 @@ impl NativeEngine {
 
     /// Answers one request (and its cohort from the same prefill).
     pub fn answer(&self, req: &NativeRequest) -> Result<NativeAnswer> {
-        let (tokens, split) = self.prompt_tokens(&req.messages)?;
+        let multi_turn = req.cell.compress == Compress::MultiTurn;
+        if !req.history.is_empty() && !multi_turn {
+            bail!("earlier turns were sent, but the cell's `compress` is `{}`: they are read under `multi_turn`", req.cell.compress.as_str());
+        }
+        let (tokens, split) = if req.history.is_empty() {
+            self.prompt_tokens(&req.messages)?
+        } else {
+            self.conversation_tokens(req)?
+        };
+        let a = self.answer_tokens(req, tokens, split)?;
+        if multi_turn && req.history.is_empty() {
+            // A first turn's answer is the next turn's history.
+            let key = self.turn_key(&req.messages, req);
+            self.remember_turn(key, a.text.clone());
+        }
+        Ok(a)
+    }
+
+    fn turn_key(&self, conversation: &[(String, String)], req: &NativeRequest) -> blake3::Hash {
+        let mut h = blake3::Hasher::new();
+        h.update(&serde_json::to_vec(conversation).expect("strings serialize"));
+        h.update(req.cell.id().as_bytes());
+        h.update(&(req.max_new_tokens as u64).to_le_bytes());
+        h.finalize()
+    }
+
+    fn remember_turn(&self, key: blake3::Hash, text: String) {
+        let mut turns = self.turns.lock().expect("turns");
+        if turns.len() > 10_000 {
+            turns.clear();
+        }
+        turns.insert(key, text);
+    }
+
+    /// Under `multi_turn`: the conversation up to this request's question —
+    /// the first turn whole, then each earlier turn's answer under this cell
+    /// (the model's own, greedy, computed once and kept) and the next
+    /// turn's question (its user message from the `Question:` line on) —
+    /// as tokens, and where the shared context ends (the first turn's
+    /// question).
+    fn conversation_tokens(&self, req: &NativeRequest) -> Result<(Vec<u32>, usize)> {
+        let first = &req.history[0];
+        let (first_ids, split) = self.prompt_tokens(first)?;
+        let turns: Vec<&[(String, String)]> = req
+            .history
+            .iter()
+            .map(Vec::as_slice)
+            .chain([req.messages.as_slice()])
+            .collect();
+        let mut conversation: Vec<(String, String)> = first.clone();
+        let tokens = |conversation: &[(String, String)]| -> Result<Vec<u32>> {
+            let (ids, _) = self.prompt_tokens(conversation)?;
+            if ids.len() < split || ids[..split] != first_ids[..split] {
+                bail!("a later turn does not begin with the first turn's context as tokens: the chat template must render earlier turns unchanged");
+            }
+            Ok(ids)
+        };
+        for turn in &turns[1..] {
+            let key = self.turn_key(&conversation, req);
+            let cached = self.turns.lock().expect("turns").get(&key).cloned();
+            let answer = match cached {
+                Some(a) => a,
+                None => {
+                    let earlier = NativeRequest {
+                        messages: conversation.clone(),
+                        max_new_tokens: req.max_new_tokens,
+                        cell: req.cell.clone(),
+                        record_kept: false,
+                        cohort: Vec::new(),
+                        logprobs: 0,
+                        golds: Vec::new(),
+                        fidelity: false,
+                        history: Vec::new(),
+                    };
+                    let a = self
+                        .answer_tokens(&earlier, tokens(&conversation)?, split)?
+                        .text;
+                    self.remember_turn(key, a.clone());
+                    a
+                }
+            };
+            conversation.push(("assistant".into(), answer));
+            let user = turn
+                .iter()
+                .rev()
+                .find(|(role, _)| role == "user")
+                .map(|(_, c)| c.as_str())
+                .unwrap_or("");
+            let question = question_offset(user).map(|at| &user[at..]).ok_or_else(|| {
+                anyhow!("`kv.compress: multi_turn`: a turn has no question on a line starting with `Question:`")
+            })?;
+            conversation.push(("user".into(), question.to_string()));
+        }
+        Ok((tokens(&conversation)?, split))
+    }
+
+    /// [`NativeEngine::answer`] on the prompt's tokens and where its
+    /// context ends.
+    fn answer_tokens(
+        &self,
+        req: &NativeRequest,
+        tokens: Vec<u32>,
+        split: usize,
+    ) -> Result<NativeAnswer> {
         if tokens.is_empty() {
             bail!("the prompt is empty");
         }
@@ -430,7 +543,7 @@ impl NativeEngine {
         // prompt's, or under `shared` the context's alone, so every question
         // asked of one context finds the same prefill.
         let prompt_key = hash(&tokens, b"");
-        let shared = req.cell.compress == Compress::Shared;
+        let shared = req.cell.compress.shares_context();
         if shared && split >= tokens.len() {
             bail!("`kv.compress: shared` asks each question after the context: the prompt needs its question on a line starting with `Question:` after the context (see `prompt.template`)");
         }
@@ -486,7 +599,13 @@ impl NativeEngine {
         };
         let mut mine = self.run_cell(&pf, &req.cell, &asks)?;
         mine.prefill_reused = reused;
-        for c in &req.cohort {
+        // Later turns' cells each need their own history: no cohort there.
+        let cohort: &[Cell] = if req.history.is_empty() {
+            &req.cohort
+        } else {
+            &[]
+        };
+        for c in cohort {
             if c == &req.cell || c.window != window {
                 continue;
             }

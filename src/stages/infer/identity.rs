@@ -17,6 +17,9 @@ pub struct Request {
     pub user: String,
     /// Gold answers the engine teacher-forces (`engine.fidelity`), else none.
     pub golds: Vec<String>,
+    /// Under `kv.compress: multi_turn`: the user turns of the earlier
+    /// questions about the same context, first first.
+    pub history: Vec<String>,
 }
 
 impl Request {
@@ -28,6 +31,7 @@ impl Request {
             golds: &self.golds,
             shape,
             conversation: None,
+            history: &self.history,
         }
     }
 }
@@ -44,6 +48,9 @@ pub struct PromptSource {
     /// The gold answers (read only when the engine teacher-forces them).
     #[serde(default)]
     pub answers: Vec<String>,
+    /// `meta.group` / `meta.turn` place a question among its context's.
+    #[serde(default)]
+    pub meta: serde_json::Map<String, Value>,
 }
 
 /// Fills `{context}`, `{question}` and the extra fields (`{options}`) in a
@@ -201,21 +208,49 @@ pub(super) fn build_requests(
         identity["logprobs"] = json!(s.logprobs);
     }
     let keys = KeyHasher::new(identity);
+    // Under `multi_turn`, each question follows its context's earlier ones:
+    // (group, turn) → example, to find them.
+    let multi_turn = s.kv.compress == Some(crate::config::schema::Compress::MultiTurn);
+    let turn_of = |ex: &PromptSource| -> Option<(String, i64)> {
+        let g = ex.meta.get(crate::data::GROUP)?.as_str()?;
+        Some((g.to_string(), ex.meta.get(crate::data::TURN)?.as_i64()?))
+    };
+    let mut turns: BTreeMap<String, Vec<(i64, &PromptSource)>> = BTreeMap::new();
+    if multi_turn {
+        for ex in examples {
+            if let Some((g, t)) = turn_of(ex) {
+                turns.entry(g).or_default().push((t, ex));
+            }
+        }
+        for v in turns.values_mut() {
+            v.sort_by_key(|(t, _)| *t);
+        }
+    }
+    let user_of = |ex: &PromptSource| -> Result<(String, Option<u64>)> {
+        let user = fill(&s.template, ex);
+        if let Some((max, tok)) = &s.truncate {
+            // LongBench's rule, in the configured tokenizer's tokens.
+            if let Some((cut, n)) = tok.truncate_middle(&user, *max)? {
+                return Ok((cut, Some(n as u64)));
+            }
+        }
+        Ok((user, None))
+    };
     entries
         .iter()
         .map(|en| {
             let ex = by_id
                 .get(en.example_id.as_str())
                 .ok_or_else(|| anyhow!("manifest entry `{}` has no example", en.example_id))?;
-            let mut user = fill(&s.template, ex);
-            let mut truncated_from = None;
-            if let Some((max, tok)) = &s.truncate {
-                // LongBench's rule, in the configured tokenizer's tokens.
-                if let Some((cut, n)) = tok.truncate_middle(&user, *max)? {
-                    truncated_from = Some(n as u64);
-                    user = cut;
-                }
-            }
+            let (user, truncated_from) = user_of(ex)?;
+            let history: Vec<String> = match turn_of(ex) {
+                Some((g, t)) if multi_turn => turns[&g]
+                    .iter()
+                    .take_while(|(earlier, _)| *earlier < t)
+                    .map(|(_, e)| user_of(e).map(|(u, _)| u))
+                    .collect::<Result<_>>()?,
+                _ => Vec::new(),
+            };
             let golds = if s.fidelity {
                 ex.answers.clone()
             } else {
@@ -224,10 +259,11 @@ pub(super) fn build_requests(
             Ok(Request {
                 truncated_from,
                 example_id: en.example_id.clone(),
-                key: keys.key_with_golds(&s.prompt.system, &user, &golds),
+                key: keys.key_with_history(&s.prompt.system, &user, &golds, &history),
                 question: ex.question.clone(),
                 user,
                 golds,
+                history,
             })
         })
         .collect()
@@ -295,6 +331,26 @@ impl KeyHasher {
         h.update(key.as_bytes());
         h.update(b"\0golds\0");
         h.update(&serde_json::to_vec(golds).expect("strings serialize"));
+        h.finalize().to_hex().to_string()
+    }
+
+    /// [`KeyHasher::key_with_golds`], with the earlier turns a multi-turn
+    /// question follows folded in when there are any.
+    fn key_with_history(
+        &self,
+        system: &str,
+        user: &str,
+        golds: &[String],
+        history: &[String],
+    ) -> String {
+        let key = self.key_with_golds(system, user, golds);
+        if history.is_empty() {
+            return key;
+        }
+        let mut h = blake3::Hasher::new();
+        h.update(key.as_bytes());
+        h.update(b"\0history\0");
+        h.update(&serde_json::to_vec(history).expect("strings serialize"));
         h.finalize().to_hex().to_string()
     }
 

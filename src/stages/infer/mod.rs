@@ -606,6 +606,7 @@ mod tests {
             context: "word ".repeat(500),
             extra: Default::default(),
             answers: Vec::new(),
+            meta: Default::default(),
         };
         let entry = Entry {
             example_id: "e1".into(),
@@ -713,6 +714,7 @@ mod tests {
             context: "C {question}".into(),
             extra: Default::default(),
             answers: Vec::new(),
+            meta: Default::default(),
         };
         assert_eq!(
             fill("[{context}] {question} {x}", &ex),
