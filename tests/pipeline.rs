@@ -962,3 +962,60 @@ fn a_misfitting_metric_is_named_in_the_report() {
     );
     assert!(!build("substring_recall").contains("gave less than 0.5"));
 }
+
+/// Issue #31, item 1, on the simulator behind `kvt serve`: contexts asked
+/// three questions each (`multiquestion`) are sampled whole and the report
+/// (report.md and report.html) shows each cell's score by turn and bin;
+/// `multi_turn` sends each later turn with its earlier ones.
+#[test]
+fn questions_about_one_context_are_reported_by_turn() {
+    let p = small_project();
+    let out = build(
+        &p,
+        &[
+            "--set",
+            "dataset.task=multiquestion",
+            "--set",
+            "kv.compress=multi_turn",
+        ],
+    );
+    let c = db(&p);
+    // 6 contexts per bin, each with its three questions.
+    assert_eq!(count(&c, "SELECT COUNT(*) FROM examples"), 36);
+    assert_eq!(
+        count(
+            &c,
+            "SELECT COUNT(*) FROM examples WHERE json_extract(meta_json, '$.turn') = 3"
+        ),
+        12
+    );
+    let report = p.read("runs/small/report.md");
+    let section = &report[report
+        .find("## Score by turn")
+        .unwrap_or_else(|| panic!("no by-turn section: {}", stderr_of(&out)))..];
+    let section = &section[..section.find("## Plots").unwrap()];
+    for turn in 1..=3 {
+        let row = format!("| snapkv @ 0.3 | {turn} |");
+        let line = section
+            .lines()
+            .find(|l| l.starts_with(&row))
+            .unwrap_or_else(|| panic!("no `{row}` in {section}"));
+        // Two bins of six questions and every bin's twelve.
+        assert_eq!(line.matches(" (6) |").count(), 2, "{line}");
+        assert!(line.ends_with(" (12) |"), "{line}");
+    }
+    assert!(section.contains("| full cache | 1 |"), "{section}");
+    let html = p.read("runs/small/report.html");
+    assert!(
+        html.contains("\"turns\":{\"bin_labels\""),
+        "report.html lacks the turns"
+    );
+    assert!(html.contains("Score by turn"));
+    // Without turns the section is absent.
+    let plain = small_project();
+    build(&plain, &[]);
+    assert!(!plain.read("runs/small/report.md").contains("Score by turn"));
+    assert!(plain
+        .read("runs/small/report.html")
+        .contains("\"turns\":null"));
+}

@@ -43,6 +43,7 @@ pub fn html_page(ctx: &ReportContext, plots: &[&str]) -> String {
         "ci_pct": ctx.ci_pct,
         "failure_labels": ctx.failure_labels,
         "failures": ctx.failures,
+        "turns": ctx.turns,
         "examples": "__KVT_EXAMPLES__",
     });
     // `</` cannot appear inside the script element.
@@ -727,8 +728,8 @@ impl crate::stages::Stage for Report {
         // 11: the layer note and the metric-fit warning.
         // 12: report.html carries the CI table, the plots and the failures.
         // 13: mean answer length beside each bin's score.
-        // 14: accuracy by turn.
-        14
+        // 14: accuracy by turn; 15: in report.html too.
+        15
     }
     type Uses = Uses;
     type Transport = NoTransport;
