@@ -575,7 +575,7 @@ fn grouped_records_are_turns_of_one_context_sampled_whole() {
     // Two whole groups of three, out of A (3 questions), B (2) and C (2).
     let groups: std::collections::BTreeSet<&str> = meta
         .values()
-        .map(|m| m["group"].as_str().unwrap())
+        .map(|m| m["context_group"].as_str().unwrap())
         .collect();
     assert_eq!(groups.len(), 2, "{meta:?}");
     for g in &groups {
@@ -583,8 +583,8 @@ fn grouped_records_are_turns_of_one_context_sampled_whole() {
         let turns: Vec<i64> = {
             let mut t: Vec<i64> = meta
                 .values()
-                .filter(|m| m["group"] == *g)
-                .map(|m| m["turn"].as_i64().unwrap())
+                .filter(|m| m["context_group"] == *g)
+                .map(|m| m["context_turn"].as_i64().unwrap())
                 .collect();
             t.sort();
             t
@@ -592,7 +592,7 @@ fn grouped_records_are_turns_of_one_context_sampled_whole() {
         assert_eq!(turns, (1..=want).collect::<Vec<_>>(), "group {g}");
     }
     if groups.contains("A") {
-        assert_eq!(meta["A-Where?"]["turn"], 3);
+        assert_eq!(meta["A-Where?"]["context_turn"], 3);
         assert_eq!(scores["A-Who wrote it?"], 1.0);
         assert_eq!(scores["A-When?"], 0.0);
     }

@@ -985,7 +985,7 @@ fn questions_about_one_context_are_reported_by_turn() {
     assert_eq!(
         count(
             &c,
-            "SELECT COUNT(*) FROM examples WHERE json_extract(meta_json, '$.turn') = 3"
+            "SELECT COUNT(*) FROM examples WHERE json_extract(meta_json, '$.context_turn') = 3"
         ),
         12
     );

@@ -30,8 +30,8 @@ pub struct Example {
 /// `meta` keys of a question asked about a shared context: the context's
 /// group (examples with the same value share one context) and the question's
 /// turn within it (1, 2, …).
-pub const GROUP: &str = "group";
-pub const TURN: &str = "turn";
+pub const GROUP: &str = "context_group";
+pub const TURN: &str = "context_turn";
 
 impl Example {
     /// The context group this example's question belongs to, if any.

@@ -3,7 +3,7 @@
 //! depth), `multikey` (several facts, one asked for, the others distractors)
 //! and `vartrack` (a chain of assignments to follow), and `multiquestion`
 //! (several facts, each asked in a question of its own: one context's turns,
-//! `meta.group` and `meta.turn`, for `kv.compress: shared`), and `listcodes`
+//! `meta.context_group` and `meta.context_turn`, for `kv.compress: shared`), and `listcodes`
 //! (every access code in the document, listed in order: a long answer, for
 //! compression while decoding; scored by the share of codes listed). The
 //! filler prose and the templates are kvt's own.

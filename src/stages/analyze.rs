@@ -94,7 +94,7 @@ pub struct TurnStat {
     pub ci_hi: Option<f64>,
 }
 
-/// Accuracy by turn (examples with `meta.turn`), per cell and bin and over
+/// Accuracy by turn (examples with `meta.context_turn`), per cell and bin and over
 /// every bin, each with its interval (Wilson for right/wrong scores, else a
 /// seeded bootstrap). Empty when no example has a turn.
 pub fn turn_stats(scores: &[ScoreCell], a: &Analysis) -> Vec<TurnStat> {

@@ -151,7 +151,7 @@ pub struct ScoreRow {
     #[serde(default)]
     pub truncated_from: Option<u64>,
     /// The question's turn when several are asked of one context
-    /// (`meta.turn`: 1, 2, …).
+    /// (`meta.context_turn`: 1, 2, …).
     #[serde(default)]
     pub turn: Option<i64>,
     /// The response's log-probability figures, as the analysis reads them.
@@ -306,7 +306,7 @@ impl crate::stages::Stage for Score {
         "score"
     }
     /// 5: jieba splits non-Chinese runs as Python jieba does.
-    /// 7: each row's turn (`meta.turn`).
+    /// 7: each row's turn (`meta.context_turn`).
     fn version(&self) -> u32 {
         7
     }

@@ -48,7 +48,7 @@ pub struct PromptSource {
     /// The gold answers (read only when the engine teacher-forces them).
     #[serde(default)]
     pub answers: Vec<String>,
-    /// `meta.group` / `meta.turn` place a question among its context's.
+    /// `meta.context_group` / `meta.context_turn` place a question among its context's.
     #[serde(default)]
     pub meta: serde_json::Map<String, Value>,
 }
