@@ -619,3 +619,78 @@ fn grouped_records_are_turns_of_one_context_sampled_whole() {
         "{err}"
     );
 }
+
+/// Issue #31, item 3: LongBench v2 binned by its own length classes
+/// (`binning.scheme: length_class`: short, medium, long), each example in
+/// its class's bin; a record without a class is refused by name (exit 2).
+#[test]
+fn longbench_v2_bins_by_its_length_classes() {
+    let p = longbench_v2_project();
+    let out = p
+        .kvt()
+        .args([
+            "build",
+            "sqlite",
+            "-c",
+            "config/experiments/longbench-v2.yaml",
+        ])
+        .args(["--set", "binning.scheme=length_class"])
+        .args(["--set", "analysis.bootstrap.iters=20"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let db = rusqlite::Connection::open(p.path("runs/longbench_v2/kv_transition.sqlite")).unwrap();
+    let bins: Vec<(i64, i64, i64, i64)> = db
+        .prepare("SELECT bin_idx, lo, hi, n_selected FROM bins ORDER BY bin_idx")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        bins,
+        [
+            (0, 0, 32_000, 2),
+            (1, 32_000, 128_000, 2),
+            (2, 128_000, 2_000_000, 2)
+        ]
+    );
+    let classes: Vec<(String, i64)> = db
+        .prepare(
+            "SELECT DISTINCT json_extract(e.meta_json, '$.length'), m.bin_idx
+             FROM examples e JOIN manifest_entries m USING (example_id)
+             ORDER BY m.bin_idx",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        classes,
+        [
+            ("short".to_string(), 0),
+            ("medium".into(), 1),
+            ("long".into(), 2)
+        ]
+    );
+    // Without the `length` field in meta there is nothing to bin by.
+    let out = p
+        .kvt()
+        .args([
+            "build",
+            "sqlite",
+            "-c",
+            "config/experiments/longbench-v2.yaml",
+        ])
+        .args(["--set", "binning.scheme=length_class"])
+        .args(["--set", "dataset.fields.meta=[domain]"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("length class") && err.contains("dataset.fields.meta"),
+        "{err}"
+    );
+}

@@ -208,6 +208,38 @@ fn longbench_e_bins(
     Ok((edges.len() - 1, edges, lens))
 }
 
+/// LongBench v2's length classes, in order, and their ranges in words.
+pub const LENGTH_CLASSES: [(&str, usize); 3] =
+    [("short", 0), ("medium", 32_000), ("long", 128_000)];
+const LENGTH_CLASS_TOP: usize = 2_000_000;
+
+/// Bins by each record's length class (`meta.length`: short, medium,
+/// long): (bins, edges in words, the length each example is binned by —
+/// its class's lower edge).
+fn length_class_bins(examples: &[Example]) -> Result<(usize, Vec<usize>, Vec<usize>)> {
+    let mut edges: Vec<usize> = LENGTH_CLASSES.iter().map(|c| c.1).collect();
+    edges.push(LENGTH_CLASS_TOP);
+    let lens = examples
+        .iter()
+        .map(|e| {
+            let class = e.meta.get("length").and_then(serde_json::Value::as_str);
+            LENGTH_CLASSES
+                .iter()
+                .find(|c| Some(c.0) == class)
+                .map(|c| c.1)
+                .ok_or_else(|| {
+                    crate::KvtError::usage(format!(
+                        "example `{}` has no length class (`length`: short, medium or long, got {}): `binning.scheme: length_class` bins by LongBench v2's classes; list `length` in `dataset.fields.meta`, or use `binning.scheme: tokens`",
+                        e.example_id,
+                        e.meta.get("length").map_or("nothing".into(), |v| v.to_string())
+                    ))
+                    .into()
+                })
+        })
+        .collect::<Result<Vec<usize>>>()?;
+    Ok((LENGTH_CLASSES.len(), edges, lens))
+}
+
 /// The metric-fit warning for a file-backed dataset (`kvt validate`): the
 /// records are loaded as `prepare` would; `None` when they fit, cannot be
 /// read (prepare reports that) or the dataset is synthetic.
@@ -375,6 +407,7 @@ impl crate::stages::Stage for Prepare {
                 (n_bins, edges, lengths.clone())
             }
             BinScheme::LongbenchE => longbench_e_bins(&examples, bins.edges.as_deref())?,
+            BinScheme::LengthClass => length_class_bins(&examples)?,
         };
         let items: Vec<(String, usize)> = examples
             .iter()

@@ -71,6 +71,9 @@ closed_set!(
         /// LongBench-E's buckets by each record's `length` field: 0–4k, 4–8k, 8k+
         /// (other bucket starts with `edges`).
         LongbenchE => "longbench_e",
+        /// LongBench v2's length classes by each record's `length` field:
+        /// short (up to 32k words), medium (32k–128k), long (128k–2M).
+        LengthClass => "length_class",
     }
 );
 
