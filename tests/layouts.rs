@@ -630,7 +630,7 @@ fn longbench_v2_bins_by_its_length_classes() {
         .kvt()
         .args([
             "build",
-            "sqlite",
+            "report",
             "-c",
             "config/experiments/longbench-v2.yaml",
         ])
@@ -639,6 +639,11 @@ fn longbench_v2_bins_by_its_length_classes() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr_of(&out));
+    let report = p.read("runs/longbench_v2/report.md");
+    assert!(
+        report.contains("Bins are LongBench v2's length classes"),
+        "{report}"
+    );
     let db = rusqlite::Connection::open(p.path("runs/longbench_v2/kv_transition.sqlite")).unwrap();
     let bins: Vec<(i64, i64, i64, i64)> = db
         .prepare("SELECT bin_idx, lo, hi, n_selected FROM bins ORDER BY bin_idx")

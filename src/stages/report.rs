@@ -595,6 +595,11 @@ pub fn context(
             "Bins are LongBench-E's, by each record's `length` field (words, or characters for Chinese, as LongBench counts them), not by tokens; the last bin is open above."
                 .to_string(),
         );
+    } else if facts.binning_scheme == "length_class" {
+        flags.push(
+            "Bins are LongBench v2's length classes (short, medium, long), by each record's `length` field; their edges are in words (up to 32k, 128k, 2M), not tokens."
+                .to_string(),
+        );
     } else {
         flags.push(format!(
             "Bin lengths count each example's context in `{}` tokens (not the question, the system message or the template){}.",
@@ -728,8 +733,9 @@ impl crate::stages::Stage for Report {
         // 11: the layer note and the metric-fit warning.
         // 12: report.html carries the CI table, the plots and the failures.
         // 13: mean answer length beside each bin's score.
-        // 14: accuracy by turn; 15: in report.html too.
-        15
+        // 14: accuracy by turn; 15: in report.html too; 16: the
+        // length-class flag.
+        16
     }
     type Uses = Uses;
     type Transport = NoTransport;
