@@ -398,9 +398,15 @@ class Engine:
             out = self.model(input_ids=x[:, :split], past_key_values=cache,
                              position_ids=torch.arange(0, split, device=dev).unsqueeze(0), logits_to_keep=1)
         if split < len(ids):
-            out = self.model(input_ids=x[:, split:], past_key_values=cache,
-                             position_ids=torch.arange(split, len(ids), device=dev).unsqueeze(0), logits_to_keep=1)
+            out = self.run_from(cache, ids, split)
         return cache, out
+
+    def run_from(self, cache, ids, start):
+        """`ids[start:]` run on `cache` at their positions; the last output."""
+        torch = self.torch
+        dev = self.model.device
+        return self.model(input_ids=torch.tensor([ids[start:]], device=dev), past_key_values=cache,
+                          position_ids=torch.arange(start, len(ids), device=dev).unsqueeze(0), logits_to_keep=1)
 
     def reference(self, ids, max_new):
         """The full cache's greedy answer for this prompt (stop token
@@ -528,29 +534,12 @@ class Engine:
                     ctx_key = (hashlib.blake2b(json.dumps(ids[:split]).encode()).hexdigest(),
                                json.dumps(params, sort_keys=True, default=str))
                 reused = ctx_key in self.contexts
-                if reused:
-                    # The compressed context as it was kept: the question
-                    # runs on a copy, so the next question finds it unchanged.
-                    self.contexts.move_to_end(ctx_key)
-                    stored, kept_positions, prefill_s = self.contexts[ctx_key]
-                    cache = copy.deepcopy(stored)
-                    dev = self.model.device
-                    out = self.model(input_ids=torch.tensor([ids[split:]], device=dev), past_key_values=cache,
-                                     position_ids=torch.arange(split, len(ids), device=dev).unsqueeze(0), logits_to_keep=1)
-                else:
+                if not reused:
                     self.kept = {}
                     try:
-                        if ctx_key is not None:
-                            # The context alone under the press, kept; then
-                            # the question on a copy.
-                            stored, _ = self.prefill(ids[:split], split, press)
-                            prefill_s = time.perf_counter() - t0
-                            cache = copy.deepcopy(stored)
-                            dev = self.model.device
-                            out = self.model(input_ids=torch.tensor([ids[split:]], device=dev), past_key_values=cache,
-                                             position_ids=torch.arange(split, len(ids), device=dev).unsqueeze(0), logits_to_keep=1)
-                        else:
-                            cache, out = self.prefill(ids, split, press)
+                        # A shared context is compressed alone and kept;
+                        # otherwise the question follows on the same cache.
+                        cache, out = self.prefill(ids[:split] if shares else ids, split, press)
                     except AssertionError as e:
                         # A press's precondition on this prompt (SnapKV: a span
                         # longer than its window): the request's fault, not
@@ -561,10 +550,17 @@ class Engine:
                     every = [list(range(split)) for _ in range(self.kv_heads)]
                     kept_positions = [self.kept.get(i, every) for i in range(self.n_layers)]
                     self.kept = None
-                    if ctx_key is not None:
-                        self.contexts[ctx_key] = (stored, kept_positions, prefill_s)
+                    if shares:
+                        self.contexts[ctx_key] = (cache, kept_positions)
                         while len(self.contexts) > 8:
                             self.contexts.popitem(last=False)
+                if shares:
+                    # The compressed context as it was kept: the question
+                    # runs on a copy, so the next question finds it unchanged.
+                    self.contexts.move_to_end(ctx_key)
+                    stored, kept_positions = self.contexts[ctx_key]
+                    cache = copy.deepcopy(stored)
+                    out = self.run_from(cache, ids, split)
                 if not record_kept:
                     kept_positions = None
                 kept = [int(cache.layers[i].keys.shape[-2]) * self.kv_heads for i in range(self.n_layers)]

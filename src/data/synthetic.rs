@@ -95,6 +95,22 @@ fn filler(rng: &mut SplitMix64, tokens: usize, sentence_tokens: &[usize]) -> Vec
     out
 }
 
+/// The fact every access-code task hides.
+fn code_fact(key: &str, value: &str) -> String {
+    format!("Archive note: the access code assigned to {key} is {value}.")
+}
+
+/// `n` access codes at depths spread evenly over the context, in order:
+/// (depth, key, value), a key and a value drawn per code.
+fn spread_codes(rng: &mut SplitMix64, n: usize) -> Vec<(f64, String, String)> {
+    (0..n)
+        .map(|k| {
+            let (key, value) = (word(rng), number(rng));
+            ((k as f64 + 0.5) / n as f64, key, value)
+        })
+        .collect()
+}
+
 /// Puts `facts` into `sentences` at fractional depths (0 = start, 1 = end).
 pub(crate) fn insert_at_depths(sentences: &mut Vec<String>, facts: Vec<(f64, String)>) {
     let mut facts = facts;
@@ -142,16 +158,10 @@ pub fn generate(
             let mut all_answers: Vec<String> = Vec::new();
             let (facts, question, answer) = match task {
                 "listcodes" => {
-                    // Codes at depths spread over the context, in order.
                     let n = LISTED_CODES;
                     let mut facts = Vec::new();
-                    for k in 0..n {
-                        let (key, value) = (word(&mut rng), number(&mut rng));
-                        let d = (k as f64 + 0.5) / n as f64;
-                        facts.push((
-                            d,
-                            format!("Archive note: the access code assigned to {key} is {value}."),
-                        ));
+                    for (d, key, value) in spread_codes(&mut rng, n) {
+                        facts.push((d, code_fact(&key, &value)));
                         all_answers.push(value);
                     }
                     meta.insert("n_codes".into(), json!(n));
@@ -166,13 +176,8 @@ pub fn generate(
                     // an order of their own so turn and depth do not align.
                     let n = QUESTIONS_PER_CONTEXT;
                     let mut facts = Vec::new();
-                    for k in 0..n {
-                        let (key, value) = (word(&mut rng), number(&mut rng));
-                        let d = (k as f64 + 0.5) / n as f64;
-                        facts.push((
-                            d,
-                            format!("Archive note: the access code assigned to {key} is {value}."),
-                        ));
+                    for (d, key, value) in spread_codes(&mut rng, n) {
+                        facts.push((d, code_fact(&key, &value)));
                         turns.push((
                             format!("What is the access code assigned to {key}?"),
                             value,
@@ -186,8 +191,7 @@ pub fn generate(
                 }
                 "needle" => {
                     let (key, value) = (word(&mut rng), number(&mut rng));
-                    let fact =
-                        format!("Archive note: the access code assigned to {key} is {value}.");
+                    let fact = code_fact(&key, &value);
                     (
                         vec![(depth, fact)],
                         format!("What is the access code assigned to {key}?"),
@@ -202,10 +206,7 @@ pub fn generate(
                     for k in 0..n_keys as usize {
                         let (key, value) = (word(&mut rng), number(&mut rng));
                         let d = if k == target { depth } else { rng.unit() };
-                        facts.push((
-                            d,
-                            format!("Archive note: the access code assigned to {key} is {value}."),
-                        ));
+                        facts.push((d, code_fact(&key, &value)));
                         if k == target {
                             q = format!("What is the access code assigned to {key}?");
                             a = value;

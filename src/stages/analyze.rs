@@ -533,6 +533,20 @@ mod tests {
     use super::*;
     use crate::config::schema::{Bootstrap, Transition};
 
+    /// The analysis settings with this bootstrap, δ and floor 0.1.
+    fn analysis(iters: u32, seed: u64, ci: f64) -> Analysis {
+        Analysis {
+            bootstrap: Bootstrap { iters, seed, ci },
+            transition: Transition {
+                delta: 0.1,
+                floor: 0.1,
+            },
+            fidelity: Default::default(),
+            splits: Default::default(),
+            selective: Default::default(),
+        }
+    }
+
     #[test]
     fn turn_stats_give_each_turn_its_mean_and_interval_per_bin_and_overall() {
         let mut scores = Vec::new();
@@ -557,20 +571,7 @@ mod tests {
             score: 1.0,
             ..Default::default()
         });
-        let a = Analysis {
-            bootstrap: Bootstrap {
-                iters: 200,
-                seed: 1,
-                ci: 0.95,
-            },
-            transition: Transition {
-                delta: 0.1,
-                floor: 0.1,
-            },
-            fidelity: Default::default(),
-            splits: Default::default(),
-            selective: Default::default(),
-        };
+        let a = analysis(200, 1, 0.95);
         let t = turn_stats(&scores, &a);
         // 3 turns × (2 bins + every bin).
         assert_eq!(t.len(), 9);
@@ -623,20 +624,7 @@ mod tests {
                 }
             }
         }
-        let a = Analysis {
-            bootstrap: Bootstrap {
-                iters: 500,
-                seed: 11,
-                ci: 0.9,
-            },
-            transition: Transition {
-                delta: 0.1,
-                floor: 0.1,
-            },
-            fidelity: Default::default(),
-            splits: Default::default(),
-            selective: Default::default(),
-        };
+        let a = analysis(500, 11, 0.9);
         let geom = KvGeometry {
             layers: 2,
             kv_heads: 1,

@@ -83,35 +83,42 @@ pub fn check_config(loaded: &LoadedConfig) -> Result<()> {
             ).into());
         }
     }
-    // Compression while decoding: the native engine, or a server that gets
-    // each cell's parameters (`scripts/kvpress_server.py` applies it).
+    // Settings only an engine that takes each cell's KV parameters honours:
+    // the native engine, or a server sent them (`scripts/kvpress_server.py`
+    // applies them). A shared context also runs on the simulator (as
+    // context compression); an OpenAI-compatible server cannot keep one.
     let sends_kv = answerer == infer::Answerer::Named && c.engine.send_kv;
-    if c.kv.decode.is_some() && answerer != infer::Answerer::ModelFile && !sends_kv {
-        return Err(loaded
-            .key_error(
-                "kv.decode",
-                "compression while decoding runs on the native engine (`engine.kind: native`, or `serve` with `engine.model_path`) or on a server sent each cell's parameters (`engine.send_kv: true`, e.g. scripts/kvpress_server.py); use `null` here",
-            )
-            .into());
-    }
-    // One compressed context for several questions: the engine must keep
-    // a cache between requests, which an OpenAI-compatible server does not
-    // let a client ask for (the simulator runs it as context compression).
-    if c.kv.compress.shares_context() && answerer == infer::Answerer::Named && !sends_kv {
-        return Err(loaded
-            .key_error(
-                "kv.compress",
-                "`shared` and `multi_turn` (one compressed context, many questions) run on the native engine (`engine.kind: native`, or `serve` with `engine.model_path`) or on a server sent each cell's parameters (`engine.send_kv: true`, scripts/kvpress_server.py); an OpenAI-compatible server cannot compress a context once and keep it for the next question. Use `context` here",
-            )
-            .into());
-    }
-    if c.kv.score_dtype.is_some() && answerer != infer::Answerer::ModelFile && !sends_kv {
-        return Err(loaded
-            .key_error(
-                "kv.score_dtype",
-                "the precision of policy scores is a setting of the native engine (`engine.kind: native`, or `serve` with `engine.model_path`) or of a server sent each cell's parameters (`engine.send_kv: true`, scripts/kvpress_server.py); use `null` here",
-            )
-            .into());
+    let takes_kv = answerer == infer::Answerer::ModelFile || sends_kv;
+    const KV_ENGINES: &str = "the native engine (`engine.kind: native`, or `serve` with `engine.model_path`) or a server sent each cell's parameters (`engine.send_kv: true`, e.g. scripts/kvpress_server.py)";
+    for (key, set, simulated, what, instead) in [
+        (
+            "kv.decode",
+            c.kv.decode.is_some(),
+            false,
+            "compression while decoding runs on",
+            "use `null` here",
+        ),
+        (
+            "kv.compress",
+            c.kv.compress.shares_context(),
+            true,
+            "`shared` and `multi_turn` (one compressed context, many questions) run on",
+            "an OpenAI-compatible server cannot compress a context once and keep it for the next question. Use `context` here",
+        ),
+        (
+            "kv.score_dtype",
+            c.kv.score_dtype.is_some(),
+            false,
+            "the precision of policy scores is a setting of",
+            "use `null` here",
+        ),
+    ] {
+        let simulator_runs_it = simulated && answerer == infer::Answerer::Simulator;
+        if set && !takes_kv && !simulator_runs_it {
+            return Err(loaded
+                .key_error(key, &format!("{what} {KV_ENGINES}; {instead}"))
+                .into());
+        }
     }
     if c.engine.dequantize && c.engine.kind != crate::config::schema::EngineKind::Native {
         return Err(loaded.key_error(

@@ -118,6 +118,15 @@ pub fn human_bytes(b: f64) -> String {
     crate::engine::maintenance::human_bytes(b.max(0.0).round() as u64)
 }
 
+/// Each bin once, in order, with its label (`lo–hi`), from rows that name
+/// their bin as (index, lo, hi).
+fn bin_labels(rows: impl Iterator<Item = (i64, i64, i64)>) -> Vec<(i64, String)> {
+    let mut bins: Vec<(i64, String)> = rows.map(|(i, lo, hi)| (i, format!("{lo}–{hi}"))).collect();
+    bins.sort();
+    bins.dedup();
+    bins
+}
+
 /// The fidelity section: per cell and bin the KL to the full cache and the
 /// gold log-likelihood drop with their verdict marks, how many verdicts each
 /// metric decides, and the selective-prediction figures (test split).
@@ -127,12 +136,7 @@ pub fn fidelity_context(
     selective: &[crate::stages::fidelity::SelectiveStat],
 ) -> Value {
     let available = fid.iter().any(|f| f.available);
-    let mut bins: Vec<(i64, String)> = fid
-        .iter()
-        .map(|f| (f.bin_idx, format!("{}–{}", f.bin_lo, f.bin_hi)))
-        .collect();
-    bins.sort();
-    bins.dedup();
+    let bins = bin_labels(fid.iter().map(|f| (f.bin_idx, f.bin_lo, f.bin_hi)));
     let mut cells: Vec<(String, f64)> = fid.iter().map(|f| (f.policy.clone(), f.budget)).collect();
     cells.dedup();
     cells.sort_by(|a, b| {
@@ -217,12 +221,7 @@ pub fn turns_context(stats: &[BinStat], turns: &[crate::stages::analyze::TurnSta
     if turns.is_empty() {
         return Value::Null;
     }
-    let mut bins: Vec<(i64, String)> = stats
-        .iter()
-        .map(|s| (s.bin_idx, format!("{}–{}", s.bin_lo, s.bin_hi)))
-        .collect();
-    bins.sort();
-    bins.dedup();
+    let mut bins = bin_labels(stats.iter().map(|s| (s.bin_idx, s.bin_lo, s.bin_hi)));
     bins.push((-1, "every bin".into()));
     let mut rows: Vec<(bool, String, (u8, f64), i64)> = turns
         .iter()
@@ -450,12 +449,7 @@ pub fn context(
         (!full, order(&s.policy, s.budget), s.bin_idx)
     });
     // The compact table: one row per cell, one column per bin.
-    let mut bins: Vec<(i64, String)> = stats
-        .iter()
-        .map(|s| (s.bin_idx, format!("{}–{}", s.bin_lo, s.bin_hi)))
-        .collect();
-    bins.sort();
-    bins.dedup();
+    let bins = bin_labels(stats.iter().map(|s| (s.bin_idx, s.bin_lo, s.bin_hi)));
     let mut compact: Vec<Value> = Vec::new();
     for s in &sorted {
         let label = label_of(&s.policy, s.budget, s.reference_budget);

@@ -320,22 +320,9 @@ impl KeyHasher {
     }
 
     /// [`KeyHasher::key`], with the gold answers the engine teacher-forces
-    /// folded in when there are any (they are part of what it is asked);
-    /// without golds the key is the plain one.
-    fn key_with_golds(&self, system: &str, user: &str, golds: &[String]) -> String {
-        let key = self.key(system, user);
-        if golds.is_empty() {
-            return key;
-        }
-        let mut h = blake3::Hasher::new();
-        h.update(key.as_bytes());
-        h.update(b"\0golds\0");
-        h.update(&serde_json::to_vec(golds).expect("strings serialize"));
-        h.finalize().to_hex().to_string()
-    }
-
-    /// [`KeyHasher::key_with_golds`], with the earlier turns a multi-turn
-    /// question follows folded in when there are any.
+    /// and the earlier turns a multi-turn question follows folded in when
+    /// there are any (they are part of what it is asked); without either
+    /// the key is the plain one.
     fn key_with_history(
         &self,
         system: &str,
@@ -343,15 +330,8 @@ impl KeyHasher {
         golds: &[String],
         history: &[String],
     ) -> String {
-        let key = self.key_with_golds(system, user, golds);
-        if history.is_empty() {
-            return key;
-        }
-        let mut h = blake3::Hasher::new();
-        h.update(key.as_bytes());
-        h.update(b"\0history\0");
-        h.update(&serde_json::to_vec(history).expect("strings serialize"));
-        h.finalize().to_hex().to_string()
+        let key = fold_into_key(self.key(system, user), "golds", golds);
+        fold_into_key(key, "history", history)
     }
 
     /// The key from the whole identity, built as a JSON tree.
@@ -362,6 +342,19 @@ impl KeyHasher {
             .to_hex()
             .to_string()
     }
+}
+
+/// `key` with `items` folded in under `label`; the key itself when there
+/// are none, so requests without them keep their keys.
+fn fold_into_key(key: String, label: &str, items: &[String]) -> String {
+    if items.is_empty() {
+        return key;
+    }
+    let mut h = blake3::Hasher::new();
+    h.update(key.as_bytes());
+    h.update(format!("\0{label}\0").as_bytes());
+    h.update(&serde_json::to_vec(items).expect("strings serialize"));
+    h.finalize().to_hex().to_string()
 }
 
 /// blake3 of a model file, remembered per (path, size, mtime) for this process.
