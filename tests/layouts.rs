@@ -450,6 +450,22 @@ fn longbench_v2_project() -> Project {
     p
 }
 
+/// `kvt build TARGET` of the LongBench v2 experiment as its file says (the
+/// reference engine), with `--set` for each of `sets`.
+fn build_longbench_v2(p: &Project, target: &str, sets: &[&str]) -> std::process::Output {
+    let mut c = p.kvt();
+    c.args([
+        "build",
+        target,
+        "-c",
+        "config/experiments/longbench-v2.yaml",
+    ]);
+    for set in sets {
+        c.args(["--set", set]);
+    }
+    c.output().unwrap()
+}
+
 /// Issue #31, item 3: LongBench v2's `data.json` read record by record, the
 /// four choices in the prompt, answers scored by the letter they name, and
 /// the difficulty and length class kept in each example's meta.
@@ -510,17 +526,7 @@ fn longbench_v2_shows_four_choices_and_scores_letters() {
 #[test]
 fn longbench_v2_builds_end_to_end_on_the_reference_engine() {
     let p = longbench_v2_project();
-    let out = p
-        .kvt()
-        .args([
-            "build",
-            "report",
-            "-c",
-            "config/experiments/longbench-v2.yaml",
-        ])
-        .args(["--set", "analysis.bootstrap.iters=20"])
-        .output()
-        .unwrap();
+    let out = build_longbench_v2(&p, "report", &["analysis.bootstrap.iters=20"]);
     assert!(out.status.success(), "{}", stderr_of(&out));
     let report = p.read("runs/longbench_v2/report.md");
     assert!(report.contains("multiple_choice"), "{report}");
@@ -626,18 +632,11 @@ fn grouped_records_are_turns_of_one_context_sampled_whole() {
 #[test]
 fn longbench_v2_bins_by_its_length_classes() {
     let p = longbench_v2_project();
-    let out = p
-        .kvt()
-        .args([
-            "build",
-            "report",
-            "-c",
-            "config/experiments/longbench-v2.yaml",
-        ])
-        .args(["--set", "binning.scheme=length_class"])
-        .args(["--set", "analysis.bootstrap.iters=20"])
-        .output()
-        .unwrap();
+    let out = build_longbench_v2(
+        &p,
+        "report",
+        &["binning.scheme=length_class", "analysis.bootstrap.iters=20"],
+    );
     assert!(out.status.success(), "{}", stderr_of(&out));
     let report = p.read("runs/longbench_v2/report.md");
     assert!(
@@ -680,18 +679,14 @@ fn longbench_v2_bins_by_its_length_classes() {
         ]
     );
     // Without the `length` field in meta there is nothing to bin by.
-    let out = p
-        .kvt()
-        .args([
-            "build",
-            "sqlite",
-            "-c",
-            "config/experiments/longbench-v2.yaml",
-        ])
-        .args(["--set", "binning.scheme=length_class"])
-        .args(["--set", "dataset.fields.meta=[domain]"])
-        .output()
-        .unwrap();
+    let out = build_longbench_v2(
+        &p,
+        "sqlite",
+        &[
+            "binning.scheme=length_class",
+            "dataset.fields.meta=[domain]",
+        ],
+    );
     assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
     let err = stderr_of(&out);
     assert!(

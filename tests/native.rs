@@ -601,13 +601,10 @@ analysis: {{bootstrap: {{iters: 200}}}}
 #[ignore = "needs KVT_MODEL (see .ci/run)"]
 fn the_native_reports_opening_has_each_cell_once_in_one_order() {
     let p = Project::new();
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    for f in [
+    p.copy_from_repo(&[
         "pipelines/default.yaml",
         "config/experiments/native-smollm2.yaml",
-    ] {
-        p.write(f, &std::fs::read_to_string(repo.join(f)).unwrap());
-    }
+    ]);
     let out = p
         .kvt()
         .args([
@@ -926,13 +923,10 @@ fn shared_context_answers_three_questions_from_one_prefill() {
 fn the_shared_context_experiment_reports_accuracy_by_turn() {
     let project = || {
         let p = Project::new();
-        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        for f in [
+        p.copy_from_repo(&[
             "pipelines/default.yaml",
             "config/experiments/shared-context.yaml",
-        ] {
-            p.write(f, &std::fs::read_to_string(repo.join(f)).unwrap());
-        }
+        ]);
         p
     };
     let build = |p: &Project, extra: &[&str]| {
@@ -1044,13 +1038,10 @@ fn the_shared_context_experiment_reports_accuracy_by_turn() {
 #[ignore = "needs KVT_MODEL (see .ci/run)"]
 fn a_long_answer_loses_what_compression_while_decoding_evicts() {
     let p = Project::new();
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    for f in [
+    p.copy_from_repo(&[
         "pipelines/default.yaml",
         "config/experiments/decode-compression.yaml",
-    ] {
-        p.write(f, &std::fs::read_to_string(repo.join(f)).unwrap());
-    }
+    ]);
     let run = |exp: &str, extra: &[&str]| -> (f64, f64) {
         let out = p
             .kvt()
